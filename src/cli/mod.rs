@@ -1,0 +1,115 @@
+//! The `netleash` command line: one file per subcommand.
+//!
+//! Exit codes (also in `--help` and the README):
+//! - 0: success; for `check`, the destination is allowed;
+//! - 1: `check` only: the destination is blocked;
+//! - 2: invalid input (policy, arguments, files); nothing was changed;
+//! - 3: a system or kernel error; the rules in force before the command are still in force.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+pub mod check;
+pub mod compile;
+pub mod explain;
+pub mod policy_args;
+
+pub const EXIT_OK: u8 = 0;
+pub const EXIT_BLOCKED: u8 = 1;
+pub const EXIT_INVALID_INPUT: u8 = 2;
+pub const EXIT_SYSTEM_ERROR: u8 = 3;
+
+const EXIT_CODES_HELP: &str = "\
+Exit codes:
+  0  success (for `check`: allowed)
+  1  `check`: blocked
+  2  invalid input: policy, arguments or files; nothing was changed
+  3  system or kernel error; the rules in force before the command stay in force";
+
+/// Enforce a sandbox's egress policy with nftables.
+///
+/// netleash reads the `networking` object of a sandbox environment
+/// (`unrestricted`, `limited` with `allowed_hosts`, `allow_package_managers`,
+/// `allow_mcp_servers`, or `allowed_hosts`) and turns it into an nftables
+/// table, `inet netleash`, that allows only what the policy says.
+#[derive(Debug, Parser)]
+#[command(name = "netleash", version, after_help = EXIT_CODES_HELP, propagate_version = true)]
+pub struct Cli {
+    /// Log filter, e.g. `info` or `netleash=debug` (also the NETLEASH_LOG variable).
+    #[arg(long, global = true, env = "NETLEASH_LOG", default_value = "warn")]
+    pub log: String,
+
+    /// Write logs as JSON lines instead of text.
+    #[arg(long, global = true)]
+    pub log_json: bool,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    Compile(compile::Args),
+    Explain(explain::Args),
+    Check(check::Args),
+}
+
+/// Everything a subcommand can fail with; each variant knows its exit code.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Policy(#[from] crate::policy::Error),
+    #[error("{0}")]
+    Usage(String),
+    #[error("cannot write output")]
+    Output(#[source] std::io::Error),
+}
+
+impl Error {
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Error::Policy(_) | Error::Usage(_) => EXIT_INVALID_INPUT,
+            Error::Output(_) => EXIT_SYSTEM_ERROR,
+        }
+    }
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(&cli.log, cli.log_json);
+    let result = match cli.command {
+        Command::Compile(args) => compile::run(args),
+        Command::Explain(args) => explain::run(args),
+        Command::Check(args) => check::run(args),
+    };
+    match result {
+        Ok(code) => ExitCode::from(code),
+        Err(err) => {
+            eprintln!("{}", render_error(&err));
+            ExitCode::from(err.exit_code())
+        }
+    }
+}
+
+/// `error: <message>` followed by one `  caused by: <source>` line per cause.
+pub fn render_error(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = format!("error: {err}");
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(&format!("\n  caused by: {cause}"));
+        source = cause.source();
+    }
+    text
+}
+
+fn init_tracing(filter: &str, json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if json {
+        let _ = builder.json().try_init();
+    } else {
+        let _ = builder.without_time().with_target(false).try_init();
+    }
+}

@@ -1,0 +1,14 @@
+//! netleash: enforce a sandbox's egress policy (`config.networking`) with nftables.
+//!
+//! Layers, each consuming only the one before it:
+//! - [`policy`]: input dialects → a validated, expanded [`policy::Policy`];
+//! - [`ruleset`]: the pure compiler → [`ruleset::Ruleset`], its renderers and evaluator;
+//! - [`kernel`]: the only module that talks netlink; applies a `Ruleset` in one batch;
+//! - [`netns`]: runs work inside a sandbox's network namespace;
+//! - [`cli`]: the `netleash` command.
+
+pub mod cli;
+pub mod kernel;
+pub mod netns;
+pub mod policy;
+pub mod ruleset;

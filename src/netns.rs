@@ -1,0 +1,1 @@
+//! Run work inside a network namespace without changing the caller's own.

@@ -1,0 +1,332 @@
+//! The pure compiler: `Policy` + `CompileOptions` → `Ruleset`.
+//!
+//! Deterministic: the same input gives the same model, element order and digest.
+//! Rule order in the `egress` chain is the security argument and must not change
+//! without updating docs/policy-reference.md:
+//! 1. loopback is accepted (nothing in the blocklist is a loopback address);
+//! 2. the safety blocklist is checked before any other accept, so an allowed
+//!    name whose DNS answer points into it stays blocked (DNS rebinding);
+//! 3. established/related traffic is accepted (its first packet passed 1–2 and 4–8);
+//! 4. ICMPv6 neighbour discovery is accepted, or IPv6 breaks (RFC 4861 §4);
+//! 5. DNS (53) goes only to the configured resolvers; DNS and DNS over TLS
+//!    (853, RFC 7858) to anything else is denied even if the address is allowed;
+//! 6. static allow sets (literals, CIDRs), then DNS-derived sets;
+//! 7. everything else is denied: counted, logged to nflog and rejected.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use sha2::{Digest, Sha256};
+
+use super::model::*;
+use crate::policy::{CompileOptions, Mode, Policy, Ports, Proto, Target};
+
+/// ICMPv6 types a sandbox must be able to send for IPv6 to work at all:
+/// router solicitation (133), neighbour solicitation (135) and advertisement
+/// (136) from RFC 4861, and MLDv2 listener reports (143, RFC 3810) that
+/// switches use to deliver solicited-node multicast.
+pub const ICMPV6_NEIGHBOUR_DISCOVERY: [u8; 4] = [133, 135, 136, 143];
+
+/// DNS (RFC 1035) and DNS over TLS (RFC 7858) ports.
+pub const DNS_PORTS: [u16; 2] = [53, 853];
+
+/// Prefix of every nflog message netleash emits.
+pub const LOG_PREFIX: &str = "netleash deny ";
+
+pub const DENY_CHAIN: &str = "deny";
+pub const EGRESS_CHAIN: &str = "egress";
+
+/// Name of a set, by role, family and whether its key carries ports.
+pub fn set_name(role: SetRole, family: Family, ported: bool) -> String {
+    let role = match role {
+        SetRole::Blocklist => "blocklist",
+        SetRole::Resolvers => "resolvers",
+        SetRole::StaticAllow => "allow",
+        SetRole::DnsAllow => "dns",
+    };
+    let family = match family {
+        Family::V4 => "v4",
+        Family::V6 => "v6",
+    };
+    if ported { format!("{role}_{family}_ports") } else { format!("{role}_{family}") }
+}
+
+fn family_tag(family: Family) -> &'static str {
+    match family {
+        Family::V4 => "v4",
+        Family::V6 => "v6",
+    }
+}
+
+const FAMILIES: [Family; 2] = [Family::V4, Family::V6];
+
+pub fn compile(policy: &Policy, options: &CompileOptions) -> Ruleset {
+    let mut sets = Vec::new();
+    let blocklist: Vec<IpNet> = policy.blocklist.iter().map(|b| b.net).collect();
+    for family in FAMILIES {
+        sets.push(Set {
+            name: set_name(SetRole::Blocklist, family, false),
+            key: SetKey::Addr(family),
+            role: SetRole::Blocklist,
+            interval: true,
+            timeout: false,
+            elements: aggregate(family, &blocklist).into_iter().map(Element::Addr).collect(),
+        });
+    }
+
+    let limited = policy.mode == Mode::Limited;
+    if limited {
+        sets.extend(limited_sets(policy, options));
+    }
+
+    let chains = vec![
+        deny_chain(options.nflog_group),
+        egress_chain(limited),
+        base_chain("output", Hook::Output, limited),
+        base_chain("forward", Hook::Forward, limited),
+    ];
+
+    let names = if limited { name_bindings(policy) } else { Vec::new() };
+    Ruleset { mode: policy.mode, digest: digest(policy, options), sets, chains, names }
+}
+
+fn limited_sets(policy: &Policy, options: &CompileOptions) -> Vec<Set> {
+    let mut any_port: Vec<IpNet> = Vec::new();
+    let mut by_port: BTreeMap<(Proto, u16), Vec<IpNet>> = BTreeMap::new();
+    for rule in &policy.rules {
+        let Target::Net(net) = rule.target else { continue };
+        match &rule.ports {
+            Ports::Any => any_port.push(net),
+            Ports::Only(specs) => {
+                for spec in specs {
+                    by_port.entry((spec.proto, spec.port)).or_default().push(net);
+                }
+            }
+        }
+    }
+
+    let mut sets = Vec::new();
+    for family in FAMILIES {
+        let mut resolvers: BTreeSet<Element> = BTreeSet::new();
+        for addr in options.resolvers.iter().filter(|a| Family::of(a) == family) {
+            let host = IpNet::from(*addr);
+            resolvers.insert(Element::AddrProtoPort(host, Proto::Udp, 53));
+            resolvers.insert(Element::AddrProtoPort(host, Proto::Tcp, 53));
+        }
+        sets.push(Set {
+            name: set_name(SetRole::Resolvers, family, true),
+            key: SetKey::AddrProtoPort(family),
+            role: SetRole::Resolvers,
+            interval: false,
+            timeout: false,
+            elements: resolvers.into_iter().collect(),
+        });
+
+        sets.push(Set {
+            name: set_name(SetRole::StaticAllow, family, false),
+            key: SetKey::Addr(family),
+            role: SetRole::StaticAllow,
+            interval: true,
+            timeout: false,
+            elements: aggregate(family, &any_port).into_iter().map(Element::Addr).collect(),
+        });
+
+        let mut ported: Vec<Element> = Vec::new();
+        for ((proto, port), nets) in &by_port {
+            ported.extend(
+                aggregate(family, nets).into_iter().map(|net| Element::AddrProtoPort(net, *proto, *port)),
+            );
+        }
+        ported.sort();
+        sets.push(Set {
+            name: set_name(SetRole::StaticAllow, family, true),
+            key: SetKey::AddrProtoPort(family),
+            role: SetRole::StaticAllow,
+            interval: true,
+            timeout: false,
+            elements: ported,
+        });
+
+        for ported in [false, true] {
+            sets.push(Set {
+                name: set_name(SetRole::DnsAllow, family, ported),
+                key: if ported { SetKey::AddrProtoPort(family) } else { SetKey::Addr(family) },
+                role: SetRole::DnsAllow,
+                interval: false,
+                timeout: true,
+                elements: Vec::new(),
+            });
+        }
+    }
+    sets
+}
+
+/// The nets of one family, merged so that no two overlap or touch (the
+/// kernel rejects overlapping intervals in one set), sorted.
+fn aggregate(family: Family, nets: &[IpNet]) -> Vec<IpNet> {
+    let of_family: Vec<IpNet> =
+        nets.iter().filter(|n| Family::of(&n.addr()) == family).map(|n| n.trunc()).collect();
+    let mut merged = IpNet::aggregate(&of_family);
+    merged.sort();
+    merged
+}
+
+fn deny_chain(nflog_group: u16) -> Chain {
+    let log = Action::Log { group: nflog_group, prefix: LOG_PREFIX.to_string() };
+    Chain {
+        name: DENY_CHAIN.to_string(),
+        base: None,
+        rules: vec![
+            Rule {
+                id: "deny-tcp".into(),
+                description: "log denied TCP to nflog and answer with a TCP reset".into(),
+                matches: vec![Match::L4ProtoIn(vec![Proto::Tcp])],
+                actions: vec![log.clone(), Action::Reject(RejectKind::TcpReset)],
+            },
+            Rule {
+                id: "deny-other".into(),
+                description: "log other denied packets to nflog and answer with ICMP admin-prohibited".into(),
+                matches: vec![],
+                actions: vec![log, Action::Reject(RejectKind::IcmpxAdminProhibited)],
+            },
+        ],
+    }
+}
+
+fn deny_actions() -> Vec<Action> {
+    vec![Action::Counter, Action::Jump(DENY_CHAIN.to_string())]
+}
+
+fn egress_chain(limited: bool) -> Chain {
+    let mut rules = vec![Rule {
+        id: "loopback".into(),
+        description: "traffic to the sandbox's own loopback interface".into(),
+        matches: vec![Match::OifLoopback],
+        actions: vec![Action::Accept],
+    }];
+    for family in FAMILIES {
+        rules.push(Rule {
+            id: format!("blocklist-{}", family_tag(family)),
+            description: "safety blocklist (cloud metadata, link-local), checked before any allow".into(),
+            matches: vec![Match::DaddrInSet { family, set: set_name(SetRole::Blocklist, family, false) }],
+            actions: deny_actions(),
+        });
+    }
+    if !limited {
+        return Chain { name: EGRESS_CHAIN.into(), base: None, rules };
+    }
+
+    rules.push(Rule {
+        id: "established".into(),
+        description: "replies and related traffic of connections that were allowed when they began".into(),
+        matches: vec![Match::CtEstablishedRelated],
+        actions: vec![Action::Accept],
+    });
+    rules.push(Rule {
+        id: "icmpv6-neighbour-discovery".into(),
+        description: "ICMPv6 router/neighbour solicitation, neighbour advertisement, MLDv2 reports".into(),
+        matches: vec![Match::Icmpv6Types(ICMPV6_NEIGHBOUR_DISCOVERY.to_vec())],
+        actions: vec![Action::Accept],
+    });
+    for family in FAMILIES {
+        rules.push(Rule {
+            id: format!("dns-resolvers-{}", family_tag(family)),
+            description: "DNS to the configured resolvers".into(),
+            matches: vec![Match::DaddrProtoPortInSet {
+                family,
+                set: set_name(SetRole::Resolvers, family, true),
+            }],
+            actions: vec![Action::Accept],
+        });
+    }
+    rules.push(Rule {
+        id: "dns-other".into(),
+        description: "DNS and DNS over TLS to anything but the configured resolvers".into(),
+        matches: vec![Match::L4ProtoIn(vec![Proto::Tcp, Proto::Udp]), Match::DportIn(DNS_PORTS.to_vec())],
+        actions: deny_actions(),
+    });
+    for role in [SetRole::StaticAllow, SetRole::DnsAllow] {
+        let kind = if role == SetRole::StaticAllow { "static" } else { "dns" };
+        for family in FAMILIES {
+            let what = if role == SetRole::StaticAllow {
+                "address literals and CIDRs"
+            } else {
+                "addresses learned from DNS answers for allowed names"
+            };
+            rules.push(Rule {
+                id: format!("allow-{kind}-{}", family_tag(family)),
+                description: format!("{what}, any port"),
+                matches: vec![Match::DaddrInSet { family, set: set_name(role, family, false) }],
+                actions: vec![Action::Accept],
+            });
+            rules.push(Rule {
+                id: format!("allow-{kind}-{}-ports", family_tag(family)),
+                description: format!("{what}, on their allowed protocol and port"),
+                matches: vec![Match::DaddrProtoPortInSet { family, set: set_name(role, family, true) }],
+                actions: vec![Action::Accept],
+            });
+        }
+    }
+    rules.push(Rule {
+        id: "default-deny".into(),
+        description: "everything the policy does not allow".into(),
+        matches: vec![],
+        actions: deny_actions(),
+    });
+    Chain { name: EGRESS_CHAIN.into(), base: None, rules }
+}
+
+fn base_chain(name: &str, hook: Hook, limited: bool) -> Chain {
+    Chain {
+        name: name.to_string(),
+        base: Some(BaseChain {
+            hook,
+            priority: 0,
+            policy: if limited { ChainPolicy::Drop } else { ChainPolicy::Accept },
+        }),
+        rules: vec![Rule {
+            id: format!("{name}-egress"),
+            description: format!("{name} traffic goes through the egress policy"),
+            matches: vec![],
+            actions: vec![Action::Jump(EGRESS_CHAIN.to_string())],
+        }],
+    }
+}
+
+fn name_bindings(policy: &Policy) -> Vec<NameBinding> {
+    policy
+        .rules
+        .iter()
+        .filter(|r| !matches!(r.target, Target::Net(_)))
+        .map(|rule| {
+            let ported = rule.ports != Ports::Any;
+            NameBinding {
+                target: rule.target.clone(),
+                ports: rule.ports.clone(),
+                sources: rule.sources.iter().cloned().collect(),
+                set_v4: set_name(SetRole::DnsAllow, Family::V4, ported),
+                set_v6: set_name(SetRole::DnsAllow, Family::V6, ported),
+            }
+        })
+        .collect()
+}
+
+/// `sha256:<hex>` over a canonical text of everything that decides enforcement.
+fn digest(policy: &Policy, options: &CompileOptions) -> String {
+    let mut canonical = String::new();
+    let _ = writeln!(canonical, "mode {:?}", policy.mode);
+    for rule in &policy.rules {
+        let _ = writeln!(canonical, "allow {} {}", rule.target, rule.ports);
+    }
+    for entry in &policy.blocklist {
+        let _ = writeln!(canonical, "block {}", entry.net);
+    }
+    let resolvers: BTreeSet<IpAddr> = options.resolvers.iter().copied().collect();
+    for resolver in resolvers {
+        let _ = writeln!(canonical, "resolver {resolver}");
+    }
+    let _ = writeln!(canonical, "nflog {}", options.nflog_group);
+    format!("sha256:{}", hex::encode(Sha256::digest(canonical.as_bytes())))
+}

@@ -1,0 +1,7 @@
+//! The ruleset model, the pure compiler that produces it, and its renderers.
+
+pub mod compile;
+mod model;
+
+pub use compile::compile;
+pub use model::*;
