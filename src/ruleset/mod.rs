@@ -2,6 +2,7 @@
 
 pub mod compile;
 mod model;
+pub mod render;
 
 pub use compile::compile;
 pub use model::*;
