@@ -64,13 +64,15 @@ pub enum Error {
     Usage(String),
     #[error("cannot write output")]
     Output(#[source] std::io::Error),
+    #[error("cannot resolve {0} with the system resolver")]
+    Resolve(String, #[source] std::io::Error),
 }
 
 impl Error {
     pub fn exit_code(&self) -> u8 {
         match self {
             Error::Policy(_) | Error::Usage(_) => EXIT_INVALID_INPUT,
-            Error::Output(_) => EXIT_SYSTEM_ERROR,
+            Error::Output(_) | Error::Resolve(..) => EXIT_SYSTEM_ERROR,
         }
     }
 }

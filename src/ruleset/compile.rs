@@ -4,14 +4,20 @@
 //! Rule order in the `egress` chain is the security argument and must not change
 //! without updating docs/policy-reference.md:
 //! 1. loopback is accepted (nothing in the blocklist is a loopback address);
-//! 2. the safety blocklist is checked before any other accept, so an allowed
+//! 2. ICMPv6 neighbour discovery is accepted, or IPv6 breaks (RFC 4861 §4). It
+//!    comes before the blocklist because neighbour solicitations and
+//!    advertisements go to link-local addresses (the default router is
+//!    usually fe80::1), which the blocklist may hold (fe80::/10); these ICMPv6
+//!    types carry no TCP or UDP, so they cannot reach a metadata service;
+//! 3. the safety blocklist is checked before any other accept, so an allowed
 //!    name whose DNS answer points into it stays blocked (DNS rebinding);
-//! 3. established/related traffic is accepted (its first packet passed 1–2 and 4–8);
-//! 4. ICMPv6 neighbour discovery is accepted, or IPv6 breaks (RFC 4861 §4);
+//! 4. established/related traffic is accepted (its first packet passed 1–3 and 5–7);
 //! 5. DNS (53) goes only to the configured resolvers; DNS and DNS over TLS
 //!    (853, RFC 7858) to anything else is denied even if the address is allowed;
 //! 6. static allow sets (literals, CIDRs), then DNS-derived sets;
 //! 7. everything else is denied: counted, logged to nflog and rejected.
+//!
+//! In unrestricted mode the chain holds steps 1–3 and the base chains accept.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
@@ -206,6 +212,12 @@ fn egress_chain(limited: bool) -> Chain {
         matches: vec![Match::OifLoopback],
         actions: vec![Action::Accept],
     }];
+    rules.push(Rule {
+        id: "icmpv6-neighbour-discovery".into(),
+        description: "ICMPv6 router/neighbour solicitation, neighbour advertisement, MLDv2 reports".into(),
+        matches: vec![Match::Icmpv6Types(ICMPV6_NEIGHBOUR_DISCOVERY.to_vec())],
+        actions: vec![Action::Accept],
+    });
     for family in FAMILIES {
         rules.push(Rule {
             id: format!("blocklist-{}", family_tag(family)),
@@ -222,12 +234,6 @@ fn egress_chain(limited: bool) -> Chain {
         id: "established".into(),
         description: "replies and related traffic of connections that were allowed when they began".into(),
         matches: vec![Match::CtEstablishedRelated],
-        actions: vec![Action::Accept],
-    });
-    rules.push(Rule {
-        id: "icmpv6-neighbour-discovery".into(),
-        description: "ICMPv6 router/neighbour solicitation, neighbour advertisement, MLDv2 reports".into(),
-        matches: vec![Match::Icmpv6Types(ICMPV6_NEIGHBOUR_DISCOVERY.to_vec())],
         actions: vec![Action::Accept],
     });
     for family in FAMILIES {
@@ -329,4 +335,32 @@ fn digest(policy: &Policy, options: &CompileOptions) -> String {
     }
     let _ = writeln!(canonical, "nflog {}", options.nflog_group);
     format!("sha256:{}", hex::encode(Sha256::digest(canonical.as_bytes())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::{BlockEntry, Dialect};
+
+    fn egress_ids(mode: Mode) -> Vec<String> {
+        let policy = Policy {
+            mode,
+            dialect: Dialect::Limited,
+            rules: vec![],
+            blocklist: vec![BlockEntry { net: "fe80::/10".parse().unwrap(), reason: "IPv6 link-local".into() }],
+            warnings: vec![],
+        };
+        let ruleset = compile(&policy, &CompileOptions::default());
+        ruleset.chain(EGRESS_CHAIN).unwrap().rules.iter().map(|r| r.id.clone()).collect()
+    }
+
+    /// Neighbour discovery talks to link-local addresses (RFC 4861 §4), so it
+    /// must be accepted before a blocklist that holds fe80::/10, in both modes.
+    #[test]
+    fn neighbour_discovery_precedes_the_blocklist() {
+        for mode in [Mode::Limited, Mode::Unrestricted] {
+            let ids = egress_ids(mode);
+            assert_eq!(ids[..4], ["loopback", "icmpv6-neighbour-discovery", "blocklist-v4", "blocklist-v6"], "{mode:?}");
+        }
+    }
 }

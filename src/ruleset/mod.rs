@@ -1,6 +1,8 @@
-//! The ruleset model, the pure compiler that produces it, and its renderers.
+//! The ruleset model, the pure compiler that produces it, its renderers and
+//! the evaluator behind `check`.
 
 pub mod compile;
+pub mod evaluate;
 mod model;
 pub mod render;
 

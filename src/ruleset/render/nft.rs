@@ -1,0 +1,288 @@
+//! `nft -f` text.
+
+use std::fmt::Write as _;
+
+use ipnet::IpNet;
+
+use super::{addr_protocol, icmpv6_type_name, key_types, proto_name};
+use crate::ruleset::model::{
+    Action, BaseChain, Chain, ChainPolicy, Element, Hook, Match, RejectKind, Rule, Ruleset, Set,
+    TABLE_NAME,
+};
+
+/// A set with more elements than this lists one element per line.
+const INLINE_ELEMENTS_MAX: usize = 3;
+
+/// The ruleset as `nft -f` input that replaces the `netleash` table atomically.
+pub fn nft(ruleset: &Ruleset) -> String {
+    let mut out = String::new();
+    let mode = match ruleset.mode {
+        crate::policy::Mode::Unrestricted => "unrestricted",
+        crate::policy::Mode::Limited => "limited",
+    };
+    let _ = writeln!(
+        out,
+        "# netleash ruleset, mode {mode}. `nft -f` applies this file as one transaction:"
+    );
+    let _ = writeln!(
+        out,
+        "# it replaces table inet {TABLE_NAME} and touches no other table."
+    );
+    // Creating the table first makes the delete valid when it does not exist yet.
+    let _ = writeln!(out, "table inet {TABLE_NAME}");
+    let _ = writeln!(out, "delete table inet {TABLE_NAME}");
+    let _ = writeln!(out);
+    let _ = writeln!(out, "table inet {TABLE_NAME} {{");
+    let _ = writeln!(out, "\tcomment {}", quoted(&ruleset.digest));
+    for set in &ruleset.sets {
+        let _ = writeln!(out);
+        write_set(&mut out, set);
+    }
+    for chain in &ruleset.chains {
+        let _ = writeln!(out);
+        write_chain(&mut out, chain);
+    }
+    let _ = writeln!(out, "}}");
+    out
+}
+
+fn write_set(out: &mut String, set: &Set) {
+    let _ = writeln!(out, "\tset {} {{", set.name);
+    let _ = writeln!(out, "\t\ttype {}", key_types(set.key).join(" . "));
+    let flags: Vec<&str> = [(set.interval, "interval"), (set.timeout, "timeout")]
+        .into_iter()
+        .filter_map(|(on, flag)| on.then_some(flag))
+        .collect();
+    if !flags.is_empty() {
+        let _ = writeln!(out, "\t\tflags {}", flags.join(","));
+    }
+    if set.elements.len() > INLINE_ELEMENTS_MAX {
+        let _ = writeln!(out, "\t\telements = {{");
+        for element in &set.elements {
+            let _ = writeln!(out, "\t\t\t{},", element_text(element));
+        }
+        let _ = writeln!(out, "\t\t}}");
+    } else if !set.elements.is_empty() {
+        let elements: Vec<String> = set.elements.iter().map(element_text).collect();
+        let _ = writeln!(out, "\t\telements = {{ {} }}", elements.join(", "));
+    }
+    let _ = writeln!(out, "\t}}");
+}
+
+fn net_text(net: &IpNet) -> String {
+    if net.prefix_len() == net.max_prefix_len() {
+        net.addr().to_string()
+    } else {
+        net.to_string()
+    }
+}
+
+fn element_text(element: &Element) -> String {
+    match element {
+        Element::Addr(net) => net_text(net),
+        Element::AddrProtoPort(net, proto, port) => {
+            format!("{} . {} . {port}", net_text(net), proto_name(*proto))
+        }
+    }
+}
+
+fn write_chain(out: &mut String, chain: &Chain) {
+    let _ = writeln!(out, "\tchain {} {{", chain.name);
+    if let Some(base) = &chain.base {
+        let _ = writeln!(out, "\t\t{}", base_chain_text(base));
+    }
+    for rule in &chain.rules {
+        let _ = writeln!(out, "\t\t{}", rule_text(rule));
+    }
+    let _ = writeln!(out, "\t}}");
+}
+
+fn base_chain_text(base: &BaseChain) -> String {
+    let hook = match base.hook {
+        Hook::Output => "output",
+        Hook::Forward => "forward",
+    };
+    // `filter` is the named priority 0 (nft(8), "PRIORITY").
+    let priority = match base.priority {
+        0 => "filter".to_string(),
+        p if p > 0 => format!("filter + {p}"),
+        p => format!("filter - {}", p.unsigned_abs()),
+    };
+    let policy = match base.policy {
+        ChainPolicy::Accept => "accept",
+        ChainPolicy::Drop => "drop",
+    };
+    format!("type filter hook {hook} priority {priority}; policy {policy};")
+}
+
+/// One value, or an anonymous set `{ a, b }` of several.
+fn one_or_set(values: Vec<String>) -> String {
+    if values.len() == 1 {
+        values.into_iter().next().unwrap_or_default()
+    } else {
+        format!("{{ {} }}", values.join(", "))
+    }
+}
+
+fn match_text(m: &Match) -> String {
+    match m {
+        Match::OifLoopback => "oif \"lo\"".to_string(),
+        Match::CtEstablishedRelated => "ct state established,related".to_string(),
+        Match::Icmpv6Types(types) => {
+            let names = types.iter().map(|t| {
+                icmpv6_type_name(*t)
+                    .map(str::to_string)
+                    .unwrap_or_else(|| t.to_string())
+            });
+            format!("icmpv6 type {}", one_or_set(names.collect()))
+        }
+        Match::L4ProtoIn(protos) => {
+            format!(
+                "meta l4proto {}",
+                one_or_set(protos.iter().map(|p| proto_name(*p).to_string()).collect())
+            )
+        }
+        Match::DportIn(ports) => format!(
+            "th dport {}",
+            one_or_set(ports.iter().map(u16::to_string).collect())
+        ),
+        Match::DaddrInSet { family, set } => format!("{} daddr @{set}", addr_protocol(*family)),
+        Match::DaddrProtoPortInSet { family, set } => {
+            format!(
+                "{} daddr . meta l4proto . th dport @{set}",
+                addr_protocol(*family)
+            )
+        }
+    }
+}
+
+fn action_text(action: &Action) -> String {
+    match action {
+        Action::Counter => "counter".to_string(),
+        Action::Log { group, prefix } => format!("log group {group} prefix {}", quoted(prefix)),
+        Action::Accept => "accept".to_string(),
+        Action::Drop => "drop".to_string(),
+        Action::Reject(RejectKind::TcpReset) => "reject with tcp reset".to_string(),
+        Action::Reject(RejectKind::IcmpxAdminProhibited) => {
+            "reject with icmpx admin-prohibited".to_string()
+        }
+        Action::Jump(chain) => format!("jump {chain}"),
+    }
+}
+
+fn rule_text(rule: &Rule) -> String {
+    let mut parts: Vec<String> = rule.matches.iter().map(match_text).collect();
+    parts.extend(rule.actions.iter().map(action_text));
+    parts.push(format!("comment {}", quoted(&rule.id)));
+    parts.join(" ")
+}
+
+/// An nft string literal. nft strings have no escapes, so a `"` (never in
+/// compiler output) is replaced rather than allowed to end the string early.
+fn quoted(text: &str) -> String {
+    format!("\"{}\"", text.replace('"', "'"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::Proto;
+    use crate::ruleset::model::{Family, SetKey, SetRole};
+
+    fn set(elements: Vec<Element>) -> Set {
+        Set {
+            name: "allow_v4_ports".into(),
+            key: SetKey::AddrProtoPort(Family::V4),
+            role: SetRole::StaticAllow,
+            interval: true,
+            timeout: false,
+            elements,
+        }
+    }
+
+    #[test]
+    fn few_elements_stay_on_one_line_and_many_get_one_line_each() {
+        let one = Element::AddrProtoPort("10.0.0.0/8".parse().unwrap(), Proto::Tcp, 443);
+        let host = Element::AddrProtoPort("198.51.100.7/32".parse().unwrap(), Proto::Udp, 443);
+        let mut out = String::new();
+        write_set(&mut out, &set(vec![one, host]));
+        assert_eq!(
+            out,
+            "\tset allow_v4_ports {\n\t\ttype ipv4_addr . inet_proto . inet_service\n\t\tflags interval\n\
+             \t\telements = { 10.0.0.0/8 . tcp . 443, 198.51.100.7 . udp . 443 }\n\t}\n"
+        );
+
+        let many: Vec<Element> = (1..=4)
+            .map(|i| {
+                Element::AddrProtoPort(format!("192.0.2.{i}/32").parse().unwrap(), Proto::Tcp, 80)
+            })
+            .collect();
+        let mut out = String::new();
+        write_set(&mut out, &set(many));
+        assert!(
+            out.contains(
+                "\t\telements = {\n\t\t\t192.0.2.1 . tcp . 80,\n\t\t\t192.0.2.2 . tcp . 80,\n"
+            ),
+            "{out}"
+        );
+    }
+
+    #[test]
+    fn an_empty_set_has_no_elements_line_and_both_flags_are_joined() {
+        let mut s = set(vec![]);
+        s.timeout = true;
+        let mut out = String::new();
+        write_set(&mut out, &s);
+        assert!(!out.contains("elements"), "{out}");
+        assert!(out.contains("flags interval,timeout\n"), "{out}");
+    }
+
+    #[test]
+    fn rules_render_matches_then_actions_then_the_id_as_comment() {
+        let rule = Rule {
+            id: "dns-other".into(),
+            description: String::new(),
+            matches: vec![
+                Match::L4ProtoIn(vec![Proto::Tcp, Proto::Udp]),
+                Match::DportIn(vec![53, 853]),
+            ],
+            actions: vec![Action::Counter, Action::Jump("deny".into())],
+        };
+        assert_eq!(
+            rule_text(&rule),
+            "meta l4proto { tcp, udp } th dport { 53, 853 } counter jump deny comment \"dns-other\""
+        );
+        let icmp = Match::Icmpv6Types(vec![133, 135, 200]);
+        assert_eq!(
+            match_text(&icmp),
+            "icmpv6 type { nd-router-solicit, nd-neighbor-solicit, 200 }"
+        );
+        let v6 = Match::DaddrProtoPortInSet {
+            family: Family::V6,
+            set: "dns_v6_ports".into(),
+        };
+        assert_eq!(
+            match_text(&v6),
+            "ip6 daddr . meta l4proto . th dport @dns_v6_ports"
+        );
+    }
+
+    #[test]
+    fn base_chain_priority_is_named_relative_to_filter() {
+        let mut base = BaseChain {
+            hook: Hook::Forward,
+            priority: 0,
+            policy: ChainPolicy::Drop,
+        };
+        assert_eq!(
+            base_chain_text(&base),
+            "type filter hook forward priority filter; policy drop;"
+        );
+        base.priority = -10;
+        base.policy = ChainPolicy::Accept;
+        assert_eq!(
+            base_chain_text(&base),
+            "type filter hook forward priority filter - 10; policy accept;"
+        );
+    }
+}
