@@ -20,14 +20,13 @@
 //! In unrestricted mode the chain holds steps 1–3 and the base chains accept.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fmt::Write as _;
 use std::net::IpAddr;
 
 use ipnet::IpNet;
 use sha2::{Digest, Sha256};
 
 use super::model::*;
-use crate::policy::{CompileOptions, Mode, Policy, Ports, Proto, Target};
+use crate::policy::{CompileOptions, HostRule, Mode, Policy, Ports, Proto, Target};
 
 /// ICMPv6 types a sandbox must be able to send for IPv6 to work at all:
 /// router solicitation (133), neighbour solicitation (135) and advertisement
@@ -69,6 +68,25 @@ fn family_tag(family: Family) -> &'static str {
 const FAMILIES: [Family; 2] = [Family::V4, Family::V6];
 
 pub fn compile(policy: &Policy, options: &CompileOptions) -> Ruleset {
+    let limited = policy.mode == Mode::Limited;
+
+    // One pass over the rules. A policy can hold tens of thousands, and each
+    // pass chases pointers into every rule's port set: passes are what costs.
+    let mut digest = RulesetDigest::new(policy.mode);
+    let mut nets = AllowedNets::default();
+    let mut names = Vec::new();
+    let dns_sets = DnsSetNames::new();
+    for rule in &policy.rules {
+        digest.rule(rule);
+        if !limited {
+            continue;
+        }
+        match rule.target {
+            Target::Net(net) => nets.add(net, &rule.ports),
+            Target::Name(_) | Target::Wildcard(_) => names.push(dns_sets.binding(rule)),
+        }
+    }
+
     let mut sets = Vec::new();
     let blocklist: Vec<IpNet> = policy.blocklist.iter().map(|b| b.net).collect();
     for family in FAMILIES {
@@ -81,10 +99,8 @@ pub fn compile(policy: &Policy, options: &CompileOptions) -> Ruleset {
             elements: aggregate(family, &blocklist).into_iter().map(Element::Addr).collect(),
         });
     }
-
-    let limited = policy.mode == Mode::Limited;
     if limited {
-        sets.extend(limited_sets(policy, options));
+        sets.extend(limited_sets(&nets, options));
     }
 
     let chains = vec![
@@ -94,25 +110,31 @@ pub fn compile(policy: &Policy, options: &CompileOptions) -> Ruleset {
         base_chain("forward", Hook::Forward, limited),
     ];
 
-    let names = if limited { name_bindings(policy) } else { Vec::new() };
-    Ruleset { mode: policy.mode, digest: digest(policy, options), sets, chains, names }
+    Ruleset { mode: policy.mode, digest: digest.finish(policy, options), sets, chains, names }
 }
 
-fn limited_sets(policy: &Policy, options: &CompileOptions) -> Vec<Set> {
-    let mut any_port: Vec<IpNet> = Vec::new();
-    let mut by_port: BTreeMap<(Proto, u16), Vec<IpNet>> = BTreeMap::new();
-    for rule in &policy.rules {
-        let Target::Net(net) = rule.target else { continue };
-        match &rule.ports {
-            Ports::Any => any_port.push(net),
+/// Address literals and CIDRs of the policy, by the ports they are allowed on.
+#[derive(Default)]
+struct AllowedNets {
+    any_port: Vec<IpNet>,
+    by_port: BTreeMap<(Proto, u16), Vec<IpNet>>,
+}
+
+impl AllowedNets {
+    fn add(&mut self, net: IpNet, ports: &Ports) {
+        match ports {
+            Ports::Any => self.any_port.push(net),
             Ports::Only(specs) => {
                 for spec in specs {
-                    by_port.entry((spec.proto, spec.port)).or_default().push(net);
+                    self.by_port.entry((spec.proto, spec.port)).or_default().push(net);
                 }
             }
         }
     }
+}
 
+fn limited_sets(nets: &AllowedNets, options: &CompileOptions) -> Vec<Set> {
+    let AllowedNets { any_port, by_port } = nets;
     let mut sets = Vec::new();
     for family in FAMILIES {
         let mut resolvers: BTreeSet<Element> = BTreeSet::new();
@@ -136,11 +158,11 @@ fn limited_sets(policy: &Policy, options: &CompileOptions) -> Vec<Set> {
             role: SetRole::StaticAllow,
             interval: true,
             timeout: false,
-            elements: aggregate(family, &any_port).into_iter().map(Element::Addr).collect(),
+            elements: aggregate(family, any_port).into_iter().map(Element::Addr).collect(),
         });
 
         let mut ported: Vec<Element> = Vec::new();
-        for ((proto, port), nets) in &by_port {
+        for ((proto, port), nets) in by_port {
             ported.extend(
                 aggregate(family, nets).into_iter().map(|net| Element::AddrProtoPort(net, *proto, *port)),
             );
@@ -301,40 +323,100 @@ fn base_chain(name: &str, hook: Hook, limited: bool) -> Chain {
     }
 }
 
-fn name_bindings(policy: &Policy) -> Vec<NameBinding> {
-    policy
-        .rules
-        .iter()
-        .filter(|r| !matches!(r.target, Target::Net(_)))
-        .map(|rule| {
-            let ported = rule.ports != Ports::Any;
-            NameBinding {
-                target: rule.target.clone(),
-                ports: rule.ports.clone(),
-                sources: rule.sources.iter().cloned().collect(),
-                set_v4: set_name(SetRole::DnsAllow, Family::V4, ported),
-                set_v6: set_name(SetRole::DnsAllow, Family::V6, ported),
-            }
-        })
-        .collect()
+/// The `DnsAllow` set names a name's addresses go into, formatted once
+/// rather than twice per name.
+struct DnsSetNames {
+    any_port: (String, String),
+    with_ports: (String, String),
 }
 
-/// `sha256:<hex>` over a canonical text of everything that decides enforcement.
-fn digest(policy: &Policy, options: &CompileOptions) -> String {
-    let mut canonical = String::new();
-    let _ = writeln!(canonical, "mode {:?}", policy.mode);
-    for rule in &policy.rules {
-        let _ = writeln!(canonical, "allow {} {}", rule.target, rule.ports);
+impl DnsSetNames {
+    fn new() -> DnsSetNames {
+        let names = |ported| {
+            (set_name(SetRole::DnsAllow, Family::V4, ported), set_name(SetRole::DnsAllow, Family::V6, ported))
+        };
+        DnsSetNames { any_port: names(false), with_ports: names(true) }
     }
-    for entry in &policy.blocklist {
-        let _ = writeln!(canonical, "block {}", entry.net);
+
+    /// The binding of a `Name` or `Wildcard` rule.
+    fn binding(&self, rule: &HostRule) -> NameBinding {
+        let (set_v4, set_v6) = if rule.ports == Ports::Any { &self.any_port } else { &self.with_ports };
+        NameBinding {
+            target: rule.target.clone(),
+            ports: rule.ports.clone(),
+            sources: rule.sources.iter().cloned().collect(),
+            set_v4: set_v4.clone(),
+            set_v6: set_v6.clone(),
+        }
     }
-    let resolvers: BTreeSet<IpAddr> = options.resolvers.iter().copied().collect();
-    for resolver in resolvers {
-        let _ = writeln!(canonical, "resolver {resolver}");
+}
+
+/// `sha256:<hex>` over a canonical encoding of everything that decides
+/// enforcement. The encoding is binary (tags, lengths, address octets and
+/// big-endian ports) so it is unambiguous and cheap: formatting 10,000 rules
+/// as text would take longer than compiling them.
+struct RulesetDigest(Sha256);
+
+impl RulesetDigest {
+    fn new(mode: Mode) -> RulesetDigest {
+        let mut hash = Sha256::new();
+        // The layout version: bump it whenever the compiler's output for the
+        // same policy changes, so a table from an older netleash never looks current.
+        hash.update(b"netleash ruleset v1\0");
+        hash.update([match mode {
+            Mode::Unrestricted => 0u8,
+            Mode::Limited => 1,
+        }]);
+        RulesetDigest(hash)
     }
-    let _ = writeln!(canonical, "nflog {}", options.nflog_group);
-    format!("sha256:{}", hex::encode(Sha256::digest(canonical.as_bytes())))
+
+    fn net(&mut self, tag: u8, net: &IpNet) {
+        self.0.update([tag, net.prefix_len()]);
+        match net.addr() {
+            IpAddr::V4(addr) => self.0.update(addr.octets()),
+            IpAddr::V6(addr) => self.0.update(addr.octets()),
+        }
+    }
+
+    fn rule(&mut self, rule: &HostRule) {
+        match &rule.target {
+            Target::Name(name) | Target::Wildcard(name) => {
+                let tag = if matches!(rule.target, Target::Name(_)) { b'n' } else { b'w' };
+                self.0.update([tag]);
+                self.0.update((name.len() as u32).to_be_bytes());
+                self.0.update(name.as_bytes());
+            }
+            Target::Net(net) => self.net(b'a', net),
+        }
+        match &rule.ports {
+            Ports::Any => self.0.update([b'*']),
+            Ports::Only(specs) => {
+                self.0.update((specs.len() as u32).to_be_bytes());
+                for spec in specs {
+                    let proto = match spec.proto {
+                        Proto::Tcp => b't',
+                        Proto::Udp => b'u',
+                    };
+                    self.0.update([proto]);
+                    self.0.update(spec.port.to_be_bytes());
+                }
+            }
+        }
+    }
+
+    /// Adds what is not in the rules and returns `sha256:<hex>`.
+    fn finish(mut self, policy: &Policy, options: &CompileOptions) -> String {
+        for entry in &policy.blocklist {
+            self.net(b'b', &entry.net);
+        }
+        let resolvers: BTreeSet<IpAddr> = options.resolvers.iter().copied().collect();
+        for resolver in resolvers {
+            self.net(b'r', &IpNet::from(resolver));
+        }
+        self.0.update(b"g");
+        self.0.update(options.nflog_group.to_be_bytes());
+        format!("sha256:{}", hex::encode(self.0.finalize()))
+    }
 }
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
 //! `nft -f` text.
 
 use std::fmt::Write as _;
+use std::net::IpAddr;
 
 use ipnet::IpNet;
 
@@ -59,29 +60,63 @@ fn write_set(out: &mut String, set: &Set) {
     if set.elements.len() > INLINE_ELEMENTS_MAX {
         let _ = writeln!(out, "\t\telements = {{");
         for element in &set.elements {
-            let _ = writeln!(out, "\t\t\t{},", element_text(element));
+            out.push_str("\t\t\t");
+            write_element(out, element);
+            out.push_str(",\n");
         }
         let _ = writeln!(out, "\t\t}}");
     } else if !set.elements.is_empty() {
-        let elements: Vec<String> = set.elements.iter().map(element_text).collect();
-        let _ = writeln!(out, "\t\telements = {{ {} }}", elements.join(", "));
+        out.push_str("\t\telements = { ");
+        for (i, element) in set.elements.iter().enumerate() {
+            if i > 0 {
+                out.push_str(", ");
+            }
+            write_element(out, element);
+        }
+        out.push_str(" }\n");
     }
     let _ = writeln!(out, "\t}}");
 }
 
-fn net_text(net: &IpNet) -> String {
-    if net.prefix_len() == net.max_prefix_len() {
-        net.addr().to_string()
-    } else {
-        net.to_string()
+/// Writes into `out` directly: a ruleset can hold tens of thousands of
+/// elements. IPv4 octets are written by hand, which is several times faster
+/// than `Ipv4Addr`'s Display; IPv6 needs its zero compression (RFC 5952).
+fn write_net(out: &mut String, net: &IpNet) {
+    match net.addr() {
+        IpAddr::V4(addr) => {
+            for (i, octet) in addr.octets().into_iter().enumerate() {
+                if i > 0 {
+                    out.push('.');
+                }
+                write_decimal(out, octet);
+            }
+        }
+        IpAddr::V6(addr) => {
+            let _ = write!(out, "{addr}");
+        }
+    }
+    if net.prefix_len() != net.max_prefix_len() {
+        out.push('/');
+        write_decimal(out, net.prefix_len());
     }
 }
 
-fn element_text(element: &Element) -> String {
+fn write_decimal(out: &mut String, n: u8) {
+    if n >= 100 {
+        out.push(char::from(b'0' + n / 100));
+    }
+    if n >= 10 {
+        out.push(char::from(b'0' + n / 10 % 10));
+    }
+    out.push(char::from(b'0' + n % 10));
+}
+
+fn write_element(out: &mut String, element: &Element) {
     match element {
-        Element::Addr(net) => net_text(net),
+        Element::Addr(net) => write_net(out, net),
         Element::AddrProtoPort(net, proto, port) => {
-            format!("{} . {} . {port}", net_text(net), proto_name(*proto))
+            write_net(out, net);
+            let _ = write!(out, " . {} . {port}", proto_name(*proto));
         }
     }
 }
@@ -225,6 +260,21 @@ mod tests {
             ),
             "{out}"
         );
+    }
+
+    #[test]
+    fn addresses_and_prefixes_are_written_in_nft_notation() {
+        for (net, text) in [
+            ("0.0.0.0/0", "0.0.0.0/0"),
+            ("10.9.100.255/32", "10.9.100.255"),
+            ("192.168.0.0/16", "192.168.0.0/16"),
+            ("2001:db8::/32", "2001:db8::/32"),
+            ("::1/128", "::1"),
+        ] {
+            let mut out = String::new();
+            write_net(&mut out, &net.parse().unwrap());
+            assert_eq!(out, text);
+        }
     }
 
     #[test]
