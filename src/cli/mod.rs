@@ -62,6 +62,13 @@ pub enum Error {
     Policy(#[from] crate::policy::Error),
     #[error("{0}")]
     Usage(String),
+    #[error("cannot read {what} {path}")]
+    ReadInput {
+        what: &'static str,
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot write output")]
     Output(#[source] std::io::Error),
 }
@@ -69,7 +76,7 @@ pub enum Error {
 impl Error {
     pub fn exit_code(&self) -> u8 {
         match self {
-            Error::Policy(_) | Error::Usage(_) => EXIT_INVALID_INPUT,
+            Error::Policy(_) | Error::Usage(_) | Error::ReadInput { .. } => EXIT_INVALID_INPUT,
             Error::Output(_) => EXIT_SYSTEM_ERROR,
         }
     }

@@ -1,0 +1,4 @@
+//! The one integration test binary; one module per topic.
+
+mod bad_input;
+mod policies;
