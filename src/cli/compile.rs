@@ -54,9 +54,6 @@ pub fn render(ruleset: &ruleset::Ruleset, format: Format) -> String {
 
 pub fn run(args: Args) -> Result<u8, super::Error> {
     let (policy, options) = args.policy.load()?;
-    for warning in &policy.warnings {
-        tracing::warn!("{warning}");
-    }
     let text = render(&ruleset::compile(&policy, &options), args.format);
     match &args.output {
         Some(path) => std::fs::write(path, text).map_err(super::Error::Output)?,

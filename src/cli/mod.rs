@@ -62,6 +62,13 @@ pub enum Error {
     Policy(#[from] crate::policy::Error),
     #[error("{0}")]
     Usage(String),
+    #[error("cannot read {what} {path}")]
+    ReadInput {
+        what: &'static str,
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot write output")]
     Output(#[source] std::io::Error),
     #[error("cannot resolve {0} with the system resolver")]
@@ -71,7 +78,7 @@ pub enum Error {
 impl Error {
     pub fn exit_code(&self) -> u8 {
         match self {
-            Error::Policy(_) | Error::Usage(_) => EXIT_INVALID_INPUT,
+            Error::Policy(_) | Error::Usage(_) | Error::ReadInput { .. } => EXIT_INVALID_INPUT,
             Error::Output(_) | Error::Resolve(..) => EXIT_SYSTEM_ERROR,
         }
     }

@@ -55,7 +55,11 @@ pub fn set_name(role: SetRole, family: Family, ported: bool) -> String {
         Family::V4 => "v4",
         Family::V6 => "v6",
     };
-    if ported { format!("{role}_{family}_ports") } else { format!("{role}_{family}") }
+    if ported {
+        format!("{role}_{family}_ports")
+    } else {
+        format!("{role}_{family}")
+    }
 }
 
 fn family_tag(family: Family) -> &'static str {
@@ -96,7 +100,10 @@ pub fn compile(policy: &Policy, options: &CompileOptions) -> Ruleset {
             role: SetRole::Blocklist,
             interval: true,
             timeout: false,
-            elements: aggregate(family, &blocklist).into_iter().map(Element::Addr).collect(),
+            elements: aggregate(family, &blocklist)
+                .into_iter()
+                .map(Element::Addr)
+                .collect(),
         });
     }
     if limited {
@@ -110,7 +117,13 @@ pub fn compile(policy: &Policy, options: &CompileOptions) -> Ruleset {
         base_chain("forward", Hook::Forward, limited),
     ];
 
-    Ruleset { mode: policy.mode, digest: digest.finish(policy, options), sets, chains, names }
+    Ruleset {
+        mode: policy.mode,
+        digest: digest.finish(policy, options),
+        sets,
+        chains,
+        names,
+    }
 }
 
 /// Address literals and CIDRs of the policy, by the ports they are allowed on.
@@ -126,7 +139,10 @@ impl AllowedNets {
             Ports::Any => self.any_port.push(net),
             Ports::Only(specs) => {
                 for spec in specs {
-                    self.by_port.entry((spec.proto, spec.port)).or_default().push(net);
+                    self.by_port
+                        .entry((spec.proto, spec.port))
+                        .or_default()
+                        .push(net);
                 }
             }
         }
@@ -158,13 +174,18 @@ fn limited_sets(nets: &AllowedNets, options: &CompileOptions) -> Vec<Set> {
             role: SetRole::StaticAllow,
             interval: true,
             timeout: false,
-            elements: aggregate(family, any_port).into_iter().map(Element::Addr).collect(),
+            elements: aggregate(family, any_port)
+                .into_iter()
+                .map(Element::Addr)
+                .collect(),
         });
 
         let mut ported: Vec<Element> = Vec::new();
         for ((proto, port), nets) in by_port {
             ported.extend(
-                aggregate(family, nets).into_iter().map(|net| Element::AddrProtoPort(net, *proto, *port)),
+                aggregate(family, nets)
+                    .into_iter()
+                    .map(|net| Element::AddrProtoPort(net, *proto, *port)),
             );
         }
         ported.sort();
@@ -180,7 +201,11 @@ fn limited_sets(nets: &AllowedNets, options: &CompileOptions) -> Vec<Set> {
         for ported in [false, true] {
             sets.push(Set {
                 name: set_name(SetRole::DnsAllow, family, ported),
-                key: if ported { SetKey::AddrProtoPort(family) } else { SetKey::Addr(family) },
+                key: if ported {
+                    SetKey::AddrProtoPort(family)
+                } else {
+                    SetKey::Addr(family)
+                },
                 role: SetRole::DnsAllow,
                 interval: false,
                 timeout: true,
@@ -194,15 +219,21 @@ fn limited_sets(nets: &AllowedNets, options: &CompileOptions) -> Vec<Set> {
 /// The nets of one family, merged so that no two overlap or touch (the
 /// kernel rejects overlapping intervals in one set), sorted.
 fn aggregate(family: Family, nets: &[IpNet]) -> Vec<IpNet> {
-    let of_family: Vec<IpNet> =
-        nets.iter().filter(|n| Family::of(&n.addr()) == family).map(|n| n.trunc()).collect();
+    let of_family: Vec<IpNet> = nets
+        .iter()
+        .filter(|n| Family::of(&n.addr()) == family)
+        .map(|n| n.trunc())
+        .collect();
     let mut merged = IpNet::aggregate(&of_family);
     merged.sort();
     merged
 }
 
 fn deny_chain(nflog_group: u16) -> Chain {
-    let log = Action::Log { group: nflog_group, prefix: LOG_PREFIX.to_string() };
+    let log = Action::Log {
+        group: nflog_group,
+        prefix: LOG_PREFIX.to_string(),
+    };
     Chain {
         name: DENY_CHAIN.to_string(),
         base: None,
@@ -215,7 +246,8 @@ fn deny_chain(nflog_group: u16) -> Chain {
             },
             Rule {
                 id: "deny-other".into(),
-                description: "log other denied packets to nflog and answer with ICMP admin-prohibited".into(),
+                description:
+                    "log other denied packets to nflog and answer with ICMP admin-prohibited".into(),
                 matches: vec![],
                 actions: vec![log, Action::Reject(RejectKind::IcmpxAdminProhibited)],
             },
@@ -236,25 +268,35 @@ fn egress_chain(limited: bool) -> Chain {
     }];
     rules.push(Rule {
         id: "icmpv6-neighbour-discovery".into(),
-        description: "ICMPv6 router/neighbour solicitation, neighbour advertisement, MLDv2 reports".into(),
+        description: "ICMPv6 router/neighbour solicitation, neighbour advertisement, MLDv2 reports"
+            .into(),
         matches: vec![Match::Icmpv6Types(ICMPV6_NEIGHBOUR_DISCOVERY.to_vec())],
         actions: vec![Action::Accept],
     });
     for family in FAMILIES {
         rules.push(Rule {
             id: format!("blocklist-{}", family_tag(family)),
-            description: "safety blocklist (cloud metadata, link-local), checked before any allow".into(),
-            matches: vec![Match::DaddrInSet { family, set: set_name(SetRole::Blocklist, family, false) }],
+            description: "safety blocklist (cloud metadata, link-local), checked before any allow"
+                .into(),
+            matches: vec![Match::DaddrInSet {
+                family,
+                set: set_name(SetRole::Blocklist, family, false),
+            }],
             actions: deny_actions(),
         });
     }
     if !limited {
-        return Chain { name: EGRESS_CHAIN.into(), base: None, rules };
+        return Chain {
+            name: EGRESS_CHAIN.into(),
+            base: None,
+            rules,
+        };
     }
 
     rules.push(Rule {
         id: "established".into(),
-        description: "replies and related traffic of connections that were allowed when they began".into(),
+        description: "replies and related traffic of connections that were allowed when they began"
+            .into(),
         matches: vec![Match::CtEstablishedRelated],
         actions: vec![Action::Accept],
     });
@@ -272,11 +314,18 @@ fn egress_chain(limited: bool) -> Chain {
     rules.push(Rule {
         id: "dns-other".into(),
         description: "DNS and DNS over TLS to anything but the configured resolvers".into(),
-        matches: vec![Match::L4ProtoIn(vec![Proto::Tcp, Proto::Udp]), Match::DportIn(DNS_PORTS.to_vec())],
+        matches: vec![
+            Match::L4ProtoIn(vec![Proto::Tcp, Proto::Udp]),
+            Match::DportIn(DNS_PORTS.to_vec()),
+        ],
         actions: deny_actions(),
     });
     for role in [SetRole::StaticAllow, SetRole::DnsAllow] {
-        let kind = if role == SetRole::StaticAllow { "static" } else { "dns" };
+        let kind = if role == SetRole::StaticAllow {
+            "static"
+        } else {
+            "dns"
+        };
         for family in FAMILIES {
             let what = if role == SetRole::StaticAllow {
                 "address literals and CIDRs"
@@ -286,13 +335,19 @@ fn egress_chain(limited: bool) -> Chain {
             rules.push(Rule {
                 id: format!("allow-{kind}-{}", family_tag(family)),
                 description: format!("{what}, any port"),
-                matches: vec![Match::DaddrInSet { family, set: set_name(role, family, false) }],
+                matches: vec![Match::DaddrInSet {
+                    family,
+                    set: set_name(role, family, false),
+                }],
                 actions: vec![Action::Accept],
             });
             rules.push(Rule {
                 id: format!("allow-{kind}-{}-ports", family_tag(family)),
                 description: format!("{what}, on their allowed protocol and port"),
-                matches: vec![Match::DaddrProtoPortInSet { family, set: set_name(role, family, true) }],
+                matches: vec![Match::DaddrProtoPortInSet {
+                    family,
+                    set: set_name(role, family, true),
+                }],
                 actions: vec![Action::Accept],
             });
         }
@@ -303,7 +358,11 @@ fn egress_chain(limited: bool) -> Chain {
         matches: vec![],
         actions: deny_actions(),
     });
-    Chain { name: EGRESS_CHAIN.into(), base: None, rules }
+    Chain {
+        name: EGRESS_CHAIN.into(),
+        base: None,
+        rules,
+    }
 }
 
 fn base_chain(name: &str, hook: Hook, limited: bool) -> Chain {
@@ -312,7 +371,11 @@ fn base_chain(name: &str, hook: Hook, limited: bool) -> Chain {
         base: Some(BaseChain {
             hook,
             priority: 0,
-            policy: if limited { ChainPolicy::Drop } else { ChainPolicy::Accept },
+            policy: if limited {
+                ChainPolicy::Drop
+            } else {
+                ChainPolicy::Accept
+            },
         }),
         rules: vec![Rule {
             id: format!("{name}-egress"),
@@ -333,14 +396,24 @@ struct DnsSetNames {
 impl DnsSetNames {
     fn new() -> DnsSetNames {
         let names = |ported| {
-            (set_name(SetRole::DnsAllow, Family::V4, ported), set_name(SetRole::DnsAllow, Family::V6, ported))
+            (
+                set_name(SetRole::DnsAllow, Family::V4, ported),
+                set_name(SetRole::DnsAllow, Family::V6, ported),
+            )
         };
-        DnsSetNames { any_port: names(false), with_ports: names(true) }
+        DnsSetNames {
+            any_port: names(false),
+            with_ports: names(true),
+        }
     }
 
     /// The binding of a `Name` or `Wildcard` rule.
     fn binding(&self, rule: &HostRule) -> NameBinding {
-        let (set_v4, set_v6) = if rule.ports == Ports::Any { &self.any_port } else { &self.with_ports };
+        let (set_v4, set_v6) = if rule.ports == Ports::Any {
+            &self.any_port
+        } else {
+            &self.with_ports
+        };
         NameBinding {
             target: rule.target.clone(),
             ports: rule.ports.clone(),
@@ -381,7 +454,11 @@ impl RulesetDigest {
     fn rule(&mut self, rule: &HostRule) {
         match &rule.target {
             Target::Name(name) | Target::Wildcard(name) => {
-                let tag = if matches!(rule.target, Target::Name(_)) { b'n' } else { b'w' };
+                let tag = if matches!(rule.target, Target::Name(_)) {
+                    b'n'
+                } else {
+                    b'w'
+                };
                 self.0.update([tag]);
                 self.0.update((name.len() as u32).to_be_bytes());
                 self.0.update(name.as_bytes());
@@ -429,11 +506,20 @@ mod tests {
             mode,
             dialect: Dialect::Limited,
             rules: vec![],
-            blocklist: vec![BlockEntry { net: "fe80::/10".parse().unwrap(), reason: "IPv6 link-local".into() }],
+            blocklist: vec![BlockEntry {
+                net: "fe80::/10".parse().unwrap(),
+                reason: "IPv6 link-local".into(),
+            }],
             warnings: vec![],
         };
         let ruleset = compile(&policy, &CompileOptions::default());
-        ruleset.chain(EGRESS_CHAIN).unwrap().rules.iter().map(|r| r.id.clone()).collect()
+        ruleset
+            .chain(EGRESS_CHAIN)
+            .unwrap()
+            .rules
+            .iter()
+            .map(|r| r.id.clone())
+            .collect()
     }
 
     /// Neighbour discovery talks to link-local addresses (RFC 4861 §4), so it
@@ -442,7 +528,16 @@ mod tests {
     fn neighbour_discovery_precedes_the_blocklist() {
         for mode in [Mode::Limited, Mode::Unrestricted] {
             let ids = egress_ids(mode);
-            assert_eq!(ids[..4], ["loopback", "icmpv6-neighbour-discovery", "blocklist-v4", "blocklist-v6"], "{mode:?}");
+            assert_eq!(
+                ids[..4],
+                [
+                    "loopback",
+                    "icmpv6-neighbour-discovery",
+                    "blocklist-v4",
+                    "blocklist-v6"
+                ],
+                "{mode:?}"
+            );
         }
     }
 }

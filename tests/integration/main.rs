@@ -1,5 +1,7 @@
-//! The integration test binary: one module per topic.
+//! The one integration test binary; one module per topic.
 
+mod bad_input;
 mod fixtures;
 mod golden;
 mod nft_check;
+mod policies;
