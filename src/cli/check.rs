@@ -1,13 +1,16 @@
 //! `netleash check`: would a connection to this destination be allowed, and
 //! which rule decides?
 
+use std::collections::BTreeSet;
 use std::fmt::Write as _;
 use std::io::Write as _;
 use std::net::{IpAddr, ToSocketAddrs};
 
 use super::policy_args::PolicyArgs;
-use crate::policy::{Mode, Policy, Proto, Target};
-use crate::ruleset::evaluate::{self, Decider, Destination, Evaluation, Learned, Probe, Verdict};
+use crate::policy::{HostRule, Mode, Policy, Proto, Target};
+use crate::ruleset::evaluate::{
+    self, Decider, Destination, Evaluation, Group, Learned, Probe, Verdict,
+};
 use crate::ruleset::{self, Family, RejectKind, Ruleset};
 
 const AFTER_HELP: &str = "\
@@ -248,14 +251,12 @@ pub fn report(
     resolved: Option<&[IpAddr]>,
 ) -> (String, bool) {
     let probe = to.probe();
-    let none = Learned::default();
-    let evaluation = evaluate::evaluate(ruleset, &probe, &none);
-    let mut body = String::new();
-    write_groups(&mut body, &evaluation, "  ");
-
+    let evaluation = evaluate::evaluate(ruleset, &probe, &Learned::default());
     let mut allowed = evaluation.allowed();
+    let mut body = String::new();
     match &to.destination {
         Destination::Addr(addr) => {
+            write_groups(&mut body, &evaluation, "  ");
             if let Some(original) = to.mapped_from {
                 let _ = writeln!(
                     body,
@@ -267,15 +268,33 @@ pub fn report(
                     let _ = writeln!(body, "  covered by policy entry {}", entry_text(rule));
                 }
             }
+            if addr.is_ipv6() && to.port.is_none() {
+                let _ = writeln!(
+                    body,
+                    "  to check one port, bracket the address: [{addr}]:PORT"
+                );
+            }
         }
         Destination::Name(name) => {
-            write_name_details(&mut body, policy, &evaluation, resolved.is_some());
+            let indent = if resolved.is_some() {
+                let _ = writeln!(body, "  as a name:");
+                "    "
+            } else {
+                "  "
+            };
+            write_groups(&mut body, &evaluation, indent);
+            write_name_details(&mut body, policy, &evaluation, indent, resolved.is_some());
             if let Some(addrs) = resolved {
                 let learned = Learned::from_answer(ruleset, name, addrs);
                 let list: Vec<String> = addrs.iter().map(ToString::to_string).collect();
                 let _ = writeln!(
                     body,
-                    "  resolved now with the system resolver: {}",
+                    "  its addresses now, from the system resolver{}: {}",
+                    if evaluation.bindings.is_empty() {
+                        ""
+                    } else {
+                        ", added to the sets above as the resolver loop would"
+                    },
                     list.join(", ")
                 );
                 let mut all_allowed = true;
@@ -290,8 +309,8 @@ pub fn report(
                     } else {
                         "blocked"
                     };
-                    let _ = writeln!(body, "  {addr}: {verdict}");
-                    write_groups(&mut body, &address, "    ");
+                    let _ = writeln!(body, "    {addr}: {verdict}");
+                    write_groups(&mut body, &address, "      ");
                     all_allowed &= address.allowed();
                 }
                 if all_allowed != allowed {
@@ -321,14 +340,11 @@ pub fn report(
 /// One line per decider, e.g. `accepted on 443/tcp by rule allow-static-v4-ports: ...`;
 /// deciders that differ only by address family share a line.
 fn write_groups(out: &mut String, evaluation: &Evaluation<'_>, indent: &str) {
-    let both_families = evaluation
-        .outcomes
-        .iter()
-        .map(|o| o.family)
-        .collect::<Vec<_>>()
-        .windows(2)
-        .any(|w| w[0] != w[1]);
-    let mut lines: Vec<(String, Vec<String>, String)> = Vec::new();
+    let families: BTreeSet<Family> = evaluation.outcomes.iter().map(|o| o.family).collect();
+    // (head, deciders with their families, description): deciders that
+    // differ only by address family share a line.
+    type Line<'a> = (String, Vec<(Decider<'a>, BTreeSet<Family>)>, String);
+    let mut lines: Vec<Line<'_>> = Vec::new();
     for group in evaluation.groups() {
         let action = if group.decision.allowed() {
             "accepted"
@@ -336,34 +352,63 @@ fn write_groups(out: &mut String, evaluation: &Evaluation<'_>, indent: &str) {
             "denied"
         };
         let head = format!("{action} on {}", group.ports_text(evaluation));
-        let mut name = match group.decision.decided_by {
-            Decider::Rule(r) => format!("rule {}", r.rule.id),
-            Decider::ChainPolicy { chain, .. } => format!("the policy of chain {chain}"),
-        };
-        let families = group.families();
-        if both_families && families.len() == 1 {
-            name.push_str(if families.contains(&Family::V4) {
-                " (IPv4)"
-            } else {
-                " (IPv6)"
-            });
-        }
         let mut description = group.decision.decided_by.description();
         if !group.decision.allowed() {
-            let verdicts: Vec<&str> = group.verdicts().into_iter().map(verdict_text).collect();
-            description.push_str(&format!(" ({})", verdicts.join(" or ")));
+            description.push_str(&format!(" ({})", verdicts_text(&group)));
         }
+        let decider = (group.decision.decided_by, group.families());
         match lines
             .iter_mut()
             .find(|(h, _, d)| *h == head && *d == description)
         {
-            Some((_, names, _)) => names.push(name),
-            None => lines.push((head, vec![name], description)),
+            Some((_, deciders, _)) => deciders.push(decider),
+            None => lines.push((head, vec![decider], description)),
         }
     }
-    for (head, names, description) in lines {
-        let _ = writeln!(out, "{indent}{head} by {}: {description}", names.join(", "));
+    for (head, deciders, description) in lines {
+        let names: Vec<String> = deciders
+            .iter()
+            .map(|(decider, of)| {
+                let family = match of.iter().collect::<Vec<_>>()[..] {
+                    [Family::V4] if families.len() == 2 => " (IPv4)",
+                    [Family::V6] if families.len() == 2 => " (IPv6)",
+                    _ => "",
+                };
+                match decider {
+                    Decider::Rule(r) => format!("{}{family}", r.rule.id),
+                    Decider::ChainPolicy { chain, .. } => {
+                        format!("the policy of chain {chain}{family}")
+                    }
+                }
+            })
+            .collect();
+        let all_rules = deciders.iter().all(|(d, _)| matches!(d, Decider::Rule(_)));
+        let by = match (all_rules, names.len()) {
+            (true, 1) => format!("rule {}", names[0]),
+            (true, _) => format!("rules {}", names.join(" and ")),
+            (false, _) => names.join(" and "),
+        };
+        let _ = writeln!(out, "{indent}{head} by {by}: {description}");
     }
+}
+
+/// How the denied members of a group are answered, per protocol when they differ.
+fn verdicts_text(group: &Group<'_, '_>) -> String {
+    let mut by_proto: Vec<(Proto, Verdict)> = Vec::new();
+    for member in &group.members {
+        let pair = (member.proto, member.decision.verdict);
+        if !by_proto.contains(&pair) {
+            by_proto.push(pair);
+        }
+    }
+    if by_proto.iter().all(|(_, v)| *v == by_proto[0].1) {
+        return verdict_text(by_proto[0].1).to_string();
+    }
+    let parts: Vec<String> = by_proto
+        .iter()
+        .map(|(proto, verdict)| format!("{proto}: {}", verdict_text(*verdict)))
+        .collect();
+    parts.join("; ")
 }
 
 fn verdict_text(verdict: Verdict) -> &'static str {
@@ -375,11 +420,12 @@ fn verdict_text(verdict: Verdict) -> &'static str {
     }
 }
 
-fn entry_text(rule: &crate::policy::HostRule) -> String {
+/// `ENTRY (ports PORTS; SOURCES)`, the entry as `explain` shows it.
+fn entry_text(rule: &HostRule) -> String {
     let sources: Vec<String> = rule.sources.iter().map(ToString::to_string).collect();
     format!(
         "{} (ports {}; {})",
-        rule.entry,
+        super::explain::entry_text(rule),
         rule.ports,
         sources.join("; ")
     )
@@ -389,28 +435,29 @@ fn write_name_details(
     out: &mut String,
     policy: &Policy,
     evaluation: &Evaluation<'_>,
+    indent: &str,
     resolving: bool,
 ) {
     if policy.mode == Mode::Unrestricted {
         let _ = writeln!(
             out,
-            "  unrestricted: every name is allowed; the safety blocklist applies to its addresses"
+            "{indent}unrestricted: every name is allowed; the safety blocklist applies to its addresses"
         );
         return;
     }
     if evaluation.bindings.is_empty() {
-        let _ = writeln!(out, "  no policy entry matches this name");
+        let _ = writeln!(out, "{indent}no policy entry matches this name");
         return;
     }
     for binding in &evaluation.bindings {
         match policy.rules.iter().find(|r| r.target == binding.target) {
             Some(rule) => {
-                let _ = writeln!(out, "  matches policy entry {}", entry_text(rule));
+                let _ = writeln!(out, "{indent}matches policy entry {}", entry_text(rule));
             }
             None => {
                 let _ = writeln!(
                     out,
-                    "  matches policy entry {} (ports {})",
+                    "{indent}matches policy entry {} (ports {})",
                     binding.target, binding.ports
                 );
             }
@@ -426,13 +473,14 @@ fn write_name_details(
     }
     let _ = writeln!(
         out,
-        "  its addresses, once the resolver learns them, go into set {}",
-        sets.join(", ")
+        "{indent}its addresses, once the resolver learns them, go into {} {}",
+        if sets.len() == 1 { "set" } else { "sets" },
+        sets.join(" and ")
     );
     if !resolving {
         let _ = writeln!(
             out,
-            "  the safety blocklist still applies to those addresses; --resolve checks the current ones"
+            "{indent}the safety blocklist still applies to those addresses; --resolve checks the current ones"
         );
     }
 }
@@ -555,15 +603,15 @@ mod tests {
         assert_eq!(
             text,
             "allowed: api.example.com (443/tcp)\n\
-             \x20 accepted on 443/tcp by rule allow-dns-v4-ports (IPv4), rule allow-dns-v6-ports (IPv6): addresses learned from DNS answers for allowed names, on their allowed protocol and port\n\
+             \x20 accepted on 443/tcp by rules allow-dns-v4-ports (IPv4) and allow-dns-v6-ports (IPv6): addresses learned from DNS answers for allowed names, on their allowed protocol and port\n\
              \x20 matches policy entry https://api.example.com (ports 443/tcp, 443/udp; allowed_hosts)\n\
-             \x20 its addresses, once the resolver learns them, go into set dns_v4_ports, dns_v6_ports\n\
+             \x20 its addresses, once the resolver learns them, go into sets dns_v4_ports and dns_v6_ports\n\
              \x20 the safety blocklist still applies to those addresses; --resolve checks the current ones\n"
         );
         let (text, allowed) = check("api.example.com", None);
         assert!(allowed);
-        assert!(text.starts_with("allowed: api.example.com (every tcp and udp port tried)\n  accepted on 443/tcp, 443/udp by rule allow-dns-v4-ports (IPv4), rule allow-dns-v6-ports (IPv6)"), "{text}");
-        assert!(text.contains("  denied on every tcp port except 53, 443, 853, every udp port except 53, 443, 853 by rule default-deny: everything the policy does not allow (rejected with a TCP reset or rejected with ICMP admin-prohibited)\n"), "{text}");
+        assert!(text.starts_with("allowed: api.example.com (every tcp and udp port tried)\n  accepted on 443/tcp, 443/udp by rules allow-dns-v4-ports (IPv4) and allow-dns-v6-ports (IPv6)"), "{text}");
+        assert!(text.contains("  denied on every tcp port except 53, 443, 853, every udp port except 53, 443, 853 by rule default-deny: everything the policy does not allow (tcp: rejected with a TCP reset; udp: rejected with ICMP admin-prohibited)\n"), "{text}");
         let (text, allowed) = check("other.example:443", None);
         assert!(!allowed);
         assert!(text.contains("no policy entry matches this name"), "{text}");
@@ -599,12 +647,14 @@ mod tests {
         );
         assert!(
             text.contains(
-                "  192.0.2.44: allowed\n    accepted on 443/tcp by rule allow-dns-v4-ports"
+                "    192.0.2.44: allowed\n      accepted on 443/tcp by rule allow-dns-v4-ports"
             ),
             "{text}"
         );
         assert!(
-            text.contains("  169.254.169.254: blocked\n    denied on 443/tcp by rule blocklist-v4"),
+            text.contains(
+                "    169.254.169.254: blocked\n      denied on 443/tcp by rule blocklist-v4"
+            ),
             "{text}"
         );
 
@@ -615,7 +665,7 @@ mod tests {
         let (text, allowed) = check("api.example.com:443", Some(&good));
         assert!(allowed, "{text}");
         assert!(
-            text.contains("    accepted on 443/tcp by rule allow-dns-v6-ports"),
+            text.contains("      accepted on 443/tcp by rule allow-dns-v6-ports"),
             "{text}"
         );
 

@@ -4,7 +4,9 @@ use std::fmt::Write as _;
 use std::io::Write as _;
 
 use super::policy_args::PolicyArgs;
-use crate::policy::{CompileOptions, Dialect, Mode, Policy, Target};
+use ipnet::IpNet;
+
+use crate::policy::{CompileOptions, Dialect, HostRule, Mode, Policy, Target};
 use crate::ruleset::compile::LOG_PREFIX;
 
 const AFTER_HELP: &str = "\
@@ -43,6 +45,22 @@ pub fn kind(target: &Target) -> &'static str {
         Target::Net(net) if net.prefix_len() == net.max_prefix_len() => "address",
         Target::Net(_) => "cidr",
     }
+}
+
+/// The entry as written, and what it was normalized to when that is not
+/// visible in it (`Docs.Example.COM.` → `docs.example.com`, IDN → punycode).
+pub(crate) fn entry_text(rule: &HostRule) -> String {
+    let target = rule.target.to_string();
+    if rule.entry.contains(&target) {
+        rule.entry.clone()
+    } else {
+        format!("{} (as {target})", rule.entry)
+    }
+}
+
+/// An address without its /32 or /128, a network with its prefix length.
+fn net_text(net: &IpNet) -> String {
+    Target::Net(*net).to_string()
 }
 
 /// Rows as aligned columns, two spaces apart, the last column unpadded.
@@ -112,7 +130,7 @@ pub fn explain(policy: &Policy, options: &CompileOptions) -> String {
                     let sources: Vec<String> =
                         rule.sources.iter().map(ToString::to_string).collect();
                     rows.push(vec![
-                        rule.entry.clone(),
+                        entry_text(rule),
                         kind(&rule.target).into(),
                         rule.ports.to_string(),
                         sources.join("; "),
@@ -134,7 +152,7 @@ pub fn explain(policy: &Policy, options: &CompileOptions) -> String {
         let rows: Vec<Vec<String>> = policy
             .blocklist
             .iter()
-            .map(|b| vec![b.net.to_string(), b.reason.clone()])
+            .map(|b| vec![net_text(&b.net), b.reason.clone()])
             .collect();
         out.push_str(&table(&rows));
     }
@@ -193,7 +211,7 @@ pub fn explain(policy: &Policy, options: &CompileOptions) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::{BlockEntry, HostRule, Ports, Proto, Source};
+    use crate::policy::{BlockEntry, Ports, Proto, Source};
     use crate::ruleset::evaluate::tests as policies;
 
     fn rule(entry: &str, target: Target, ports: Ports, sources: &[Source]) -> HostRule {

@@ -235,17 +235,6 @@ pub struct Group<'e, 'a> {
 }
 
 impl Group<'_, '_> {
-    /// The distinct verdicts of the members, in first-seen order.
-    pub fn verdicts(&self) -> Vec<Verdict> {
-        let mut verdicts = Vec::new();
-        for member in &self.members {
-            if !verdicts.contains(&member.decision.verdict) {
-                verdicts.push(member.decision.verdict);
-            }
-        }
-        verdicts
-    }
-
     /// The ports of this group for humans, e.g. `443/tcp, 443/udp` or
     /// `every tcp port except 53, 853`, given the whole evaluation the group
     /// belongs to (the exceptions are the ports other groups decided). When
