@@ -198,7 +198,8 @@ pub struct NameBinding {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Ruleset {
     pub mode: Mode,
-    /// `sha256:<hex>` over the canonical rendering; stored as the table comment
+    /// `sha256:<hex>` over a canonical encoding of the policy, the compile
+    /// options and the compiler's layout version; stored as the table comment
     /// so `status` can tell which policy is in force.
     pub digest: String,
     pub sets: Vec<Set>,
