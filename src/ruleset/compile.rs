@@ -78,7 +78,7 @@ pub fn compile(policy: &Policy, options: &CompileOptions) -> Ruleset {
     // pass chases pointers into every rule's port set: passes are what costs.
     let mut digest = RulesetDigest::new(policy.mode);
     let mut nets = AllowedNets::default();
-    let mut names = Vec::new();
+    let mut names = Vec::with_capacity(policy.rules.len());
     let dns_sets = DnsSetNames::new();
     for rule in &policy.rules {
         digest.rule(rule);

@@ -16,7 +16,9 @@ const INLINE_ELEMENTS_MAX: usize = 3;
 
 /// The ruleset as `nft -f` input that replaces the `netleash` table atomically.
 pub fn nft(ruleset: &Ruleset) -> String {
-    let mut out = String::new();
+    // About 40 bytes per element plus the chains: one allocation for most rulesets.
+    let elements: usize = ruleset.sets.iter().map(|s| s.elements.len()).sum();
+    let mut out = String::with_capacity(8192 + 40 * elements);
     let mode = match ruleset.mode {
         crate::policy::Mode::Unrestricted => "unrestricted",
         crate::policy::Mode::Limited => "limited",
