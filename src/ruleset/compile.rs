@@ -4,10 +4,13 @@
 //! Rule order in the `egress` chain is the security argument and must not change
 //! without updating docs/policy-reference.md:
 //! 1. loopback is accepted (nothing in the blocklist is a loopback address);
-//! 2. the safety blocklist is checked before any other accept, so an allowed
+//! 2. ICMPv6 neighbour discovery is accepted, or IPv6 breaks (RFC 4861 §4).
+//!    It comes before the blocklist because the blocklist holds fe80::/10 and
+//!    neighbour solicitations and advertisements are sent to link-local
+//!    addresses; ND messages never leave the link (hop limit 255, RFC 4861 §7.1);
+//! 3. the safety blocklist is checked before any other accept, so an allowed
 //!    name whose DNS answer points into it stays blocked (DNS rebinding);
-//! 3. established/related traffic is accepted (its first packet passed 1–2 and 4–8);
-//! 4. ICMPv6 neighbour discovery is accepted, or IPv6 breaks (RFC 4861 §4);
+//! 4. established/related traffic is accepted (its first packet passed 1–3 and 5–8);
 //! 5. DNS (53) goes only to the configured resolvers; DNS and DNS over TLS
 //!    (853, RFC 7858) to anything else is denied even if the address is allowed;
 //! 6. static allow sets (literals, CIDRs), then DNS-derived sets;
@@ -50,7 +53,11 @@ pub fn set_name(role: SetRole, family: Family, ported: bool) -> String {
         Family::V4 => "v4",
         Family::V6 => "v6",
     };
-    if ported { format!("{role}_{family}_ports") } else { format!("{role}_{family}") }
+    if ported {
+        format!("{role}_{family}_ports")
+    } else {
+        format!("{role}_{family}")
+    }
 }
 
 fn family_tag(family: Family) -> &'static str {
@@ -72,7 +79,10 @@ pub fn compile(policy: &Policy, options: &CompileOptions) -> Ruleset {
             role: SetRole::Blocklist,
             interval: true,
             timeout: false,
-            elements: aggregate(family, &blocklist).into_iter().map(Element::Addr).collect(),
+            elements: aggregate(family, &blocklist)
+                .into_iter()
+                .map(Element::Addr)
+                .collect(),
         });
     }
 
@@ -88,20 +98,35 @@ pub fn compile(policy: &Policy, options: &CompileOptions) -> Ruleset {
         base_chain("forward", Hook::Forward, limited),
     ];
 
-    let names = if limited { name_bindings(policy) } else { Vec::new() };
-    Ruleset { mode: policy.mode, digest: digest(policy, options), sets, chains, names }
+    let names = if limited {
+        name_bindings(policy)
+    } else {
+        Vec::new()
+    };
+    Ruleset {
+        mode: policy.mode,
+        digest: digest(policy, options),
+        sets,
+        chains,
+        names,
+    }
 }
 
 fn limited_sets(policy: &Policy, options: &CompileOptions) -> Vec<Set> {
     let mut any_port: Vec<IpNet> = Vec::new();
     let mut by_port: BTreeMap<(Proto, u16), Vec<IpNet>> = BTreeMap::new();
     for rule in &policy.rules {
-        let Target::Net(net) = rule.target else { continue };
+        let Target::Net(net) = rule.target else {
+            continue;
+        };
         match &rule.ports {
             Ports::Any => any_port.push(net),
             Ports::Only(specs) => {
                 for spec in specs {
-                    by_port.entry((spec.proto, spec.port)).or_default().push(net);
+                    by_port
+                        .entry((spec.proto, spec.port))
+                        .or_default()
+                        .push(net);
                 }
             }
         }
@@ -130,13 +155,18 @@ fn limited_sets(policy: &Policy, options: &CompileOptions) -> Vec<Set> {
             role: SetRole::StaticAllow,
             interval: true,
             timeout: false,
-            elements: aggregate(family, &any_port).into_iter().map(Element::Addr).collect(),
+            elements: aggregate(family, &any_port)
+                .into_iter()
+                .map(Element::Addr)
+                .collect(),
         });
 
         let mut ported: Vec<Element> = Vec::new();
         for ((proto, port), nets) in &by_port {
             ported.extend(
-                aggregate(family, nets).into_iter().map(|net| Element::AddrProtoPort(net, *proto, *port)),
+                aggregate(family, nets)
+                    .into_iter()
+                    .map(|net| Element::AddrProtoPort(net, *proto, *port)),
             );
         }
         ported.sort();
@@ -152,7 +182,11 @@ fn limited_sets(policy: &Policy, options: &CompileOptions) -> Vec<Set> {
         for ported in [false, true] {
             sets.push(Set {
                 name: set_name(SetRole::DnsAllow, family, ported),
-                key: if ported { SetKey::AddrProtoPort(family) } else { SetKey::Addr(family) },
+                key: if ported {
+                    SetKey::AddrProtoPort(family)
+                } else {
+                    SetKey::Addr(family)
+                },
                 role: SetRole::DnsAllow,
                 interval: false,
                 timeout: true,
@@ -166,15 +200,21 @@ fn limited_sets(policy: &Policy, options: &CompileOptions) -> Vec<Set> {
 /// The nets of one family, merged so that no two overlap or touch (the
 /// kernel rejects overlapping intervals in one set), sorted.
 fn aggregate(family: Family, nets: &[IpNet]) -> Vec<IpNet> {
-    let of_family: Vec<IpNet> =
-        nets.iter().filter(|n| Family::of(&n.addr()) == family).map(|n| n.trunc()).collect();
+    let of_family: Vec<IpNet> = nets
+        .iter()
+        .filter(|n| Family::of(&n.addr()) == family)
+        .map(|n| n.trunc())
+        .collect();
     let mut merged = IpNet::aggregate(&of_family);
     merged.sort();
     merged
 }
 
 fn deny_chain(nflog_group: u16) -> Chain {
-    let log = Action::Log { group: nflog_group, prefix: LOG_PREFIX.to_string() };
+    let log = Action::Log {
+        group: nflog_group,
+        prefix: LOG_PREFIX.to_string(),
+    };
     Chain {
         name: DENY_CHAIN.to_string(),
         base: None,
@@ -187,7 +227,8 @@ fn deny_chain(nflog_group: u16) -> Chain {
             },
             Rule {
                 id: "deny-other".into(),
-                description: "log other denied packets to nflog and answer with ICMP admin-prohibited".into(),
+                description:
+                    "log other denied packets to nflog and answer with ICMP admin-prohibited".into(),
                 matches: vec![],
                 actions: vec![log, Action::Reject(RejectKind::IcmpxAdminProhibited)],
             },
@@ -200,34 +241,48 @@ fn deny_actions() -> Vec<Action> {
 }
 
 fn egress_chain(limited: bool) -> Chain {
-    let mut rules = vec![Rule {
-        id: "loopback".into(),
-        description: "traffic to the sandbox's own loopback interface".into(),
-        matches: vec![Match::OifLoopback],
-        actions: vec![Action::Accept],
-    }];
+    let mut rules = vec![
+        Rule {
+            id: "loopback".into(),
+            description: "traffic to the sandbox's own loopback interface".into(),
+            matches: vec![Match::OifLoopback],
+            actions: vec![Action::Accept],
+        },
+        // In both modes: the blocklist below holds fe80::/10.
+        Rule {
+            id: "icmpv6-neighbour-discovery".into(),
+            description:
+                "ICMPv6 router/neighbour solicitation, neighbour advertisement, MLDv2 reports"
+                    .into(),
+            matches: vec![Match::Icmpv6Types(ICMPV6_NEIGHBOUR_DISCOVERY.to_vec())],
+            actions: vec![Action::Accept],
+        },
+    ];
     for family in FAMILIES {
         rules.push(Rule {
             id: format!("blocklist-{}", family_tag(family)),
-            description: "safety blocklist (cloud metadata, link-local), checked before any allow".into(),
-            matches: vec![Match::DaddrInSet { family, set: set_name(SetRole::Blocklist, family, false) }],
+            description: "safety blocklist (cloud metadata, link-local), checked before any allow"
+                .into(),
+            matches: vec![Match::DaddrInSet {
+                family,
+                set: set_name(SetRole::Blocklist, family, false),
+            }],
             actions: deny_actions(),
         });
     }
     if !limited {
-        return Chain { name: EGRESS_CHAIN.into(), base: None, rules };
+        return Chain {
+            name: EGRESS_CHAIN.into(),
+            base: None,
+            rules,
+        };
     }
 
     rules.push(Rule {
         id: "established".into(),
-        description: "replies and related traffic of connections that were allowed when they began".into(),
+        description: "replies and related traffic of connections that were allowed when they began"
+            .into(),
         matches: vec![Match::CtEstablishedRelated],
-        actions: vec![Action::Accept],
-    });
-    rules.push(Rule {
-        id: "icmpv6-neighbour-discovery".into(),
-        description: "ICMPv6 router/neighbour solicitation, neighbour advertisement, MLDv2 reports".into(),
-        matches: vec![Match::Icmpv6Types(ICMPV6_NEIGHBOUR_DISCOVERY.to_vec())],
         actions: vec![Action::Accept],
     });
     for family in FAMILIES {
@@ -244,11 +299,18 @@ fn egress_chain(limited: bool) -> Chain {
     rules.push(Rule {
         id: "dns-other".into(),
         description: "DNS and DNS over TLS to anything but the configured resolvers".into(),
-        matches: vec![Match::L4ProtoIn(vec![Proto::Tcp, Proto::Udp]), Match::DportIn(DNS_PORTS.to_vec())],
+        matches: vec![
+            Match::L4ProtoIn(vec![Proto::Tcp, Proto::Udp]),
+            Match::DportIn(DNS_PORTS.to_vec()),
+        ],
         actions: deny_actions(),
     });
     for role in [SetRole::StaticAllow, SetRole::DnsAllow] {
-        let kind = if role == SetRole::StaticAllow { "static" } else { "dns" };
+        let kind = if role == SetRole::StaticAllow {
+            "static"
+        } else {
+            "dns"
+        };
         for family in FAMILIES {
             let what = if role == SetRole::StaticAllow {
                 "address literals and CIDRs"
@@ -258,13 +320,19 @@ fn egress_chain(limited: bool) -> Chain {
             rules.push(Rule {
                 id: format!("allow-{kind}-{}", family_tag(family)),
                 description: format!("{what}, any port"),
-                matches: vec![Match::DaddrInSet { family, set: set_name(role, family, false) }],
+                matches: vec![Match::DaddrInSet {
+                    family,
+                    set: set_name(role, family, false),
+                }],
                 actions: vec![Action::Accept],
             });
             rules.push(Rule {
                 id: format!("allow-{kind}-{}-ports", family_tag(family)),
                 description: format!("{what}, on their allowed protocol and port"),
-                matches: vec![Match::DaddrProtoPortInSet { family, set: set_name(role, family, true) }],
+                matches: vec![Match::DaddrProtoPortInSet {
+                    family,
+                    set: set_name(role, family, true),
+                }],
                 actions: vec![Action::Accept],
             });
         }
@@ -275,7 +343,11 @@ fn egress_chain(limited: bool) -> Chain {
         matches: vec![],
         actions: deny_actions(),
     });
-    Chain { name: EGRESS_CHAIN.into(), base: None, rules }
+    Chain {
+        name: EGRESS_CHAIN.into(),
+        base: None,
+        rules,
+    }
 }
 
 fn base_chain(name: &str, hook: Hook, limited: bool) -> Chain {
@@ -284,7 +356,11 @@ fn base_chain(name: &str, hook: Hook, limited: bool) -> Chain {
         base: Some(BaseChain {
             hook,
             priority: 0,
-            policy: if limited { ChainPolicy::Drop } else { ChainPolicy::Accept },
+            policy: if limited {
+                ChainPolicy::Drop
+            } else {
+                ChainPolicy::Accept
+            },
         }),
         rules: vec![Rule {
             id: format!("{name}-egress"),
@@ -328,5 +404,8 @@ fn digest(policy: &Policy, options: &CompileOptions) -> String {
         let _ = writeln!(canonical, "resolver {resolver}");
     }
     let _ = writeln!(canonical, "nflog {}", options.nflog_group);
-    format!("sha256:{}", hex::encode(Sha256::digest(canonical.as_bytes())))
+    format!(
+        "sha256:{}",
+        hex::encode(Sha256::digest(canonical.as_bytes()))
+    )
 }
