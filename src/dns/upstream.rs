@@ -2,9 +2,11 @@
 //! attempt and retries across the servers, then TCP for an answer that came
 //! back truncated (RFC 1035 §4.2.1, RFC 7766 §5).
 
+use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use hickory_proto::op::{Message, MessageType};
@@ -67,12 +69,13 @@ pub enum Error {
     NoNameserver { path: PathBuf },
 }
 
-/// The upstream resolvers and how to ask them.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// The upstream resolvers and how to ask them. Clones share one socket pool.
+#[derive(Debug, Clone)]
 pub struct Upstream {
     pub servers: Vec<SocketAddr>,
     pub timeout: Duration,
     pub attempts: u32,
+    sockets: Arc<SocketPool>,
 }
 
 /// An answer from the upstream.
@@ -91,6 +94,7 @@ impl Upstream {
             servers,
             timeout: UPSTREAM_TIMEOUT,
             attempts: UPSTREAM_ATTEMPTS,
+            sockets: Arc::default(),
         }
     }
 
@@ -108,7 +112,7 @@ impl Upstream {
         for attempt in 0..self.attempts.max(1) {
             let server = self.servers[attempt as usize % self.servers.len()];
             let deadline = Instant::now() + self.timeout;
-            match udp_attempt(server, &wire, query, deadline).await {
+            match udp_attempt(&self.sockets, server, &wire, query, deadline).await {
                 Ok(Some(answer)) if answer.truncated => {
                     let deadline = Instant::now() + self.timeout;
                     return tcp_exchange(server, &wire, query, deadline)
@@ -141,36 +145,95 @@ struct UdpAnswer {
     truncated: bool,
 }
 
-/// One UDP attempt from a fresh socket on a random port. `Ok(None)` when the
-/// deadline passes without a matching answer.
+/// Idle sockets kept per upstream server for the next queries.
+const MAX_IDLE_SOCKETS: usize = 32;
+
+/// A socket is closed after this many queries, so the source ports in use
+/// keep changing (RFC 5452 §9.2: source port randomization is the second
+/// half of a query's entropy; a long-lived port would leave only the id).
+const MAX_SOCKET_USES: u32 = 100;
+
+/// Connected UDP sockets to the upstream servers, each on a random source
+/// port chosen by the kernel, reused by one query at a time. Opening a socket
+/// per query costs several system calls and a reactor registration, most of
+/// the proxy's own latency; reuse keeps it off the hot path.
+#[derive(Debug, Default)]
+struct SocketPool {
+    idle: Mutex<HashMap<SocketAddr, Vec<PooledSocket>>>,
+}
+
+#[derive(Debug)]
+struct PooledSocket {
+    socket: UdpSocket,
+    uses: u32,
+}
+
+impl SocketPool {
+    fn idle(&self) -> MutexGuard<'_, HashMap<SocketAddr, Vec<PooledSocket>>> {
+        // Every critical section leaves the map consistent; poisoning is ignored.
+        self.idle
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    async fn take(&self, server: SocketAddr) -> io::Result<PooledSocket> {
+        if let Some(pooled) = self.idle().get_mut(&server).and_then(Vec::pop) {
+            return Ok(pooled);
+        }
+        let local: SocketAddr = match server.ip() {
+            IpAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
+            IpAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
+        };
+        let socket = UdpSocket::bind(local).await?;
+        // A connected socket only receives datagrams from the server, and an
+        // ICMP port unreachable surfaces as ECONNREFUSED instead of a timeout.
+        socket.connect(server).await?;
+        Ok(PooledSocket { socket, uses: 0 })
+    }
+
+    /// Returns a socket whose exchange completed cleanly. A socket that timed
+    /// out or failed is dropped instead: a late answer could still arrive on it.
+    fn give_back(&self, server: SocketAddr, pooled: PooledSocket) {
+        if pooled.uses >= MAX_SOCKET_USES {
+            return;
+        }
+        let mut idle = self.idle();
+        let sockets = idle.entry(server).or_default();
+        if sockets.len() < MAX_IDLE_SOCKETS {
+            sockets.push(pooled);
+        }
+    }
+}
+
+/// One UDP attempt. `Ok(None)` when the deadline passes without a matching
+/// answer.
 async fn udp_attempt(
+    pool: &SocketPool,
     server: SocketAddr,
     wire: &[u8],
     query: &Message,
     deadline: Instant,
 ) -> io::Result<Option<UdpAnswer>> {
-    let local: SocketAddr = match server.ip() {
-        IpAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
-        IpAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
-    };
-    let socket = UdpSocket::bind(local).await?;
-    // A connected socket only receives datagrams from the server, and an ICMP
-    // port unreachable surfaces as ECONNREFUSED instead of a timeout.
-    socket.connect(server).await?;
-    socket.send(wire).await?;
+    let mut pooled = pool.take(server).await?;
+    pooled.uses += 1;
+    pooled.socket.send(wire).await?;
     let mut buffer = Vec::with_capacity(UDP_RECEIVE_BUFFER);
     loop {
         buffer.clear();
-        let received = match timeout_at(deadline, socket.recv_buf(&mut buffer)).await {
+        let received = match timeout_at(deadline, pooled.socket.recv_buf(&mut buffer)).await {
             Err(_elapsed) => return Ok(None),
             Ok(received) => received?,
         };
+        // Anything else (a late duplicate of an earlier answer on a reused
+        // socket, a spoofing attempt) is skipped.
         let Some(message) = matching_answer(&buffer[..received], query) else {
             continue;
         };
         let truncated = message.metadata.truncation || received >= UDP_RECEIVE_BUFFER;
+        pool.give_back(server, pooled);
+        buffer.truncate(received);
         return Ok(Some(UdpAnswer {
-            wire: buffer[..received].to_vec(),
+            wire: buffer,
             message,
             truncated,
         }));

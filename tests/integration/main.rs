@@ -1,0 +1,4 @@
+//! The integration test binary: one module per topic.
+
+mod dns;
+mod dns_upstream;
