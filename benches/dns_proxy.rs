@@ -133,7 +133,16 @@ impl Client {
     }
 }
 
-fn percentiles(client: &mut Client, queries: usize) -> (Duration, Duration, Duration) {
+/// Per-query latency of `queries` sequential queries (after a warm-up).
+struct Latencies {
+    p50: Duration,
+    p90: Duration,
+    p99: Duration,
+    p999: Duration,
+    mean: Duration,
+}
+
+fn measure(client: &mut Client, queries: usize) -> Latencies {
     for _ in 0..queries / 10 {
         client.ask();
     }
@@ -146,7 +155,14 @@ fn percentiles(client: &mut Client, queries: usize) -> (Duration, Duration, Dura
         .collect();
     samples.sort_unstable();
     let at = |q: f64| samples[((samples.len() - 1) as f64 * q) as usize];
-    (at(0.50), at(0.90), at(0.99))
+    let mean = samples.iter().sum::<Duration>() / samples.len() as u32;
+    Latencies {
+        p50: at(0.50),
+        p90: at(0.90),
+        p99: at(0.99),
+        p999: at(0.999),
+        mean,
+    }
 }
 
 fn main() {
@@ -167,14 +183,16 @@ fn main() {
     let mut p50 = Vec::new();
     println!("sequential UDP queries on loopback, {queries} per path:");
     for (path, server, name) in paths {
-        let (median, p90, p99) = percentiles(&mut Client::new(server, name), queries);
+        let l = measure(&mut Client::new(server, name), queries);
         println!(
-            "  {path:<14} p50 {:>7.1} µs   p90 {:>7.1} µs   p99 {:>7.1} µs",
-            us(median),
-            us(p90),
-            us(p99)
+            "  {path:<14} p50 {:>7.1} µs   p90 {:>7.1} µs   p99 {:>7.1} µs   p99.9 {:>7.1} µs   mean {:>7.1} µs",
+            us(l.p50),
+            us(l.p90),
+            us(l.p99),
+            us(l.p999),
+            us(l.mean)
         );
-        p50.push(median);
+        p50.push(l.p50);
     }
     println!(
         "  added by the proxy at p50: forwarded {:.1} µs, from cache {:.1} µs",
