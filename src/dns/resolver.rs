@@ -55,9 +55,10 @@ pub struct ResolverLoopConfig {
     pub ttl: TtlPolicy,
     pub concurrency: usize,
     pub max_addresses_per_name: usize,
-    /// Timeout of one query attempt, and attempts per lookup.
+    /// Timeout of one query attempt.
     pub query_timeout: Duration,
-    pub query_attempts: usize,
+    /// Queries sent again after a failed one, within one lookup.
+    pub query_retries: usize,
 }
 
 impl ResolverLoopConfig {
@@ -69,7 +70,7 @@ impl ResolverLoopConfig {
             concurrency: RESOLVER_CONCURRENCY,
             max_addresses_per_name: MAX_ADDRESSES_PER_NAME,
             query_timeout: UPSTREAM_TIMEOUT,
-            query_attempts: UPSTREAM_ATTEMPTS as usize,
+            query_retries: UPSTREAM_ATTEMPTS as usize - 1,
         }
     }
 }
@@ -264,7 +265,8 @@ fn build_resolver(config: &ResolverLoopConfig) -> Result<TokioResolver, Error> {
     options.cache_size = 0;
     options.use_hosts_file = ResolveHosts::Never;
     options.timeout = config.query_timeout;
-    options.attempts = config.query_attempts;
+    // hickory's `attempts` counts retries after the first query.
+    options.attempts = config.query_retries;
     options.preserve_intermediates = true;
     options.edns0 = true;
     Resolver::builder_with_config(
@@ -378,7 +380,15 @@ async fn failed(
     let policy = &shared.config.ttl;
     let delay = policy.backoff(memory.failures, jitter());
     if memory.failures == 1 || memory.failures.is_power_of_two() {
-        tracing::warn!(name = %tracked.name, record_type = %tracked.record_type, failures = memory.failures, retry_in = ?delay, %error, "lookup failed; keeping the last-known addresses");
+        tracing::warn!(
+            name = %tracked.name,
+            record_type = %tracked.record_type,
+            failures = memory.failures,
+            retry_in = ?delay,
+            known_addresses = memory.addresses.len(),
+            %error,
+            "lookup failed; last-known addresses are kept up to the stale limit"
+        );
     }
     memory.last_error = Some(error);
     let now = Instant::now();

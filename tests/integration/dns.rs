@@ -272,6 +272,43 @@ async fn allowed_name_is_answered_only_after_its_addresses_are_in_the_sets() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_fresh_names_are_each_learned_before_their_answer() {
+    let world = ProxyWorld::start(&[wildcard("fleet.test")]).await;
+    let address = |i: u16| Ipv4Addr::new(198, 18, (i >> 8) as u8, i as u8);
+    for i in 0..1_000u16 {
+        world
+            .upstream
+            .set_a(&format!("n{i}.fleet.test"), 60, &[address(i)]);
+    }
+    let server = world.handle.udp_addr();
+    let mut clients = tokio::task::JoinSet::new();
+    for worker in 0..50u16 {
+        clients.spawn(async move {
+            let mut answered = Vec::new();
+            for i in (worker..1_000).step_by(50) {
+                let answer =
+                    udp_exchange(server, &query(&format!("n{i}.fleet.test."), RecordType::A))
+                        .await
+                        .expect("an answer over UDP");
+                answered.push((i, Instant::now(), addresses(&answer)));
+            }
+            answered
+        });
+    }
+    let mut count = 0;
+    while let Some(answered) = clients.join_next().await {
+        for (i, at, got) in answered.unwrap() {
+            assert_eq!(got, vec![IpAddr::V4(address(i))]);
+            let (learned_at, _) = world.sink.last_learned(got[0]).expect("learned");
+            assert!(learned_at < at, "n{i}: learned before the answer arrived");
+            count += 1;
+        }
+    }
+    assert_eq!(count, 1_000);
+    assert_eq!(world.proxy.stats().forwarded, 1_000);
+}
+
 #[tokio::test]
 async fn learned_elements_fit_the_sets_of_the_compiled_ruleset() {
     let world = ProxyWorld::start(&[
@@ -751,7 +788,7 @@ impl LoopWorld {
         let mut config = ResolverLoopConfig::new(vec![upstream.addr]);
         config.ttl = policy;
         config.query_timeout = Duration::from_millis(200);
-        config.query_attempts = 1;
+        config.query_retries = 0;
         let names = AllowedNames::new(ruleset(rules).names);
         let resolver = ResolverLoop::new(
             config,
