@@ -5,9 +5,11 @@
 //! - [`ruleset`]: the pure compiler → [`ruleset::Ruleset`], its renderers and evaluator;
 //! - [`kernel`]: the only module that talks netlink; applies a `Ruleset` in one batch;
 //! - [`netns`]: runs work inside a sandbox's network namespace;
+//! - [`dns`]: the DNS proxy and resolver loop that fill the DNS-derived sets;
 //! - [`cli`]: the `netleash` command.
 
 pub mod cli;
+pub mod dns;
 pub mod kernel;
 pub mod netns;
 pub mod policy;

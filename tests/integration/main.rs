@@ -1,4 +1,6 @@
 //! The one integration test binary; one module per topic.
 
 mod bad_input;
+mod dns;
+mod dns_upstream;
 mod policies;
