@@ -763,3 +763,86 @@ fn unrestricted_mode_has_only_the_blocklist() {
     assert_eq!(output.policy.as_deref(), Some("accept"));
     assert_eq!(output.hook.as_deref(), Some("output"));
 }
+
+fn netleash(args: &[&str]) -> Output {
+    run(env!("CARGO_BIN_EXE_netleash"), args)
+}
+
+#[test]
+fn cli_status_remove_and_a_refused_apply() {
+    let ns = Netns::new("cli");
+    let model = typical();
+    kernel::apply(&ns.target(), &model).unwrap();
+
+    let out = netleash(&["status", "--netns", &ns.name, "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["present"], true);
+    assert_eq!(json["digest"], model.digest.as_str());
+    let allow = json["sets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "allow_v4_ports")
+        .unwrap();
+    assert_eq!(allow["elements"], 3);
+    let counters: Vec<&str> = json["counters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["rule"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        counters,
+        ["blocklist-v4", "blocklist-v6", "dns-other", "default-deny"]
+    );
+
+    let out = netleash(&["status", "--netns", &format!("/run/netns/{}", ns.name)]);
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        text.contains(&format!("policy: {}", model.digest)),
+        "{text}"
+    );
+    assert!(text.contains("default-deny"), "{text}");
+
+    // A policy that does not load leaves the table in force and exits 2.
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.json");
+    std::fs::write(&bad, "{ not json").unwrap();
+    let before = ns.nft_json().unwrap();
+    for extra in [&[][..], &["--dry-run"][..]] {
+        let mut args = vec!["apply", bad.to_str().unwrap(), "--netns", &ns.name];
+        args.extend_from_slice(extra);
+        let out = netleash(&args);
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(String::from_utf8_lossy(&out.stderr).starts_with("error: "));
+        assert_eq!(ns.nft_json().unwrap(), before);
+    }
+
+    // A namespace that does not exist: exit 3 and a hint.
+    let out = netleash(&["status", "--netns", "nlk-no-such-namespace"]);
+    assert_eq!(out.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("ip netns list"));
+
+    let out = netleash(&["remove", "--netns", &ns.name]);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("removed table inet netleash"));
+    assert_eq!(ns.nft_json(), None);
+    let out = netleash(&["remove", "--netns", &ns.name]);
+    assert!(
+        out.status.success(),
+        "removing an absent table is not an error"
+    );
+    let out = netleash(&["status", "--netns", &ns.name, "--json"]);
+    let json: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["present"], false);
+}
