@@ -414,6 +414,28 @@ impl Drop for ElementMessages<'_> {
     }
 }
 
+/// A message written without `NLM_F_ACK`: nfnetlink reports a failed
+/// message whatever its flags (`nfnetlink_rcv_batch` queues an answer when
+/// `NLM_F_ACK` is set *or* the message failed), so in a batch whose end is
+/// acknowledged, per-message success answers are only overhead: one skb
+/// for the kernel and one receive call each.
+pub struct WithoutAck<'a, T: NlMsg>(pub &'a T);
+
+// SAFETY: writes exactly what the wrapped message writes (which upholds the
+// size contract), then changes one flag bit in the header it wrote.
+unsafe impl<T: NlMsg> NlMsg for WithoutAck<'_, T> {
+    unsafe fn write(&self, buf: *mut c_void, seq: u32, msg_type: MsgType) {
+        // SAFETY: same buffer contract as ours; the wrapped message starts with an
+        // nlmsghdr at `buf` (every nf_tables message does), and `buf` is aligned for
+        // it because nftnl_batch hands out NLMSG_ALIGNed positions.
+        unsafe {
+            self.0.write(buf, seq, msg_type);
+            let nlh = buf.cast::<libc::nlmsghdr>();
+            (*nlh).nlmsg_flags &= !(libc::NLM_F_ACK as u16);
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------
 // Expressions the safe API lacks (or only offers on register 1)
 // ---------------------------------------------------------------------------

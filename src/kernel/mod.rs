@@ -1,8 +1,11 @@
 //! The only module that talks netlink: applies a [`crate::ruleset::Ruleset`]
 //! as one nftnl batch, reads it back, and updates set elements.
 //!
-//! Everything runs on a thread inside the target network namespace
-//! ([`netns::run_in`]), over a netfilter netlink socket opened there.
+//! A [`Session`] is a netfilter netlink socket opened inside the target
+//! network namespace (by a thread that enters it, [`netns::run_in`]); a
+//! socket stays in the namespace it was created in, so the session then
+//! works from any thread without entering the namespace again. The free
+//! functions open a session for one call.
 //!
 //! - [`apply`] replaces the `inet netleash` table in one transaction and
 //!   verifies what the kernel then holds against the model;
@@ -62,10 +65,8 @@ pub enum Error {
          was applied is unknown; run `netleash status` to see what is in force"
     )]
     AcksLost,
-    #[error(
-        "the kernel did not acknowledge {missing} message(s) of the transaction, the first being {first}"
-    )]
-    Unacknowledged { missing: usize, first: String },
+    #[error("the kernel did not acknowledge {first}, so whether it was applied is unknown")]
+    Unacknowledged { first: String },
     #[error("unexpected answer from the kernel: {0}")]
     Malformed(String),
     #[error("cannot read {what} of table inet {TABLE_NAME} from the kernel")]
@@ -131,24 +132,48 @@ pub struct ApplyReport {
     pub rules: usize,
 }
 
-/// Replace the `inet netleash` table in `target` with `ruleset`, in one
-/// netlink transaction, then read it back and verify it.
-///
-/// If the kernel rejects any part of the transaction, nothing changes: the
-/// table in force before stays in force, and the error names the object the
-/// kernel rejected. A verification error means the kernel committed but holds
-/// something else than the model (another program changed it in between, or
-/// a bug): the error lists every difference.
-pub fn apply(target: &netns::Target, ruleset: &Ruleset) -> Result<ApplyReport, Error> {
-    let transaction = batch::replace_table(ruleset)?;
-    netns::run_in(target, move || {
-        let mut netlink = Netlink::open()?;
-        match netlink.commit(transaction) {
+/// What `apply` would change (`apply --dry-run`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    /// The table in force, if any.
+    pub current: Option<TableStatus>,
+    /// How the table in force differs from `ruleset`; empty if the table is
+    /// absent (everything would be created) or already enforces `ruleset`.
+    pub differences: Vec<Difference>,
+}
+
+/// A netfilter netlink socket in one network namespace, for a caller that
+/// acts there repeatedly (e.g. the agent serving a sandbox): no thread and no
+/// socket per call. The socket holds a reference to the namespace, so drop
+/// the session when the sandbox ends.
+pub struct Session {
+    netlink: Netlink,
+}
+
+impl Session {
+    /// Open a session in `target` (the socket is created by a thread that
+    /// enters the namespace; the caller's namespace never changes).
+    pub fn open(target: &netns::Target) -> Result<Session, Error> {
+        let netlink = netns::run_in(target, Netlink::open)??;
+        Ok(Session { netlink })
+    }
+
+    /// Replace the `inet netleash` table with `ruleset`, in one netlink
+    /// transaction, then read it back and verify it.
+    ///
+    /// If the kernel rejects any part of the transaction, nothing changes: the
+    /// table in force before stays in force, and the error names the object
+    /// the kernel rejected. A verification error means the kernel committed
+    /// but holds something else than the model (another program changed it in
+    /// between, or a bug): the error lists every difference.
+    pub fn apply(&mut self, ruleset: &Ruleset) -> Result<ApplyReport, Error> {
+        let transaction = batch::replace_table(ruleset)?;
+        match self.netlink.commit(transaction) {
             // Lost answers: the read-back below decides what is in force.
             Ok(()) | Err(Error::AcksLost) => {}
             Err(err) => return Err(err),
         }
-        let table = readback::read_table(&mut netlink)?.ok_or(Error::MissingAfterApply)?;
+        let table = readback::read_table(&mut self.netlink)?.ok_or(Error::MissingAfterApply)?;
         let differences = readback::differences(ruleset, &table)?;
         if !differences.is_empty() {
             return Err(Error::Verify { differences });
@@ -163,69 +188,102 @@ pub fn apply(target: &netns::Target, ruleset: &Ruleset) -> Result<ApplyReport, E
                 .sum(),
             rules: table.chains.iter().map(|c| c.rules.len()).sum(),
         })
-    })?
-}
+    }
 
-/// What `apply` would change (`apply --dry-run`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Plan {
-    /// The table in force, if any.
-    pub current: Option<TableStatus>,
-    /// How the table in force differs from `ruleset`; empty if the table is
-    /// absent (everything would be created) or already enforces `ruleset`.
-    pub differences: Vec<Difference>,
-}
-
-/// Compare the table in `target` with `ruleset`, and have the kernel check
-/// the transaction that would replace it without committing it. Nothing changes.
-pub fn plan(target: &netns::Target, ruleset: &Ruleset) -> Result<Plan, Error> {
-    let transaction = batch::replace_table(ruleset)?;
-    netns::run_in(target, move || {
-        let mut netlink = Netlink::open()?;
-        let current = readback::read_table(&mut netlink)?;
+    /// Compare the table in force with `ruleset`, and have the kernel check
+    /// the transaction that would replace it without committing it. Nothing changes.
+    pub fn plan(&mut self, ruleset: &Ruleset) -> Result<Plan, Error> {
+        let transaction = batch::replace_table(ruleset)?;
+        let current = readback::read_table(&mut self.netlink)?;
         let differences = match &current {
             Some(table) => readback::differences(ruleset, table)?,
             None => Vec::new(),
         };
-        netlink.check(transaction)?;
+        self.netlink.check(transaction)?;
         Ok(Plan {
             current: current.as_ref().map(TableStatus::of),
             differences,
         })
-    })?
-}
+    }
 
-/// Delete the `inet netleash` table in `target`. Returns whether it existed.
-pub fn remove(target: &netns::Target) -> Result<bool, Error> {
-    netns::run_in(target, || {
-        let mut netlink = Netlink::open()?;
-        if readback::read_table(&mut netlink)?.is_none() {
+    /// Delete the `inet netleash` table. Returns whether it existed.
+    pub fn remove(&mut self) -> Result<bool, Error> {
+        if readback::read_table(&mut self.netlink)?.is_none() {
             return Ok(false);
         }
-        match netlink.commit(batch::delete_table()) {
+        match self.netlink.commit(batch::delete_table()) {
             Ok(()) => Ok(true),
             // Removed by someone else since we looked: absent is not an error.
             Err(err) if err.kernel_errno() == Some(libc::ENOENT) => Ok(false),
             Err(err) => Err(err),
         }
-    })?
+    }
+
+    /// The table as the kernel holds it, or `None` if there is none.
+    pub fn status(&mut self) -> Result<Option<TableStatus>, Error> {
+        Ok(readback::read_table(&mut self.netlink)?
+            .as_ref()
+            .map(TableStatus::of))
+    }
+
+    /// Apply element changes to named sets of the table, in one transaction
+    /// (all or nothing), without touching rules or other sets.
+    pub fn update_elements(&mut self, updates: &[SetUpdate]) -> Result<(), Error> {
+        elements::update(&mut self.netlink, updates)
+    }
+
+    /// Close the session without waiting for the kernel.
+    ///
+    /// Closing a netfilter socket shortly after a commit in its namespace
+    /// waits until the kernel has freed what the commit replaced: nf_tables'
+    /// NETLINK_URELEASE handler takes the namespace's commit mutex and flushes
+    /// the pending destroy work, one RCU grace period (about 10 ms here).
+    /// Nothing here depends on that wait, so a helper thread does it.
+    pub fn close_in_background(self) {
+        // If no thread can be started, the closure (and the session) is dropped here instead.
+        let _ = std::thread::Builder::new()
+            .name("netleash-close".into())
+            .spawn(move || drop(self));
+    }
+}
+
+/// Replace the `inet netleash` table in `target` with `ruleset`: [`Session::apply`] in a
+/// session of its own.
+pub fn apply(target: &netns::Target, ruleset: &Ruleset) -> Result<ApplyReport, Error> {
+    let mut session = Session::open(target)?;
+    let result = session.apply(ruleset);
+    session.close_in_background();
+    result
+}
+
+/// [`Session::plan`] in a session of its own (`apply --dry-run`).
+pub fn plan(target: &netns::Target, ruleset: &Ruleset) -> Result<Plan, Error> {
+    let mut session = Session::open(target)?;
+    let result = session.plan(ruleset);
+    session.close_in_background();
+    result
+}
+
+/// Delete the `inet netleash` table in `target`. Returns whether it existed.
+pub fn remove(target: &netns::Target) -> Result<bool, Error> {
+    let mut session = Session::open(target)?;
+    let result = session.remove();
+    session.close_in_background();
+    result
 }
 
 /// The table in `target` as the kernel holds it, or `None` if there is none.
 pub fn status(target: &netns::Target) -> Result<Option<TableStatus>, Error> {
-    netns::run_in(target, || {
-        let mut netlink = Netlink::open()?;
-        Ok(readback::read_table(&mut netlink)?
-            .as_ref()
-            .map(TableStatus::of))
-    })?
+    let mut session = Session::open(target)?;
+    let result = session.status();
+    session.close_in_background();
+    result
 }
 
-/// Apply element changes to named sets of the table in `target`, in one
-/// transaction (all or nothing), without touching rules or other sets.
+/// [`Session::update_elements`] in a session of its own.
 pub fn update_elements(target: &netns::Target, updates: &[SetUpdate]) -> Result<(), Error> {
-    netns::run_in(target, || {
-        let mut netlink = Netlink::open()?;
-        elements::update(&mut netlink, updates)
-    })?
+    let mut session = Session::open(target)?;
+    let result = session.update_elements(updates);
+    session.close_in_background();
+    result
 }

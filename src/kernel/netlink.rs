@@ -69,8 +69,10 @@ impl Transaction {
         }
     }
 
+    /// Add one message. It is sent without `NLM_F_ACK`: the kernel answers
+    /// only if it fails (see [`ffi::WithoutAck`]).
     pub fn add(&mut self, message: &impl NlMsg, kind: MsgType, object: Object) {
-        self.batch.add(message, kind);
+        self.batch.add(&ffi::WithoutAck(message), kind);
         self.objects.push(object);
     }
 
@@ -107,6 +109,15 @@ const RECEIVE_BUFFER_LEN: usize = 1 << 17;
 /// messages in it can be handed to libnftnl's parsers in place.
 #[repr(C, align(8))]
 struct AlignedBuffer([u8; RECEIVE_BUFFER_LEN]);
+
+impl AlignedBuffer {
+    /// A zeroed buffer allocated in place (no 128 KiB stack copy; the
+    /// allocator hands out zero pages lazily).
+    fn zeroed() -> Box<AlignedBuffer> {
+        // SAFETY: AlignedBuffer is a byte array, for which all-zero bytes are a valid value.
+        unsafe { Box::<AlignedBuffer>::new_zeroed().assume_init() }
+    }
+}
 
 /// Kernel socket receive buffer asked for: room for the acknowledgements of a
 /// large batch (one per message, several hundred bytes of skb each) without
@@ -161,6 +172,13 @@ fn set_buffer(socket: &mnl::Socket, force: i32, plain: i32, bytes: usize) -> io:
         .or_else(|_| set_socket_option(socket, libc::SOL_SOCKET, plain, bytes))
 }
 
+// SAFETY: a `Netlink` exclusively owns its libmnl socket (a file descriptor
+// plus its bound address; libmnl keeps no thread-local state and has no
+// thread affinity) and its buffers, and every method takes `&mut self` or
+// works on owned data, so moving it to another thread is sound. It is not
+// `Sync`.
+unsafe impl Send for Netlink {}
+
 impl Netlink {
     /// Open a netfilter netlink socket in the current thread's network namespace.
     pub fn open() -> Result<Netlink, Error> {
@@ -181,8 +199,8 @@ impl Netlink {
         .map_err(Error::Socket)?;
         Ok(Netlink {
             socket,
-            buffer: Box::new(AlignedBuffer([0; RECEIVE_BUFFER_LEN])),
-            request: Box::new(AlignedBuffer([0; RECEIVE_BUFFER_LEN])),
+            buffer: AlignedBuffer::zeroed(),
+            request: AlignedBuffer::zeroed(),
             // Batches number their messages from 1; requests use numbers far above.
             seq: 1 << 30,
             receive_buffer: MIN_SOCKET_RECEIVE_BUFFER,
@@ -228,6 +246,7 @@ impl Netlink {
             total + 4096,
         )
         .map_err(Error::Socket)?;
+        // Answers: batch begin and end, plus one per failed message at most.
         let acks_expected = objects.len() + 2;
         if acks_expected * RECEIVE_BUFFER_PER_ACK > self.receive_buffer {
             self.receive_buffer = acks_expected * RECEIVE_BUFFER_PER_ACK;
@@ -275,20 +294,12 @@ impl Netlink {
         if overrun {
             return Err(Error::AcksLost);
         }
-        let acked: BTreeSet<u32> = acks.iter().map(|a| a.seq).collect();
-        let mut expected: Vec<u32> =
-            (first_object_seq..first_object_seq + objects.len() as u32).collect();
-        if framed && mode == Commit::Commit {
-            expected.push(end_seq);
-        }
-        let missing: Vec<u32> = expected
-            .into_iter()
-            .filter(|seq| !acked.contains(seq))
-            .collect();
-        if let Some(first) = missing.first() {
+        // Object messages carry no NLM_F_ACK, so success is silent. When the
+        // kernel acknowledges the batch end, that answer proves it processed
+        // and committed the whole batch; older kernels only report failures.
+        if framed && mode == Commit::Commit && !acks.iter().any(|a| a.seq == end_seq) {
             return Err(Error::Unacknowledged {
-                missing: missing.len(),
-                first: describe(*first),
+                first: describe(end_seq),
             });
         }
         Ok(())

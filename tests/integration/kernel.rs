@@ -846,3 +846,40 @@ fn cli_status_remove_and_a_refused_apply() {
     let json: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(json["present"], false);
 }
+
+#[test]
+fn a_session_works_from_any_thread_without_entering_the_namespace() {
+    let ns = Netns::new("session");
+    let own = netns_inode("/proc/thread-self/ns/net");
+    let mut session = kernel::Session::open(&ns.target()).unwrap();
+    let (a, b) = (typical(), other());
+    assert_eq!(session.apply(&a).unwrap().digest, a.digest);
+    assert_eq!(netns_inode("/proc/thread-self/ns/net"), own);
+    // The socket stays in the sandbox's namespace when the session moves threads.
+    let b_in_worker = b.clone();
+    let worker = std::thread::spawn(move || {
+        session.apply(&b_in_worker).unwrap();
+        session
+            .update_elements(&[dns_update(
+                "dns_v4",
+                vec![Element::Addr(net("203.0.113.5/32"))],
+                None,
+            )])
+            .unwrap();
+        let status = session.status().unwrap().unwrap();
+        session.close_in_background();
+        status
+    });
+    let status = worker.join().unwrap();
+    assert_eq!(status.digest.as_deref(), Some(b.digest.as_str()));
+    assert_eq!(
+        status
+            .sets
+            .iter()
+            .find(|s| s.name == "dns_v4")
+            .unwrap()
+            .elements,
+        1
+    );
+    assert_eq!(elements_json(&ns.nft_json().unwrap(), "dns_v4").len(), 1);
+}
