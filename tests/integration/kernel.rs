@@ -883,3 +883,39 @@ fn a_session_works_from_any_thread_without_entering_the_namespace() {
     );
     assert_eq!(elements_json(&ns.nft_json().unwrap(), "dns_v4").len(), 1);
 }
+
+/// Local UDP and TCP ports listening in a namespace, as `ss` inside it reports them.
+fn listening_ports(ns: &Netns, proto_flag: &str) -> String {
+    let out = run("ip", &["netns", "exec", &ns.name, "ss", "-Hn", proto_flag]);
+    assert!(
+        out.status.success(),
+        "ss failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[test]
+fn sockets_opened_in_a_namespace_live_there() {
+    let ns = Netns::new("sockets");
+    let own = netns_inode("/proc/thread-self/ns/net");
+    let loopback = "127.0.0.1:0".parse().unwrap();
+    let udp = netleash::netns::udp_socket(&ns.target(), loopback).unwrap();
+    let tcp = netleash::netns::tcp_listener(&ns.target(), loopback).unwrap();
+    let (udp_port, tcp_port) = (
+        udp.local_addr().unwrap().port(),
+        tcp.local_addr().unwrap().port(),
+    );
+    // The namespace's own view lists them; nothing is sent.
+    assert!(listening_ports(&ns, "-ul").contains(&format!("127.0.0.1:{udp_port}")));
+    assert!(listening_ports(&ns, "-tl").contains(&format!("127.0.0.1:{tcp_port}")));
+    assert_eq!(netns_inode("/proc/thread-self/ns/net"), own);
+    // The port is taken inside that namespace: a second listener there fails, with the path named.
+    let taken = std::net::SocketAddr::from(([127, 0, 0, 1], tcp_port));
+    let err = netleash::netns::tcp_listener(&ns.target(), taken).unwrap_err();
+    assert!(
+        matches!(err, netleash::netns::Error::Socket { .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains(&ns.name), "{err}");
+}
