@@ -10,10 +10,14 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+pub mod apply;
 pub mod check;
 pub mod compile;
 pub mod explain;
+pub mod netns_args;
 pub mod policy_args;
+pub mod remove;
+pub mod status;
 
 pub const EXIT_OK: u8 = 0;
 pub const EXIT_BLOCKED: u8 = 1;
@@ -53,6 +57,12 @@ pub enum Command {
     Compile(compile::Args),
     Explain(explain::Args),
     Check(check::Args),
+    /// Enforce a policy in a sandbox's network namespace (atomic, verified).
+    Apply(apply::Args),
+    /// Show what netleash enforces in a network namespace.
+    Status(status::Args),
+    /// Stop enforcing: delete netleash's table from a network namespace.
+    Remove(remove::Args),
 }
 
 /// Everything a subcommand can fail with; each variant knows its exit code.
@@ -71,13 +81,17 @@ pub enum Error {
     },
     #[error("cannot write output")]
     Output(#[source] std::io::Error),
+    #[error(transparent)]
+    Kernel(#[from] crate::kernel::Error),
+    #[error(transparent)]
+    Netns(#[from] crate::netns::Error),
 }
 
 impl Error {
     pub fn exit_code(&self) -> u8 {
         match self {
             Error::Policy(_) | Error::Usage(_) | Error::ReadInput { .. } => EXIT_INVALID_INPUT,
-            Error::Output(_) => EXIT_SYSTEM_ERROR,
+            Error::Output(_) | Error::Kernel(_) | Error::Netns(_) => EXIT_SYSTEM_ERROR,
         }
     }
 }
@@ -89,6 +103,9 @@ pub fn main() -> ExitCode {
         Command::Compile(args) => compile::run(args),
         Command::Explain(args) => explain::run(args),
         Command::Check(args) => check::run(args),
+        Command::Apply(args) => apply::run(args),
+        Command::Status(args) => status::run(args),
+        Command::Remove(args) => remove::run(args),
     };
     match result {
         Ok(code) => ExitCode::from(code),

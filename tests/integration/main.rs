@@ -3,4 +3,5 @@
 mod bad_input;
 mod dns;
 mod dns_upstream;
+mod kernel;
 mod policies;
