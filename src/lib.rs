@@ -5,10 +5,13 @@
 //! - [`ruleset`]: the pure compiler → [`ruleset::Ruleset`], its renderers and evaluator;
 //! - [`kernel`]: the only module that talks netlink; applies a `Ruleset` in one batch;
 //! - [`netns`]: runs work inside a sandbox's network namespace;
-//! - [`cli`]: the `netleash` command.
+//! - [`cli`]: the `netleash` command;
+//! - [`testbed`]: throwaway sandbox and world namespaces with servers, for the
+//!   privileged tests and `netleash demo`.
 
 pub mod cli;
 pub mod kernel;
 pub mod netns;
 pub mod policy;
 pub mod ruleset;
+pub mod testbed;

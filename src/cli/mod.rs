@@ -12,6 +12,7 @@ use clap::{Parser, Subcommand};
 
 pub mod check;
 pub mod compile;
+pub mod demo;
 pub mod explain;
 pub mod policy_args;
 
@@ -53,6 +54,7 @@ pub enum Command {
     Compile(compile::Args),
     Explain(explain::Args),
     Check(check::Args),
+    Demo(demo::Args),
 }
 
 /// Everything a subcommand can fail with; each variant knows its exit code.
@@ -71,13 +73,24 @@ pub enum Error {
     },
     #[error("cannot write output")]
     Output(#[source] std::io::Error),
+    #[error(transparent)]
+    Kernel(#[from] crate::kernel::Error),
+    #[error(transparent)]
+    Testbed(#[from] crate::testbed::Error),
+    #[error(
+        "{mismatches} of {total} observations do not match the policy: enforcement is not working here"
+    )]
+    DemoMismatch { mismatches: usize, total: usize },
 }
 
 impl Error {
     pub fn exit_code(&self) -> u8 {
         match self {
             Error::Policy(_) | Error::Usage(_) | Error::ReadInput { .. } => EXIT_INVALID_INPUT,
-            Error::Output(_) => EXIT_SYSTEM_ERROR,
+            Error::Output(_)
+            | Error::Kernel(_)
+            | Error::Testbed(_)
+            | Error::DemoMismatch { .. } => EXIT_SYSTEM_ERROR,
         }
     }
 }
@@ -89,6 +102,7 @@ pub fn main() -> ExitCode {
         Command::Compile(args) => compile::run(args),
         Command::Explain(args) => explain::run(args),
         Command::Check(args) => check::run(args),
+        Command::Demo(args) => demo::run(args),
     };
     match result {
         Ok(code) => ExitCode::from(code),

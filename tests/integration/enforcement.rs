@@ -1,0 +1,267 @@
+//! End-to-end enforcement: policies applied with the `netleash` binary, as a
+//! user would, to a real sandbox namespace, judged by real connections.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use netleash::testbed::{self, TCP_PORTS, Testbed, UDP_ECHO_PORT, Verdict};
+
+use crate::support::{
+    self, REJECT_WITHIN, addr, apply, apply_ok, assert_reachable, assert_rejected, describe,
+    netleash, netleash_table, write_policy,
+};
+
+const LIMITED: &str = r#"{"type": "limited",
+  "allowed_hosts": ["https://198.51.100.10", "[2001:db8:100::10]:443", "203.0.113.0/28"]}"#;
+
+#[test]
+fn an_allowed_host_is_reachable_and_everything_else_is_rejected_at_once() {
+    let (bed, _dir) = support::enforced("limited.json", LIMITED);
+
+    assert_reachable(&bed, "198.51.100.10", 443);
+    assert_reachable(&bed, "2001:db8:100::10", 443);
+    // A CIDR entry with no port allows every port of every address in it.
+    for port in TCP_PORTS {
+        assert_reachable(&bed, "203.0.113.5", port);
+    }
+    support::assert_udp_echoed(&bed, "203.0.113.5", UDP_ECHO_PORT);
+
+    for ip in ["198.51.100.11", "203.0.113.20", "2001:db8:100::11"] {
+        for port in TCP_PORTS {
+            assert_rejected(&bed, ip, port);
+        }
+        support::assert_udp_rejected(&bed, ip, UDP_ECHO_PORT);
+    }
+}
+
+#[test]
+fn ports_are_enforced() {
+    let (bed, _dir) = support::enforced("limited.json", LIMITED);
+
+    // `https://198.51.100.10` means port 443 and nothing else.
+    assert_reachable(&bed, "198.51.100.10", 443);
+    assert_rejected(&bed, "198.51.100.10", 80);
+    assert_rejected(&bed, "198.51.100.10", 8443);
+    // `[2001:db8:100::10]:443` likewise.
+    assert_reachable(&bed, "2001:db8:100::10", 443);
+    assert_rejected(&bed, "2001:db8:100::10", 80);
+    assert_rejected(&bed, "2001:db8:100::10", 8443);
+}
+
+#[test]
+fn the_blocklist_wins_over_an_allow() {
+    let policy = r#"{"type": "limited", "allowed_hosts": [
+        "169.254.169.254", "169.254.0.0/16", "http://169.254.169.254", "fd00:ec2::254",
+        "[fd00:ec2::254]:80", "198.51.100.10"]}"#;
+    let (bed, _dir) = support::enforced("metadata.json", policy);
+
+    // The policy is in force: its one ordinary entry is reachable...
+    assert_reachable(&bed, "198.51.100.10", 80);
+    // ...but the metadata services are not, whatever the policy says.
+    for ip in [testbed::METADATA_V4, testbed::METADATA_V6] {
+        for port in TCP_PORTS {
+            assert_rejected(&bed, &ip.to_string(), port);
+        }
+        support::assert_udp_rejected(&bed, &ip.to_string(), UDP_ECHO_PORT);
+    }
+}
+
+#[test]
+fn unrestricted_blocks_only_the_blocklist() {
+    let (bed, _dir) = support::enforced("open.json", r#"{"type": "unrestricted"}"#);
+
+    for ip in testbed::TEST_ADDRESSES {
+        for port in TCP_PORTS {
+            assert_reachable(&bed, &ip.to_string(), port);
+        }
+        support::assert_udp_echoed(&bed, &ip.to_string(), UDP_ECHO_PORT);
+    }
+    for ip in [testbed::METADATA_V4, testbed::METADATA_V6] {
+        for port in TCP_PORTS {
+            assert_rejected(&bed, &ip.to_string(), port);
+        }
+    }
+    assert!(
+        support::netleash_table(bed.sandbox()).is_some(),
+        "the table is in place"
+    );
+}
+
+/// While 500 re-applies alternate between two policies that agree on the
+/// probed destinations, a connection loop in the sandbox must never see the
+/// other verdict: not an open moment (no table), not a closed one (half a table).
+#[test]
+fn reapply_is_atomic() {
+    const REAPPLIES: usize = 500;
+    let bed = support::testbed();
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Both allow 198.51.100.10:443 and both block 198.51.100.11, through
+    // different sets (an any-port address in one, a port entry in the other),
+    // so each re-apply really changes the table.
+    let first = write_policy(
+        dir.path(),
+        "first.json",
+        r#"{"type": "limited", "allowed_hosts": ["198.51.100.10", "203.0.113.0/28", "2001:db8:100::10"]}"#,
+    );
+    let second = write_policy(
+        dir.path(),
+        "second.json",
+        r#"{"type": "limited", "allowed_hosts": ["https://198.51.100.10", "[2001:db8:100::11]:443"]}"#,
+    );
+    apply_ok(&bed, &first);
+
+    let allowed = addr("198.51.100.10");
+    let blocked = addr("198.51.100.11");
+    let stop = AtomicBool::new(false);
+    let (probes, wrong) = std::thread::scope(|scope| {
+        let prober = scope.spawn(|| {
+            bed.in_sandbox(|| {
+                let (mut probes, mut wrong) = (0_u64, Vec::new());
+                while !stop.load(Ordering::Relaxed) {
+                    for (ip, want_connected) in [(allowed, true), (blocked, false)] {
+                        let at = std::net::SocketAddr::new(ip, 443);
+                        let outcome = testbed::probe::tcp_connect(at, Duration::from_secs(1))
+                            .expect("probe in the sandbox");
+                        probes += 1;
+                        let right = if want_connected {
+                            outcome.verdict == Verdict::Connected
+                        } else {
+                            outcome.rejected_within(REJECT_WITHIN)
+                        };
+                        if !right && wrong.len() < 20 {
+                            wrong.push(format!("{at}: {outcome}"));
+                        }
+                    }
+                }
+                (probes, wrong)
+            })
+            .expect("run the prober in the sandbox")
+        });
+        for round in 0..REAPPLIES {
+            let policy = if round % 2 == 0 { &second } else { &first };
+            let output = apply(&bed, policy);
+            if !output.status.success() {
+                stop.store(true, Ordering::Relaxed);
+                panic!("re-apply {round} failed: {}", describe(&output));
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+        prober.join().expect("prober thread")
+    });
+    assert!(
+        wrong.is_empty(),
+        "wrong verdicts during re-apply (first 20): {wrong:#?}"
+    );
+    // The loop must have overlapped the re-applies for the test to mean anything.
+    assert!(
+        probes >= REAPPLIES as u64,
+        "only {probes} probes during {REAPPLIES} re-applies"
+    );
+}
+
+#[test]
+fn an_invalid_policy_keeps_the_old_rules_and_remove_restores_open_traffic() {
+    let (bed, dir) = support::enforced("limited.json", LIMITED);
+    let table_before = netleash_table(bed.sandbox()).expect("the table is in place after apply");
+    let status = netleash(&["status", "--netns", bed.sandbox()]);
+    assert!(status.status.success(), "status: {}", describe(&status));
+
+    let invalid = [
+        (
+            "not-json.json",
+            "{\"type\": \"limited\", \"allowed_hosts\": [\"https://198.51.100.11\"",
+        ),
+        ("unknown-type.json", r#"{"type": "wide_open"}"#),
+        (
+            "bad-host.json",
+            r#"{"type": "limited", "allowed_hosts": ["https://198.51.100.11:99999"]}"#,
+        ),
+    ];
+    for (name, json) in invalid {
+        let output = apply(&bed, &write_policy(dir.path(), name, json));
+        assert_eq!(
+            output.status.code(),
+            Some(2),
+            "apply {name} must fail as invalid input: {}",
+            describe(&output)
+        );
+        assert!(
+            !output.stderr.is_empty(),
+            "apply {name} must say what is wrong"
+        );
+        assert_limited_still_enforced(&bed, &table_before, &format!("after apply {name}"));
+    }
+    let missing = apply(&bed, &dir.path().join("no-such-file.json"));
+    assert_eq!(missing.status.code(), Some(2), "{}", describe(&missing));
+    assert_eq!(netleash_table(bed.sandbox()).as_ref(), Some(&table_before));
+
+    let removed = netleash(&["remove", "--netns", bed.sandbox()]);
+    assert!(removed.status.success(), "remove: {}", describe(&removed));
+    assert_eq!(
+        netleash_table(bed.sandbox()),
+        None,
+        "the table is gone after remove"
+    );
+    for ip in testbed::served_addresses() {
+        assert_reachable(&bed, &ip.to_string(), 443);
+    }
+}
+
+/// The table is protected by the kernel, not by netleash: changing it needs
+/// CAP_NET_ADMIN in the namespace's user namespace, and a root process of the
+/// sandbox that lacks it gets EPERM from nfnetlink.
+#[test]
+fn a_root_process_without_cap_net_admin_cannot_change_the_table() {
+    let (bed, _dir) = support::enforced("limited.json", LIMITED);
+    let table_before = netleash_table(bed.sandbox()).expect("the table is in place after apply");
+
+    let capsh = |script: &str| {
+        support::exec_in(
+            bed.sandbox(),
+            &["capsh", "--drop=cap_net_admin", "--", "-c", script],
+            None,
+        )
+    };
+    // The control: capsh itself works here, so a failure below is nftables refusing.
+    let control = capsh("true");
+    assert!(
+        control.status.success(),
+        "capsh (libcap2-bin; apt-get install libcap2-bin) must run: {}",
+        describe(&control)
+    );
+    for script in [
+        "nft delete table inet netleash",
+        "nft flush ruleset",
+        "nft add rule inet netleash egress accept",
+    ] {
+        let attempt = capsh(script);
+        assert!(
+            !attempt.status.success(),
+            "`{script}` without CAP_NET_ADMIN succeeded: {}",
+            describe(&attempt)
+        );
+        let stderr = String::from_utf8_lossy(&attempt.stderr);
+        assert!(
+            stderr.contains("Operation not permitted"),
+            "`{script}`: {}",
+            describe(&attempt)
+        );
+    }
+    assert_limited_still_enforced(
+        &bed,
+        &table_before,
+        "after the attempts without CAP_NET_ADMIN",
+    );
+}
+
+/// The table is still `table_before` (counters aside) and [`LIMITED`] still
+/// decides: its allowed host connects and another address is rejected.
+fn assert_limited_still_enforced(bed: &Testbed, table_before: &str, when: &str) {
+    assert_eq!(
+        netleash_table(bed.sandbox()).as_deref(),
+        Some(table_before),
+        "the table changed {when}"
+    );
+    assert_reachable(bed, "198.51.100.10", 443);
+    assert_rejected(bed, "198.51.100.11", 443);
+}
