@@ -36,7 +36,9 @@ impl Verdict {
     /// the path to the destination (a bug in the harness, not a verdict).
     fn of_error(err: &io::Error) -> Option<Verdict> {
         match err.raw_os_error() {
-            Some(libc::ECONNREFUSED) => Some(Verdict::Refused),
+            // A reset that comes after the SYN (connect or a read sees
+            // ECONNRESET) is a reset all the same.
+            Some(libc::ECONNREFUSED | libc::ECONNRESET) => Some(Verdict::Refused),
             Some(errno @ (libc::EHOSTUNREACH | libc::ENETUNREACH | libc::EACCES | libc::EPERM)) => {
                 Some(Verdict::Unreachable { errno })
             }
@@ -181,21 +183,28 @@ pub fn http_get(addr: SocketAddr, timeout: Duration) -> Result<Exchange<HttpResp
         verdict: Verdict::Connected,
         elapsed: started.elapsed(),
     };
-    let io_error = |stage| {
-        move |source| Error::Io {
-            peer: addr,
-            stage,
-            source,
-        }
-    };
     let request = format!("GET / HTTP/1.0\r\nHost: {addr}\r\n\r\n");
-    stream
-        .write_all(request.as_bytes())
-        .map_err(io_error("send request"))?;
     let mut raw = Vec::new();
-    stream
-        .read_to_end(&mut raw)
-        .map_err(io_error("read response"))?;
+    let exchanged = stream
+        .write_all(request.as_bytes())
+        .map_err(|err| ("send request", err))
+        .and_then(|()| {
+            stream
+                .read_to_end(&mut raw)
+                .map_err(|err| ("read response", err))
+        });
+    // A reset or a silence after the handshake is a verdict too: the rules
+    // may change under an open connection.
+    if let Err((stage, err)) = exchanged {
+        return match Verdict::of_error(&err) {
+            Some(verdict) => Ok(Exchange::failed(verdict, started)),
+            None => Err(Error::Io {
+                peer: addr,
+                stage,
+                source: err,
+            }),
+        };
+    }
     let malformed = || Error::Io {
         peer: addr,
         stage: "parse response",
@@ -283,6 +292,8 @@ mod tests {
     fn errors_map_to_verdicts() {
         let of = |errno| Verdict::of_error(&io::Error::from_raw_os_error(errno));
         assert_eq!(of(libc::ECONNREFUSED), Some(Verdict::Refused));
+        assert_eq!(of(libc::ECONNRESET), Some(Verdict::Refused));
+        assert_eq!(of(libc::EPERM), Some(Verdict::Unreachable { errno: libc::EPERM }));
         assert_eq!(
             of(libc::EHOSTUNREACH),
             Some(Verdict::Unreachable {

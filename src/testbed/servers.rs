@@ -19,6 +19,8 @@ use super::{DNS_PORT, Error, RESOLVER_V4, RESOLVER_V6, TCP_PORTS, Transport, UDP
 
 /// How long a connection handler waits for its client before giving up.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(2);
+/// The accept queue of every TCP listener; see [`deepen_backlog`].
+const ACCEPT_BACKLOG: libc::c_int = 4096;
 /// The most of an HTTP request head the responder reads.
 const MAX_REQUEST_HEAD: usize = 16 * 1024;
 
@@ -138,6 +140,12 @@ fn bind_all() -> Result<Vec<Listener>, Error> {
         ));
     }
     for listener in &listeners {
+        if let Listener::Http(socket) | Listener::DnsTcp(socket) = listener {
+            deepen_backlog(socket).map_err(bind_error(format!(
+                "a deeper accept queue for {:?}",
+                socket.local_addr()
+            )))?;
+        }
         let nonblocking = match listener {
             Listener::Http(socket) | Listener::DnsTcp(socket) => socket.set_nonblocking(true),
             Listener::Echo(socket) | Listener::DnsUdp(socket) => socket.set_nonblocking(true),
@@ -145,6 +153,24 @@ fn bind_all() -> Result<Vec<Listener>, Error> {
         nonblocking.map_err(bind_error("a non-blocking listener".into()))?;
     }
     Ok(listeners)
+}
+
+/// Let up to [`ACCEPT_BACKLOG`] connections wait for accept(2). std listens
+/// with a backlog of 128; a client that connects and closes in a tight loop
+/// (the atomic re-apply test) completes handshakes in the kernel faster than
+/// this thread accepts them when it is scheduled out for a moment, and once the
+/// queue is full the world silently drops SYNs (TcpExtListenOverflows), which a
+/// probe would read as a timeout.
+fn deepen_backlog(listener: &TcpListener) -> io::Result<()> {
+    // SAFETY: listen(2) on a descriptor owned by `listener`, which is already
+    // listening; calling it again only changes the backlog (Linux caps it at
+    // net.core.somaxconn, 4096 by default in a new namespace).
+    let rc = unsafe { libc::listen(listener.as_raw_fd(), ACCEPT_BACKLOG) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 /// Serve until `stop_seen` becomes readable or hangs up.

@@ -1,14 +1,11 @@
 //! End-to-end enforcement: policies applied with the `netleash` binary, as a
 //! user would, to a real sandbox namespace, judged by real connections.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
-
-use netleash::testbed::{self, TCP_PORTS, Testbed, UDP_ECHO_PORT, Verdict};
+use netleash::testbed::{self, TCP_PORTS, Testbed, UDP_ECHO_PORT};
 
 use crate::support::{
-    self, REJECT_WITHIN, addr, apply, apply_ok, assert_reachable, assert_rejected, describe,
-    netleash, netleash_table, write_policy,
+    self, addr, apply, apply_ok, assert_reachable, assert_rejected, describe, netleash,
+    netleash_table, write_policy,
 };
 
 const LIMITED: &str = r#"{"type": "limited",
@@ -110,47 +107,26 @@ fn reapply_is_atomic() {
     );
     apply_ok(&bed, &first);
 
-    let allowed = addr("198.51.100.10");
-    let blocked = addr("198.51.100.11");
-    let stop = AtomicBool::new(false);
-    let (probes, wrong) = std::thread::scope(|scope| {
-        let prober = scope.spawn(|| {
-            bed.in_sandbox(|| {
-                let (mut probes, mut wrong) = (0_u64, Vec::new());
-                while !stop.load(Ordering::Relaxed) {
-                    for (ip, want_connected) in [(allowed, true), (blocked, false)] {
-                        let at = std::net::SocketAddr::new(ip, 443);
-                        let outcome = testbed::probe::tcp_connect(at, Duration::from_secs(1))
-                            .expect("probe in the sandbox");
-                        probes += 1;
-                        let right = if want_connected {
-                            outcome.verdict == Verdict::Connected
-                        } else {
-                            outcome.rejected_within(REJECT_WITHIN)
-                        };
-                        if !right && wrong.len() < 20 {
-                            wrong.push(format!("{at}: {outcome}"));
-                        }
-                    }
-                }
-                (probes, wrong)
-            })
-            .expect("run the prober in the sandbox")
-        });
+    let expectations = [
+        (addr("198.51.100.10"), true),
+        (addr("198.51.100.11"), false),
+    ];
+    let (probes, wrong) = support::probe_while(&bed, &expectations, 443, || {
         for round in 0..REAPPLIES {
             let policy = if round % 2 == 0 { &second } else { &first };
             let output = apply(&bed, policy);
-            if !output.status.success() {
-                stop.store(true, Ordering::Relaxed);
-                panic!("re-apply {round} failed: {}", describe(&output));
-            }
+            assert!(
+                output.status.success(),
+                "re-apply {round} failed: {}",
+                describe(&output)
+            );
         }
-        stop.store(true, Ordering::Relaxed);
-        prober.join().expect("prober thread")
     });
     assert!(
         wrong.is_empty(),
-        "wrong verdicts during re-apply (first 20): {wrong:#?}"
+        "{} wrong verdicts in {probes} probes during re-apply (first ones): {:#?}",
+        wrong.len(),
+        &wrong[..wrong.len().min(20)]
     );
     // The loop must have overlapped the re-applies for the test to mean anything.
     assert!(

@@ -316,3 +316,67 @@ fn keep_leaves_the_namespaces_for_the_caller_to_delete() {
         assert!(output.status.success(), "{}", support::describe(&output));
     }
 }
+
+/// The ruleset of the re-apply detector's self-tests: 198.51.100.11:443 is
+/// rejected, everything else passes.
+const BLOCK_ONE: &str = "table inet harness_probe {\n\
+     \tchain output {\n\
+     \t\ttype filter hook output priority filter; policy accept;\n\
+     \t\tip daddr 198.51.100.11 tcp dport 443 reject with tcp reset\n\
+     \t}\n\
+     }\n";
+
+/// [`support::probe_while`] with the expectations of [`BLOCK_ONE`] on port 443.
+fn probe_block_one_while(bed: &Testbed, work: impl FnOnce()) -> (u64, Vec<String>) {
+    let expectations = [
+        (addr("198.51.100.10"), true),
+        (addr("198.51.100.11"), false),
+    ];
+    support::probe_while(bed, &expectations, 443, work)
+}
+
+/// The re-apply test's connection loop reports no wrong verdict while the
+/// rules stand still: a wrong verdict there is the apply's fault, not the
+/// harness's (a loop that outran the world's accept queue once read as one).
+#[test]
+fn the_reapply_detector_is_quiet_while_rules_stand_still() {
+    let bed = support::testbed();
+    support::nft_load(bed.sandbox(), BLOCK_ONE);
+    let (probes, wrong) = probe_block_one_while(&bed, || {
+        std::thread::sleep(Duration::from_secs(3));
+    });
+    assert!(
+        wrong.is_empty(),
+        "{} wrong of {probes}: {:?}",
+        wrong.len(),
+        &wrong[..wrong.len().min(10)]
+    );
+    assert!(probes > 500, "only {probes} probes in 3 s");
+}
+
+/// ...and it does see a replace that is not atomic: here the table is gone
+/// for 20 ms at a time, during which the blocked address connects.
+#[test]
+fn the_reapply_detector_sees_a_gap_in_the_rules() {
+    let bed = support::testbed();
+    support::nft_load(bed.sandbox(), BLOCK_ONE);
+    let (_, wrong) = probe_block_one_while(&bed, || {
+        for _ in 0..20 {
+            support::nft_load(bed.sandbox(), "delete table inet harness_probe\n");
+            std::thread::sleep(Duration::from_millis(20));
+            support::nft_load(bed.sandbox(), BLOCK_ONE);
+        }
+    });
+    assert!(
+        wrong
+            .iter()
+            .any(|verdict| verdict.starts_with("198.51.100.11:443 (allowed: false): connected")),
+        "the gaps went unnoticed: {wrong:?}"
+    );
+    assert!(
+        wrong
+            .iter()
+            .all(|verdict| verdict.starts_with("198.51.100.11:443")),
+        "{wrong:?}"
+    );
+}

@@ -6,6 +6,7 @@
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use netleash::testbed::{self, Outcome, Testbed, Transport, Verdict};
@@ -208,6 +209,75 @@ pub fn enforced(name: &str, json: &str) -> (Testbed, tempfile::TempDir) {
     let dir = tempfile::tempdir().expect("tempdir");
     apply_ok(&bed, &write_policy(dir.path(), name, json));
     (bed, dir)
+}
+
+/// Run `work` on the calling thread while a thread in the sandbox probes,
+/// over and over, each `(address, allowed)` of `expectations` on `port`. An
+/// allowed address must answer HTTP (a full exchange, which also keeps the
+/// loop from outrunning the world's accept queue); any other must be rejected
+/// within [`REJECT_WITHIN`]. Returns the number of probes and every wrong
+/// verdict. The loop stops when `work` returns or panics.
+pub fn probe_while(
+    bed: &Testbed,
+    expectations: &[(IpAddr, bool)],
+    port: u16,
+    work: impl FnOnce(),
+) -> (u64, Vec<String>) {
+    /// Sets the flag when dropped, so a panic in `work` still ends the loop
+    /// (otherwise the scope would wait for the prober forever).
+    struct StopOnDrop<'a>(&'a AtomicBool);
+    impl Drop for StopOnDrop<'_> {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::Relaxed);
+        }
+    }
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        let prober = scope.spawn(|| {
+            bed.in_sandbox(|| {
+                let (mut probes, mut wrong) = (0_u64, Vec::new());
+                while !stop.load(Ordering::Relaxed) {
+                    for &(ip, allowed) in expectations {
+                        let at = SocketAddr::new(ip, port);
+                        let wrong_verdict = if allowed {
+                            let exchange = expect_probe(
+                                at,
+                                testbed::probe::http_get(at, Duration::from_secs(1)),
+                            );
+                            match exchange.reply {
+                                Some(response) if response.body == testbed::http_body(at) => None,
+                                Some(response) => Some(format!("answered {response:?}")),
+                                None => Some(exchange.outcome.to_string()),
+                            }
+                        } else {
+                            let outcome = expect_probe(
+                                at,
+                                testbed::probe::tcp_connect(at, Duration::from_secs(1)),
+                            );
+                            (!outcome.rejected_within(REJECT_WITHIN)).then(|| outcome.to_string())
+                        };
+                        probes += 1;
+                        if let Some(verdict) = wrong_verdict {
+                            wrong.push(format!("{at} (allowed: {allowed}): {verdict}"));
+                        }
+                    }
+                }
+                (probes, wrong)
+            })
+            .expect("run the prober in the sandbox")
+        });
+        {
+            let _stop = StopOnDrop(&stop);
+            work();
+        }
+        prober
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    })
+}
+
+fn expect_probe<T>(at: SocketAddr, result: Result<T, testbed::Error>) -> T {
+    result.unwrap_or_else(|err| panic!("probe {at}: {}", netleash::cli::render_error(&err)))
 }
 
 /// Run `COMMAND ARGS` inside the network namespace `netns` (`ip netns exec`).
