@@ -133,6 +133,14 @@ fn observe(probe: &Probe) -> Result<Outcome, testbed::Error> {
     }
 }
 
+/// The OBSERVED column: for UDP (DNS), a reply is an answer, not a connection.
+fn observed_label(probe: &Probe, verdict: Verdict) -> String {
+    match (probe.proto, verdict) {
+        (Proto::Udp, Verdict::Connected) => "answered".to_string(),
+        (_, verdict) => verdict.to_string(),
+    }
+}
+
 /// An allowed destination must connect; a blocked one must be rejected, not
 /// left to time out.
 fn matches(allowed: bool, verdict: Verdict) -> bool {
@@ -174,7 +182,7 @@ pub fn run(args: Args) -> Result<u8, Error> {
         testbed::RESOLVER_V4,
     ));
     table.push_str(&format!(
-        "{:<22} {:<9} {:<9} {:<22} {:>9}  {:<5} {}\n",
+        "{:<22} {:<9} {:<9} {:<26} {:>9}  {:<5} {}\n",
         "DESTINATION", "PORT", "EXPECTED", "OBSERVED", "TIME", "MATCH", "BECAUSE"
     ));
     let mut mismatches = 0;
@@ -183,11 +191,11 @@ pub fn run(args: Args) -> Result<u8, Error> {
         let matched = matches(allowed, outcome.verdict);
         mismatches += usize::from(!matched);
         table.push_str(&format!(
-            "{:<22} {:<9} {:<9} {:<22} {:>6.1} ms  {:<5} {}\n",
+            "{:<22} {:<9} {:<9} {:<26} {:>6.1} ms  {:<5} {}\n",
             probe.destination.ip().to_string(),
             format!("{}/{}", probe.destination.port(), probe.proto),
             if allowed { "allowed" } else { "blocked" },
-            outcome.verdict.to_string(),
+            observed_label(probe, outcome.verdict),
             outcome.elapsed.as_secs_f64() * 1e3,
             if matched { "yes" } else { "NO" },
             because,
