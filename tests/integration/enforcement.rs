@@ -10,6 +10,53 @@ use crate::support::{
 
 const LIMITED: &str = r#"{"type": "limited",
   "allowed_hosts": ["https://198.51.100.10", "[2001:db8:100::10]:443", "203.0.113.0/28"]}"#;
+/// Allows the metadata services in every way the grammar can say it.
+const ALLOWS_METADATA: &str = r#"{"type": "limited", "allowed_hosts": [
+    "169.254.169.254", "169.254.0.0/16", "http://169.254.169.254", "fd00:ec2::254",
+    "[fd00:ec2::254]:80", "198.51.100.10"]}"#;
+const UNRESTRICTED: &str = r#"{"type": "unrestricted"}"#;
+/// The re-apply pair: both allow 198.51.100.10:443 and both block
+/// 198.51.100.11, through different sets (an any-port address in one, a port
+/// entry in the other), so each re-apply really changes the table.
+const REAPPLY_FIRST: &str = r#"{"type": "limited", "allowed_hosts": ["198.51.100.10", "203.0.113.0/28", "2001:db8:100::10"]}"#;
+const REAPPLY_SECOND: &str =
+    r#"{"type": "limited", "allowed_hosts": ["https://198.51.100.10", "[2001:db8:100::11]:443"]}"#;
+/// Policies `apply` must refuse, as (file name, text).
+const INVALID: [(&str, &str); 3] = [
+    (
+        "not-json.json",
+        r#"{"type": "limited", "allowed_hosts": ["https://198.51.100.11""#,
+    ),
+    ("unknown-type.json", r#"{"type": "wide_open"}"#),
+    (
+        "bad-host.json",
+        r#"{"type": "limited", "allowed_hosts": ["https://198.51.100.11:99999"]}"#,
+    ),
+];
+
+/// The policies of these tests mean what the tests assume, checked with the
+/// loader alone (no root, no kernel), so an enforcement failure is never a
+/// fixture's fault.
+#[test]
+fn the_policies_used_here_load_as_assumed() {
+    use netleash::policy::{self, Expansions, Mode};
+    let load = |text| policy::load(text, "test", &Expansions::default());
+    for text in [LIMITED, ALLOWS_METADATA, REAPPLY_FIRST, REAPPLY_SECOND] {
+        let loaded = load(text)
+            .unwrap_or_else(|err| panic!("{text}: {}", netleash::cli::render_error(&err)));
+        assert_eq!(loaded.mode, Mode::Limited, "{text}");
+    }
+    assert_eq!(
+        load(UNRESTRICTED).expect("unrestricted loads").mode,
+        Mode::Unrestricted
+    );
+    for (name, text) in INVALID {
+        assert!(
+            load(text).is_err(),
+            "{name} loads, but the tests need it refused"
+        );
+    }
+}
 
 #[test]
 fn an_allowed_host_is_reachable_and_everything_else_is_rejected_at_once() {
@@ -47,10 +94,7 @@ fn ports_are_enforced() {
 
 #[test]
 fn the_blocklist_wins_over_an_allow() {
-    let policy = r#"{"type": "limited", "allowed_hosts": [
-        "169.254.169.254", "169.254.0.0/16", "http://169.254.169.254", "fd00:ec2::254",
-        "[fd00:ec2::254]:80", "198.51.100.10"]}"#;
-    let (bed, _dir) = support::enforced("metadata.json", policy);
+    let (bed, _dir) = support::enforced("metadata.json", ALLOWS_METADATA);
 
     // The policy is in force: its one ordinary entry is reachable...
     assert_reachable(&bed, "198.51.100.10", 80);
@@ -65,7 +109,7 @@ fn the_blocklist_wins_over_an_allow() {
 
 #[test]
 fn unrestricted_blocks_only_the_blocklist() {
-    let (bed, _dir) = support::enforced("open.json", r#"{"type": "unrestricted"}"#);
+    let (bed, _dir) = support::enforced("open.json", UNRESTRICTED);
 
     for ip in testbed::TEST_ADDRESSES {
         for port in TCP_PORTS {
@@ -92,19 +136,8 @@ fn reapply_is_atomic() {
     const REAPPLIES: usize = 500;
     let bed = support::testbed();
     let dir = tempfile::tempdir().expect("tempdir");
-    // Both allow 198.51.100.10:443 and both block 198.51.100.11, through
-    // different sets (an any-port address in one, a port entry in the other),
-    // so each re-apply really changes the table.
-    let first = write_policy(
-        dir.path(),
-        "first.json",
-        r#"{"type": "limited", "allowed_hosts": ["198.51.100.10", "203.0.113.0/28", "2001:db8:100::10"]}"#,
-    );
-    let second = write_policy(
-        dir.path(),
-        "second.json",
-        r#"{"type": "limited", "allowed_hosts": ["https://198.51.100.10", "[2001:db8:100::11]:443"]}"#,
-    );
+    let first = write_policy(dir.path(), "first.json", REAPPLY_FIRST);
+    let second = write_policy(dir.path(), "second.json", REAPPLY_SECOND);
     apply_ok(&bed, &first);
 
     let expectations = [
@@ -142,18 +175,7 @@ fn an_invalid_policy_keeps_the_old_rules_and_remove_restores_open_traffic() {
     let status = netleash(&["status", "--netns", bed.sandbox()]);
     assert!(status.status.success(), "status: {}", describe(&status));
 
-    let invalid = [
-        (
-            "not-json.json",
-            "{\"type\": \"limited\", \"allowed_hosts\": [\"https://198.51.100.11\"",
-        ),
-        ("unknown-type.json", r#"{"type": "wide_open"}"#),
-        (
-            "bad-host.json",
-            r#"{"type": "limited", "allowed_hosts": ["https://198.51.100.11:99999"]}"#,
-        ),
-    ];
-    for (name, json) in invalid {
+    for (name, json) in INVALID {
         let output = apply(&bed, &write_policy(dir.path(), name, json));
         assert_eq!(
             output.status.code(),
