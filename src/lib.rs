@@ -6,7 +6,9 @@
 //! - [`kernel`]: the only module that talks netlink; applies a `Ruleset` in one batch;
 //! - [`netns`]: runs work inside a sandbox's network namespace;
 //! - [`dns`]: the DNS proxy and resolver loop that fill the DNS-derived sets;
-//! - [`cli`]: the `netleash` command.
+//! - [`cli`]: the `netleash` command;
+//! - [`testbed`]: throwaway sandbox and world namespaces with servers, for the
+//!   privileged tests and `netleash demo`.
 
 pub mod cli;
 pub mod dns;
@@ -14,3 +16,4 @@ pub mod kernel;
 pub mod netns;
 pub mod policy;
 pub mod ruleset;
+pub mod testbed;

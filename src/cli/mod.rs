@@ -13,6 +13,7 @@ use clap::{Parser, Subcommand};
 pub mod apply;
 pub mod check;
 pub mod compile;
+pub mod demo;
 pub mod explain;
 pub mod netns_args;
 pub mod policy_args;
@@ -63,6 +64,8 @@ pub enum Command {
     Status(status::Args),
     /// Stop enforcing: delete netleash's table from a network namespace.
     Remove(remove::Args),
+    /// Show enforcement with real connections in a throwaway sandbox.
+    Demo(demo::Args),
 }
 
 /// Everything a subcommand can fail with; each variant knows its exit code.
@@ -85,13 +88,23 @@ pub enum Error {
     Kernel(#[from] crate::kernel::Error),
     #[error(transparent)]
     Netns(#[from] crate::netns::Error),
+    #[error(transparent)]
+    Testbed(#[from] crate::testbed::Error),
+    #[error(
+        "{mismatches} of {total} observations do not match the policy: enforcement is not working here"
+    )]
+    DemoMismatch { mismatches: usize, total: usize },
 }
 
 impl Error {
     pub fn exit_code(&self) -> u8 {
         match self {
             Error::Policy(_) | Error::Usage(_) | Error::ReadInput { .. } => EXIT_INVALID_INPUT,
-            Error::Output(_) | Error::Kernel(_) | Error::Netns(_) => EXIT_SYSTEM_ERROR,
+            Error::Output(_)
+            | Error::Kernel(_)
+            | Error::Netns(_)
+            | Error::Testbed(_)
+            | Error::DemoMismatch { .. } => EXIT_SYSTEM_ERROR,
         }
     }
 }
@@ -106,6 +119,7 @@ pub fn main() -> ExitCode {
         Command::Apply(args) => apply::run(args),
         Command::Status(args) => status::run(args),
         Command::Remove(args) => remove::run(args),
+        Command::Demo(args) => demo::run(args),
     };
     match result {
         Ok(code) => ExitCode::from(code),
