@@ -5,10 +5,15 @@
 //! - [`ruleset`]: the pure compiler → [`ruleset::Ruleset`], its renderers and evaluator;
 //! - [`kernel`]: the only module that talks netlink; applies a `Ruleset` in one batch;
 //! - [`netns`]: runs work inside a sandbox's network namespace;
-//! - [`cli`]: the `netleash` command.
+//! - [`dns`]: the DNS proxy and resolver loop that fill the DNS-derived sets;
+//! - [`cli`]: the `netleash` command;
+//! - [`testbed`]: throwaway sandbox and world namespaces with servers, for the
+//!   privileged tests and `netleash demo`.
 
 pub mod cli;
+pub mod dns;
 pub mod kernel;
 pub mod netns;
 pub mod policy;
 pub mod ruleset;
+pub mod testbed;

@@ -1,6 +1,23 @@
 //! Run work inside a network namespace without changing the caller's own.
+//!
+//! A network namespace is entered with `setns(fd, CLONE_NEWNET)` on a fresh
+//! thread that exists only for that piece of work: namespaces are a property
+//! of a thread (task), so the calling thread, and with it the rest of the
+//! process, never leaves its own namespace (setns(2): "CLONE_NEWNET ... the
+//! calling thread"). A socket keeps the namespace it was created in for its
+//! whole life (socket(7), network_namespaces(7)), so a socket opened through
+//! [`open_socket`] can be used from any thread afterwards: this is how one
+//! process serves many sandboxes.
 
-use std::path::PathBuf;
+use std::fmt;
+use std::fs::File;
+use std::io;
+use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+
+/// Where `ip netns add NAME` mounts its namespaces (iproute2 `NETNS_RUN_DIR`).
+pub const NETNS_RUN_DIR: &str = "/run/netns";
 
 /// A network namespace to act in.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -13,8 +30,226 @@ pub enum Target {
     Pid(u32),
 }
 
+impl Target {
+    /// The namespace file this target names. Fails only for a name that
+    /// cannot be a file name under /run/netns.
+    pub fn path(&self) -> Result<PathBuf, Error> {
+        match self {
+            Target::Name(name) => {
+                // iproute2 refuses the same names: they would escape /run/netns.
+                if name.is_empty()
+                    || name == "."
+                    || name == ".."
+                    || name.contains('/')
+                    || name.contains('\0')
+                {
+                    return Err(Error::InvalidName { name: name.clone() });
+                }
+                Ok(Path::new(NETNS_RUN_DIR).join(name))
+            }
+            Target::Path(path) => Ok(path.clone()),
+            Target::Pid(pid) => Ok(PathBuf::from(format!("/proc/{pid}/ns/net"))),
+        }
+    }
+}
+
+impl fmt::Display for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Target::Name(name) => write!(f, "network namespace {name:?}"),
+            Target::Path(path) => write!(f, "network namespace {}", path.display()),
+            Target::Pid(pid) => write!(f, "network namespace of process {pid}"),
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("network namespaces are not built yet")]
-    NotBuilt,
+    #[error(
+        "{name:?} is not a valid network namespace name: it must be a file name under {NETNS_RUN_DIR} \
+         (no '/', not '.' or '..'); give a path with --netns /path/to/ns instead"
+    )]
+    InvalidName { name: String },
+    #[error(
+        "network namespace {name:?} does not exist ({path} is missing); list the namespaces with \
+         `ip netns list`, or create it with `ip netns add {name}`"
+    )]
+    NoSuchName { name: String, path: PathBuf },
+    #[error("process {pid} does not exist ({path} is missing); list processes with `ps -e`")]
+    NoSuchProcess { pid: u32, path: PathBuf },
+    #[error("namespace file {path} does not exist; list named namespaces with `ip netns list`")]
+    NoSuchPath { path: PathBuf },
+    #[error("cannot open namespace file {path}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{path} is not a network namespace (setns refused it with EINVAL)")]
+    NotNetworkNamespace { path: PathBuf },
+    #[error("cannot enter the network namespace {path} (entering needs CAP_SYS_ADMIN)")]
+    Enter {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot start a thread to work in the network namespace {path}")]
+    Spawn {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("the work in the network namespace {path} panicked: {message}")]
+    Panicked { path: PathBuf, message: String },
+    #[error("cannot open a socket in the network namespace {path}")]
+    Socket {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Open the namespace file of `target`, with errors that say how to find a valid one.
+fn open(target: &Target) -> Result<(PathBuf, File), Error> {
+    let path = target.path()?;
+    match File::open(&path) {
+        Ok(file) => Ok((path, file)),
+        Err(err) if err.kind() == io::ErrorKind::NotFound => Err(match target {
+            Target::Name(name) => Error::NoSuchName {
+                name: name.clone(),
+                path,
+            },
+            Target::Pid(pid) => Error::NoSuchProcess { pid: *pid, path },
+            Target::Path(_) => Error::NoSuchPath { path },
+        }),
+        Err(source) => Err(Error::Open { path, source }),
+    }
+}
+
+/// Run `f` on a new thread that has entered `target`'s network namespace and
+/// return its result. The calling thread's namespace is never changed; the
+/// worker thread ends with `f`, so no thread is ever left in the wrong namespace.
+pub fn run_in<T: Send>(target: &Target, f: impl FnOnce() -> T + Send) -> Result<T, Error> {
+    let (path, file) = open(target)?;
+    let thread_path = path.clone();
+    std::thread::scope(|scope| {
+        let worker = std::thread::Builder::new()
+            .name("netleash-netns".into())
+            .spawn_scoped(scope, move || -> Result<T, Error> {
+                // SAFETY: `file` is an open file descriptor owned by this closure for
+                // the duration of the call; setns only reads it. CLONE_NEWNET makes the
+                // kernel check that it refers to a network namespace. setns changes the
+                // namespace of the calling thread only, which is this worker thread.
+                let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+                if rc != 0 {
+                    let source = io::Error::last_os_error();
+                    return Err(if source.raw_os_error() == Some(libc::EINVAL) {
+                        Error::NotNetworkNamespace { path: thread_path }
+                    } else {
+                        Error::Enter {
+                            path: thread_path,
+                            source,
+                        }
+                    });
+                }
+                drop(file);
+                Ok(f())
+            })
+            .map_err(|source| Error::Spawn {
+                path: path.clone(),
+                source,
+            })?;
+        worker.join().map_err(|panic| Error::Panicked {
+            path: path.clone(),
+            message: panic_message(&panic),
+        })
+    })?
+}
+
+fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+    if let Some(text) = panic.downcast_ref::<&str>() {
+        (*text).to_string()
+    } else if let Some(text) = panic.downcast_ref::<String>() {
+        text.clone()
+    } else {
+        "(no message)".to_string()
+    }
+}
+
+/// Open a socket (or anything else that binds to the current network
+/// namespace when created) inside `target`. The returned object stays in
+/// that namespace wherever it is used afterwards.
+pub fn open_socket<S: Send>(
+    target: &Target,
+    open: impl FnOnce() -> io::Result<S> + Send,
+) -> Result<S, Error> {
+    let path = target.path()?;
+    run_in(target, open)?.map_err(|source| Error::Socket { path, source })
+}
+
+/// A UDP socket bound to `addr` inside `target` (e.g. a DNS listener for a sandbox).
+pub fn udp_socket(target: &Target, addr: SocketAddr) -> Result<UdpSocket, Error> {
+    open_socket(target, move || UdpSocket::bind(addr))
+}
+
+/// A TCP listener bound to `addr` inside `target`.
+pub fn tcp_listener(target: &Target, addr: SocketAddr) -> Result<TcpListener, Error> {
+    open_socket(target, move || TcpListener::bind(addr))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn target_paths() {
+        assert_eq!(
+            Target::Name("sbx-1".into()).path().unwrap(),
+            PathBuf::from("/run/netns/sbx-1")
+        );
+        assert_eq!(
+            Target::Pid(42).path().unwrap(),
+            PathBuf::from("/proc/42/ns/net")
+        );
+        assert_eq!(
+            Target::Path("/x/y".into()).path().unwrap(),
+            PathBuf::from("/x/y")
+        );
+    }
+
+    #[test]
+    fn names_that_escape_the_run_dir_are_refused() {
+        for name in ["", ".", "..", "a/b", "../etc"] {
+            let err = Target::Name(name.into()).path().unwrap_err();
+            assert!(matches!(err, Error::InvalidName { .. }), "{name:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_missing_name_says_how_to_list_namespaces() {
+        let err = run_in(&Target::Name("netleash-no-such-namespace".into()), || ()).unwrap_err();
+        assert!(matches!(err, Error::NoSuchName { .. }));
+        assert!(err.to_string().contains("ip netns list"), "{err}");
+    }
+
+    #[test]
+    fn a_missing_process_is_named() {
+        // Larger than the kernel's PID_MAX_LIMIT (2^22), so never a live process.
+        let err = run_in(&Target::Pid(u32::MAX), || ()).unwrap_err();
+        assert!(
+            matches!(err, Error::NoSuchProcess { pid: u32::MAX, .. }),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_file_that_is_not_a_namespace_is_refused() {
+        // Entering needs CAP_SYS_ADMIN; as non-root the open or setns fails
+        // with EPERM instead, which is also a refusal.
+        let err = run_in(&Target::Path("/proc/self/status".into()), || ()).unwrap_err();
+        assert!(
+            matches!(err, Error::NotNetworkNamespace { .. } | Error::Enter { .. }),
+            "{err}"
+        );
+    }
 }

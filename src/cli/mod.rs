@@ -10,10 +10,15 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+pub mod apply;
 pub mod check;
 pub mod compile;
+pub mod demo;
 pub mod explain;
+pub mod netns_args;
 pub mod policy_args;
+pub mod remove;
+pub mod status;
 
 pub const EXIT_OK: u8 = 0;
 pub const EXIT_BLOCKED: u8 = 1;
@@ -53,6 +58,14 @@ pub enum Command {
     Compile(compile::Args),
     Explain(explain::Args),
     Check(check::Args),
+    /// Enforce a policy in a sandbox's network namespace (atomic, verified).
+    Apply(apply::Args),
+    /// Show what netleash enforces in a network namespace.
+    Status(status::Args),
+    /// Stop enforcing: delete netleash's table from a network namespace.
+    Remove(remove::Args),
+    /// Show enforcement with real connections in a throwaway sandbox.
+    Demo(demo::Args),
 }
 
 /// Everything a subcommand can fail with; each variant knows its exit code.
@@ -73,13 +86,28 @@ pub enum Error {
     Output(#[source] std::io::Error),
     #[error("cannot resolve {0} with the system resolver")]
     Resolve(String, #[source] std::io::Error),
+    #[error(transparent)]
+    Kernel(#[from] crate::kernel::Error),
+    #[error(transparent)]
+    Netns(#[from] crate::netns::Error),
+    #[error(transparent)]
+    Testbed(#[from] crate::testbed::Error),
+    #[error(
+        "{mismatches} of {total} observations do not match the policy: enforcement is not working here"
+    )]
+    DemoMismatch { mismatches: usize, total: usize },
 }
 
 impl Error {
     pub fn exit_code(&self) -> u8 {
         match self {
             Error::Policy(_) | Error::Usage(_) | Error::ReadInput { .. } => EXIT_INVALID_INPUT,
-            Error::Output(_) | Error::Resolve(..) => EXIT_SYSTEM_ERROR,
+            Error::Output(_)
+            | Error::Resolve(..)
+            | Error::Kernel(_)
+            | Error::Netns(_)
+            | Error::Testbed(_)
+            | Error::DemoMismatch { .. } => EXIT_SYSTEM_ERROR,
         }
     }
 }
@@ -91,6 +119,10 @@ pub fn main() -> ExitCode {
         Command::Compile(args) => compile::run(args),
         Command::Explain(args) => explain::run(args),
         Command::Check(args) => check::run(args),
+        Command::Apply(args) => apply::run(args),
+        Command::Status(args) => status::run(args),
+        Command::Remove(args) => remove::run(args),
+        Command::Demo(args) => demo::run(args),
     };
     match result {
         Ok(code) => ExitCode::from(code),
@@ -115,7 +147,9 @@ pub fn render_error(err: &(dyn std::error::Error + 'static)) -> String {
 fn init_tracing(filter: &str, json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_new(filter)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if json {
         let _ = builder.json().try_init();
     } else {

@@ -92,7 +92,10 @@ impl fmt::Display for Ports {
         match self {
             Ports::Any => f.write_str("any"),
             Ports::Only(set) => {
-                let parts: Vec<String> = set.iter().map(|p| format!("{}/{}", p.port, p.proto)).collect();
+                let parts: Vec<String> = set
+                    .iter()
+                    .map(|p| format!("{}/{}", p.port, p.proto))
+                    .collect();
                 f.write_str(&parts.join(", "))
             }
         }
@@ -130,7 +133,9 @@ impl fmt::Display for Target {
         match self {
             Target::Name(n) => f.write_str(n),
             Target::Wildcard(s) => write!(f, "*.{s}"),
-            Target::Net(net) if net.prefix_len() == net.max_prefix_len() => write!(f, "{}", net.addr()),
+            Target::Net(net) if net.prefix_len() == net.max_prefix_len() => {
+                write!(f, "{}", net.addr())
+            }
             Target::Net(net) => write!(f, "{net}"),
         }
     }
@@ -202,7 +207,10 @@ pub struct CompileOptions {
 
 impl Default for CompileOptions {
     fn default() -> Self {
-        CompileOptions { resolvers: Vec::new(), nflog_group: DEFAULT_NFLOG_GROUP }
+        CompileOptions {
+            resolvers: Vec::new(),
+            nflog_group: DEFAULT_NFLOG_GROUP,
+        }
     }
 }
 

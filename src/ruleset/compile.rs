@@ -4,14 +4,13 @@
 //! Rule order in the `egress` chain is the security argument and must not change
 //! without updating docs/policy-reference.md:
 //! 1. loopback is accepted (nothing in the blocklist is a loopback address);
-//! 2. ICMPv6 neighbour discovery is accepted, or IPv6 breaks (RFC 4861 §4). It
-//!    comes before the blocklist because neighbour solicitations and
-//!    advertisements go to link-local addresses (the default router is
-//!    usually fe80::1), which the blocklist may hold (fe80::/10); these ICMPv6
-//!    types carry no TCP or UDP, so they cannot reach a metadata service;
+//! 2. ICMPv6 neighbour discovery is accepted, or IPv6 breaks (RFC 4861 §4).
+//!    It comes before the blocklist because the blocklist holds fe80::/10 and
+//!    neighbour solicitations and advertisements are sent to link-local
+//!    addresses; ND messages never leave the link (hop limit 255, RFC 4861 §7.1);
 //! 3. the safety blocklist is checked before any other accept, so an allowed
 //!    name whose DNS answer points into it stays blocked (DNS rebinding);
-//! 4. established/related traffic is accepted (its first packet passed 1–3 and 5–7);
+//! 4. established/related traffic is accepted (its first packet passed 1–3 and 5–8);
 //! 5. DNS (53) goes only to the configured resolvers; DNS and DNS over TLS
 //!    (853, RFC 7858) to anything else is denied even if the address is allowed;
 //! 6. static allow sets (literals, CIDRs), then DNS-derived sets;
@@ -260,19 +259,23 @@ fn deny_actions() -> Vec<Action> {
 }
 
 fn egress_chain(limited: bool) -> Chain {
-    let mut rules = vec![Rule {
-        id: "loopback".into(),
-        description: "traffic to the sandbox's own loopback interface".into(),
-        matches: vec![Match::OifLoopback],
-        actions: vec![Action::Accept],
-    }];
-    rules.push(Rule {
-        id: "icmpv6-neighbour-discovery".into(),
-        description: "ICMPv6 router/neighbour solicitation, neighbour advertisement, MLDv2 reports"
-            .into(),
-        matches: vec![Match::Icmpv6Types(ICMPV6_NEIGHBOUR_DISCOVERY.to_vec())],
-        actions: vec![Action::Accept],
-    });
+    let mut rules = vec![
+        Rule {
+            id: "loopback".into(),
+            description: "traffic to the sandbox's own loopback interface".into(),
+            matches: vec![Match::OifLoopback],
+            actions: vec![Action::Accept],
+        },
+        // In both modes: the blocklist below holds fe80::/10.
+        Rule {
+            id: "icmpv6-neighbour-discovery".into(),
+            description:
+                "ICMPv6 router/neighbour solicitation, neighbour advertisement, MLDv2 reports"
+                    .into(),
+            matches: vec![Match::Icmpv6Types(ICMPV6_NEIGHBOUR_DISCOVERY.to_vec())],
+            actions: vec![Action::Accept],
+        },
+    ];
     for family in FAMILIES {
         rules.push(Rule {
             id: format!("blocklist-{}", family_tag(family)),

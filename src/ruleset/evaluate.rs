@@ -63,12 +63,11 @@ impl Learned {
         let mut learned = Learned::default();
         for binding in ruleset.names.iter().filter(|b| b.target.matches_name(name)) {
             for addr in addrs {
-                let (set, elements) = dns_elements(binding, *addr);
-                learned
-                    .elements
-                    .entry(set.to_string())
-                    .or_default()
-                    .extend(elements);
+                // The resolver loop's own mapping, so `check --resolve` adds
+                // exactly what it would.
+                for (set, element) in crate::dns::learn::elements_for(binding, *addr) {
+                    learned.elements.entry(set).or_default().insert(element);
+                }
             }
         }
         learned
@@ -89,23 +88,6 @@ impl Learned {
                 Element::Addr(_) => None,
             })
     }
-}
-
-/// The set and elements that an answer `addr` for a name of `binding` adds.
-pub fn dns_elements(binding: &NameBinding, addr: IpAddr) -> (&str, Vec<Element>) {
-    let host = IpNet::from(addr);
-    let set = match Family::of(&addr) {
-        Family::V4 => binding.set_v4.as_str(),
-        Family::V6 => binding.set_v6.as_str(),
-    };
-    let elements = match &binding.ports {
-        Ports::Any => vec![Element::Addr(host)],
-        Ports::Only(specs) => specs
-            .iter()
-            .map(|s| Element::AddrProtoPort(host, s.proto, s.port))
-            .collect(),
-    };
-    (set, elements)
 }
 
 /// What happens to the packet in the end.

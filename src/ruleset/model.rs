@@ -17,7 +17,7 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 
-use crate::policy::{Mode, Ports, Proto, Target, Source};
+use crate::policy::{Mode, Ports, Proto, Source, Target};
 
 /// The one table netleash owns. It never reads or writes any other table.
 pub const TABLE_NAME: &str = "netleash";
@@ -162,7 +162,10 @@ pub enum Action {
     /// An anonymous per-rule packet/byte counter.
     Counter,
     /// `log group N prefix "..."` to nflog.
-    Log { group: u16, prefix: String },
+    Log {
+        group: u16,
+        prefix: String,
+    },
     Accept,
     Drop,
     Reject(RejectKind),

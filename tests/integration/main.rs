@@ -1,8 +1,18 @@
 //! The one integration test binary; one module per topic.
+//!
+//! `harness`, `enforcement` and `demo` are privileged: they build network
+//! namespaces and fail (never skip) when not run as root.
 
 mod bad_input;
 mod cli;
+mod demo;
+mod dns;
+mod dns_upstream;
+mod enforcement;
 mod fixtures;
 mod golden;
+mod harness;
+mod kernel;
 mod nft_check;
 mod policies;
+mod support;

@@ -1,0 +1,375 @@
+//! Apply latency: netleash (one netlink transaction, then read-back and
+//! verification) against `nft -f` with the same ruleset, side by side in one
+//! run, at 10, 1,000 and 10,000 set elements, in a network namespace this
+//! benchmark creates and deletes.
+//!
+//! Run as root: `cargo bench --bench apply`. Optional: `-- --quick` for fewer rounds.
+//!
+//! The nft text is rendered from the model here, in the benchmark only
+//! (`ruleset::render::nft` is not part of this branch). Before timing, the
+//! benchmark applies the text with nft and has netleash's verifier compare
+//! the kernel's table with the model: both sides must enforce the same table.
+
+use std::fmt::Write as _;
+use std::net::Ipv4Addr;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use ipnet::IpNet;
+use netleash::kernel;
+use netleash::netns::Target;
+use netleash::policy::{
+    BlockEntry, CompileOptions, Dialect, HostRule, Mode, Policy, PortSpec, Ports, Proto, Source,
+    Target as Dest,
+};
+use netleash::ruleset::{self, Action, Element, Family, Match, RejectKind, Ruleset, SetKey};
+
+struct Netns(String);
+
+impl Netns {
+    fn new() -> Netns {
+        // SAFETY: geteuid has no preconditions.
+        assert_eq!(
+            unsafe { libc::geteuid() },
+            0,
+            "the apply benchmark needs root (it creates a network namespace)"
+        );
+        let name = format!("nlbench-{}", std::process::id());
+        let status = Command::new("ip")
+            .args(["netns", "add", &name])
+            .status()
+            .expect("run ip");
+        assert!(status.success(), "ip netns add {name} failed");
+        Netns(name)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+/// A limited policy with `elements` static set elements: half single IPv4
+/// addresses on any port, half IPv4 /30 ranges on tcp/443, plus the usual
+/// blocklist and resolvers. For 10 elements this is a typical sandbox policy.
+fn policy(elements: usize) -> (Policy, CompileOptions) {
+    let mut rules = Vec::new();
+    for i in 0..elements {
+        let (base, step, prefix, ports) = if i % 2 == 0 {
+            (Ipv4Addr::new(10, 0, 0, 0), 4, 32, Ports::Any)
+        } else {
+            let only = [PortSpec {
+                proto: Proto::Tcp,
+                port: 443,
+            }]
+            .into();
+            (Ipv4Addr::new(11, 0, 0, 0), 8, 30, Ports::Only(only))
+        };
+        let addr = Ipv4Addr::from(u32::from(base) + step * (i / 2) as u32);
+        let net: IpNet = format!("{addr}/{prefix}").parse().unwrap();
+        rules.push(HostRule {
+            target: Dest::Net(net),
+            ports,
+            sources: [Source::AllowedHosts].into(),
+            entry: net.to_string(),
+        });
+    }
+    rules.sort_by(|a, b| a.target.cmp(&b.target));
+    let blocklist = ["169.254.0.0/16", "100.64.0.0/10", "fd00:ec2::254/128"]
+        .iter()
+        .map(|n| BlockEntry {
+            net: n.parse().unwrap(),
+            reason: "metadata".into(),
+        })
+        .collect();
+    let policy = Policy {
+        mode: Mode::Limited,
+        dialect: Dialect::Limited,
+        rules,
+        blocklist,
+        warnings: vec![],
+    };
+    let options = CompileOptions {
+        resolvers: vec!["192.0.2.53".parse().unwrap()],
+        nflog_group: 4711,
+    };
+    (policy, options)
+}
+
+fn element_text(element: &Element) -> String {
+    let net = |n: &IpNet| {
+        if n.prefix_len() == n.max_prefix_len() {
+            n.addr().to_string()
+        } else {
+            n.to_string()
+        }
+    };
+    match element {
+        Element::Addr(n) => net(n),
+        Element::AddrProtoPort(n, proto, port) => format!("{} . {proto} . {port}", net(n)),
+    }
+}
+
+fn list<T: ToString>(items: &[T]) -> String {
+    let items: Vec<String> = items.iter().map(ToString::to_string).collect();
+    if items.len() == 1 {
+        items[0].clone()
+    } else {
+        format!("{{ {} }}", items.join(", "))
+    }
+}
+
+/// The model as an `nft -f` script that replaces the table atomically.
+fn nft_text(ruleset: &Ruleset) -> String {
+    let mut text = String::new();
+    let _ = writeln!(
+        text,
+        "table inet netleash\ndelete table inet netleash\ntable inet netleash {{"
+    );
+    let _ = writeln!(text, "  comment \"{}\"", ruleset.digest);
+    for set in &ruleset.sets {
+        let addr = |f: Family| {
+            if f == Family::V4 {
+                "ipv4_addr"
+            } else {
+                "ipv6_addr"
+            }
+        };
+        let key = match set.key {
+            SetKey::Addr(f) => addr(f).to_string(),
+            SetKey::AddrProtoPort(f) => format!("{} . inet_proto . inet_service", addr(f)),
+        };
+        let _ = write!(text, "  set {} {{ type {key};", set.name);
+        let flags: Vec<&str> = [(set.interval, "interval"), (set.timeout, "timeout")]
+            .iter()
+            .filter_map(|(on, name)| on.then_some(*name))
+            .collect();
+        if !flags.is_empty() {
+            let _ = write!(text, " flags {};", flags.join(","));
+        }
+        if !set.elements.is_empty() {
+            let elements: Vec<String> = set.elements.iter().map(element_text).collect();
+            let _ = write!(text, " elements = {{ {} }};", elements.join(", "));
+        }
+        let _ = writeln!(text, " }}");
+    }
+    for chain in &ruleset.chains {
+        let _ = writeln!(text, "  chain {} {{", chain.name);
+        if let Some(base) = chain.base {
+            let hook = if base.hook == ruleset::Hook::Output {
+                "output"
+            } else {
+                "forward"
+            };
+            let policy = if base.policy == ruleset::ChainPolicy::Drop {
+                "drop"
+            } else {
+                "accept"
+            };
+            let _ = writeln!(
+                text,
+                "    type filter hook {hook} priority {}; policy {policy};",
+                base.priority
+            );
+        }
+        for rule in &chain.rules {
+            let mut words: Vec<String> = Vec::new();
+            for condition in &rule.matches {
+                words.push(match condition {
+                    Match::OifLoopback => "oif \"lo\"".into(),
+                    Match::CtEstablishedRelated => "ct state established,related".into(),
+                    Match::Icmpv6Types(types) => format!("icmpv6 type {}", list(types)),
+                    Match::L4ProtoIn(protos) => format!("meta l4proto {}", list(protos)),
+                    Match::DportIn(ports) => format!("th dport {}", list(ports)),
+                    Match::DaddrInSet { family, set } => {
+                        format!(
+                            "{} daddr @{set}",
+                            if *family == Family::V4 { "ip" } else { "ip6" }
+                        )
+                    }
+                    Match::DaddrProtoPortInSet { family, set } => format!(
+                        "{} daddr . meta l4proto . th dport @{set}",
+                        if *family == Family::V4 { "ip" } else { "ip6" }
+                    ),
+                });
+            }
+            for action in &rule.actions {
+                words.push(match action {
+                    Action::Counter => "counter".into(),
+                    Action::Log { group, prefix } => {
+                        format!("log group {group} prefix \"{prefix}\"")
+                    }
+                    Action::Accept => "accept".into(),
+                    Action::Drop => "drop".into(),
+                    Action::Reject(RejectKind::TcpReset) => "reject with tcp reset".into(),
+                    Action::Reject(RejectKind::IcmpxAdminProhibited) => {
+                        "reject with icmpx admin-prohibited".into()
+                    }
+                    Action::Jump(target) => format!("jump {target}"),
+                });
+            }
+            let _ = writeln!(text, "    {} comment \"{}\"", words.join(" "), rule.id);
+        }
+        let _ = writeln!(text, "  }}");
+    }
+    let _ = writeln!(text, "}}");
+    text
+}
+
+/// Differences that only reflect how nft 1.0.6 encodes the same table:
+/// a leading interval end element at the all-zero address in interval sets
+/// (a lower bound older kernels needed; no key can match it), and a
+/// `byteorder` expression on the 1-byte `meta l4proto` field of a
+/// concatenated lookup (length 1, so it converts nothing).
+fn nft_habit(difference: &kernel::Difference) -> bool {
+    match difference {
+        kernel::Difference::SetElements {
+            only_model,
+            only_kernel,
+            ..
+        } => {
+            only_model.is_empty()
+                && only_kernel.len() == 1
+                && ["0.0.0.0 (interval end)", ":: (interval end)"]
+                    .contains(&only_kernel[0].as_str())
+        }
+        kernel::Difference::RuleExpressions { kernel, model, .. } => {
+            let without: Vec<&String> = kernel.iter().filter(|e| *e != "byteorder").collect();
+            without == model.iter().collect::<Vec<_>>()
+        }
+        _ => false,
+    }
+}
+
+fn median(samples: &mut [Duration]) -> Duration {
+    samples.sort();
+    samples[samples.len() / 2]
+}
+
+fn percentile(samples: &[Duration], p: f64) -> Duration {
+    samples[((samples.len() - 1) as f64 * p).round() as usize]
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.3}", d.as_secs_f64() * 1e3)
+}
+
+/// Pause between isolated rounds, so each starts after the kernel has freed
+/// what the previous round replaced (see `Session::close_in_background`).
+const SETTLE: Duration = Duration::from_millis(40);
+
+fn main() {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let ns = Netns::new();
+    let target = Target::Name(ns.0.clone());
+    let dir = std::env::temp_dir().join(format!("netleash-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+
+    println!(
+        "apply latency in network namespace {}; medians (p90) in ms",
+        ns.0
+    );
+    println!("  session:  kernel::Session::apply on an open session (a long-lived agent's path)");
+    println!("  one-shot: kernel::apply (thread, namespace entry and socket per call)");
+    println!("  nft -f:   nft spawned inside the namespace");
+    println!(
+        "  rounds of these three are interleaved, each {} ms after the previous one;",
+        SETTLE.as_millis()
+    );
+    println!(
+        "  back-to-back: session rounds without pauses (the kernel frees each replaced table meanwhile)"
+    );
+    println!(
+        "{:>8} {:>6} | {:>17} | {:>17} | {:>17} | {:>11} {:>12} | {:>17}",
+        "elements",
+        "rounds",
+        "session",
+        "one-shot",
+        "nft -f",
+        "session/nft",
+        "one-shot/nft",
+        "back-to-back"
+    );
+    for (elements, rounds) in [(10, 200), (1_000, 100), (10_000, 30)] {
+        let rounds = if quick { rounds / 10 } else { rounds };
+        let (policy, options) = policy(elements);
+        let model = ruleset::compile(&policy, &options);
+        let script = dir.join(format!("ruleset-{elements}.nft"));
+        std::fs::write(&script, nft_text(&model)).unwrap();
+
+        // Both sides must produce the same table: apply with nft, verify with netleash.
+        netns::run_nft(&target, &script);
+        let plan = kernel::plan(&target, &model).expect("read back nft's table");
+        let real: Vec<String> = plan
+            .differences
+            .iter()
+            .filter(|d| !nft_habit(d))
+            .map(ToString::to_string)
+            .collect();
+        assert!(
+            real.is_empty(),
+            "nft's table differs from the model: {real:?}"
+        );
+        std::thread::sleep(SETTLE);
+
+        let mut session = kernel::Session::open(&target).expect("open a session");
+        let mut back_to_back = Vec::with_capacity(rounds);
+        for _ in 0..rounds {
+            let start = Instant::now();
+            session.apply(&model).expect("netleash apply");
+            back_to_back.push(start.elapsed());
+        }
+
+        let (mut settled, mut one_shot, mut nft) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..rounds {
+            std::thread::sleep(SETTLE);
+            let start = Instant::now();
+            session.apply(&model).expect("netleash apply");
+            settled.push(start.elapsed());
+            std::thread::sleep(SETTLE);
+            let start = Instant::now();
+            kernel::apply(&target, &model).expect("netleash apply");
+            one_shot.push(start.elapsed());
+            std::thread::sleep(SETTLE);
+            let start = Instant::now();
+            netns::run_nft(&target, &script);
+            nft.push(start.elapsed());
+        }
+        drop(session);
+        let stats = |samples: &mut Vec<Duration>| {
+            let p50 = median(samples);
+            (
+                p50,
+                format!("{:>7} ({:>7})", ms(p50), ms(percentile(samples, 0.9))),
+            )
+        };
+        let (_, back_to_back) = stats(&mut back_to_back);
+        let (session_p50, session) = stats(&mut settled);
+        let (one_shot_p50, one_shot) = stats(&mut one_shot);
+        let (nft_p50, nft) = stats(&mut nft);
+        println!(
+            "{:>8} {:>6} | {session:>17} | {one_shot:>17} | {nft:>17} | {:>10.3}x {:>11.3}x | {back_to_back:>17}",
+            model.sets.iter().map(|s| s.elements.len()).sum::<usize>(),
+            rounds,
+            session_p50.as_secs_f64() / nft_p50.as_secs_f64(),
+            one_shot_p50.as_secs_f64() / nft_p50.as_secs_f64(),
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+mod netns {
+    use super::*;
+
+    /// `nft -f SCRIPT`, spawned from a thread inside the namespace (a child
+    /// inherits the network namespace of the thread that forks it).
+    pub fn run_nft(target: &Target, script: &std::path::Path) {
+        let status = netleash::netns::run_in(target, || {
+            Command::new("nft").arg("-f").arg(script).status()
+        })
+        .expect("enter the namespace")
+        .expect("run nft");
+        assert!(status.success(), "nft -f {} failed", script.display());
+    }
+}

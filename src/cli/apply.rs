@@ -1,0 +1,86 @@
+//! `netleash apply`: enforce a policy in a sandbox's network namespace.
+
+use std::io::Write;
+
+use super::netns_args::NetnsArgs;
+use super::policy_args::PolicyArgs;
+use super::{EXIT_OK, Error};
+use crate::kernel::{self, Plan};
+use crate::ruleset::{self, Ruleset, TABLE_NAME};
+
+/// Compile POLICY and replace the `inet netleash` table in the namespace with it, in one
+/// atomic transaction, then read it back and verify it. On any error the rules in force
+/// before stay in force.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    #[command(flatten)]
+    pub policy: PolicyArgs,
+
+    #[command(flatten)]
+    pub target: NetnsArgs,
+
+    /// Print what would change, have the kernel check the new table without committing it,
+    /// and change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+pub fn run(args: Args) -> Result<u8, Error> {
+    let (policy, options) = args.policy.load()?;
+    for warning in &policy.warnings {
+        eprintln!("warning: {warning}");
+    }
+    let ruleset = ruleset::compile(&policy, &options);
+    let target = args.target.target();
+    let mut out = std::io::stdout().lock();
+    if args.dry_run {
+        let plan = kernel::plan(&target, &ruleset)?;
+        write_plan(&mut out, &target, &ruleset, &plan).map_err(Error::Output)?;
+        return Ok(EXIT_OK);
+    }
+    let report = kernel::apply(&target, &ruleset)?;
+    writeln!(
+        out,
+        "applied policy {} to the {target}: {} sets with {} elements, {} rules",
+        report.digest, report.sets, report.elements, report.rules
+    )
+    .map_err(Error::Output)?;
+    Ok(EXIT_OK)
+}
+
+fn write_plan(
+    out: &mut impl Write,
+    target: &crate::netns::Target,
+    ruleset: &Ruleset,
+    plan: &Plan,
+) -> std::io::Result<()> {
+    writeln!(out, "dry run: nothing was changed in the {target}")?;
+    let elements: usize = ruleset.sets.iter().map(|s| s.elements.len()).sum();
+    let rules: usize = ruleset.chains.iter().map(|c| c.rules.len()).sum();
+    match &plan.current {
+        None => writeln!(
+            out,
+            "there is no table inet {TABLE_NAME}: apply would create it with policy {}, {} sets with {elements} \
+             elements, {rules} rules",
+            ruleset.digest,
+            ruleset.sets.len()
+        )?,
+        Some(_) if plan.differences.is_empty() => writeln!(
+            out,
+            "policy {} is already in force: apply would replace the table with an identical one (counters restart)",
+            ruleset.digest
+        )?,
+        Some(current) => {
+            writeln!(
+                out,
+                "apply would replace policy {} with {}:",
+                current.digest.as_deref().unwrap_or("(no digest)"),
+                ruleset.digest
+            )?;
+            for difference in &plan.differences {
+                writeln!(out, "  - {difference}")?;
+            }
+        }
+    }
+    writeln!(out, "the kernel checked the new table and would accept it")
+}

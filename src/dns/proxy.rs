@@ -1,0 +1,811 @@
+//! The filtering DNS proxy of a sandbox.
+//!
+//! The ruleset redirects every UDP and TCP packet to port 53 from the sandbox
+//! to this proxy, whatever resolver address the client chose. For each query:
+//! - malformed → dropped and counted (never a crash, never an answer to a
+//!   packet that is not a query, so the proxy cannot be used to reflect);
+//! - a name no [`NameBinding`] allows → REFUSED (or NXDOMAIN), logged,
+//!   never forwarded: the upstream never sees it, which closes DNS
+//!   tunnelling through the resolver;
+//! - an allowed name → answered from the shared cache or forwarded upstream;
+//!   the answer's addresses are written into the sets through the
+//!   [`AddressSink`], and the answer is released to the client only after
+//!   the sink confirmed. A client connects only after it has an answer, so
+//!   its first SYN always finds its address in the set.
+//!
+//! A forwarded answer is returned to the client as the upstream sent it
+//! (only the id is put back to the client's); an answer from the cache is
+//! the cached upstream answer with the client's id and question and its TTLs
+//! lowered by its age.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use hickory_proto::op::{Edns, Message, MessageType, OpCode, ResponseCode};
+use hickory_proto::rr::{DNSClass, RecordType};
+use tokio::io::AsyncWriteExt;
+use tokio::net::tcp::OwnedWriteHalf;
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::sync::{Semaphore, watch};
+use tokio::task::JoinHandle;
+
+use crate::dns::answer::{AnswerAddress, MAX_ADDRESSES_PER_NAME, answer_ttl, extract_addresses};
+use crate::dns::cache::{AnswerCache, CacheKey, CachedAnswer};
+use crate::dns::learn::{AddressSink, learned_for};
+use crate::dns::names::{AllowedNames, normalize_query_name};
+use crate::dns::origins::AddressOrigins;
+use crate::dns::ttl::{self, TtlPolicy};
+use crate::dns::upstream::{Upstream, read_frame};
+use crate::dns::{error_chain, random_u64};
+use crate::ruleset::NameBinding;
+
+/// The EDNS UDP payload size the proxy advertises upstream and to clients:
+/// the DNS Flag Day 2020 value, which avoids IP fragmentation on any path
+/// with an MTU of 1280 (the IPv6 minimum) and lets larger answers go to TCP.
+pub const UPSTREAM_EDNS_PAYLOAD: u16 = 1_232;
+
+/// The UDP payload a client without EDNS accepts (RFC 1035 §4.2.1).
+const CLASSIC_UDP_PAYLOAD: usize = 512;
+
+/// UDP queries handled at the same time; beyond this, queries are dropped
+/// (the client retries) instead of queueing without bound.
+pub const MAX_INFLIGHT_UDP_QUERIES: usize = 1_024;
+
+/// TCP connections served at the same time; beyond this, new connections
+/// are closed at once (RFC 7766 §6.2.2 lets a server limit them).
+pub const MAX_TCP_CONNECTIONS: usize = 128;
+
+/// Pipelined queries processed at the same time on one TCP connection
+/// (RFC 7766 §6.2.1.1 asks for concurrent processing); reading pauses
+/// beyond this.
+const MAX_INFLIGHT_PER_CONNECTION: usize = 16;
+
+/// A TCP connection with no query for this long is closed (RFC 7766 §6.2.3
+/// recommends idle timeouts of the order of seconds).
+pub const TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// At most this many refusal log lines per [`LOG_WINDOW`]; the rest are
+/// counted and the count is reported with the next line that gets through.
+pub const LOG_BURST: u32 = 20;
+pub const LOG_WINDOW: Duration = Duration::from_secs(10);
+
+/// How a query for a name the policy does not allow is answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// RCODE 5: the resolver will not answer this (the default; a client sees
+    /// that the name is blocked, not that it does not exist).
+    Refused,
+    /// RCODE 3: the name does not exist (for clients that retry other
+    /// resolvers on REFUSED).
+    NxDomain,
+}
+
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
+    pub upstream: Upstream,
+    pub refusal: Refusal,
+    pub ttl: TtlPolicy,
+    pub max_addresses_per_name: usize,
+    pub tcp_idle_timeout: Duration,
+}
+
+impl ProxyConfig {
+    /// The defaults documented on the constants, with these upstream servers.
+    pub fn new(servers: Vec<SocketAddr>) -> Self {
+        ProxyConfig {
+            upstream: Upstream::new(servers),
+            refusal: Refusal::Refused,
+            ttl: TtlPolicy::default(),
+            max_addresses_per_name: MAX_ADDRESSES_PER_NAME,
+            tcp_idle_timeout: TCP_IDLE_TIMEOUT,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("invalid DNS proxy configuration")]
+    Config(#[source] ttl::Error),
+    #[error("the DNS proxy has no upstream DNS server; give one or a resolv.conf that names one")]
+    NoUpstream,
+    #[error("preparing the DNS proxy's UDP socket")]
+    UdpSocket(#[source] io::Error),
+    #[error("preparing the DNS proxy's TCP listener")]
+    TcpListener(#[source] io::Error),
+    #[error("the DNS proxy's {transport} task failed")]
+    Task {
+        transport: &'static str,
+        #[source]
+        source: tokio::task::JoinError,
+    },
+}
+
+/// The transport a query arrived on; it decides whether an answer too large
+/// for the client must be sent truncated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    Udp,
+    Tcp,
+}
+
+/// Counters for status and health.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ProxyStats {
+    pub udp_queries: u64,
+    pub tcp_queries: u64,
+    /// Packets that were not a parseable DNS query; dropped.
+    pub malformed: u64,
+    /// UDP queries dropped because [`MAX_INFLIGHT_UDP_QUERIES`] were in flight.
+    pub overloaded: u64,
+    /// Queries for names the policy does not allow.
+    pub refused: u64,
+    pub forwarded: u64,
+    pub cache_hits: u64,
+    /// Forwarded queries the upstream did not answer (client got SERVFAIL).
+    pub upstream_failures: u64,
+    /// Answers whose addresses could not be written (client got SERVFAIL).
+    pub learn_failures: u64,
+    /// Addresses not learned because of the per-name cap.
+    pub addresses_over_cap: u64,
+    /// UDP answers sent truncated because they exceed the client's limit.
+    pub truncated: u64,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    udp_queries: AtomicU64,
+    tcp_queries: AtomicU64,
+    malformed: AtomicU64,
+    overloaded: AtomicU64,
+    refused: AtomicU64,
+    forwarded: AtomicU64,
+    cache_hits: AtomicU64,
+    upstream_failures: AtomicU64,
+    learn_failures: AtomicU64,
+    addresses_over_cap: AtomicU64,
+    truncated: AtomicU64,
+}
+
+fn bump(counter: &AtomicU64, by: u64) {
+    counter.fetch_add(by, Ordering::Relaxed);
+}
+
+/// A log rate limit: [`LOG_BURST`] lines per [`LOG_WINDOW`].
+#[derive(Debug)]
+struct LogLimiter {
+    state: Mutex<LogWindow>,
+}
+
+#[derive(Debug)]
+struct LogWindow {
+    started: Instant,
+    logged: u32,
+    suppressed: u64,
+}
+
+impl LogLimiter {
+    fn new() -> Self {
+        LogLimiter {
+            state: Mutex::new(LogWindow {
+                started: Instant::now(),
+                logged: 0,
+                suppressed: 0,
+            }),
+        }
+    }
+
+    /// Calls `line` with the number of lines suppressed since the last one,
+    /// if a line may be logged now.
+    fn log(&self, line: impl FnOnce(u64)) {
+        if let Some(suppressed) = self.admit() {
+            line(suppressed);
+        }
+    }
+
+    fn admit(&self) -> Option<u64> {
+        let mut window = self
+            .state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let now = Instant::now();
+        if now.duration_since(window.started) >= LOG_WINDOW {
+            window.started = now;
+            window.logged = 0;
+        }
+        if window.logged < LOG_BURST {
+            window.logged += 1;
+            Some(std::mem::take(&mut window.suppressed))
+        } else {
+            window.suppressed += 1;
+            None
+        }
+    }
+}
+
+/// The proxy of one sandbox (one policy, one sink). Share it as `Arc<Proxy>`.
+pub struct Proxy {
+    config: ProxyConfig,
+    names: RwLock<Arc<AllowedNames>>,
+    sink: Arc<dyn AddressSink>,
+    cache: Arc<AnswerCache>,
+    origins: Arc<AddressOrigins>,
+    counters: Counters,
+    refusal_log: LogLimiter,
+    malformed_log: LogLimiter,
+    problem_log: LogLimiter,
+}
+
+impl std::fmt::Debug for Proxy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Proxy")
+            .field("config", &self.config)
+            .field("stats", &self.stats())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Proxy {
+    pub fn new(
+        config: ProxyConfig,
+        names: AllowedNames,
+        sink: Arc<dyn AddressSink>,
+        cache: Arc<AnswerCache>,
+        origins: Arc<AddressOrigins>,
+    ) -> Result<Self, Error> {
+        config.ttl.validate().map_err(Error::Config)?;
+        if config.upstream.servers.is_empty() {
+            return Err(Error::NoUpstream);
+        }
+        Ok(Proxy {
+            config,
+            names: RwLock::new(Arc::new(names)),
+            sink,
+            cache,
+            origins,
+            counters: Counters::default(),
+            refusal_log: LogLimiter::new(),
+            malformed_log: LogLimiter::new(),
+            problem_log: LogLimiter::new(),
+        })
+    }
+
+    /// Replaces the allowed names (a policy reload); queries in flight finish
+    /// with the names they started with.
+    pub fn set_names(&self, names: AllowedNames) {
+        *self
+            .names
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Arc::new(names);
+    }
+
+    fn names(&self) -> Arc<AllowedNames> {
+        self.names
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
+    pub fn origins(&self) -> &AddressOrigins {
+        &self.origins
+    }
+
+    pub fn stats(&self) -> ProxyStats {
+        let c = &self.counters;
+        let get = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        ProxyStats {
+            udp_queries: get(&c.udp_queries),
+            tcp_queries: get(&c.tcp_queries),
+            malformed: get(&c.malformed),
+            overloaded: get(&c.overloaded),
+            refused: get(&c.refused),
+            forwarded: get(&c.forwarded),
+            cache_hits: get(&c.cache_hits),
+            upstream_failures: get(&c.upstream_failures),
+            learn_failures: get(&c.learn_failures),
+            addresses_over_cap: get(&c.addresses_over_cap),
+            truncated: get(&c.truncated),
+        }
+    }
+
+    /// Answers one DNS message that arrived on `transport`. `None` means the
+    /// packet is dropped without an answer.
+    pub async fn handle(&self, packet: &[u8], transport: Transport) -> Option<Vec<u8>> {
+        bump(
+            match transport {
+                Transport::Udp => &self.counters.udp_queries,
+                Transport::Tcp => &self.counters.tcp_queries,
+            },
+            1,
+        );
+        let Ok(query) = Message::from_vec(packet) else {
+            return self.drop_malformed(packet.len(), "not a DNS message");
+        };
+        if query.metadata.message_type != MessageType::Query {
+            return self.drop_malformed(packet.len(), "a DNS response, not a query");
+        }
+        if query.metadata.op_code != OpCode::Query {
+            return encode(&reply_to(&query, ResponseCode::NotImp));
+        }
+        // RFC 9619: a query has exactly one question.
+        let [question] = query.queries.as_slice() else {
+            return encode(&reply_to(&query, ResponseCode::FormErr));
+        };
+        let names = self.names();
+        let name = normalize_query_name(question.name())
+            .filter(|_| question.query_class() == DNSClass::IN);
+        let bindings = name
+            .as_deref()
+            .map(|n| names.matching(n))
+            .unwrap_or_default();
+        let Some(name) = name.filter(|_| !bindings.is_empty()) else {
+            return self.refuse(&query, transport);
+        };
+        let key = cache_key(&query, &name);
+        let now = Instant::now();
+        if let Some(hit) = key.as_ref().and_then(|key| self.cache.get(key, now)) {
+            bump(&self.counters.cache_hits, 1);
+            if !self.learn(&name, &bindings, &hit.addresses_at(now)).await {
+                return encode(&reply_to(&query, ResponseCode::ServFail));
+            }
+            let reply = encode(&cached_reply(&query, hit.message_at(now)))?;
+            return Some(self.fit(reply, &query, transport));
+        }
+        self.forward(&query, &name, &bindings, key, transport).await
+    }
+
+    async fn forward(
+        &self,
+        query: &Message,
+        name: &str,
+        bindings: &[&NameBinding],
+        key: Option<CacheKey>,
+        transport: Transport,
+    ) -> Option<Vec<u8>> {
+        let exchange = match self.config.upstream.exchange(&upstream_query(query)).await {
+            Ok(exchange) => exchange,
+            Err(error) => {
+                bump(&self.counters.upstream_failures, 1);
+                self.problem_log.log(|suppressed| {
+                    tracing::warn!(name, suppressed, error = %error_chain(&error), "DNS query for an allowed name failed upstream");
+                });
+                return encode(&reply_to(query, ResponseCode::ServFail));
+            }
+        };
+        bump(&self.counters.forwarded, 1);
+        let extracted = extract_addresses(
+            &exchange.message,
+            query.queries[0].name(),
+            self.config.max_addresses_per_name,
+        );
+        if extracted.over_cap > 0 {
+            bump(&self.counters.addresses_over_cap, extracted.over_cap as u64);
+            tracing::debug!(
+                name,
+                kept = extracted.addresses.len(),
+                dropped = extracted.over_cap,
+                "answer has more addresses than the per-name cap"
+            );
+        }
+        if !self.learn(name, bindings, &extracted.addresses).await {
+            return encode(&reply_to(query, ResponseCode::ServFail));
+        }
+        let cacheable = exchange.message.metadata.response_code == ResponseCode::NoError
+            && !exchange.message.metadata.truncation;
+        if let (Some(key), Some(ttl), true) = (key, answer_ttl(&exchange.message), cacheable) {
+            let mut message = exchange.message;
+            message.edns = None; // RFC 6891 §6.1.1: OPT RRs MUST NOT be cached
+            self.cache.insert(
+                key,
+                CachedAnswer::new(message, extracted.addresses, ttl, Instant::now()),
+            );
+        }
+        let mut wire = exchange.wire;
+        wire[..2].copy_from_slice(&query.metadata.id.to_be_bytes());
+        Some(self.fit(wire, query, transport))
+    }
+
+    /// Writes the addresses of `name` into the sets of every binding that
+    /// allows it and waits until they are there. `false` if the sink failed:
+    /// the client then gets SERVFAIL instead of an address it could not reach.
+    async fn learn(
+        &self,
+        name: &str,
+        bindings: &[&NameBinding],
+        addresses: &[AnswerAddress],
+    ) -> bool {
+        if addresses.is_empty() {
+            return true;
+        }
+        let batch = learned_for(bindings, addresses, &self.config.ttl);
+        match self.sink.learn(&batch).await {
+            Ok(()) => {
+                self.origins.record(name, addresses.iter().map(|a| a.addr));
+                true
+            }
+            Err(error) => {
+                bump(&self.counters.learn_failures, 1);
+                self.problem_log.log(|suppressed| {
+                    tracing::error!(name, suppressed, error = %error_chain(&error), "could not write the answer's addresses into the sets; answering SERVFAIL");
+                });
+                false
+            }
+        }
+    }
+
+    fn refuse(&self, query: &Message, transport: Transport) -> Option<Vec<u8>> {
+        bump(&self.counters.refused, 1);
+        self.refusal_log.log(|suppressed| {
+            let question = &query.queries[0];
+            tracing::warn!(
+                name = %question.name().to_ascii(),
+                record_type = %question.query_type(),
+                ?transport,
+                suppressed,
+                "DNS query refused: the policy does not allow this name"
+            );
+        });
+        let rcode = match self.config.refusal {
+            Refusal::Refused => ResponseCode::Refused,
+            Refusal::NxDomain => ResponseCode::NXDomain,
+        };
+        encode(&reply_to(query, rcode))
+    }
+
+    fn drop_malformed(&self, length: usize, why: &'static str) -> Option<Vec<u8>> {
+        bump(&self.counters.malformed, 1);
+        self.malformed_log.log(|suppressed| {
+            tracing::debug!(length, why, suppressed, "dropped a malformed DNS packet");
+        });
+        None
+    }
+
+    /// Over UDP, an answer larger than the client accepts is replaced by a
+    /// truncated one (TC=1, question only), and the client retries over TCP
+    /// (RFC 1035 §4.2.1, RFC 6891 §7). Its addresses are already learned.
+    fn fit(&self, wire: Vec<u8>, query: &Message, transport: Transport) -> Vec<u8> {
+        let limit = query.edns.as_ref().map_or(CLASSIC_UDP_PAYLOAD, |e| {
+            usize::from(e.max_payload()).max(CLASSIC_UDP_PAYLOAD)
+        });
+        if transport == Transport::Tcp || wire.len() <= limit {
+            return wire;
+        }
+        bump(&self.counters.truncated, 1);
+        let mut truncated = reply_to(query, ResponseCode::NoError);
+        truncated.metadata.truncation = true;
+        encode(&truncated).unwrap_or_default()
+    }
+
+    /// Serves UDP and TCP queries on the given sockets until the handle is
+    /// stopped. The sockets are bound by the caller (inside the sandbox's
+    /// namespace if need be: a socket stays in the namespace it was created
+    /// in). Must be called inside a tokio runtime.
+    pub fn spawn(
+        self: &Arc<Self>,
+        udp: std::net::UdpSocket,
+        tcp: std::net::TcpListener,
+    ) -> Result<ProxyHandle, Error> {
+        udp.set_nonblocking(true).map_err(Error::UdpSocket)?;
+        tcp.set_nonblocking(true).map_err(Error::TcpListener)?;
+        let udp = Arc::new(UdpSocket::from_std(udp).map_err(Error::UdpSocket)?);
+        let tcp = TcpListener::from_std(tcp).map_err(Error::TcpListener)?;
+        let udp_local = udp.local_addr().map_err(Error::UdpSocket)?;
+        let tcp_local = tcp.local_addr().map_err(Error::TcpListener)?;
+        let (stop, stopped) = watch::channel(false);
+        let udp_task = tokio::spawn(serve_udp(self.clone(), udp, stopped.clone()));
+        let tcp_task = tokio::spawn(serve_tcp(self.clone(), tcp, stopped));
+        Ok(ProxyHandle {
+            stop,
+            udp_task,
+            tcp_task,
+            udp_local,
+            tcp_local,
+        })
+    }
+}
+
+/// A running proxy.
+#[derive(Debug)]
+pub struct ProxyHandle {
+    stop: watch::Sender<bool>,
+    udp_task: JoinHandle<()>,
+    tcp_task: JoinHandle<()>,
+    udp_local: SocketAddr,
+    tcp_local: SocketAddr,
+}
+
+impl ProxyHandle {
+    pub fn udp_addr(&self) -> SocketAddr {
+        self.udp_local
+    }
+
+    pub fn tcp_addr(&self) -> SocketAddr {
+        self.tcp_local
+    }
+
+    /// Stops accepting queries and waits for the serving loops to end.
+    /// Queries already being answered finish on their own.
+    pub async fn stop(self) -> Result<(), Error> {
+        let _ = self.stop.send(true);
+        self.udp_task.await.map_err(|source| Error::Task {
+            transport: "UDP",
+            source,
+        })?;
+        self.tcp_task.await.map_err(|source| Error::Task {
+            transport: "TCP",
+            source,
+        })
+    }
+}
+
+async fn serve_udp(proxy: Arc<Proxy>, socket: Arc<UdpSocket>, mut stopped: watch::Receiver<bool>) {
+    let inflight = Arc::new(Semaphore::new(MAX_INFLIGHT_UDP_QUERIES));
+    // The largest UDP payload; queries are small, but a short buffer would
+    // silently cut a datagram and turn it into a malformed one.
+    let mut buffer = vec![0u8; 65_535];
+    loop {
+        let (length, peer) = tokio::select! {
+            _ = stopped.changed() => return,
+            received = socket.recv_from(&mut buffer) => match received {
+                Ok(received) => received,
+                Err(error) => {
+                    // Errors on an unconnected UDP socket are per datagram
+                    // (e.g. a queued ICMP error); the socket stays usable.
+                    proxy.problem_log.log(|suppressed| {
+                        tracing::warn!(%error, suppressed, "receiving on the DNS proxy's UDP socket");
+                    });
+                    continue;
+                }
+            },
+        };
+        let Ok(permit) = inflight.clone().try_acquire_owned() else {
+            bump(&proxy.counters.overloaded, 1);
+            continue;
+        };
+        let packet = buffer[..length].to_vec();
+        let (proxy, socket) = (proxy.clone(), socket.clone());
+        tokio::spawn(async move {
+            let _permit = permit;
+            let Some(reply) = proxy.handle(&packet, Transport::Udp).await else {
+                return;
+            };
+            if let Err(error) = socket.send_to(&reply, peer).await {
+                proxy.problem_log.log(|suppressed| {
+                    tracing::warn!(%error, %peer, suppressed, "sending a DNS answer over UDP");
+                });
+            }
+        });
+    }
+}
+
+async fn serve_tcp(proxy: Arc<Proxy>, listener: TcpListener, mut stopped: watch::Receiver<bool>) {
+    let connections = Arc::new(Semaphore::new(MAX_TCP_CONNECTIONS));
+    loop {
+        let stream = tokio::select! {
+            _ = stopped.changed() => return,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _peer)) => stream,
+                Err(error) => {
+                    proxy.problem_log.log(|suppressed| {
+                        tracing::warn!(%error, suppressed, "accepting a TCP connection on the DNS proxy");
+                    });
+                    // Out of file descriptors (EMFILE) fails every accept
+                    // until a connection closes; do not spin meanwhile.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(permit) = connections.clone().try_acquire_owned() else {
+            drop(stream);
+            continue;
+        };
+        let (proxy, stopped) = (proxy.clone(), stopped.clone());
+        tokio::spawn(async move {
+            serve_connection(proxy, stream, stopped).await;
+            drop(permit);
+        });
+    }
+}
+
+/// One TCP connection: length-prefixed messages (RFC 1035 §4.2.2), possibly
+/// pipelined and answered out of order, matched by id (RFC 7766 §6.2.1.1).
+async fn serve_connection(
+    proxy: Arc<Proxy>,
+    stream: TcpStream,
+    mut stopped: watch::Receiver<bool>,
+) {
+    let _ = stream.set_nodelay(true);
+    let (mut reader, writer) = stream.into_split();
+    let writer = Arc::new(tokio::sync::Mutex::new(writer));
+    let inflight = Arc::new(Semaphore::new(MAX_INFLIGHT_PER_CONNECTION));
+    loop {
+        let frame = tokio::select! {
+            _ = stopped.changed() => return,
+            frame = tokio::time::timeout(proxy.config.tcp_idle_timeout, read_frame(&mut reader)) => frame,
+        };
+        // Idle timeout, end of stream or a broken connection: close it.
+        let Ok(Ok(packet)) = frame else { return };
+        let Ok(permit) = inflight.clone().acquire_owned().await else {
+            return;
+        };
+        let (proxy, writer) = (proxy.clone(), writer.clone());
+        tokio::spawn(async move {
+            if let Some(reply) = proxy.handle(&packet, Transport::Tcp).await {
+                let _ = write_frame(&writer, &reply).await;
+            }
+            drop(permit);
+        });
+    }
+}
+
+async fn write_frame(
+    writer: &tokio::sync::Mutex<OwnedWriteHalf>,
+    message: &[u8],
+) -> io::Result<()> {
+    let length = u16::try_from(message.len())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "answer too long"))?;
+    let mut framed = Vec::with_capacity(2 + message.len());
+    framed.extend_from_slice(&length.to_be_bytes());
+    framed.extend_from_slice(message);
+    writer.lock().await.write_all(&framed).await
+}
+
+/// The cache entry a query may be answered from, if it is a plain one: class
+/// IN and no CD bit (a client that disables checking wants the upstream's
+/// raw view).
+fn cache_key(query: &Message, name: &str) -> Option<CacheKey> {
+    let question = &query.queries[0];
+    if query.metadata.checking_disabled || question.query_type() == RecordType::ANY {
+        return None;
+    }
+    Some(CacheKey {
+        name: name.to_string(),
+        record_type: question.query_type(),
+        dnssec_ok: query.edns.as_ref().is_some_and(|e| e.flags().dnssec_ok),
+    })
+}
+
+/// The query as sent upstream: a fresh random id (the client's may be
+/// predictable; RFC 5452 §9.2), only the question, and EDNS reduced to what
+/// is end to end. EDNS options are hop by hop or reveal the client (cookies,
+/// RFC 7873 §5.4; client subnet, RFC 7871 §11; keepalive, RFC 7828; padding,
+/// RFC 7830), so none is forwarded; the version and DO bit are kept and the
+/// payload size is capped at [`UPSTREAM_EDNS_PAYLOAD`].
+fn upstream_query(query: &Message) -> Message {
+    let mut upstream = Message::new(random_u64() as u16, MessageType::Query, OpCode::Query);
+    upstream.metadata.recursion_desired = query.metadata.recursion_desired;
+    upstream.metadata.checking_disabled = query.metadata.checking_disabled;
+    upstream.metadata.authentic_data = query.metadata.authentic_data;
+    upstream.add_queries(query.queries.iter().cloned());
+    if let Some(edns) = &query.edns {
+        let mut clean = Edns::new();
+        clean.set_max_payload(edns.max_payload().min(UPSTREAM_EDNS_PAYLOAD));
+        clean.set_version(edns.version());
+        clean.set_dnssec_ok(edns.flags().dnssec_ok);
+        upstream.set_edns(clean);
+    }
+    upstream
+}
+
+/// A reply to `query` with no records: the query's id, opcode and question,
+/// RD copied, RA set, and an OPT record if the query had one (RFC 6891
+/// §6.1.1 requires it in the response).
+fn reply_to(query: &Message, rcode: ResponseCode) -> Message {
+    let mut reply = Message::response(query.metadata.id, query.metadata.op_code);
+    reply.metadata.recursion_desired = query.metadata.recursion_desired;
+    reply.metadata.recursion_available = true;
+    reply.metadata.checking_disabled = query.metadata.checking_disabled;
+    reply.metadata.response_code = rcode;
+    reply.add_queries(query.queries.iter().cloned());
+    if let Some(edns) = &query.edns {
+        reply.set_edns(reply_edns(edns));
+    }
+    reply
+}
+
+fn reply_edns(query_edns: &Edns) -> Edns {
+    let mut edns = Edns::new();
+    edns.set_max_payload(UPSTREAM_EDNS_PAYLOAD);
+    edns.set_dnssec_ok(query_edns.flags().dnssec_ok);
+    edns
+}
+
+/// A cached answer dressed as the reply to `query`: its id, its question
+/// (with the client's letter case, which 0x20-randomizing clients check),
+/// its RD bit, and an OPT record only if it sent one.
+fn cached_reply(query: &Message, cached: Message) -> Message {
+    let mut reply = cached;
+    reply.metadata.id = query.metadata.id;
+    reply.metadata.message_type = MessageType::Response;
+    reply.metadata.op_code = OpCode::Query;
+    reply.metadata.recursion_desired = query.metadata.recursion_desired;
+    reply.metadata.recursion_available = true;
+    reply.metadata.authoritative = false;
+    reply.metadata.truncation = false;
+    // The proxy does not validate DNSSEC itself, so it does not vouch for it.
+    reply.metadata.authentic_data = false;
+    reply.queries = query.queries.clone();
+    reply.edns = query.edns.as_ref().map(reply_edns);
+    reply
+}
+
+fn encode(message: &Message) -> Option<Vec<u8>> {
+    match message.to_vec() {
+        Ok(wire) => Some(wire),
+        Err(error) => {
+            tracing::error!(%error, "encoding a DNS reply");
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use hickory_proto::op::Query;
+    use hickory_proto::rr::Name;
+    use hickory_proto::rr::rdata::opt::{EdnsCode, EdnsOption};
+
+    use super::*;
+
+    fn query(name: &str, record_type: RecordType) -> Message {
+        let mut message = Message::new(0x1234, MessageType::Query, OpCode::Query);
+        message.metadata.recursion_desired = true;
+        message.add_query(Query::query(Name::from_ascii(name).unwrap(), record_type));
+        message
+    }
+
+    #[test]
+    fn upstream_query_strips_edns_options_and_caps_the_payload() {
+        let mut client = query("x.org.", RecordType::A);
+        let mut edns = Edns::new();
+        edns.set_max_payload(4_096);
+        edns.set_dnssec_ok(true);
+        edns.options_mut()
+            .insert(EdnsOption::Unknown(u16::from(EdnsCode::Cookie), vec![1; 8]));
+        client.set_edns(edns);
+        let upstream = upstream_query(&client);
+        let edns = upstream.edns.as_ref().expect("EDNS kept");
+        assert_eq!(edns.max_payload(), UPSTREAM_EDNS_PAYLOAD);
+        assert!(edns.flags().dnssec_ok);
+        assert!(edns.options().as_ref().is_empty());
+        assert_eq!(upstream.queries, client.queries);
+        assert!(upstream.metadata.recursion_desired);
+        // The id is random: over a few queries it is not always the client's.
+        assert!((0..8).any(|_| upstream_query(&client).metadata.id != client.metadata.id));
+    }
+
+    #[test]
+    fn upstream_query_without_edns_stays_without() {
+        assert!(
+            upstream_query(&query("x.org.", RecordType::A))
+                .edns
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn replies_echo_the_question_and_carry_opt_only_if_asked() {
+        let plain = query("X.org.", RecordType::AAAA);
+        let reply = reply_to(&plain, ResponseCode::Refused);
+        assert_eq!(reply.metadata.id, 0x1234);
+        assert_eq!(reply.metadata.message_type, MessageType::Response);
+        assert_eq!(reply.metadata.response_code, ResponseCode::Refused);
+        assert!(reply.queries[0].name().eq_case(plain.queries[0].name()));
+        assert!(reply.edns.is_none());
+        let mut with_edns = plain.clone();
+        with_edns.set_edns(Edns::new());
+        assert!(reply_to(&with_edns, ResponseCode::Refused).edns.is_some());
+    }
+
+    #[test]
+    fn any_and_cd_queries_bypass_the_cache() {
+        assert!(cache_key(&query("x.org.", RecordType::A), "x.org").is_some());
+        assert!(cache_key(&query("x.org.", RecordType::ANY), "x.org").is_none());
+        let mut cd = query("x.org.", RecordType::A);
+        cd.metadata.checking_disabled = true;
+        assert!(cache_key(&cd, "x.org").is_none());
+    }
+}

@@ -1,0 +1,594 @@
+//! Set keys and elements in the kernel's encoding, and incremental element
+//! updates (the DNS layer adds and refreshes addresses with timeouts).
+//!
+//! Encoding rules (as nft 1.0.x sends them, checked with `nft --debug=netlink`):
+//! - an address key is the address in network byte order (4 or 16 bytes);
+//! - a concatenated key puts each field in its own 32-bit registers, padded
+//!   with zeros: `ipv4_addr . inet_proto . inet_service` is 4 + 4 + 4 bytes
+//!   (address, protocol byte + 3 zeros, port in network order + 2 zeros);
+//! - a range in a non-concatenated interval set (the rbtree backend) is two
+//!   elements: the start, and an end element flagged `NFT_SET_ELEM_INTERVAL_END`
+//!   whose key is the first address *after* the range. Without that end the
+//!   range runs to the top of the address space, so an allow set would allow
+//!   everything above it: fail open. Only a range that ends at the top of the
+//!   address space has no end element (there is no address after it);
+//! - a range in a concatenated interval set (the pipapo backend) is one element
+//!   with `NFTA_SET_ELEM_KEY_END`, the *last* key of the range (inclusive).
+
+use std::collections::BTreeMap;
+use std::ffi::CString;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::time::Duration;
+
+use ipnet::IpNet;
+
+use super::ffi::{self, ElementOp, RawElement, SetDefinition, SetMsg};
+use super::netlink::{Netlink, Object, Transaction};
+use super::{Error, table_name};
+use crate::policy::Proto;
+use crate::ruleset::{Element, Family, Set, SetKey};
+
+/// nft datatype ids (nftables include/datatype.h), stored as a set's key type
+/// so that `nft list` can print the keys; the kernel treats them as opaque.
+pub mod datatype {
+    pub const IPADDR: u32 = 7;
+    pub const IP6ADDR: u32 = 8;
+    pub const INET_PROTOCOL: u32 = 12;
+    pub const INET_SERVICE: u32 = 13;
+    pub const ICMP6_TYPE: u32 = 29;
+    /// nft's `TYPE_BITS`: a concatenated type id is the field ids shifted together.
+    pub const CONCAT_BITS: u32 = 6;
+}
+
+/// nft's byte order tags for `NFTNL_UDATA_SET_KEYBYTEORDER`.
+pub const BYTEORDER_HOST: u32 = 1;
+pub const BYTEORDER_BIG_ENDIAN: u32 = 2;
+
+fn addr_len(family: Family) -> usize {
+    match family {
+        Family::V4 => 4,
+        Family::V6 => 16,
+    }
+}
+
+/// The kernel's description of a named set of the model.
+pub fn set_definition(set: &Set, id: u32) -> Result<SetDefinition, Error> {
+    let name = CString::new(set.name.as_str()).map_err(|_| Error::InvalidName {
+        name: set.name.clone(),
+    })?;
+    let mut flags = 0;
+    if set.interval {
+        flags |= libc::NFT_SET_INTERVAL as u32;
+    }
+    if set.timeout {
+        flags |= libc::NFT_SET_TIMEOUT as u32;
+    }
+    let definition = match set.key {
+        SetKey::Addr(family) => SetDefinition {
+            name,
+            id,
+            flags,
+            key_type: match family {
+                Family::V4 => datatype::IPADDR,
+                Family::V6 => datatype::IP6ADDR,
+            },
+            key_len: addr_len(family) as u32,
+            field_lens: Vec::new(),
+            key_byteorder: BYTEORDER_BIG_ENDIAN,
+        },
+        SetKey::AddrProtoPort(family) => {
+            // Only a concatenated *interval* set is flagged NFT_SET_CONCAT and
+            // described field by field (the kernel then picks pipapo, which
+            // needs the field lengths); the kernel refuses a field description
+            // on a set without the flag, and hashes the whole key otherwise.
+            let field_lens = if set.interval {
+                flags |= ffi::NFT_SET_CONCAT;
+                vec![addr_len(family) as u8, 1, 2]
+            } else {
+                Vec::new()
+            };
+            let addr_type = match family {
+                Family::V4 => datatype::IPADDR,
+                Family::V6 => datatype::IP6ADDR,
+            };
+            SetDefinition {
+                name,
+                id,
+                flags,
+                key_type: (((addr_type << datatype::CONCAT_BITS) | datatype::INET_PROTOCOL)
+                    << datatype::CONCAT_BITS)
+                    | datatype::INET_SERVICE,
+                // Each field takes whole 32-bit registers (NFT_REG32_*).
+                key_len: (addr_len(family) + 4 + 4) as u32,
+                field_lens,
+                // nft tags a concatenation as host byte order (its mixed fields are
+                // converted one by one when printed).
+                key_byteorder: BYTEORDER_HOST,
+            }
+        }
+    };
+    Ok(definition)
+}
+
+fn addr_bytes(addr: IpAddr) -> Vec<u8> {
+    match addr {
+        IpAddr::V4(v4) => v4.octets().to_vec(),
+        IpAddr::V6(v6) => v6.octets().to_vec(),
+    }
+}
+
+/// `meta l4proto` value of a protocol (IANA protocol numbers).
+pub fn proto_number(proto: Proto) -> u8 {
+    match proto {
+        Proto::Tcp => libc::IPPROTO_TCP as u8,
+        Proto::Udp => libc::IPPROTO_UDP as u8,
+    }
+}
+
+fn concat_key(addr: IpAddr, proto: Proto, port: u16) -> Vec<u8> {
+    let mut key = addr_bytes(addr);
+    key.extend_from_slice(&[proto_number(proto), 0, 0, 0]);
+    let port = port.to_be_bytes();
+    key.extend_from_slice(&[port[0], port[1], 0, 0]);
+    key
+}
+
+/// The address right after `addr`, or `None` at the top of the address space.
+fn successor(addr: IpAddr) -> Option<IpAddr> {
+    match addr {
+        IpAddr::V4(v4) => u32::from(v4)
+            .checked_add(1)
+            .map(|n| IpAddr::V4(Ipv4Addr::from(n))),
+        IpAddr::V6(v6) => u128::from(v6)
+            .checked_add(1)
+            .map(|n| IpAddr::V6(Ipv6Addr::from(n))),
+    }
+}
+
+fn is_single(net: &IpNet) -> bool {
+    net.prefix_len() == net.max_prefix_len()
+}
+
+/// Encode one model element for a set with key `key` and the interval flag
+/// `interval`. See the module documentation for the rules.
+pub fn encode(
+    set: &str,
+    key: SetKey,
+    interval: bool,
+    element: &Element,
+) -> Result<Vec<RawElement>, Error> {
+    let invalid = |reason: String| Error::InvalidElement {
+        set: set.to_string(),
+        element: describe_model(element),
+        reason,
+    };
+    let net = element.net().trunc();
+    if Family::of(&net.addr()) != key.family() {
+        return Err(invalid(format!(
+            "the set holds {} addresses",
+            family_name(key.family())
+        )));
+    }
+    if !interval && !is_single(&net) {
+        return Err(invalid(
+            "a range needs a set with the interval flag; this set holds single addresses".into(),
+        ));
+    }
+    let raw = |key: Vec<u8>| RawElement {
+        key,
+        key_end: None,
+        interval_end: false,
+        timeout_ms: None,
+        expiration_ms: None,
+    };
+    match (key, element) {
+        (SetKey::Addr(_), Element::Addr(_)) => {
+            let start = raw(addr_bytes(net.network()));
+            if !interval {
+                return Ok(vec![start]);
+            }
+            let mut encoded = vec![start];
+            if let Some(after) = successor(net.broadcast()) {
+                encoded.push(RawElement {
+                    interval_end: true,
+                    ..raw(addr_bytes(after))
+                });
+            }
+            Ok(encoded)
+        }
+        (SetKey::AddrProtoPort(_), Element::AddrProtoPort(_, proto, port)) => {
+            let mut element = raw(concat_key(net.network(), *proto, *port));
+            if interval {
+                element.key_end = Some(concat_key(net.broadcast(), *proto, *port));
+            }
+            Ok(vec![element])
+        }
+        (SetKey::Addr(_), Element::AddrProtoPort(..)) => Err(invalid(
+            "the set's key is an address only; this element carries a protocol and port".into(),
+        )),
+        (SetKey::AddrProtoPort(_), Element::Addr(_)) => Err(invalid(
+            "the set's key is address . protocol . port; this element has no protocol and port"
+                .into(),
+        )),
+    }
+}
+
+/// Encode all elements of a model set, in order.
+pub fn encode_all(set: &Set) -> Result<Vec<RawElement>, Error> {
+    let mut encoded = Vec::with_capacity(set.elements.len() * 2);
+    for element in &set.elements {
+        encoded.extend(encode(&set.name, set.key, set.interval, element)?);
+    }
+    Ok(encoded)
+}
+
+fn family_name(family: Family) -> &'static str {
+    match family {
+        Family::V4 => "IPv4",
+        Family::V6 => "IPv6",
+    }
+}
+
+/// A model element as nft would write it.
+pub fn describe_model(element: &Element) -> String {
+    let net = |net: &IpNet| {
+        if is_single(net) {
+            net.addr().to_string()
+        } else {
+            net.to_string()
+        }
+    };
+    match element {
+        Element::Addr(n) => net(n),
+        Element::AddrProtoPort(n, proto, port) => format!("{} . {proto} . {port}", net(n)),
+    }
+}
+
+/// A kernel element as text, for messages (`10.0.0.0 . tcp . 443 - 10.0.0.255 . tcp . 443`).
+pub fn describe_raw(element: &RawElement) -> String {
+    let key = |bytes: &[u8]| -> String {
+        let addr = match bytes.len() {
+            4 | 12 => <[u8; 4]>::try_from(&bytes[..4])
+                .map(|b| IpAddr::from(b).to_string())
+                .ok(),
+            16 | 24 => <[u8; 16]>::try_from(&bytes[..16])
+                .map(|b| IpAddr::from(b).to_string())
+                .ok(),
+            _ => None,
+        };
+        match (addr, bytes.len()) {
+            (Some(addr), 4 | 16) => addr,
+            (Some(addr), len) => {
+                let fields = &bytes[len - 8..];
+                let proto = match fields[0] {
+                    6 => "tcp".to_string(),
+                    17 => "udp".to_string(),
+                    other => other.to_string(),
+                };
+                format!(
+                    "{addr} . {proto} . {}",
+                    u16::from_be_bytes([fields[4], fields[5]])
+                )
+            }
+            _ => hex::encode(bytes),
+        }
+    };
+    let mut text = key(&element.key);
+    if let Some(end) = &element.key_end {
+        text.push_str(&format!(" - {}", key(end)));
+    }
+    if element.interval_end {
+        text.push_str(" (interval end)");
+    }
+    text
+}
+
+/// Number of logical elements (ranges or keys) in a kernel element list:
+/// interval end elements only close a range.
+pub fn logical_count(elements: &[RawElement]) -> usize {
+    elements.iter().filter(|e| !e.interval_end).count()
+}
+
+/// What an update does to the named set's elements.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SetChange {
+    /// Add the elements; with a timeout they expire after it. Adding an element
+    /// that exists already is not an error: its timeout and expiration are
+    /// reset to `timeout` (kernel 6.10+), which is how DNS answers refresh it.
+    Add {
+        elements: Vec<Element>,
+        timeout: Option<Duration>,
+    },
+    /// Remove the elements; elements that are absent (e.g. already expired) are not an error.
+    Delete { elements: Vec<Element> },
+}
+
+/// One change to one named set of the `inet netleash` table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SetUpdate {
+    pub set: String,
+    pub change: SetChange,
+}
+
+/// The kernel's description of an existing set, read back to encode updates.
+#[derive(Debug, Clone, Copy)]
+struct ExistingSet {
+    key: SetKey,
+    interval: bool,
+    timeout: bool,
+}
+
+/// The model key of a kernel set, from its key length and concatenation.
+fn model_key(key_len: u32, flags: u32, key_type: u32) -> Option<SetKey> {
+    let concat = key_type >> datatype::CONCAT_BITS != 0 || flags & ffi::NFT_SET_CONCAT != 0;
+    match (key_len, concat) {
+        (4, false) => Some(SetKey::Addr(Family::V4)),
+        (16, false) => Some(SetKey::Addr(Family::V6)),
+        (12, true) => Some(SetKey::AddrProtoPort(Family::V4)),
+        (24, true) => Some(SetKey::AddrProtoPort(Family::V6)),
+        _ => None,
+    }
+}
+
+/// Apply `updates` in one transaction: all of them or none. Rules and other
+/// sets are not touched.
+pub(super) fn update(netlink: &mut Netlink, updates: &[SetUpdate]) -> Result<(), Error> {
+    if updates.is_empty() {
+        return Ok(());
+    }
+    let existing: BTreeMap<String, ExistingSet> = super::readback::read_sets(netlink)?
+        .into_iter()
+        .filter_map(|set| {
+            let key = model_key(set.key_len, set.flags, set.key_type)?;
+            let existing = ExistingSet {
+                key,
+                interval: set.flags & libc::NFT_SET_INTERVAL as u32 != 0,
+                timeout: set.flags & libc::NFT_SET_TIMEOUT as u32 != 0,
+            };
+            Some((set.name, existing))
+        })
+        .collect();
+
+    let table = table_name();
+    let mut transaction = Transaction::new();
+    for update in updates {
+        let Some(set) = existing.get(&update.set) else {
+            return Err(Error::NoSuchSet {
+                set: update.set.clone(),
+                known: existing.keys().cloned().collect(),
+            });
+        };
+        let name = CString::new(update.set.as_str()).map_err(|_| Error::InvalidName {
+            name: update.set.clone(),
+        })?;
+        let mut message = SetMsg::existing(&table, &name);
+        let (elements, op, timeout) = match &update.change {
+            SetChange::Add { elements, timeout } => (elements, ElementOp::Add, *timeout),
+            SetChange::Delete { elements } => (elements, ElementOp::Destroy, None),
+        };
+        if timeout.is_some() && !set.timeout {
+            return Err(Error::InvalidElement {
+                set: update.set.clone(),
+                element: elements.first().map(describe_model).unwrap_or_default(),
+                reason: "the set has no timeout flag, so its elements cannot expire".into(),
+            });
+        }
+        let timeout_ms = timeout.map(|t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX).max(1));
+        for element in elements {
+            for mut raw in encode(&update.set, set.key, set.interval, element)? {
+                if !raw.interval_end {
+                    raw.timeout_ms = timeout_ms;
+                    // The expiration is what the kernel counts down; sending it
+                    // with the timeout refreshes an existing element even when
+                    // its timeout is unchanged.
+                    raw.expiration_ms = timeout_ms;
+                }
+                message.push(&raw);
+            }
+        }
+        transaction.add_elements(&message, op, Object::Elements(update.set.clone()));
+    }
+    netlink.commit(transaction)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ruleset::SetRole;
+
+    fn net(text: &str) -> IpNet {
+        text.parse().unwrap()
+    }
+
+    fn interval_set(family: Family, nets: &[&str]) -> Set {
+        Set {
+            name: "allow".into(),
+            key: SetKey::Addr(family),
+            role: SetRole::StaticAllow,
+            interval: true,
+            timeout: false,
+            elements: nets.iter().map(|n| Element::Addr(net(n))).collect(),
+        }
+    }
+
+    /// Decode an rbtree element list back into inclusive ranges, the way the
+    /// kernel's lookup sees it: a start covers every key up to (excluding) the
+    /// next end element, or to the top of the address space if none follows.
+    fn ranges(encoded: &[RawElement], top: &[u8]) -> Vec<(Vec<u8>, Vec<u8>)> {
+        let mut out = Vec::new();
+        let mut open: Option<Vec<u8>> = None;
+        for element in encoded {
+            if element.interval_end {
+                let start = open.take().expect("an end element without a start");
+                let mut last = element.key.clone();
+                // the end element is the first key after the range: step back one.
+                for byte in last.iter_mut().rev() {
+                    if *byte == 0 {
+                        *byte = 0xff;
+                    } else {
+                        *byte -= 1;
+                        break;
+                    }
+                }
+                out.push((start, last));
+            } else {
+                if let Some(start) = open.replace(element.key.clone()) {
+                    // A start followed by another start: the first range has no
+                    // end, and the kernel would extend it to the top.
+                    out.push((start, top.to_vec()));
+                }
+            }
+        }
+        if let Some(start) = open {
+            out.push((start, top.to_vec()));
+        }
+        out
+    }
+
+    #[test]
+    fn every_interval_range_gets_its_end() {
+        let set = interval_set(
+            Family::V4,
+            &[
+                "10.0.0.0/8",
+                "192.0.2.7/32",
+                "198.51.100.0/24",
+                "203.0.113.128/25",
+            ],
+        );
+        let encoded = encode_all(&set).unwrap();
+        // one start and one end per range, alternating
+        assert_eq!(encoded.len(), 8);
+        for pair in encoded.chunks(2) {
+            assert!(!pair[0].interval_end && pair[1].interval_end, "{pair:?}");
+        }
+        let decoded = ranges(&encoded, &[255; 4]);
+        let expected: Vec<(Vec<u8>, Vec<u8>)> = set
+            .elements
+            .iter()
+            .map(|e| {
+                (
+                    addr_bytes(e.net().network()),
+                    addr_bytes(e.net().broadcast()),
+                )
+            })
+            .collect();
+        assert_eq!(decoded, expected);
+        // 198.51.100.0/24 ends at 198.51.100.255: its end element is 198.51.101.0.
+        assert_eq!(encoded[5].key, vec![198, 51, 101, 0]);
+    }
+
+    #[test]
+    fn only_a_range_at_the_top_of_the_address_space_has_no_end() {
+        let set = interval_set(Family::V4, &["10.0.0.0/8", "240.0.0.0/4"]);
+        let encoded = encode_all(&set).unwrap();
+        assert_eq!(encoded.iter().filter(|e| e.interval_end).count(), 1);
+        assert_eq!(
+            ranges(&encoded, &[255; 4]).last().unwrap(),
+            &(vec![240, 0, 0, 0], vec![255; 4])
+        );
+
+        let v6 = interval_set(Family::V6, &["2001:db8::/32", "ff00::/8"]);
+        let encoded = encode_all(&v6).unwrap();
+        assert_eq!(encoded.iter().filter(|e| e.interval_end).count(), 1);
+        let mut end = vec![0x20, 0x01, 0x0d, 0xb9];
+        end.extend([0; 12]);
+        assert_eq!(encoded[1].key, end);
+    }
+
+    #[test]
+    fn ipv6_ranges_get_their_ends() {
+        let set = interval_set(
+            Family::V6,
+            &["2001:db8::/64", "2001:db8:1::1/128", "fe80::/10"],
+        );
+        let encoded = encode_all(&set).unwrap();
+        assert_eq!(encoded.len(), 6);
+        let decoded = ranges(&encoded, &[255; 16]);
+        for (element, (start, last)) in set.elements.iter().zip(decoded) {
+            assert_eq!(start, addr_bytes(element.net().network()));
+            assert_eq!(last, addr_bytes(element.net().broadcast()));
+        }
+    }
+
+    #[test]
+    fn concatenated_ranges_carry_an_inclusive_key_end() {
+        let element = Element::AddrProtoPort(net("10.0.0.0/24"), Proto::Tcp, 443);
+        let encoded = encode(
+            "allow_v4_ports",
+            SetKey::AddrProtoPort(Family::V4),
+            true,
+            &element,
+        )
+        .unwrap();
+        assert_eq!(encoded.len(), 1);
+        assert_eq!(
+            encoded[0].key,
+            vec![10, 0, 0, 0, 6, 0, 0, 0, 0x01, 0xbb, 0, 0]
+        );
+        assert_eq!(
+            encoded[0].key_end.as_deref(),
+            Some(&[10, 0, 0, 255, 6, 0, 0, 0, 0x01, 0xbb, 0, 0][..])
+        );
+        assert!(!encoded[0].interval_end);
+
+        let single = Element::AddrProtoPort(net("2001:db8::1/128"), Proto::Udp, 53);
+        let encoded = encode(
+            "resolvers_v6_ports",
+            SetKey::AddrProtoPort(Family::V6),
+            false,
+            &single,
+        )
+        .unwrap();
+        assert_eq!(encoded[0].key.len(), 24);
+        assert_eq!(&encoded[0].key[16..], &[17, 0, 0, 0, 0, 53, 0, 0]);
+        assert_eq!(encoded[0].key_end, None);
+    }
+
+    #[test]
+    fn wrong_elements_are_refused_with_the_set_named() {
+        let range = Element::Addr(net("10.0.0.0/24"));
+        let err = encode("dns_v4", SetKey::Addr(Family::V4), false, &range).unwrap_err();
+        assert!(
+            err.to_string().contains("dns_v4") && err.to_string().contains("interval"),
+            "{err}"
+        );
+        let v6 = Element::Addr(net("2001:db8::1/128"));
+        assert!(encode("dns_v4", SetKey::Addr(Family::V4), false, &v6).is_err());
+        let ported = Element::AddrProtoPort(net("10.0.0.1/32"), Proto::Tcp, 1);
+        assert!(encode("dns_v4", SetKey::Addr(Family::V4), false, &ported).is_err());
+    }
+
+    #[test]
+    fn concatenated_definitions_describe_their_fields() {
+        let set = Set {
+            name: "allow_v6_ports".into(),
+            key: SetKey::AddrProtoPort(Family::V6),
+            role: SetRole::StaticAllow,
+            interval: true,
+            timeout: false,
+            elements: vec![],
+        };
+        let definition = set_definition(&set, 3).unwrap();
+        assert_eq!(definition.key_len, 24);
+        assert_eq!(definition.field_lens, vec![16, 1, 2]);
+        assert_eq!(
+            definition.flags,
+            libc::NFT_SET_INTERVAL as u32 | ffi::NFT_SET_CONCAT
+        );
+        assert_eq!(
+            model_key(definition.key_len, definition.flags, definition.key_type),
+            Some(set.key)
+        );
+    }
+
+    #[test]
+    fn raw_elements_describe_themselves() {
+        let element = Element::AddrProtoPort(net("10.0.0.0/24"), Proto::Tcp, 443);
+        let encoded = encode("s", SetKey::AddrProtoPort(Family::V4), true, &element).unwrap();
+        assert_eq!(
+            describe_raw(&encoded[0]),
+            "10.0.0.0 . tcp . 443 - 10.0.0.255 . tcp . 443"
+        );
+    }
+}

@@ -1,0 +1,595 @@
+//! The netfilter netlink socket: sends one batch as one transaction, maps the
+//! kernel's acknowledgements back to the objects of the batch, and runs dumps.
+//!
+//! How nfnetlink answers a batch (net/netfilter/nfnetlink.c, `nfnetlink_rcv_batch`):
+//! every message is processed, its error (or, with `NLM_F_ACK`, its success)
+//! is queued, and only after the batch end the transaction is committed (or
+//! aborted if any message failed, or if the batch end is missing) and the
+//! queued acknowledgements are delivered. All of this happens synchronously
+//! inside `sendmsg`, so by the time it returns every answer is waiting in the
+//! socket's receive queue. A commit failure is reported against the batch
+//! begin message. Since kernel 6.10 batch begin and end are acknowledged too
+//! (nftnl then gives them sequence numbers), so an acknowledged batch end
+//! proves the kernel saw the whole batch.
+
+use std::collections::BTreeSet;
+use std::ffi::CStr;
+use std::fmt;
+use std::io;
+use std::os::fd::AsRawFd;
+
+use nftnl::{Batch, FinalizedBatch, MsgType, NlMsg};
+
+use super::Error;
+use super::ffi::{self, ElementOp, Request, SetMsg};
+
+/// One object of a batch, so a kernel error can name what it rejected.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Object {
+    Table,
+    Set(String),
+    Elements(String),
+    AnonymousSet { chain: String, rule: String },
+    Chain(String),
+    Rule { chain: String, id: String },
+}
+
+impl fmt::Display for Object {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Object::Table => write!(f, "table inet {}", crate::ruleset::TABLE_NAME),
+            Object::Set(name) => write!(f, "set {name:?}"),
+            Object::Elements(name) => write!(f, "the elements of set {name:?}"),
+            Object::AnonymousSet { chain, rule } => {
+                write!(f, "the anonymous set of rule {rule:?} in chain {chain:?}")
+            }
+            Object::Chain(name) => write!(f, "chain {name:?}"),
+            Object::Rule { chain, id } => write!(f, "rule {id:?} in chain {chain:?}"),
+        }
+    }
+}
+
+/// A batch under construction, with the object behind every message.
+pub struct Transaction {
+    batch: Batch,
+    objects: Vec<Object>,
+}
+
+impl Default for Transaction {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Transaction {
+    pub fn new() -> Transaction {
+        Transaction {
+            batch: Batch::new(),
+            objects: Vec::new(),
+        }
+    }
+
+    /// Add one message. It is sent without `NLM_F_ACK`: the kernel answers
+    /// only if it fails (see [`ffi::WithoutAck`]).
+    pub fn add(&mut self, message: &impl NlMsg, kind: MsgType, object: Object) {
+        self.batch.add(&ffi::WithoutAck(message), kind);
+        self.objects.push(object);
+    }
+
+    /// Add all element messages of `set` (as many as its elements need).
+    pub fn add_elements(&mut self, set: &SetMsg, op: ElementOp, object: Object) {
+        let messages = set.element_messages(op);
+        while messages.has_more() {
+            self.add(&messages, MsgType::Add, object.clone());
+        }
+    }
+
+    /// Number of object messages (without batch begin and end).
+    #[cfg(test)]
+    pub fn len(&self) -> usize {
+        self.objects.len()
+    }
+}
+
+/// Whether a batch is committed, or only checked by the kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Commit {
+    /// Send the batch end: the kernel commits if every message was accepted.
+    Commit,
+    /// Leave the batch end out: the kernel validates every message and then
+    /// aborts (what `nft --check` does), so nothing changes.
+    CheckOnly,
+}
+
+/// Size of the receive buffer: at least `nft_nlmsg_maxsize()` (64 KiB + one
+/// page), also for 64 KiB pages; checked when the socket is opened.
+const RECEIVE_BUFFER_LEN: usize = 1 << 17;
+
+/// A receive buffer aligned for `nlmsghdr` (4 bytes; 8 is used), so that
+/// messages in it can be handed to libnftnl's parsers in place.
+#[repr(C, align(8))]
+struct AlignedBuffer([u8; RECEIVE_BUFFER_LEN]);
+
+impl AlignedBuffer {
+    /// A zeroed buffer allocated in place (no 128 KiB stack copy; the
+    /// allocator hands out zero pages lazily).
+    fn zeroed() -> Box<AlignedBuffer> {
+        // SAFETY: AlignedBuffer is a byte array, for which all-zero bytes are a valid value.
+        unsafe { Box::<AlignedBuffer>::new_zeroed().assume_init() }
+    }
+}
+
+/// Kernel socket receive buffer asked for: room for the acknowledgements of a
+/// large batch (one per message, several hundred bytes of skb each) without
+/// ENOBUFS. Raised further for bigger batches.
+const MIN_SOCKET_RECEIVE_BUFFER: usize = 4 << 20;
+/// Bytes of receive buffer accounted per acknowledgement (skb truesize of a small message).
+const RECEIVE_BUFFER_PER_ACK: usize = 2048;
+
+/// A netfilter netlink socket in the namespace of the thread that opened it.
+pub struct Netlink {
+    socket: mnl::Socket,
+    buffer: Box<AlignedBuffer>,
+    request: Box<AlignedBuffer>,
+    seq: u32,
+    receive_buffer: usize,
+}
+
+/// One acknowledgement (`NLMSG_ERROR`) from the kernel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Ack {
+    seq: u32,
+    /// 0 for success, else a negative errno.
+    error: i32,
+    /// The extended ack message (`NLMSGERR_ATTR_MSG`), if the kernel gave one.
+    message: Option<String>,
+}
+
+fn set_socket_option(socket: &mnl::Socket, level: i32, name: i32, value: i32) -> io::Result<()> {
+    // SAFETY: the descriptor is the live socket owned by `socket`; `value` is a
+    // c_int that outlives the call, and its size is passed along.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            level,
+            name,
+            (&value as *const i32).cast(),
+            size_of::<i32>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Set a socket buffer size, beyond `net.core.[rw]mem_max` if privileged
+/// (SO_*BUFFORCE needs CAP_NET_ADMIN, which nftables needs anyway).
+fn set_buffer(socket: &mnl::Socket, force: i32, plain: i32, bytes: usize) -> io::Result<()> {
+    let bytes = i32::try_from(bytes).unwrap_or(i32::MAX);
+    set_socket_option(socket, libc::SOL_SOCKET, force, bytes)
+        .or_else(|_| set_socket_option(socket, libc::SOL_SOCKET, plain, bytes))
+}
+
+// SAFETY: a `Netlink` exclusively owns its libmnl socket (a file descriptor
+// plus its bound address; libmnl keeps no thread-local state and has no
+// thread affinity) and its buffers, and every method takes `&mut self` or
+// works on owned data, so moving it to another thread is sound. It is not
+// `Sync`.
+unsafe impl Send for Netlink {}
+
+impl Netlink {
+    /// Open a netfilter netlink socket in the current thread's network namespace.
+    pub fn open() -> Result<Netlink, Error> {
+        assert!(RECEIVE_BUFFER_LEN >= nftnl::nft_nlmsg_maxsize() as usize);
+        let socket = mnl::Socket::new(mnl::Bus::Netfilter).map_err(Error::Socket)?;
+        // Error acknowledgements without a copy of the failed message (which can
+        // be a 64 KiB element list), and with the kernel's text when it has one.
+        set_socket_option(&socket, libc::SOL_NETLINK, libc::NETLINK_CAP_ACK, 1)
+            .map_err(Error::Socket)?;
+        set_socket_option(&socket, libc::SOL_NETLINK, libc::NETLINK_EXT_ACK, 1)
+            .map_err(Error::Socket)?;
+        set_buffer(
+            &socket,
+            libc::SO_RCVBUFFORCE,
+            libc::SO_RCVBUF,
+            MIN_SOCKET_RECEIVE_BUFFER,
+        )
+        .map_err(Error::Socket)?;
+        Ok(Netlink {
+            socket,
+            buffer: AlignedBuffer::zeroed(),
+            request: AlignedBuffer::zeroed(),
+            // Batches number their messages from 1; requests use numbers far above.
+            seq: 1 << 30,
+            receive_buffer: MIN_SOCKET_RECEIVE_BUFFER,
+        })
+    }
+
+    /// Send `transaction` as one batch and wait for the kernel's verdict.
+    /// On any error the kernel has aborted the whole transaction.
+    pub fn commit(&mut self, transaction: Transaction) -> Result<(), Error> {
+        self.send_batch(transaction, Commit::Commit)
+    }
+
+    /// Send `transaction` as one batch without its end, so the kernel checks
+    /// every message and then aborts: nothing changes.
+    pub fn check(&mut self, transaction: Transaction) -> Result<(), Error> {
+        self.send_batch(transaction, Commit::CheckOnly)
+    }
+
+    fn send_batch(&mut self, transaction: Transaction, mode: Commit) -> Result<(), Error> {
+        let Transaction { batch, objects } = transaction;
+        let batch: FinalizedBatch = batch.finalize();
+        let seqs = batch.sequence_numbers();
+        // nftnl numbers batch begin and end too when the kernel acknowledges them.
+        let framed = (seqs.len() - objects.len()) / 2 == 1;
+        let first_object_seq = seqs.start + u32::from(framed);
+        let end_seq = seqs.end - 1;
+
+        let mut pages: Vec<&[u8]> = batch.iter().collect();
+        if mode == Commit::CheckOnly {
+            let last = pages
+                .pop()
+                .ok_or_else(|| Error::Malformed("empty batch".into()))?;
+            pages.push(without_batch_end(last)?);
+        }
+        let total: usize = pages.iter().map(|p| p.len()).sum();
+
+        // The whole batch goes in ONE sendmsg: nfnetlink processes one skb as one
+        // batch, and a batch split over several sends would be aborted.
+        set_buffer(
+            &self.socket,
+            libc::SO_SNDBUFFORCE,
+            libc::SO_SNDBUF,
+            total + 4096,
+        )
+        .map_err(Error::Socket)?;
+        // Answers: batch begin and end, plus one per failed message at most.
+        let acks_expected = objects.len() + 2;
+        if acks_expected * RECEIVE_BUFFER_PER_ACK > self.receive_buffer {
+            self.receive_buffer = acks_expected * RECEIVE_BUFFER_PER_ACK;
+            set_buffer(
+                &self.socket,
+                libc::SO_RCVBUFFORCE,
+                libc::SO_RCVBUF,
+                self.receive_buffer,
+            )
+            .map_err(Error::Socket)?;
+        }
+        self.send_pages(&pages, total)?;
+
+        let (acks, overrun) = self.drain()?;
+        let describe = |seq: u32| -> String {
+            if seq >= first_object_seq && ((seq - first_object_seq) as usize) < objects.len() {
+                objects[(seq - first_object_seq) as usize].to_string()
+            } else if framed && seq == end_seq {
+                "the end of the transaction".to_string()
+            } else {
+                "the transaction as a whole (its commit)".to_string()
+            }
+        };
+        let failures: Vec<&Ack> = acks.iter().filter(|a| a.error != 0).collect();
+        if let Some(first) = failures.first() {
+            let others: BTreeSet<String> = failures[1..].iter().map(|a| describe(a.seq)).collect();
+            return Err(Error::Rejected {
+                object: describe(first.seq),
+                detail: first
+                    .message
+                    .clone()
+                    .map(|m| format!(" ({m})"))
+                    .unwrap_or_default(),
+                also: if others.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        "; also rejected: {}",
+                        others.into_iter().collect::<Vec<_>>().join(", ")
+                    )
+                },
+                source: io::Error::from_raw_os_error(-first.error),
+            });
+        }
+        if overrun {
+            return Err(Error::AcksLost);
+        }
+        // Object messages carry no NLM_F_ACK, so success is silent. When the
+        // kernel acknowledges the batch end, that answer proves it processed
+        // and committed the whole batch; older kernels only report failures.
+        if framed && mode == Commit::Commit && !acks.iter().any(|a| a.seq == end_seq) {
+            return Err(Error::Unacknowledged {
+                first: describe(end_seq),
+            });
+        }
+        Ok(())
+    }
+
+    fn send_pages(&self, pages: &[&[u8]], total: usize) -> Result<(), Error> {
+        let mut iov: Vec<libc::iovec> = pages
+            .iter()
+            .map(|p| libc::iovec {
+                iov_base: p.as_ptr() as *mut libc::c_void,
+                iov_len: p.len(),
+            })
+            .collect();
+        // SAFETY: sockaddr_nl is plain data; all-zero is a valid value, completed below.
+        let mut kernel: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+        kernel.nl_family = libc::AF_NETLINK as libc::sa_family_t;
+        // SAFETY: msghdr is plain data; all-zero is a valid value, completed below.
+        let mut message: libc::msghdr = unsafe { std::mem::zeroed() };
+        message.msg_name = (&mut kernel as *mut libc::sockaddr_nl).cast();
+        message.msg_namelen = size_of::<libc::sockaddr_nl>() as u32;
+        message.msg_iov = iov.as_mut_ptr();
+        message.msg_iovlen = iov.len();
+        // SAFETY: the descriptor is our live socket; `message` points to `kernel`
+        // and to `iov`, whose entries point into `pages`, all alive for the call;
+        // sendmsg only reads them.
+        let sent = unsafe { libc::sendmsg(self.socket.as_raw_fd(), &message, 0) };
+        if sent < 0 {
+            return Err(Error::Send(io::Error::last_os_error()));
+        }
+        if sent as usize != total {
+            return Err(Error::Send(io::Error::other(format!(
+                "sent {sent} of {total} bytes"
+            ))));
+        }
+        Ok(())
+    }
+
+    /// Receive everything queued on the socket without waiting: the answers
+    /// to a batch are all queued before `sendmsg` returns. Returns the
+    /// acknowledgements and whether the receive queue overflowed (ENOBUFS).
+    fn drain(&mut self) -> Result<(Vec<Ack>, bool), Error> {
+        let mut acks = Vec::new();
+        let mut overrun = false;
+        loop {
+            let buffer = &mut self.buffer.0;
+            // SAFETY: the descriptor is our live socket and `buffer` is writable
+            // for its whole length, which is passed along.
+            let n = unsafe {
+                libc::recv(
+                    self.socket.as_raw_fd(),
+                    buffer.as_mut_ptr().cast(),
+                    buffer.len(),
+                    libc::MSG_DONTWAIT,
+                )
+            };
+            if n < 0 {
+                let err = io::Error::last_os_error();
+                match err.raw_os_error() {
+                    Some(libc::EAGAIN) => break,
+                    Some(libc::EINTR) => continue,
+                    Some(libc::ENOBUFS) => {
+                        overrun = true;
+                        continue;
+                    }
+                    _ => return Err(Error::Receive(err)),
+                }
+            }
+            for message in mnl::NlMessages::new(&buffer[..n as usize]) {
+                let message = message.map_err(Error::Receive)?;
+                if let Some(ack) = parse_ack(message) {
+                    acks.push(ack);
+                }
+            }
+        }
+        Ok((acks, overrun))
+    }
+
+    /// Send `request` and hand every answer message to `each`. Returns
+    /// `Ok(Err(errno))` when the kernel answered with an error (e.g. ENOENT for
+    /// a missing table), and whether the dump was interrupted by a concurrent
+    /// change (`NLM_F_DUMP_INTR`).
+    pub fn dump(
+        &mut self,
+        request: Request<'_>,
+        table: &CStr,
+        each: &mut dyn FnMut(&[u8]) -> Result<(), Error>,
+    ) -> Result<Result<bool, i32>, Error> {
+        self.seq = self.seq.wrapping_add(1);
+        let seq = self.seq;
+        let len = ffi::write_request(&mut self.request.0, request, table, seq);
+        self.socket
+            .send(&self.request.0[..len])
+            .map_err(Error::Send)?;
+        let multipart = !matches!(request, Request::Table | Request::Generation);
+        let mut interrupted = false;
+        loop {
+            let n = match self.socket.recv_raw(&mut self.buffer.0) {
+                Ok(n) => n,
+                Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
+                Err(err) => return Err(Error::Receive(err)),
+            };
+            for message in mnl::NlMessages::new(&self.buffer.0[..n]) {
+                let message = message.map_err(Error::Receive)?;
+                let header = Header::read(message)
+                    .ok_or_else(|| Error::Malformed("short netlink message".into()))?;
+                if header.seq != seq {
+                    continue; // a late answer to something else
+                }
+                if header.flags & libc::NLM_F_DUMP_INTR as u16 != 0 {
+                    interrupted = true;
+                }
+                match i32::from(header.kind) {
+                    libc::NLMSG_DONE => return Ok(Ok(interrupted)),
+                    libc::NLMSG_ERROR => {
+                        let ack = parse_ack(message)
+                            .ok_or_else(|| Error::Malformed("short error message".into()))?;
+                        return Ok(if ack.error == 0 {
+                            Ok(interrupted)
+                        } else {
+                            Err(-ack.error)
+                        });
+                    }
+                    _ => {
+                        each(message)?;
+                        if !multipart {
+                            return Ok(Ok(interrupted));
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The fields of an `nlmsghdr` this module needs, read without unsafe code.
+struct Header {
+    len: u32,
+    kind: u16,
+    flags: u16,
+    seq: u32,
+}
+
+impl Header {
+    fn read(message: &[u8]) -> Option<Header> {
+        let u32_at = |at: usize| {
+            message
+                .get(at..at + 4)
+                .map(|b| u32::from_ne_bytes(b.try_into().unwrap()))
+        };
+        let u16_at = |at: usize| {
+            message
+                .get(at..at + 2)
+                .map(|b| u16::from_ne_bytes(b.try_into().unwrap()))
+        };
+        Some(Header {
+            len: u32_at(0)?,
+            kind: u16_at(4)?,
+            flags: u16_at(6)?,
+            seq: u32_at(8)?,
+        })
+    }
+}
+
+/// `NLM_F_ACK_TLVS` (linux/netlink.h): extended ack attributes follow.
+const NLM_F_ACK_TLVS: u16 = 0x200;
+/// `NLM_F_CAPPED` (linux/netlink.h): the copy of the request is only its header.
+const NLM_F_CAPPED: u16 = 0x100;
+/// `NLMSGERR_ATTR_MSG` (linux/netlink.h): a text message.
+const NLMSGERR_ATTR_MSG: u16 = 1;
+
+/// Parse an `NLMSG_ERROR` message: `nlmsghdr`, then `struct nlmsgerr { int
+/// error; struct nlmsghdr msg; }` (plus the request payload unless capped),
+/// then extended ack attributes if flagged.
+fn parse_ack(message: &[u8]) -> Option<Ack> {
+    let header = Header::read(message)?;
+    if i32::from(header.kind) != libc::NLMSG_ERROR {
+        return None;
+    }
+    let error = i32::from_ne_bytes(message.get(16..20)?.try_into().ok()?);
+    let mut message_text = None;
+    if header.flags & NLM_F_ACK_TLVS != 0 {
+        let request_len = if header.flags & NLM_F_CAPPED != 0 || error == 0 {
+            16
+        } else {
+            Header::read(&message[20..])?.len as usize
+        };
+        let mut at = 20 + request_len.next_multiple_of(4);
+        let end = (header.len as usize).min(message.len());
+        while at + 4 <= end {
+            let len = usize::from(u16::from_ne_bytes(message[at..at + 2].try_into().ok()?));
+            let kind = u16::from_ne_bytes(message[at + 2..at + 4].try_into().ok()?);
+            if len < 4 || at + len > end {
+                break;
+            }
+            if kind & 0x3fff == NLMSGERR_ATTR_MSG {
+                message_text = Some(ffi::udata_string(&message[at + 4..at + len]));
+            }
+            at += len.next_multiple_of(4);
+        }
+    }
+    Some(Ack {
+        seq: header.seq,
+        error,
+        message: message_text,
+    })
+}
+
+/// The last page of a batch without its final batch end message (for a
+/// check-only batch). The end message is located by walking the headers.
+fn without_batch_end(page: &[u8]) -> Result<&[u8], Error> {
+    let mut at = 0;
+    let mut last = None;
+    while at + 16 <= page.len() {
+        let header =
+            Header::read(&page[at..]).ok_or_else(|| Error::Malformed("batch page".into()))?;
+        if header.len < 16 {
+            return Err(Error::Malformed(
+                "batch message shorter than its header".into(),
+            ));
+        }
+        last = Some((at, header.kind));
+        at += (header.len as usize).next_multiple_of(4);
+    }
+    match last {
+        Some((start, kind)) if i32::from(kind) == libc::NFNL_MSG_BATCH_END => Ok(&page[..start]),
+        _ => Err(Error::Malformed(
+            "the batch does not end with a batch end message".into(),
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header(len: u32, kind: u16, flags: u16, seq: u32) -> Vec<u8> {
+        let mut bytes = Vec::new();
+        bytes.extend(len.to_ne_bytes());
+        bytes.extend(kind.to_ne_bytes());
+        bytes.extend(flags.to_ne_bytes());
+        bytes.extend(seq.to_ne_bytes());
+        bytes.extend(0u32.to_ne_bytes());
+        bytes
+    }
+
+    #[test]
+    fn parses_an_extended_error_ack() {
+        let text = b"Set element exists\0";
+        let attr_len = 4 + text.len();
+        let total = 16 + 4 + 16 + attr_len.next_multiple_of(4);
+        let mut message = header(
+            total as u32,
+            libc::NLMSG_ERROR as u16,
+            NLM_F_CAPPED | NLM_F_ACK_TLVS,
+            7,
+        );
+        message.extend((-libc::EEXIST).to_ne_bytes());
+        message.extend(header(200, 12, 0, 7));
+        message.extend((attr_len as u16).to_ne_bytes());
+        message.extend(NLMSGERR_ATTR_MSG.to_ne_bytes());
+        message.extend(text);
+        message.resize(total, 0);
+        let ack = parse_ack(&message).unwrap();
+        assert_eq!(
+            ack,
+            Ack {
+                seq: 7,
+                error: -libc::EEXIST,
+                message: Some("Set element exists".into())
+            }
+        );
+    }
+
+    #[test]
+    fn a_check_only_batch_drops_exactly_the_batch_end() {
+        let mut transaction = Transaction::new();
+        let table = ffi::TableMsg::new(c"netleash", None);
+        transaction.add(&table, MsgType::Add, Object::Table);
+        let batch = transaction.batch.finalize();
+        let pages: Vec<&[u8]> = batch.iter().collect();
+        let last = pages.last().unwrap();
+        let trimmed = without_batch_end(last).unwrap();
+        assert_eq!(
+            last.len() - trimmed.len(),
+            20,
+            "batch end is nlmsghdr + nfgenmsg"
+        );
+        assert_eq!(
+            without_batch_end(trimmed).unwrap_err().to_string(),
+            Error::Malformed("the batch does not end with a batch end message".into()).to_string()
+        );
+    }
+}

@@ -1,0 +1,921 @@
+//! The kernel layer against the real kernel: apply, read back, re-apply,
+//! element updates, remove, large sets, namespaces by pid, and the CLI.
+//!
+//! These tests need root (CAP_NET_ADMIN and CAP_SYS_ADMIN) and `ip netns`.
+//! They FAIL when they cannot run; they never skip. Every test works in its
+//! own network namespace, created here and deleted on drop (also on panic).
+//! No test sends a packet.
+
+use std::collections::BTreeSet;
+use std::os::unix::fs::MetadataExt;
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use ipnet::IpNet;
+use netleash::kernel::{self, SetChange, SetUpdate};
+use netleash::netns::Target;
+use netleash::policy::{
+    BlockEntry, CompileOptions, Dialect, HostRule, Mode, Policy, PortSpec, Ports, Proto, Source,
+    Target as Dest,
+};
+use netleash::ruleset::{self, Element, Ruleset};
+use serde_json::Value;
+
+static COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+fn require_root() {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(
+        euid, 0,
+        "the kernel integration tests need root (CAP_NET_ADMIN, CAP_SYS_ADMIN) to create network namespaces \
+         and nftables tables; run them as root (CI runs as root)"
+    );
+}
+
+fn run(program: &str, args: &[&str]) -> Output {
+    Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|err| panic!("cannot run {program} {args:?}: {err}"))
+}
+
+/// A network namespace that exists for one test and is deleted on drop.
+struct Netns {
+    name: String,
+}
+
+impl Netns {
+    fn new(tag: &str) -> Netns {
+        require_root();
+        let name = format!(
+            "nlk-{tag}-{}-{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::SeqCst)
+        );
+        let out = run("ip", &["netns", "add", &name]);
+        assert!(
+            out.status.success(),
+            "`ip netns add {name}` failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Netns { name }
+    }
+
+    fn target(&self) -> Target {
+        Target::Name(self.name.clone())
+    }
+
+    fn nft(&self, args: &[&str]) -> Output {
+        let mut full = vec!["netns", "exec", &self.name, "nft"];
+        full.extend_from_slice(args);
+        run("ip", &full)
+    }
+
+    /// `nft -j list table inet netleash`, or `None` if the table does not exist.
+    fn nft_json(&self) -> Option<Value> {
+        let out = self.nft(&["-j", "list", "table", "inet", "netleash"]);
+        if !out.status.success() {
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                stderr.contains("No such file or directory"),
+                "nft failed: {stderr}"
+            );
+            return None;
+        }
+        Some(serde_json::from_slice(&out.stdout).expect("nft -j prints JSON"))
+    }
+
+    /// `nft list table inet netleash` as text.
+    fn nft_text(&self) -> String {
+        let out = self.nft(&["list", "table", "inet", "netleash"]);
+        assert!(
+            out.status.success(),
+            "nft list failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let out = run("ip", &["netns", "del", &self.name]);
+        if !out.status.success() && !std::thread::panicking() {
+            panic!(
+                "`ip netns del {}` failed: {}",
+                self.name,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+}
+
+fn net(text: &str) -> IpNet {
+    text.parse().unwrap()
+}
+
+fn allow(target: &str, ports: &[(Proto, u16)]) -> HostRule {
+    HostRule {
+        target: Dest::Net(net(target)),
+        ports: if ports.is_empty() {
+            Ports::Any
+        } else {
+            Ports::Only(
+                ports
+                    .iter()
+                    .map(|(proto, port)| PortSpec {
+                        proto: *proto,
+                        port: *port,
+                    })
+                    .collect(),
+            )
+        },
+        sources: [Source::AllowedHosts].into(),
+        entry: target.to_string(),
+    }
+}
+
+fn block(target: &str) -> BlockEntry {
+    BlockEntry {
+        net: net(target),
+        reason: "test".into(),
+    }
+}
+
+fn policy(mode: Mode, rules: Vec<HostRule>) -> Policy {
+    let mut rules = rules;
+    rules.sort_by(|a, b| a.target.cmp(&b.target));
+    Policy {
+        mode,
+        dialect: Dialect::Limited,
+        rules,
+        blocklist: vec![
+            block("169.254.0.0/16"),
+            block("100.64.0.0/10"),
+            block("fd00:ec2::254/128"),
+        ],
+        warnings: vec![],
+    }
+}
+
+fn options() -> CompileOptions {
+    CompileOptions {
+        resolvers: vec![
+            "192.0.2.53".parse().unwrap(),
+            "2001:db8::53".parse().unwrap(),
+        ],
+        nflog_group: 7,
+    }
+}
+
+/// A typical limited policy: ranges, single addresses, ports, both families.
+fn typical() -> Ruleset {
+    let rules = vec![
+        allow("198.51.100.0/24", &[]),
+        allow("203.0.113.7/32", &[(Proto::Tcp, 443)]),
+        allow("203.0.113.64/26", &[(Proto::Tcp, 80), (Proto::Udp, 443)]),
+        allow("2001:db8:1::/64", &[(Proto::Tcp, 443)]),
+        allow("2001:db8:2::5/128", &[]),
+    ];
+    ruleset::compile(&policy(Mode::Limited, rules), &options())
+}
+
+fn other() -> Ruleset {
+    ruleset::compile(
+        &policy(
+            Mode::Limited,
+            vec![allow("192.0.2.0/25", &[(Proto::Tcp, 22)])],
+        ),
+        &options(),
+    )
+}
+
+fn set_json<'a>(table: &'a Value, name: &str) -> &'a Value {
+    table["nftables"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find_map(|item| item.get("set").filter(|s| s["name"] == name))
+        .unwrap_or_else(|| panic!("set {name} not in nft's listing"))
+}
+
+fn elements_json(table: &Value, name: &str) -> Vec<Value> {
+    set_json(table, name)
+        .get("elem")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default()
+}
+
+/// Rule comments per chain, in order, from nft's listing.
+fn rule_comments(table: &Value, chain: &str) -> Vec<String> {
+    table["nftables"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|item| item.get("rule"))
+        .filter(|rule| rule["chain"] == chain)
+        .map(|rule| rule["comment"].as_str().unwrap_or("(none)").to_string())
+        .collect()
+}
+
+fn rule_handles(table: &Value) -> Vec<u64> {
+    table["nftables"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|item| item.get("rule"))
+        .map(|rule| rule["handle"].as_u64().unwrap())
+        .collect()
+}
+
+fn prefix(addr: &str, len: u8) -> Value {
+    serde_json::json!({ "prefix": { "addr": addr, "len": len } })
+}
+
+#[test]
+fn apply_reads_back_what_the_model_says() {
+    let ns = Netns::new("apply");
+    let model = typical();
+    let report = kernel::apply(&ns.target(), &model).expect("apply");
+    assert_eq!(report.digest, model.digest);
+    assert_eq!(report.sets, model.sets.len());
+    let rules: usize = model.chains.iter().map(|c| c.rules.len()).sum();
+    assert_eq!(report.rules, rules);
+
+    let status = kernel::status(&ns.target())
+        .unwrap()
+        .expect("table present");
+    assert_eq!(status.digest.as_deref(), Some(model.digest.as_str()));
+    for set in &model.sets {
+        let kernel_set = status
+            .sets
+            .iter()
+            .find(|s| s.name == set.name)
+            .expect("set present");
+        assert_eq!(kernel_set.elements, set.elements.len(), "set {}", set.name);
+        assert_eq!(
+            (kernel_set.interval, kernel_set.timeout),
+            (set.interval, set.timeout),
+            "set {}",
+            set.name
+        );
+    }
+    let counted: BTreeSet<&str> = status.counters.iter().map(|c| c.rule.as_str()).collect();
+    assert_eq!(
+        counted,
+        BTreeSet::from(["blocklist-v4", "blocklist-v6", "dns-other", "default-deny"])
+    );
+    assert!(
+        status
+            .counters
+            .iter()
+            .all(|c| c.packets == 0 && c.bytes == 0)
+    );
+
+    // nft's own reading of the same table.
+    let listing = ns.nft_json().expect("nft sees the table");
+    assert_eq!(
+        elements_json(&listing, "allow_v4"),
+        vec![prefix("198.51.100.0", 24)],
+        "198.51.100.0/24 must read back as exactly that prefix, not a range up to 255.255.255.255"
+    );
+    assert_eq!(
+        elements_json(&listing, "allow_v6"),
+        vec![Value::String("2001:db8:2::5".into())]
+    );
+    assert_eq!(
+        elements_json(&listing, "blocklist_v4"),
+        vec![prefix("100.64.0.0", 10), prefix("169.254.0.0", 16)]
+    );
+    let ported = elements_json(&listing, "allow_v4_ports");
+    assert!(
+        ported.contains(&serde_json::json!({"concat": ["203.0.113.7", "tcp", 443]})),
+        "{ported:?}"
+    );
+    assert!(
+        ported.contains(&serde_json::json!({"concat": [prefix("203.0.113.64", 26), "udp", 443]})),
+        "{ported:?}"
+    );
+    assert_eq!(ported.len(), 3);
+    let resolvers = elements_json(&listing, "resolvers_v4_ports");
+    assert_eq!(resolvers.len(), 2, "{resolvers:?}");
+    for chain in &model.chains {
+        let ids: Vec<String> = chain.rules.iter().map(|r| r.id.clone()).collect();
+        assert_eq!(
+            rule_comments(&listing, &chain.name),
+            ids,
+            "chain {}",
+            chain.name
+        );
+    }
+    let text = ns.nft_text();
+    assert!(
+        text.contains(&format!("comment \"{}\"", model.digest)),
+        "{text}"
+    );
+    assert!(
+        text.contains("ip daddr . meta l4proto . th dport @allow_v4_ports accept"),
+        "{text}"
+    );
+    assert!(
+        text.contains("icmpv6 type { nd-router-solicit, nd-neighbor-solicit, nd-neighbor-advert"),
+        "{text}"
+    );
+    assert!(
+        text.contains("meta l4proto { tcp, udp } th dport { 53, 853 } counter"),
+        "{text}"
+    );
+    assert!(
+        text.contains("log prefix \"netleash deny \" group 7 reject with icmpx admin-prohibited"),
+        "{text}"
+    );
+    assert!(
+        text.contains("type filter hook output priority filter; policy drop;"),
+        "{text}"
+    );
+}
+
+#[test]
+fn reapply_replaces_the_table_each_time() {
+    let ns = Netns::new("reapply");
+    let (a, b) = (typical(), other());
+    for model in [&a, &a, &b, &a] {
+        let report = kernel::apply(&ns.target(), model).expect("apply");
+        assert_eq!(report.digest, model.digest);
+        let status = kernel::status(&ns.target()).unwrap().unwrap();
+        assert_eq!(status.digest.as_deref(), Some(model.digest.as_str()));
+        let listing = ns.nft_json().unwrap();
+        let expected: Vec<Value> = model
+            .set("allow_v4_ports")
+            .unwrap()
+            .elements
+            .iter()
+            .map(|e| match e {
+                Element::AddrProtoPort(n, proto, port) if n.prefix_len() == 32 => {
+                    serde_json::json!({"concat": [n.addr().to_string(), proto.to_string(), port]})
+                }
+                Element::AddrProtoPort(n, proto, port) => serde_json::json!({
+                    "concat": [prefix(&n.network().to_string(), n.prefix_len()), proto.to_string(), port]
+                }),
+                Element::Addr(_) => unreachable!(),
+            })
+            .collect();
+        assert_eq!(elements_json(&listing, "allow_v4_ports"), expected);
+    }
+}
+
+/// Rulesets the kernel refuses although every message is well formed: the
+/// failure comes from the kernel, late in the transaction, after the old
+/// table was already deleted and the new one half built inside it.
+fn rejected_rulesets() -> Vec<(Ruleset, &'static str)> {
+    let mut duplicate = other();
+    let resolvers = duplicate
+        .sets
+        .iter_mut()
+        .find(|s| s.name == "resolvers_v4_ports")
+        .unwrap();
+    let first = resolvers.elements[0];
+    resolvers.elements.push(first);
+
+    let mut overlapping = other();
+    let allow = overlapping
+        .sets
+        .iter_mut()
+        .find(|s| s.name == "allow_v4")
+        .unwrap();
+    allow.elements = vec![
+        Element::Addr(net("10.0.0.0/8")),
+        Element::Addr(net("10.1.0.0/16")),
+    ];
+    vec![(duplicate, "resolvers_v4_ports"), (overlapping, "allow_v4")]
+}
+
+#[test]
+fn a_rejected_transaction_leaves_the_previous_table_in_force() {
+    let ns = Netns::new("atomic");
+    let model = typical();
+    kernel::apply(&ns.target(), &model).expect("apply");
+    let before = ns.nft_json().unwrap();
+    for (broken, set) in rejected_rulesets() {
+        let err =
+            kernel::apply(&ns.target(), &broken).expect_err("the kernel must refuse this ruleset");
+        let message = err.to_string();
+        assert!(
+            message.contains(&format!("the elements of set \"{set}\"")),
+            "error must name the set: {message}"
+        );
+        assert!(err.kernel_errno().is_some(), "{err:?}");
+        let status = kernel::status(&ns.target())
+            .unwrap()
+            .expect("the old table is still there");
+        assert_eq!(status.digest.as_deref(), Some(model.digest.as_str()));
+        let after = ns.nft_json().unwrap();
+        assert_eq!(
+            after, before,
+            "the table in force must be exactly the one before"
+        );
+    }
+}
+
+#[test]
+fn dry_run_reports_differences_and_changes_nothing() {
+    let ns = Netns::new("plan");
+    let (a, b) = (typical(), other());
+    let plan = kernel::plan(&ns.target(), &a).expect("plan");
+    assert_eq!(plan.current, None);
+    assert!(plan.differences.is_empty());
+    assert_eq!(ns.nft_json(), None, "a dry run must not create the table");
+
+    kernel::apply(&ns.target(), &a).unwrap();
+    let before = ns.nft_json().unwrap();
+    let same = kernel::plan(&ns.target(), &a).unwrap();
+    assert_eq!(
+        same.current.unwrap().digest.as_deref(),
+        Some(a.digest.as_str())
+    );
+    assert!(same.differences.is_empty(), "{:?}", same.differences);
+
+    let changed = kernel::plan(&ns.target(), &b).unwrap();
+    let text: Vec<String> = changed
+        .differences
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert!(
+        text.iter().any(|d| d.starts_with("table comment")),
+        "{text:?}"
+    );
+    assert!(
+        text.iter().any(|d| d.contains("set \"allow_v4\"")),
+        "{text:?}"
+    );
+    assert_eq!(
+        ns.nft_json().unwrap(),
+        before,
+        "a dry run must not change the table"
+    );
+
+    for (broken, set) in rejected_rulesets() {
+        let err = kernel::plan(&ns.target(), &broken).expect_err("the kernel check must refuse it");
+        assert!(err.to_string().contains(set), "{err}");
+        assert_eq!(ns.nft_json().unwrap(), before);
+    }
+}
+
+fn dns_update(set: &str, elements: Vec<Element>, timeout: Option<Duration>) -> SetUpdate {
+    SetUpdate {
+        set: set.into(),
+        change: SetChange::Add { elements, timeout },
+    }
+}
+
+fn count(ns: &Netns, set: &str) -> usize {
+    let status = kernel::status(&ns.target()).unwrap().unwrap();
+    status.sets.iter().find(|s| s.name == set).unwrap().elements
+}
+
+#[test]
+fn element_updates_add_refresh_expire_and_delete_without_touching_rules() {
+    let ns = Netns::new("elements");
+    kernel::apply(&ns.target(), &typical()).unwrap();
+    let handles = rule_handles(&ns.nft_json().unwrap());
+
+    let v4 = Element::Addr(net("203.0.113.9/32"));
+    let v6_port = Element::AddrProtoPort(net("2001:db8::9/128"), Proto::Tcp, 443);
+    let start = Instant::now();
+    kernel::update_elements(
+        &ns.target(),
+        &[
+            dns_update("dns_v4", vec![v4], Some(Duration::from_secs(2))),
+            dns_update("dns_v6_ports", vec![v6_port], Some(Duration::from_secs(2))),
+        ],
+    )
+    .unwrap();
+    assert_eq!((count(&ns, "dns_v4"), count(&ns, "dns_v6_ports")), (1, 1));
+    let listing = ns.nft_json().unwrap();
+    let element = &elements_json(&listing, "dns_v4")[0]["elem"];
+    assert_eq!(element["val"], "203.0.113.9");
+    assert_eq!(element["timeout"], 2);
+    assert_eq!(
+        elements_json(&listing, "dns_v6_ports")[0]["elem"]["val"],
+        serde_json::json!({"concat": ["2001:db8::9", "tcp", 443]})
+    );
+    assert_eq!(
+        rule_handles(&listing),
+        handles,
+        "element updates must not touch rules"
+    );
+
+    // Refresh dns_v4 with the same timeout after 1.2 s: it must outlive its first expiry.
+    std::thread::sleep(Duration::from_millis(1200).saturating_sub(start.elapsed()));
+    kernel::update_elements(
+        &ns.target(),
+        &[dns_update("dns_v4", vec![v4], Some(Duration::from_secs(2)))],
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(2600).saturating_sub(start.elapsed()));
+    assert_eq!(
+        count(&ns, "dns_v4"),
+        1,
+        "a refreshed element must not expire at its first deadline"
+    );
+    assert_eq!(
+        count(&ns, "dns_v6_ports"),
+        0,
+        "an element must expire after its timeout"
+    );
+    std::thread::sleep(Duration::from_millis(4000).saturating_sub(start.elapsed()));
+    assert_eq!(
+        count(&ns, "dns_v4"),
+        0,
+        "the refreshed element expires after its new deadline"
+    );
+
+    // Without a timeout an element stays until it is deleted; deleting an absent one is fine.
+    let stays = Element::Addr(net("198.51.100.77/32"));
+    kernel::update_elements(&ns.target(), &[dns_update("dns_v4", vec![stays], None)]).unwrap();
+    assert_eq!(count(&ns, "dns_v4"), 1);
+    let delete = SetUpdate {
+        set: "dns_v4".into(),
+        change: SetChange::Delete {
+            elements: vec![stays, v4],
+        },
+    };
+    kernel::update_elements(&ns.target(), &[delete]).unwrap();
+    assert_eq!(count(&ns, "dns_v4"), 0);
+    assert_eq!(rule_handles(&ns.nft_json().unwrap()), handles);
+
+    // Interval sets get their end elements on updates too.
+    let range = SetUpdate {
+        set: "allow_v4".into(),
+        change: SetChange::Add {
+            elements: vec![Element::Addr(net("192.0.2.128/25"))],
+            timeout: None,
+        },
+    };
+    kernel::update_elements(&ns.target(), &[range]).unwrap();
+    assert_eq!(
+        elements_json(&ns.nft_json().unwrap(), "allow_v4"),
+        vec![prefix("192.0.2.128", 25), prefix("198.51.100.0", 24)]
+    );
+}
+
+#[test]
+fn bad_element_updates_are_refused_and_change_nothing() {
+    let ns = Netns::new("badupd");
+    kernel::apply(&ns.target(), &typical()).unwrap();
+    let before = ns.nft_json().unwrap();
+    let ok = dns_update(
+        "dns_v4",
+        vec![Element::Addr(net("203.0.113.1/32"))],
+        Some(Duration::from_secs(60)),
+    );
+    let cases = [
+        (
+            dns_update("no_such_set", vec![], None),
+            "has no set \"no_such_set\"",
+        ),
+        (
+            dns_update(
+                "allow_v4",
+                vec![Element::Addr(net("192.0.2.1/32"))],
+                Some(Duration::from_secs(5)),
+            ),
+            "no timeout flag",
+        ),
+        (
+            dns_update("dns_v4", vec![Element::Addr(net("2001:db8::1/128"))], None),
+            "IPv4",
+        ),
+        (
+            dns_update("dns_v4", vec![Element::Addr(net("192.0.2.0/24"))], None),
+            "interval",
+        ),
+    ];
+    for (bad, expected) in cases {
+        // A valid update in the same call must not be applied either.
+        let err =
+            kernel::update_elements(&ns.target(), &[ok.clone(), bad]).expect_err("must be refused");
+        assert!(err.to_string().contains(expected), "{err}");
+        assert_eq!(ns.nft_json().unwrap(), before);
+    }
+    // Refused by the kernel: an element that overlaps an existing range, in
+    // the same transaction as a valid update.
+    let overlap = dns_update(
+        "allow_v4",
+        vec![Element::Addr(net("198.51.100.0/25"))],
+        None,
+    );
+    let err = kernel::update_elements(&ns.target(), &[ok, overlap])
+        .expect_err("the kernel must refuse it");
+    assert!(
+        err.to_string().contains("the elements of set \"allow_v4\""),
+        "{err}"
+    );
+    assert_eq!(ns.nft_json().unwrap(), before);
+}
+
+#[test]
+fn remove_deletes_the_table_and_absent_is_not_an_error() {
+    let ns = Netns::new("remove");
+    assert!(!kernel::remove(&ns.target()).unwrap());
+    kernel::apply(&ns.target(), &typical()).unwrap();
+    assert!(kernel::remove(&ns.target()).unwrap());
+    assert_eq!(kernel::status(&ns.target()).unwrap(), None);
+    assert_eq!(ns.nft_json(), None);
+    assert!(!kernel::remove(&ns.target()).unwrap());
+    assert!(matches!(
+        kernel::update_elements(&ns.target(), &[dns_update("dns_v4", vec![], None)]),
+        Err(kernel::Error::NoTable)
+    ));
+}
+
+/// 10,000 static elements: 5,000 single IPv4 addresses (any port, rbtree with
+/// an end element each) and 5,000 IPv4 /30s on tcp/443 (pipapo).
+fn large(elements: usize) -> Ruleset {
+    let mut rules = Vec::new();
+    for i in 0..elements {
+        let half = i / 2;
+        if i % 2 == 0 {
+            // every 4th address, so no two aggregate into one range
+            let addr = std::net::Ipv4Addr::from(
+                u32::from(std::net::Ipv4Addr::new(10, 0, 0, 0)) + 4 * half as u32,
+            );
+            rules.push(allow(&format!("{addr}/32"), &[]));
+        } else {
+            let addr = std::net::Ipv4Addr::from(
+                u32::from(std::net::Ipv4Addr::new(11, 0, 0, 0)) + 8 * half as u32,
+            );
+            rules.push(allow(&format!("{addr}/30"), &[(Proto::Tcp, 443)]));
+        }
+    }
+    ruleset::compile(&policy(Mode::Limited, rules), &options())
+}
+
+#[test]
+fn ten_thousand_elements_apply_and_read_back() {
+    let ns = Netns::new("large");
+    let model = large(10_000);
+    let elements: usize = model.sets.iter().map(|s| s.elements.len()).sum();
+    assert!(elements >= 10_000, "{elements}");
+    let report = kernel::apply(&ns.target(), &model).expect("apply 10,000 elements");
+    assert_eq!(report.elements, elements);
+    let status = kernel::status(&ns.target()).unwrap().unwrap();
+    assert_eq!(count(&ns, "allow_v4"), 5_000);
+    assert_eq!(count(&ns, "allow_v4_ports"), 5_000);
+    assert_eq!(status.digest.as_deref(), Some(model.digest.as_str()));
+    let listing = ns.nft_json().unwrap();
+    assert_eq!(elements_json(&listing, "allow_v4").len(), 5_000);
+    assert_eq!(elements_json(&listing, "allow_v4_ports").len(), 5_000);
+    // and once more, replacing 10,000 elements with 10,000
+    kernel::apply(&ns.target(), &model).expect("re-apply");
+}
+
+fn netns_inode(path: &str) -> u64 {
+    std::fs::metadata(path)
+        .unwrap_or_else(|e| panic!("{path}: {e}"))
+        .ino()
+}
+
+#[test]
+fn apply_by_pid_and_the_callers_namespace_never_changes() {
+    let ns = Netns::new("pid");
+    let own = (
+        netns_inode("/proc/self/ns/net"),
+        netns_inode("/proc/thread-self/ns/net"),
+    );
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    // `ip netns exec` enters the namespace, then execs `sleep` in the same process.
+    let sleeper = Kill(
+        Command::new("ip")
+            .args(["netns", "exec", &ns.name, "sleep", "30"])
+            .spawn()
+            .unwrap(),
+    );
+    let pid = sleeper.0.id();
+    let target_inode = netns_inode(&format!("/run/netns/{}", ns.name));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while std::fs::metadata(format!("/proc/{pid}/ns/net"))
+        .map(|m| m.ino())
+        .ok()
+        != Some(target_inode)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "`ip netns exec` did not enter the namespace"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+
+    let model = typical();
+    kernel::apply(&Target::Pid(pid), &model).expect("apply by pid");
+    let path = Target::Path(format!("/proc/{pid}/ns/net").into());
+    assert_eq!(
+        kernel::status(&path).unwrap().unwrap().digest.as_deref(),
+        Some(model.digest.as_str())
+    );
+    assert_eq!(
+        kernel::status(&ns.target())
+            .unwrap()
+            .unwrap()
+            .digest
+            .as_deref(),
+        Some(model.digest.as_str())
+    );
+    assert!(kernel::remove(&Target::Pid(pid)).unwrap());
+    assert_eq!(ns.nft_json(), None);
+    assert_eq!(
+        (
+            netns_inode("/proc/self/ns/net"),
+            netns_inode("/proc/thread-self/ns/net")
+        ),
+        own
+    );
+}
+
+#[test]
+fn a_missing_namespace_is_a_clear_error() {
+    require_root();
+    let err = kernel::apply(&Target::Name("nlk-does-not-exist".into()), &typical()).unwrap_err();
+    assert!(err.to_string().contains("ip netns list"), "{err}");
+    let err = kernel::status(&Target::Pid(u32::MAX)).unwrap_err();
+    assert!(err.to_string().contains("does not exist"), "{err}");
+}
+
+#[test]
+fn unrestricted_mode_has_only_the_blocklist() {
+    let ns = Netns::new("open");
+    let model = ruleset::compile(&policy(Mode::Unrestricted, vec![]), &options());
+    kernel::apply(&ns.target(), &model).unwrap();
+    let status = kernel::status(&ns.target()).unwrap().unwrap();
+    let names: Vec<&str> = status.sets.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, ["blocklist_v4", "blocklist_v6"]);
+    let output = status.chains.iter().find(|c| c.name == "output").unwrap();
+    assert_eq!(output.policy.as_deref(), Some("accept"));
+    assert_eq!(output.hook.as_deref(), Some("output"));
+}
+
+fn netleash(args: &[&str]) -> Output {
+    run(env!("CARGO_BIN_EXE_netleash"), args)
+}
+
+#[test]
+fn cli_status_remove_and_a_refused_apply() {
+    let ns = Netns::new("cli");
+    let model = typical();
+    kernel::apply(&ns.target(), &model).unwrap();
+
+    let out = netleash(&["status", "--netns", &ns.name, "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["present"], true);
+    assert_eq!(json["digest"], model.digest.as_str());
+    let allow = json["sets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "allow_v4_ports")
+        .unwrap();
+    assert_eq!(allow["elements"], 3);
+    let counters: Vec<&str> = json["counters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["rule"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        counters,
+        ["blocklist-v4", "blocklist-v6", "dns-other", "default-deny"]
+    );
+
+    let out = netleash(&["status", "--netns", &format!("/run/netns/{}", ns.name)]);
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        text.contains(&format!("policy: {}", model.digest)),
+        "{text}"
+    );
+    assert!(text.contains("default-deny"), "{text}");
+
+    // A policy that does not load leaves the table in force and exits 2.
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.json");
+    std::fs::write(&bad, "{ not json").unwrap();
+    let before = ns.nft_json().unwrap();
+    for extra in [&[][..], &["--dry-run"][..]] {
+        let mut args = vec!["apply", bad.to_str().unwrap(), "--netns", &ns.name];
+        args.extend_from_slice(extra);
+        let out = netleash(&args);
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(String::from_utf8_lossy(&out.stderr).starts_with("error: "));
+        assert_eq!(ns.nft_json().unwrap(), before);
+    }
+
+    // A namespace that does not exist: exit 3 and a hint.
+    let out = netleash(&["status", "--netns", "nlk-no-such-namespace"]);
+    assert_eq!(out.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("ip netns list"));
+
+    let out = netleash(&["remove", "--netns", &ns.name]);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("removed table inet netleash"));
+    assert_eq!(ns.nft_json(), None);
+    let out = netleash(&["remove", "--netns", &ns.name]);
+    assert!(
+        out.status.success(),
+        "removing an absent table is not an error"
+    );
+    let out = netleash(&["status", "--netns", &ns.name, "--json"]);
+    let json: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["present"], false);
+}
+
+#[test]
+fn a_session_works_from_any_thread_without_entering_the_namespace() {
+    let ns = Netns::new("session");
+    let own = netns_inode("/proc/thread-self/ns/net");
+    let mut session = kernel::Session::open(&ns.target()).unwrap();
+    let (a, b) = (typical(), other());
+    assert_eq!(session.apply(&a).unwrap().digest, a.digest);
+    assert_eq!(netns_inode("/proc/thread-self/ns/net"), own);
+    // The socket stays in the sandbox's namespace when the session moves threads.
+    let b_in_worker = b.clone();
+    let worker = std::thread::spawn(move || {
+        session.apply(&b_in_worker).unwrap();
+        session
+            .update_elements(&[dns_update(
+                "dns_v4",
+                vec![Element::Addr(net("203.0.113.5/32"))],
+                None,
+            )])
+            .unwrap();
+        let status = session.status().unwrap().unwrap();
+        session.close_in_background();
+        status
+    });
+    let status = worker.join().unwrap();
+    assert_eq!(status.digest.as_deref(), Some(b.digest.as_str()));
+    assert_eq!(
+        status
+            .sets
+            .iter()
+            .find(|s| s.name == "dns_v4")
+            .unwrap()
+            .elements,
+        1
+    );
+    assert_eq!(elements_json(&ns.nft_json().unwrap(), "dns_v4").len(), 1);
+}
+
+/// Local UDP and TCP ports listening in a namespace, as `ss` inside it reports them.
+fn listening_ports(ns: &Netns, proto_flag: &str) -> String {
+    let out = run("ip", &["netns", "exec", &ns.name, "ss", "-Hn", proto_flag]);
+    assert!(
+        out.status.success(),
+        "ss failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[test]
+fn sockets_opened_in_a_namespace_live_there() {
+    let ns = Netns::new("sockets");
+    let own = netns_inode("/proc/thread-self/ns/net");
+    let loopback = "127.0.0.1:0".parse().unwrap();
+    let udp = netleash::netns::udp_socket(&ns.target(), loopback).unwrap();
+    let tcp = netleash::netns::tcp_listener(&ns.target(), loopback).unwrap();
+    let (udp_port, tcp_port) = (
+        udp.local_addr().unwrap().port(),
+        tcp.local_addr().unwrap().port(),
+    );
+    // The namespace's own view lists them; nothing is sent.
+    assert!(listening_ports(&ns, "-ul").contains(&format!("127.0.0.1:{udp_port}")));
+    assert!(listening_ports(&ns, "-tl").contains(&format!("127.0.0.1:{tcp_port}")));
+    assert_eq!(netns_inode("/proc/thread-self/ns/net"), own);
+    // The port is taken inside that namespace: a second listener there fails, with the path named.
+    let taken = std::net::SocketAddr::from(([127, 0, 0, 1], tcp_port));
+    let err = netleash::netns::tcp_listener(&ns.target(), taken).unwrap_err();
+    assert!(
+        matches!(err, netleash::netns::Error::Socket { .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains(&ns.name), "{err}");
+}
