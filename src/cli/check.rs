@@ -7,6 +7,7 @@ use std::io::Write as _;
 use std::net::{IpAddr, ToSocketAddrs};
 
 use super::policy_args::PolicyArgs;
+use crate::policy::hosts::{self, HostSpec};
 use crate::policy::{HostRule, Mode, Policy, Proto, Target};
 use crate::ruleset::evaluate::{
     self, Decider, Destination, Evaluation, Group, Learned, Probe, Verdict,
@@ -154,9 +155,9 @@ fn parse_port(text: &str) -> Result<u16, String> {
     }
 }
 
-/// A name normalized as the policy normalizes names (lowercase, punycode,
-/// no trailing dot), validated against RFC 1035 §2.3.4 lengths; an IP
-/// literal is an address.
+/// A name normalized and validated exactly as an `allowed_hosts` entry is
+/// (lowercase, punycode, no trailing dot, RFC 1035 lengths); an IP literal is
+/// an address.
 fn parse_host(text: &str) -> Result<Host, String> {
     if let Ok(addr) = text.parse::<IpAddr>() {
         return Ok(Host::Addr(addr));
@@ -167,40 +168,14 @@ fn parse_host(text: &str) -> Result<Host, String> {
             text.replace('*', "www")
         ));
     }
-    let trimmed = text.strip_suffix('.').unwrap_or(text);
-    let name = if trimmed.is_ascii() {
-        trimmed.to_ascii_lowercase()
-    } else {
-        idna::domain_to_ascii(trimmed)
-            .map_err(|_| format!("`{text}` is not a valid internationalized name"))?
-    };
-    if name.is_empty() {
-        return Err("empty host name".into());
+    match hosts::parse_entry(text) {
+        Ok(HostSpec {
+            target: Target::Name(name),
+            ..
+        }) => Ok(Host::Name(name)),
+        Ok(HostSpec { target, .. }) => Err(format!("`{text}` is {target}, not one host")),
+        Err(invalid) => Err(invalid.to_string()),
     }
-    if name.len() > 253 {
-        return Err(format!(
-            "`{text}` is longer than 253 characters (RFC 1035 §2.3.4)"
-        ));
-    }
-    for label in name.split('.') {
-        if label.is_empty() {
-            return Err(format!("`{text}` has an empty label"));
-        }
-        if label.len() > 63 {
-            return Err(format!(
-                "`{text}` has a label longer than 63 characters (RFC 1035 §2.3.4)"
-            ));
-        }
-        if let Some(bad) = label
-            .chars()
-            .find(|c| !(c.is_ascii_alphanumeric() || *c == '-' || *c == '_'))
-        {
-            return Err(format!(
-                "`{text}` contains `{bad}`, which a host name cannot hold"
-            ));
-        }
-    }
-    Ok(Host::Name(name))
 }
 
 pub fn run(args: Args) -> Result<u8, super::Error> {
@@ -559,15 +534,19 @@ mod tests {
             ("[example.com]:443", "not an IPv6 address"),
             ("https://example.com", "URL scheme"),
             ("*.example.com", "is a wildcard"),
-            ("a..b", "empty label"),
-            ("exa mple.com", "contains ` `"),
+            ("a..b", "has an empty label (two dots in a row)"),
+            ("exa mple.com", "contains a space; a host name cannot"),
         ];
         for (text, expected) in cases {
             let err = parse_to(text).expect_err(text);
             assert!(err.contains(expected), "{text}: {err}");
         }
         let long = format!("{}.com", "a".repeat(64));
-        assert!(parse_to(&long).unwrap_err().contains("longer than 63"));
+        assert!(
+            parse_to(&long)
+                .unwrap_err()
+                .contains("a DNS label holds at most 63")
+        );
     }
 
     fn policy() -> Policy {
