@@ -28,7 +28,8 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> Result<u8, super::Error> {
-    let (policy, options) = args.policy.load()?;
+    // The warnings are part of the explanation, so they are not also printed to stderr.
+    let (policy, options) = args.policy.load_quietly()?;
     let text = explain(&policy, &options);
     std::io::stdout()
         .lock()

@@ -149,6 +149,27 @@ fn explain_lists_entries_kinds_ports_and_sources() {
 }
 
 #[test]
+fn explain_shows_warnings_once_in_its_report() {
+    let (_dir, policy) = policy_file(r#"{"type": "limited", "allow_mcp_servers": true}"#);
+    let run = netleash(&["explain", &policy, "--resolver", "192.0.2.53"]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert_eq!(run.stderr, "");
+    assert!(
+        run.stdout
+            .contains("Allowed: nothing but loopback and DNS to the resolvers below."),
+        "{}",
+        run.stdout
+    );
+    assert!(run.stdout.contains("Warnings:\n  - "), "{}", run.stdout);
+    assert!(
+        run.stdout
+            .contains("allow_mcp_servers: is true but no MCP server was given"),
+        "{}",
+        run.stdout
+    );
+}
+
+#[test]
 fn check_answers_allowed_or_blocked_with_the_deciding_rule() {
     let (_dir, policy) = policy_file(POLICY);
     let cases: [(&str, i32, &str); 9] = [
