@@ -1,5 +1,5 @@
 //! The only module that talks netlink: applies a [`crate::ruleset::Ruleset`]
-//! as one nftnl batch, reads it back, and updates set elements.
+//! in generations (see [`generation`]), reads it back, and updates set elements.
 //!
 //! A [`Session`] is a netfilter netlink socket opened inside the target
 //! network namespace (by a thread that enters it, [`netns::run_in`]); a
@@ -7,22 +7,25 @@
 //! works from any thread without entering the namespace again. The free
 //! functions open a session for one call.
 //!
-//! - [`apply`] replaces the `inet netleash` table in one transaction and
-//!   verifies what the kernel then holds against the model;
-//! - [`status`] reads the table back: digest, set sizes, counters;
+//! - [`apply`] puts a new generation of the `inet netleash` table in force
+//!   atomically for packets, verifies what the kernel then holds against the
+//!   model, and rolls back to the previous generation if it does not match;
+//! - [`status`] reads the table back: digest, generation, set sizes, counters;
 //! - [`plan`] is `apply --dry-run`: what would change, checked by the kernel
 //!   without committing;
 //! - [`update_elements`] adds, refreshes and removes set elements without
 //!   touching the rules (the DNS layer drives it);
 //! - [`remove`] deletes the table.
 //!
-//! Modules: `batch` builds the transaction, `elements` encodes set elements,
+//! Modules: `generation` decides how a policy replaces the one in force,
+//! `batch` builds the transactions, `elements` encodes set elements,
 //! `readback` reads and compares, `netlink` is the socket, and `ffi` is the
 //! only place that calls libnftnl directly.
 
 mod batch;
 mod elements;
 mod ffi;
+mod generation;
 mod netlink;
 mod readback;
 
@@ -34,7 +37,9 @@ pub use readback::{ChainStatus, Difference, RuleCounter, SetStatus, TableStatus}
 
 use crate::netns;
 use crate::ruleset::{Ruleset, TABLE_NAME};
-use netlink::Netlink;
+use generation::{Approach, Deletions, Swap};
+use netlink::{Netlink, Transaction};
+use readback::{Detail, KernelTable, Snapshot};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -76,9 +81,15 @@ pub enum Error {
         source: io::Error,
     },
     #[error(
-        "the nftables ruleset kept changing while it was read ({attempts} attempts); try again"
+        "the nftables ruleset kept changing while netleash read or changed it ({attempts} attempts); \
+         nothing of this apply is in force; try again"
     )]
     Unstable { attempts: usize },
+    #[error(
+        "the nftables ruleset changed since netleash read it, so the kernel refused the transaction \
+         and nothing changed"
+    )]
+    RulesetChanged,
     #[error("there is no table inet {TABLE_NAME} in this network namespace; apply a policy first")]
     NoTable,
     #[error(
@@ -86,12 +97,16 @@ pub enum Error {
     )]
     MissingAfterApply,
     #[error(
-        "the kernel accepted the transaction, but the table it now holds does not match the policy \
-         ({} difference(s)): {}",
+        "the kernel accepted the transaction, but the table it then held did not match the policy \
+         ({} difference(s)): {}; {rollback}",
         .differences.len(),
         .differences.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
     )]
-    Verify { differences: Vec<Difference> },
+    Verify {
+        differences: Vec<Difference>,
+        /// What happened to the previous policy.
+        rollback: String,
+    },
     #[error("{name:?} cannot be an nftables name: it contains a NUL byte or is too long")]
     InvalidName { name: String },
     #[error("cannot put {element} into set {set:?}: {reason}")]
@@ -120,11 +135,42 @@ fn table_name() -> CString {
     CString::new(TABLE_NAME).expect("the table name has no NUL byte")
 }
 
+/// How `apply` puts a policy in force.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Method {
+    /// There was no table: it is created with generation 1.
+    Create,
+    /// The table was in another shape (see [`generation`]) and is replaced
+    /// as a whole, once, with generation 1.
+    Replace { reason: String },
+    /// Generation `to` is staged and swapped in for generation `from`.
+    Swap { from: u32, to: u32 },
+}
+
+impl std::fmt::Display for Method {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Method::Create => write!(f, "created the table (generation 1)"),
+            Method::Replace { reason } => write!(
+                f,
+                "replaced the table as a whole (generation 1), because {reason}"
+            ),
+            Method::Swap { from, to } => write!(f, "swapped generation {from} for {to}"),
+        }
+    }
+}
+
 /// What `apply` did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ApplyReport {
     /// The digest of the ruleset now in force, as read back from the kernel.
     pub digest: String,
+    /// The generation now in force.
+    pub generation: u32,
+    pub method: Method,
+    /// How often the kernel refused a transaction because the ruleset had
+    /// changed since it was read, and the apply started over.
+    pub restarts: usize,
     /// Named sets and their elements (ranges count once), as read back.
     pub sets: usize,
     pub elements: usize,
@@ -137,9 +183,33 @@ pub struct ApplyReport {
 pub struct Plan {
     /// The table in force, if any.
     pub current: Option<TableStatus>,
-    /// How the table in force differs from `ruleset`; empty if the table is
+    /// How the policy in force differs from `ruleset`; empty if the table is
     /// absent (everything would be created) or already enforces `ruleset`.
     pub differences: Vec<Difference>,
+    /// How `apply` would put `ruleset` in force.
+    pub method: Method,
+}
+
+/// How often `apply` starts over when the kernel refuses a transaction
+/// because the ruleset changed since it was read (a DNS set update in
+/// between is enough), and how often one step of a generation swap is retried.
+const ATTEMPTS: usize = 5;
+
+/// The ruleset generation id after one more commit: the kernel skips 0
+/// (`nf_tables_commit`: `while (++base_seq == 0)`), which means "no check".
+fn next_genid(genid: u32) -> u32 {
+    match genid.wrapping_add(1) {
+        0 => 1,
+        next => next,
+    }
+}
+
+/// The table without elements and leftovers: what a session remembers.
+fn shape_of(mut table: KernelTable) -> KernelTable {
+    for set in table.sets.iter_mut().chain(&mut table.leftover_sets) {
+        set.elements = Vec::new();
+    }
+    table
 }
 
 /// A netfilter netlink socket in one network namespace, for a caller that
@@ -148,6 +218,12 @@ pub struct Plan {
 /// the session when the sandbox ends.
 pub struct Session {
     netlink: Netlink,
+    /// The table's shape after this session's last apply, and the ruleset
+    /// generation id that goes with it, so the next apply plans without
+    /// reading the table first. Its transactions carry that id: if anything
+    /// else committed since, the kernel refuses them and the apply reads the
+    /// table and starts over.
+    known: Option<Snapshot>,
 }
 
 impl Session {
@@ -155,31 +231,108 @@ impl Session {
     /// enters the namespace; the caller's namespace never changes).
     pub fn open(target: &netns::Target) -> Result<Session, Error> {
         let netlink = netns::run_in(target, Netlink::open)??;
-        Ok(Session { netlink })
+        Ok(Session {
+            netlink,
+            known: None,
+        })
     }
 
-    /// Replace the `inet netleash` table with `ruleset`, in one netlink
-    /// transaction, then read it back and verify it.
+    /// Put `ruleset` in force in the `inet netleash` table, atomically for
+    /// packets, then read it back and verify it (see [`generation`]).
     ///
-    /// If the kernel rejects any part of the transaction, nothing changes: the
-    /// table in force before stays in force, and the error names the object
-    /// the kernel rejected. A verification error means the kernel committed
-    /// but holds something else than the model (another program changed it in
-    /// between, or a bug): the error lists every difference.
+    /// If the kernel rejects a transaction, the policy in force before stays
+    /// in force, and the error names the object the kernel rejected. If the
+    /// kernel accepted everything but the table then differs from the model
+    /// (another program changed it in between, or a bug), the previous
+    /// generation is put back in force and the error lists every difference.
     pub fn apply(&mut self, ruleset: &Ruleset) -> Result<ApplyReport, Error> {
-        let transaction = batch::replace_table(ruleset)?;
+        self.apply_verified(ruleset, ruleset)
+    }
+
+    /// [`Session::apply`], verified against `expected` instead of `ruleset`
+    /// (they differ only in tests that make verification fail on purpose).
+    fn apply_verified(
+        &mut self,
+        ruleset: &Ruleset,
+        expected: &Ruleset,
+    ) -> Result<ApplyReport, Error> {
+        for restarts in 0..ATTEMPTS {
+            let snapshot = match self.known.take() {
+                Some(known) => known,
+                None => readback::read_table(&mut self.netlink, Detail::Shape)?,
+            };
+            let outcome = match generation::approach(ruleset, snapshot.table.as_ref())? {
+                Approach::Create => {
+                    self.apply_whole(ruleset, expected, snapshot.genid, Method::Create)
+                }
+                Approach::Replace { reason } => {
+                    tracing::warn!(
+                        "replacing table inet {TABLE_NAME} as a whole, once, because {reason}; \
+                         packets may meet no table for a moment"
+                    );
+                    self.apply_whole(
+                        ruleset,
+                        expected,
+                        snapshot.genid,
+                        Method::Replace { reason },
+                    )
+                }
+                Approach::Swap(swap) => self.apply_swap(ruleset, expected, snapshot, swap),
+            };
+            match outcome {
+                Ok(mut report) => {
+                    report.restarts = restarts;
+                    return Ok(report);
+                }
+                Err(Error::RulesetChanged) => self.known = None,
+                Err(err) => {
+                    self.known = None;
+                    return Err(err);
+                }
+            }
+        }
+        Err(Error::Unstable { attempts: ATTEMPTS })
+    }
+
+    /// Commit `transaction`, which must find the ruleset at generation id
+    /// `genid`. Lost answers count as success: the read-back that follows
+    /// every change decides what is in force.
+    fn commit_at(&mut self, mut transaction: Transaction, genid: u32) -> Result<(), Error> {
+        transaction.expect_generation(genid);
         match self.netlink.commit(transaction) {
-            // Lost answers: the read-back below decides what is in force.
-            Ok(()) | Err(Error::AcksLost) => {}
-            Err(err) => return Err(err),
+            Ok(()) | Err(Error::AcksLost) => Ok(()),
+            Err(err) => Err(err),
         }
-        let table = readback::read_table(&mut self.netlink)?.ok_or(Error::MissingAfterApply)?;
-        let differences = readback::differences(ruleset, &table)?;
-        if !differences.is_empty() {
-            return Err(Error::Verify { differences });
+    }
+
+    /// Read the table and compare the policy in force with `expected`, which
+    /// must be generation `generation`.
+    fn read_and_compare(
+        &mut self,
+        expected: &Ruleset,
+        generation: u32,
+    ) -> Result<(u32, KernelTable, Vec<Difference>), Error> {
+        let snapshot = readback::read_table(&mut self.netlink, Detail::Full)?;
+        let table = snapshot.table.ok_or(Error::MissingAfterApply)?;
+        let mut differences = readback::differences(expected, &table)?;
+        if table.generation != Some(generation) {
+            differences.insert(
+                0,
+                Difference::Generation {
+                    kernel: table.generation,
+                    expected: generation,
+                },
+            );
         }
-        Ok(ApplyReport {
+        Ok((snapshot.genid, table, differences))
+    }
+
+    fn report(table: &KernelTable, generation: u32, method: Method) -> ApplyReport {
+        ApplyReport {
             digest: table.digest.clone().unwrap_or_default(),
+            generation,
+            method,
+            restarts: 0,
             sets: table.sets.len(),
             elements: table
                 .sets
@@ -187,28 +340,254 @@ impl Session {
                 .map(|s| elements::logical_count(&s.elements))
                 .sum(),
             rules: table.chains.iter().map(|c| c.rules.len()).sum(),
-        })
+        }
+    }
+
+    /// Create the table, or replace it as a whole, with generation 1.
+    fn apply_whole(
+        &mut self,
+        ruleset: &Ruleset,
+        expected: &Ruleset,
+        genid: u32,
+        method: Method,
+    ) -> Result<ApplyReport, Error> {
+        let transaction = match method {
+            Method::Create => batch::create_table(ruleset)?,
+            _ => batch::replace_table(ruleset)?,
+        };
+        self.commit_at(transaction, genid)?;
+        let (genid, table, differences) = self.read_and_compare(expected, 1)?;
+        if !differences.is_empty() {
+            return Err(Error::Verify {
+                differences,
+                rollback:
+                    "there is no earlier generation to go back to, so this one stays in force"
+                        .into(),
+            });
+        }
+        let report = Session::report(&table, 1, method);
+        self.known = Some(Snapshot {
+            genid,
+            table: Some(shape_of(table)),
+        });
+        Ok(report)
+    }
+
+    /// Stage generation `swap.to`, swap it in, verify, then delete what is
+    /// left of the previous generation (or roll back to it).
+    fn apply_swap(
+        &mut self,
+        ruleset: &Ruleset,
+        expected: &Ruleset,
+        snapshot: Snapshot,
+        swap: Swap,
+    ) -> Result<ApplyReport, Error> {
+        self.commit_at(batch::stage(ruleset, &swap)?, snapshot.genid)?;
+        if let Err(err) = self.swap_in(ruleset, &swap, next_genid(snapshot.genid)) {
+            // Best effort: a staged generation nothing jumps to changes no
+            // packet, and the next apply deletes it if this fails.
+            let _ = self.commit_at(batch::delete(&staged(ruleset, &swap))?, 0);
+            return Err(err);
+        }
+        let (genid, table, differences) = self.read_and_compare(expected, swap.to)?;
+        if !differences.is_empty() {
+            let rollback = self.roll_back(ruleset, &swap, genid);
+            return Err(Error::Verify {
+                differences,
+                rollback,
+            });
+        }
+        let report = Session::report(
+            &table,
+            swap.to,
+            Method::Swap {
+                from: swap.from,
+                to: swap.to,
+            },
+        );
+        self.known = self.clean_up(table, genid, swap.to);
+        Ok(report)
+    }
+
+    /// The swap transaction, retried while only other changes (e.g. DNS set
+    /// updates) came between the stage and the swap: the generation in force
+    /// is still `swap.from` and the staged one is complete.
+    fn swap_in(&mut self, ruleset: &Ruleset, swap: &Swap, mut genid: u32) -> Result<(), Error> {
+        for _ in 0..ATTEMPTS {
+            match self.commit_at(batch::swap(ruleset, swap.to, &swap.tighten)?, genid) {
+                Err(Error::RulesetChanged) => {}
+                other => return other,
+            }
+            let now = readback::read_table(&mut self.netlink, Detail::Shape)?;
+            let staged = staged(ruleset, swap);
+            let intact = now.table.as_ref().is_some_and(|table| {
+                table.generation == Some(swap.from)
+                    && staged
+                        .chains
+                        .iter()
+                        .all(|name| table.leftover_chains.iter().any(|c| c.kernel_name == *name))
+            });
+            if !intact {
+                return Err(Error::RulesetChanged);
+            }
+            genid = now.genid;
+        }
+        Err(Error::Unstable { attempts: ATTEMPTS })
+    }
+
+    /// Delete every leftover of `table` (read right after the swap to
+    /// `generation`). Returns what the session then knows of the table.
+    /// A failure here changes no packet's fate (nothing reaches leftovers),
+    /// so it is logged, and the next apply deletes them.
+    fn clean_up(
+        &mut self,
+        mut table: KernelTable,
+        mut genid: u32,
+        generation: u32,
+    ) -> Option<Snapshot> {
+        for _ in 0..ATTEMPTS {
+            let deletions = Deletions::leftovers(&table);
+            let result = if deletions.is_empty() {
+                Ok(())
+            } else {
+                batch::delete(&deletions).and_then(|tx| self.commit_at(tx, genid))
+            };
+            match result {
+                Ok(()) => {
+                    if !deletions.is_empty() {
+                        genid = next_genid(genid);
+                    }
+                    table.leftover_chains.clear();
+                    table.leftover_sets.clear();
+                    return Some(Snapshot {
+                        genid,
+                        table: Some(shape_of(table)),
+                    });
+                }
+                Err(Error::RulesetChanged) => {
+                    match readback::read_table(&mut self.netlink, Detail::Shape) {
+                        Ok(Snapshot {
+                            genid: now,
+                            table: Some(now_table),
+                        }) if now_table.generation == Some(generation) => {
+                            genid = now;
+                            table = now_table;
+                        }
+                        _ => return None,
+                    }
+                }
+                Err(err) => {
+                    tracing::warn!(
+                        "generation {generation} is in force, but what is left of earlier ones \
+                         could not be deleted (the next apply deletes it): {err}"
+                    );
+                    return None;
+                }
+            }
+        }
+        None
+    }
+
+    /// Put generation `swap.from` back in force and delete generation
+    /// `swap.to`. Returns what happened, for the verification error.
+    fn roll_back(&mut self, ruleset: &Ruleset, swap: &Swap, mut genid: u32) -> String {
+        let attempt = |session: &mut Session, genid: u32| -> Result<(), Error> {
+            let mut genid = genid;
+            // A policy that goes back to accept changes before the swap back:
+            // the failed generation has policy drop and decides every packet.
+            let loosen: Vec<_> = swap
+                .previous
+                .iter()
+                .filter(|entry| swap.tighten.contains(&entry.chain))
+                .cloned()
+                .collect();
+            if !loosen.is_empty() {
+                session.commit_at(batch::policies(&loosen)?, genid)?;
+                genid = next_genid(genid);
+            }
+            session.commit_at(
+                batch::swap_back(&swap.previous, &staged(ruleset, swap))?,
+                genid,
+            )
+        };
+        let mut outcome = Err(Error::RulesetChanged);
+        for _ in 0..ATTEMPTS {
+            outcome = attempt(self, genid);
+            match &outcome {
+                Err(Error::RulesetChanged) => match readback::generation_id(&mut self.netlink) {
+                    Ok(now) => genid = now,
+                    Err(err) => {
+                        outcome = Err(err);
+                        break;
+                    }
+                },
+                _ => break,
+            }
+        }
+        self.known = None;
+        match outcome {
+            Ok(()) => format!(
+                "the previous policy (generation {}) was put back in force and generation {} deleted",
+                swap.from, swap.to
+            ),
+            Err(err) => format!(
+                "putting the previous policy (generation {}) back failed too, so generation {} stays \
+                 in force: {err}",
+                swap.from, swap.to
+            ),
+        }
     }
 
     /// Compare the table in force with `ruleset`, and have the kernel check
-    /// the transaction that would replace it without committing it. Nothing changes.
+    /// the transactions that would put it in force, as one, without
+    /// committing it. Nothing changes.
     pub fn plan(&mut self, ruleset: &Ruleset) -> Result<Plan, Error> {
-        let transaction = batch::replace_table(ruleset)?;
-        let current = readback::read_table(&mut self.netlink)?;
-        let differences = match &current {
-            Some(table) => readback::differences(ruleset, table)?,
-            None => Vec::new(),
-        };
-        self.netlink.check(transaction)?;
-        Ok(Plan {
-            current: current.as_ref().map(TableStatus::of),
-            differences,
-        })
+        for _ in 0..ATTEMPTS {
+            let snapshot = readback::read_table(&mut self.netlink, Detail::Full)?;
+            let table = snapshot.table.as_ref();
+            let differences = match table {
+                Some(table) => readback::differences(ruleset, table)?,
+                None => Vec::new(),
+            };
+            let (mut transaction, method) = match generation::approach(ruleset, table)? {
+                Approach::Create => (batch::create_table(ruleset)?, Method::Create),
+                Approach::Replace { reason } => {
+                    (batch::replace_table(ruleset)?, Method::Replace { reason })
+                }
+                Approach::Swap(swap) => {
+                    let table = table.expect("a swap is only planned over a table");
+                    let deletions = Deletions::after_swap(table, ruleset);
+                    (
+                        batch::swap_check(ruleset, &swap, &deletions)?,
+                        Method::Swap {
+                            from: swap.from,
+                            to: swap.to,
+                        },
+                    )
+                }
+            };
+            transaction.expect_generation(snapshot.genid);
+            match self.netlink.check(transaction) {
+                Err(Error::RulesetChanged) => continue,
+                Err(err) => return Err(err),
+                Ok(()) => {}
+            }
+            return Ok(Plan {
+                current: table.map(TableStatus::of),
+                differences,
+                method,
+            });
+        }
+        Err(Error::Unstable { attempts: ATTEMPTS })
     }
 
     /// Delete the `inet netleash` table. Returns whether it existed.
     pub fn remove(&mut self) -> Result<bool, Error> {
-        if readback::read_table(&mut self.netlink)?.is_none() {
+        self.known = None;
+        if readback::read_table(&mut self.netlink, Detail::Shape)?
+            .table
+            .is_none()
+        {
             return Ok(false);
         }
         match self.netlink.commit(batch::delete_table()) {
@@ -221,14 +600,17 @@ impl Session {
 
     /// The table as the kernel holds it, or `None` if there is none.
     pub fn status(&mut self) -> Result<Option<TableStatus>, Error> {
-        Ok(readback::read_table(&mut self.netlink)?
+        Ok(readback::read_table(&mut self.netlink, Detail::Full)?
+            .table
             .as_ref()
             .map(TableStatus::of))
     }
 
-    /// Apply element changes to named sets of the table, in one transaction
-    /// (all or nothing), without touching rules or other sets.
+    /// Apply element changes to named sets of the policy in force (by model
+    /// name), in one transaction (all or nothing), without touching rules or
+    /// other sets.
     pub fn update_elements(&mut self, updates: &[SetUpdate]) -> Result<(), Error> {
+        self.known = None;
         elements::update(&mut self.netlink, updates)
     }
 
@@ -247,8 +629,28 @@ impl Session {
     }
 }
 
-/// Replace the `inet netleash` table in `target` with `ruleset`: [`Session::apply`] in a
-/// session of its own.
+/// The objects an apply of `swap` staged: generation `swap.to` of `ruleset`
+/// and the persistent sets it created, in the order to delete them.
+fn staged(ruleset: &Ruleset, swap: &Swap) -> Deletions {
+    let naming = generation::Naming::new(ruleset, swap.to);
+    Deletions {
+        chains: ruleset
+            .chains
+            .iter()
+            .rev()
+            .filter(|c| c.base.is_none())
+            .map(|c| naming.chain(&c.name))
+            .collect(),
+        sets: ruleset
+            .sets
+            .iter()
+            .filter(|s| !generation::persistent_set(s) || swap.create.contains(&s.name))
+            .map(|s| naming.set(&s.name))
+            .collect(),
+    }
+}
+
+/// Put `ruleset` in force in `target`: [`Session::apply`] in a session of its own.
 pub fn apply(target: &netns::Target, ruleset: &Ruleset) -> Result<ApplyReport, Error> {
     let mut session = Session::open(target)?;
     let result = session.apply(ruleset);
