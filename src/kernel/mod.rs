@@ -689,3 +689,217 @@ pub fn update_elements(target: &netns::Target, updates: &[SetUpdate]) -> Result<
     session.close_in_background();
     result
 }
+
+/// Against the real kernel, in a network namespace of their own: what the
+/// public API cannot reach (a verification that fails on purpose, a
+/// transaction with a stale generation id). They need root and FAIL without it.
+#[cfg(test)]
+mod tests {
+    use std::process::Command;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+    use crate::policy::{CompileOptions, Dialect, HostRule, Mode, Policy, Ports, Source, Target};
+
+    static COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+    /// A network namespace for one test, deleted on drop.
+    struct Netns(String);
+
+    impl Netns {
+        fn new(tag: &str) -> Netns {
+            // SAFETY: geteuid has no preconditions and cannot fail.
+            let euid = unsafe { libc::geteuid() };
+            assert_eq!(
+                euid, 0,
+                "these kernel tests need root (CAP_NET_ADMIN, CAP_SYS_ADMIN); CI runs as root"
+            );
+            let name = format!(
+                "nlu-{tag}-{}-{}",
+                std::process::id(),
+                COUNTER.fetch_add(1, Ordering::SeqCst)
+            );
+            let status = Command::new("ip")
+                .args(["netns", "add", &name])
+                .status()
+                .expect("run ip");
+            assert!(status.success(), "ip netns add {name} failed");
+            Netns(name)
+        }
+
+        fn target(&self) -> netns::Target {
+            netns::Target::Name(self.0.clone())
+        }
+    }
+
+    impl Drop for Netns {
+        fn drop(&mut self) {
+            let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+        }
+    }
+
+    fn compile(mode: Mode, nets: &[&str]) -> Ruleset {
+        let rules = nets
+            .iter()
+            .map(|net| HostRule {
+                target: Target::Net(net.parse().unwrap()),
+                ports: Ports::Any,
+                sources: [Source::AllowedHosts].into(),
+                entry: net.to_string(),
+            })
+            .collect();
+        let policy = Policy {
+            mode,
+            dialect: Dialect::Limited,
+            rules,
+            blocklist: vec![crate::policy::BlockEntry {
+                net: "169.254.0.0/16".parse().unwrap(),
+                reason: "link-local".into(),
+            }],
+            warnings: vec![],
+        };
+        crate::ruleset::compile(&policy, &CompileOptions::default())
+    }
+
+    /// The kernel names of every set and chain of the table.
+    fn kernel_names(session: &mut Session) -> Vec<String> {
+        let table = readback::read_table(&mut session.netlink, Detail::Shape)
+            .unwrap()
+            .table
+            .unwrap();
+        let sets = table.sets.iter().chain(&table.leftover_sets);
+        let chains = table.chains.iter().chain(&table.leftover_chains);
+        sets.map(|s| s.kernel_name.clone())
+            .chain(chains.map(|c| c.kernel_name.clone()))
+            .collect()
+    }
+
+    fn rollback_text(err: Error) -> String {
+        match err {
+            Error::Verify {
+                differences,
+                rollback,
+            } => {
+                assert!(!differences.is_empty());
+                rollback
+            }
+            other => panic!("expected a verification error, got {other}"),
+        }
+    }
+
+    #[test]
+    fn a_failed_verification_puts_the_previous_generation_back() {
+        let ns = Netns::new("rollback");
+        let a = compile(Mode::Limited, &["198.51.100.0/24"]);
+        let b = compile(Mode::Limited, &["203.0.113.0/24"]);
+        let mut session = Session::open(&ns.target()).unwrap();
+        session.apply(&a).unwrap();
+        session
+            .update_elements(&[SetUpdate {
+                set: "dns_v4".into(),
+                change: SetChange::Add {
+                    elements: vec![crate::ruleset::Element::Addr(
+                        "192.0.2.7/32".parse().unwrap(),
+                    )],
+                    timeout: None,
+                },
+            }])
+            .unwrap();
+
+        // Generation 2 holds `b`, but is verified against `a`: it must not stay.
+        let err = session.apply_verified(&b, &a).unwrap_err();
+        let rollback = rollback_text(err);
+        assert!(
+            rollback.contains("generation 1) was put back in force and generation 2 deleted"),
+            "{rollback}"
+        );
+        let status = session.status().unwrap().unwrap();
+        assert_eq!(status.generation, Some(1));
+        assert_eq!(status.digest.as_deref(), Some(a.digest.as_str()));
+        assert!(status.leftovers.is_empty(), "{:?}", status.leftovers);
+        let dns = status.sets.iter().find(|s| s.name == "dns_v4").unwrap();
+        assert_eq!(dns.elements, 1, "the learned address survives the rollback");
+        let names = kernel_names(&mut session);
+        assert!(
+            names.iter().all(|n| !n.ends_with(".g2")),
+            "generation 2 is deleted: {names:?}"
+        );
+        // The policy in force is exactly `a` again, and the next apply swaps from it.
+        let table = readback::read_table(&mut session.netlink, Detail::Full)
+            .unwrap()
+            .table
+            .unwrap();
+        assert_eq!(readback::differences(&a, &table).unwrap(), vec![]);
+        let report = session.apply(&b).unwrap();
+        assert_eq!(report.method, Method::Swap { from: 1, to: 2 });
+        session.close_in_background();
+    }
+
+    #[test]
+    fn a_rollback_to_an_accept_policy_restores_it() {
+        let ns = Netns::new("rollpolicy");
+        let open = compile(Mode::Unrestricted, &[]);
+        let limited = compile(Mode::Limited, &["198.51.100.0/24"]);
+        let mut session = Session::open(&ns.target()).unwrap();
+        session.apply(&open).unwrap();
+        let rollback = rollback_text(session.apply_verified(&limited, &open).unwrap_err());
+        assert!(rollback.contains("was put back"), "{rollback}");
+        let status = session.status().unwrap().unwrap();
+        assert_eq!(status.generation, Some(1));
+        let policies: Vec<Option<&str>> = status
+            .chains
+            .iter()
+            .filter(|c| c.hook.is_some())
+            .map(|c| c.policy.as_deref())
+            .collect();
+        assert_eq!(policies, [Some("accept"), Some("accept")]);
+        let names = kernel_names(&mut session);
+        assert!(
+            names
+                .iter()
+                .all(|n| !n.ends_with(".g2") && !n.starts_with("dns_")),
+            "generation 2 and the DNS sets it created are deleted: {names:?}"
+        );
+        session.close_in_background();
+    }
+
+    #[test]
+    fn a_transaction_built_at_an_old_generation_id_is_refused_and_changes_nothing() {
+        let ns = Netns::new("genid");
+        let a = compile(Mode::Limited, &["198.51.100.0/24"]);
+        let mut session = Session::open(&ns.target()).unwrap();
+        session.apply(&a).unwrap();
+        let read_at = readback::generation_id(&mut session.netlink).unwrap();
+        // Any commit in between (here an element update) moves the generation id on.
+        session
+            .update_elements(&[SetUpdate {
+                set: "dns_v4".into(),
+                change: SetChange::Add {
+                    elements: vec![crate::ruleset::Element::Addr(
+                        "192.0.2.7/32".parse().unwrap(),
+                    )],
+                    timeout: None,
+                },
+            }])
+            .unwrap();
+        assert_ne!(
+            readback::generation_id(&mut session.netlink).unwrap(),
+            read_at
+        );
+        let mut stale = batch::delete_table();
+        stale.expect_generation(read_at);
+        assert!(matches!(
+            session.netlink.commit(stale),
+            Err(Error::RulesetChanged)
+        ));
+        let mut current = batch::delete_table();
+        current.expect_generation(readback::generation_id(&mut session.netlink).unwrap());
+        assert!(
+            session.status().unwrap().is_some(),
+            "the refused delete changed nothing"
+        );
+        session.netlink.commit(current).unwrap();
+        assert!(session.status().unwrap().is_none());
+        session.close_in_background();
+    }
+}
