@@ -38,7 +38,8 @@ pub struct KernelSet {
     pub flags: u32,
     pub key_type: u32,
     pub key_len: u32,
-    /// Empty when the table was read without elements.
+    /// Empty when the table was read without elements (a leftover's
+    /// elements are never read).
     pub elements: Vec<RawElement>,
 }
 
@@ -195,8 +196,17 @@ pub fn read_sets(netlink: &mut Netlink) -> Result<Vec<ParsedSet>, Error> {
 pub fn read_table(netlink: &mut Netlink, detail: Detail) -> Result<Snapshot, Error> {
     for _ in 0..READ_ATTEMPTS {
         let before = generation_id(netlink)?;
-        let (table, interrupted) = match read_table_once(netlink, detail)? {
-            Some((table, interrupted)) => (Some(in_force(table)), interrupted),
+        let (table, interrupted) = match read_table_once(netlink)? {
+            Some((raw, mut interrupted)) => {
+                let mut table = in_force(raw);
+                if detail == Detail::Full {
+                    // Leftovers are deleted, not compared: their elements are not read.
+                    for set in &mut table.sets {
+                        interrupted |= read_elements(netlink, set)?;
+                    }
+                }
+                (Some(table), interrupted)
+            }
             None => (None, false),
         };
         if !interrupted && generation_id(netlink)? == before {
@@ -218,10 +228,25 @@ struct RawTable {
     chains: Vec<KernelChain>,
 }
 
-fn read_table_once(
-    netlink: &mut Netlink,
-    detail: Detail,
-) -> Result<Option<(RawTable, bool)>, Error> {
+/// Read the elements of `set` into it. Returns whether the dump was interrupted.
+fn read_elements(netlink: &mut Netlink, set: &mut KernelSet) -> Result<bool, Error> {
+    let table = table_name();
+    let name = std::ffi::CString::new(set.kernel_name.clone()).map_err(|_| malformed("set"))?;
+    let mut elements = Vec::new();
+    let answer = netlink.dump(Request::Elements(&name), &table, &mut |message| {
+        let (_, parsed) = ffi::parse_elements(message).ok_or_else(|| malformed("set element"))?;
+        elements.extend(parsed);
+        Ok(())
+    })?;
+    set.elements = elements;
+    answer.map_err(|errno| Error::Dump {
+        what: "set elements",
+        source: std::io::Error::from_raw_os_error(errno),
+    })
+}
+
+/// The table's sets (without elements), chains and rules, and whether a dump was interrupted.
+fn read_table_once(netlink: &mut Netlink) -> Result<Option<(RawTable, bool)>, Error> {
     let table = table_name();
     let mut parsed_table = None;
     let answer = netlink.dump(Request::Table, &table, &mut |message| {
@@ -246,31 +271,17 @@ fn read_table_once(
     .map(ffi::udata_string);
     let mut interrupted = false;
 
-    let mut sets = Vec::new();
-    for set in read_sets(netlink)? {
-        let mut elements = Vec::new();
-        if detail == Detail::Full {
-            let name = std::ffi::CString::new(set.name.clone()).map_err(|_| malformed("set"))?;
-            let answer = netlink.dump(Request::Elements(&name), &table, &mut |message| {
-                let (_, parsed) =
-                    ffi::parse_elements(message).ok_or_else(|| malformed("set element"))?;
-                elements.extend(parsed);
-                Ok(())
-            })?;
-            interrupted |= answer.map_err(|errno| Error::Dump {
-                what: "set elements",
-                source: std::io::Error::from_raw_os_error(errno),
-            })?;
-        }
-        sets.push(KernelSet {
+    let sets = read_sets(netlink)?
+        .into_iter()
+        .map(|set| KernelSet {
             name: set.name.clone(),
             kernel_name: set.name,
             flags: set.flags,
             key_type: set.key_type,
             key_len: set.key_len,
-            elements,
-        });
-    }
+            elements: Vec::new(),
+        })
+        .collect();
 
     let mut chains = Vec::new();
     let answer = netlink.dump(Request::Chains, &table, &mut |message| {
