@@ -306,7 +306,10 @@ impl Session {
     }
 
     /// Read the table and compare the policy in force with `expected`, which
-    /// must be generation `generation`.
+    /// this apply just put in force as generation `generation`. If another
+    /// generation is in force, another apply came after this one: this one
+    /// is superseded, and starts over (`RulesetChanged`) rather than rolling
+    /// the other one back.
     fn read_and_compare(
         &mut self,
         expected: &Ruleset,
@@ -314,16 +317,10 @@ impl Session {
     ) -> Result<(u32, KernelTable, Vec<Difference>), Error> {
         let snapshot = readback::read_table(&mut self.netlink, Detail::Full)?;
         let table = snapshot.table.ok_or(Error::MissingAfterApply)?;
-        let mut differences = readback::differences(expected, &table)?;
         if table.generation != Some(generation) {
-            differences.insert(
-                0,
-                Difference::Generation {
-                    kernel: table.generation,
-                    expected: generation,
-                },
-            );
+            return Err(Error::RulesetChanged);
         }
+        let differences = readback::differences(expected, &table)?;
         Ok((snapshot.genid, table, differences))
     }
 
@@ -510,19 +507,37 @@ impl Session {
                 genid,
             )
         };
-        let mut outcome = Err(Error::RulesetChanged);
+        let mut outcome = Err(Error::Unstable { attempts: ATTEMPTS });
         for _ in 0..ATTEMPTS {
             outcome = attempt(self, genid);
-            match &outcome {
-                Err(Error::RulesetChanged) => match readback::generation_id(&mut self.netlink) {
-                    Ok(now) => genid = now,
-                    Err(err) => {
-                        outcome = Err(err);
-                        break;
-                    }
-                },
-                _ => break,
+            if !matches!(outcome, Err(Error::RulesetChanged)) {
+                break;
             }
+            // Something else committed: go back only while the failed
+            // generation is still in force and the previous one is complete.
+            let now = match readback::read_table(&mut self.netlink, Detail::Shape) {
+                Ok(now) => now,
+                Err(err) => {
+                    outcome = Err(err);
+                    break;
+                }
+            };
+            let previous = staged_chains(ruleset, swap.from);
+            let intact = now.table.as_ref().is_some_and(|table| {
+                table.generation == Some(swap.to)
+                    && previous
+                        .iter()
+                        .all(|name| table.leftover_chains.iter().any(|c| c.kernel_name == *name))
+            });
+            if !intact {
+                self.known = None;
+                return format!(
+                    "another program changed the table meanwhile, so it is left as it is now \
+                     (generation {} was put in force by this apply)",
+                    swap.to
+                );
+            }
+            genid = now.genid;
         }
         self.known = None;
         match outcome {
@@ -629,18 +644,27 @@ impl Session {
     }
 }
 
+/// The kernel names of the regular chains of `ruleset`'s generation
+/// `generation`, in the order to delete them. (The chains of the previous
+/// generation have the same model names: every compiled ruleset has the same
+/// chains.)
+fn staged_chains(ruleset: &Ruleset, generation: u32) -> Vec<String> {
+    let naming = generation::Naming::new(ruleset, generation);
+    ruleset
+        .chains
+        .iter()
+        .rev()
+        .filter(|c| c.base.is_none())
+        .map(|c| naming.chain(&c.name))
+        .collect()
+}
+
 /// The objects an apply of `swap` staged: generation `swap.to` of `ruleset`
 /// and the persistent sets it created, in the order to delete them.
 fn staged(ruleset: &Ruleset, swap: &Swap) -> Deletions {
     let naming = generation::Naming::new(ruleset, swap.to);
     Deletions {
-        chains: ruleset
-            .chains
-            .iter()
-            .rev()
-            .filter(|c| c.base.is_none())
-            .map(|c| naming.chain(&c.name))
-            .collect(),
+        chains: staged_chains(ruleset, swap.to),
         sets: ruleset
             .sets
             .iter()

@@ -222,6 +222,7 @@ pub fn read_table(netlink: &mut Netlink, detail: Detail) -> Result<Snapshot, Err
 }
 
 /// The table as listed by the kernel: every object under its kernel name.
+#[derive(Default)]
 struct RawTable {
     comment: Option<String>,
     sets: Vec<KernelSet>,
@@ -239,10 +240,21 @@ fn read_elements(netlink: &mut Netlink, set: &mut KernelSet) -> Result<bool, Err
         Ok(())
     })?;
     set.elements = elements;
-    answer.map_err(|errno| Error::Dump {
-        what: "set elements",
-        source: std::io::Error::from_raw_os_error(errno),
-    })
+    // A set deleted since the sets were listed is an interruption too.
+    dump_result(answer, "set elements")
+}
+
+/// Whether a table-wide dump was interrupted; a table deleted meanwhile
+/// (ENOENT) counts as an interruption, which the generation check repeats.
+fn dump_result(answer: Result<bool, i32>, what: &'static str) -> Result<bool, Error> {
+    match answer {
+        Ok(interrupted) => Ok(interrupted),
+        Err(libc::ENOENT) => Ok(true),
+        Err(errno) => Err(Error::Dump {
+            what,
+            source: std::io::Error::from_raw_os_error(errno),
+        }),
+    }
 }
 
 /// The table's sets (without elements), chains and rules, and whether a dump was interrupted.
@@ -271,7 +283,13 @@ fn read_table_once(netlink: &mut Netlink) -> Result<Option<(RawTable, bool)>, Er
     .map(ffi::udata_string);
     let mut interrupted = false;
 
-    let sets = read_sets(netlink)?
+    let sets = match read_sets(netlink) {
+        Ok(sets) => sets,
+        // The table was deleted since it was read: read again.
+        Err(Error::NoTable) => return Ok(Some((RawTable::default(), true))),
+        Err(err) => return Err(err),
+    };
+    let sets = sets
         .into_iter()
         .map(|set| KernelSet {
             name: set.name.clone(),
@@ -305,10 +323,7 @@ fn read_table_once(netlink: &mut Netlink) -> Result<Option<(RawTable, bool)>, Er
         }
         Ok(())
     })?;
-    interrupted |= answer.map_err(|errno| Error::Dump {
-        what: "the chains",
-        source: std::io::Error::from_raw_os_error(errno),
-    })?;
+    interrupted |= dump_result(answer, "the chains")?;
 
     let mut rules: Vec<ffi::ParsedRule> = Vec::new();
     let answer = netlink.dump(Request::Rules, &table, &mut |message| {
@@ -318,10 +333,7 @@ fn read_table_once(netlink: &mut Netlink) -> Result<Option<(RawTable, bool)>, Er
         }
         Ok(())
     })?;
-    interrupted |= answer.map_err(|errno| Error::Dump {
-        what: "the rules",
-        source: std::io::Error::from_raw_os_error(errno),
-    })?;
+    interrupted |= dump_result(answer, "the rules")?;
     // The dump lists each chain's rules in chain order.
     for rule in rules {
         let id = ffi::udata_find(
@@ -336,12 +348,8 @@ fn read_table_once(netlink: &mut Netlink) -> Result<Option<(RawTable, bool)>, Er
         };
         match chains.iter_mut().find(|c| c.kernel_name == rule.chain) {
             Some(chain) => chain.rules.push(kernel_rule),
-            None => {
-                return Err(Error::Malformed(format!(
-                    "rule in unknown chain {:?}",
-                    rule.chain
-                )));
-            }
+            // A chain created after the chains were listed: read again.
+            None => interrupted = true,
         }
     }
     Ok(Some((
@@ -444,12 +452,6 @@ fn in_force(raw: RawTable) -> KernelTable {
 /// One way in which the kernel's table differs from the model.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Difference {
-    /// The base chains jump into another generation than the one the apply
-    /// put in force (or into none).
-    Generation {
-        kernel: Option<u32>,
-        expected: u32,
-    },
     Digest {
         kernel: Option<String>,
         model: String,
@@ -504,16 +506,6 @@ fn examples(items: &[String]) -> String {
 impl fmt::Display for Difference {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Difference::Generation { kernel, expected } => match kernel {
-                Some(kernel) => write!(
-                    f,
-                    "generation {kernel} is in force, not generation {expected}, which the apply put there"
-                ),
-                None => write!(
-                    f,
-                    "no generation is in force, not generation {expected}, which the apply put there"
-                ),
-            },
             Difference::Digest { kernel, model } => write!(
                 f,
                 "policy digest: the kernel has {}, the policy is {model}",

@@ -604,6 +604,65 @@ fn a_session_that_missed_a_change_starts_over_instead_of_applying_stale_plans() 
     session.close_in_background();
 }
 
+#[test]
+fn concurrent_appliers_fail_cleanly_and_never_leave_a_broken_table() {
+    let ns = Netns::new("race");
+    let (a, b) = (typical(), other());
+    kernel::apply(&ns.target(), &a).unwrap();
+    let errors = std::thread::scope(|scope| {
+        let workers: Vec<_> = [&a, &b]
+            .into_iter()
+            .map(|model| {
+                let target = ns.target();
+                scope.spawn(move || {
+                    let mut session = kernel::Session::open(&target).unwrap();
+                    let (mut errors, mut restarts) = (Vec::new(), 0);
+                    for _ in 0..40 {
+                        match session.apply(model) {
+                            Ok(report) => restarts += report.restarts,
+                            Err(err) => errors.push(err),
+                        }
+                    }
+                    session.close_in_background();
+                    (errors, restarts)
+                })
+            })
+            .collect();
+        let mut errors = Vec::new();
+        let mut restarts = 0;
+        for worker in workers {
+            let (worker_errors, worker_restarts) = worker.join().unwrap();
+            errors.extend(worker_errors);
+            restarts += worker_restarts;
+        }
+        eprintln!(
+            "concurrent appliers: {restarts} restarts, {} applies lost the race",
+            errors.len()
+        );
+        // The two really raced: the kernel's generation check refused some transactions.
+        assert!(restarts + errors.len() > 0, "the appliers never collided");
+        errors
+    });
+    // Losing a race is an error that says so, never a half-applied policy.
+    for err in &errors {
+        assert!(
+            matches!(err, kernel::Error::Unstable { .. }),
+            "unexpected error from a concurrent apply: {err}"
+        );
+    }
+    let status = kernel::status(&ns.target()).unwrap().unwrap();
+    let model = [&a, &b]
+        .into_iter()
+        .find(|m| status.digest.as_deref() == Some(m.digest.as_str()))
+        .expect("one of the two policies is in force");
+    let plan = kernel::plan(&ns.target(), model).unwrap();
+    assert_eq!(plan.differences, vec![], "the policy in force is complete");
+    // Whatever a lost race left behind, the next apply deletes.
+    kernel::apply(&ns.target(), model).unwrap();
+    let (generations, _) = generations_listed(&ns.nft_json().unwrap());
+    assert_eq!(generations.len(), 1, "{}", ns.nft_text());
+}
+
 /// Rulesets the kernel refuses although every message is well formed: the
 /// failure comes from the kernel, late in the transaction, after the old
 /// table was already deleted and the new one half built inside it.
