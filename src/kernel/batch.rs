@@ -814,6 +814,7 @@ mod tests {
             loosen: vec![],
             tighten: vec!["output".into()],
             previous: vec![],
+            from_digest: None,
         }
     }
 

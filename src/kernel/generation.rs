@@ -162,6 +162,8 @@ pub struct Swap {
     pub tighten: Vec<String>,
     /// The base chains' rules and hooks as they are, for a rollback.
     pub previous: Vec<EntryRule>,
+    /// The digest of generation `from` (its chains' comment).
+    pub from_digest: Option<String>,
 }
 
 /// How `apply` gets from the table in force to the model.
@@ -326,6 +328,7 @@ pub fn approach(model: &Ruleset, table: Option<&KernelTable>) -> Result<Approach
         loosen,
         tighten,
         previous,
+        from_digest: table.digest.clone(),
     }))
 }
 

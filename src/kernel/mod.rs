@@ -380,12 +380,11 @@ impl Session {
         swap: Swap,
     ) -> Result<ApplyReport, Error> {
         self.commit_at(batch::stage(ruleset, &swap)?, snapshot.genid)?;
-        if let Err(err) = self.swap_in(ruleset, &swap, next_genid(snapshot.genid)) {
-            // Best effort: a staged generation nothing jumps to changes no
-            // packet, and the next apply deletes it if this fails.
-            let _ = self.commit_at(batch::delete(&staged(ruleset, &swap))?, 0);
-            return Err(err);
-        }
+        // If the swap fails, the staged generation stays behind: nothing
+        // jumps into it, so it changes no packet's fate, and the next apply's
+        // cleanup deletes it. (Deleting it here could race with another
+        // apply that staged a generation of the same number meanwhile.)
+        self.swap_in(ruleset, &swap, next_genid(snapshot.genid))?;
         let (genid, table, differences) = self.read_and_compare(expected, swap.to)?;
         if !differences.is_empty() {
             let rollback = self.roll_back(ruleset, &swap, genid);
@@ -416,13 +415,9 @@ impl Session {
                 other => return other,
             }
             let now = readback::read_table(&mut self.netlink, Detail::Shape)?;
-            let staged = staged(ruleset, swap);
             let intact = now.table.as_ref().is_some_and(|table| {
                 table.generation == Some(swap.from)
-                    && staged
-                        .chains
-                        .iter()
-                        .all(|name| table.leftover_chains.iter().any(|c| c.kernel_name == *name))
+                    && generation_is_there(table, ruleset, swap.to, Some(&ruleset.digest))
             });
             if !intact {
                 return Err(Error::RulesetChanged);
@@ -522,12 +517,9 @@ impl Session {
                     break;
                 }
             };
-            let previous = staged_chains(ruleset, swap.from);
             let intact = now.table.as_ref().is_some_and(|table| {
                 table.generation == Some(swap.to)
-                    && previous
-                        .iter()
-                        .all(|name| table.leftover_chains.iter().any(|c| c.kernel_name == *name))
+                    && generation_is_there(table, ruleset, swap.from, swap.from_digest.as_deref())
             });
             if !intact {
                 self.known = None;
@@ -657,6 +649,24 @@ fn staged_chains(ruleset: &Ruleset, generation: u32) -> Vec<String> {
         .filter(|c| c.base.is_none())
         .map(|c| naming.chain(&c.name))
         .collect()
+}
+
+/// Whether every regular chain of generation `generation` is among the
+/// leftovers of `table`, each with `digest` as its comment. Generation
+/// numbers alone do not identify a generation: two concurrent applies can
+/// stage the same number one after the other, after one deleted the other's.
+fn generation_is_there(
+    table: &KernelTable,
+    ruleset: &Ruleset,
+    generation: u32,
+    digest: Option<&str>,
+) -> bool {
+    staged_chains(ruleset, generation).iter().all(|name| {
+        table
+            .leftover_chains
+            .iter()
+            .any(|c| c.kernel_name == *name && c.comment.as_deref() == digest)
+    })
 }
 
 /// The objects an apply of `swap` staged: generation `swap.to` of `ruleset`
