@@ -8,9 +8,9 @@ use super::{EXIT_OK, Error};
 use crate::kernel::{self, Plan};
 use crate::ruleset::{self, Ruleset, TABLE_NAME};
 
-/// Compile POLICY and replace the `inet netleash` table in the namespace with it, in one
-/// atomic transaction, then read it back and verify it. On any error the rules in force
-/// before stay in force.
+/// Compile POLICY and put it in force in the `inet netleash` table of the namespace,
+/// atomically for packets (a new generation is staged, then swapped in), then read it back
+/// and verify it. On any error the rules in force before stay in force.
 #[derive(Debug, clap::Args)]
 pub struct Args {
     #[command(flatten)]
