@@ -24,7 +24,7 @@ use super::ffi::{self, ElementOp, SetDefinition, SetMsg, TableMsg};
 use super::netlink::{Object, Transaction};
 use super::{Error, table_name};
 use crate::ruleset::{
-    Action, BaseChain, ChainPolicy, Family, Hook, Match, RejectKind, Rule, Ruleset,
+    Action, BaseChain, ChainKind, ChainPolicy, Family, Hook, Match, RejectKind, Rule, Ruleset,
 };
 
 /// `NFT_REG_1`: the 16-byte register most expressions use.
@@ -98,6 +98,15 @@ pub enum Expr {
     Accept,
     Drop,
     Jump(String),
+    /// Constant data loaded into a register (`immediate reg N DATA`).
+    Immediate {
+        dreg: u32,
+        data: Vec<u8>,
+    },
+    /// `redir proto_min reg SREG`: the port comes from SREG.
+    Redirect {
+        sreg: u32,
+    },
 }
 
 impl Expr {
@@ -113,7 +122,8 @@ impl Expr {
             Expr::Counter => "counter",
             Expr::Log { .. } => "log",
             Expr::Reject(_) => "reject",
-            Expr::Accept | Expr::Drop | Expr::Jump(_) => "immediate",
+            Expr::Accept | Expr::Drop | Expr::Jump(_) | Expr::Immediate { .. } => "immediate",
+            Expr::Redirect { .. } => "redir",
         }
     }
 }
@@ -253,9 +263,16 @@ pub fn plan_rule(rule: &Rule) -> Vec<Expr> {
                     sreg: REG_1,
                 });
             }
+            Match::Daddr(_) | Match::MarkIs(_) | Match::MarkIsNot(_) => {
+                plan_proxy_match(condition, &mut plan)
+            }
         }
     }
     for action in &rule.actions {
+        if let Action::Redirect(port) = action {
+            plan_redirect(*port, &mut plan);
+            continue;
+        }
         plan.push(match action {
             Action::Counter => Expr::Counter,
             Action::Log { group, prefix } => Expr::Log {
@@ -266,10 +283,57 @@ pub fn plan_rule(rule: &Rule) -> Vec<Expr> {
             Action::Drop => Expr::Drop,
             Action::Reject(kind) => Expr::Reject(*kind),
             Action::Jump(chain) => Expr::Jump(chain.clone()),
+            Action::Redirect(_) => continue, // planned above
         });
     }
     plan
 }
+
+/// The matches of the DNS proxy's rules, laid out as nft 1.0.6 lays them out
+/// (`nft --debug=netlink`): `meta load mark => reg 1; cmp [n]eq reg 1 MARK`
+/// (the mark in host byte order), and for an address the family guard, the
+/// destination address and a compare.
+fn plan_proxy_match(condition: &Match, plan: &mut Vec<Expr>) {
+    let mark = |plan: &mut Vec<Expr>| {
+        plan.push(Expr::Meta {
+            key: libc::NFT_META_MARK as u32,
+            dreg: REG_1,
+        })
+    };
+    match condition {
+        Match::MarkIs(value) => {
+            mark(plan);
+            plan.push(Expr::CmpEq(value.to_ne_bytes().to_vec()));
+        }
+        Match::MarkIsNot(value) => {
+            mark(plan);
+            plan.push(Expr::CmpNeq(value.to_ne_bytes().to_vec()));
+        }
+        Match::Daddr(addr) => {
+            let family = Family::of(addr);
+            family_guard(family, plan);
+            plan.push(load_daddr(family, REG_1));
+            plan.push(Expr::CmpEq(match addr {
+                std::net::IpAddr::V4(v4) => v4.octets().to_vec(),
+                std::net::IpAddr::V6(v6) => v6.octets().to_vec(),
+            }));
+        }
+        other => unreachable!("not a DNS proxy match: {other:?}"),
+    }
+}
+
+/// `redirect to :PORT`: the port (network byte order) into register 1, then
+/// `redir` with NF_NAT_RANGE_PROTO_SPECIFIED, as nft 1.0.6 sends it.
+fn plan_redirect(port: u16, plan: &mut Vec<Expr>) {
+    plan.push(Expr::Immediate {
+        dreg: REG_1,
+        data: port.to_be_bytes().to_vec(),
+    });
+    plan.push(Expr::Redirect { sreg: REG_1 });
+}
+
+/// `NF_NAT_RANGE_PROTO_SPECIFIED` (include/uapi/linux/netfilter/nf_nat.h).
+const NF_NAT_RANGE_PROTO_SPECIFIED: u32 = 1 << 1;
 
 /// The kernel names of a rule's expressions, in order (what the read-back checks).
 pub fn expression_names(rule: &Rule) -> Vec<&'static str> {
@@ -319,6 +383,7 @@ pub fn replace_table(ruleset: &Ruleset) -> Result<Transaction, Error> {
     for chain in &ruleset.chains {
         let mut object = nftnl::Chain::new(cstring(&chain.name)?, &nftnl_table);
         if let Some(BaseChain {
+            kind,
             hook,
             priority,
             policy,
@@ -331,7 +396,11 @@ pub fn replace_table(ruleset: &Ruleset) -> Result<Transaction, Error> {
                 },
                 priority,
             );
-            object.set_type(nftnl::ChainType::Filter);
+            object.set_type(match kind {
+                ChainKind::Filter => nftnl::ChainType::Filter,
+                // The kernel has taken nat chains in inet tables since Linux 5.2.
+                ChainKind::Nat => nftnl::ChainType::Nat,
+            });
             object.set_policy(match policy {
                 ChainPolicy::Accept => nftnl::Policy::Accept,
                 ChainPolicy::Drop => nftnl::Policy::Drop,
@@ -470,6 +539,14 @@ fn add_expr(
         Expr::Drop => rule.add_expr(&Verdict::Drop),
         Expr::Jump(target) => rule.add_expr(&Verdict::Jump {
             chain: cstring(target)?,
+        }),
+        Expr::Immediate { dreg, data } => rule.add_expr(&ffi::ImmediateData {
+            dreg: *dreg,
+            data: data.clone(),
+        }),
+        Expr::Redirect { sreg } => rule.add_expr(&ffi::Redirect {
+            sreg_proto_min: *sreg,
+            flags: NF_NAT_RANGE_PROTO_SPECIFIED,
         }),
     }
     Ok(())

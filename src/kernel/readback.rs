@@ -16,7 +16,7 @@ use super::elements::{self, describe_raw};
 use super::ffi::{self, ParsedExpr, ParsedSet, RawElement, Request};
 use super::netlink::Netlink;
 use super::{Error, table_name};
-use crate::ruleset::{ChainPolicy, Hook, Ruleset, TABLE_NAME};
+use crate::ruleset::{ChainKind, ChainPolicy, Hook, Ruleset, TABLE_NAME};
 
 /// How often a read is retried when the ruleset changes under it.
 const READ_ATTEMPTS: usize = 5;
@@ -421,6 +421,14 @@ fn chain_shape(
     }
 }
 
+/// The kernel's name of a base chain type (`NFTA_CHAIN_TYPE`).
+fn chain_type_name(kind: ChainKind) -> &'static str {
+    match kind {
+        ChainKind::Filter => "filter",
+        ChainKind::Nat => "nat",
+    }
+}
+
 pub fn hook_name(hook: u32) -> &'static str {
     match hook as i32 {
         libc::NF_INET_PRE_ROUTING => "prerouting",
@@ -510,7 +518,7 @@ pub fn differences(model: &Ruleset, kernel: &KernelTable) -> Result<Vec<Differen
                     ChainPolicy::Accept => libc::NF_ACCEPT as u32,
                     ChainPolicy::Drop => libc::NF_DROP as u32,
                 }),
-                Some("filter"),
+                Some(chain_type_name(base.kind)),
             ),
         };
         let have = chain_shape(kc.hook, kc.priority, kc.policy, kc.chain_type.as_deref());
@@ -690,7 +698,7 @@ mod tests {
                         ChainPolicy::Accept => libc::NF_ACCEPT as u32,
                         ChainPolicy::Drop => libc::NF_DROP as u32,
                     }),
-                    chain_type: c.base.map(|_| "filter".to_string()),
+                    chain_type: c.base.map(|b| chain_type_name(b.kind).to_string()),
                     rules: c
                         .rules
                         .iter()

@@ -112,8 +112,19 @@ pub enum ChainPolicy {
     Drop,
 }
 
+/// The type of a base chain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChainKind {
+    /// `type filter`: accepts, rejects and drops.
+    Filter,
+    /// `type nat`: rewrites addresses of a connection's first packet
+    /// (the DNS redirect to the sidecar's proxy); never filters.
+    Nat,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BaseChain {
+    pub kind: ChainKind,
     pub hook: Hook,
     /// `filter` priority is 0.
     pub priority: i32,
@@ -145,6 +156,12 @@ pub enum Match {
     DaddrInSet { family: Family, set: String },
     /// `ip daddr . meta l4proto . th dport @set` (ipv6 form for V6).
     DaddrProtoPortInSet { family: Family, set: String },
+    /// `ip daddr ADDR` / `ip6 daddr ADDR` (implies `meta nfproto`).
+    Daddr(IpAddr),
+    /// `meta mark MARK`: the packet carries this mark (SO_MARK of its socket).
+    MarkIs(u32),
+    /// `meta mark != MARK`.
+    MarkIsNot(u32),
 }
 
 /// How a denied packet is answered, so clients fail fast instead of hanging.
@@ -170,6 +187,9 @@ pub enum Action {
     Drop,
     Reject(RejectKind),
     Jump(String),
+    /// `redirect to :PORT`, in a nat chain only: the connection goes to PORT
+    /// on the host itself (127.0.0.1 or ::1 for locally generated packets).
+    Redirect(u16),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
