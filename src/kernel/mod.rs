@@ -23,6 +23,7 @@
 mod batch;
 mod elements;
 mod ffi;
+mod learned;
 mod netlink;
 mod readback;
 
@@ -30,6 +31,7 @@ use std::ffi::CString;
 use std::io;
 
 pub use elements::{SetChange, SetUpdate};
+pub use learned::{HeldElement, carry_updates};
 pub use readback::{ChainStatus, Difference, RuleCounter, SetStatus, TableStatus};
 
 use crate::netns;
