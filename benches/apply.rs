@@ -196,6 +196,10 @@ fn nft_text(ruleset: &Ruleset) -> String {
                     Match::Daddr(addr) => {
                         format!("{} daddr {addr}", if addr.is_ipv4() { "ip" } else { "ip6" })
                     }
+                    Match::SaddrProtoSportInSet { family, set } => format!(
+                        "{} saddr . meta l4proto . th sport @{set}",
+                        if *family == Family::V4 { "ip" } else { "ip6" }
+                    ),
                     Match::MarkIs(mark) => format!("meta mark {mark:#x}"),
                     Match::MarkIsNot(mark) => format!("meta mark != {mark:#x}"),
                 });
@@ -214,6 +218,7 @@ fn nft_text(ruleset: &Ruleset) -> String {
                     }
                     Action::Jump(target) => format!("jump {target}"),
                     Action::Redirect(port) => format!("redirect to :{port}"),
+                    Action::CtZoneSet(zone) => format!("ct zone set {zone}"),
                 });
             }
             let _ = writeln!(text, "    {} comment \"{}\"", words.join(" "), rule.id);

@@ -54,6 +54,10 @@ pub const DEFAULT_PROXY_PORT: u16 = 1053;
 /// says otherwise: "nl" in ASCII.
 pub const DEFAULT_PROXY_MARK: u32 = 0x6e6c;
 
+/// The conntrack zone of the proxy's upstream connections unless
+/// `--proxy-zone` says otherwise: "nl" in ASCII, like the mark.
+pub const DEFAULT_PROXY_ZONE: u16 = 0x6e6c;
+
 /// How long start-up waits for the resolver loop's first round before the
 /// proxy answers anyway: one lookup's attempts, with a margin.
 const FIRST_ROUND_LIMIT: Duration = Duration::from_secs(10);
@@ -105,6 +109,12 @@ pub struct Args {
     /// can set it without CAP_NET_ADMIN.
     #[arg(long, value_name = "MARK", default_value = "0x6e6c", value_parser = parse_mark)]
     pub proxy_mark: u32,
+
+    /// The conntrack zone of the proxy's upstream connections (1-65535), apart from
+    /// the sandbox's own connections in zone 0.
+    #[arg(long, value_name = "ZONE", default_value_t = DEFAULT_PROXY_ZONE,
+          value_parser = clap::value_parser!(u16).range(1..))]
+    pub proxy_zone: u16,
 
     /// Serve GET /healthz over HTTP on this address (in the caller's namespace),
     /// e.g. 127.0.0.1:9053; port 0 picks a free port. No health endpoint unless given.
@@ -298,6 +308,7 @@ pub fn run(mut args: Args) -> Result<u8, super::Error> {
         port: args.proxy_port,
         mark: args.proxy_mark,
         upstreams: upstreams.clone(),
+        zone: args.proxy_zone,
     });
     let ruleset = ruleset::compile(&policy, &options);
 

@@ -107,6 +107,11 @@ pub enum Expr {
     Redirect {
         sreg: u32,
     },
+    /// `ct set KEY with reg SREG`.
+    CtSet {
+        key: u32,
+        sreg: u32,
+    },
 }
 
 impl Expr {
@@ -124,6 +129,7 @@ impl Expr {
             Expr::Reject(_) => "reject",
             Expr::Accept | Expr::Drop | Expr::Jump(_) | Expr::Immediate { .. } => "immediate",
             Expr::Redirect { .. } => "redir",
+            Expr::CtSet { .. } => "ct",
         }
     }
 }
@@ -263,14 +269,15 @@ pub fn plan_rule(rule: &Rule) -> Vec<Expr> {
                     sreg: REG_1,
                 });
             }
-            Match::Daddr(_) | Match::MarkIs(_) | Match::MarkIsNot(_) => {
-                plan_proxy_match(condition, &mut plan)
-            }
+            Match::Daddr(_)
+            | Match::MarkIs(_)
+            | Match::MarkIsNot(_)
+            | Match::SaddrProtoSportInSet { .. } => plan_proxy_match(condition, &mut plan),
         }
     }
     for action in &rule.actions {
-        if let Action::Redirect(port) = action {
-            plan_redirect(*port, &mut plan);
+        if let Action::Redirect(_) | Action::CtZoneSet(_) = action {
+            plan_proxy_action(action, &mut plan);
             continue;
         }
         plan.push(match action {
@@ -283,7 +290,7 @@ pub fn plan_rule(rule: &Rule) -> Vec<Expr> {
             Action::Drop => Expr::Drop,
             Action::Reject(kind) => Expr::Reject(*kind),
             Action::Jump(chain) => Expr::Jump(chain.clone()),
-            Action::Redirect(_) => continue, // planned above
+            Action::Redirect(_) | Action::CtZoneSet(_) => continue, // planned above
         });
     }
     plan
@@ -318,18 +325,60 @@ fn plan_proxy_match(condition: &Match, plan: &mut Vec<Expr>) {
                 std::net::IpAddr::V6(v6) => v6.octets().to_vec(),
             }));
         }
+        Match::SaddrProtoSportInSet { family, set } => {
+            // saddr . l4proto . sport, laid out like a daddr . l4proto . dport key.
+            family_guard(*family, plan);
+            let (offset, len, after_addr) = match family {
+                Family::V4 => (IPV4_SADDR_OFFSET, 4, 1),
+                Family::V6 => (IPV6_SADDR_OFFSET, 16, 4),
+            };
+            plan.push(Expr::Payload {
+                base: libc::NFT_PAYLOAD_NETWORK_HEADER as u32,
+                offset,
+                len,
+                dreg: REG_1,
+            });
+            plan.push(Expr::Meta {
+                key: libc::NFT_META_L4PROTO as u32,
+                dreg: reg32(after_addr),
+            });
+            plan.push(load_transport(TH_SPORT_OFFSET, 2, reg32(after_addr + 1)));
+            plan.push(Expr::Lookup {
+                set: set.clone(),
+                sreg: REG_1,
+            });
+        }
         other => unreachable!("not a DNS proxy match: {other:?}"),
     }
 }
 
-/// `redirect to :PORT`: the port (network byte order) into register 1, then
-/// `redir` with NF_NAT_RANGE_PROTO_SPECIFIED, as nft 1.0.6 sends it.
-fn plan_redirect(port: u16, plan: &mut Vec<Expr>) {
+/// Offsets of the source address (RFC 791, RFC 8200) and port.
+const IPV4_SADDR_OFFSET: u32 = 12;
+const IPV6_SADDR_OFFSET: u32 = 8;
+const TH_SPORT_OFFSET: u32 = 0;
+
+/// The actions of the DNS proxy's rules, as nft 1.0.6 sends them: the value
+/// into register 1 (`immediate`), then the statement that reads it.
+/// - `redirect to :PORT`: the port in network byte order, then `redir` with
+///   NF_NAT_RANGE_PROTO_SPECIFIED;
+/// - `ct zone set ZONE`: the zone as a host-order u16, then `ct set zone`.
+fn plan_proxy_action(action: &Action, plan: &mut Vec<Expr>) {
+    let (data, statement) = match action {
+        Action::Redirect(port) => (port.to_be_bytes(), Expr::Redirect { sreg: REG_1 }),
+        Action::CtZoneSet(zone) => (
+            zone.to_ne_bytes(),
+            Expr::CtSet {
+                key: libc::NFT_CT_ZONE as u32,
+                sreg: REG_1,
+            },
+        ),
+        other => unreachable!("not a DNS proxy action: {other:?}"),
+    };
     plan.push(Expr::Immediate {
         dreg: REG_1,
-        data: port.to_be_bytes().to_vec(),
+        data: data.to_vec(),
     });
-    plan.push(Expr::Redirect { sreg: REG_1 });
+    plan.push(statement);
 }
 
 /// `NF_NAT_RANGE_PROTO_SPECIFIED` (include/uapi/linux/netfilter/nf_nat.h).
@@ -393,11 +442,12 @@ pub fn replace_table(ruleset: &Ruleset) -> Result<Transaction, Error> {
                 match hook {
                     Hook::Output => nftnl::Hook::Out,
                     Hook::Forward => nftnl::Hook::Forward,
+                    Hook::Prerouting => nftnl::Hook::PreRouting,
                 },
                 priority,
             );
             object.set_type(match kind {
-                ChainKind::Filter => nftnl::ChainType::Filter,
+                ChainKind::Filter | ChainKind::Raw => nftnl::ChainType::Filter,
                 // The kernel has taken nat chains in inet tables since Linux 5.2.
                 ChainKind::Nat => nftnl::ChainType::Nat,
             });
@@ -547,6 +597,10 @@ fn add_expr(
         Expr::Redirect { sreg } => rule.add_expr(&ffi::Redirect {
             sreg_proto_min: *sreg,
             flags: NF_NAT_RANGE_PROTO_SPECIFIED,
+        }),
+        Expr::CtSet { key, sreg } => rule.add_expr(&ffi::CtSet {
+            key: *key,
+            sreg: *sreg,
         }),
     }
     Ok(())

@@ -586,6 +586,25 @@ impl Expression for Redirect {
     }
 }
 
+/// `ct set KEY with reg SREG`: sets conntrack metadata (e.g. the zone) from a register.
+pub struct CtSet {
+    pub key: u32,
+    pub sreg: u32,
+}
+
+impl Expression for CtSet {
+    fn to_expr(&self, _rule: &nftnl::Rule) -> NonNull<sys::nftnl_expr> {
+        let expr = new_expr(c"ct");
+        // SAFETY: `expr` is a valid ct expression; integer setters copy their value.
+        unsafe {
+            let raw = expr.as_ptr();
+            sys::nftnl_expr_set_u32(raw, sys::NFTNL_EXPR_CT_KEY as u16, self.key);
+            sys::nftnl_expr_set_u32(raw, sys::NFTNL_EXPR_CT_SREG as u16, self.sreg);
+        }
+        expr
+    }
+}
+
 // ---------------------------------------------------------------------------
 // Dump requests
 // ---------------------------------------------------------------------------

@@ -424,7 +424,7 @@ fn chain_shape(
 /// The kernel's name of a base chain type (`NFTA_CHAIN_TYPE`).
 fn chain_type_name(kind: ChainKind) -> &'static str {
     match kind {
-        ChainKind::Filter => "filter",
+        ChainKind::Filter | ChainKind::Raw => "filter",
         ChainKind::Nat => "nat",
     }
 }
@@ -512,6 +512,7 @@ pub fn differences(model: &Ruleset, kernel: &KernelTable) -> Result<Vec<Differen
                 Some(match base.hook {
                     Hook::Output => libc::NF_INET_LOCAL_OUT as u32,
                     Hook::Forward => libc::NF_INET_FORWARD as u32,
+                    Hook::Prerouting => libc::NF_INET_PRE_ROUTING as u32,
                 }),
                 Some(base.priority),
                 Some(match base.policy {
@@ -692,6 +693,7 @@ mod tests {
                     hook: c.base.map(|b| match b.hook {
                         Hook::Output => libc::NF_INET_LOCAL_OUT as u32,
                         Hook::Forward => libc::NF_INET_FORWARD as u32,
+                        Hook::Prerouting => libc::NF_INET_PRE_ROUTING as u32,
                     }),
                     priority: c.base.map(|b| b.priority),
                     policy: c.base.map(|b| match b.policy {

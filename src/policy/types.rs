@@ -222,6 +222,11 @@ pub struct ProxyOptions {
     /// The upstream DNS servers the proxy queries, with their ports; DNS to
     /// them is allowed for marked packets only.
     pub upstreams: Vec<SocketAddr>,
+    /// The conntrack zone of the proxy's upstream connections (never 0, the
+    /// zone of everything else), so that no packet of the sandbox can ever
+    /// join one of them: a sandbox socket that reuses a source port the proxy
+    /// used gets a connection of its own, which is redirected like any other.
+    pub zone: u16,
 }
 
 impl Default for CompileOptions {

@@ -28,7 +28,17 @@
 //!   routed to before it was rewritten (`nf_hook_state.out` is set once per
 //!   hook, before its chains run), so the loopback rule does not match them;
 //! - step 5 accepts DNS to the resolvers only from the proxy's own marked
-//!   sockets, so nothing else in the sandbox reaches the upstream directly.
+//!   sockets, so nothing else in the sandbox reaches the upstream directly;
+//! - the proxy's upstream connections are tracked in a conntrack zone of
+//!   their own (raw chains on output, by the mark, and on prerouting, for
+//!   the replies from the upstreams). Without it a sandbox socket that
+//!   reused a source port the proxy had used would find the proxy's
+//!   connection in conntrack, skip the redirect (nat only sees a
+//!   connection's first packet) and pass as established: a way around the
+//!   proxy. With it, that socket gets a connection of its own, redirected;
+//! - before step 4, an unmarked packet to port 53 that was not redirected
+//!   (so it belongs to a connection that was not the sandbox's own) is
+//!   denied, as a second line behind the zones.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
@@ -59,6 +69,13 @@ pub const DNS_REDIRECT_CHAIN: &str = "dns-redirect";
 /// The priority of the DNS redirect: nft's `dstnat` (-100), before the
 /// filter chains (0), as destination NAT always is.
 pub const DNS_REDIRECT_PRIORITY: i32 = -100;
+
+/// The raw chains that put the proxy's upstream connections into their conntrack zone.
+pub const PROXY_ZONE_OUTPUT_CHAIN: &str = "dns-zone-output";
+pub const PROXY_ZONE_REPLIES_CHAIN: &str = "dns-zone-replies";
+
+/// nft's `raw` priority: before conntrack (-200), where a zone must be set.
+pub const RAW_PRIORITY: i32 = -300;
 
 /// The port DNS is served on (RFC 1035 §4.2).
 const DNS_PORT: u16 = 53;
@@ -141,6 +158,7 @@ pub fn compile(policy: &Policy, options: &CompileOptions) -> Ruleset {
         base_chain("forward", Hook::Forward, limited),
     ];
     if let Some(proxy) = proxy {
+        chains.extend(proxy_zone_chains(proxy));
         chains.push(dns_redirect_chain(proxy));
     }
 
@@ -333,6 +351,20 @@ fn egress_chain(limited: bool, proxy: Option<&ProxyOptions>) -> Chain {
         };
     }
 
+    if let Some(proxy) = proxy {
+        rules.push(Rule {
+            id: "dns-not-redirected".into(),
+            description: "unmarked DNS that was not redirected to the proxy: a packet of a \
+                          connection the sandbox did not start"
+                .into(),
+            matches: vec![
+                Match::MarkIsNot(proxy.mark),
+                Match::L4ProtoIn(vec![Proto::Tcp, Proto::Udp]),
+                Match::DportIn(vec![DNS_PORT]),
+            ],
+            actions: deny_actions(),
+        });
+    }
     rules.push(Rule {
         id: "established".into(),
         description: "replies and related traffic of connections that were allowed when they began"
@@ -433,6 +465,50 @@ fn dns_proxy_rules(proxy: &ProxyOptions) -> Vec<Rule> {
             actions: vec![Action::Accept],
         })
         .collect()
+}
+
+/// The raw chains that track the proxy's upstream connections in the
+/// proxy's conntrack zone: its own packets by their mark, and the replies by
+/// where they come from (an upstream server's address, protocol and port;
+/// only the proxy has connections to those, every other DNS is redirected).
+fn proxy_zone_chains(proxy: &ProxyOptions) -> Vec<Chain> {
+    let raw = |hook| {
+        Some(BaseChain {
+            kind: ChainKind::Raw,
+            hook,
+            priority: RAW_PRIORITY,
+            policy: ChainPolicy::Accept,
+        })
+    };
+    let output = Chain {
+        name: PROXY_ZONE_OUTPUT_CHAIN.into(),
+        base: raw(Hook::Output),
+        rules: vec![Rule {
+            id: "dns-zone-proxy".into(),
+            description: "the proxy's upstream queries are tracked in the proxy's conntrack zone"
+                .into(),
+            matches: vec![Match::MarkIs(proxy.mark)],
+            actions: vec![Action::CtZoneSet(proxy.zone)],
+        }],
+    };
+    let replies = Chain {
+        name: PROXY_ZONE_REPLIES_CHAIN.into(),
+        base: raw(Hook::Prerouting),
+        rules: FAMILIES
+            .into_iter()
+            .map(|family| Rule {
+                id: format!("dns-zone-replies-{}", family_tag(family)),
+                description: "replies from the upstream resolvers belong to the proxy's zone"
+                    .into(),
+                matches: vec![Match::SaddrProtoSportInSet {
+                    family,
+                    set: set_name(SetRole::Resolvers, family, true),
+                }],
+                actions: vec![Action::CtZoneSet(proxy.zone)],
+            })
+            .collect(),
+    };
+    vec![output, replies]
 }
 
 /// The nat chain that sends every DNS packet the proxy did not send itself
@@ -596,6 +672,7 @@ impl RulesetDigest {
             self.0.update(b"p");
             self.0.update(proxy.port.to_be_bytes());
             self.0.update(proxy.mark.to_be_bytes());
+            self.0.update(proxy.zone.to_be_bytes());
             let upstreams: BTreeSet<std::net::SocketAddr> =
                 proxy.upstreams.iter().copied().collect();
             for upstream in upstreams {
@@ -641,6 +718,7 @@ mod tests {
                 "192.0.2.53:53".parse().unwrap(),
                 "[2001:db8::53]:5353".parse().unwrap(),
             ],
+            zone: 0x6e6c,
         }
     }
 

@@ -491,6 +491,8 @@ fn run_chain<'a>(
                 // Only in the nat chain, which this walk never enters; the
                 // kernel's redirect accepts the packet on its hook (nft_redir).
                 Action::Redirect(_) => return Some(Verdict::Accept),
+                // Only in raw chains, which this walk never enters; not a verdict.
+                Action::CtZoneSet(_) => {}
                 Action::Jump(target) => {
                     let target = ruleset
                         .chain(target)
@@ -524,6 +526,8 @@ fn matches(ruleset: &Ruleset, m: &Match, packet: &Packet<'_>, learned: &Learned)
         // packets carry no mark (setting one needs CAP_NET_ADMIN).
         Match::MarkIs(_) => false,
         Match::MarkIsNot(_) => true,
+        // A probe is a packet the sandbox sends, never a reply from a server.
+        Match::SaddrProtoSportInSet { .. } => false,
     }
 }
 

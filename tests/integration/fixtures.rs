@@ -38,6 +38,7 @@ pub fn proxy_options() -> CompileOptions {
             port: 1053,
             mark: 0x6e6c,
             upstreams,
+            zone: 0x6e6c,
         }),
         ..options
     }

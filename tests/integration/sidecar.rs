@@ -767,3 +767,84 @@ fn sigterm_stops_the_sidecar_and_leaves_the_rules_in_force() {
         exchange.reply
     );
 }
+
+/// The proxy's upstream connections are tracked apart from the sandbox's, so
+/// a sandbox socket that takes over a source port the proxy used (its
+/// connection still in conntrack) is redirected like any other, instead of
+/// passing to the upstream as part of the proxy's connection.
+#[test]
+fn a_sandbox_socket_reusing_a_proxy_source_port_is_still_redirected() {
+    use hickory_proto::op::{Message, MessageType, OpCode, Query};
+    use hickory_proto::rr::Name;
+
+    let bed = support::testbed();
+    let dir = tempfile::tempdir().unwrap();
+    bed.zone().set("allowed.test", &[a("198.51.100.10")], 300);
+    bed.zone().set("denied.test", &[a("203.0.113.20")], 300);
+    let file = policy(dir.path(), "p.json", &["allowed.test"]);
+    let _sidecar = Sidecar::start(&bed, &file, &[]);
+    answered(&bed, NOT_A_RESOLVER, "allowed.test", RecordType::A);
+
+    // The source ports of the proxy's and the resolver loop's upstream
+    // queries, as the upstream saw them; conntrack still holds their connections.
+    let mut ports: Vec<u16> = bed
+        .zone()
+        .queries()
+        .iter()
+        .filter(|q| q.from.ip() == IpAddr::from(testbed::SANDBOX_V4))
+        .map(|q| q.from.port())
+        .collect();
+    ports.sort_unstable();
+    ports.dedup();
+    assert!(
+        !ports.is_empty(),
+        "the upstream saw no query from the sandbox"
+    );
+
+    let answers = bed
+        .in_sandbox(move || {
+            let mut answers = Vec::new();
+            for port in ports {
+                // Ports the proxy still holds open cannot be taken; the closed
+                // ones (the resolver loop opens one socket per query) can.
+                let Ok(socket) = std::net::UdpSocket::bind(("0.0.0.0", port)) else {
+                    continue;
+                };
+                socket.set_read_timeout(Some(TIMEOUT)).unwrap();
+                let mut query = Message::new(port, MessageType::Query, OpCode::Query);
+                query.add_query(Query::query(
+                    Name::from_ascii("denied.test.").unwrap(),
+                    RecordType::A,
+                ));
+                socket
+                    .send_to(&query.to_vec().unwrap(), (RESOLVER_V4, 53))
+                    .unwrap();
+                let mut buffer = [0u8; 512];
+                let answer = socket.recv(&mut buffer).map(|length| {
+                    Message::from_vec(&buffer[..length])
+                        .expect("a DNS answer")
+                        .metadata
+                        .response_code
+                });
+                answers.push((port, answer.map_err(|e| e.to_string())));
+            }
+            answers
+        })
+        .expect("run in the sandbox");
+    assert!(
+        !answers.is_empty(),
+        "no source port of the proxy's upstream queries was free to reuse"
+    );
+    for (port, answer) in &answers {
+        assert_eq!(
+            answer.as_ref(),
+            Ok(&ResponseCode::Refused),
+            "a query from reused source port {port} was not answered by the proxy"
+        );
+    }
+    assert!(
+        !bed.zone().queries().iter().any(|q| q.name == "denied.test"),
+        "a query from a reused source port reached the upstream: {:?}",
+        bed.zone().queries()
+    );
+}

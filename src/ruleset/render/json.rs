@@ -83,12 +83,13 @@ fn chain_object(chain: &Chain) -> Value {
     let mut object = json!({"family": "inet", "table": TABLE_NAME, "name": chain.name});
     if let Some(base) = &chain.base {
         object["type"] = json!(match base.kind {
-            ChainKind::Filter => "filter",
+            ChainKind::Filter | ChainKind::Raw => "filter",
             ChainKind::Nat => "nat",
         });
         object["hook"] = json!(match base.hook {
             Hook::Output => "output",
             Hook::Forward => "forward",
+            Hook::Prerouting => "prerouting",
         });
         object["prio"] = json!(base.priority);
         object["policy"] = json!(match base.policy {
@@ -161,6 +162,10 @@ fn match_value(m: &Match) -> Value {
             payload(addr_protocol(Family::of(addr)), "daddr"),
             json!(addr.to_string()),
         ),
+        Match::SaddrProtoSportInSet { family, set } => {
+            let key = json!({"concat": [payload(addr_protocol(*family), "saddr"), meta("l4proto"), payload("th", "sport")]});
+            equals(key, json!(format!("@{set}")))
+        }
         Match::MarkIs(mark) => equals(meta("mark"), json!(mark)),
         Match::MarkIsNot(mark) => {
             json!({"match": {"op": "!=", "left": meta("mark"), "right": mark}})
@@ -180,6 +185,9 @@ fn action_value(action: &Action) -> Value {
         }
         Action::Jump(chain) => json!({"jump": {"target": chain}}),
         Action::Redirect(port) => json!({"redirect": {"port": port}}),
+        Action::CtZoneSet(zone) => {
+            json!({"mangle": {"key": {"ct": {"key": "zone"}}, "value": zone}})
+        }
     }
 }
 

@@ -202,15 +202,20 @@ fn base_chain_text(base: &BaseChain) -> String {
     let hook = match base.hook {
         Hook::Output => "output",
         Hook::Forward => "forward",
+        Hook::Prerouting => "prerouting",
     };
-    // `filter` is the named priority 0 (nft(8), "PRIORITY"). nft 1.0.6 knows
-    // `dstnat` (-100) only on the prerouting hook, so a nat chain's priority
-    // is written as a number.
-    let (kind, priority) = match (base.kind, base.priority) {
-        (ChainKind::Filter, 0) => ("filter", "filter".to_string()),
-        (ChainKind::Filter, p) if p > 0 => ("filter", format!("filter + {p}")),
-        (ChainKind::Filter, p) => ("filter", format!("filter - {}", p.unsigned_abs())),
-        (ChainKind::Nat, p) => ("nat", p.to_string()),
+    // `filter` and `raw` are the named priorities 0 and -300 (nft(8),
+    // "PRIORITY"). nft 1.0.6 knows `dstnat` (-100) only on the prerouting
+    // hook, so a nat chain's priority is written as a number.
+    let named = |name: &str, zero: i32| match base.priority - zero {
+        0 => name.to_string(),
+        p if p > 0 => format!("{name} + {p}"),
+        p => format!("{name} - {}", p.unsigned_abs()),
+    };
+    let (kind, priority) = match base.kind {
+        ChainKind::Filter => ("filter", named("filter", 0)),
+        ChainKind::Raw => ("filter", named("raw", -300)),
+        ChainKind::Nat => ("nat", base.priority.to_string()),
     };
     let policy = match base.policy {
         ChainPolicy::Accept => "accept",
@@ -258,6 +263,12 @@ fn match_text(m: &Match) -> String {
             )
         }
         Match::Daddr(addr) => format!("{} daddr {addr}", addr_protocol(Family::of(addr))),
+        Match::SaddrProtoSportInSet { family, set } => {
+            format!(
+                "{} saddr . meta l4proto . th sport @{set}",
+                addr_protocol(*family)
+            )
+        }
         Match::MarkIs(mark) => format!("meta mark {mark:#010x}"),
         Match::MarkIsNot(mark) => format!("meta mark != {mark:#010x}"),
     }
@@ -275,6 +286,7 @@ fn action_text(action: &Action) -> String {
         }
         Action::Jump(chain) => format!("jump {chain}"),
         Action::Redirect(port) => format!("redirect to :{port}"),
+        Action::CtZoneSet(zone) => format!("ct zone set {zone}"),
     }
 }
 
