@@ -311,7 +311,11 @@ fn enforce_in(
     }
     let (carried, forgotten) = carry(&held, still_allowed);
     let report = session.apply_carrying(ruleset, &kernel::carry_updates(&carried))?;
-    let forget = deletions(&forgotten);
+    // Only from sets the new table has (a policy that became unrestricted has none).
+    let forget: Vec<SetUpdate> = deletions(&forgotten)
+        .into_iter()
+        .filter(|update| ruleset.set(&update.set).is_some())
+        .collect();
     if !forget.is_empty() {
         session.update_elements(&forget)?;
     }

@@ -554,12 +554,9 @@ impl Sidecar {
             }
         };
         let ruleset = ruleset::compile(&policy, &self.options);
-        let current = self.sandbox.ruleset();
-        if current.as_ref().is_some_and(|r| r.digest == ruleset.digest) {
-            say(&format!("reload: policy {} is unchanged", ruleset.digest));
-            return;
-        }
-        let old_names = current
+        let old_names = self
+            .sandbox
+            .ruleset()
             .map(|r| AllowedNames::new(r.names.clone()))
             .unwrap_or_default();
         let names = AllowedNames::new(ruleset.names.clone());
@@ -578,7 +575,10 @@ impl Sidecar {
                 "reloaded policy {digest}: kept {carried} learned element(s) it still allows, forgot {forgotten}"
             )),
             Ok(Enforcement::AlreadyInForce { .. }) => {
-                say(&format!("reload: policy {digest} was already in force"))
+                say(&format!(
+                    "reload: policy {digest} is unchanged and in force"
+                ));
+                return;
             }
             Err(error) => {
                 self.proxy.set_names(old_names);

@@ -116,7 +116,7 @@ impl Session {
 }
 
 /// What `apply` reports about a table read back.
-fn report(table: &KernelTable) -> ApplyReport {
+pub(super) fn report(table: &KernelTable) -> ApplyReport {
     ApplyReport {
         digest: table.digest.clone().unwrap_or_default(),
         sets: table.sets.len(),

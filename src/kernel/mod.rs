@@ -180,16 +180,7 @@ impl Session {
         if !differences.is_empty() {
             return Err(Error::Verify { differences });
         }
-        Ok(ApplyReport {
-            digest: table.digest.clone().unwrap_or_default(),
-            sets: table.sets.len(),
-            elements: table
-                .sets
-                .iter()
-                .map(|s| elements::logical_count(&s.elements))
-                .sum(),
-            rules: table.chains.iter().map(|c| c.rules.len()).sum(),
-        })
+        Ok(learned::report(&table))
     }
 
     /// Compare the table in force with `ruleset`, and have the kernel check

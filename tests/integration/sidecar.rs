@@ -421,7 +421,7 @@ fn dns_over_tls_stays_blocked_even_to_an_allowed_address_and_health_sees_a_missi
         .world_tcp_listener("198.51.100.10:853".parse().unwrap())
         .expect("a DNS-over-TLS listener in the world");
     dot.set_nonblocking(true).unwrap();
-    let sidecar = Sidecar::start(&bed, &file, &[]);
+    let mut sidecar = Sidecar::start(&bed, &file, &[]);
 
     // The name is allowed on every port, but not on 853 (RFC 7858), and
     // neither is the resolver.
@@ -453,6 +453,14 @@ fn dns_over_tls_stays_blocked_even_to_an_allowed_address_and_health_sees_a_missi
     assert_eq!(health["healthy"], false);
     assert_eq!(health["table"]["in_force"], false);
     assert_eq!(health["proxy"]["answers"], true);
+
+    // SIGHUP with the same policy puts the table back.
+    sidecar.signal(libc::SIGHUP);
+    sidecar.wait_for_line("reloaded policy", Duration::from_secs(10));
+    let (status, health) = sidecar.health();
+    assert_eq!(status, 200, "{health:#}");
+    assert_reachable(&bed, "198.51.100.10", 443);
+    assert_rejected(&bed, "198.51.100.10", 853);
 }
 
 #[test]
