@@ -856,3 +856,88 @@ fn a_sandbox_socket_reusing_a_proxy_source_port_is_still_redirected() {
         bed.zone().queries()
     );
 }
+
+#[test]
+fn an_unrestricted_policy_leaves_dns_alone() {
+    let bed = support::testbed();
+    let dir = tempfile::tempdir().unwrap();
+    bed.zone().set("any.test", &[a("203.0.113.20")], 300);
+    let file = write_policy(dir.path(), "p.json", r#"{"type": "unrestricted"}"#);
+    let sidecar = Sidecar::start(&bed, &file, &[]);
+    // No redirect: the world's server answers, for any name, and an address
+    // with no DNS server gives no answer.
+    let reply = answered(&bed, UPSTREAM, "any.test", RecordType::A);
+    assert_eq!(reply.addresses(), vec![addr("203.0.113.20")]);
+    let exchange = query(
+        &bed,
+        NOT_A_RESOLVER,
+        "any.test",
+        RecordType::A,
+        Transport::Udp,
+    );
+    assert!(exchange.reply.is_none(), "{:?}", exchange.reply);
+    assert_reachable(&bed, "203.0.113.20", 443);
+    let (status, health) = sidecar.health();
+    assert_eq!(status, 200, "{health:#}");
+}
+
+/// Bad input is refused before anything is touched: no namespace is needed
+/// to see it, and none is created or changed.
+#[test]
+fn bad_input_is_refused_with_exit_code_2_before_anything_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad_policy = write_policy(
+        dir.path(),
+        "bad.json",
+        r#"{"type": "limited", "allowed_hosts": [1]}"#,
+    );
+    let good_policy = policy(dir.path(), "good.json", &["allowed.test"]);
+    let no_nameserver = write_policy(dir.path(), "resolv.conf", "search example\n");
+    let cases: [(Vec<&str>, &str); 4] = [
+        (
+            vec![bad_policy.to_str().unwrap(), "--upstream", UPSTREAM],
+            "allowed_hosts",
+        ),
+        (
+            vec![
+                good_policy.to_str().unwrap(),
+                "--upstream",
+                "resolver.example",
+            ],
+            "IP:PORT",
+        ),
+        (
+            vec![
+                good_policy.to_str().unwrap(),
+                "--upstream",
+                UPSTREAM,
+                "--proxy-mark",
+                "0",
+            ],
+            "not be 0",
+        ),
+        (
+            vec![
+                good_policy.to_str().unwrap(),
+                "--resolv-conf",
+                no_nameserver.to_str().unwrap(),
+            ],
+            "names no nameserver",
+        ),
+    ];
+    for (args, expected) in cases {
+        let mut all = vec!["sidecar"];
+        all.extend(&args);
+        all.extend(["--netns", "netleash-test-no-such-namespace"]);
+        let output = support::netleash(&all);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(
+            output.status.code(),
+            Some(2),
+            "{args:?}: {}",
+            support::describe(&output)
+        );
+        assert!(stderr.contains(expected), "{args:?}: {stderr}");
+        assert!(!support::netns_exists("netleash-test-no-such-namespace"));
+    }
+}
