@@ -23,6 +23,7 @@
 mod batch;
 mod elements;
 mod ffi;
+mod learned;
 mod netlink;
 mod readback;
 
@@ -30,6 +31,7 @@ use std::ffi::CString;
 use std::io;
 
 pub use elements::{SetChange, SetUpdate};
+pub use learned::{HeldElement, carry_updates};
 pub use readback::{ChainStatus, Difference, RuleCounter, SetStatus, TableStatus};
 
 use crate::netns;
@@ -178,16 +180,7 @@ impl Session {
         if !differences.is_empty() {
             return Err(Error::Verify { differences });
         }
-        Ok(ApplyReport {
-            digest: table.digest.clone().unwrap_or_default(),
-            sets: table.sets.len(),
-            elements: table
-                .sets
-                .iter()
-                .map(|s| elements::logical_count(&s.elements))
-                .sum(),
-            rules: table.chains.iter().map(|c| c.rules.len()).sum(),
-        })
+        Ok(learned::report(&table))
     }
 
     /// Compare the table in force with `ruleset`, and have the kernel check

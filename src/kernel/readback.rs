@@ -16,7 +16,7 @@ use super::elements::{self, describe_raw};
 use super::ffi::{self, ParsedExpr, ParsedSet, RawElement, Request};
 use super::netlink::Netlink;
 use super::{Error, table_name};
-use crate::ruleset::{ChainPolicy, Hook, Ruleset, TABLE_NAME};
+use crate::ruleset::{ChainKind, ChainPolicy, Hook, Ruleset, TABLE_NAME};
 
 /// How often a read is retried when the ruleset changes under it.
 const READ_ATTEMPTS: usize = 5;
@@ -421,6 +421,14 @@ fn chain_shape(
     }
 }
 
+/// The kernel's name of a base chain type (`NFTA_CHAIN_TYPE`).
+fn chain_type_name(kind: ChainKind) -> &'static str {
+    match kind {
+        ChainKind::Filter | ChainKind::Raw => "filter",
+        ChainKind::Nat => "nat",
+    }
+}
+
 pub fn hook_name(hook: u32) -> &'static str {
     match hook as i32 {
         libc::NF_INET_PRE_ROUTING => "prerouting",
@@ -504,13 +512,14 @@ pub fn differences(model: &Ruleset, kernel: &KernelTable) -> Result<Vec<Differen
                 Some(match base.hook {
                     Hook::Output => libc::NF_INET_LOCAL_OUT as u32,
                     Hook::Forward => libc::NF_INET_FORWARD as u32,
+                    Hook::Prerouting => libc::NF_INET_PRE_ROUTING as u32,
                 }),
                 Some(base.priority),
                 Some(match base.policy {
                     ChainPolicy::Accept => libc::NF_ACCEPT as u32,
                     ChainPolicy::Drop => libc::NF_DROP as u32,
                 }),
-                Some("filter"),
+                Some(chain_type_name(base.kind)),
             ),
         };
         let have = chain_shape(kc.hook, kc.priority, kc.policy, kc.chain_type.as_deref());
@@ -684,13 +693,14 @@ mod tests {
                     hook: c.base.map(|b| match b.hook {
                         Hook::Output => libc::NF_INET_LOCAL_OUT as u32,
                         Hook::Forward => libc::NF_INET_FORWARD as u32,
+                        Hook::Prerouting => libc::NF_INET_PRE_ROUTING as u32,
                     }),
                     priority: c.base.map(|b| b.priority),
                     policy: c.base.map(|b| match b.policy {
                         ChainPolicy::Accept => libc::NF_ACCEPT as u32,
                         ChainPolicy::Drop => libc::NF_DROP as u32,
                     }),
-                    chain_type: c.base.map(|_| "filter".to_string()),
+                    chain_type: c.base.map(|b| chain_type_name(b.kind).to_string()),
                     rules: c
                         .rules
                         .iter()

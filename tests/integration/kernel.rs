@@ -167,6 +167,7 @@ fn options() -> CompileOptions {
             "2001:db8::53".parse().unwrap(),
         ],
         nflog_group: 7,
+        proxy: None,
     }
 }
 
