@@ -1,7 +1,9 @@
-//! Apply latency: netleash (one netlink transaction, then read-back and
-//! verification) against `nft -f` with the same ruleset, side by side in one
-//! run, at 10, 1,000 and 10,000 set elements, in a network namespace this
-//! benchmark creates and deletes.
+//! Apply latency: netleash (a generation swap: stage, swap, read-back and
+//! verification, cleanup) against `nft -f` with the same ruleset, side by
+//! side in one run, at 10, 1,000 and 10,000 set elements, each in a network
+//! namespace this benchmark creates and deletes (one for netleash, one for
+//! nft, so that every netleash round is a swap from its own previous
+//! generation rather than a replacement of nft's table).
 //!
 //! Run as root: `cargo bench --bench apply`. Optional: `-- --quick` for fewer rounds.
 //!
@@ -27,14 +29,14 @@ use netleash::ruleset::{self, Action, Element, Family, Match, RejectKind, Rulese
 struct Netns(String);
 
 impl Netns {
-    fn new() -> Netns {
+    fn new(tag: &str) -> Netns {
         // SAFETY: geteuid has no preconditions.
         assert_eq!(
             unsafe { libc::geteuid() },
             0,
-            "the apply benchmark needs root (it creates a network namespace)"
+            "the apply benchmark needs root (it creates network namespaces)"
         );
-        let name = format!("nlbench-{}", std::process::id());
+        let name = format!("nlbench-{tag}-{}", std::process::id());
         let status = Command::new("ip")
             .args(["netns", "add", &name])
             .status()
@@ -273,18 +275,26 @@ const SETTLE: Duration = Duration::from_millis(40);
 
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
-    let ns = Netns::new();
+    let ns = Netns::new("netleash");
     let target = Target::Name(ns.0.clone());
+    let nft_ns = Netns::new("nft");
+    let nft_target = Target::Name(nft_ns.0.clone());
     let dir = std::env::temp_dir().join(format!("netleash-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
 
     println!(
-        "apply latency in network namespace {}; medians (p90) in ms",
-        ns.0
+        "apply latency in network namespaces {} (netleash) and {} (nft); medians (p90) in ms",
+        ns.0, nft_ns.0
     );
-    println!("  session:  kernel::Session::apply on an open session (a long-lived agent's path)");
-    println!("  one-shot: kernel::apply (thread, namespace entry and socket per call)");
-    println!("  nft -f:   nft spawned inside the namespace");
+    println!(
+        "  session:  kernel::Session::apply on an open session (a long-lived agent's path): a generation swap"
+    );
+    println!(
+        "  one-shot: kernel::apply (thread, namespace entry, socket and table read per call): a generation swap"
+    );
+    println!(
+        "  nft -f:   nft spawned inside its namespace, replacing the table (add, delete, add)"
+    );
     println!(
         "  rounds of these three are interleaved, each {} ms after the previous one;",
         SETTLE.as_millis()
@@ -311,8 +321,8 @@ fn main() {
         std::fs::write(&script, nft_text(&model)).unwrap();
 
         // Both sides must produce the same table: apply with nft, verify with netleash.
-        netns::run_nft(&target, &script);
-        let plan = kernel::plan(&target, &model).expect("read back nft's table");
+        netns::run_nft(&nft_target, &script);
+        let plan = kernel::plan(&nft_target, &model).expect("read back nft's table");
         let real: Vec<String> = plan
             .differences
             .iter()
@@ -326,26 +336,38 @@ fn main() {
         std::thread::sleep(SETTLE);
 
         let mut session = kernel::Session::open(&target).expect("open a session");
+        // Untimed: the first apply creates the table (or swaps from the previous size).
+        session.apply(&model).expect("netleash apply");
+        let swapped = |report: kernel::ApplyReport| {
+            assert!(
+                matches!(report.method, kernel::Method::Swap { .. }),
+                "a timed apply must be a generation swap: {:?}",
+                report.method
+            );
+        };
         let mut back_to_back = Vec::with_capacity(rounds);
         for _ in 0..rounds {
             let start = Instant::now();
-            session.apply(&model).expect("netleash apply");
+            let report = session.apply(&model).expect("netleash apply");
             back_to_back.push(start.elapsed());
+            swapped(report);
         }
 
         let (mut settled, mut one_shot, mut nft) = (Vec::new(), Vec::new(), Vec::new());
         for _ in 0..rounds {
             std::thread::sleep(SETTLE);
             let start = Instant::now();
-            session.apply(&model).expect("netleash apply");
+            let report = session.apply(&model).expect("netleash apply");
             settled.push(start.elapsed());
+            swapped(report);
             std::thread::sleep(SETTLE);
             let start = Instant::now();
-            kernel::apply(&target, &model).expect("netleash apply");
+            let report = kernel::apply(&target, &model).expect("netleash apply");
             one_shot.push(start.elapsed());
+            swapped(report);
             std::thread::sleep(SETTLE);
             let start = Instant::now();
-            netns::run_nft(&target, &script);
+            netns::run_nft(&nft_target, &script);
             nft.push(start.elapsed());
         }
         drop(session);

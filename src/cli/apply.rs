@@ -41,8 +41,8 @@ pub fn run(args: Args) -> Result<u8, Error> {
     let report = kernel::apply(&target, &ruleset)?;
     writeln!(
         out,
-        "applied policy {} to the {target}: {} sets with {} elements, {} rules",
-        report.digest, report.sets, report.elements, report.rules
+        "applied policy {} to the {target}: {} sets with {} elements, {} rules; {}",
+        report.digest, report.sets, report.elements, report.rules, report.method
     )
     .map_err(Error::Output)?;
     Ok(EXIT_OK)
@@ -67,7 +67,7 @@ fn write_plan(
         )?,
         Some(_) if plan.differences.is_empty() => writeln!(
             out,
-            "policy {} is already in force: apply would replace the table with an identical one (counters restart)",
+            "policy {} is already in force: apply would put an identical one in force (counters restart)",
             ruleset.digest
         )?,
         Some(current) => {
@@ -81,6 +81,17 @@ fn write_plan(
                 writeln!(out, "  - {difference}")?;
             }
         }
+    }
+    match &plan.method {
+        kernel::Method::Create => {}
+        kernel::Method::Swap { from, to } => writeln!(
+            out,
+            "apply would stage generation {to} and swap it in for generation {from}"
+        )?,
+        kernel::Method::Replace { reason } => writeln!(
+            out,
+            "apply would replace the table as a whole, once, because {reason}"
+        )?,
     }
     writeln!(out, "the kernel checked the new table and would accept it")
 }

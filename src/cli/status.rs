@@ -65,6 +65,16 @@ fn write_text(
             .as_deref()
             .unwrap_or("(no digest: not written by netleash)")
     )?;
+    if let Some(generation) = status.generation {
+        writeln!(out, "generation: {generation}")?;
+    }
+    if !status.leftovers.is_empty() {
+        writeln!(
+            out,
+            "leftovers (reached by no rule; the next apply deletes them): {}",
+            status.leftovers.join(", ")
+        )?;
+    }
     writeln!(out, "sets:")?;
     for set in &status.sets {
         let mut flags = Vec::new();

@@ -1,13 +1,8 @@
-//! The ruleset model as ONE nftnl batch that replaces the `inet netleash`
-//! table in one transaction:
+//! The ruleset model as nftnl batches: the transactions of the generation
+//! swap (see `kernel::generation`), and the whole-table transactions for a
+//! first apply and for a table in another shape.
 //!
-//! 1. `add table` (so that the delete cannot fail when the table is absent),
-//! 2. `delete table` (removes the old table with everything in it),
-//! 3. `add table` with the digest as its comment,
-//! 4. the sets and their elements, 5. the chains, 6. the rules.
-//!
-//! The kernel applies all of it at commit or none of it, so packets see
-//! either the old table or the new one: never an empty or half-built table.
+//! The kernel applies each transaction at commit or not at all.
 //!
 //! Each rule is first planned as a list of [`Expr`]s (the same list the
 //! read-back compares against), laid out as nft 1.0.6 lays out the same rule
@@ -20,12 +15,11 @@ use nftnl::expr::{Bitwise, Cmp, CmpOp, Conntrack, Counter, IcmpCode, RejectionTy
 use nftnl::{MsgType, ProtoFamily};
 
 use super::elements::{self, datatype};
-use super::ffi::{self, ElementOp, SetDefinition, SetMsg, TableMsg};
+use super::ffi::{self, BaseHook, ChainMsg, ElementOp, SetDefinition, SetMsg, TableMsg};
+use super::generation::{self, Deletions, EntryRule, Naming, Swap};
 use super::netlink::{Object, Transaction};
 use super::{Error, table_name};
-use crate::ruleset::{
-    Action, BaseChain, ChainKind, ChainPolicy, Family, Hook, Match, RejectKind, Rule, Ruleset,
-};
+use crate::ruleset::{Action, BaseChain, Family, Match, RejectKind, Rule, Ruleset, Set};
 
 /// `NFT_REG_1`: the 16-byte register most expressions use.
 const REG_1: u32 = libc::NFT_REG_1 as u32;
@@ -295,7 +289,6 @@ pub fn plan_rule(rule: &Rule) -> Vec<Expr> {
     }
     plan
 }
-
 /// The matches of the DNS proxy's rules, laid out as nft 1.0.6 lays them out
 /// (`nft --debug=netlink`): `meta load mark => reg 1; cmp [n]eq reg 1 MARK`
 /// (the mark in host byte order), and for an address the family guard, the
@@ -384,9 +377,18 @@ fn plan_proxy_action(action: &Action, plan: &mut Vec<Expr>) {
 /// `NF_NAT_RANGE_PROTO_SPECIFIED` (include/uapi/linux/netfilter/nf_nat.h).
 const NF_NAT_RANGE_PROTO_SPECIFIED: u32 = 1 << 1;
 
-/// The kernel names of a rule's expressions, in order (what the read-back checks).
-pub fn expression_names(rule: &Rule) -> Vec<&'static str> {
-    plan_rule(rule).iter().map(Expr::kernel_name).collect()
+/// A rule's expressions as the read-back compares them: the kernel name of
+/// each, with the set a named lookup refers to and the chain a jump goes to
+/// (model names; see `KernelTable::expression_label`).
+pub fn expression_labels(rule: &Rule) -> Vec<String> {
+    plan_rule(rule)
+        .iter()
+        .map(|expr| match expr {
+            Expr::Lookup { set, .. } => format!("{} @{set}", expr.kernel_name()),
+            Expr::Jump(chain) => format!("{} jump {chain}", expr.kernel_name()),
+            _ => expr.kernel_name().to_string(),
+        })
+        .collect()
 }
 
 fn cstring(text: &str) -> Result<CString, Error> {
@@ -395,215 +397,425 @@ fn cstring(text: &str) -> Result<CString, Error> {
     })
 }
 
-/// The transaction that replaces the whole table with `ruleset`.
-pub fn replace_table(ruleset: &Ruleset) -> Result<Transaction, Error> {
-    let table = table_name();
-    let digest = cstring(&ruleset.digest)?;
-    let mut transaction = Transaction::new();
-    transaction.add(&TableMsg::new(&table, None), MsgType::Add, Object::Table);
-    transaction.add(&TableMsg::new(&table, None), MsgType::Del, Object::Table);
-    transaction.add(
-        &TableMsg::new(&table, Some(&digest)),
+/// The base chain definition of a model base chain.
+fn base_hook(base: BaseChain) -> BaseHook {
+    BaseHook {
+        hook: generation::hook_number(base.hook),
+        priority: base.priority,
+        policy: generation::policy_number(base.policy),
+        chain_type: generation::chain_type(base.kind),
+    }
+}
+
+/// Builds one transaction for one generation of a model.
+struct Builder<'a> {
+    ruleset: &'a Ruleset,
+    naming: Naming<'a>,
+    table: CString,
+    transaction: Transaction,
+    /// Transaction-local ids of the sets created in this transaction, by model name.
+    set_ids: BTreeMap<String, u32>,
+    next_set_id: u32,
+}
+
+impl<'a> Builder<'a> {
+    fn new(ruleset: &'a Ruleset, generation: u32) -> Builder<'a> {
+        Builder {
+            ruleset,
+            naming: Naming::new(ruleset, generation),
+            table: table_name(),
+            transaction: Transaction::new(),
+            set_ids: BTreeMap::new(),
+            next_set_id: 1,
+        }
+    }
+
+    /// Create the model's sets for which `which` holds, with their elements.
+    fn add_sets(&mut self, which: impl Fn(&Set) -> bool) -> Result<(), Error> {
+        for set in self.ruleset.sets.iter().filter(|s| which(s)) {
+            let mut definition = elements::set_definition(set, self.next_set_id)?;
+            definition.name = cstring(&self.naming.set(&set.name))?;
+            self.set_ids.insert(set.name.clone(), self.next_set_id);
+            self.next_set_id += 1;
+            let mut message = SetMsg::new(&self.table, &definition);
+            self.transaction
+                .add(&message, MsgType::Add, Object::Set(set.name.clone()));
+            for element in elements::encode_all(set)? {
+                message.push(&element);
+            }
+            self.transaction.add_elements(
+                &message,
+                ElementOp::Create,
+                Object::Elements(set.name.clone()),
+            );
+        }
+        Ok(())
+    }
+
+    /// Create the generation's regular chains, each with the policy digest as its comment.
+    fn add_regular_chains(&mut self) -> Result<(), Error> {
+        let digest = cstring(&self.ruleset.digest)?;
+        for chain in self.ruleset.chains.iter().filter(|c| c.base.is_none()) {
+            let name = cstring(&self.naming.chain(&chain.name))?;
+            let message = ChainMsg::new(&self.table, &name, None, Some(&digest));
+            self.transaction
+                .add(&message, MsgType::Add, Object::Chain(chain.name.clone()));
+        }
+        Ok(())
+    }
+
+    /// Create the base chains for which `which` holds, or update their
+    /// policy if they exist with the same hook.
+    fn add_base_chains(&mut self, which: impl Fn(&str) -> bool) -> Result<(), Error> {
+        for chain in &self.ruleset.chains {
+            let Some(base) = chain.base.filter(|_| which(&chain.name)) else {
+                continue;
+            };
+            let message = ChainMsg::new(
+                &self.table,
+                &cstring(&chain.name)?,
+                Some(base_hook(base)),
+                None,
+            );
+            self.transaction
+                .add(&message, MsgType::Add, Object::Chain(chain.name.clone()));
+        }
+        Ok(())
+    }
+
+    /// Add the rules of the model chains that are base chains (`base`) or
+    /// regular chains (`!base`), in model order.
+    fn add_rules(&mut self, base: bool) -> Result<(), Error> {
+        // Rules go through the safe nftnl API, which needs table and chain handles.
+        let nftnl_table = nftnl::Table::new(&self.table, ProtoFamily::Inet);
+        let ruleset = self.ruleset;
+        for chain in ruleset.chains.iter().filter(|c| c.base.is_some() == base) {
+            let handle = nftnl::Chain::new(cstring(&self.naming.chain(&chain.name))?, &nftnl_table);
+            for rule in &chain.rules {
+                let mut nft_rule = nftnl::Rule::new(&handle);
+                for expr in plan_rule(rule) {
+                    self.add_expr(&mut nft_rule, &expr, chain, rule)?;
+                }
+                set_rule_comment(&mut nft_rule, &rule.id)?;
+                self.transaction.add(
+                    &nft_rule,
+                    MsgType::Add,
+                    Object::Rule {
+                        chain: chain.name.clone(),
+                        id: rule.id.clone(),
+                    },
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Remove every rule of the model's base chains (`NFT_MSG_DELRULE` with a
+    /// chain and no handle deletes all its rules, `nft_delrule_by_chain`).
+    fn flush_base_chains(&mut self) -> Result<(), Error> {
+        let nftnl_table = nftnl::Table::new(&self.table, ProtoFamily::Inet);
+        for chain in self.ruleset.chains.iter().filter(|c| c.base.is_some()) {
+            let handle = nftnl::Chain::new(cstring(&chain.name)?, &nftnl_table);
+            let flush = nftnl::Rule::new(&handle);
+            self.transaction
+                .add(&flush, MsgType::Del, Object::Flush(chain.name.clone()));
+        }
+        Ok(())
+    }
+
+    /// Add one planned expression to `rule`. An anonymous set is added to the
+    /// transaction first, with its elements, so the rule can refer to it.
+    fn add_expr(
+        &mut self,
+        rule: &mut nftnl::Rule<'_>,
+        expr: &Expr,
+        chain: &crate::ruleset::Chain,
+        model_rule: &Rule,
+    ) -> Result<(), Error> {
+        match expr {
+            Expr::Meta { key, dreg } => rule.add_expr(&ffi::MetaLoad {
+                key: *key,
+                dreg: *dreg,
+            }),
+            Expr::Payload {
+                base,
+                offset,
+                len,
+                dreg,
+            } => rule.add_expr(&ffi::PayloadLoad {
+                base: *base,
+                offset: *offset,
+                len: *len,
+                dreg: *dreg,
+            }),
+            Expr::CmpEq(data) => rule.add_expr(&Cmp::new(CmpOp::Eq, data.as_slice())),
+            Expr::CmpNeq(data) => rule.add_expr(&Cmp::new(CmpOp::Neq, data.as_slice())),
+            Expr::Bitwise { mask, xor } => {
+                rule.add_expr(&Bitwise::new(mask.as_slice(), xor.as_slice()))
+            }
+            Expr::CtState => rule.add_expr(&Conntrack::State),
+            Expr::Lookup { set, sreg } => {
+                if self.ruleset.set(set).is_none() {
+                    return Err(Error::UnknownSet {
+                        set: set.clone(),
+                        rule: model_rule.id.clone(),
+                    });
+                }
+                rule.add_expr(&ffi::Lookup {
+                    sreg: *sreg,
+                    set: cstring(&self.naming.set(set))?,
+                    // A set created earlier (a persistent one) is found by name.
+                    set_id: self.set_ids.get(set).copied(),
+                    invert: false,
+                })
+            }
+            Expr::LookupAnonymous(anonymous) => {
+                let set_id = self.next_set_id;
+                self.next_set_id += 1;
+                let definition = SetDefinition {
+                    // The kernel replaces %d with a free number (nf_tables_set_alloc_name).
+                    name: c"__set%d".to_owned(),
+                    id: set_id,
+                    flags: (libc::NFT_SET_ANONYMOUS | libc::NFT_SET_CONSTANT) as u32,
+                    key_type: anonymous.key_type,
+                    key_len: anonymous.key_len,
+                    field_lens: Vec::new(),
+                    key_byteorder: elements::BYTEORDER_BIG_ENDIAN,
+                };
+                let mut message = SetMsg::new(&self.table, &definition);
+                let object = Object::AnonymousSet {
+                    chain: chain.name.clone(),
+                    rule: model_rule.id.clone(),
+                };
+                self.transaction.add(&message, MsgType::Add, object.clone());
+                for key in &anonymous.keys {
+                    message.push(&ffi::RawElement {
+                        key: key.clone(),
+                        key_end: None,
+                        interval_end: false,
+                        timeout_ms: None,
+                        expiration_ms: None,
+                    });
+                }
+                self.transaction
+                    .add_elements(&message, ElementOp::Create, object);
+                rule.add_expr(&ffi::Lookup {
+                    sreg: REG_1,
+                    set: definition.name,
+                    set_id: Some(set_id),
+                    invert: false,
+                })
+            }
+            Expr::Counter => rule.add_expr(&Counter),
+            Expr::Log { group, prefix } => rule.add_expr(&ffi::Log {
+                group: *group,
+                prefix: cstring(prefix)?,
+            }),
+            Expr::Reject(RejectKind::TcpReset) => {
+                rule.add_expr(&Verdict::Reject(RejectionType::TcpRst))
+            }
+            // In an inet table this is NFT_REJECT_ICMPX_UNREACH with the
+            // admin-prohibited code: ICMP type 3 code 13, or ICMPv6 type 1 code 1.
+            Expr::Reject(RejectKind::IcmpxAdminProhibited) => rule.add_expr(&Verdict::Reject(
+                RejectionType::Icmp(IcmpCode::AdminProhibited),
+            )),
+            Expr::Accept => rule.add_expr(&Verdict::Accept),
+            Expr::Drop => rule.add_expr(&Verdict::Drop),
+            Expr::Jump(target) => rule.add_expr(&Verdict::Jump {
+                chain: cstring(&self.naming.chain(target))?,
+            }),
+            Expr::Immediate { dreg, data } => rule.add_expr(&ffi::ImmediateData {
+                dreg: *dreg,
+                data: data.clone(),
+            }),
+            Expr::Redirect { sreg } => rule.add_expr(&ffi::Redirect {
+                sreg_proto_min: *sreg,
+                flags: NF_NAT_RANGE_PROTO_SPECIFIED,
+            }),
+            Expr::CtSet { key, sreg } => rule.add_expr(&ffi::CtSet {
+                key: *key,
+                sreg: *sreg,
+            }),
+        }
+        Ok(())
+    }
+
+    /// Generation `swap.to`, the persistent sets it adds, and the base
+    /// chain policies that become accept.
+    fn add_stage(&mut self, swap: &Swap) -> Result<(), Error> {
+        self.add_base_chains(|name| swap.loosen.iter().any(|c| c == name))?;
+        self.add_sets(|set| !generation::persistent_set(set) || swap.create.contains(&set.name))?;
+        self.add_regular_chains()?;
+        self.add_rules(false)
+    }
+
+    /// Each base chain's rules replaced by the model's, then the policies that become drop.
+    fn add_swap(&mut self, tighten: &[String]) -> Result<(), Error> {
+        self.flush_base_chains()?;
+        self.add_rules(true)?;
+        self.add_base_chains(|name| tighten.iter().any(|c| c == name))
+    }
+
+    /// The table, its base chains, every set, and generation `generation`
+    /// with the base chains jumping into it.
+    fn add_everything(&mut self) -> Result<(), Error> {
+        self.add_sets(|_| true)?;
+        self.add_regular_chains()?;
+        self.add_base_chains(|_| true)?;
+        self.add_rules(false)?;
+        self.add_rules(true)
+    }
+}
+
+fn set_rule_comment(rule: &mut nftnl::Rule<'_>, id: &str) -> Result<(), Error> {
+    rule.set_comment(cstring(id)?)
+        .map_err(|_| Error::InvalidName {
+            name: id.to_string(),
+        })
+}
+
+/// The transaction that creates the table with `ruleset` as generation 1
+/// (there is no table).
+pub fn create_table(ruleset: &Ruleset) -> Result<Transaction, Error> {
+    let mut builder = Builder::new(ruleset, 1);
+    builder.transaction.add(
+        &TableMsg::new(&builder.table, None),
         MsgType::Add,
         Object::Table,
     );
+    builder.add_everything()?;
+    Ok(builder.transaction)
+}
 
-    let mut next_set_id = 1u32;
-    let mut set_ids: BTreeMap<&str, u32> = BTreeMap::new();
-    for set in &ruleset.sets {
-        let definition = elements::set_definition(set, next_set_id)?;
-        set_ids.insert(&set.name, next_set_id);
-        next_set_id += 1;
-        let mut message = SetMsg::new(&table, &definition);
-        transaction.add(&message, MsgType::Add, Object::Set(set.name.clone()));
-        for element in elements::encode_all(set)? {
-            message.push(&element);
-        }
-        transaction.add_elements(
-            &message,
-            ElementOp::Create,
-            Object::Elements(set.name.clone()),
-        );
+/// The transaction that replaces the whole table with `ruleset` as
+/// generation 1: `add table` (so that the delete cannot fail), `delete
+/// table`, then everything. Used once for a table in another shape; packets
+/// may meet neither table for a moment while the base chains' hooks are
+/// registered again during the commit.
+pub fn replace_table(ruleset: &Ruleset) -> Result<Transaction, Error> {
+    let mut builder = Builder::new(ruleset, 1);
+    for kind in [MsgType::Add, MsgType::Del, MsgType::Add] {
+        builder
+            .transaction
+            .add(&TableMsg::new(&builder.table, None), kind, Object::Table);
     }
+    builder.add_everything()?;
+    Ok(builder.transaction)
+}
 
-    // Chains and rules go through the safe nftnl API, which needs its own table handle.
-    let nftnl_table = nftnl::Table::new(&table, ProtoFamily::Inet);
-    let mut chains = Vec::with_capacity(ruleset.chains.len());
-    for chain in &ruleset.chains {
-        let mut object = nftnl::Chain::new(cstring(&chain.name)?, &nftnl_table);
-        if let Some(BaseChain {
-            kind,
-            hook,
-            priority,
-            policy,
-        }) = chain.base
-        {
-            object.set_hook(
-                match hook {
-                    Hook::Output => nftnl::Hook::Out,
-                    Hook::Forward => nftnl::Hook::Forward,
-                    Hook::Prerouting => nftnl::Hook::PreRouting,
-                },
-                priority,
-            );
-            object.set_type(match kind {
-                ChainKind::Filter | ChainKind::Raw => nftnl::ChainType::Filter,
-                // The kernel has taken nat chains in inet tables since Linux 5.2.
-                ChainKind::Nat => nftnl::ChainType::Nat,
-            });
-            object.set_policy(match policy {
-                ChainPolicy::Accept => nftnl::Policy::Accept,
-                ChainPolicy::Drop => nftnl::Policy::Drop,
-            });
-        }
-        transaction.add(&object, MsgType::Add, Object::Chain(chain.name.clone()));
-        chains.push(object);
-    }
+/// The stage transaction of `swap`: generation `swap.to` of `ruleset`, the
+/// persistent sets it adds, and the base chain policies that become accept.
+/// Nothing jumps into the new generation yet.
+pub fn stage(ruleset: &Ruleset, swap: &Swap) -> Result<Transaction, Error> {
+    let mut builder = Builder::new(ruleset, swap.to);
+    builder.add_stage(swap)?;
+    Ok(builder.transaction)
+}
 
-    // Rules after all chains, so every jump target exists when its rule is added.
-    for (chain, object) in ruleset.chains.iter().zip(&chains) {
-        for rule in &chain.rules {
-            let rule_object = Object::Rule {
-                chain: chain.name.clone(),
-                id: rule.id.clone(),
-            };
-            let mut nft_rule = nftnl::Rule::new(object);
-            for expr in plan_rule(rule) {
-                add_expr(
-                    &mut nft_rule,
-                    &expr,
-                    &set_ids,
-                    &mut next_set_id,
-                    &mut transaction,
-                    chain,
-                    rule,
-                )?;
-            }
-            nft_rule
-                .set_comment(cstring(&rule.id)?)
-                .map_err(|_| Error::InvalidName {
-                    name: rule.id.clone(),
-                })?;
-            transaction.add(&nft_rule, MsgType::Add, rule_object);
-        }
+/// The swap transaction: each base chain's rules replaced by the model's
+/// (a jump into generation `to`), and the policies that become drop.
+pub fn swap(ruleset: &Ruleset, to: u32, tighten: &[String]) -> Result<Transaction, Error> {
+    let mut builder = Builder::new(ruleset, to);
+    builder.add_swap(tighten)?;
+    Ok(builder.transaction)
+}
+
+/// Stage, swap and cleanup of `swap` as one transaction, for the kernel to
+/// check without committing (`apply --dry-run`): packets never meet it.
+pub fn swap_check(
+    ruleset: &Ruleset,
+    swap: &Swap,
+    deletions: &Deletions,
+) -> Result<Transaction, Error> {
+    let mut builder = Builder::new(ruleset, swap.to);
+    builder.add_stage(swap)?;
+    builder.add_swap(&swap.tighten)?;
+    add_deletions(&mut builder.transaction, deletions)?;
+    Ok(builder.transaction)
+}
+
+/// Base chain policy updates, on their own (the first step of a rollback
+/// whose previous policy is accept).
+pub fn policies(previous: &[EntryRule]) -> Result<Transaction, Error> {
+    let table = table_name();
+    let mut transaction = Transaction::new();
+    for entry in previous {
+        let message = ChainMsg::new(&table, &cstring(&entry.chain)?, Some(entry.hook), None);
+        transaction.add(&message, MsgType::Add, Object::Chain(entry.chain.clone()));
     }
     Ok(transaction)
 }
 
-/// Add one planned expression to `rule`. An anonymous set is added to the
-/// transaction first, with its elements, so the rule can refer to it.
-fn add_expr(
-    rule: &mut nftnl::Rule<'_>,
-    expr: &Expr,
-    set_ids: &BTreeMap<&str, u32>,
-    next_set_id: &mut u32,
-    transaction: &mut Transaction,
-    chain: &crate::ruleset::Chain,
-    model_rule: &Rule,
-) -> Result<(), Error> {
-    match expr {
-        Expr::Meta { key, dreg } => rule.add_expr(&ffi::MetaLoad {
-            key: *key,
-            dreg: *dreg,
-        }),
-        Expr::Payload {
-            base,
-            offset,
-            len,
-            dreg,
-        } => rule.add_expr(&ffi::PayloadLoad {
-            base: *base,
-            offset: *offset,
-            len: *len,
-            dreg: *dreg,
-        }),
-        Expr::CmpEq(data) => rule.add_expr(&Cmp::new(CmpOp::Eq, data.as_slice())),
-        Expr::CmpNeq(data) => rule.add_expr(&Cmp::new(CmpOp::Neq, data.as_slice())),
-        Expr::Bitwise { mask, xor } => {
-            rule.add_expr(&Bitwise::new(mask.as_slice(), xor.as_slice()))
+/// The rollback transaction: each base chain jumps into the generation it
+/// jumped into before (with its previous policy), and `deletions` (the
+/// generation that failed verification) are deleted.
+pub fn swap_back(previous: &[EntryRule], deletions: &Deletions) -> Result<Transaction, Error> {
+    let table = table_name();
+    let nftnl_table = nftnl::Table::new(&table, ProtoFamily::Inet);
+    let mut transaction = Transaction::new();
+    for entry in previous {
+        let handle = nftnl::Chain::new(cstring(&entry.chain)?, &nftnl_table);
+        transaction.add(
+            &nftnl::Rule::new(&handle),
+            MsgType::Del,
+            Object::Flush(entry.chain.clone()),
+        );
+        let mut rule = nftnl::Rule::new(&handle);
+        rule.add_expr(&Verdict::Jump {
+            chain: cstring(&entry.target)?,
+        });
+        let id = entry.id.clone().unwrap_or_default();
+        if !id.is_empty() {
+            set_rule_comment(&mut rule, &id)?;
         }
-        Expr::CtState => rule.add_expr(&Conntrack::State),
-        Expr::Lookup { set, sreg } => {
-            let set_id = *set_ids.get(set.as_str()).ok_or_else(|| Error::UnknownSet {
-                set: set.clone(),
-                rule: model_rule.id.clone(),
-            })?;
-            rule.add_expr(&ffi::Lookup {
-                sreg: *sreg,
-                set: cstring(set)?,
-                set_id,
-                invert: false,
-            })
-        }
-        Expr::LookupAnonymous(anonymous) => {
-            let set_id = *next_set_id;
-            *next_set_id += 1;
-            let definition = SetDefinition {
-                // The kernel replaces %d with a free number (nf_tables_set_alloc_name).
-                name: c"__set%d".to_owned(),
-                id: set_id,
-                flags: (libc::NFT_SET_ANONYMOUS | libc::NFT_SET_CONSTANT) as u32,
-                key_type: anonymous.key_type,
-                key_len: anonymous.key_len,
-                field_lens: Vec::new(),
-                key_byteorder: elements::BYTEORDER_BIG_ENDIAN,
-            };
-            let table = table_name();
-            let mut message = SetMsg::new(&table, &definition);
-            let object = Object::AnonymousSet {
-                chain: chain.name.clone(),
-                rule: model_rule.id.clone(),
-            };
-            transaction.add(&message, MsgType::Add, object.clone());
-            for key in &anonymous.keys {
-                message.push(&ffi::RawElement {
-                    key: key.clone(),
-                    key_end: None,
-                    interval_end: false,
-                    timeout_ms: None,
-                    expiration_ms: None,
-                });
-            }
-            transaction.add_elements(&message, ElementOp::Create, object);
-            rule.add_expr(&ffi::Lookup {
-                sreg: REG_1,
-                set: definition.name,
-                set_id,
-                invert: false,
-            })
-        }
-        Expr::Counter => rule.add_expr(&Counter),
-        Expr::Log { group, prefix } => rule.add_expr(&ffi::Log {
-            group: *group,
-            prefix: cstring(prefix)?,
-        }),
-        Expr::Reject(RejectKind::TcpReset) => {
-            rule.add_expr(&Verdict::Reject(RejectionType::TcpRst))
-        }
-        // In an inet table this is NFT_REJECT_ICMPX_UNREACH with the
-        // admin-prohibited code: ICMP type 3 code 13, or ICMPv6 type 1 code 1.
-        Expr::Reject(RejectKind::IcmpxAdminProhibited) => rule.add_expr(&Verdict::Reject(
-            RejectionType::Icmp(IcmpCode::AdminProhibited),
-        )),
-        Expr::Accept => rule.add_expr(&Verdict::Accept),
-        Expr::Drop => rule.add_expr(&Verdict::Drop),
-        Expr::Jump(target) => rule.add_expr(&Verdict::Jump {
-            chain: cstring(target)?,
-        }),
-        Expr::Immediate { dreg, data } => rule.add_expr(&ffi::ImmediateData {
-            dreg: *dreg,
-            data: data.clone(),
-        }),
-        Expr::Redirect { sreg } => rule.add_expr(&ffi::Redirect {
-            sreg_proto_min: *sreg,
-            flags: NF_NAT_RANGE_PROTO_SPECIFIED,
-        }),
-        Expr::CtSet { key, sreg } => rule.add_expr(&ffi::CtSet {
-            key: *key,
-            sreg: *sreg,
-        }),
+        transaction.add(
+            &rule,
+            MsgType::Add,
+            Object::Rule {
+                chain: entry.chain.clone(),
+                id,
+            },
+        );
+        let message = ChainMsg::new(&table, &cstring(&entry.chain)?, Some(entry.hook), None);
+        transaction.add(&message, MsgType::Add, Object::Chain(entry.chain.clone()));
+    }
+    add_deletions(&mut transaction, deletions)?;
+    Ok(transaction)
+}
+
+fn add_deletions(transaction: &mut Transaction, deletions: &Deletions) -> Result<(), Error> {
+    let table = table_name();
+    for chain in &deletions.chains {
+        let message = ChainMsg::new(&table, &cstring(chain)?, None, None);
+        transaction.add(
+            &message,
+            MsgType::Del,
+            Object::Deletion {
+                kind: "chain",
+                name: chain.clone(),
+            },
+        );
+    }
+    for set in &deletions.sets {
+        let message = SetMsg::existing(&table, &cstring(set)?);
+        transaction.add(
+            &message,
+            MsgType::Del,
+            Object::Deletion {
+                kind: "set",
+                name: set.clone(),
+            },
+        );
     }
     Ok(())
+}
+
+/// The transaction that deletes `deletions`: chains first (deleting a chain
+/// deletes its rules, which releases the sets and chains they refer to), then sets.
+pub fn delete(deletions: &Deletions) -> Result<Transaction, Error> {
+    let mut transaction = Transaction::new();
+    add_deletions(&mut transaction, deletions)?;
+    Ok(transaction)
 }
 
 /// The transaction that deletes the table (it must exist).
@@ -717,6 +929,61 @@ mod tests {
         // 3 table messages, a set message per set, element messages for
         // non-empty sets, chains, rules, and anonymous sets with their elements.
         assert!(transaction.len() >= 3 + ruleset.sets.len() + ruleset.chains.len() + rules);
+    }
+
+    fn swap_to(to: u32, create: &[&str]) -> Swap {
+        Swap {
+            from: to - 1,
+            to,
+            create: create.iter().map(|s| s.to_string()).collect(),
+            loosen: vec![],
+            tighten: vec!["output".into()],
+            previous: vec![],
+            from_digest: None,
+        }
+    }
+
+    #[test]
+    fn the_stage_creates_a_generation_that_nothing_jumps_into() {
+        let ruleset = crate::ruleset::compile(&policy(), &CompileOptions::default());
+        let transaction = stage(&ruleset, &swap_to(5, &["dns_v6"])).unwrap();
+        let objects = transaction.objects();
+        assert!(objects.contains(&Object::Set("allow_v4".into())));
+        assert!(objects.contains(&Object::Set("dns_v6".into())));
+        assert!(
+            !objects.contains(&Object::Set("dns_v4".into())),
+            "an existing persistent set is kept, not created"
+        );
+        assert!(objects.contains(&Object::Chain("egress".into())));
+        for object in objects {
+            assert!(
+                !matches!(object, Object::Rule { chain, .. } | Object::Chain(chain) | Object::Flush(chain)
+                    if chain == "output" || chain == "forward"),
+                "the stage touched a base chain: {object:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_swap_replaces_the_base_chain_rules_and_tightens_after() {
+        let ruleset = crate::ruleset::compile(&policy(), &CompileOptions::default());
+        let transaction = swap(&ruleset, 5, &["output".to_string()]).unwrap();
+        assert_eq!(
+            transaction.objects(),
+            [
+                Object::Flush("output".into()),
+                Object::Flush("forward".into()),
+                Object::Rule {
+                    chain: "output".into(),
+                    id: "output-egress".into()
+                },
+                Object::Rule {
+                    chain: "forward".into(),
+                    id: "forward-egress".into()
+                },
+                Object::Chain("output".into()),
+            ]
+        );
     }
 
     #[test]

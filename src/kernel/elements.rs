@@ -15,7 +15,6 @@
 //! - a range in a concatenated interval set (the pipapo backend) is one element
 //!   with `NFTA_SET_ELEM_KEY_END`, the *last* key of the range (inclusive).
 
-use std::collections::BTreeMap;
 use std::ffi::CString;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::Duration;
@@ -24,7 +23,7 @@ use ipnet::IpNet;
 
 use super::ffi::{self, ElementOp, RawElement, SetDefinition, SetMsg};
 use super::netlink::{Netlink, Object, Transaction};
-use super::{Error, table_name};
+use super::{Error, generation, table_name};
 use crate::policy::Proto;
 use crate::ruleset::{Element, Family, Set, SetKey};
 
@@ -330,35 +329,64 @@ fn model_key(key_len: u32, flags: u32, key_type: u32) -> Option<SetKey> {
     }
 }
 
+/// The kernel name of the set `model_name` of the policy in force: a
+/// persistent set (the DNS-derived ones) has its model name; a generation set
+/// has its generation suffix (see `kernel::generation`), and if several
+/// generations hold it (during another apply), the one the base chains reach.
+fn kernel_set_name(
+    netlink: &mut Netlink,
+    sets: &[super::ffi::ParsedSet],
+    model_name: &str,
+) -> Result<Option<String>, Error> {
+    if sets.iter().any(|s| s.name == model_name) {
+        return Ok(Some(model_name.to_string()));
+    }
+    let generations: Vec<&str> = sets
+        .iter()
+        .map(|s| s.name.as_str())
+        .filter(|name| generation::split(name).is_some_and(|(model, _)| model == model_name))
+        .collect();
+    match generations.as_slice() {
+        [] => Ok(None),
+        [only] => Ok(Some(only.to_string())),
+        _ => {
+            let snapshot = super::readback::read_table(netlink, super::readback::Detail::Shape)?;
+            Ok(snapshot
+                .table
+                .and_then(|table| table.sets.into_iter().find(|s| s.name == model_name))
+                .map(|s| s.kernel_name))
+        }
+    }
+}
+
 /// Apply `updates` in one transaction: all of them or none. Rules and other
-/// sets are not touched.
+/// sets are not touched. Sets are named by model name.
 pub(super) fn update(netlink: &mut Netlink, updates: &[SetUpdate]) -> Result<(), Error> {
     if updates.is_empty() {
         return Ok(());
     }
-    let existing: BTreeMap<String, ExistingSet> = super::readback::read_sets(netlink)?
-        .into_iter()
-        .filter_map(|set| {
-            let key = model_key(set.key_len, set.flags, set.key_type)?;
-            let existing = ExistingSet {
-                key,
-                interval: set.flags & libc::NFT_SET_INTERVAL as u32 != 0,
-                timeout: set.flags & libc::NFT_SET_TIMEOUT as u32 != 0,
-            };
-            Some((set.name, existing))
-        })
-        .collect();
-
+    let sets = super::readback::read_sets(netlink)?;
     let table = table_name();
     let mut transaction = Transaction::new();
     for update in updates {
-        let Some(set) = existing.get(&update.set) else {
+        let kernel = kernel_set_name(netlink, &sets, &update.set)?
+            .and_then(|kernel| sets.iter().find(|s| s.name == kernel))
+            .and_then(|set| {
+                let key = model_key(set.key_len, set.flags, set.key_type)?;
+                let existing = ExistingSet {
+                    key,
+                    interval: set.flags & libc::NFT_SET_INTERVAL as u32 != 0,
+                    timeout: set.flags & libc::NFT_SET_TIMEOUT as u32 != 0,
+                };
+                Some((set.name.clone(), existing))
+            });
+        let Some((kernel_name, set)) = kernel else {
             return Err(Error::NoSuchSet {
                 set: update.set.clone(),
-                known: existing.keys().cloned().collect(),
+                known: generation::model_names(sets.iter().map(|s| s.name.as_str())),
             });
         };
-        let name = CString::new(update.set.as_str()).map_err(|_| Error::InvalidName {
+        let name = CString::new(kernel_name).map_err(|_| Error::InvalidName {
             name: update.set.clone(),
         })?;
         let mut message = SetMsg::existing(&table, &name);

@@ -1,5 +1,5 @@
 //! The one module that calls libnftnl directly (through `nftnl_sys`), for what
-//! the safe `nftnl` API lacks: table user data (the digest comment), sets with
+//! the safe `nftnl` API lacks: chains with user data (the digest comment), sets with
 //! flags, concatenated keys and their field description, set elements with
 //! interval ends, range ends and timeouts, element messages with add/create/
 //! destroy semantics, the `meta`/`payload`/`lookup`/`log` expressions with
@@ -176,6 +176,105 @@ impl Drop for TableMsg {
     fn drop(&mut self) {
         // SAFETY: we own the table and free it exactly once.
         unsafe { sys::nftnl_table_free(self.table.as_ptr()) };
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Chains
+// ---------------------------------------------------------------------------
+
+/// The hook of a base chain, as the kernel takes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BaseHook {
+    /// `NF_INET_*` hook number.
+    pub hook: u32,
+    pub priority: i32,
+    /// `NF_ACCEPT` / `NF_DROP`.
+    pub policy: u32,
+    /// `NFTA_CHAIN_TYPE`: `filter` or `nat`.
+    pub chain_type: &'static CStr,
+}
+
+/// `chain inet TABLE NAME`: a regular chain, or a base chain of type
+/// `filter`, with an optional comment in its user data
+/// (`NFTNL_UDATA_CHAIN_COMMENT`, what nft shows as `comment "..."`; kernel 5.10+).
+///
+/// Sent as `NFT_MSG_NEWCHAIN` without `NLM_F_EXCL`, it creates the chain, or,
+/// for a base chain that exists with the same hook, priority and type,
+/// updates its policy in place (`nf_tables_updchain`); the kernel ignores a
+/// new comment on an existing chain.
+pub struct ChainMsg {
+    chain: NonNull<sys::nftnl_chain>,
+}
+
+impl ChainMsg {
+    pub fn new(table: &CStr, name: &CStr, base: Option<BaseHook>, comment: Option<&CStr>) -> Self {
+        // SAFETY: nftnl_chain_alloc returns a fresh, zeroed chain or NULL (handled by `allocated`).
+        let chain = allocated(unsafe { sys::nftnl_chain_alloc() });
+        let raw = chain.as_ptr();
+        // SAFETY: `raw` is a valid chain we own; the setters copy strings and integers.
+        unsafe {
+            sys::nftnl_chain_set_u32(raw, sys::NFTNL_CHAIN_FAMILY as u16, u32::from(INET));
+            sys::nftnl_chain_set_str(raw, sys::NFTNL_CHAIN_TABLE as u16, table.as_ptr());
+            sys::nftnl_chain_set_str(raw, sys::NFTNL_CHAIN_NAME as u16, name.as_ptr());
+            if let Some(base) = base {
+                sys::nftnl_chain_set_u32(raw, sys::NFTNL_CHAIN_HOOKNUM as u16, base.hook);
+                sys::nftnl_chain_set_s32(raw, sys::NFTNL_CHAIN_PRIO as u16, base.priority);
+                sys::nftnl_chain_set_str(
+                    raw,
+                    sys::NFTNL_CHAIN_TYPE as u16,
+                    base.chain_type.as_ptr(),
+                );
+                sys::nftnl_chain_set_u32(raw, sys::NFTNL_CHAIN_POLICY as u16, base.policy);
+            }
+        }
+        if let Some(comment) = comment {
+            let udata = udata_record(
+                sys::NFTNL_UDATA_CHAIN_COMMENT as u8,
+                comment.to_bytes_with_nul(),
+            );
+            assert!(
+                udata.len() <= USERDATA_MAXLEN,
+                "chain comment longer than the kernel allows"
+            );
+            // SAFETY: `udata` is a live buffer of exactly `udata.len()` bytes; libnftnl copies it.
+            let rc = unsafe {
+                sys::nftnl_chain_set_data(
+                    raw,
+                    sys::NFTNL_CHAIN_USERDATA as u16,
+                    udata.as_ptr().cast::<c_void>(),
+                    udata.len() as u32,
+                )
+            };
+            if rc < 0 {
+                std::process::abort();
+            }
+        }
+        ChainMsg { chain }
+    }
+}
+
+// SAFETY: a chain message is a header, names, hook attributes and at most
+// USERDATA_MAXLEN bytes of user data: far below nft_nlmsg_maxsize().
+unsafe impl NlMsg for ChainMsg {
+    unsafe fn write(&self, buf: *mut c_void, seq: u32, msg_type: MsgType) {
+        let (kind, flags) = match msg_type {
+            MsgType::Add => (libc::NFT_MSG_NEWCHAIN, libc::NLM_F_CREATE | libc::NLM_F_ACK),
+            MsgType::Del => (libc::NFT_MSG_DELCHAIN, libc::NLM_F_ACK),
+        };
+        // SAFETY: the NlMsg contract gives a buffer of nft_nlmsg_maxsize() bytes; the
+        // chain pointer is valid while `self` lives.
+        unsafe {
+            let nlh = header(buf, kind as u16, INET, flags as u16, seq);
+            sys::nftnl_chain_nlmsg_build_payload(nlh, self.chain.as_ptr());
+        }
+    }
+}
+
+impl Drop for ChainMsg {
+    fn drop(&mut self) {
+        // SAFETY: we own the chain and free it exactly once.
+        unsafe { sys::nftnl_chain_free(self.chain.as_ptr()) };
     }
 }
 
@@ -490,8 +589,9 @@ impl Expression for PayloadLoad {
 pub struct Lookup {
     pub sreg: u32,
     pub set: CString,
-    /// The set's transaction id, for a set created in the same batch.
-    pub set_id: u32,
+    /// The set's transaction id, for a set created in the same batch (an
+    /// existing set is found by name).
+    pub set_id: Option<u32>,
     pub invert: bool,
 }
 
@@ -503,7 +603,9 @@ impl Expression for Lookup {
             let raw = expr.as_ptr();
             sys::nftnl_expr_set_u32(raw, sys::NFTNL_EXPR_LOOKUP_SREG as u16, self.sreg);
             sys::nftnl_expr_set_str(raw, sys::NFTNL_EXPR_LOOKUP_SET as u16, self.set.as_ptr());
-            sys::nftnl_expr_set_u32(raw, sys::NFTNL_EXPR_LOOKUP_SET_ID as u16, self.set_id);
+            if let Some(set_id) = self.set_id {
+                sys::nftnl_expr_set_u32(raw, sys::NFTNL_EXPR_LOOKUP_SET_ID as u16, set_id);
+            }
             if self.invert {
                 sys::nftnl_expr_set_u32(
                     raw,
@@ -885,6 +987,8 @@ pub struct ParsedChain {
     /// `NF_ACCEPT` / `NF_DROP`.
     pub policy: Option<u32>,
     pub chain_type: Option<String>,
+    /// The chain's user data (its comment), empty if it has none.
+    pub userdata: Vec<u8>,
 }
 
 pub fn parse_chain(message: &[u8]) -> Option<ParsedChain> {
@@ -916,6 +1020,14 @@ pub fn parse_chain(message: &[u8]) -> Option<ParsedChain> {
                     sys::NFTNL_CHAIN_TYPE as u16,
                 ))
             }),
+            userdata: if is_set(sys::NFTNL_CHAIN_USERDATA) {
+                let mut len = 0u32;
+                let data =
+                    sys::nftnl_chain_get_data(object, sys::NFTNL_CHAIN_USERDATA as u16, &mut len);
+                owned_bytes(data, len)
+            } else {
+                Vec::new()
+            },
         });
         sys::nftnl_chain_free(object);
         parsed
@@ -928,6 +1040,20 @@ pub struct ParsedExpr {
     pub name: String,
     /// `(packets, bytes)` of a `counter` expression.
     pub counter: Option<(u64, u64)>,
+    /// What the expression refers to by name: the set of a `lookup`, the
+    /// target chain of an `immediate` jump or goto.
+    pub reference: Option<Reference>,
+}
+
+/// A reference by name from an expression to another object of the table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reference {
+    /// `lookup` in the named set (anonymous sets are named `__set<N>`).
+    Set(String),
+    /// `jump CHAIN` (`NFT_JUMP`).
+    Jump(String),
+    /// `goto CHAIN` (`NFT_GOTO`).
+    Goto(String),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -967,7 +1093,29 @@ pub fn parse_rule(message: &[u8]) -> Option<ParsedRule> {
                     sys::nftnl_expr_get_u64(expr, sys::NFTNL_EXPR_CTR_BYTES as u16),
                 )
             });
-            expressions.push(ParsedExpr { name, counter });
+            let attr = |attr: u32| sys::nftnl_expr_is_set(expr, attr as u16);
+            let text = |attr: u32| owned_str(sys::nftnl_expr_get_str(expr, attr as u16));
+            let reference = match name.as_str() {
+                "lookup" if attr(sys::NFTNL_EXPR_LOOKUP_SET) => {
+                    Some(Reference::Set(text(sys::NFTNL_EXPR_LOOKUP_SET)))
+                }
+                "immediate" if attr(sys::NFTNL_EXPR_IMM_CHAIN) => {
+                    let chain = text(sys::NFTNL_EXPR_IMM_CHAIN);
+                    let verdict =
+                        sys::nftnl_expr_get_u32(expr, sys::NFTNL_EXPR_IMM_VERDICT as u16) as i32;
+                    Some(if verdict == libc::NFT_GOTO {
+                        Reference::Goto(chain)
+                    } else {
+                        Reference::Jump(chain)
+                    })
+                }
+                _ => None,
+            };
+            expressions.push(ParsedExpr {
+                name,
+                counter,
+                reference,
+            });
             expr = sys::nftnl_expr_iter_next(iter);
         }
         sys::nftnl_expr_iter_destroy(iter);

@@ -1,18 +1,21 @@
 //! The elements the DNS layer learned at run time, across a re-apply.
 //!
-//! `apply` replaces the whole table, so on its own it would empty the sets
-//! with `flags timeout` (the `dns_*` sets) and every learned address with
-//! them: a connection that a client opens right after would be rejected
-//! until the proxy or the resolver loop learned the address again. The
-//! sidecar instead reads what is learned ([`Session::timed_elements`]),
-//! decides what the new policy still allows, and applies the new table with
-//! those elements in the same transaction ([`Session::apply_carrying`]), so
-//! there is no moment in which a still-allowed address is missing.
+//! A generation swap keeps the sets with `flags timeout` (the `dns_*` sets)
+//! and what they learned, but a table replaced or created as a whole starts
+//! with them empty: a connection that a client opens right after would be
+//! rejected until the proxy or the resolver loop learned the address again.
+//! The sidecar reads what is learned ([`Session::timed_elements`]), decides
+//! what the new policy still allows, and applies the new policy with those
+//! elements in the transaction that puts it in force
+//! ([`Session::apply_carrying`]), so there is no moment in which a
+//! still-allowed address is missing; it then forgets what the new policy no
+//! longer allows.
 //!
 //! After a restart with the same policy the table in force is kept as it is
 //! ([`Session::enforces`]): the kernel never loses an element at all.
 
 use std::collections::BTreeMap;
+use std::ffi::CString;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::Duration;
 
@@ -20,11 +23,12 @@ use ipnet::IpNet;
 
 use super::elements::{self, SetUpdate, encode_update};
 use super::ffi::SetMsg;
-use super::netlink::Object;
-use super::readback::{self, Difference, KernelTable};
-use super::{ApplyReport, Error, Session, batch, table_name};
+use super::generation;
+use super::netlink::{Object, Transaction};
+use super::readback::{self, Detail};
+use super::{ApplyReport, Error, Session, table_name};
 use crate::policy::Proto;
-use crate::ruleset::{Element, Ruleset, SetRole};
+use crate::ruleset::{Element, Ruleset};
 
 /// An element of a set with `flags timeout`, as the kernel holds it now.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -39,7 +43,7 @@ impl Session {
     /// Every element of the table's timeout sets (the DNS-derived sets), with
     /// the time each has left. Empty if there is no table.
     pub fn timed_elements(&mut self) -> Result<Vec<HeldElement>, Error> {
-        let Some(table) = readback::read_table(&mut self.netlink)? else {
+        let Some(table) = readback::read_table(&mut self.netlink, Detail::Full)?.table else {
             return Ok(Vec::new());
         };
         let mut held = Vec::new();
@@ -64,91 +68,60 @@ impl Session {
 
     /// Whether the table in force is exactly `ruleset` (same digest, sets,
     /// chains, rules and static elements), whatever the DNS-derived sets
-    /// have learned meanwhile.
+    /// have learned meanwhile (the read-back never compares their elements).
     pub fn enforces(&mut self, ruleset: &Ruleset) -> Result<bool, Error> {
-        let Some(table) = readback::read_table(&mut self.netlink)? else {
+        let Some(table) = readback::read_table(&mut self.netlink, Detail::Full)?.table else {
             return Ok(false);
         };
-        Ok(structural_differences(ruleset, &table)?.is_empty())
+        let ruleset = generation::entry_form(ruleset);
+        Ok(readback::differences(&ruleset, &table)?.is_empty())
     }
 
     /// [`Session::apply`], with `carried` element additions to the new
-    /// table's sets in the same transaction: packets see the old table with
-    /// its elements, or the new one with the carried elements, never a table
-    /// without them. Elements the DNS layer learned are not differences in
-    /// the verification.
+    /// policy's sets in the transaction that puts it in force (the swap, or
+    /// the transaction that creates or replaces the table): packets see the
+    /// old policy with its elements, or the new one with the carried
+    /// elements, never the new one without them. The DNS-derived sets are
+    /// persistent across a swap, so for them the carried additions refresh
+    /// what is there; after a whole replacement they are what is there.
     pub fn apply_carrying(
         &mut self,
         ruleset: &Ruleset,
         carried: &[SetUpdate],
     ) -> Result<ApplyReport, Error> {
-        let mut transaction = batch::replace_table(ruleset)?;
-        let table = table_name();
-        for update in carried {
-            let Some(set) = ruleset.set(&update.set) else {
-                return Err(Error::NoSuchSet {
-                    set: update.set.clone(),
-                    known: ruleset.sets.iter().map(|s| s.name.clone()).collect(),
-                });
-            };
-            let name =
-                std::ffi::CString::new(update.set.as_str()).map_err(|_| Error::InvalidName {
-                    name: update.set.clone(),
-                })?;
-            let (encoded, op) = encode_update(update, set.key, set.interval, set.timeout)?;
-            let mut message = SetMsg::existing(&table, &name);
-            for raw in &encoded {
-                message.push(raw);
-            }
-            transaction.add_elements(&message, op, Object::Elements(update.set.clone()));
-        }
-        match self.netlink.commit(transaction) {
-            Ok(()) | Err(Error::AcksLost) => {}
-            Err(err) => return Err(err),
-        }
-        let table = readback::read_table(&mut self.netlink)?.ok_or(Error::MissingAfterApply)?;
-        let differences = structural_differences(ruleset, &table)?;
-        if !differences.is_empty() {
-            return Err(Error::Verify { differences });
-        }
-        Ok(report(&table))
+        self.apply_verified(ruleset, ruleset, carried)
     }
 }
 
-/// What `apply` reports about a table read back.
-pub(super) fn report(table: &KernelTable) -> ApplyReport {
-    ApplyReport {
-        digest: table.digest.clone().unwrap_or_default(),
-        sets: table.sets.len(),
-        elements: table
-            .sets
-            .iter()
-            .map(|s| elements::logical_count(&s.elements))
-            .sum(),
-        rules: table.chains.iter().map(|c| c.rules.len()).sum(),
-    }
-}
-
-/// The differences between `table` and `ruleset`, except elements that the
-/// kernel has in a DNS-derived set and the model does not: those were
-/// learned at run time (or carried), the model's DNS sets start empty.
-fn structural_differences(
+/// Add `carried` to `transaction`, which puts generation `generation` of
+/// `ruleset` in force (sets by model name; a persistent set keeps its name).
+pub(super) fn add_carried(
+    transaction: &mut Transaction,
     ruleset: &Ruleset,
-    table: &KernelTable,
-) -> Result<Vec<Difference>, Error> {
-    let learned_sets: Vec<&str> = ruleset
-        .sets
-        .iter()
-        .filter(|s| s.role == SetRole::DnsAllow)
-        .map(|s| s.name.as_str())
-        .collect();
-    Ok(readback::differences(ruleset, table)?
-        .into_iter()
-        .filter(|difference| {
-            !matches!(difference, Difference::SetElements { set, only_model, .. }
-                if only_model.is_empty() && learned_sets.contains(&set.as_str()))
-        })
-        .collect())
+    generation: u32,
+    carried: &[SetUpdate],
+) -> Result<(), Error> {
+    let table = table_name();
+    let naming = generation::Naming::new(ruleset, generation);
+    for update in carried {
+        let Some(set) = ruleset.set(&update.set) else {
+            return Err(Error::NoSuchSet {
+                set: update.set.clone(),
+                known: ruleset.sets.iter().map(|s| s.name.clone()).collect(),
+            });
+        };
+        let kernel_name = naming.set(&update.set);
+        let name = CString::new(kernel_name.as_str()).map_err(|_| Error::InvalidName {
+            name: kernel_name.clone(),
+        })?;
+        let (encoded, op) = encode_update(update, set.key, set.interval, set.timeout)?;
+        let mut message = SetMsg::existing(&table, &name);
+        for raw in &encoded {
+            message.push(raw);
+        }
+        transaction.add_elements(&message, op, Object::Elements(update.set.clone()));
+    }
+    Ok(())
 }
 
 /// The model element of a key of a non-interval set: an address (4 or 16

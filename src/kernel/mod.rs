@@ -1,5 +1,5 @@
 //! The only module that talks netlink: applies a [`crate::ruleset::Ruleset`]
-//! as one nftnl batch, reads it back, and updates set elements.
+//! in generations (see [`generation`]), reads it back, and updates set elements.
 //!
 //! A [`Session`] is a netfilter netlink socket opened inside the target
 //! network namespace (by a thread that enters it, [`netns::run_in`]); a
@@ -7,22 +7,25 @@
 //! works from any thread without entering the namespace again. The free
 //! functions open a session for one call.
 //!
-//! - [`apply`] replaces the `inet netleash` table in one transaction and
-//!   verifies what the kernel then holds against the model;
-//! - [`status`] reads the table back: digest, set sizes, counters;
+//! - [`apply`] puts a new generation of the `inet netleash` table in force
+//!   atomically for packets, verifies what the kernel then holds against the
+//!   model, and rolls back to the previous generation if it does not match;
+//! - [`status`] reads the table back: digest, generation, set sizes, counters;
 //! - [`plan`] is `apply --dry-run`: what would change, checked by the kernel
 //!   without committing;
 //! - [`update_elements`] adds, refreshes and removes set elements without
 //!   touching the rules (the DNS layer drives it);
 //! - [`remove`] deletes the table.
 //!
-//! Modules: `batch` builds the transaction, `elements` encodes set elements,
+//! Modules: `generation` decides how a policy replaces the one in force,
+//! `batch` builds the transactions, `elements` encodes set elements,
 //! `readback` reads and compares, `netlink` is the socket, and `ffi` is the
 //! only place that calls libnftnl directly.
 
 mod batch;
 mod elements;
 mod ffi;
+mod generation;
 mod learned;
 mod netlink;
 mod readback;
@@ -36,7 +39,9 @@ pub use readback::{ChainStatus, Difference, RuleCounter, SetStatus, TableStatus}
 
 use crate::netns;
 use crate::ruleset::{Ruleset, TABLE_NAME};
-use netlink::Netlink;
+use generation::{Approach, Deletions, Swap};
+use netlink::{Netlink, Transaction};
+use readback::{Detail, KernelTable, Snapshot};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -78,9 +83,15 @@ pub enum Error {
         source: io::Error,
     },
     #[error(
-        "the nftables ruleset kept changing while it was read ({attempts} attempts); try again"
+        "the nftables ruleset kept changing while netleash read or changed it ({attempts} attempts); \
+         nothing of this apply is in force; try again"
     )]
     Unstable { attempts: usize },
+    #[error(
+        "the nftables ruleset changed since netleash read it, so the kernel refused the transaction \
+         and nothing changed"
+    )]
+    RulesetChanged,
     #[error("there is no table inet {TABLE_NAME} in this network namespace; apply a policy first")]
     NoTable,
     #[error(
@@ -88,12 +99,16 @@ pub enum Error {
     )]
     MissingAfterApply,
     #[error(
-        "the kernel accepted the transaction, but the table it now holds does not match the policy \
-         ({} difference(s)): {}",
+        "the kernel accepted the transaction, but the table it then held did not match the policy \
+         ({} difference(s)): {}; {rollback}",
         .differences.len(),
         .differences.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
     )]
-    Verify { differences: Vec<Difference> },
+    Verify {
+        differences: Vec<Difference>,
+        /// What happened to the previous policy.
+        rollback: String,
+    },
     #[error("{name:?} cannot be an nftables name: it contains a NUL byte or is too long")]
     InvalidName { name: String },
     #[error("cannot put {element} into set {set:?}: {reason}")]
@@ -122,11 +137,42 @@ fn table_name() -> CString {
     CString::new(TABLE_NAME).expect("the table name has no NUL byte")
 }
 
+/// How `apply` puts a policy in force.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Method {
+    /// There was no table: it is created with generation 1.
+    Create,
+    /// The table was in another shape (see [`generation`]) and is replaced
+    /// as a whole, once, with generation 1.
+    Replace { reason: String },
+    /// Generation `to` is staged and swapped in for generation `from`.
+    Swap { from: u32, to: u32 },
+}
+
+impl std::fmt::Display for Method {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Method::Create => write!(f, "created the table (generation 1)"),
+            Method::Replace { reason } => write!(
+                f,
+                "replaced the table as a whole (generation 1), because {reason}"
+            ),
+            Method::Swap { from, to } => write!(f, "swapped generation {from} for {to}"),
+        }
+    }
+}
+
 /// What `apply` did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ApplyReport {
     /// The digest of the ruleset now in force, as read back from the kernel.
     pub digest: String,
+    /// The generation now in force.
+    pub generation: u32,
+    pub method: Method,
+    /// How often the kernel refused a transaction because the ruleset had
+    /// changed since it was read, and the apply started over.
+    pub restarts: usize,
     /// Named sets and their elements (ranges count once), as read back.
     pub sets: usize,
     pub elements: usize,
@@ -139,9 +185,33 @@ pub struct ApplyReport {
 pub struct Plan {
     /// The table in force, if any.
     pub current: Option<TableStatus>,
-    /// How the table in force differs from `ruleset`; empty if the table is
+    /// How the policy in force differs from `ruleset`; empty if the table is
     /// absent (everything would be created) or already enforces `ruleset`.
     pub differences: Vec<Difference>,
+    /// How `apply` would put `ruleset` in force.
+    pub method: Method,
+}
+
+/// How often `apply` starts over when the kernel refuses a transaction
+/// because the ruleset changed since it was read (a DNS set update in
+/// between is enough), and how often one step of a generation swap is retried.
+const ATTEMPTS: usize = 5;
+
+/// The ruleset generation id after one more commit: the kernel skips 0
+/// (`nf_tables_commit`: `while (++base_seq == 0)`), which means "no check".
+fn next_genid(genid: u32) -> u32 {
+    match genid.wrapping_add(1) {
+        0 => 1,
+        next => next,
+    }
+}
+
+/// The table without elements and leftovers: what a session remembers.
+fn shape_of(mut table: KernelTable) -> KernelTable {
+    for set in table.sets.iter_mut().chain(&mut table.leftover_sets) {
+        set.elements = Vec::new();
+    }
+    table
 }
 
 /// A netfilter netlink socket in one network namespace, for a caller that
@@ -150,6 +220,12 @@ pub struct Plan {
 /// the session when the sandbox ends.
 pub struct Session {
     netlink: Netlink,
+    /// The table's shape after this session's last apply, and the ruleset
+    /// generation id that goes with it, so the next apply plans without
+    /// reading the table first. Its transactions carry that id: if anything
+    /// else committed since, the kernel refuses them and the apply reads the
+    /// table and starts over.
+    known: Option<Snapshot>,
 }
 
 impl Session {
@@ -157,51 +233,389 @@ impl Session {
     /// enters the namespace; the caller's namespace never changes).
     pub fn open(target: &netns::Target) -> Result<Session, Error> {
         let netlink = netns::run_in(target, Netlink::open)??;
-        Ok(Session { netlink })
+        Ok(Session {
+            netlink,
+            known: None,
+        })
     }
 
-    /// Replace the `inet netleash` table with `ruleset`, in one netlink
-    /// transaction, then read it back and verify it.
+    /// Put `ruleset` in force in the `inet netleash` table, atomically for
+    /// packets, then read it back and verify it (see [`generation`]).
     ///
-    /// If the kernel rejects any part of the transaction, nothing changes: the
-    /// table in force before stays in force, and the error names the object
-    /// the kernel rejected. A verification error means the kernel committed
-    /// but holds something else than the model (another program changed it in
-    /// between, or a bug): the error lists every difference.
+    /// If the kernel rejects a transaction, the policy in force before stays
+    /// in force, and the error names the object the kernel rejected. If the
+    /// kernel accepted everything but the table then differs from the model
+    /// (another program changed it in between, or a bug), the previous
+    /// generation is put back in force and the error lists every difference.
     pub fn apply(&mut self, ruleset: &Ruleset) -> Result<ApplyReport, Error> {
-        let transaction = batch::replace_table(ruleset)?;
+        self.apply_verified(ruleset, ruleset, &[])
+    }
+
+    /// [`Session::apply`], verified against `expected` instead of `ruleset`
+    /// (they differ only in tests that make verification fail on purpose).
+    fn apply_verified(
+        &mut self,
+        ruleset: &Ruleset,
+        expected: &Ruleset,
+        carried: &[SetUpdate],
+    ) -> Result<ApplyReport, Error> {
+        let ruleset = &*generation::entry_form(ruleset);
+        let expected = &*generation::entry_form(expected);
+        for restarts in 0..ATTEMPTS {
+            let snapshot = match self.known.take() {
+                Some(known) => known,
+                None => readback::read_table(&mut self.netlink, Detail::Shape)?,
+            };
+            let outcome = match generation::approach(ruleset, snapshot.table.as_ref())? {
+                Approach::Create => {
+                    self.apply_whole(ruleset, expected, carried, snapshot.genid, Method::Create)
+                }
+                Approach::Replace { reason } => {
+                    tracing::warn!(
+                        "replacing table inet {TABLE_NAME} as a whole, once, because {reason}; \
+                         packets may meet no table for a moment"
+                    );
+                    self.apply_whole(
+                        ruleset,
+                        expected,
+                        carried,
+                        snapshot.genid,
+                        Method::Replace { reason },
+                    )
+                }
+                Approach::Swap(swap) => self.apply_swap(ruleset, expected, carried, snapshot, swap),
+            };
+            match outcome {
+                Ok(mut report) => {
+                    report.restarts = restarts;
+                    return Ok(report);
+                }
+                Err(Error::RulesetChanged) => self.known = None,
+                Err(err) => {
+                    self.known = None;
+                    return Err(err);
+                }
+            }
+        }
+        Err(Error::Unstable { attempts: ATTEMPTS })
+    }
+
+    /// Commit `transaction`, which must find the ruleset at generation id
+    /// `genid`. Lost answers count as success: the read-back that follows
+    /// every change decides what is in force.
+    fn commit_at(&mut self, mut transaction: Transaction, genid: u32) -> Result<(), Error> {
+        transaction.expect_generation(genid);
         match self.netlink.commit(transaction) {
-            // Lost answers: the read-back below decides what is in force.
-            Ok(()) | Err(Error::AcksLost) => {}
-            Err(err) => return Err(err),
+            Ok(()) | Err(Error::AcksLost) => Ok(()),
+            Err(err) => Err(err),
         }
-        let table = readback::read_table(&mut self.netlink)?.ok_or(Error::MissingAfterApply)?;
-        let differences = readback::differences(ruleset, &table)?;
+    }
+
+    /// Read the table and compare the policy in force with `expected`, which
+    /// this apply just put in force as generation `generation`. If another
+    /// generation is in force, another apply came after this one: this one
+    /// is superseded, and starts over (`RulesetChanged`) rather than rolling
+    /// the other one back.
+    fn read_and_compare(
+        &mut self,
+        expected: &Ruleset,
+        generation: u32,
+    ) -> Result<(u32, KernelTable, Vec<Difference>), Error> {
+        let snapshot = readback::read_table(&mut self.netlink, Detail::Full)?;
+        let table = snapshot.table.ok_or(Error::MissingAfterApply)?;
+        if table.generation != Some(generation) {
+            return Err(Error::RulesetChanged);
+        }
+        let differences = readback::differences(expected, &table)?;
+        Ok((snapshot.genid, table, differences))
+    }
+
+    fn report(table: &KernelTable, generation: u32, method: Method) -> ApplyReport {
+        ApplyReport {
+            digest: table.digest.clone().unwrap_or_default(),
+            generation,
+            method,
+            restarts: 0,
+            sets: table.sets.len(),
+            elements: table
+                .sets
+                .iter()
+                .map(|s| elements::logical_count(&s.elements))
+                .sum(),
+            rules: table.chains.iter().map(|c| c.rules.len()).sum(),
+        }
+    }
+
+    /// Create the table, or replace it as a whole, with generation 1.
+    fn apply_whole(
+        &mut self,
+        ruleset: &Ruleset,
+        expected: &Ruleset,
+        carried: &[SetUpdate],
+        genid: u32,
+        method: Method,
+    ) -> Result<ApplyReport, Error> {
+        let mut transaction = match method {
+            Method::Create => batch::create_table(ruleset)?,
+            _ => batch::replace_table(ruleset)?,
+        };
+        learned::add_carried(&mut transaction, ruleset, 1, carried)?;
+        self.commit_at(transaction, genid)?;
+        let (genid, table, differences) = self.read_and_compare(expected, 1)?;
         if !differences.is_empty() {
-            return Err(Error::Verify { differences });
+            return Err(Error::Verify {
+                differences,
+                rollback:
+                    "there is no earlier generation to go back to, so this one stays in force"
+                        .into(),
+            });
         }
-        Ok(learned::report(&table))
+        let report = Session::report(&table, 1, method);
+        self.known = Some(Snapshot {
+            genid,
+            table: Some(shape_of(table)),
+        });
+        Ok(report)
+    }
+
+    /// Stage generation `swap.to`, swap it in, verify, then delete what is
+    /// left of the previous generation (or roll back to it).
+    fn apply_swap(
+        &mut self,
+        ruleset: &Ruleset,
+        expected: &Ruleset,
+        carried: &[SetUpdate],
+        snapshot: Snapshot,
+        swap: Swap,
+    ) -> Result<ApplyReport, Error> {
+        self.commit_at(batch::stage(ruleset, &swap)?, snapshot.genid)?;
+        // If the swap fails, the staged generation stays behind: nothing
+        // jumps into it, so it changes no packet's fate, and the next apply's
+        // cleanup deletes it. (Deleting it here could race with another
+        // apply that staged a generation of the same number meanwhile.)
+        self.swap_in(ruleset, &swap, carried, next_genid(snapshot.genid))?;
+        let (genid, table, differences) = self.read_and_compare(expected, swap.to)?;
+        if !differences.is_empty() {
+            let rollback = self.roll_back(ruleset, &swap, genid);
+            return Err(Error::Verify {
+                differences,
+                rollback,
+            });
+        }
+        let report = Session::report(
+            &table,
+            swap.to,
+            Method::Swap {
+                from: swap.from,
+                to: swap.to,
+            },
+        );
+        self.known = self.clean_up(table, genid, swap.to);
+        Ok(report)
+    }
+
+    /// The swap transaction, retried while only other changes (e.g. DNS set
+    /// updates) came between the stage and the swap: the generation in force
+    /// is still `swap.from` and the staged one is complete.
+    fn swap_in(
+        &mut self,
+        ruleset: &Ruleset,
+        swap: &Swap,
+        carried: &[SetUpdate],
+        mut genid: u32,
+    ) -> Result<(), Error> {
+        for _ in 0..ATTEMPTS {
+            let mut transaction = batch::swap(ruleset, swap.to, &swap.tighten)?;
+            // Carried elements go into the (persistent) DNS sets with the
+            // swap: hash set elements are generation-masked like rules, so
+            // packets see them together with the new generation.
+            learned::add_carried(&mut transaction, ruleset, swap.to, carried)?;
+            match self.commit_at(transaction, genid) {
+                Err(Error::RulesetChanged) => {}
+                other => return other,
+            }
+            let now = readback::read_table(&mut self.netlink, Detail::Shape)?;
+            let intact = now.table.as_ref().is_some_and(|table| {
+                table.generation == Some(swap.from)
+                    && generation_is_there(table, ruleset, swap.to, Some(&ruleset.digest))
+            });
+            if !intact {
+                return Err(Error::RulesetChanged);
+            }
+            genid = now.genid;
+        }
+        Err(Error::Unstable { attempts: ATTEMPTS })
+    }
+
+    /// Delete every leftover of `table` (read right after the swap to
+    /// `generation`). Returns what the session then knows of the table.
+    /// A failure here changes no packet's fate (nothing reaches leftovers),
+    /// so it is logged, and the next apply deletes them.
+    fn clean_up(
+        &mut self,
+        mut table: KernelTable,
+        mut genid: u32,
+        generation: u32,
+    ) -> Option<Snapshot> {
+        for _ in 0..ATTEMPTS {
+            let deletions = Deletions::leftovers(&table);
+            let result = if deletions.is_empty() {
+                Ok(())
+            } else {
+                batch::delete(&deletions).and_then(|tx| self.commit_at(tx, genid))
+            };
+            match result {
+                Ok(()) => {
+                    if !deletions.is_empty() {
+                        genid = next_genid(genid);
+                    }
+                    table.leftover_chains.clear();
+                    table.leftover_sets.clear();
+                    return Some(Snapshot {
+                        genid,
+                        table: Some(shape_of(table)),
+                    });
+                }
+                Err(Error::RulesetChanged) => {
+                    match readback::read_table(&mut self.netlink, Detail::Shape) {
+                        Ok(Snapshot {
+                            genid: now,
+                            table: Some(now_table),
+                        }) if now_table.generation == Some(generation) => {
+                            genid = now;
+                            table = now_table;
+                        }
+                        _ => return None,
+                    }
+                }
+                Err(err) => {
+                    tracing::warn!(
+                        "generation {generation} is in force, but what is left of earlier ones \
+                         could not be deleted (the next apply deletes it): {err}"
+                    );
+                    return None;
+                }
+            }
+        }
+        None
+    }
+
+    /// Put generation `swap.from` back in force and delete generation
+    /// `swap.to`. Returns what happened, for the verification error.
+    fn roll_back(&mut self, ruleset: &Ruleset, swap: &Swap, mut genid: u32) -> String {
+        let attempt = |session: &mut Session, genid: u32| -> Result<(), Error> {
+            let mut genid = genid;
+            // A policy that goes back to accept changes before the swap back:
+            // the failed generation has policy drop and decides every packet.
+            let loosen: Vec<_> = swap
+                .previous
+                .iter()
+                .filter(|entry| swap.tighten.contains(&entry.chain))
+                .cloned()
+                .collect();
+            if !loosen.is_empty() {
+                session.commit_at(batch::policies(&loosen)?, genid)?;
+                genid = next_genid(genid);
+            }
+            session.commit_at(
+                batch::swap_back(&swap.previous, &staged(ruleset, swap))?,
+                genid,
+            )
+        };
+        let mut outcome = Err(Error::Unstable { attempts: ATTEMPTS });
+        for _ in 0..ATTEMPTS {
+            outcome = attempt(self, genid);
+            if !matches!(outcome, Err(Error::RulesetChanged)) {
+                break;
+            }
+            // Something else committed: go back only while the failed
+            // generation is still in force and the previous one is complete.
+            let now = match readback::read_table(&mut self.netlink, Detail::Shape) {
+                Ok(now) => now,
+                Err(err) => {
+                    outcome = Err(err);
+                    break;
+                }
+            };
+            let intact = now.table.as_ref().is_some_and(|table| {
+                table.generation == Some(swap.to)
+                    && generation_is_there(table, ruleset, swap.from, swap.from_digest.as_deref())
+            });
+            if !intact {
+                self.known = None;
+                return format!(
+                    "another program changed the table meanwhile, so it is left as it is now \
+                     (generation {} was put in force by this apply)",
+                    swap.to
+                );
+            }
+            genid = now.genid;
+        }
+        self.known = None;
+        match outcome {
+            Ok(()) => format!(
+                "the previous policy (generation {}) was put back in force and generation {} deleted",
+                swap.from, swap.to
+            ),
+            Err(err) => format!(
+                "putting the previous policy (generation {}) back failed too, so generation {} stays \
+                 in force: {err}",
+                swap.from, swap.to
+            ),
+        }
     }
 
     /// Compare the table in force with `ruleset`, and have the kernel check
-    /// the transaction that would replace it without committing it. Nothing changes.
+    /// the transactions that would put it in force, as one, without
+    /// committing it. Nothing changes.
     pub fn plan(&mut self, ruleset: &Ruleset) -> Result<Plan, Error> {
-        let transaction = batch::replace_table(ruleset)?;
-        let current = readback::read_table(&mut self.netlink)?;
-        let differences = match &current {
-            Some(table) => readback::differences(ruleset, table)?,
-            None => Vec::new(),
-        };
-        self.netlink.check(transaction)?;
-        Ok(Plan {
-            current: current.as_ref().map(TableStatus::of),
-            differences,
-        })
+        let ruleset = &*generation::entry_form(ruleset);
+        for _ in 0..ATTEMPTS {
+            let snapshot = readback::read_table(&mut self.netlink, Detail::Full)?;
+            let table = snapshot.table.as_ref();
+            let differences = match table {
+                Some(table) => readback::differences(ruleset, table)?,
+                None => Vec::new(),
+            };
+            let (mut transaction, method) = match generation::approach(ruleset, table)? {
+                Approach::Create => (batch::create_table(ruleset)?, Method::Create),
+                Approach::Replace { reason } => {
+                    (batch::replace_table(ruleset)?, Method::Replace { reason })
+                }
+                Approach::Swap(swap) => {
+                    let table = table.expect("a swap is only planned over a table");
+                    let deletions = Deletions::after_swap(table, ruleset);
+                    (
+                        batch::swap_check(ruleset, &swap, &deletions)?,
+                        Method::Swap {
+                            from: swap.from,
+                            to: swap.to,
+                        },
+                    )
+                }
+            };
+            transaction.expect_generation(snapshot.genid);
+            match self.netlink.check(transaction) {
+                Err(Error::RulesetChanged) => continue,
+                Err(err) => return Err(err),
+                Ok(()) => {}
+            }
+            return Ok(Plan {
+                current: table.map(TableStatus::of),
+                differences,
+                method,
+            });
+        }
+        Err(Error::Unstable { attempts: ATTEMPTS })
     }
 
     /// Delete the `inet netleash` table. Returns whether it existed.
     pub fn remove(&mut self) -> Result<bool, Error> {
-        if readback::read_table(&mut self.netlink)?.is_none() {
+        self.known = None;
+        if readback::read_table(&mut self.netlink, Detail::Shape)?
+            .table
+            .is_none()
+        {
             return Ok(false);
         }
         match self.netlink.commit(batch::delete_table()) {
@@ -214,14 +628,17 @@ impl Session {
 
     /// The table as the kernel holds it, or `None` if there is none.
     pub fn status(&mut self) -> Result<Option<TableStatus>, Error> {
-        Ok(readback::read_table(&mut self.netlink)?
+        Ok(readback::read_table(&mut self.netlink, Detail::Full)?
+            .table
             .as_ref()
             .map(TableStatus::of))
     }
 
-    /// Apply element changes to named sets of the table, in one transaction
-    /// (all or nothing), without touching rules or other sets.
+    /// Apply element changes to named sets of the policy in force (by model
+    /// name), in one transaction (all or nothing), without touching rules or
+    /// other sets.
     pub fn update_elements(&mut self, updates: &[SetUpdate]) -> Result<(), Error> {
+        self.known = None;
         elements::update(&mut self.netlink, updates)
     }
 
@@ -240,8 +657,55 @@ impl Session {
     }
 }
 
-/// Replace the `inet netleash` table in `target` with `ruleset`: [`Session::apply`] in a
-/// session of its own.
+/// The kernel names of the regular chains of `ruleset`'s generation
+/// `generation`, in the order to delete them. (The chains of the previous
+/// generation have the same model names: every compiled ruleset has the same
+/// chains.)
+fn staged_chains(ruleset: &Ruleset, generation: u32) -> Vec<String> {
+    let naming = generation::Naming::new(ruleset, generation);
+    ruleset
+        .chains
+        .iter()
+        .rev()
+        .filter(|c| c.base.is_none())
+        .map(|c| naming.chain(&c.name))
+        .collect()
+}
+
+/// Whether every regular chain of generation `generation` is among the
+/// leftovers of `table`, each with `digest` as its comment. Generation
+/// numbers alone do not identify a generation: two concurrent applies can
+/// stage the same number one after the other, after one deleted the other's.
+fn generation_is_there(
+    table: &KernelTable,
+    ruleset: &Ruleset,
+    generation: u32,
+    digest: Option<&str>,
+) -> bool {
+    staged_chains(ruleset, generation).iter().all(|name| {
+        table
+            .leftover_chains
+            .iter()
+            .any(|c| c.kernel_name == *name && c.comment.as_deref() == digest)
+    })
+}
+
+/// The objects an apply of `swap` staged: generation `swap.to` of `ruleset`
+/// and the persistent sets it created, in the order to delete them.
+fn staged(ruleset: &Ruleset, swap: &Swap) -> Deletions {
+    let naming = generation::Naming::new(ruleset, swap.to);
+    Deletions {
+        chains: staged_chains(ruleset, swap.to),
+        sets: ruleset
+            .sets
+            .iter()
+            .filter(|s| !generation::persistent_set(s) || swap.create.contains(&s.name))
+            .map(|s| naming.set(&s.name))
+            .collect(),
+    }
+}
+
+/// Put `ruleset` in force in `target`: [`Session::apply`] in a session of its own.
 pub fn apply(target: &netns::Target, ruleset: &Ruleset) -> Result<ApplyReport, Error> {
     let mut session = Session::open(target)?;
     let result = session.apply(ruleset);
@@ -279,4 +743,218 @@ pub fn update_elements(target: &netns::Target, updates: &[SetUpdate]) -> Result<
     let result = session.update_elements(updates);
     session.close_in_background();
     result
+}
+
+/// Against the real kernel, in a network namespace of their own: what the
+/// public API cannot reach (a verification that fails on purpose, a
+/// transaction with a stale generation id). They need root and FAIL without it.
+#[cfg(test)]
+mod tests {
+    use std::process::Command;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+    use crate::policy::{CompileOptions, Dialect, HostRule, Mode, Policy, Ports, Source, Target};
+
+    static COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+    /// A network namespace for one test, deleted on drop.
+    struct Netns(String);
+
+    impl Netns {
+        fn new(tag: &str) -> Netns {
+            // SAFETY: geteuid has no preconditions and cannot fail.
+            let euid = unsafe { libc::geteuid() };
+            assert_eq!(
+                euid, 0,
+                "these kernel tests need root (CAP_NET_ADMIN, CAP_SYS_ADMIN); CI runs as root"
+            );
+            let name = format!(
+                "nlu-{tag}-{}-{}",
+                std::process::id(),
+                COUNTER.fetch_add(1, Ordering::SeqCst)
+            );
+            let status = Command::new("ip")
+                .args(["netns", "add", &name])
+                .status()
+                .expect("run ip");
+            assert!(status.success(), "ip netns add {name} failed");
+            Netns(name)
+        }
+
+        fn target(&self) -> netns::Target {
+            netns::Target::Name(self.0.clone())
+        }
+    }
+
+    impl Drop for Netns {
+        fn drop(&mut self) {
+            let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+        }
+    }
+
+    fn compile(mode: Mode, nets: &[&str]) -> Ruleset {
+        let rules = nets
+            .iter()
+            .map(|net| HostRule {
+                target: Target::Net(net.parse().unwrap()),
+                ports: Ports::Any,
+                sources: [Source::AllowedHosts].into(),
+                entry: net.to_string(),
+            })
+            .collect();
+        let policy = Policy {
+            mode,
+            dialect: Dialect::Limited,
+            rules,
+            blocklist: vec![crate::policy::BlockEntry {
+                net: "169.254.0.0/16".parse().unwrap(),
+                reason: "link-local".into(),
+            }],
+            warnings: vec![],
+        };
+        crate::ruleset::compile(&policy, &CompileOptions::default())
+    }
+
+    /// The kernel names of every set and chain of the table.
+    fn kernel_names(session: &mut Session) -> Vec<String> {
+        let table = readback::read_table(&mut session.netlink, Detail::Shape)
+            .unwrap()
+            .table
+            .unwrap();
+        let sets = table.sets.iter().chain(&table.leftover_sets);
+        let chains = table.chains.iter().chain(&table.leftover_chains);
+        sets.map(|s| s.kernel_name.clone())
+            .chain(chains.map(|c| c.kernel_name.clone()))
+            .collect()
+    }
+
+    fn rollback_text(err: Error) -> String {
+        match err {
+            Error::Verify {
+                differences,
+                rollback,
+            } => {
+                assert!(!differences.is_empty());
+                rollback
+            }
+            other => panic!("expected a verification error, got {other}"),
+        }
+    }
+
+    #[test]
+    fn a_failed_verification_puts_the_previous_generation_back() {
+        let ns = Netns::new("rollback");
+        let a = compile(Mode::Limited, &["198.51.100.0/24"]);
+        let b = compile(Mode::Limited, &["203.0.113.0/24"]);
+        let mut session = Session::open(&ns.target()).unwrap();
+        session.apply(&a).unwrap();
+        session
+            .update_elements(&[SetUpdate {
+                set: "dns_v4".into(),
+                change: SetChange::Add {
+                    elements: vec![crate::ruleset::Element::Addr(
+                        "192.0.2.7/32".parse().unwrap(),
+                    )],
+                    timeout: None,
+                },
+            }])
+            .unwrap();
+
+        // Generation 2 holds `b`, but is verified against `a`: it must not stay.
+        let err = session.apply_verified(&b, &a, &[]).unwrap_err();
+        let rollback = rollback_text(err);
+        assert!(
+            rollback.contains("generation 1) was put back in force and generation 2 deleted"),
+            "{rollback}"
+        );
+        let status = session.status().unwrap().unwrap();
+        assert_eq!(status.generation, Some(1));
+        assert_eq!(status.digest.as_deref(), Some(a.digest.as_str()));
+        assert!(status.leftovers.is_empty(), "{:?}", status.leftovers);
+        let dns = status.sets.iter().find(|s| s.name == "dns_v4").unwrap();
+        assert_eq!(dns.elements, 1, "the learned address survives the rollback");
+        let names = kernel_names(&mut session);
+        assert!(
+            names.iter().all(|n| !n.ends_with(".g2")),
+            "generation 2 is deleted: {names:?}"
+        );
+        // The policy in force is exactly `a` again, and the next apply swaps from it.
+        let table = readback::read_table(&mut session.netlink, Detail::Full)
+            .unwrap()
+            .table
+            .unwrap();
+        assert_eq!(readback::differences(&a, &table).unwrap(), vec![]);
+        let report = session.apply(&b).unwrap();
+        assert_eq!(report.method, Method::Swap { from: 1, to: 2 });
+        session.close_in_background();
+    }
+
+    #[test]
+    fn a_rollback_to_an_accept_policy_restores_it() {
+        let ns = Netns::new("rollpolicy");
+        let open = compile(Mode::Unrestricted, &[]);
+        let limited = compile(Mode::Limited, &["198.51.100.0/24"]);
+        let mut session = Session::open(&ns.target()).unwrap();
+        session.apply(&open).unwrap();
+        let rollback = rollback_text(session.apply_verified(&limited, &open, &[]).unwrap_err());
+        assert!(rollback.contains("was put back"), "{rollback}");
+        let status = session.status().unwrap().unwrap();
+        assert_eq!(status.generation, Some(1));
+        let policies: Vec<Option<&str>> = status
+            .chains
+            .iter()
+            .filter(|c| c.hook.is_some())
+            .map(|c| c.policy.as_deref())
+            .collect();
+        assert_eq!(policies, [Some("accept"), Some("accept")]);
+        let names = kernel_names(&mut session);
+        assert!(
+            names
+                .iter()
+                .all(|n| !n.ends_with(".g2") && !n.starts_with("dns_")),
+            "generation 2 and the DNS sets it created are deleted: {names:?}"
+        );
+        session.close_in_background();
+    }
+
+    #[test]
+    fn a_transaction_built_at_an_old_generation_id_is_refused_and_changes_nothing() {
+        let ns = Netns::new("genid");
+        let a = compile(Mode::Limited, &["198.51.100.0/24"]);
+        let mut session = Session::open(&ns.target()).unwrap();
+        session.apply(&a).unwrap();
+        let read_at = readback::generation_id(&mut session.netlink).unwrap();
+        // Any commit in between (here an element update) moves the generation id on.
+        session
+            .update_elements(&[SetUpdate {
+                set: "dns_v4".into(),
+                change: SetChange::Add {
+                    elements: vec![crate::ruleset::Element::Addr(
+                        "192.0.2.7/32".parse().unwrap(),
+                    )],
+                    timeout: None,
+                },
+            }])
+            .unwrap();
+        assert_ne!(
+            readback::generation_id(&mut session.netlink).unwrap(),
+            read_at
+        );
+        let mut stale = batch::delete_table();
+        stale.expect_generation(read_at);
+        assert!(matches!(
+            session.netlink.commit(stale),
+            Err(Error::RulesetChanged)
+        ));
+        let mut current = batch::delete_table();
+        current.expect_generation(readback::generation_id(&mut session.netlink).unwrap());
+        assert!(
+            session.status().unwrap().is_some(),
+            "the refused delete changed nothing"
+        );
+        session.netlink.commit(current).unwrap();
+        assert!(session.status().unwrap().is_none());
+        session.close_in_background();
+    }
 }

@@ -29,9 +29,22 @@ pub enum Object {
     Table,
     Set(String),
     Elements(String),
-    AnonymousSet { chain: String, rule: String },
+    AnonymousSet {
+        chain: String,
+        rule: String,
+    },
     Chain(String),
-    Rule { chain: String, id: String },
+    Rule {
+        chain: String,
+        id: String,
+    },
+    /// Deleting all rules of a chain (`NFT_MSG_DELRULE` without a handle).
+    Flush(String),
+    /// Deleting a set or chain, by its name in the kernel.
+    Deletion {
+        kind: &'static str,
+        name: String,
+    },
 }
 
 impl fmt::Display for Object {
@@ -45,6 +58,8 @@ impl fmt::Display for Object {
             }
             Object::Chain(name) => write!(f, "chain {name:?}"),
             Object::Rule { chain, id } => write!(f, "rule {id:?} in chain {chain:?}"),
+            Object::Flush(chain) => write!(f, "the removal of the rules of chain {chain:?}"),
+            Object::Deletion { kind, name } => write!(f, "the deletion of {kind} {name:?}"),
         }
     }
 }
@@ -53,6 +68,12 @@ impl fmt::Display for Object {
 pub struct Transaction {
     batch: Batch,
     objects: Vec<Object>,
+    /// The ruleset generation id the transaction was built against, sent as
+    /// `NFNL_BATCH_GENID` in the batch begin message: the kernel then refuses
+    /// the whole batch with `ERESTART` if any commit happened since
+    /// (`nf_tables_valid_genid`, kernel 4.17+), so a transaction built from a
+    /// stale reading of the table never applies.
+    generation: Option<u32>,
 }
 
 impl Default for Transaction {
@@ -66,7 +87,15 @@ impl Transaction {
         Transaction {
             batch: Batch::new(),
             objects: Vec::new(),
+            generation: None,
         }
+    }
+
+    /// Have the kernel refuse the transaction unless the ruleset generation
+    /// id is still `generation` (see [`Transaction::generation`]). Id 0 means
+    /// "no check" to the kernel, so it is never sent.
+    pub fn expect_generation(&mut self, generation: u32) {
+        self.generation = (generation != 0).then_some(generation);
     }
 
     /// Add one message. It is sent without `NLM_F_ACK`: the kernel answers
@@ -89,6 +118,38 @@ impl Transaction {
     pub fn len(&self) -> usize {
         self.objects.len()
     }
+
+    /// The objects of the transaction, in order.
+    #[cfg(test)]
+    pub fn objects(&self) -> &[Object] {
+        &self.objects
+    }
+}
+
+/// `nlmsghdr` + `nfgenmsg`: the length of nftnl's batch begin message.
+const BATCH_BEGIN_LEN: usize = 20;
+
+/// The batch begin message `first_page` starts with, rewritten to carry the
+/// attribute `NFNL_BATCH_GENID` (a big-endian u32, `nfnetlink_rcv_skb_batch`).
+/// Returns the new message; the rest of the batch follows `first_page[20..]`.
+fn batch_begin_with_generation(first_page: &[u8], generation: u32) -> Result<Vec<u8>, Error> {
+    let header = Header::read(first_page)
+        .ok_or_else(|| Error::Malformed("batch without a begin message".into()))?;
+    if i32::from(header.kind) != libc::NFNL_MSG_BATCH_BEGIN
+        || header.len as usize != BATCH_BEGIN_LEN
+    {
+        return Err(Error::Malformed(
+            "the batch does not start with a plain batch begin message".into(),
+        ));
+    }
+    let mut begin = first_page[..BATCH_BEGIN_LEN].to_vec();
+    let attribute_len: u16 = 4 + 4;
+    begin.extend_from_slice(&attribute_len.to_ne_bytes());
+    begin.extend_from_slice(&(libc::NFNL_BATCH_GENID as u16).to_ne_bytes());
+    begin.extend_from_slice(&generation.to_be_bytes());
+    let total = begin.len() as u32;
+    begin[..4].copy_from_slice(&total.to_ne_bytes());
+    Ok(begin)
 }
 
 /// Whether a batch is committed, or only checked by the kernel.
@@ -220,7 +281,11 @@ impl Netlink {
     }
 
     fn send_batch(&mut self, transaction: Transaction, mode: Commit) -> Result<(), Error> {
-        let Transaction { batch, objects } = transaction;
+        let Transaction {
+            batch,
+            objects,
+            generation,
+        } = transaction;
         let batch: FinalizedBatch = batch.finalize();
         let seqs = batch.sequence_numbers();
         // nftnl numbers batch begin and end too when the kernel acknowledges them.
@@ -234,6 +299,16 @@ impl Netlink {
                 .pop()
                 .ok_or_else(|| Error::Malformed("empty batch".into()))?;
             pages.push(without_batch_end(last)?);
+        }
+        let begin;
+        if let Some(generation) = generation {
+            let first = pages
+                .first()
+                .copied()
+                .ok_or_else(|| Error::Malformed("empty batch".into()))?;
+            begin = batch_begin_with_generation(first, generation)?;
+            pages[0] = &first[BATCH_BEGIN_LEN..];
+            pages.insert(0, &begin);
         }
         let total: usize = pages.iter().map(|p| p.len()).sum();
 
@@ -271,6 +346,9 @@ impl Netlink {
             }
         };
         let failures: Vec<&Ack> = acks.iter().filter(|a| a.error != 0).collect();
+        if failures.iter().any(|a| a.error == -libc::ERESTART) {
+            return Err(Error::RulesetChanged);
+        }
         if let Some(first) = failures.first() {
             let others: BTreeSet<String> = failures[1..].iter().map(|a| describe(a.seq)).collect();
             return Err(Error::Rejected {
@@ -571,6 +649,31 @@ mod tests {
                 message: Some("Set element exists".into())
             }
         );
+    }
+
+    #[test]
+    fn the_batch_begin_carries_the_generation_id_big_endian() {
+        let mut transaction = Transaction::new();
+        transaction.add(
+            &ffi::TableMsg::new(c"netleash", None),
+            MsgType::Add,
+            Object::Table,
+        );
+        let batch = transaction.batch.finalize();
+        let first = batch.iter().next().unwrap();
+        let begin = batch_begin_with_generation(first, 0x0102_0304).unwrap();
+        let header = Header::read(&begin).unwrap();
+        assert_eq!(header.len, 28);
+        assert_eq!(i32::from(header.kind), libc::NFNL_MSG_BATCH_BEGIN);
+        assert_eq!(
+            begin[4..20],
+            first[4..20],
+            "type, flags, seq and nfgenmsg are kept"
+        );
+        assert_eq!(begin[20..22], 8u16.to_ne_bytes());
+        assert_eq!(begin[22..24], (libc::NFNL_BATCH_GENID as u16).to_ne_bytes());
+        assert_eq!(begin[24..], [1, 2, 3, 4]);
+        assert!(batch_begin_with_generation(&first[BATCH_BEGIN_LEN..], 1).is_err());
     }
 
     #[test]

@@ -4,29 +4,42 @@
 //! A read is consistent: the ruleset generation id is read before and after
 //! the dumps, and the read is repeated if anything committed in between
 //! (every nf_tables commit bumps the generation; a dump that raced with a
-//! commit is also flagged `NLM_F_DUMP_INTR`).
+//! commit is also flagged `NLM_F_DUMP_INTR`). The id is returned with the
+//! table, so a transaction built from the reading can carry it (see
+//! `netlink::Transaction::expect_generation`).
+//!
+//! The table is read as the policy in force: what its base chains reach
+//! through jumps and set lookups, named by model name (the generation suffix
+//! of the generation in force stripped, see `kernel::generation`). Objects
+//! nothing reaches (what is left of other generations) are listed apart:
+//! they do not affect any packet.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 use serde::Serialize;
 
-use super::batch;
 use super::elements::{self, describe_raw};
-use super::ffi::{self, ParsedExpr, ParsedSet, RawElement, Request};
+use super::ffi::{self, ParsedExpr, ParsedSet, RawElement, Reference, Request};
+use super::generation;
 use super::netlink::Netlink;
-use super::{Error, table_name};
-use crate::ruleset::{ChainKind, ChainPolicy, Hook, Ruleset, TABLE_NAME};
+use super::{Error, batch, table_name};
+use crate::ruleset::{ChainKind, Ruleset, SetRole, TABLE_NAME};
 
 /// How often a read is retried when the ruleset changes under it.
 const READ_ATTEMPTS: usize = 5;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KernelSet {
+    /// The model name (for a leftover, the kernel name).
     pub name: String,
+    /// The name in the kernel.
+    pub kernel_name: String,
     pub flags: u32,
     pub key_type: u32,
     pub key_len: u32,
+    /// Empty when the table was read without elements (a leftover's
+    /// elements are never read).
     pub elements: Vec<RawElement>,
 }
 
@@ -45,6 +58,7 @@ pub struct KernelRule {
     /// The rule's comment: netleash's rule id.
     pub id: Option<String>,
     pub handle: u64,
+    /// The expressions; their references carry kernel names.
     pub expressions: Vec<ParsedExpr>,
 }
 
@@ -59,28 +73,87 @@ impl KernelRule {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KernelChain {
+    /// The model name (for a leftover, the kernel name).
     pub name: String,
+    /// The name in the kernel.
+    pub kernel_name: String,
     pub hook: Option<u32>,
     pub priority: Option<i32>,
     pub policy: Option<u32>,
     pub chain_type: Option<String>,
+    /// The chain's comment: a generation's chains carry the policy digest.
+    pub comment: Option<String>,
     pub rules: Vec<KernelRule>,
 }
 
 /// The table as the kernel holds it. Anonymous sets are left out: they belong to their rules.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KernelTable {
-    /// The table comment: the digest of the policy in force.
+    /// The digest of the policy in force: the comment of the chain the base
+    /// chains jump into, or, for a table not written in generations, the
+    /// table's comment.
     pub digest: Option<String>,
+    /// The generation in force, if the base chains jump into one.
+    pub generation: Option<u32>,
+    /// The sets the base chains reach, in the kernel's order.
     pub sets: Vec<KernelSet>,
+    /// The base chains and the chains they reach, in the kernel's order.
     pub chains: Vec<KernelChain>,
+    /// Sets and chains nothing reaches, by kernel name, in the kernel's order.
+    pub leftover_sets: Vec<KernelSet>,
+    pub leftover_chains: Vec<KernelChain>,
+}
+
+impl KernelTable {
+    /// The model name of an object of the generation in force.
+    pub fn model_name<'a>(&self, kernel_name: &'a str) -> &'a str {
+        match (generation::split(kernel_name), self.generation) {
+            (Some((model, of)), Some(in_force)) if of == in_force => model,
+            _ => kernel_name,
+        }
+    }
+
+    /// An expression as the read-back compares it: its kernel name, and
+    /// for a named set lookup or a jump, what it refers to (by model name).
+    pub fn expression_label(&self, expr: &ParsedExpr) -> String {
+        match &expr.reference {
+            Some(Reference::Set(set)) if !set.starts_with("__set") => {
+                format!("{} @{}", expr.name, self.model_name(set))
+            }
+            Some(Reference::Jump(chain)) => {
+                format!("{} jump {}", expr.name, self.model_name(chain))
+            }
+            Some(Reference::Goto(chain)) => {
+                format!("{} goto {}", expr.name, self.model_name(chain))
+            }
+            _ => expr.name.clone(),
+        }
+    }
+}
+
+/// A consistent reading of the table and the ruleset generation id it was read at.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    /// The ruleset generation id (`NFT_MSG_GETGEN`) the reading is valid for.
+    pub genid: u32,
+    /// The table, or `None` if there is none.
+    pub table: Option<KernelTable>,
+}
+
+/// How much of the table to read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Detail {
+    /// Sets, chains and rules, without set elements (enough to plan a change).
+    Shape,
+    /// Everything, elements included (to verify or report).
+    Full,
 }
 
 fn malformed(what: &str) -> Error {
     Error::Malformed(format!("cannot parse a {what} message from the kernel"))
 }
 
-fn generation(netlink: &mut Netlink) -> Result<u32, Error> {
+pub fn generation_id(netlink: &mut Netlink) -> Result<u32, Error> {
     let mut id = None;
     let table = table_name();
     let answer = netlink.dump(Request::Generation, &table, &mut |message| {
@@ -94,7 +167,8 @@ fn generation(netlink: &mut Netlink) -> Result<u32, Error> {
     id.ok_or_else(|| malformed("generation"))
 }
 
-/// The named sets of the table (without elements). Fails with `NoTable` if the table is absent.
+/// The named sets of the table (without elements), by kernel name. Fails
+/// with `NoTable` if the table is absent.
 pub fn read_sets(netlink: &mut Netlink) -> Result<Vec<ParsedSet>, Error> {
     let table = table_name();
     let mut sets = Vec::new();
@@ -118,16 +192,28 @@ pub fn read_sets(netlink: &mut Netlink) -> Result<Vec<ParsedSet>, Error> {
     }
 }
 
-/// Read the whole table, consistently; `None` if it does not exist.
-pub fn read_table(netlink: &mut Netlink) -> Result<Option<KernelTable>, Error> {
+/// Read the whole table, consistently.
+pub fn read_table(netlink: &mut Netlink, detail: Detail) -> Result<Snapshot, Error> {
     for _ in 0..READ_ATTEMPTS {
-        let before = generation(netlink)?;
+        let before = generation_id(netlink)?;
         let (table, interrupted) = match read_table_once(netlink)? {
-            Some((table, interrupted)) => (Some(table), interrupted),
+            Some((raw, mut interrupted)) => {
+                let mut table = in_force(raw);
+                if detail == Detail::Full {
+                    // Leftovers are deleted, not compared: their elements are not read.
+                    for set in &mut table.sets {
+                        interrupted |= read_elements(netlink, set)?;
+                    }
+                }
+                (Some(table), interrupted)
+            }
             None => (None, false),
         };
-        if !interrupted && generation(netlink)? == before {
-            return Ok(table);
+        if !interrupted && generation_id(netlink)? == before {
+            return Ok(Snapshot {
+                genid: before,
+                table,
+            });
         }
     }
     Err(Error::Unstable {
@@ -135,7 +221,44 @@ pub fn read_table(netlink: &mut Netlink) -> Result<Option<KernelTable>, Error> {
     })
 }
 
-fn read_table_once(netlink: &mut Netlink) -> Result<Option<(KernelTable, bool)>, Error> {
+/// The table as listed by the kernel: every object under its kernel name.
+#[derive(Default)]
+struct RawTable {
+    comment: Option<String>,
+    sets: Vec<KernelSet>,
+    chains: Vec<KernelChain>,
+}
+
+/// Read the elements of `set` into it. Returns whether the dump was interrupted.
+fn read_elements(netlink: &mut Netlink, set: &mut KernelSet) -> Result<bool, Error> {
+    let table = table_name();
+    let name = std::ffi::CString::new(set.kernel_name.clone()).map_err(|_| malformed("set"))?;
+    let mut elements = Vec::new();
+    let answer = netlink.dump(Request::Elements(&name), &table, &mut |message| {
+        let (_, parsed) = ffi::parse_elements(message).ok_or_else(|| malformed("set element"))?;
+        elements.extend(parsed);
+        Ok(())
+    })?;
+    set.elements = elements;
+    // A set deleted since the sets were listed is an interruption too.
+    dump_result(answer, "set elements")
+}
+
+/// Whether a table-wide dump was interrupted; a table deleted meanwhile
+/// (ENOENT) counts as an interruption, which the generation check repeats.
+fn dump_result(answer: Result<bool, i32>, what: &'static str) -> Result<bool, Error> {
+    match answer {
+        Ok(interrupted) => Ok(interrupted),
+        Err(libc::ENOENT) => Ok(true),
+        Err(errno) => Err(Error::Dump {
+            what,
+            source: std::io::Error::from_raw_os_error(errno),
+        }),
+    }
+}
+
+/// The table's sets (without elements), chains and rules, and whether a dump was interrupted.
+fn read_table_once(netlink: &mut Netlink) -> Result<Option<(RawTable, bool)>, Error> {
     let table = table_name();
     let mut parsed_table = None;
     let answer = netlink.dump(Request::Table, &table, &mut |message| {
@@ -153,55 +276,54 @@ fn read_table_once(netlink: &mut Netlink) -> Result<Option<(KernelTable, bool)>,
         }
     }
     let parsed_table = parsed_table.ok_or_else(|| malformed("table"))?;
-    let digest = ffi::udata_find(
+    let comment = ffi::udata_find(
         &parsed_table.userdata,
         nftnl::nftnl_sys::NFTNL_UDATA_TABLE_COMMENT as u8,
     )
     .map(ffi::udata_string);
     let mut interrupted = false;
 
-    let mut sets = Vec::new();
-    for set in read_sets(netlink)? {
-        let name = std::ffi::CString::new(set.name.clone()).map_err(|_| malformed("set"))?;
-        let mut elements = Vec::new();
-        let answer = netlink.dump(Request::Elements(&name), &table, &mut |message| {
-            let (_, parsed) =
-                ffi::parse_elements(message).ok_or_else(|| malformed("set element"))?;
-            elements.extend(parsed);
-            Ok(())
-        })?;
-        interrupted |= answer.map_err(|errno| Error::Dump {
-            what: "set elements",
-            source: std::io::Error::from_raw_os_error(errno),
-        })?;
-        sets.push(KernelSet {
-            name: set.name,
+    let sets = match read_sets(netlink) {
+        Ok(sets) => sets,
+        // The table was deleted since it was read: read again.
+        Err(Error::NoTable) => return Ok(Some((RawTable::default(), true))),
+        Err(err) => return Err(err),
+    };
+    let sets = sets
+        .into_iter()
+        .map(|set| KernelSet {
+            name: set.name.clone(),
+            kernel_name: set.name,
             flags: set.flags,
             key_type: set.key_type,
             key_len: set.key_len,
-            elements,
-        });
-    }
+            elements: Vec::new(),
+        })
+        .collect();
 
     let mut chains = Vec::new();
     let answer = netlink.dump(Request::Chains, &table, &mut |message| {
         let chain = ffi::parse_chain(message).ok_or_else(|| malformed("chain"))?;
         if chain.table == TABLE_NAME && chain.family == libc::NFPROTO_INET as u32 {
+            let comment = ffi::udata_find(
+                &chain.userdata,
+                nftnl::nftnl_sys::NFTNL_UDATA_CHAIN_COMMENT as u8,
+            )
+            .map(ffi::udata_string);
             chains.push(KernelChain {
-                name: chain.name,
+                name: chain.name.clone(),
+                kernel_name: chain.name,
                 hook: chain.hook,
                 priority: chain.priority,
                 policy: chain.policy,
                 chain_type: chain.chain_type,
+                comment,
                 rules: Vec::new(),
             });
         }
         Ok(())
     })?;
-    interrupted |= answer.map_err(|errno| Error::Dump {
-        what: "the chains",
-        source: std::io::Error::from_raw_os_error(errno),
-    })?;
+    interrupted |= dump_result(answer, "the chains")?;
 
     let mut rules: Vec<ffi::ParsedRule> = Vec::new();
     let answer = netlink.dump(Request::Rules, &table, &mut |message| {
@@ -211,10 +333,7 @@ fn read_table_once(netlink: &mut Netlink) -> Result<Option<(KernelTable, bool)>,
         }
         Ok(())
     })?;
-    interrupted |= answer.map_err(|errno| Error::Dump {
-        what: "the rules",
-        source: std::io::Error::from_raw_os_error(errno),
-    })?;
+    interrupted |= dump_result(answer, "the rules")?;
     // The dump lists each chain's rules in chain order.
     for rule in rules {
         let id = ffi::udata_find(
@@ -227,24 +346,107 @@ fn read_table_once(netlink: &mut Netlink) -> Result<Option<(KernelTable, bool)>,
             handle: rule.handle,
             expressions: rule.expressions,
         };
-        match chains.iter_mut().find(|c| c.name == rule.chain) {
+        match chains.iter_mut().find(|c| c.kernel_name == rule.chain) {
             Some(chain) => chain.rules.push(kernel_rule),
-            None => {
-                return Err(Error::Malformed(format!(
-                    "rule in unknown chain {:?}",
-                    rule.chain
-                )));
-            }
+            // A chain created after the chains were listed: read again.
+            None => interrupted = true,
         }
     }
     Ok(Some((
-        KernelTable {
-            digest,
+        RawTable {
+            comment,
             sets,
             chains,
         },
         interrupted,
     )))
+}
+
+/// The chains a chain's rules jump or go to, by kernel name.
+fn chain_references(chain: &KernelChain) -> impl Iterator<Item = &str> {
+    chain
+        .rules
+        .iter()
+        .flat_map(|r| &r.expressions)
+        .filter_map(|e| match &e.reference {
+            Some(Reference::Jump(target) | Reference::Goto(target)) => Some(target.as_str()),
+            _ => None,
+        })
+}
+
+/// Split a raw table into what its base chains reach (the policy in force,
+/// by model name) and the leftovers.
+fn in_force(raw: RawTable) -> KernelTable {
+    let RawTable {
+        comment,
+        sets,
+        chains,
+    } = raw;
+    let bases: Vec<&KernelChain> = chains.iter().filter(|c| c.hook.is_some()).collect();
+    let entries: Vec<&str> = bases.iter().flat_map(|c| chain_references(c)).collect();
+    let entry_generations: BTreeSet<Option<u32>> = entries
+        .iter()
+        .map(|name| generation::split(name).map(|(_, g)| g))
+        .collect();
+    let generation = match entry_generations.into_iter().collect::<Vec<_>>().as_slice() {
+        [Some(generation)] => Some(*generation),
+        _ => None,
+    };
+
+    let mut reached: BTreeSet<String> = bases.iter().map(|c| c.kernel_name.clone()).collect();
+    let mut queue: Vec<String> = reached.iter().cloned().collect();
+    while let Some(name) = queue.pop() {
+        if let Some(chain) = chains.iter().find(|c| c.kernel_name == name) {
+            for target in chain_references(chain) {
+                if reached.insert(target.to_string()) {
+                    queue.push(target.to_string());
+                }
+            }
+        }
+    }
+    let looked_up: BTreeSet<String> = chains
+        .iter()
+        .filter(|c| reached.contains(&c.kernel_name))
+        .flat_map(|c| &c.rules)
+        .flat_map(|r| &r.expressions)
+        .filter_map(|e| match &e.reference {
+            Some(Reference::Set(set)) => Some(set.clone()),
+            _ => None,
+        })
+        .collect();
+    let digest = match generation {
+        Some(_) => entries
+            .first()
+            .and_then(|entry| chains.iter().find(|c| c.kernel_name == *entry))
+            .and_then(|c| c.comment.clone()),
+        None => comment,
+    };
+
+    let mut table = KernelTable {
+        digest,
+        generation,
+        sets: Vec::new(),
+        chains: Vec::new(),
+        leftover_sets: Vec::new(),
+        leftover_chains: Vec::new(),
+    };
+    for mut chain in chains {
+        if reached.contains(&chain.kernel_name) {
+            chain.name = table.model_name(&chain.kernel_name).to_string();
+            table.chains.push(chain);
+        } else {
+            table.leftover_chains.push(chain);
+        }
+    }
+    for mut set in sets {
+        if looked_up.contains(&set.kernel_name) {
+            set.name = table.model_name(&set.kernel_name).to_string();
+            table.sets.push(set);
+        } else {
+            table.leftover_sets.push(set);
+        }
+    }
+    table
 }
 
 /// One way in which the kernel's table differs from the model.
@@ -306,7 +508,7 @@ impl fmt::Display for Difference {
         match self {
             Difference::Digest { kernel, model } => write!(
                 f,
-                "table comment: the kernel has {}, the policy is {model}",
+                "policy digest: the kernel has {}, the policy is {model}",
                 kernel.as_deref().unwrap_or("no digest")
             ),
             Difference::MissingSet(set) => write!(f, "set {set:?} is missing in the kernel"),
@@ -423,10 +625,7 @@ fn chain_shape(
 
 /// The kernel's name of a base chain type (`NFTA_CHAIN_TYPE`).
 fn chain_type_name(kind: ChainKind) -> &'static str {
-    match kind {
-        ChainKind::Filter | ChainKind::Raw => "filter",
-        ChainKind::Nat => "nat",
-    }
+    generation::chain_type(kind).to_str().unwrap_or("?")
 }
 
 pub fn hook_name(hook: u32) -> &'static str {
@@ -448,10 +647,12 @@ pub fn policy_name(policy: u32) -> &'static str {
     }
 }
 
-/// Every difference between the kernel's table and the model. Empty means the
-/// kernel enforces exactly the model: same digest, same sets with the same
-/// flags, keys and elements, same chains, same rules (by id, in order) made
-/// of the same expressions.
+/// Every difference between the policy in force and the model. Empty means
+/// the kernel enforces exactly the model: same digest, same sets with the
+/// same flags, keys and elements (the DNS-derived sets' elements aside), same
+/// chains, same rules (by id, in order) made of the same expressions that
+/// refer to the same sets and chains. Leftovers are not compared: nothing
+/// reaches them.
 pub fn differences(model: &Ruleset, kernel: &KernelTable) -> Result<Vec<Difference>, Error> {
     let mut found = Vec::new();
     if kernel.digest.as_deref() != Some(model.digest.as_str()) {
@@ -477,6 +678,11 @@ pub fn differences(model: &Ruleset, kernel: &KernelTable) -> Result<Vec<Differen
                 kernel: have,
                 model: want,
             });
+            continue;
+        }
+        // The DNS-derived sets are filled at run time and keep what they
+        // learned across a re-apply: only their definition is the model's.
+        if set.role == SetRole::DnsAllow {
             continue;
         }
         // Compare keys, ends and interval-end flags; timeouts change with time.
@@ -509,16 +715,9 @@ pub fn differences(model: &Ruleset, kernel: &KernelTable) -> Result<Vec<Differen
         let want = match chain.base {
             None => chain_shape(None, None, None, None),
             Some(base) => chain_shape(
-                Some(match base.hook {
-                    Hook::Output => libc::NF_INET_LOCAL_OUT as u32,
-                    Hook::Forward => libc::NF_INET_FORWARD as u32,
-                    Hook::Prerouting => libc::NF_INET_PRE_ROUTING as u32,
-                }),
+                Some(generation::hook_number(base.hook)),
                 Some(base.priority),
-                Some(match base.policy {
-                    ChainPolicy::Accept => libc::NF_ACCEPT as u32,
-                    ChainPolicy::Drop => libc::NF_DROP as u32,
-                }),
+                Some(generation::policy_number(base.policy)),
                 Some(chain_type_name(base.kind)),
             ),
         };
@@ -541,11 +740,12 @@ pub fn differences(model: &Ruleset, kernel: &KernelTable) -> Result<Vec<Differen
             continue;
         }
         for (rule, kr) in chain.rules.iter().zip(&kc.rules) {
-            let want: Vec<String> = batch::expression_names(rule)
-                .into_iter()
-                .map(String::from)
+            let want: Vec<String> = batch::expression_labels(rule);
+            let have: Vec<String> = kr
+                .expressions
+                .iter()
+                .map(|e| kernel.expression_label(e))
                 .collect();
-            let have: Vec<String> = kr.expressions.iter().map(|e| e.name.clone()).collect();
             if want != have {
                 found.push(Difference::RuleExpressions {
                     chain: chain.name.clone(),
@@ -596,8 +796,15 @@ pub struct RuleCounter {
 /// What `netleash status` reports about the table in force.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct TableStatus {
-    /// Digest of the policy in force (the table comment), if the table has one.
+    /// Digest of the policy in force, if the table has one.
     pub digest: Option<String>,
+    /// The generation in force (see `kernel::generation`), if the table is
+    /// written in generations.
+    pub generation: Option<u32>,
+    /// Sets and chains no base chain reaches, by kernel name: normally none
+    /// (an apply deletes them once its new generation is verified).
+    pub leftovers: Vec<String>,
+    /// The sets and chains in force, by model name.
     pub sets: Vec<SetStatus>,
     pub chains: Vec<ChainStatus>,
     /// Packet and byte counters of every rule with a counter, by rule id.
@@ -639,8 +846,21 @@ impl TableStatus {
                 }
             }
         }
+        let leftovers = table
+            .leftover_chains
+            .iter()
+            .map(|c| format!("chain {}", c.kernel_name))
+            .chain(
+                table
+                    .leftover_sets
+                    .iter()
+                    .map(|s| format!("set {}", s.kernel_name)),
+            )
+            .collect();
         TableStatus {
             digest: table.digest.clone(),
+            generation: table.generation,
+            leftovers,
             sets,
             chains,
             counters,
@@ -667,17 +887,23 @@ mod tests {
         crate::ruleset::compile(&policy, &CompileOptions::default())
     }
 
-    /// The kernel table that exactly matches a model, built from the model's own encoding.
-    fn mirror(model: &Ruleset) -> KernelTable {
-        KernelTable {
-            digest: Some(model.digest.clone()),
+    /// The kernel table that exactly matches a model, built from the model's
+    /// own encoding: in generation `generation` (`None`: under model names,
+    /// as an earlier netleash or nft wrote it).
+    fn raw_mirror(model: &Ruleset, generation: Option<u32>) -> RawTable {
+        let naming = generation.map(|g| generation::Naming::new(model, g));
+        let set_name = |name: &str| naming.as_ref().map_or(name.to_string(), |n| n.set(name));
+        let chain_name = |name: &str| naming.as_ref().map_or(name.to_string(), |n| n.chain(name));
+        RawTable {
+            comment: generation.is_none().then(|| model.digest.clone()),
             sets: model
                 .sets
                 .iter()
                 .map(|s| {
                     let d = elements::set_definition(s, 0).unwrap();
                     KernelSet {
-                        name: s.name.clone(),
+                        name: set_name(&s.name),
+                        kernel_name: set_name(&s.name),
                         flags: d.flags,
                         key_type: d.key_type,
                         key_len: d.key_len,
@@ -689,18 +915,14 @@ mod tests {
                 .chains
                 .iter()
                 .map(|c| KernelChain {
-                    name: c.name.clone(),
-                    hook: c.base.map(|b| match b.hook {
-                        Hook::Output => libc::NF_INET_LOCAL_OUT as u32,
-                        Hook::Forward => libc::NF_INET_FORWARD as u32,
-                        Hook::Prerouting => libc::NF_INET_PRE_ROUTING as u32,
-                    }),
+                    name: chain_name(&c.name),
+                    kernel_name: chain_name(&c.name),
+                    hook: c.base.map(|b| generation::hook_number(b.hook)),
                     priority: c.base.map(|b| b.priority),
-                    policy: c.base.map(|b| match b.policy {
-                        ChainPolicy::Accept => libc::NF_ACCEPT as u32,
-                        ChainPolicy::Drop => libc::NF_DROP as u32,
-                    }),
+                    policy: c.base.map(|b| generation::policy_number(b.policy)),
                     chain_type: c.base.map(|b| chain_type_name(b.kind).to_string()),
+                    comment: (generation.is_some() && c.base.is_none())
+                        .then(|| model.digest.clone()),
                     rules: c
                         .rules
                         .iter()
@@ -708,11 +930,23 @@ mod tests {
                         .map(|(i, r)| KernelRule {
                             id: Some(r.id.clone()),
                             handle: i as u64,
-                            expressions: batch::expression_names(r)
-                                .into_iter()
-                                .map(|n| ParsedExpr {
-                                    name: n.into(),
+                            expressions: batch::plan_rule(r)
+                                .iter()
+                                .map(|e| ParsedExpr {
+                                    name: e.kernel_name().into(),
                                     counter: None,
+                                    reference: match e {
+                                        batch::Expr::Lookup { set, .. } => {
+                                            Some(Reference::Set(set_name(set)))
+                                        }
+                                        batch::Expr::LookupAnonymous(_) => {
+                                            Some(Reference::Set("__set0".into()))
+                                        }
+                                        batch::Expr::Jump(chain) => {
+                                            Some(Reference::Jump(chain_name(chain)))
+                                        }
+                                        _ => None,
+                                    },
                                 })
                                 .collect(),
                         })
@@ -720,6 +954,75 @@ mod tests {
                 })
                 .collect(),
         }
+    }
+
+    fn mirror(model: &Ruleset) -> KernelTable {
+        in_force(raw_mirror(model, Some(3)))
+    }
+
+    #[test]
+    fn the_policy_in_force_is_read_by_model_name_and_older_generations_are_leftovers() {
+        let model = ruleset();
+        let mut raw = raw_mirror(&model, Some(3));
+        let older = raw_mirror(&model, Some(2));
+        raw.sets.extend(
+            older
+                .sets
+                .into_iter()
+                .filter(|s| s.kernel_name.contains(".g")),
+        );
+        raw.chains
+            .extend(older.chains.into_iter().filter(|c| c.hook.is_none()));
+        let table = in_force(raw);
+        assert_eq!(table.generation, Some(3));
+        assert_eq!(table.digest.as_deref(), Some(model.digest.as_str()));
+        let names: Vec<&str> = table.chains.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(names, ["deny", "egress", "output", "forward"]);
+        let leftovers: Vec<&str> = table
+            .leftover_chains
+            .iter()
+            .map(|c| c.kernel_name.as_str())
+            .collect();
+        assert_eq!(leftovers, ["deny.g2", "egress.g2"]);
+        assert_eq!(table.leftover_sets.len(), 2, "{:?}", table.leftover_sets);
+        assert_eq!(differences(&model, &table).unwrap(), vec![]);
+    }
+
+    #[test]
+    fn a_table_under_model_names_is_read_as_it_is() {
+        let model = ruleset();
+        let table = in_force(raw_mirror(&model, None));
+        assert_eq!(table.generation, None);
+        assert_eq!(table.digest.as_deref(), Some(model.digest.as_str()));
+        assert!(table.leftover_chains.is_empty() && table.leftover_sets.is_empty());
+        assert_eq!(differences(&model, &table).unwrap(), vec![]);
+    }
+
+    #[test]
+    fn a_lookup_into_another_set_is_a_difference() {
+        let model = ruleset();
+        let mut raw = raw_mirror(&model, Some(3));
+        let egress = raw
+            .chains
+            .iter_mut()
+            .find(|c| c.kernel_name == "egress.g3")
+            .unwrap();
+        let lookup = egress.rules[2]
+            .expressions
+            .iter_mut()
+            .find(|e| e.name == "lookup")
+            .unwrap();
+        lookup.reference = Some(Reference::Set("blocklist_v6.g3".into()));
+        let found = differences(&model, &in_force(raw)).unwrap();
+        // blocklist_v4 is no longer reached, and the rule refers to the wrong set.
+        assert!(
+            matches!(&found[..], [
+                Difference::MissingSet(set),
+                Difference::RuleExpressions { rule, kernel, .. },
+            ] if set == "blocklist_v4" && rule == "blocklist-v4"
+                && kernel.contains(&"lookup @blocklist_v6".to_string())),
+            "{found:?}"
+        );
     }
 
     #[test]

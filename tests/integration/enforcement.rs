@@ -155,6 +155,10 @@ fn reapply_is_atomic() {
             );
         }
     });
+    eprintln!(
+        "reapply_is_atomic: {probes} probes, {} wrong verdicts during {REAPPLIES} re-applies",
+        wrong.len()
+    );
     assert!(
         wrong.is_empty(),
         "{} wrong verdicts in {probes} probes during re-apply (first ones): {:#?}",
@@ -230,7 +234,7 @@ fn a_root_process_without_cap_net_admin_cannot_change_the_table() {
     for script in [
         "nft delete table inet netleash",
         "nft flush ruleset",
-        "nft add rule inet netleash egress accept",
+        "nft add rule inet netleash output accept",
     ] {
         let attempt = capsh(script);
         assert!(

@@ -193,13 +193,41 @@ fn other() -> Ruleset {
     )
 }
 
-fn set_json<'a>(table: &'a Value, name: &str) -> &'a Value {
+/// The model name of an object in nft's listing: a generation object
+/// `egress.g7` is `egress` (see `kernel::generation`); persistent objects
+/// (base chains, DNS sets) have their model name.
+fn model_name(kernel: &str) -> &str {
+    match kernel.rsplit_once(".g") {
+        Some((model, digits))
+            if !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()) =>
+        {
+            model
+        }
+        _ => kernel,
+    }
+}
+
+/// The items of one kind (`set`, `chain`, `rule`) in nft's JSON listing.
+fn items<'a>(table: &'a Value, kind: &str) -> Vec<&'a Value> {
     table["nftables"]
         .as_array()
         .unwrap()
         .iter()
-        .find_map(|item| item.get("set").filter(|s| s["name"] == name))
-        .unwrap_or_else(|| panic!("set {name} not in nft's listing"))
+        .filter_map(|item| item.get(kind))
+        .collect()
+}
+
+/// The one set of nft's listing with model name `name` (there must be exactly one).
+fn set_json<'a>(table: &'a Value, name: &str) -> &'a Value {
+    let found: Vec<&Value> = items(table, "set")
+        .into_iter()
+        .filter(|s| model_name(s["name"].as_str().unwrap()) == name)
+        .collect();
+    match found.as_slice() {
+        [set] => set,
+        [] => panic!("set {name} not in nft's listing"),
+        _ => panic!("set {name} is in nft's listing {} times", found.len()),
+    }
 }
 
 fn elements_json(table: &Value, name: &str) -> Vec<Value> {
@@ -212,12 +240,9 @@ fn elements_json(table: &Value, name: &str) -> Vec<Value> {
 
 /// Rule comments per chain, in order, from nft's listing.
 fn rule_comments(table: &Value, chain: &str) -> Vec<String> {
-    table["nftables"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|item| item.get("rule"))
-        .filter(|rule| rule["chain"] == chain)
+    items(table, "rule")
+        .into_iter()
+        .filter(|rule| model_name(rule["chain"].as_str().unwrap()) == chain)
         .map(|rule| rule["comment"].as_str().unwrap_or("(none)").to_string())
         .collect()
 }
@@ -318,7 +343,7 @@ fn apply_reads_back_what_the_model_says() {
         "{text}"
     );
     assert!(
-        text.contains("ip daddr . meta l4proto . th dport @allow_v4_ports accept"),
+        text.contains("ip daddr . meta l4proto . th dport @allow_v4_ports.g1 accept"),
         "{text}"
     );
     assert!(
@@ -368,6 +393,277 @@ fn reapply_replaces_the_table_each_time() {
     }
 }
 
+/// The generation numbers of the generation objects in nft's listing, and
+/// the names of the objects without one.
+fn generations_listed(table: &Value) -> (BTreeSet<u32>, BTreeSet<String>) {
+    let mut generations = BTreeSet::new();
+    let mut persistent = BTreeSet::new();
+    for kind in ["set", "chain"] {
+        for item in items(table, kind) {
+            let name = item["name"].as_str().unwrap();
+            match name.rsplit_once(".g").and_then(|(_, n)| n.parse().ok()) {
+                Some(generation) => generations.insert(generation),
+                None => persistent.insert(format!("{kind} {name}")),
+            };
+        }
+    }
+    (generations, persistent)
+}
+
+fn limited_persistent() -> BTreeSet<String> {
+    [
+        "chain output",
+        "chain forward",
+        "set dns_v4",
+        "set dns_v6",
+        "set dns_v4_ports",
+        "set dns_v6_ports",
+    ]
+    .into_iter()
+    .map(String::from)
+    .collect()
+}
+
+#[test]
+fn each_reapply_swaps_in_a_generation_and_leaves_exactly_one() {
+    let ns = Netns::new("swap");
+    let open = ruleset::compile(&policy(Mode::Unrestricted, vec![]), &options());
+    let (a, b) = (typical(), other());
+    let first = kernel::apply(&ns.target(), &a).expect("apply");
+    assert_eq!(
+        (first.generation, &first.method),
+        (1, &kernel::Method::Create)
+    );
+    let mut generation = 1;
+    for model in [&a, &b, &open, &a, &open, &b] {
+        let report = kernel::apply(&ns.target(), model).expect("re-apply");
+        assert_eq!(
+            report.method,
+            kernel::Method::Swap {
+                from: generation,
+                to: generation + 1
+            }
+        );
+        generation += 1;
+        assert_eq!(report.generation, generation);
+        assert_eq!(report.digest, model.digest);
+        let listing = ns.nft_json().unwrap();
+        let (generations, persistent) = generations_listed(&listing);
+        assert_eq!(
+            generations,
+            BTreeSet::from([generation]),
+            "nft lists more than the generation in force:
+{}",
+            ns.nft_text()
+        );
+        let expected = if model.mode == Mode::Limited {
+            limited_persistent()
+        } else {
+            BTreeSet::from(["chain output".to_string(), "chain forward".to_string()])
+        };
+        assert_eq!(persistent, expected, "{}", ns.nft_text());
+        let status = kernel::status(&ns.target()).unwrap().unwrap();
+        assert_eq!(status.generation, Some(generation));
+        assert!(status.leftovers.is_empty(), "{:?}", status.leftovers);
+        assert_eq!(status.digest.as_deref(), Some(model.digest.as_str()));
+        let policies: Vec<Option<&str>> = status
+            .chains
+            .iter()
+            .filter(|c| c.hook.is_some())
+            .map(|c| c.policy.as_deref())
+            .collect();
+        let policy = if model.mode == Mode::Limited {
+            "drop"
+        } else {
+            "accept"
+        };
+        assert_eq!(policies, [Some(policy), Some(policy)]);
+        // The sets are reported by model name.
+        let names: BTreeSet<&str> = status.sets.iter().map(|s| s.name.as_str()).collect();
+        let model_names: BTreeSet<&str> = model.sets.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, model_names);
+    }
+}
+
+#[test]
+fn reapply_keeps_the_addresses_learned_from_dns() {
+    let ns = Netns::new("learned");
+    let (a, b) = (typical(), other());
+    kernel::apply(&ns.target(), &a).unwrap();
+    let learned_v4 = Element::Addr(net("203.0.113.99/32"));
+    let learned_v6 = Element::AddrProtoPort(net("2001:db8::99/128"), Proto::Tcp, 443);
+    kernel::update_elements(
+        &ns.target(),
+        &[
+            dns_update("dns_v4", vec![learned_v4], Some(Duration::from_secs(600))),
+            dns_update("dns_v6_ports", vec![learned_v6], None),
+        ],
+    )
+    .unwrap();
+
+    // A re-apply with another policy (same DNS set definitions) keeps them.
+    let report = kernel::apply(&ns.target(), &b).unwrap();
+    assert_eq!(report.generation, 2);
+    assert_eq!((count(&ns, "dns_v4"), count(&ns, "dns_v6_ports")), (1, 1));
+    let listing = ns.nft_json().unwrap();
+    let element = &elements_json(&listing, "dns_v4")[0]["elem"];
+    assert_eq!(element["val"], "203.0.113.99");
+    assert_eq!(element["timeout"], 600, "the element keeps its timeout");
+    assert_eq!(
+        elements_json(&listing, "dns_v6_ports")[0],
+        serde_json::json!({"concat": ["2001:db8::99", "tcp", 443]})
+    );
+    // The new generation's rules look them up.
+    let text = ns.nft_text();
+    assert!(text.contains("ip daddr @dns_v4 accept"), "{text}");
+    assert!(
+        text.contains("ip6 daddr . meta l4proto . th dport @dns_v6_ports accept"),
+        "{text}"
+    );
+
+    // A policy without DNS-derived sets deletes them; the next one starts empty.
+    let open = ruleset::compile(&policy(Mode::Unrestricted, vec![]), &options());
+    kernel::apply(&ns.target(), &open).unwrap();
+    let listing = ns.nft_json().unwrap();
+    assert!(
+        items(&listing, "set")
+            .iter()
+            .all(|s| !s["name"].as_str().unwrap().starts_with("dns_")),
+        "{}",
+        ns.nft_text()
+    );
+    kernel::apply(&ns.target(), &a).unwrap();
+    assert_eq!((count(&ns, "dns_v4"), count(&ns, "dns_v6_ports")), (0, 0));
+}
+
+#[test]
+fn a_table_in_the_old_layout_is_replaced_once_then_generations_swap() {
+    let ns = Netns::new("legacy");
+    // What netleash wrote before generations: everything under model names.
+    let legacy = "table inet netleash {\n  comment \"sha256:old\"\n  set dns_v4 { type ipv4_addr; flags timeout; }\n  \
+                  chain egress { ip daddr @dns_v4 accept; }\n  \
+                  chain output { type filter hook output priority 0; policy accept; jump egress; }\n}\n";
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("legacy.nft");
+    std::fs::write(&file, legacy).unwrap();
+    let out = ns.nft(&["-f", file.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let status = kernel::status(&ns.target()).unwrap().unwrap();
+    assert_eq!(
+        (status.generation, status.digest.as_deref()),
+        (None, Some("sha256:old")),
+        "a table under model names is read as it is"
+    );
+
+    let model = typical();
+    let report = kernel::apply(&ns.target(), &model).unwrap();
+    assert!(
+        matches!(&report.method, kernel::Method::Replace { reason } if reason.contains("do not jump into a netleash generation")),
+        "{:?}",
+        report.method
+    );
+    assert_eq!(report.generation, 1);
+    let (generations, persistent) = generations_listed(&ns.nft_json().unwrap());
+    assert_eq!(generations, BTreeSet::from([1]));
+    assert_eq!(persistent, limited_persistent());
+    assert_eq!(
+        kernel::apply(&ns.target(), &model).unwrap().method,
+        kernel::Method::Swap { from: 1, to: 2 }
+    );
+}
+
+#[test]
+fn a_session_that_missed_a_change_starts_over_instead_of_applying_stale_plans() {
+    let ns = Netns::new("stale");
+    let (a, b) = (typical(), other());
+    let mut session = kernel::Session::open(&ns.target()).unwrap();
+    assert_eq!(session.apply(&a).unwrap().restarts, 0);
+    // The session remembers the table; nothing else changed, so no restart.
+    assert_eq!(session.apply(&b).unwrap().restarts, 0);
+    // Another socket changes the ruleset (as the DNS layer does all the time).
+    kernel::update_elements(
+        &ns.target(),
+        &[dns_update(
+            "dns_v4",
+            vec![Element::Addr(net("203.0.113.50/32"))],
+            None,
+        )],
+    )
+    .unwrap();
+    // The session's first transaction carries the old generation id: the
+    // kernel refuses it, and the apply reads the table and starts over.
+    let report = session.apply(&a).unwrap();
+    assert_eq!(report.restarts, 1);
+    assert_eq!(report.method, kernel::Method::Swap { from: 2, to: 3 });
+    assert_eq!(count(&ns, "dns_v4"), 1);
+    let (generations, _) = generations_listed(&ns.nft_json().unwrap());
+    assert_eq!(generations, BTreeSet::from([3]));
+    session.close_in_background();
+}
+
+#[test]
+fn concurrent_appliers_fail_cleanly_and_never_leave_a_broken_table() {
+    let ns = Netns::new("race");
+    let (a, b) = (typical(), other());
+    kernel::apply(&ns.target(), &a).unwrap();
+    let errors = std::thread::scope(|scope| {
+        let workers: Vec<_> = [&a, &b]
+            .into_iter()
+            .map(|model| {
+                let target = ns.target();
+                scope.spawn(move || {
+                    let mut session = kernel::Session::open(&target).unwrap();
+                    let (mut errors, mut restarts) = (Vec::new(), 0);
+                    for _ in 0..40 {
+                        match session.apply(model) {
+                            Ok(report) => restarts += report.restarts,
+                            Err(err) => errors.push(err),
+                        }
+                    }
+                    session.close_in_background();
+                    (errors, restarts)
+                })
+            })
+            .collect();
+        let mut errors = Vec::new();
+        let mut restarts = 0;
+        for worker in workers {
+            let (worker_errors, worker_restarts) = worker.join().unwrap();
+            errors.extend(worker_errors);
+            restarts += worker_restarts;
+        }
+        eprintln!(
+            "concurrent appliers: {restarts} restarts, {} applies lost the race",
+            errors.len()
+        );
+        // The two really raced: the kernel's generation check refused some transactions.
+        assert!(restarts + errors.len() > 0, "the appliers never collided");
+        errors
+    });
+    // Losing a race is an error that says so, never a half-applied policy.
+    for err in &errors {
+        assert!(
+            matches!(err, kernel::Error::Unstable { .. }),
+            "unexpected error from a concurrent apply: {err}"
+        );
+    }
+    let status = kernel::status(&ns.target()).unwrap().unwrap();
+    let model = [&a, &b]
+        .into_iter()
+        .find(|m| status.digest.as_deref() == Some(m.digest.as_str()))
+        .expect("one of the two policies is in force");
+    let plan = kernel::plan(&ns.target(), model).unwrap();
+    assert_eq!(plan.differences, vec![], "the policy in force is complete");
+    // Whatever a lost race left behind, the next apply deletes.
+    kernel::apply(&ns.target(), model).unwrap();
+    let (generations, _) = generations_listed(&ns.nft_json().unwrap());
+    assert_eq!(generations.len(), 1, "{}", ns.nft_text());
+}
+
 /// Rulesets the kernel refuses although every message is well formed: the
 /// failure comes from the kernel, late in the transaction, after the old
 /// table was already deleted and the new one half built inside it.
@@ -413,6 +709,12 @@ fn a_rejected_transaction_leaves_the_previous_table_in_force() {
             .unwrap()
             .expect("the old table is still there");
         assert_eq!(status.digest.as_deref(), Some(model.digest.as_str()));
+        assert_eq!(
+            status.generation,
+            Some(1),
+            "the previous generation stays in force"
+        );
+        assert!(status.leftovers.is_empty(), "{:?}", status.leftovers);
         let after = ns.nft_json().unwrap();
         assert_eq!(
             after, before,
@@ -446,7 +748,7 @@ fn dry_run_reports_differences_and_changes_nothing() {
         .map(ToString::to_string)
         .collect();
     assert!(
-        text.iter().any(|d| d.starts_with("table comment")),
+        text.iter().any(|d| d.starts_with("policy digest")),
         "{text:?}"
     );
     assert!(

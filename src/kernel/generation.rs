@@ -1,0 +1,496 @@
+//! Generations: how `apply` changes the policy in force without a moment in
+//! which packets meet neither the old nor the new policy.
+//!
+//! Replacing the whole table in one transaction is atomic for netlink but not
+//! for packets: its base chains are deleted and created again, and the kernel
+//! unregisters and registers their netfilter hooks during the commit, so a
+//! packet can pass while no hook of the table is registered, or meet a new
+//! base chain before its rules. What the kernel does switch atomically are
+//! rules: every rule carries a generation mask, the commit builds each
+//! changed chain's next rule blob and then flips the generation cursor once
+//! (`nf_tables_commit`, steps 2 and 3), and `nft_do_chain` reads the cursor
+//! once per packet. So the table is split in two kinds of objects:
+//!
+//! - **persistent** objects are created once and then kept: the table, its
+//!   base chains (`output`, `forward`; only their policy is updated in place,
+//!   `nf_tables_updchain`), and the DNS-derived sets (`SetRole::DnsAllow`),
+//!   which keep the addresses the DNS layer learned across a re-apply;
+//! - **generation** objects are everything else: the regular chains and the
+//!   static sets, created under the name `MODEL.gN` for generation N
+//!   (`egress.g7`, `allow_v4.g7`). No model name contains a dot, so the
+//!   suffix cannot be confused with a model name, and nft accepts and prints
+//!   such names.
+//!
+//! Each base chain holds exactly one rule, a jump into the generation in
+//! force. Changing the policy from generation N to M takes three transactions:
+//!
+//! 1. *stage*: create generation M (sets with their elements, chains, rules)
+//!    and any persistent set the new model adds. Nothing jumps to it yet.
+//!    This must be its own transaction: a set backend makes the elements of a
+//!    new set visible only when it commits the set (pipapo swaps in its new
+//!    lookup table in `nft_set_commit_update`), which runs after the
+//!    generation cursor has flipped; a rule switched in the same transaction
+//!    would look into a still empty set for a moment.
+//! 2. *swap*: replace each base chain's rule by a jump into generation M. Rule
+//!    changes are generation-masked, so each packet sees either the old jump
+//!    or the new one.
+//! 3. after the table has been read back and verified, *clean up*: delete
+//!    generation N and every other object no base chain reaches any more. If
+//!    verification fails, a swap back to generation N (which still exists)
+//!    rolls back instead, and generation M is deleted.
+//!
+//! A base chain's policy decides only packets that fall off the end of its
+//! rules. The compiler gives a base chain the policy drop exactly when its
+//! `egress` chain ends in a rule that denies everything left (limited mode),
+//! so while such a generation is in force the policy never decides. A policy
+//! that becomes accept is therefore changed in the stage transaction (the old
+//! generation still decides every packet), and one that becomes drop in the
+//! swap transaction (the kernel updates the policy after the new rules are in
+//! force, and they decide every packet).
+//!
+//! Every transaction carries the ruleset generation id it was built against,
+//! so a concurrent change (another `apply`, a DNS set update) makes the kernel
+//! refuse it cleanly (`ERESTART`) instead of applying it to a table that is no
+//! longer what was read.
+//!
+//! A table in any other shape (written by an earlier netleash that replaced
+//! the whole table, by nft, or half changed by another program) is replaced as
+//! a whole once, with a warning; from then on re-applies swap generations.
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+use std::ffi::CStr;
+
+use super::readback::{KernelChain, KernelSet, KernelTable};
+use super::{elements, ffi};
+use crate::ruleset::{Action, Chain, ChainKind, ChainPolicy, Hook, Rule, Ruleset, Set, SetRole};
+
+/// Separates a model name from its generation number in kernel names.
+pub const SEPARATOR: &str = ".g";
+
+/// The kernel name of generation object `model` in `generation`.
+pub fn name(model: &str, generation: u32) -> String {
+    format!("{model}{SEPARATOR}{generation}")
+}
+
+/// `("allow_v4", 7)` for `allow_v4.g7`; `None` for a name without a generation.
+pub fn split(kernel: &str) -> Option<(&str, u32)> {
+    let (model, digits) = kernel.rsplit_once(SEPARATOR)?;
+    let canonical = !model.is_empty()
+        && !digits.is_empty()
+        && !digits.starts_with('0')
+        && digits.bytes().all(|b| b.is_ascii_digit());
+    if !canonical {
+        return None;
+    }
+    digits.parse().ok().map(|generation| (model, generation))
+}
+
+/// Whether a model set keeps its name and its elements across generations:
+/// the DNS-derived sets, which the DNS layer fills at run time.
+pub fn persistent_set(set: &Set) -> bool {
+    set.role == SetRole::DnsAllow
+}
+
+/// The form of `ruleset` that the kernel holds: every base chain with one
+/// rule, a jump into a regular chain. The compiler's `output` and `forward`
+/// chains already are (`jump egress`); a base chain with rules of its own
+/// (the DNS proxy's `dns-redirect`, `dns-zone-output`, `dns-zone-replies`)
+/// gets them moved into a regular chain `NAME-body`, which is a generation
+/// object like `egress`, so they are swapped with the generation too. Rules in
+/// a regular chain run in the hook of the base chain that jumps to them: a
+/// `redirect` reached from a nat base chain is valid
+/// (`nft_chain_validate_dependency` checks the base chain the walk started
+/// from), and a `ct zone set` reached from a raw-priority chain still runs
+/// before conntrack.
+pub fn entry_form(ruleset: &Ruleset) -> Cow<'_, Ruleset> {
+    let is_entry = |chain: &Chain| {
+        matches!(chain.rules.as_slice(), [rule]
+            if rule.matches.is_empty() && matches!(rule.actions.as_slice(), [Action::Jump(_)]))
+    };
+    if ruleset
+        .chains
+        .iter()
+        .all(|chain| chain.base.is_none() || is_entry(chain))
+    {
+        return Cow::Borrowed(ruleset);
+    }
+    let mut form = ruleset.clone();
+    let (mut regular, mut bases): (Vec<Chain>, Vec<Chain>) =
+        form.chains.drain(..).partition(|c| c.base.is_none());
+    for base in bases.iter_mut().filter(|c| !is_entry(c)) {
+        let body = format!("{}{BODY_SUFFIX}", base.name);
+        regular.push(Chain {
+            name: body.clone(),
+            base: None,
+            rules: std::mem::take(&mut base.rules),
+        });
+        base.rules = vec![Rule {
+            id: body.clone(),
+            description: format!("{} traffic goes through its rules in {body}", base.name),
+            matches: Vec::new(),
+            actions: vec![Action::Jump(body)],
+        }];
+    }
+    regular.extend(bases);
+    form.chains = regular;
+    Cow::Owned(form)
+}
+
+/// Suffix of the regular chain that holds a base chain's own rules.
+pub const BODY_SUFFIX: &str = "-body";
+
+/// The kernel names of a model's objects in one generation.
+pub struct Naming<'a> {
+    ruleset: &'a Ruleset,
+    pub generation: u32,
+}
+
+impl<'a> Naming<'a> {
+    pub fn new(ruleset: &'a Ruleset, generation: u32) -> Naming<'a> {
+        Naming {
+            ruleset,
+            generation,
+        }
+    }
+
+    /// The kernel name of model set `set`: persistent sets keep their name.
+    pub fn set(&self, set: &str) -> String {
+        match self.ruleset.set(set) {
+            Some(model) if persistent_set(model) => set.to_string(),
+            _ => name(set, self.generation),
+        }
+    }
+
+    /// The kernel name of model chain `chain`: base chains keep their name.
+    pub fn chain(&self, chain: &str) -> String {
+        match self.ruleset.chain(chain) {
+            Some(model) if model.base.is_some() => chain.to_string(),
+            _ => name(chain, self.generation),
+        }
+    }
+}
+
+pub fn hook_number(hook: Hook) -> u32 {
+    match hook {
+        Hook::Output => libc::NF_INET_LOCAL_OUT as u32,
+        Hook::Forward => libc::NF_INET_FORWARD as u32,
+        Hook::Prerouting => libc::NF_INET_PRE_ROUTING as u32,
+    }
+}
+
+/// The kernel's name of a base chain type (`NFTA_CHAIN_TYPE`): a raw chain
+/// is a filter chain at the raw priority. The kernel has taken nat chains in
+/// inet tables since Linux 5.2.
+pub fn chain_type(kind: ChainKind) -> &'static CStr {
+    match kind {
+        ChainKind::Filter | ChainKind::Raw => c"filter",
+        ChainKind::Nat => c"nat",
+    }
+}
+
+pub fn policy_number(policy: ChainPolicy) -> u32 {
+    match policy {
+        ChainPolicy::Accept => libc::NF_ACCEPT as u32,
+        ChainPolicy::Drop => libc::NF_DROP as u32,
+    }
+}
+
+/// How a base chain enters the generation in force, to go back to it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EntryRule {
+    /// The base chain.
+    pub chain: String,
+    pub hook: ffi::BaseHook,
+    /// The rule's comment (its id).
+    pub id: Option<String>,
+    /// The kernel name of the chain it jumps to.
+    pub target: String,
+}
+
+/// What a generation swap does.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Swap {
+    /// The generation in force.
+    pub from: u32,
+    /// The generation to create.
+    pub to: u32,
+    /// Persistent sets of the model that do not exist yet (model names).
+    pub create: Vec<String>,
+    /// Base chains whose policy becomes accept (changed in the stage transaction).
+    pub loosen: Vec<String>,
+    /// Base chains whose policy becomes drop (changed in the swap transaction).
+    pub tighten: Vec<String>,
+    /// The base chains' rules and hooks as they are, for a rollback.
+    pub previous: Vec<EntryRule>,
+    /// The digest of generation `from` (its chains' comment).
+    pub from_digest: Option<String>,
+}
+
+/// How `apply` gets from the table in force to the model.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Approach {
+    /// There is no table: create it, with generation 1.
+    Create,
+    /// The table cannot switch generations: replace it as a whole, once.
+    Replace {
+        reason: String,
+    },
+    Swap(Swap),
+}
+
+/// The highest generation number any object of the table carries.
+fn highest_generation(table: &KernelTable) -> u32 {
+    let chains = table
+        .chains
+        .iter()
+        .chain(&table.leftover_chains)
+        .map(|c| c.kernel_name.as_str());
+    let sets = table
+        .sets
+        .iter()
+        .chain(&table.leftover_sets)
+        .map(|s| s.kernel_name.as_str());
+    chains
+        .chain(sets)
+        .filter_map(|name| split(name).map(|(_, generation)| generation))
+        .max()
+        .unwrap_or(0)
+}
+
+fn find_set<'t>(table: &'t KernelTable, kernel_name: &str) -> Option<&'t KernelSet> {
+    table
+        .sets
+        .iter()
+        .chain(&table.leftover_sets)
+        .find(|s| s.kernel_name == kernel_name)
+}
+
+/// Decide how to apply `model` over `table` (the table as read, `None` if absent).
+pub fn approach(model: &Ruleset, table: Option<&KernelTable>) -> Result<Approach, super::Error> {
+    let Some(table) = table else {
+        return Ok(Approach::Create);
+    };
+    let replace = |reason: String| Ok(Approach::Replace { reason });
+    let Some(from) = table.generation else {
+        return replace(
+            "its base chains do not jump into a netleash generation (it was written by an earlier \
+             netleash or by another program)"
+                .into(),
+        );
+    };
+    let kernel_bases: Vec<&KernelChain> =
+        table.chains.iter().filter(|c| c.hook.is_some()).collect();
+    let model_bases: Vec<_> = model
+        .chains
+        .iter()
+        .filter_map(|c| c.base.map(|base| (c, base)))
+        .collect();
+    let mut previous = Vec::new();
+    let (mut loosen, mut tighten) = (Vec::new(), Vec::new());
+    for (chain, base) in &model_bases {
+        let Some(kernel) = kernel_bases.iter().find(|k| k.kernel_name == chain.name) else {
+            return replace(format!("it has no base chain {:?}", chain.name));
+        };
+        let same_hook = kernel.hook == Some(hook_number(base.hook))
+            && kernel.priority == Some(base.priority)
+            && kernel.chain_type.as_deref() == chain_type(base.kind).to_str().ok();
+        if !same_hook {
+            return replace(format!(
+                "its base chain {:?} has another hook, priority or type",
+                chain.name
+            ));
+        }
+        let [rule] = kernel.rules.as_slice() else {
+            return replace(format!(
+                "its base chain {:?} holds {} rules instead of one jump",
+                chain.name,
+                kernel.rules.len()
+            ));
+        };
+        let target = match rule.expressions.as_slice() {
+            [expr] => match &expr.reference {
+                Some(ffi::Reference::Jump(target)) => Some(target.clone()),
+                _ => None,
+            },
+            _ => None,
+        };
+        let Some(target) = target else {
+            return replace(format!(
+                "the rule of its base chain {:?} is not a plain jump",
+                chain.name
+            ));
+        };
+        let policy = kernel.policy.unwrap_or(libc::NF_ACCEPT as u32);
+        let wanted = policy_number(base.policy);
+        if policy != wanted {
+            if base.policy == ChainPolicy::Accept {
+                loosen.push(chain.name.clone());
+            } else {
+                tighten.push(chain.name.clone());
+            }
+        }
+        previous.push(EntryRule {
+            chain: chain.name.clone(),
+            hook: ffi::BaseHook {
+                hook: hook_number(base.hook),
+                priority: base.priority,
+                policy,
+                chain_type: chain_type(base.kind),
+            },
+            id: rule.id.clone(),
+            target,
+        });
+    }
+    if let Some(extra) = kernel_bases
+        .iter()
+        .find(|k| model.chain(&k.kernel_name).is_none_or(|c| c.base.is_none()))
+    {
+        return replace(format!(
+            "it has a base chain {:?} the policy does not have",
+            extra.kernel_name
+        ));
+    }
+    if let Some(chain) = table
+        .chains
+        .iter()
+        .find(|c| c.hook.is_none() && split(&c.kernel_name).is_none_or(|(_, g)| g != from))
+    {
+        return replace(format!(
+            "the policy in force reaches chain {:?}, which is not of its generation {from}",
+            chain.kernel_name
+        ));
+    }
+
+    let mut create = Vec::new();
+    for set in model.sets.iter().filter(|s| persistent_set(s)) {
+        match find_set(table, &set.name) {
+            None => create.push(set.name.clone()),
+            Some(kernel) => {
+                let definition = elements::set_definition(set, 0)?;
+                let same = kernel.flags == definition.flags
+                    && kernel.key_type == definition.key_type
+                    && kernel.key_len == definition.key_len;
+                if !same {
+                    return replace(format!(
+                        "its set {:?} has another type or other flags than the policy's",
+                        set.name
+                    ));
+                }
+            }
+        }
+    }
+    let Some(to) = highest_generation(table).checked_add(1) else {
+        return replace("its generation numbers are exhausted".into());
+    };
+    Ok(Approach::Swap(Swap {
+        from,
+        to,
+        create,
+        loosen,
+        tighten,
+        previous,
+        from_digest: table.digest.clone(),
+    }))
+}
+
+/// Kernel names of the objects a cleanup deletes: chains in the order to
+/// delete them (a chain before the chains it jumps to), then sets.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Deletions {
+    pub chains: Vec<String>,
+    pub sets: Vec<String>,
+}
+
+impl Deletions {
+    pub fn is_empty(&self) -> bool {
+        self.chains.is_empty() && self.sets.is_empty()
+    }
+
+    /// Every object no base chain reaches: what is left of earlier
+    /// generations. The kernel lists chains in the order they were created,
+    /// and a generation's chains are created before the chains that jump to
+    /// them, so they are deleted in reverse.
+    pub fn leftovers(table: &KernelTable) -> Deletions {
+        Deletions {
+            chains: table
+                .leftover_chains
+                .iter()
+                .rev()
+                .map(|c| c.kernel_name.clone())
+                .collect(),
+            sets: table
+                .leftover_sets
+                .iter()
+                .map(|s| s.kernel_name.clone())
+                .collect(),
+        }
+    }
+
+    /// What a swap to a generation of `model` leaves unreachable in `table`
+    /// (the table as read before the swap): the generation in force, the
+    /// persistent sets the model no longer has, and the leftovers.
+    pub fn after_swap(table: &KernelTable, model: &Ruleset) -> Deletions {
+        let kept = |kernel_name: &str| model.set(kernel_name).is_some_and(persistent_set);
+        let mut deletions = Deletions::leftovers(table);
+        deletions.sets.retain(|name| !kept(name));
+        deletions.chains.extend(
+            table
+                .chains
+                .iter()
+                .rev()
+                .filter(|c| c.hook.is_none())
+                .map(|c| c.kernel_name.clone()),
+        );
+        deletions.sets.extend(
+            table
+                .sets
+                .iter()
+                .filter(|s| !kept(&s.kernel_name))
+                .map(|s| s.kernel_name.clone()),
+        );
+        deletions
+    }
+}
+
+/// The model names of kernel names, sorted and without duplicates, for messages.
+pub fn model_names<'a>(kernel_names: impl Iterator<Item = &'a str>) -> Vec<String> {
+    let mut names: BTreeMap<String, ()> = BTreeMap::new();
+    for name in kernel_names {
+        let model = split(name).map_or(name, |(model, _)| model);
+        names.insert(model.to_string(), ());
+    }
+    names.into_keys().collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generation_names_split_back_into_model_names() {
+        assert_eq!(name("allow_v4_ports", 12), "allow_v4_ports.g12");
+        assert_eq!(split("allow_v4_ports.g12"), Some(("allow_v4_ports", 12)));
+        assert_eq!(split("egress.g1"), Some(("egress", 1)));
+        for plain in [
+            "egress",
+            "dns_v4",
+            "a.g",
+            ".g3",
+            "a.g03",
+            "a.g0x",
+            "a.g-1",
+            "a.g99999999999",
+        ] {
+            assert_eq!(split(plain), None, "{plain}");
+        }
+    }
+
+    #[test]
+    fn model_names_strip_generations_and_deduplicate() {
+        assert_eq!(
+            model_names(["allow_v4.g3", "allow_v4.g4", "dns_v4"].into_iter()),
+            vec!["allow_v4".to_string(), "dns_v4".to_string()]
+        );
+    }
+}
