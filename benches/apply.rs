@@ -95,6 +95,7 @@ fn policy(elements: usize) -> (Policy, CompileOptions) {
     let options = CompileOptions {
         resolvers: vec!["192.0.2.53".parse().unwrap()],
         nflog_group: 4711,
+        proxy: None,
     };
     (policy, options)
 }
@@ -194,6 +195,15 @@ fn nft_text(ruleset: &Ruleset) -> String {
                         "{} daddr . meta l4proto . th dport @{set}",
                         if *family == Family::V4 { "ip" } else { "ip6" }
                     ),
+                    Match::Daddr(addr) => {
+                        format!("{} daddr {addr}", if addr.is_ipv4() { "ip" } else { "ip6" })
+                    }
+                    Match::SaddrProtoSportInSet { family, set } => format!(
+                        "{} saddr . meta l4proto . th sport @{set}",
+                        if *family == Family::V4 { "ip" } else { "ip6" }
+                    ),
+                    Match::MarkIs(mark) => format!("meta mark {mark:#x}"),
+                    Match::MarkIsNot(mark) => format!("meta mark != {mark:#x}"),
                 });
             }
             for action in &rule.actions {
@@ -209,6 +219,8 @@ fn nft_text(ruleset: &Ruleset) -> String {
                         "reject with icmpx admin-prohibited".into()
                     }
                     Action::Jump(target) => format!("jump {target}"),
+                    Action::Redirect(port) => format!("redirect to :{port}"),
+                    Action::CtZoneSet(zone) => format!("ct zone set {zone}"),
                 });
             }
             let _ = writeln!(text, "    {} comment \"{}\"", words.join(" "), rule.id);

@@ -6,6 +6,7 @@
 //! - [`kernel`]: the only module that talks netlink; applies a `Ruleset` in one batch;
 //! - [`netns`]: runs work inside a sandbox's network namespace;
 //! - [`dns`]: the DNS proxy and resolver loop that fill the DNS-derived sets;
+//! - [`sandbox`]: one enforced sandbox at run time, the DNS layer's sink;
 //! - [`cli`]: the `netleash` command;
 //! - [`testbed`]: throwaway sandbox and world namespaces with servers, for the
 //!   privileged tests and `netleash demo`.
@@ -16,4 +17,5 @@ pub mod kernel;
 pub mod netns;
 pub mod policy;
 pub mod ruleset;
+pub mod sandbox;
 pub mod testbed;

@@ -12,9 +12,10 @@
 use std::fmt;
 use std::fs::File;
 use std::io;
-use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::net::{IpAddr, SocketAddr, TcpListener, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::mpsc;
 
 /// Where `ip netns add NAME` mounts its namespaces (iproute2 `NETNS_RUN_DIR`).
 pub const NETNS_RUN_DIR: &str = "/run/netns";
@@ -136,23 +137,7 @@ pub fn run_in<T: Send>(target: &Target, f: impl FnOnce() -> T + Send) -> Result<
         let worker = std::thread::Builder::new()
             .name("netleash-netns".into())
             .spawn_scoped(scope, move || -> Result<T, Error> {
-                // SAFETY: `file` is an open file descriptor owned by this closure for
-                // the duration of the call; setns only reads it. CLONE_NEWNET makes the
-                // kernel check that it refers to a network namespace. setns changes the
-                // namespace of the calling thread only, which is this worker thread.
-                let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-                if rc != 0 {
-                    let source = io::Error::last_os_error();
-                    return Err(if source.raw_os_error() == Some(libc::EINVAL) {
-                        Error::NotNetworkNamespace { path: thread_path }
-                    } else {
-                        Error::Enter {
-                            path: thread_path,
-                            source,
-                        }
-                    });
-                }
-                drop(file);
+                enter(file, thread_path)?;
                 Ok(f())
             })
             .map_err(|source| Error::Spawn {
@@ -164,6 +149,25 @@ pub fn run_in<T: Send>(target: &Target, f: impl FnOnce() -> T + Send) -> Result<
             message: panic_message(&panic),
         })
     })?
+}
+
+/// Move the calling thread into the namespace `file` (opened from `path`).
+/// Only for threads that exist for work in that namespace.
+fn enter(file: File, path: PathBuf) -> Result<(), Error> {
+    // SAFETY: `file` is an open file descriptor owned by this function for
+    // the duration of the call; setns only reads it. CLONE_NEWNET makes the
+    // kernel check that it refers to a network namespace. setns changes the
+    // namespace of the calling thread only.
+    let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+    if rc != 0 {
+        let source = io::Error::last_os_error();
+        return Err(if source.raw_os_error() == Some(libc::EINVAL) {
+            Error::NotNetworkNamespace { path }
+        } else {
+            Error::Enter { path, source }
+        });
+    }
+    Ok(())
 }
 
 fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
@@ -195,6 +199,121 @@ pub fn udp_socket(target: &Target, addr: SocketAddr) -> Result<UdpSocket, Error>
 /// A TCP listener bound to `addr` inside `target`.
 pub fn tcp_listener(target: &Target, addr: SocketAddr) -> Result<TcpListener, Error> {
     open_socket(target, move || TcpListener::bind(addr))
+}
+
+/// What a [`SocketFactory`] opens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SocketKind {
+    Udp,
+    Tcp,
+}
+
+/// A request to the factory thread: the socket to open and where the answer goes.
+struct SocketRequest {
+    family: IpAddr,
+    kind: SocketKind,
+    mark: Option<u32>,
+    reply: mpsc::SyncSender<io::Result<socket2::Socket>>,
+}
+
+/// A thread that lives inside one network namespace and opens sockets there
+/// on request, for a caller that needs sockets in the namespace often (the
+/// sidecar's upstream queries): a channel round trip per socket instead of a
+/// thread per socket. The thread ends when the factory is dropped.
+#[derive(Debug)]
+pub struct SocketFactory {
+    requests: mpsc::Sender<SocketRequest>,
+    path: PathBuf,
+}
+
+impl SocketFactory {
+    /// Start the factory thread in `target`; fails if the namespace cannot be entered.
+    pub fn start(target: &Target) -> Result<SocketFactory, Error> {
+        let (path, file) = open(target)?;
+        let (requests, incoming) = mpsc::channel::<SocketRequest>();
+        let (ready, entered) = mpsc::sync_channel(1);
+        let thread_path = path.clone();
+        std::thread::Builder::new()
+            .name("netleash-sockets".into())
+            .spawn(move || {
+                let result = enter(file, thread_path);
+                let failed = result.is_err();
+                let _ = ready.send(result);
+                if failed {
+                    return;
+                }
+                for request in incoming {
+                    let _ =
+                        request
+                            .reply
+                            .send(new_socket(request.family, request.kind, request.mark));
+                }
+            })
+            .map_err(|source| Error::Spawn {
+                path: path.clone(),
+                source,
+            })?;
+        match entered.recv() {
+            Ok(result) => result?,
+            Err(_) => {
+                return Err(Error::Panicked {
+                    path,
+                    message: "the socket thread ended before entering the namespace".into(),
+                });
+            }
+        }
+        Ok(SocketFactory { requests, path })
+    }
+
+    /// A new, unbound socket of `kind` for addresses of `family`'s family,
+    /// inside the namespace, close-on-exec, with `SO_MARK` set to `mark` if
+    /// given (socket(7): the mark is matched by `meta mark` in nftables).
+    pub fn open(
+        &self,
+        family: IpAddr,
+        kind: SocketKind,
+        mark: Option<u32>,
+    ) -> io::Result<socket2::Socket> {
+        let gone = || {
+            io::Error::other(format!(
+                "the socket thread for {} ended",
+                self.path.display()
+            ))
+        };
+        let (reply, answer) = mpsc::sync_channel(1);
+        self.requests
+            .send(SocketRequest {
+                family,
+                kind,
+                mark,
+                reply,
+            })
+            .map_err(|_| gone())?;
+        answer.recv().map_err(|_| gone())?
+    }
+
+    /// The namespace file this factory opens sockets in.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+fn new_socket(family: IpAddr, kind: SocketKind, mark: Option<u32>) -> io::Result<socket2::Socket> {
+    let domain = match family {
+        IpAddr::V4(_) => socket2::Domain::IPV4,
+        IpAddr::V6(_) => socket2::Domain::IPV6,
+    };
+    let (kind, protocol) = match kind {
+        SocketKind::Udp => (socket2::Type::DGRAM, socket2::Protocol::UDP),
+        SocketKind::Tcp => (socket2::Type::STREAM, socket2::Protocol::TCP),
+    };
+    // socket2 opens it close-on-exec.
+    let socket = socket2::Socket::new(domain, kind, Some(protocol))?;
+    if let Some(mark) = mark {
+        // SO_MARK needs CAP_NET_ADMIN in the namespace's user namespace (socket(7)).
+        socket.set_mark(mark)?;
+    }
+    Ok(socket)
 }
 
 #[cfg(test)]

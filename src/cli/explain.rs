@@ -274,6 +274,7 @@ mod tests {
         let options = CompileOptions {
             resolvers: vec!["192.0.2.53".parse().unwrap()],
             nflog_group: 7,
+            proxy: None,
         };
         let text = explain(&limited(), &options);
         let expected_table = "\

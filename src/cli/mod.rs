@@ -18,6 +18,7 @@ pub mod explain;
 pub mod netns_args;
 pub mod policy_args;
 pub mod remove;
+pub mod sidecar;
 pub mod status;
 
 pub const EXIT_OK: u8 = 0;
@@ -66,6 +67,8 @@ pub enum Command {
     Remove(remove::Args),
     /// Show enforcement with real connections in a throwaway sandbox.
     Demo(demo::Args),
+    /// Enforce a policy and run its filtering DNS proxy and resolver loop in a sandbox's namespace.
+    Sidecar(sidecar::Args),
 }
 
 /// Everything a subcommand can fail with; each variant knows its exit code.
@@ -96,6 +99,8 @@ pub enum Error {
         "{mismatches} of {total} observations do not match the policy: enforcement is not working here"
     )]
     DemoMismatch { mismatches: usize, total: usize },
+    #[error(transparent)]
+    Sidecar(Box<sidecar::Error>),
 }
 
 impl Error {
@@ -108,6 +113,7 @@ impl Error {
             | Error::Netns(_)
             | Error::Testbed(_)
             | Error::DemoMismatch { .. } => EXIT_SYSTEM_ERROR,
+            Error::Sidecar(err) => err.exit_code(),
         }
     }
 }
@@ -123,6 +129,7 @@ pub fn main() -> ExitCode {
         Command::Status(args) => status::run(args),
         Command::Remove(args) => remove::run(args),
         Command::Demo(args) => demo::run(args),
+        Command::Sidecar(args) => sidecar::run(args),
     };
     match result {
         Ok(code) => ExitCode::from(code),

@@ -155,6 +155,7 @@ impl PolicyArgs {
             CompileOptions {
                 resolvers,
                 nflog_group: self.nflog_group,
+                proxy: None,
             },
         ))
     }

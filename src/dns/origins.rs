@@ -103,6 +103,14 @@ impl AddressOrigins {
         self.lock().by_address.len()
     }
 
+    /// How many distinct names the remembered addresses were learned for.
+    pub fn name_count(&self) -> usize {
+        let inner = self.lock();
+        let names: std::collections::HashSet<&str> =
+            inner.by_address.values().map(|e| &*e.name).collect();
+        names.len()
+    }
+
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -131,6 +139,7 @@ mod tests {
         assert_eq!(origins.name_of(ip(1)).as_deref(), Some("a.org"));
         assert_eq!(origins.name_of(ip(2)).as_deref(), Some("b.org"));
         assert_eq!(origins.name_of(ip(3)), None);
+        assert_eq!(origins.name_count(), 2);
     }
 
     #[test]

@@ -23,13 +23,12 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use hickory_resolver::Resolver;
 use hickory_resolver::config::{
     ConnectionConfig, NameServerConfig, ResolveHosts, ResolverConfig, ResolverOpts,
 };
 use hickory_resolver::net::NetError;
-use hickory_resolver::net::runtime::TokioRuntimeProvider;
 use hickory_resolver::proto::rr::{Name, RecordType};
-use hickory_resolver::{Resolver, TokioResolver};
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 
@@ -39,7 +38,7 @@ use crate::dns::learn::{AddressSink, Learned, learned_for};
 use crate::dns::names::AllowedNames;
 use crate::dns::origins::AddressOrigins;
 use crate::dns::ttl::{self, TtlPolicy};
-use crate::dns::upstream::{UPSTREAM_ATTEMPTS, UPSTREAM_TIMEOUT};
+use crate::dns::upstream::{SocketsRuntime, UPSTREAM_ATTEMPTS, UPSTREAM_TIMEOUT, UpstreamSockets};
 use crate::dns::{error_chain, jitter};
 use crate::ruleset::NameBinding;
 
@@ -59,6 +58,8 @@ pub struct ResolverLoopConfig {
     pub query_timeout: Duration,
     /// Queries sent again after a failed one, within one lookup.
     pub query_retries: usize,
+    /// Where the loop's sockets come from (default: the process's namespace).
+    pub sockets: Option<Arc<dyn UpstreamSockets>>,
 }
 
 impl ResolverLoopConfig {
@@ -71,6 +72,7 @@ impl ResolverLoopConfig {
             max_addresses_per_name: MAX_ADDRESSES_PER_NAME,
             query_timeout: UPSTREAM_TIMEOUT,
             query_retries: UPSTREAM_ATTEMPTS as usize - 1,
+            sockets: None,
         }
     }
 }
@@ -140,7 +142,7 @@ struct Tracked {
 /// Shared by the lookup tasks.
 struct Shared {
     config: ResolverLoopConfig,
-    resolver: TokioResolver,
+    resolver: Resolver<SocketsRuntime>,
     sink: Arc<dyn AddressSink>,
     cache: Arc<AnswerCache>,
     origins: Arc<AddressOrigins>,
@@ -247,7 +249,7 @@ impl ResolverHandle {
     }
 }
 
-fn build_resolver(config: &ResolverLoopConfig) -> Result<TokioResolver, Error> {
+fn build_resolver(config: &ResolverLoopConfig) -> Result<Resolver<SocketsRuntime>, Error> {
     let servers = config
         .upstream
         .iter()
@@ -271,7 +273,7 @@ fn build_resolver(config: &ResolverLoopConfig) -> Result<TokioResolver, Error> {
     options.edns0 = true;
     Resolver::builder_with_config(
         ResolverConfig::from_name_servers(servers),
-        TokioRuntimeProvider::default(),
+        SocketsRuntime::new(config.sockets.clone()),
     )
     .with_options(options)
     .build()

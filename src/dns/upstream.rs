@@ -3,13 +3,19 @@
 //! back truncated (RFC 1035 §4.2.1, RFC 7766 §5).
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use hickory_proto::op::{Message, MessageType};
+use hickory_resolver::net::runtime::iocompat::AsyncIoTokioAsStd;
+use hickory_resolver::net::runtime::{
+    RuntimeProvider, TokioHandle, TokioRuntimeProvider, TokioTime,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
 use tokio::time::{Instant, timeout_at};
@@ -69,6 +75,85 @@ pub enum Error {
     NoNameserver { path: PathBuf },
 }
 
+/// Opens the sockets upstream queries go out on. Without one they are
+/// opened in the process's own network namespace; the sidecar gives one that
+/// opens them inside the sandbox's namespace, marked as the proxy's own, so
+/// the ruleset lets them through to the upstream unredirected.
+pub trait UpstreamSockets: Send + Sync + std::fmt::Debug {
+    /// A new UDP socket bound to `local`, for exchanges with `server`.
+    fn udp(&self, local: SocketAddr, server: SocketAddr) -> io::Result<std::net::UdpSocket>;
+    /// A new, unconnected TCP socket for a connection to `server`.
+    fn tcp(&self, server: SocketAddr) -> io::Result<tokio::net::TcpSocket>;
+}
+
+/// hickory's tokio runtime with its sockets opened through an
+/// [`UpstreamSockets`] when one is given, so the resolver loop's queries leave
+/// from where the proxy's do (hickory opens a socket per query).
+#[derive(Clone, Default)]
+pub struct SocketsRuntime {
+    tokio: TokioRuntimeProvider,
+    opener: Option<Arc<dyn UpstreamSockets>>,
+}
+
+impl SocketsRuntime {
+    pub fn new(opener: Option<Arc<dyn UpstreamSockets>>) -> Self {
+        SocketsRuntime {
+            tokio: TokioRuntimeProvider::default(),
+            opener,
+        }
+    }
+}
+
+type Boxed<T> = Pin<Box<dyn Send + Future<Output = io::Result<T>>>>;
+
+impl RuntimeProvider for SocketsRuntime {
+    type Handle = TokioHandle;
+    type Timer = TokioTime;
+    type Udp = UdpSocket;
+    type Tcp = AsyncIoTokioAsStd<TcpStream>;
+
+    fn create_handle(&self) -> Self::Handle {
+        self.tokio.create_handle()
+    }
+
+    fn connect_tcp(
+        &self,
+        server: SocketAddr,
+        bind: Option<SocketAddr>,
+        wait_for: Option<Duration>,
+    ) -> Boxed<Self::Tcp> {
+        let Some(opener) = self.opener.clone() else {
+            return self.tokio.connect_tcp(server, bind, wait_for);
+        };
+        Box::pin(async move {
+            let socket = opener.tcp(server)?;
+            if let Some(bind) = bind {
+                socket.bind(bind)?;
+            }
+            socket.set_nodelay(true)?;
+            let wait_for = wait_for.unwrap_or(UPSTREAM_TIMEOUT);
+            match tokio::time::timeout(wait_for, socket.connect(server)).await {
+                Ok(connected) => connected.map(AsyncIoTokioAsStd),
+                Err(_) => Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "TCP connect timed out",
+                )),
+            }
+        })
+    }
+
+    fn bind_udp(&self, local: SocketAddr, server: SocketAddr) -> Boxed<Self::Udp> {
+        let Some(opener) = self.opener.clone() else {
+            return self.tokio.bind_udp(local, server);
+        };
+        Box::pin(async move {
+            let socket = opener.udp(local, server)?;
+            socket.set_nonblocking(true)?;
+            UdpSocket::from_std(socket)
+        })
+    }
+}
+
 /// The upstream resolvers and how to ask them. Clones share one socket pool.
 #[derive(Debug, Clone)]
 pub struct Upstream {
@@ -76,6 +161,7 @@ pub struct Upstream {
     pub timeout: Duration,
     pub attempts: u32,
     sockets: Arc<SocketPool>,
+    opener: Option<Arc<dyn UpstreamSockets>>,
 }
 
 /// An answer from the upstream.
@@ -95,7 +181,16 @@ impl Upstream {
             timeout: UPSTREAM_TIMEOUT,
             attempts: UPSTREAM_ATTEMPTS,
             sockets: Arc::default(),
+            opener: None,
         }
+    }
+
+    /// Opens every socket through `opener` from now on. Idle sockets opened
+    /// before are dropped.
+    pub fn with_sockets(mut self, opener: Arc<dyn UpstreamSockets>) -> Self {
+        self.opener = Some(opener);
+        self.sockets = Arc::default();
+        self
     }
 
     /// Sends `query` and returns the first answer that belongs to it: same
@@ -112,10 +207,11 @@ impl Upstream {
         for attempt in 0..self.attempts.max(1) {
             let server = self.servers[attempt as usize % self.servers.len()];
             let deadline = Instant::now() + self.timeout;
-            match udp_attempt(&self.sockets, server, &wire, query, deadline).await {
+            let opener = self.opener.as_deref();
+            match udp_attempt(&self.sockets, opener, server, &wire, query, deadline).await {
                 Ok(Some(answer)) if answer.truncated => {
                     let deadline = Instant::now() + self.timeout;
-                    return tcp_exchange(server, &wire, query, deadline)
+                    return tcp_exchange(opener, server, &wire, query, deadline)
                         .await
                         .map_err(|source| Error::Tcp { server, source });
                 }
@@ -176,15 +272,15 @@ impl SocketPool {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    async fn take(&self, server: SocketAddr) -> io::Result<PooledSocket> {
+    async fn take(
+        &self,
+        opener: Option<&dyn UpstreamSockets>,
+        server: SocketAddr,
+    ) -> io::Result<PooledSocket> {
         if let Some(pooled) = self.idle().get_mut(&server).and_then(Vec::pop) {
             return Ok(pooled);
         }
-        let local: SocketAddr = match server.ip() {
-            IpAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
-            IpAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
-        };
-        let socket = UdpSocket::bind(local).await?;
+        let socket = bind_udp(opener, server).await?;
         // A connected socket only receives datagrams from the server, and an
         // ICMP port unreachable surfaces as ECONNREFUSED instead of a timeout.
         socket.connect(server).await?;
@@ -205,16 +301,46 @@ impl SocketPool {
     }
 }
 
+/// A UDP socket for `server` on a kernel-chosen port of the unspecified
+/// address, from `opener` if there is one.
+async fn bind_udp(
+    opener: Option<&dyn UpstreamSockets>,
+    server: SocketAddr,
+) -> io::Result<UdpSocket> {
+    let local: SocketAddr = match server.ip() {
+        IpAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
+        IpAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
+    };
+    let Some(opener) = opener else {
+        return UdpSocket::bind(local).await;
+    };
+    let socket = opener.udp(local, server)?;
+    socket.set_nonblocking(true)?;
+    UdpSocket::from_std(socket)
+}
+
+/// A TCP connection to `server`, through `opener` if there is one.
+async fn connect_tcp(
+    opener: Option<&dyn UpstreamSockets>,
+    server: SocketAddr,
+) -> io::Result<TcpStream> {
+    match opener {
+        None => TcpStream::connect(server).await,
+        Some(opener) => opener.tcp(server)?.connect(server).await,
+    }
+}
+
 /// One UDP attempt. `Ok(None)` when the deadline passes without a matching
 /// answer.
 async fn udp_attempt(
     pool: &SocketPool,
+    opener: Option<&dyn UpstreamSockets>,
     server: SocketAddr,
     wire: &[u8],
     query: &Message,
     deadline: Instant,
 ) -> io::Result<Option<UdpAnswer>> {
-    let mut pooled = pool.take(server).await?;
+    let mut pooled = pool.take(opener, server).await?;
     pooled.uses += 1;
     pooled.socket.send(wire).await?;
     let mut buffer = Vec::with_capacity(UDP_RECEIVE_BUFFER);
@@ -242,13 +368,14 @@ async fn udp_attempt(
 
 /// One exchange over a new TCP connection, length-prefixed (RFC 1035 §4.2.2).
 async fn tcp_exchange(
+    opener: Option<&dyn UpstreamSockets>,
     server: SocketAddr,
     wire: &[u8],
     query: &Message,
     deadline: Instant,
 ) -> io::Result<Exchange> {
     let timed_out = || io::Error::new(io::ErrorKind::TimedOut, "no answer before the deadline");
-    let mut stream = timeout_at(deadline, TcpStream::connect(server))
+    let mut stream = timeout_at(deadline, connect_tcp(opener, server))
         .await
         .map_err(|_| timed_out())??;
     stream.set_nodelay(true)?;

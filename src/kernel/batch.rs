@@ -92,6 +92,20 @@ pub enum Expr {
     Accept,
     Drop,
     Jump(String),
+    /// Constant data loaded into a register (`immediate reg N DATA`).
+    Immediate {
+        dreg: u32,
+        data: Vec<u8>,
+    },
+    /// `redir proto_min reg SREG`: the port comes from SREG.
+    Redirect {
+        sreg: u32,
+    },
+    /// `ct set KEY with reg SREG`.
+    CtSet {
+        key: u32,
+        sreg: u32,
+    },
 }
 
 impl Expr {
@@ -107,7 +121,9 @@ impl Expr {
             Expr::Counter => "counter",
             Expr::Log { .. } => "log",
             Expr::Reject(_) => "reject",
-            Expr::Accept | Expr::Drop | Expr::Jump(_) => "immediate",
+            Expr::Accept | Expr::Drop | Expr::Jump(_) | Expr::Immediate { .. } => "immediate",
+            Expr::Redirect { .. } => "redir",
+            Expr::CtSet { .. } => "ct",
         }
     }
 }
@@ -247,9 +263,17 @@ pub fn plan_rule(rule: &Rule) -> Vec<Expr> {
                     sreg: REG_1,
                 });
             }
+            Match::Daddr(_)
+            | Match::MarkIs(_)
+            | Match::MarkIsNot(_)
+            | Match::SaddrProtoSportInSet { .. } => plan_proxy_match(condition, &mut plan),
         }
     }
     for action in &rule.actions {
+        if let Action::Redirect(_) | Action::CtZoneSet(_) = action {
+            plan_proxy_action(action, &mut plan);
+            continue;
+        }
         plan.push(match action {
             Action::Counter => Expr::Counter,
             Action::Log { group, prefix } => Expr::Log {
@@ -260,10 +284,98 @@ pub fn plan_rule(rule: &Rule) -> Vec<Expr> {
             Action::Drop => Expr::Drop,
             Action::Reject(kind) => Expr::Reject(*kind),
             Action::Jump(chain) => Expr::Jump(chain.clone()),
+            Action::Redirect(_) | Action::CtZoneSet(_) => continue, // planned above
         });
     }
     plan
 }
+/// The matches of the DNS proxy's rules, laid out as nft 1.0.6 lays them out
+/// (`nft --debug=netlink`): `meta load mark => reg 1; cmp [n]eq reg 1 MARK`
+/// (the mark in host byte order), and for an address the family guard, the
+/// destination address and a compare.
+fn plan_proxy_match(condition: &Match, plan: &mut Vec<Expr>) {
+    let mark = |plan: &mut Vec<Expr>| {
+        plan.push(Expr::Meta {
+            key: libc::NFT_META_MARK as u32,
+            dreg: REG_1,
+        })
+    };
+    match condition {
+        Match::MarkIs(value) => {
+            mark(plan);
+            plan.push(Expr::CmpEq(value.to_ne_bytes().to_vec()));
+        }
+        Match::MarkIsNot(value) => {
+            mark(plan);
+            plan.push(Expr::CmpNeq(value.to_ne_bytes().to_vec()));
+        }
+        Match::Daddr(addr) => {
+            let family = Family::of(addr);
+            family_guard(family, plan);
+            plan.push(load_daddr(family, REG_1));
+            plan.push(Expr::CmpEq(match addr {
+                std::net::IpAddr::V4(v4) => v4.octets().to_vec(),
+                std::net::IpAddr::V6(v6) => v6.octets().to_vec(),
+            }));
+        }
+        Match::SaddrProtoSportInSet { family, set } => {
+            // saddr . l4proto . sport, laid out like a daddr . l4proto . dport key.
+            family_guard(*family, plan);
+            let (offset, len, after_addr) = match family {
+                Family::V4 => (IPV4_SADDR_OFFSET, 4, 1),
+                Family::V6 => (IPV6_SADDR_OFFSET, 16, 4),
+            };
+            plan.push(Expr::Payload {
+                base: libc::NFT_PAYLOAD_NETWORK_HEADER as u32,
+                offset,
+                len,
+                dreg: REG_1,
+            });
+            plan.push(Expr::Meta {
+                key: libc::NFT_META_L4PROTO as u32,
+                dreg: reg32(after_addr),
+            });
+            plan.push(load_transport(TH_SPORT_OFFSET, 2, reg32(after_addr + 1)));
+            plan.push(Expr::Lookup {
+                set: set.clone(),
+                sreg: REG_1,
+            });
+        }
+        other => unreachable!("not a DNS proxy match: {other:?}"),
+    }
+}
+
+/// Offsets of the source address (RFC 791, RFC 8200) and port.
+const IPV4_SADDR_OFFSET: u32 = 12;
+const IPV6_SADDR_OFFSET: u32 = 8;
+const TH_SPORT_OFFSET: u32 = 0;
+
+/// The actions of the DNS proxy's rules, as nft 1.0.6 sends them: the value
+/// into register 1 (`immediate`), then the statement that reads it.
+/// - `redirect to :PORT`: the port in network byte order, then `redir` with
+///   NF_NAT_RANGE_PROTO_SPECIFIED;
+/// - `ct zone set ZONE`: the zone as a host-order u16, then `ct set zone`.
+fn plan_proxy_action(action: &Action, plan: &mut Vec<Expr>) {
+    let (data, statement) = match action {
+        Action::Redirect(port) => (port.to_be_bytes(), Expr::Redirect { sreg: REG_1 }),
+        Action::CtZoneSet(zone) => (
+            zone.to_ne_bytes(),
+            Expr::CtSet {
+                key: libc::NFT_CT_ZONE as u32,
+                sreg: REG_1,
+            },
+        ),
+        other => unreachable!("not a DNS proxy action: {other:?}"),
+    };
+    plan.push(Expr::Immediate {
+        dreg: REG_1,
+        data: data.to_vec(),
+    });
+    plan.push(statement);
+}
+
+/// `NF_NAT_RANGE_PROTO_SPECIFIED` (include/uapi/linux/netfilter/nf_nat.h).
+const NF_NAT_RANGE_PROTO_SPECIFIED: u32 = 1 << 1;
 
 /// A rule's expressions as the read-back compares them: the kernel name of
 /// each, with the set a named lookup refers to and the chain a jump goes to
@@ -291,6 +403,7 @@ fn base_hook(base: BaseChain) -> BaseHook {
         hook: generation::hook_number(base.hook),
         priority: base.priority,
         policy: generation::policy_number(base.policy),
+        chain_type: generation::chain_type(base.kind),
     }
 }
 
@@ -510,6 +623,18 @@ impl<'a> Builder<'a> {
             Expr::Drop => rule.add_expr(&Verdict::Drop),
             Expr::Jump(target) => rule.add_expr(&Verdict::Jump {
                 chain: cstring(&self.naming.chain(target))?,
+            }),
+            Expr::Immediate { dreg, data } => rule.add_expr(&ffi::ImmediateData {
+                dreg: *dreg,
+                data: data.clone(),
+            }),
+            Expr::Redirect { sreg } => rule.add_expr(&ffi::Redirect {
+                sreg_proto_min: *sreg,
+                flags: NF_NAT_RANGE_PROTO_SPECIFIED,
+            }),
+            Expr::CtSet { key, sreg } => rule.add_expr(&ffi::CtSet {
+                key: *key,
+                sreg: *sreg,
             }),
         }
         Ok(())

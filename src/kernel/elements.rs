@@ -390,33 +390,50 @@ pub(super) fn update(netlink: &mut Netlink, updates: &[SetUpdate]) -> Result<(),
             name: update.set.clone(),
         })?;
         let mut message = SetMsg::existing(&table, &name);
-        let (elements, op, timeout) = match &update.change {
-            SetChange::Add { elements, timeout } => (elements, ElementOp::Add, *timeout),
-            SetChange::Delete { elements } => (elements, ElementOp::Destroy, None),
-        };
-        if timeout.is_some() && !set.timeout {
-            return Err(Error::InvalidElement {
-                set: update.set.clone(),
-                element: elements.first().map(describe_model).unwrap_or_default(),
-                reason: "the set has no timeout flag, so its elements cannot expire".into(),
-            });
-        }
-        let timeout_ms = timeout.map(|t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX).max(1));
-        for element in elements {
-            for mut raw in encode(&update.set, set.key, set.interval, element)? {
-                if !raw.interval_end {
-                    raw.timeout_ms = timeout_ms;
-                    // The expiration is what the kernel counts down; sending it
-                    // with the timeout refreshes an existing element even when
-                    // its timeout is unchanged.
-                    raw.expiration_ms = timeout_ms;
-                }
-                message.push(&raw);
-            }
+        let (encoded, op) = encode_update(update, set.key, set.interval, set.timeout)?;
+        for raw in &encoded {
+            message.push(raw);
         }
         transaction.add_elements(&message, op, Object::Elements(update.set.clone()));
     }
     netlink.commit(transaction)
+}
+
+/// The kernel elements of `update` to a set with key `key` and the interval
+/// and timeout flags `interval` and `timeout_flag`, and the operation that
+/// applies them.
+pub(super) fn encode_update(
+    update: &SetUpdate,
+    key: SetKey,
+    interval: bool,
+    timeout_flag: bool,
+) -> Result<(Vec<RawElement>, ElementOp), Error> {
+    let (elements, op, timeout) = match &update.change {
+        SetChange::Add { elements, timeout } => (elements, ElementOp::Add, *timeout),
+        SetChange::Delete { elements } => (elements, ElementOp::Destroy, None),
+    };
+    if timeout.is_some() && !timeout_flag {
+        return Err(Error::InvalidElement {
+            set: update.set.clone(),
+            element: elements.first().map(describe_model).unwrap_or_default(),
+            reason: "the set has no timeout flag, so its elements cannot expire".into(),
+        });
+    }
+    let timeout_ms = timeout.map(|t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX).max(1));
+    let mut encoded = Vec::with_capacity(elements.len());
+    for element in elements {
+        for mut raw in encode(&update.set, key, interval, element)? {
+            if !raw.interval_end {
+                raw.timeout_ms = timeout_ms;
+                // The expiration is what the kernel counts down; sending it
+                // with the timeout refreshes an existing element even when
+                // its timeout is unchanged.
+                raw.expiration_ms = timeout_ms;
+            }
+            encoded.push(raw);
+        }
+    }
+    Ok((encoded, op))
 }
 
 #[cfg(test)]

@@ -191,6 +191,8 @@ pub struct BaseHook {
     pub priority: i32,
     /// `NF_ACCEPT` / `NF_DROP`.
     pub policy: u32,
+    /// `NFTA_CHAIN_TYPE`: `filter` or `nat`.
+    pub chain_type: &'static CStr,
 }
 
 /// `chain inet TABLE NAME`: a regular chain, or a base chain of type
@@ -218,7 +220,11 @@ impl ChainMsg {
             if let Some(base) = base {
                 sys::nftnl_chain_set_u32(raw, sys::NFTNL_CHAIN_HOOKNUM as u16, base.hook);
                 sys::nftnl_chain_set_s32(raw, sys::NFTNL_CHAIN_PRIO as u16, base.priority);
-                sys::nftnl_chain_set_str(raw, sys::NFTNL_CHAIN_TYPE as u16, c"filter".as_ptr());
+                sys::nftnl_chain_set_str(
+                    raw,
+                    sys::NFTNL_CHAIN_TYPE as u16,
+                    base.chain_type.as_ptr(),
+                );
                 sys::nftnl_chain_set_u32(raw, sys::NFTNL_CHAIN_POLICY as u16, base.policy);
             }
         }
@@ -627,6 +633,75 @@ impl Expression for Log {
             let raw = expr.as_ptr();
             sys::nftnl_expr_set_u16(raw, sys::NFTNL_EXPR_LOG_GROUP as u16, self.group);
             sys::nftnl_expr_set_str(raw, sys::NFTNL_EXPR_LOG_PREFIX as u16, self.prefix.as_ptr());
+        }
+        expr
+    }
+}
+
+/// `immediate reg DREG DATA`: loads constant data into a register (the
+/// verdict form is nftnl's `Verdict`).
+pub struct ImmediateData {
+    pub dreg: u32,
+    pub data: Vec<u8>,
+}
+
+impl Expression for ImmediateData {
+    fn to_expr(&self, _rule: &nftnl::Rule) -> NonNull<sys::nftnl_expr> {
+        let expr = new_expr(c"immediate");
+        // SAFETY: `expr` is a valid immediate expression; libnftnl copies the
+        // data (at most 16 bytes, one register; the caller passes 2).
+        unsafe {
+            let raw = expr.as_ptr();
+            sys::nftnl_expr_set_u32(raw, sys::NFTNL_EXPR_IMM_DREG as u16, self.dreg);
+            sys::nftnl_expr_set(
+                raw,
+                sys::NFTNL_EXPR_IMM_DATA as u16,
+                self.data.as_ptr().cast(),
+                self.data.len() as u32,
+            );
+        }
+        expr
+    }
+}
+
+/// `redir proto_min reg SREG flags FLAGS`: redirect to the port in SREG on
+/// the host itself (nft_redir).
+pub struct Redirect {
+    pub sreg_proto_min: u32,
+    pub flags: u32,
+}
+
+impl Expression for Redirect {
+    fn to_expr(&self, _rule: &nftnl::Rule) -> NonNull<sys::nftnl_expr> {
+        let expr = new_expr(c"redir");
+        // SAFETY: `expr` is a valid redir expression; integer setters copy their value.
+        unsafe {
+            let raw = expr.as_ptr();
+            sys::nftnl_expr_set_u32(
+                raw,
+                sys::NFTNL_EXPR_REDIR_REG_PROTO_MIN as u16,
+                self.sreg_proto_min,
+            );
+            sys::nftnl_expr_set_u32(raw, sys::NFTNL_EXPR_REDIR_FLAGS as u16, self.flags);
+        }
+        expr
+    }
+}
+
+/// `ct set KEY with reg SREG`: sets conntrack metadata (e.g. the zone) from a register.
+pub struct CtSet {
+    pub key: u32,
+    pub sreg: u32,
+}
+
+impl Expression for CtSet {
+    fn to_expr(&self, _rule: &nftnl::Rule) -> NonNull<sys::nftnl_expr> {
+        let expr = new_expr(c"ct");
+        // SAFETY: `expr` is a valid ct expression; integer setters copy their value.
+        unsafe {
+            let raw = expr.as_ptr();
+            sys::nftnl_expr_set_u32(raw, sys::NFTNL_EXPR_CT_KEY as u16, self.key);
+            sys::nftnl_expr_set_u32(raw, sys::NFTNL_EXPR_CT_SREG as u16, self.sreg);
         }
         expr
     }

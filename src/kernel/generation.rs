@@ -57,11 +57,13 @@
 //! the whole table, by nft, or half changed by another program) is replaced as
 //! a whole once, with a warning; from then on re-applies swap generations.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
+use std::ffi::CStr;
 
 use super::readback::{KernelChain, KernelSet, KernelTable};
 use super::{elements, ffi};
-use crate::ruleset::{ChainPolicy, Hook, Ruleset, Set, SetRole};
+use crate::ruleset::{Action, Chain, ChainKind, ChainPolicy, Hook, Rule, Ruleset, Set, SetRole};
 
 /// Separates a model name from its generation number in kernel names.
 pub const SEPARATOR: &str = ".g";
@@ -89,6 +91,54 @@ pub fn split(kernel: &str) -> Option<(&str, u32)> {
 pub fn persistent_set(set: &Set) -> bool {
     set.role == SetRole::DnsAllow
 }
+
+/// The form of `ruleset` that the kernel holds: every base chain with one
+/// rule, a jump into a regular chain. The compiler's `output` and `forward`
+/// chains already are (`jump egress`); a base chain with rules of its own
+/// (the DNS proxy's `dns-redirect`, `dns-zone-output`, `dns-zone-replies`)
+/// gets them moved into a regular chain `NAME-body`, which is a generation
+/// object like `egress`, so they are swapped with the generation too. Rules in
+/// a regular chain run in the hook of the base chain that jumps to them: a
+/// `redirect` reached from a nat base chain is valid
+/// (`nft_chain_validate_dependency` checks the base chain the walk started
+/// from), and a `ct zone set` reached from a raw-priority chain still runs
+/// before conntrack.
+pub fn entry_form(ruleset: &Ruleset) -> Cow<'_, Ruleset> {
+    let is_entry = |chain: &Chain| {
+        matches!(chain.rules.as_slice(), [rule]
+            if rule.matches.is_empty() && matches!(rule.actions.as_slice(), [Action::Jump(_)]))
+    };
+    if ruleset
+        .chains
+        .iter()
+        .all(|chain| chain.base.is_none() || is_entry(chain))
+    {
+        return Cow::Borrowed(ruleset);
+    }
+    let mut form = ruleset.clone();
+    let (mut regular, mut bases): (Vec<Chain>, Vec<Chain>) =
+        form.chains.drain(..).partition(|c| c.base.is_none());
+    for base in bases.iter_mut().filter(|c| !is_entry(c)) {
+        let body = format!("{}{BODY_SUFFIX}", base.name);
+        regular.push(Chain {
+            name: body.clone(),
+            base: None,
+            rules: std::mem::take(&mut base.rules),
+        });
+        base.rules = vec![Rule {
+            id: body.clone(),
+            description: format!("{} traffic goes through its rules in {body}", base.name),
+            matches: Vec::new(),
+            actions: vec![Action::Jump(body)],
+        }];
+    }
+    regular.extend(bases);
+    form.chains = regular;
+    Cow::Owned(form)
+}
+
+/// Suffix of the regular chain that holds a base chain's own rules.
+pub const BODY_SUFFIX: &str = "-body";
 
 /// The kernel names of a model's objects in one generation.
 pub struct Naming<'a> {
@@ -125,6 +175,17 @@ pub fn hook_number(hook: Hook) -> u32 {
     match hook {
         Hook::Output => libc::NF_INET_LOCAL_OUT as u32,
         Hook::Forward => libc::NF_INET_FORWARD as u32,
+        Hook::Prerouting => libc::NF_INET_PRE_ROUTING as u32,
+    }
+}
+
+/// The kernel's name of a base chain type (`NFTA_CHAIN_TYPE`): a raw chain
+/// is a filter chain at the raw priority. The kernel has taken nat chains in
+/// inet tables since Linux 5.2.
+pub fn chain_type(kind: ChainKind) -> &'static CStr {
+    match kind {
+        ChainKind::Filter | ChainKind::Raw => c"filter",
+        ChainKind::Nat => c"nat",
     }
 }
 
@@ -233,7 +294,7 @@ pub fn approach(model: &Ruleset, table: Option<&KernelTable>) -> Result<Approach
         };
         let same_hook = kernel.hook == Some(hook_number(base.hook))
             && kernel.priority == Some(base.priority)
-            && kernel.chain_type.as_deref() == Some("filter");
+            && kernel.chain_type.as_deref() == chain_type(base.kind).to_str().ok();
         if !same_hook {
             return replace(format!(
                 "its base chain {:?} has another hook, priority or type",
@@ -275,6 +336,7 @@ pub fn approach(model: &Ruleset, table: Option<&KernelTable>) -> Result<Approach
                 hook: hook_number(base.hook),
                 priority: base.priority,
                 policy,
+                chain_type: chain_type(base.kind),
             },
             id: rule.id.clone(),
             target,

@@ -26,6 +26,7 @@ mod batch;
 mod elements;
 mod ffi;
 mod generation;
+mod learned;
 mod netlink;
 mod readback;
 
@@ -33,6 +34,7 @@ use std::ffi::CString;
 use std::io;
 
 pub use elements::{SetChange, SetUpdate};
+pub use learned::{HeldElement, carry_updates};
 pub use readback::{ChainStatus, Difference, RuleCounter, SetStatus, TableStatus};
 
 use crate::netns;
@@ -246,7 +248,7 @@ impl Session {
     /// (another program changed it in between, or a bug), the previous
     /// generation is put back in force and the error lists every difference.
     pub fn apply(&mut self, ruleset: &Ruleset) -> Result<ApplyReport, Error> {
-        self.apply_verified(ruleset, ruleset)
+        self.apply_verified(ruleset, ruleset, &[])
     }
 
     /// [`Session::apply`], verified against `expected` instead of `ruleset`
@@ -255,7 +257,10 @@ impl Session {
         &mut self,
         ruleset: &Ruleset,
         expected: &Ruleset,
+        carried: &[SetUpdate],
     ) -> Result<ApplyReport, Error> {
+        let ruleset = &*generation::entry_form(ruleset);
+        let expected = &*generation::entry_form(expected);
         for restarts in 0..ATTEMPTS {
             let snapshot = match self.known.take() {
                 Some(known) => known,
@@ -263,7 +268,7 @@ impl Session {
             };
             let outcome = match generation::approach(ruleset, snapshot.table.as_ref())? {
                 Approach::Create => {
-                    self.apply_whole(ruleset, expected, snapshot.genid, Method::Create)
+                    self.apply_whole(ruleset, expected, carried, snapshot.genid, Method::Create)
                 }
                 Approach::Replace { reason } => {
                     tracing::warn!(
@@ -273,11 +278,12 @@ impl Session {
                     self.apply_whole(
                         ruleset,
                         expected,
+                        carried,
                         snapshot.genid,
                         Method::Replace { reason },
                     )
                 }
-                Approach::Swap(swap) => self.apply_swap(ruleset, expected, snapshot, swap),
+                Approach::Swap(swap) => self.apply_swap(ruleset, expected, carried, snapshot, swap),
             };
             match outcome {
                 Ok(mut report) => {
@@ -345,13 +351,15 @@ impl Session {
         &mut self,
         ruleset: &Ruleset,
         expected: &Ruleset,
+        carried: &[SetUpdate],
         genid: u32,
         method: Method,
     ) -> Result<ApplyReport, Error> {
-        let transaction = match method {
+        let mut transaction = match method {
             Method::Create => batch::create_table(ruleset)?,
             _ => batch::replace_table(ruleset)?,
         };
+        learned::add_carried(&mut transaction, ruleset, 1, carried)?;
         self.commit_at(transaction, genid)?;
         let (genid, table, differences) = self.read_and_compare(expected, 1)?;
         if !differences.is_empty() {
@@ -376,6 +384,7 @@ impl Session {
         &mut self,
         ruleset: &Ruleset,
         expected: &Ruleset,
+        carried: &[SetUpdate],
         snapshot: Snapshot,
         swap: Swap,
     ) -> Result<ApplyReport, Error> {
@@ -384,7 +393,7 @@ impl Session {
         // jumps into it, so it changes no packet's fate, and the next apply's
         // cleanup deletes it. (Deleting it here could race with another
         // apply that staged a generation of the same number meanwhile.)
-        self.swap_in(ruleset, &swap, next_genid(snapshot.genid))?;
+        self.swap_in(ruleset, &swap, carried, next_genid(snapshot.genid))?;
         let (genid, table, differences) = self.read_and_compare(expected, swap.to)?;
         if !differences.is_empty() {
             let rollback = self.roll_back(ruleset, &swap, genid);
@@ -408,9 +417,20 @@ impl Session {
     /// The swap transaction, retried while only other changes (e.g. DNS set
     /// updates) came between the stage and the swap: the generation in force
     /// is still `swap.from` and the staged one is complete.
-    fn swap_in(&mut self, ruleset: &Ruleset, swap: &Swap, mut genid: u32) -> Result<(), Error> {
+    fn swap_in(
+        &mut self,
+        ruleset: &Ruleset,
+        swap: &Swap,
+        carried: &[SetUpdate],
+        mut genid: u32,
+    ) -> Result<(), Error> {
         for _ in 0..ATTEMPTS {
-            match self.commit_at(batch::swap(ruleset, swap.to, &swap.tighten)?, genid) {
+            let mut transaction = batch::swap(ruleset, swap.to, &swap.tighten)?;
+            // Carried elements go into the (persistent) DNS sets with the
+            // swap: hash set elements are generation-masked like rules, so
+            // packets see them together with the new generation.
+            learned::add_carried(&mut transaction, ruleset, swap.to, carried)?;
+            match self.commit_at(transaction, genid) {
                 Err(Error::RulesetChanged) => {}
                 other => return other,
             }
@@ -549,6 +569,7 @@ impl Session {
     /// the transactions that would put it in force, as one, without
     /// committing it. Nothing changes.
     pub fn plan(&mut self, ruleset: &Ruleset) -> Result<Plan, Error> {
+        let ruleset = &*generation::entry_form(ruleset);
         for _ in 0..ATTEMPTS {
             let snapshot = readback::read_table(&mut self.netlink, Detail::Full)?;
             let table = snapshot.table.as_ref();
@@ -841,7 +862,7 @@ mod tests {
             .unwrap();
 
         // Generation 2 holds `b`, but is verified against `a`: it must not stay.
-        let err = session.apply_verified(&b, &a).unwrap_err();
+        let err = session.apply_verified(&b, &a, &[]).unwrap_err();
         let rollback = rollback_text(err);
         assert!(
             rollback.contains("generation 1) was put back in force and generation 2 deleted"),
@@ -876,7 +897,7 @@ mod tests {
         let limited = compile(Mode::Limited, &["198.51.100.0/24"]);
         let mut session = Session::open(&ns.target()).unwrap();
         session.apply(&open).unwrap();
-        let rollback = rollback_text(session.apply_verified(&limited, &open).unwrap_err());
+        let rollback = rollback_text(session.apply_verified(&limited, &open, &[]).unwrap_err());
         assert!(rollback.contains("was put back"), "{rollback}");
         let status = session.status().unwrap().unwrap();
         assert_eq!(status.generation, Some(1));

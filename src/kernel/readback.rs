@@ -24,7 +24,7 @@ use super::ffi::{self, ParsedExpr, ParsedSet, RawElement, Reference, Request};
 use super::generation;
 use super::netlink::Netlink;
 use super::{Error, batch, table_name};
-use crate::ruleset::{Ruleset, SetRole, TABLE_NAME};
+use crate::ruleset::{ChainKind, Ruleset, SetRole, TABLE_NAME};
 
 /// How often a read is retried when the ruleset changes under it.
 const READ_ATTEMPTS: usize = 5;
@@ -623,6 +623,11 @@ fn chain_shape(
     }
 }
 
+/// The kernel's name of a base chain type (`NFTA_CHAIN_TYPE`).
+fn chain_type_name(kind: ChainKind) -> &'static str {
+    generation::chain_type(kind).to_str().unwrap_or("?")
+}
+
 pub fn hook_name(hook: u32) -> &'static str {
     match hook as i32 {
         libc::NF_INET_PRE_ROUTING => "prerouting",
@@ -713,7 +718,7 @@ pub fn differences(model: &Ruleset, kernel: &KernelTable) -> Result<Vec<Differen
                 Some(generation::hook_number(base.hook)),
                 Some(base.priority),
                 Some(generation::policy_number(base.policy)),
-                Some("filter"),
+                Some(chain_type_name(base.kind)),
             ),
         };
         let have = chain_shape(kc.hook, kc.priority, kc.policy, kc.chain_type.as_deref());
@@ -915,7 +920,7 @@ mod tests {
                     hook: c.base.map(|b| generation::hook_number(b.hook)),
                     priority: c.base.map(|b| b.priority),
                     policy: c.base.map(|b| generation::policy_number(b.policy)),
-                    chain_type: c.base.map(|_| "filter".to_string()),
+                    chain_type: c.base.map(|b| chain_type_name(b.kind).to_string()),
                     comment: (generation.is_some() && c.base.is_none())
                         .then(|| model.digest.clone()),
                     rules: c

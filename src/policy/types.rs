@@ -10,7 +10,7 @@
 
 use std::collections::BTreeSet;
 use std::fmt;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use ipnet::IpNet;
 
@@ -203,6 +203,30 @@ pub struct CompileOptions {
     pub resolvers: Vec<IpAddr>,
     /// nflog group denied packets are logged to.
     pub nflog_group: u16,
+    /// The sidecar's filtering DNS proxy, if one serves the sandbox: then all
+    /// of the sandbox's DNS is redirected to it, and only the proxy may talk
+    /// to the upstream resolvers.
+    pub proxy: Option<ProxyOptions>,
+}
+
+/// Where the sidecar's DNS proxy listens, and how its own queries are told
+/// apart from the sandbox's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProxyOptions {
+    /// The port the proxy listens on at 127.0.0.1 and ::1 inside the sandbox.
+    pub port: u16,
+    /// The packet mark (SO_MARK) on the proxy's upstream sockets. Marked DNS
+    /// is neither redirected nor denied; the sandbox's own processes cannot
+    /// set it without CAP_NET_ADMIN.
+    pub mark: u32,
+    /// The upstream DNS servers the proxy queries, with their ports; DNS to
+    /// them is allowed for marked packets only.
+    pub upstreams: Vec<SocketAddr>,
+    /// The conntrack zone of the proxy's upstream connections (never 0, the
+    /// zone of everything else), so that no packet of the sandbox can ever
+    /// join one of them: a sandbox socket that reuses a source port the proxy
+    /// used gets a connection of its own, which is redirected like any other.
+    pub zone: u16,
 }
 
 impl Default for CompileOptions {
@@ -210,6 +234,7 @@ impl Default for CompileOptions {
         CompileOptions {
             resolvers: Vec::new(),
             nflog_group: DEFAULT_NFLOG_GROUP,
+            proxy: None,
         }
     }
 }

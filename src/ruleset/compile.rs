@@ -17,6 +17,28 @@
 //! 7. everything else is denied: counted, logged to nflog and rejected.
 //!
 //! In unrestricted mode the chain holds steps 1–3 and the base chains accept.
+//!
+//! With a DNS proxy (the sidecar; `CompileOptions::proxy`), in limited mode:
+//! - a nat chain on the output hook redirects every UDP and TCP packet to
+//!   port 53 that does not carry the proxy's mark to the proxy (127.0.0.1 or
+//!   ::1 at the proxy's port), whatever resolver address it was sent to;
+//! - step 1 gains the `dns-proxy-*` rules that accept those redirected
+//!   packets. They are needed because the filter chain runs on the same
+//!   hook as the redirect and sees the output interface the packet was
+//!   routed to before it was rewritten (`nf_hook_state.out` is set once per
+//!   hook, before its chains run), so the loopback rule does not match them;
+//! - step 5 accepts DNS to the resolvers only from the proxy's own marked
+//!   sockets, so nothing else in the sandbox reaches the upstream directly;
+//! - the proxy's upstream connections are tracked in a conntrack zone of
+//!   their own (raw chains on output, by the mark, and on prerouting, for
+//!   the replies from the upstreams). Without it a sandbox socket that
+//!   reused a source port the proxy had used would find the proxy's
+//!   connection in conntrack, skip the redirect (nat only sees a
+//!   connection's first packet) and pass as established: a way around the
+//!   proxy. With it, that socket gets a connection of its own, redirected;
+//! - before step 4, an unmarked packet to port 53 that was not redirected
+//!   (so it belongs to a connection that was not the sandbox's own) is
+//!   denied, as a second line behind the zones.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
@@ -25,7 +47,7 @@ use ipnet::IpNet;
 use sha2::{Digest, Sha256};
 
 use super::model::*;
-use crate::policy::{CompileOptions, HostRule, Mode, Policy, Ports, Proto, Target};
+use crate::policy::{CompileOptions, HostRule, Mode, Policy, Ports, Proto, ProxyOptions, Target};
 
 /// ICMPv6 types a sandbox must be able to send for IPv6 to work at all:
 /// router solicitation (133), neighbour solicitation (135) and advertisement
@@ -41,6 +63,22 @@ pub const LOG_PREFIX: &str = "netleash deny ";
 
 pub const DENY_CHAIN: &str = "deny";
 pub const EGRESS_CHAIN: &str = "egress";
+/// The nat chain that sends the sandbox's DNS to the proxy (with a proxy only).
+pub const DNS_REDIRECT_CHAIN: &str = "dns-redirect";
+
+/// The priority of the DNS redirect: nft's `dstnat` (-100), before the
+/// filter chains (0), as destination NAT always is.
+pub const DNS_REDIRECT_PRIORITY: i32 = -100;
+
+/// The raw chains that put the proxy's upstream connections into their conntrack zone.
+pub const PROXY_ZONE_OUTPUT_CHAIN: &str = "dns-zone-output";
+pub const PROXY_ZONE_REPLIES_CHAIN: &str = "dns-zone-replies";
+
+/// nft's `raw` priority: before conntrack (-200), where a zone must be set.
+pub const RAW_PRIORITY: i32 = -300;
+
+/// The port DNS is served on (RFC 1035 §4.2).
+const DNS_PORT: u16 = 53;
 
 /// Name of a set, by role, family and whether its key carries ports.
 pub fn set_name(role: SetRole, family: Family, ported: bool) -> String {
@@ -90,6 +128,10 @@ pub fn compile(policy: &Policy, options: &CompileOptions) -> Ruleset {
         }
     }
 
+    // The proxy only matters where DNS is filtered: in unrestricted mode every
+    // name is allowed and the sandbox's DNS goes where it was sent.
+    let proxy = options.proxy.as_ref().filter(|_| limited);
+
     let mut sets = Vec::new();
     let blocklist: Vec<IpNet> = policy.blocklist.iter().map(|b| b.net).collect();
     for family in FAMILIES {
@@ -109,12 +151,16 @@ pub fn compile(policy: &Policy, options: &CompileOptions) -> Ruleset {
         sets.extend(limited_sets(&nets, options));
     }
 
-    let chains = vec![
+    let mut chains = vec![
         deny_chain(options.nflog_group),
-        egress_chain(limited),
+        egress_chain(limited, proxy),
         base_chain("output", Hook::Output, limited),
         base_chain("forward", Hook::Forward, limited),
     ];
+    if let Some(proxy) = proxy {
+        chains.extend(proxy_zone_chains(proxy));
+        chains.push(dns_redirect_chain(proxy));
+    }
 
     Ruleset {
         mode: policy.mode,
@@ -155,8 +201,14 @@ fn limited_sets(nets: &AllowedNets, options: &CompileOptions) -> Vec<Set> {
         let mut resolvers: BTreeSet<Element> = BTreeSet::new();
         for addr in options.resolvers.iter().filter(|a| Family::of(a) == family) {
             let host = IpNet::from(*addr);
-            resolvers.insert(Element::AddrProtoPort(host, Proto::Udp, 53));
-            resolvers.insert(Element::AddrProtoPort(host, Proto::Tcp, 53));
+            resolvers.insert(Element::AddrProtoPort(host, Proto::Udp, DNS_PORT));
+            resolvers.insert(Element::AddrProtoPort(host, Proto::Tcp, DNS_PORT));
+        }
+        let upstreams = options.proxy.iter().flat_map(|p| &p.upstreams);
+        for server in upstreams.filter(|s| Family::of(&s.ip()) == family) {
+            let host = IpNet::from(server.ip());
+            resolvers.insert(Element::AddrProtoPort(host, Proto::Udp, server.port()));
+            resolvers.insert(Element::AddrProtoPort(host, Proto::Tcp, server.port()));
         }
         sets.push(Set {
             name: set_name(SetRole::Resolvers, family, true),
@@ -258,14 +310,17 @@ fn deny_actions() -> Vec<Action> {
     vec![Action::Counter, Action::Jump(DENY_CHAIN.to_string())]
 }
 
-fn egress_chain(limited: bool) -> Chain {
-    let mut rules = vec![
-        Rule {
-            id: "loopback".into(),
-            description: "traffic to the sandbox's own loopback interface".into(),
-            matches: vec![Match::OifLoopback],
-            actions: vec![Action::Accept],
-        },
+fn egress_chain(limited: bool, proxy: Option<&ProxyOptions>) -> Chain {
+    let mut rules = vec![Rule {
+        id: "loopback".into(),
+        description: "traffic to the sandbox's own loopback interface".into(),
+        matches: vec![Match::OifLoopback],
+        actions: vec![Action::Accept],
+    }];
+    if let Some(proxy) = proxy {
+        rules.extend(dns_proxy_rules(proxy));
+    }
+    rules.extend([
         // In both modes: the blocklist below holds fe80::/10.
         Rule {
             id: "icmpv6-neighbour-discovery".into(),
@@ -275,7 +330,7 @@ fn egress_chain(limited: bool) -> Chain {
             matches: vec![Match::Icmpv6Types(ICMPV6_NEIGHBOUR_DISCOVERY.to_vec())],
             actions: vec![Action::Accept],
         },
-    ];
+    ]);
     for family in FAMILIES {
         rules.push(Rule {
             id: format!("blocklist-{}", family_tag(family)),
@@ -296,6 +351,20 @@ fn egress_chain(limited: bool) -> Chain {
         };
     }
 
+    if let Some(proxy) = proxy {
+        rules.push(Rule {
+            id: "dns-not-redirected".into(),
+            description: "unmarked DNS that was not redirected to the proxy: a packet of a \
+                          connection the sandbox did not start"
+                .into(),
+            matches: vec![
+                Match::MarkIsNot(proxy.mark),
+                Match::L4ProtoIn(vec![Proto::Tcp, Proto::Udp]),
+                Match::DportIn(vec![DNS_PORT]),
+            ],
+            actions: deny_actions(),
+        });
+    }
     rules.push(Rule {
         id: "established".into(),
         description: "replies and related traffic of connections that were allowed when they began"
@@ -304,13 +373,22 @@ fn egress_chain(limited: bool) -> Chain {
         actions: vec![Action::Accept],
     });
     for family in FAMILIES {
+        let lookup = Match::DaddrProtoPortInSet {
+            family,
+            set: set_name(SetRole::Resolvers, family, true),
+        };
+        let (description, matches) = match proxy {
+            None => ("DNS to the configured resolvers".into(), vec![lookup]),
+            Some(proxy) => (
+                "DNS from the sidecar's proxy (its marked sockets) to its upstream resolvers"
+                    .into(),
+                vec![Match::MarkIs(proxy.mark), lookup],
+            ),
+        };
         rules.push(Rule {
             id: format!("dns-resolvers-{}", family_tag(family)),
-            description: "DNS to the configured resolvers".into(),
-            matches: vec![Match::DaddrProtoPortInSet {
-                family,
-                set: set_name(SetRole::Resolvers, family, true),
-            }],
+            description,
+            matches,
             actions: vec![Action::Accept],
         });
     }
@@ -368,10 +446,104 @@ fn egress_chain(limited: bool) -> Chain {
     }
 }
 
+/// `dns-proxy-v4`/`-v6`: the queries the nat chain redirected to the proxy.
+fn dns_proxy_rules(proxy: &ProxyOptions) -> Vec<Rule> {
+    let loopbacks = [
+        (Family::V4, IpAddr::from(std::net::Ipv4Addr::LOCALHOST)),
+        (Family::V6, IpAddr::from(std::net::Ipv6Addr::LOCALHOST)),
+    ];
+    loopbacks
+        .into_iter()
+        .map(|(family, loopback)| Rule {
+            id: format!("dns-proxy-{}", family_tag(family)),
+            description: "DNS redirected to the sidecar's proxy on the loopback address".into(),
+            matches: vec![
+                Match::Daddr(loopback),
+                Match::L4ProtoIn(vec![Proto::Tcp, Proto::Udp]),
+                Match::DportIn(vec![proxy.port]),
+            ],
+            actions: vec![Action::Accept],
+        })
+        .collect()
+}
+
+/// The raw chains that track the proxy's upstream connections in the
+/// proxy's conntrack zone: its own packets by their mark, and the replies by
+/// where they come from (an upstream server's address, protocol and port;
+/// only the proxy has connections to those, every other DNS is redirected).
+fn proxy_zone_chains(proxy: &ProxyOptions) -> Vec<Chain> {
+    let raw = |hook| {
+        Some(BaseChain {
+            kind: ChainKind::Raw,
+            hook,
+            priority: RAW_PRIORITY,
+            policy: ChainPolicy::Accept,
+        })
+    };
+    let output = Chain {
+        name: PROXY_ZONE_OUTPUT_CHAIN.into(),
+        base: raw(Hook::Output),
+        rules: vec![Rule {
+            id: "dns-zone-proxy".into(),
+            description: "the proxy's upstream queries are tracked in the proxy's conntrack zone"
+                .into(),
+            matches: vec![Match::MarkIs(proxy.mark)],
+            actions: vec![Action::CtZoneSet(proxy.zone)],
+        }],
+    };
+    let replies = Chain {
+        name: PROXY_ZONE_REPLIES_CHAIN.into(),
+        base: raw(Hook::Prerouting),
+        rules: FAMILIES
+            .into_iter()
+            .map(|family| Rule {
+                id: format!("dns-zone-replies-{}", family_tag(family)),
+                description: "replies from the upstream resolvers belong to the proxy's zone"
+                    .into(),
+                matches: vec![Match::SaddrProtoSportInSet {
+                    family,
+                    set: set_name(SetRole::Resolvers, family, true),
+                }],
+                actions: vec![Action::CtZoneSet(proxy.zone)],
+            })
+            .collect(),
+    };
+    vec![output, replies]
+}
+
+/// The nat chain that sends every DNS packet the proxy did not send itself
+/// to the proxy. A redirect on the output hook rewrites the destination to
+/// the loopback address of the packet's family (nf_nat_redirect_ipv4/ipv6:
+/// 127.0.0.1, ::1) and the packet is routed again, out through `lo`.
+fn dns_redirect_chain(proxy: &ProxyOptions) -> Chain {
+    Chain {
+        name: DNS_REDIRECT_CHAIN.into(),
+        base: Some(BaseChain {
+            kind: ChainKind::Nat,
+            hook: Hook::Output,
+            priority: DNS_REDIRECT_PRIORITY,
+            policy: ChainPolicy::Accept,
+        }),
+        rules: vec![Rule {
+            id: "dns-redirect".into(),
+            description:
+                "the sandbox's DNS, to whatever address, goes to the sidecar's filtering proxy"
+                    .into(),
+            matches: vec![
+                Match::MarkIsNot(proxy.mark),
+                Match::L4ProtoIn(vec![Proto::Tcp, Proto::Udp]),
+                Match::DportIn(vec![DNS_PORT]),
+            ],
+            actions: vec![Action::Redirect(proxy.port)],
+        }],
+    }
+}
+
 fn base_chain(name: &str, hook: Hook, limited: bool) -> Chain {
     Chain {
         name: name.to_string(),
         base: Some(BaseChain {
+            kind: ChainKind::Filter,
             hook,
             priority: 0,
             policy: if limited {
@@ -495,6 +667,19 @@ impl RulesetDigest {
         }
         self.0.update(b"g");
         self.0.update(options.nflog_group.to_be_bytes());
+        // Only with a proxy, so the digest of every ruleset without one stays as it was.
+        if let (Some(proxy), Mode::Limited) = (&options.proxy, policy.mode) {
+            self.0.update(b"p");
+            self.0.update(proxy.port.to_be_bytes());
+            self.0.update(proxy.mark.to_be_bytes());
+            self.0.update(proxy.zone.to_be_bytes());
+            let upstreams: BTreeSet<std::net::SocketAddr> =
+                proxy.upstreams.iter().copied().collect();
+            for upstream in upstreams {
+                self.net(b'u', &IpNet::from(upstream.ip()));
+                self.0.update(upstream.port().to_be_bytes());
+            }
+        }
         format!("sha256:{}", hex::encode(self.0.finalize()))
     }
 }
@@ -523,6 +708,83 @@ mod tests {
             .iter()
             .map(|r| r.id.clone())
             .collect()
+    }
+
+    fn proxy() -> ProxyOptions {
+        ProxyOptions {
+            port: 1053,
+            mark: 0x6e6c,
+            upstreams: vec![
+                "192.0.2.53:53".parse().unwrap(),
+                "[2001:db8::53]:5353".parse().unwrap(),
+            ],
+            zone: 0x6e6c,
+        }
+    }
+
+    fn empty(mode: Mode) -> Policy {
+        Policy {
+            mode,
+            dialect: Dialect::Limited,
+            rules: vec![],
+            blocklist: vec![],
+            warnings: vec![],
+        }
+    }
+
+    #[test]
+    fn with_a_proxy_dns_is_redirected_and_only_the_proxy_reaches_the_upstreams() {
+        let options = CompileOptions {
+            proxy: Some(proxy()),
+            ..CompileOptions::default()
+        };
+        let ruleset = compile(&empty(Mode::Limited), &options);
+        let redirect = ruleset.chain(DNS_REDIRECT_CHAIN).expect("a nat chain");
+        assert_eq!(redirect.base.map(|b| b.kind), Some(ChainKind::Nat));
+        assert_eq!(redirect.rules[0].matches[0], Match::MarkIsNot(0x6e6c));
+        assert_eq!(redirect.rules[0].actions, vec![Action::Redirect(1053)]);
+
+        let egress = ruleset.chain(EGRESS_CHAIN).unwrap();
+        let ids: Vec<&str> = egress.rules.iter().map(|r| r.id.as_str()).collect();
+        assert_eq!(ids[..3], ["loopback", "dns-proxy-v4", "dns-proxy-v6"]);
+        for rule in egress
+            .rules
+            .iter()
+            .filter(|r| r.id.starts_with("dns-resolvers"))
+        {
+            assert_eq!(rule.matches[0], Match::MarkIs(0x6e6c), "{}", rule.id);
+        }
+        // The upstreams, with their own ports, are the resolvers.
+        let v6 = ruleset.set("resolvers_v6_ports").unwrap();
+        assert!(v6.elements.contains(&Element::AddrProtoPort(
+            "2001:db8::53/128".parse().unwrap(),
+            Proto::Udp,
+            5353
+        )));
+    }
+
+    #[test]
+    fn without_a_proxy_or_in_unrestricted_mode_the_ruleset_has_no_proxy_parts() {
+        let plain = compile(&empty(Mode::Limited), &CompileOptions::default());
+        let proxied = compile(
+            &empty(Mode::Limited),
+            &CompileOptions {
+                proxy: Some(proxy()),
+                ..CompileOptions::default()
+            },
+        );
+        assert_ne!(plain.digest, proxied.digest);
+        assert!(plain.chain(DNS_REDIRECT_CHAIN).is_none());
+
+        let unrestricted = compile(&empty(Mode::Unrestricted), &CompileOptions::default());
+        let unrestricted_proxied = compile(
+            &empty(Mode::Unrestricted),
+            &CompileOptions {
+                proxy: Some(proxy()),
+                ..CompileOptions::default()
+            },
+        );
+        assert_eq!(unrestricted, unrestricted_proxied);
     }
 
     /// Neighbour discovery talks to link-local addresses (RFC 4861 §4), so it

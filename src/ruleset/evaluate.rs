@@ -418,7 +418,10 @@ fn decide<'a>(ruleset: &'a Ruleset, packet: &Packet<'_>, learned: &Learned) -> D
     let base = ruleset
         .chains
         .iter()
-        .find(|c| c.base.is_some_and(|b| b.hook == Hook::Output))
+        .find(|c| {
+            c.base
+                .is_some_and(|b| b.hook == Hook::Output && b.kind == ChainKind::Filter)
+        })
         .expect("ruleset invariant: the compiler always emits an output base chain");
     let mut path = Vec::new();
     let verdict = match run_chain(ruleset, base, packet, learned, &mut path, 0) {
@@ -485,6 +488,11 @@ fn run_chain<'a>(
                 Action::Accept => return Some(Verdict::Accept),
                 Action::Drop => return Some(Verdict::Drop),
                 Action::Reject(kind) => return Some(Verdict::Reject(*kind)),
+                // Only in the nat chain, which this walk never enters; the
+                // kernel's redirect accepts the packet on its hook (nft_redir).
+                Action::Redirect(_) => return Some(Verdict::Accept),
+                // Only in raw chains, which this walk never enters; not a verdict.
+                Action::CtZoneSet(_) => {}
                 Action::Jump(target) => {
                     let target = ruleset
                         .chain(target)
@@ -513,6 +521,13 @@ fn matches(ruleset: &Ruleset, m: &Match, packet: &Packet<'_>, learned: &Learned)
         Match::DaddrProtoPortInSet { family, set } => {
             *family == packet.family() && in_set(ruleset, set, packet, learned, true)
         }
+        Match::Daddr(want) => matches!(packet.daddr, Daddr::Addr(addr) if addr == *want),
+        // A probe is a connection of the sandbox's own processes, whose
+        // packets carry no mark (setting one needs CAP_NET_ADMIN).
+        Match::MarkIs(_) => false,
+        Match::MarkIsNot(_) => true,
+        // A probe is a packet the sandbox sends, never a reply from a server.
+        Match::SaddrProtoSportInSet { .. } => false,
     }
 }
 
@@ -616,6 +631,7 @@ pub(crate) mod tests {
                 "2001:db8::53".parse().unwrap(),
             ],
             nflog_group: 4711,
+            proxy: None,
         }
     }
 

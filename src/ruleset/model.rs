@@ -103,6 +103,8 @@ pub struct Set {
 pub enum Hook {
     Output,
     Forward,
+    /// Only for [`ChainKind::Raw`] chains (the proxy's conntrack zone of replies).
+    Prerouting,
 }
 
 /// Verdict used as a base chain's policy.
@@ -112,8 +114,22 @@ pub enum ChainPolicy {
     Drop,
 }
 
+/// The type of a base chain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChainKind {
+    /// `type filter`: accepts, rejects and drops.
+    Filter,
+    /// `type nat`: rewrites addresses of a connection's first packet
+    /// (the DNS redirect to the sidecar's proxy); never filters.
+    Nat,
+    /// `type filter` at the raw priority (-300), before conntrack (-200):
+    /// only sets conntrack metadata (the proxy's conntrack zone); never filters.
+    Raw,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BaseChain {
+    pub kind: ChainKind,
     pub hook: Hook,
     /// `filter` priority is 0.
     pub priority: i32,
@@ -145,6 +161,15 @@ pub enum Match {
     DaddrInSet { family: Family, set: String },
     /// `ip daddr . meta l4proto . th dport @set` (ipv6 form for V6).
     DaddrProtoPortInSet { family: Family, set: String },
+    /// `ip daddr ADDR` / `ip6 daddr ADDR` (implies `meta nfproto`).
+    Daddr(IpAddr),
+    /// `ip saddr . meta l4proto . th sport @set` (ipv6 form for V6): a packet
+    /// coming from one of the set's servers (a reply).
+    SaddrProtoSportInSet { family: Family, set: String },
+    /// `meta mark MARK`: the packet carries this mark (SO_MARK of its socket).
+    MarkIs(u32),
+    /// `meta mark != MARK`.
+    MarkIsNot(u32),
 }
 
 /// How a denied packet is answered, so clients fail fast instead of hanging.
@@ -170,6 +195,12 @@ pub enum Action {
     Drop,
     Reject(RejectKind),
     Jump(String),
+    /// `redirect to :PORT`, in a nat chain only: the connection goes to PORT
+    /// on the host itself (127.0.0.1 or ::1 for locally generated packets).
+    Redirect(u16),
+    /// `ct zone set ZONE`, in a raw chain only: the packet is tracked in this
+    /// conntrack zone, apart from connections of the default zone 0.
+    CtZoneSet(u16),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

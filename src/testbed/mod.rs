@@ -78,6 +78,11 @@ pub const TCP_PORTS: [u16; 3] = [80, 443, 8443];
 pub const UDP_ECHO_PORT: u16 = 443;
 pub const DNS_PORT: u16 = 53;
 
+/// A block of the benchmarking range (RFC 2544, 198.18.0.0/15) for tests that
+/// need many distinct destinations: [`Testbed::add_world_range`] makes every
+/// address in it one of the world's.
+pub const BULK_RANGE_V4: &str = "198.18.0.0/22";
+
 /// Interface names inside the namespaces. They never collide with anything:
 /// each exists only in a namespace of its own testbed.
 pub const SANDBOX_LINK: &str = "veth-sbx";
@@ -234,6 +239,30 @@ impl Testbed {
              route add ::/0 via {WORLD_LINK_V6} dev {SANDBOX_LINK}\n"
         );
         run_ip_batch(sbx, &routes)
+    }
+
+    /// Make every address of `net` local to the world (a `local` route on its
+    /// `lo`, the "AnyIP" form: no address per host is needed), so a listener
+    /// on the unspecified address there accepts connections to any of them.
+    /// The sandbox reaches them through its default route. Take ranges from
+    /// [`BULK_RANGE_V4`] or the other documentation ranges only.
+    pub fn add_world_range(&self, net: ipnet::IpNet) -> Result<(), Error> {
+        run_ip_batch(&self.world, &format!("route add local {net} dev lo\n"))
+    }
+
+    /// A TCP listener bound to `addr` inside the world namespace (e.g.
+    /// `0.0.0.0:PORT` for a range added with [`Testbed::add_world_range`]),
+    /// with a deep accept queue. It stays in the world wherever it is used.
+    pub fn world_tcp_listener(&self, addr: SocketAddr) -> Result<std::net::TcpListener, Error> {
+        let bind = move || {
+            let listener = std::net::TcpListener::bind(addr)?;
+            servers::deepen_backlog(&listener)?;
+            Ok(listener)
+        };
+        self.in_world(bind)?.map_err(|source| Error::Bind {
+            what: format!("tcp {addr}"),
+            source,
+        })
     }
 
     /// The sandbox namespace's name (under /run/netns), for `--netns`.

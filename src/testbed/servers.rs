@@ -161,7 +161,7 @@ fn bind_all() -> Result<Vec<Listener>, Error> {
 /// this thread accepts them when it is scheduled out for a moment, and once the
 /// queue is full the world silently drops SYNs (TcpExtListenOverflows), which a
 /// probe would read as a timeout.
-fn deepen_backlog(listener: &TcpListener) -> io::Result<()> {
+pub(super) fn deepen_backlog(listener: &TcpListener) -> io::Result<()> {
     // SAFETY: listen(2) on a descriptor owned by `listener`, which is already
     // listening; calling it again only changes the backlog (Linux caps it at
     // net.core.somaxconn, 4096 by default in a new namespace).

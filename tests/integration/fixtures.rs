@@ -2,12 +2,12 @@
 //! this file with `#[path]`), and the fixed compile options of the goldens.
 
 use std::collections::BTreeSet;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use ipnet::IpNet;
 use netleash::policy::{
     BlockEntry, CompileOptions, DEFAULT_NFLOG_GROUP, Dialect, HostRule, Mode, Policy, PortSpec,
-    Ports, Proto, Source, Target,
+    Ports, Proto, ProxyOptions, Source, Target,
 };
 
 /// Resolvers in documentation ranges (RFC 5737, RFC 3849), so goldens do not
@@ -19,6 +19,28 @@ pub fn options() -> CompileOptions {
             "2001:db8::53".parse().unwrap(),
         ],
         nflog_group: DEFAULT_NFLOG_GROUP,
+        proxy: None,
+    }
+}
+
+/// [`options`] with the sidecar's DNS proxy: port 1053, mark 0x6e6c, the
+/// same resolvers as its upstreams.
+pub fn proxy_options() -> CompileOptions {
+    let options = options();
+    let upstreams = options
+        .resolvers
+        .iter()
+        .map(|ip| SocketAddr::new(*ip, 53))
+        .collect();
+    CompileOptions {
+        resolvers: Vec::new(),
+        proxy: Some(ProxyOptions {
+            port: 1053,
+            mark: 0x6e6c,
+            upstreams,
+            zone: 0x6e6c,
+        }),
+        ..options
     }
 }
 
@@ -196,6 +218,15 @@ pub fn model_cases() -> Vec<(&'static str, Policy)> {
         ("model-limited-empty", policy(Mode::Limited, Vec::new())),
         ("model-unrestricted", policy(Mode::Unrestricted, Vec::new())),
     ]
+}
+
+/// Golden cases compiled with [`proxy_options`]: (name, policy).
+pub fn proxy_cases() -> Vec<(&'static str, Policy)> {
+    model_cases()
+        .into_iter()
+        .filter(|(name, _)| *name == "model-limited-names")
+        .map(|(_, policy)| ("model-limited-names-proxy", policy))
+        .collect()
 }
 
 /// A limited policy of `count` allowed hosts with a realistic mix: exact names

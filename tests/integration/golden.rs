@@ -1,12 +1,13 @@
 //! Golden files: the rendered ruleset of every example policy
 //! (`policies/examples/*.json`) and of the policies built in code
-//! (`fixtures::model_cases`), as `tests/golden/<name>.nft` and `.json`.
+//! (`fixtures::model_cases`, and `fixtures::proxy_cases` compiled with the
+//! sidecar's DNS proxy), as `tests/golden/<name>.nft` and `.json`.
 //! `NETLEASH_UPDATE_GOLDEN=1 cargo test` rewrites them; review the diff.
 
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use netleash::policy::{self, Expansions, Policy};
+use netleash::policy::{self, CompileOptions, Expansions, Policy};
 use netleash::ruleset::{compile, render};
 
 use crate::fixtures;
@@ -19,11 +20,19 @@ fn examples_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("policies/examples")
 }
 
-/// Every golden case: (name, policy or the reason it could not be loaded).
-fn cases() -> Vec<(String, Result<Policy, String>)> {
-    let mut cases: Vec<(String, Result<Policy, String>)> = fixtures::model_cases()
+/// A golden case: name, policy (or the reason it could not be loaded), options.
+type Case = (String, Result<Policy, String>, CompileOptions);
+
+/// Every golden case.
+fn cases() -> Vec<Case> {
+    let mut cases: Vec<Case> = fixtures::model_cases()
         .into_iter()
-        .map(|(name, policy)| (name.to_string(), Ok(policy)))
+        .map(|(name, policy)| (name.to_string(), Ok(policy), fixtures::options()))
+        .chain(
+            fixtures::proxy_cases()
+                .into_iter()
+                .map(|(name, policy)| (name.to_string(), Ok(policy), fixtures::proxy_options())),
+        )
         .collect();
     let mut examples: Vec<PathBuf> = match fs::read_dir(examples_dir()) {
         Ok(entries) => entries
@@ -38,14 +47,14 @@ fn cases() -> Vec<(String, Result<Policy, String>)> {
         let text = fs::read_to_string(&path).unwrap();
         let loaded = policy::load(&text, &path.display().to_string(), &Expansions::default())
             .map_err(|err| netleash::cli::render_error(&err));
-        cases.push((name, loaded));
+        cases.push((name, loaded, fixtures::options()));
     }
     cases
 }
 
-/// The two renderings of a policy under the fixed golden options.
-pub fn renderings(policy: &Policy) -> [(&'static str, String); 2] {
-    let ruleset = compile(policy, &fixtures::options());
+/// The two renderings of a policy under golden options.
+pub fn renderings(policy: &Policy, options: &CompileOptions) -> [(&'static str, String); 2] {
+    let ruleset = compile(policy, options);
     let mut json = serde_json::to_string_pretty(&render::json(&ruleset)).unwrap();
     json.push('\n');
     [("nft", render::nft(&ruleset)), ("json", json)]
@@ -78,7 +87,7 @@ fn every_case_matches_its_golden_files() {
     fs::create_dir_all(&dir).unwrap();
     let mut failures = Vec::new();
     let mut expected_files = Vec::new();
-    for (name, loaded) in cases() {
+    for (name, loaded, options) in cases() {
         let policy = match loaded {
             Ok(policy) => policy,
             Err(err) => {
@@ -86,7 +95,7 @@ fn every_case_matches_its_golden_files() {
                 continue;
             }
         };
-        for (extension, rendered) in renderings(&policy) {
+        for (extension, rendered) in renderings(&policy, &options) {
             let path = dir.join(format!("{name}.{extension}"));
             expected_files.push(path.clone());
             if update {
@@ -123,6 +132,11 @@ fn every_case_matches_its_golden_files() {
 #[test]
 fn rendering_is_deterministic() {
     for (name, policy) in fixtures::model_cases() {
-        assert_eq!(renderings(&policy), renderings(&policy.clone()), "{name}");
+        let options = fixtures::options();
+        assert_eq!(
+            renderings(&policy, &options),
+            renderings(&policy.clone(), &options),
+            "{name}"
+        );
     }
 }

@@ -167,6 +167,7 @@ fn options() -> CompileOptions {
             "2001:db8::53".parse().unwrap(),
         ],
         nflog_group: 7,
+        proxy: None,
     }
 }
 
@@ -1220,4 +1221,64 @@ fn sockets_opened_in_a_namespace_live_there() {
         "{err}"
     );
     assert!(err.to_string().contains(&ns.name), "{err}");
+}
+
+/// The DNS proxy's base chains (`dns-redirect` of type nat, the raw-priority
+/// `dns-zone-*`) are kept like `output`: each holds one jump into a
+/// generation chain `NAME-body.gN` with its rules, and a re-apply swaps them
+/// with the rest of the generation instead of replacing the table.
+#[test]
+fn the_dns_proxy_chains_swap_with_their_generation() {
+    let ns = Netns::new("proxyswap");
+    let proxy = crate::fixtures::proxy_options();
+    let a = ruleset::compile(
+        &policy(Mode::Limited, vec![allow("198.51.100.0/24", &[])]),
+        &proxy,
+    );
+    let b = ruleset::compile(
+        &policy(
+            Mode::Limited,
+            vec![allow("192.0.2.0/25", &[(Proto::Tcp, 22)])],
+        ),
+        &proxy,
+    );
+    let first = kernel::apply(&ns.target(), &a).expect("apply");
+    assert_eq!(first.method, kernel::Method::Create);
+    for (generation, model) in [(2u32, &b), (3, &a), (4, &b)] {
+        let report = kernel::apply(&ns.target(), model).expect("re-apply");
+        assert_eq!(
+            report.method,
+            kernel::Method::Swap {
+                from: generation - 1,
+                to: generation
+            },
+            "{}",
+            ns.nft_text()
+        );
+        let (generations, persistent) = generations_listed(&ns.nft_json().unwrap());
+        assert_eq!(
+            generations,
+            BTreeSet::from([generation]),
+            "{}",
+            ns.nft_text()
+        );
+        for base in ["dns-redirect", "dns-zone-output", "dns-zone-replies"] {
+            assert!(
+                persistent.contains(&format!("chain {base}")),
+                "{persistent:?}"
+            );
+        }
+        let text = ns.nft_text();
+        assert!(
+            text.contains(&format!("jump dns-redirect-body.g{generation}")),
+            "{text}"
+        );
+        assert!(text.contains("type nat hook output priority"), "{text}");
+        assert!(text.contains("redirect to :1053"), "{text}");
+        assert!(text.contains("ct zone set"), "{text}");
+        let plan = kernel::plan(&ns.target(), model).expect("plan");
+        assert!(plan.differences.is_empty(), "{:?}", plan.differences);
+        let status = kernel::status(&ns.target()).unwrap().unwrap();
+        assert!(status.leftovers.is_empty(), "{:?}", status.leftovers);
+    }
 }

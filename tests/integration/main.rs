@@ -15,4 +15,5 @@ mod harness;
 mod kernel;
 mod nft_check;
 mod policies;
+mod sidecar;
 mod support;

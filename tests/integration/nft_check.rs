@@ -104,8 +104,15 @@ fn load_and_list(path: &Path, json: bool) -> String {
 
 #[test]
 fn nft_and_json_renderings_load_into_the_same_table() {
-    for (name, policy) in fixtures::model_cases() {
-        let ruleset = compile(&policy, &fixtures::options());
+    let proxied = fixtures::proxy_cases()
+        .into_iter()
+        .map(|(name, policy)| (name, policy, fixtures::proxy_options()));
+    let cases = fixtures::model_cases()
+        .into_iter()
+        .map(|(name, policy)| (name, policy, fixtures::options()))
+        .chain(proxied);
+    for (name, policy, options) in cases {
+        let ruleset = compile(&policy, &options);
         let dir = tempfile::tempdir().unwrap();
         let text_path = dir.path().join(format!("{name}.nft"));
         fs::write(&text_path, render::nft(&ruleset)).unwrap();

@@ -9,7 +9,8 @@ use serde_json::{Value, json};
 
 use super::{addr_protocol, icmpv6_type_name, key_types, proto_name};
 use crate::ruleset::model::{
-    Action, Chain, ChainPolicy, Element, Hook, Match, RejectKind, Rule, Ruleset, Set, TABLE_NAME,
+    Action, Chain, ChainKind, ChainPolicy, Element, Family, Hook, Match, RejectKind, Rule, Ruleset,
+    Set, TABLE_NAME,
 };
 
 /// The ruleset as libnftables JSON (`nft -j -f`), same semantics as [`super::nft`].
@@ -81,10 +82,14 @@ fn element_value(element: &Element) -> Value {
 fn chain_object(chain: &Chain) -> Value {
     let mut object = json!({"family": "inet", "table": TABLE_NAME, "name": chain.name});
     if let Some(base) = &chain.base {
-        object["type"] = json!("filter");
+        object["type"] = json!(match base.kind {
+            ChainKind::Filter | ChainKind::Raw => "filter",
+            ChainKind::Nat => "nat",
+        });
         object["hook"] = json!(match base.hook {
             Hook::Output => "output",
             Hook::Forward => "forward",
+            Hook::Prerouting => "prerouting",
         });
         object["prio"] = json!(base.priority);
         object["policy"] = json!(match base.policy {
@@ -153,6 +158,18 @@ fn match_value(m: &Match) -> Value {
             let key = json!({"concat": [payload(addr_protocol(*family), "daddr"), meta("l4proto"), payload("th", "dport")]});
             equals(key, json!(format!("@{set}")))
         }
+        Match::Daddr(addr) => equals(
+            payload(addr_protocol(Family::of(addr)), "daddr"),
+            json!(addr.to_string()),
+        ),
+        Match::SaddrProtoSportInSet { family, set } => {
+            let key = json!({"concat": [payload(addr_protocol(*family), "saddr"), meta("l4proto"), payload("th", "sport")]});
+            equals(key, json!(format!("@{set}")))
+        }
+        Match::MarkIs(mark) => equals(meta("mark"), json!(mark)),
+        Match::MarkIsNot(mark) => {
+            json!({"match": {"op": "!=", "left": meta("mark"), "right": mark}})
+        }
     }
 }
 
@@ -167,6 +184,10 @@ fn action_value(action: &Action) -> Value {
             json!({"reject": {"type": "icmpx", "expr": "admin-prohibited"}})
         }
         Action::Jump(chain) => json!({"jump": {"target": chain}}),
+        Action::Redirect(port) => json!({"redirect": {"port": port}}),
+        Action::CtZoneSet(zone) => {
+            json!({"mangle": {"key": {"ct": {"key": "zone"}}, "value": zone}})
+        }
     }
 }
 

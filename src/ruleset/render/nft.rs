@@ -7,8 +7,8 @@ use ipnet::IpNet;
 
 use super::{addr_protocol, icmpv6_type_name, key_types, proto_name};
 use crate::ruleset::model::{
-    Action, BaseChain, Chain, ChainPolicy, Element, Hook, Match, RejectKind, Rule, Ruleset, Set,
-    TABLE_NAME,
+    Action, BaseChain, Chain, ChainKind, ChainPolicy, Element, Family, Hook, Match, RejectKind,
+    Rule, Ruleset, Set, TABLE_NAME,
 };
 
 /// A set with more elements than this lists one element per line.
@@ -202,18 +202,26 @@ fn base_chain_text(base: &BaseChain) -> String {
     let hook = match base.hook {
         Hook::Output => "output",
         Hook::Forward => "forward",
+        Hook::Prerouting => "prerouting",
     };
-    // `filter` is the named priority 0 (nft(8), "PRIORITY").
-    let priority = match base.priority {
-        0 => "filter".to_string(),
-        p if p > 0 => format!("filter + {p}"),
-        p => format!("filter - {}", p.unsigned_abs()),
+    // `filter` and `raw` are the named priorities 0 and -300 (nft(8),
+    // "PRIORITY"). nft 1.0.6 knows `dstnat` (-100) only on the prerouting
+    // hook, so a nat chain's priority is written as a number.
+    let named = |name: &str, zero: i32| match base.priority - zero {
+        0 => name.to_string(),
+        p if p > 0 => format!("{name} + {p}"),
+        p => format!("{name} - {}", p.unsigned_abs()),
+    };
+    let (kind, priority) = match base.kind {
+        ChainKind::Filter => ("filter", named("filter", 0)),
+        ChainKind::Raw => ("filter", named("raw", -300)),
+        ChainKind::Nat => ("nat", base.priority.to_string()),
     };
     let policy = match base.policy {
         ChainPolicy::Accept => "accept",
         ChainPolicy::Drop => "drop",
     };
-    format!("type filter hook {hook} priority {priority}; policy {policy};")
+    format!("type {kind} hook {hook} priority {priority}; policy {policy};")
 }
 
 /// One value, or an anonymous set `{ a, b }` of several.
@@ -254,6 +262,15 @@ fn match_text(m: &Match) -> String {
                 addr_protocol(*family)
             )
         }
+        Match::Daddr(addr) => format!("{} daddr {addr}", addr_protocol(Family::of(addr))),
+        Match::SaddrProtoSportInSet { family, set } => {
+            format!(
+                "{} saddr . meta l4proto . th sport @{set}",
+                addr_protocol(*family)
+            )
+        }
+        Match::MarkIs(mark) => format!("meta mark {mark:#010x}"),
+        Match::MarkIsNot(mark) => format!("meta mark != {mark:#010x}"),
     }
 }
 
@@ -268,6 +285,8 @@ fn action_text(action: &Action) -> String {
             "reject with icmpx admin-prohibited".to_string()
         }
         Action::Jump(chain) => format!("jump {chain}"),
+        Action::Redirect(port) => format!("redirect to :{port}"),
+        Action::CtZoneSet(zone) => format!("ct zone set {zone}"),
     }
 }
 
@@ -426,6 +445,7 @@ mod tests {
     #[test]
     fn base_chain_priority_is_named_relative_to_filter() {
         let mut base = BaseChain {
+            kind: ChainKind::Filter,
             hook: Hook::Forward,
             priority: 0,
             policy: ChainPolicy::Drop,
@@ -439,6 +459,44 @@ mod tests {
         assert_eq!(
             base_chain_text(&base),
             "type filter hook forward priority filter - 10; policy accept;"
+        );
+        let nat = BaseChain {
+            kind: ChainKind::Nat,
+            hook: Hook::Output,
+            priority: -100,
+            policy: ChainPolicy::Accept,
+        };
+        assert_eq!(
+            base_chain_text(&nat),
+            "type nat hook output priority -100; policy accept;"
+        );
+    }
+
+    #[test]
+    fn proxy_matches_and_the_redirect_render_as_nft_writes_them() {
+        let rule = Rule {
+            id: "dns-redirect".into(),
+            description: String::new(),
+            matches: vec![
+                Match::MarkIsNot(0x6e6c),
+                Match::L4ProtoIn(vec![Proto::Tcp, Proto::Udp]),
+                Match::DportIn(vec![53]),
+            ],
+            actions: vec![Action::Redirect(1053)],
+        };
+        assert_eq!(
+            rule_text(&rule),
+            "meta mark != 0x00006e6c meta l4proto { tcp, udp } th dport 53 redirect to :1053 \
+             comment \"dns-redirect\""
+        );
+        assert_eq!(match_text(&Match::MarkIs(7)), "meta mark 0x00000007");
+        assert_eq!(
+            match_text(&Match::Daddr("::1".parse().unwrap())),
+            "ip6 daddr ::1"
+        );
+        assert_eq!(
+            match_text(&Match::Daddr("127.0.0.1".parse().unwrap())),
+            "ip daddr 127.0.0.1"
         );
     }
 }

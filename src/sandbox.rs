@@ -1,0 +1,561 @@
+//! One enforced sandbox at run time: its network namespace, its kernel
+//! session, and the ruleset in force. It is the DNS layer's
+//! [`AddressSink`]: learned addresses become set element updates.
+//!
+//! The netlink session lives on a thread of its own that owns it; callers
+//! send it work over a channel and await the answer, so no netlink round
+//! trip ever blocks a tokio worker. Element updates that are waiting when
+//! the thread gets to them are committed together in one transaction (a
+//! burst of DNS answers costs one round trip, not one each); if that
+//! transaction fails, each update is retried alone, so one bad update never
+//! fails the others.
+//!
+//! Re-adding an element that is present refreshes its timeout and expiry
+//! (the kernel resets both when they are sent; checked on Linux 6.18 by the
+//! `kernel` and `sidecar` integration tests), which is how a repeated answer
+//! keeps an address allowed.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock, mpsc};
+use std::time::Duration;
+
+use tokio::sync::oneshot;
+
+use crate::dns::learn::{self, AddressSink, Learned, SinkFuture};
+use crate::dns::upstream::UpstreamSockets;
+use crate::kernel::{self, ApplyReport, HeldElement, Session, SetChange, SetUpdate, TableStatus};
+use crate::netns::{self, SocketFactory, SocketKind};
+use crate::ruleset::{Element, Ruleset};
+
+/// The most element updates committed in one transaction.
+const MAX_COALESCED_UPDATES: usize = 256;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot start the kernel thread for the {target}")]
+    Thread {
+        target: netns::Target,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot open a netfilter session in the {target}")]
+    Open {
+        target: netns::Target,
+        #[source]
+        source: kernel::Error,
+    },
+    #[error("the kernel thread of the {target} has stopped")]
+    Stopped { target: netns::Target },
+    #[error("the kernel refused or failed the change in the {target}")]
+    Kernel {
+        target: netns::Target,
+        #[source]
+        source: kernel::Error,
+    },
+}
+
+/// Work for the kernel thread.
+enum Command {
+    Update {
+        updates: Vec<SetUpdate>,
+        done: oneshot::Sender<Result<(), kernel::Error>>,
+    },
+    Run(Box<dyn FnOnce(&mut Session) + Send>),
+}
+
+/// What [`Sandbox::enforce`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Enforcement {
+    /// The table in force was already exactly the ruleset (a restart with the
+    /// same policy): nothing was changed, its learned elements stay.
+    AlreadyInForce { learned: usize },
+    /// The table was replaced in one transaction that also carried the
+    /// learned elements the new policy still allows; the rest were forgotten.
+    Applied {
+        report: ApplyReport,
+        carried: usize,
+        forgotten: usize,
+    },
+}
+
+/// Counters for status and health.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SinkStats {
+    /// Element update transactions committed.
+    pub transactions: u64,
+    /// Elements added or refreshed.
+    pub elements_added: u64,
+    /// Update batches that failed (their DNS answers got SERVFAIL).
+    pub failures: u64,
+}
+
+/// One enforced sandbox. Share it as `Arc<Sandbox>`; dropping the last one
+/// ends its kernel thread (the rules stay in force).
+pub struct Sandbox {
+    target: netns::Target,
+    commands: mpsc::Sender<Command>,
+    ruleset: RwLock<Option<Arc<Ruleset>>>,
+    transactions: Arc<AtomicU64>,
+    elements_added: AtomicU64,
+    failures: AtomicU64,
+}
+
+impl std::fmt::Debug for Sandbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sandbox")
+            .field("target", &self.target)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Sandbox {
+    /// Opens a netfilter session in `target` on a kernel thread of its own.
+    /// Changes nothing in the namespace.
+    pub fn open(target: netns::Target) -> Result<Sandbox, Error> {
+        let (commands, incoming) = mpsc::channel::<Command>();
+        let (opened, opening) = mpsc::sync_channel(1);
+        let transactions = Arc::new(AtomicU64::new(0));
+        let thread_target = target.clone();
+        let counter = transactions.clone();
+        std::thread::Builder::new()
+            .name("netleash-kernel".into())
+            .spawn(move || match Session::open(&thread_target) {
+                Ok(session) => {
+                    let _ = opened.send(Ok(()));
+                    serve(session, &incoming, &counter);
+                }
+                Err(error) => {
+                    let _ = opened.send(Err(error));
+                }
+            })
+            .map_err(|source| Error::Thread {
+                target: target.clone(),
+                source,
+            })?;
+        match opening.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(source)) => return Err(Error::Open { target, source }),
+            Err(_) => return Err(Error::Stopped { target }),
+        }
+        Ok(Sandbox {
+            target,
+            commands,
+            ruleset: RwLock::new(None),
+            transactions,
+            elements_added: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
+        })
+    }
+
+    pub fn target(&self) -> &netns::Target {
+        &self.target
+    }
+
+    /// The ruleset this sandbox last enforced, if any.
+    pub fn ruleset(&self) -> Option<Arc<Ruleset>> {
+        self.ruleset
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
+    pub fn stats(&self) -> SinkStats {
+        SinkStats {
+            transactions: self.transactions.load(Ordering::Relaxed),
+            elements_added: self.elements_added.load(Ordering::Relaxed),
+            failures: self.failures.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Runs `job` with the session on the kernel thread, after the work
+    /// queued before it.
+    pub async fn run<T: Send + 'static>(
+        &self,
+        job: impl FnOnce(&mut Session) -> T + Send + 'static,
+    ) -> Result<T, Error> {
+        let (done, result) = oneshot::channel();
+        let job = Box::new(move |session: &mut Session| {
+            let _ = done.send(job(session));
+        });
+        self.commands
+            .send(Command::Run(job))
+            .map_err(|_| self.stopped())?;
+        result.await.map_err(|_| self.stopped())
+    }
+
+    /// The table as the kernel holds it now.
+    pub async fn status(&self) -> Result<Option<TableStatus>, Error> {
+        let target = self.target.clone();
+        self.run(|session| session.status())
+            .await?
+            .map_err(|source| Error::Kernel { target, source })
+    }
+
+    /// Makes `ruleset` the table in force.
+    ///
+    /// If the table in force already is `ruleset` (a restart with the same
+    /// policy), nothing changes. Otherwise the learned elements are read,
+    /// `still_allowed` says for each learned address which elements the new
+    /// policy gives it (none: forget it), and the new table is applied in
+    /// one transaction together with those elements, each with the time it
+    /// had left. The forgotten ones are then deleted, which matters when the
+    /// kernel keeps the DNS sets across a re-apply; deleting an absent
+    /// element is not an error. On any error the table in force before stays.
+    pub async fn enforce(
+        &self,
+        ruleset: Ruleset,
+        still_allowed: impl Fn(IpAddr) -> Vec<(String, Element)> + Send + 'static,
+    ) -> Result<Enforcement, Error> {
+        let ruleset = Arc::new(ruleset);
+        let model = ruleset.clone();
+        let target = self.target.clone();
+        let enforced = self
+            .run(move |session| enforce_in(session, &model, still_allowed))
+            .await?
+            .map_err(|source| Error::Kernel { target, source })?;
+        *self
+            .ruleset
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(ruleset);
+        Ok(enforced)
+    }
+
+    /// Applies element updates in one transaction, on the kernel thread.
+    pub async fn update(&self, updates: Vec<SetUpdate>) -> Result<(), Error> {
+        let (done, result) = oneshot::channel();
+        self.commands
+            .send(Command::Update { updates, done })
+            .map_err(|_| self.stopped())?;
+        let target = self.target.clone();
+        result
+            .await
+            .map_err(|_| self.stopped())?
+            .map_err(|source| Error::Kernel { target, source })
+    }
+
+    fn stopped(&self) -> Error {
+        Error::Stopped {
+            target: self.target.clone(),
+        }
+    }
+}
+
+/// The kernel thread: runs commands in order until every sender is gone.
+fn serve(mut session: Session, incoming: &mpsc::Receiver<Command>, transactions: &AtomicU64) {
+    let mut pending: Option<Command> = None;
+    loop {
+        let command = match pending.take() {
+            Some(command) => command,
+            None => match incoming.recv() {
+                Ok(command) => command,
+                Err(_) => break,
+            },
+        };
+        match command {
+            Command::Run(job) => job(&mut session),
+            Command::Update { updates, done } => {
+                let mut batch = vec![(updates, done)];
+                while batch.len() < MAX_COALESCED_UPDATES {
+                    match incoming.try_recv() {
+                        Ok(Command::Update { updates, done }) => batch.push((updates, done)),
+                        Ok(other) => {
+                            pending = Some(other);
+                            break;
+                        }
+                        Err(_) => break,
+                    }
+                }
+                commit(&mut session, batch, transactions);
+            }
+        }
+    }
+    session.close_in_background();
+}
+
+type Waiting = (Vec<SetUpdate>, oneshot::Sender<Result<(), kernel::Error>>);
+
+/// Commits the waiting updates in one transaction, or each alone if that fails.
+fn commit(session: &mut Session, batch: Vec<Waiting>, transactions: &AtomicU64) {
+    if batch.len() > 1 {
+        let all: Vec<SetUpdate> = batch.iter().flat_map(|(u, _)| u.iter().cloned()).collect();
+        if session.update_elements(&all).is_ok() {
+            transactions.fetch_add(1, Ordering::Relaxed);
+            for (_, done) in batch {
+                let _ = done.send(Ok(()));
+            }
+            return;
+        }
+    }
+    for (updates, done) in batch {
+        let result = session.update_elements(&updates);
+        if result.is_ok() {
+            transactions.fetch_add(1, Ordering::Relaxed);
+        }
+        let _ = done.send(result);
+    }
+}
+
+fn enforce_in(
+    session: &mut Session,
+    ruleset: &Ruleset,
+    still_allowed: impl Fn(IpAddr) -> Vec<(String, Element)>,
+) -> Result<Enforcement, kernel::Error> {
+    let held = session.timed_elements()?;
+    if session.enforces(ruleset)? {
+        return Ok(Enforcement::AlreadyInForce {
+            learned: held.len(),
+        });
+    }
+    let (carried, forgotten) = carry(&held, still_allowed);
+    let report = session.apply_carrying(ruleset, &kernel::carry_updates(&carried))?;
+    // Only from sets the new table has (a policy that became unrestricted has none).
+    let forget: Vec<SetUpdate> = deletions(&forgotten)
+        .into_iter()
+        .filter(|update| ruleset.set(&update.set).is_some())
+        .collect();
+    if !forget.is_empty() {
+        session.update_elements(&forget)?;
+    }
+    Ok(Enforcement::Applied {
+        report,
+        carried: carried.len(),
+        forgotten: forgotten.len(),
+    })
+}
+
+/// Splits the held elements into what the new policy keeps (each address's
+/// new elements, with the longest time any of its old elements had left)
+/// and the held elements that are not kept.
+fn carry(
+    held: &[HeldElement],
+    still_allowed: impl Fn(IpAddr) -> Vec<(String, Element)>,
+) -> (Vec<HeldElement>, Vec<HeldElement>) {
+    let mut left_by_address: BTreeMap<IpAddr, Duration> = BTreeMap::new();
+    for element in held {
+        if let Some(left) = element.expires_in {
+            let slot = left_by_address
+                .entry(element.element.net().addr())
+                .or_default();
+            *slot = (*slot).max(left);
+        }
+    }
+    let mut carried = Vec::new();
+    for (addr, left) in left_by_address {
+        for (set, element) in still_allowed(addr) {
+            carried.push(HeldElement {
+                set,
+                element,
+                expires_in: Some(left),
+            });
+        }
+    }
+    let kept: BTreeSet<(&str, &Element)> = carried
+        .iter()
+        .map(|c| (c.set.as_str(), &c.element))
+        .collect();
+    let forgotten = held
+        .iter()
+        .filter(|h| !kept.contains(&(h.set.as_str(), &h.element)))
+        .cloned()
+        .collect();
+    (carried, forgotten)
+}
+
+/// One delete update per set.
+fn deletions(elements: &[HeldElement]) -> Vec<SetUpdate> {
+    let mut by_set: BTreeMap<&str, Vec<Element>> = BTreeMap::new();
+    for element in elements {
+        by_set
+            .entry(&element.set)
+            .or_default()
+            .push(element.element);
+    }
+    by_set
+        .into_iter()
+        .map(|(set, elements)| SetUpdate {
+            set: set.to_string(),
+            change: SetChange::Delete { elements },
+        })
+        .collect()
+}
+
+/// The learned batch as updates: one per set and timeout (an update carries
+/// one timeout), in the batch's order.
+fn learned_updates(batch: &[Learned]) -> Vec<SetUpdate> {
+    let mut grouped: BTreeMap<(&str, Duration), Vec<Element>> = BTreeMap::new();
+    for learned in batch {
+        grouped
+            .entry((&learned.set, learned.timeout))
+            .or_default()
+            .push(learned.element);
+    }
+    grouped
+        .into_iter()
+        .map(|((set, timeout), elements)| SetUpdate {
+            set: set.to_string(),
+            change: SetChange::Add {
+                elements,
+                timeout: Some(timeout),
+            },
+        })
+        .collect()
+}
+
+impl AddressSink for Sandbox {
+    fn learn<'a>(&'a self, batch: &'a [Learned]) -> SinkFuture<'a> {
+        Box::pin(async move {
+            match self.update(learned_updates(batch)).await {
+                Ok(()) => {
+                    self.elements_added
+                        .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                    Ok(())
+                }
+                Err(error) => {
+                    self.failures.fetch_add(1, Ordering::Relaxed);
+                    Err(learn::Error::Learn {
+                        count: batch.len(),
+                        source: Box::new(error),
+                    })
+                }
+            }
+        })
+    }
+
+    fn forget<'a>(&'a self, batch: &'a [(String, Element)]) -> SinkFuture<'a> {
+        Box::pin(async move {
+            let held: Vec<HeldElement> = batch
+                .iter()
+                .map(|(set, element)| HeldElement {
+                    set: set.clone(),
+                    element: *element,
+                    expires_in: None,
+                })
+                .collect();
+            self.update(deletions(&held))
+                .await
+                .map_err(|error| learn::Error::Forget {
+                    count: batch.len(),
+                    source: Box::new(error),
+                })
+        })
+    }
+}
+
+/// The upstream sockets of a sandbox's proxy and resolver loop: opened inside
+/// the sandbox's namespace with the proxy's packet mark, which the ruleset
+/// lets through to the upstream resolvers without redirecting it.
+#[derive(Debug)]
+pub struct MarkedSockets {
+    factory: Arc<SocketFactory>,
+    mark: u32,
+}
+
+impl MarkedSockets {
+    pub fn new(factory: Arc<SocketFactory>, mark: u32) -> Self {
+        MarkedSockets { factory, mark }
+    }
+}
+
+impl UpstreamSockets for MarkedSockets {
+    fn udp(&self, local: SocketAddr, _server: SocketAddr) -> io::Result<std::net::UdpSocket> {
+        let socket = self
+            .factory
+            .open(local.ip(), SocketKind::Udp, Some(self.mark))?;
+        socket.bind(&local.into())?;
+        Ok(socket.into())
+    }
+
+    fn tcp(&self, server: SocketAddr) -> io::Result<tokio::net::TcpSocket> {
+        let socket = self
+            .factory
+            .open(server.ip(), SocketKind::Tcp, Some(self.mark))?;
+        socket.set_nonblocking(true)?;
+        Ok(tokio::net::TcpSocket::from_std_stream(socket.into()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn held(set: &str, element: &str, left: u64) -> HeldElement {
+        HeldElement {
+            set: set.into(),
+            element: Element::Addr(element.parse().unwrap()),
+            expires_in: Some(Duration::from_secs(left)),
+        }
+    }
+
+    #[test]
+    fn carried_addresses_get_their_new_elements_with_the_longest_time_left() {
+        let old = [
+            held("dns_v4", "192.0.2.1/32", 10),
+            held("dns_v4", "192.0.2.2/32", 20),
+            held("dns_v4", "192.0.2.3/32", 30),
+        ];
+        let ported =
+            |addr: IpAddr| Element::AddrProtoPort(addr.into(), crate::policy::Proto::Tcp, 443);
+        // .1 is still allowed on any port, .2 now only on 443, .3 not at all.
+        let (carried, forgotten) = carry(&old, |addr| match addr.to_string().as_str() {
+            "192.0.2.1" => vec![("dns_v4".into(), Element::Addr(addr.into()))],
+            "192.0.2.2" => vec![("dns_v4_ports".into(), ported(addr))],
+            _ => vec![],
+        });
+        assert_eq!(
+            carried,
+            vec![
+                held("dns_v4", "192.0.2.1/32", 10),
+                HeldElement {
+                    set: "dns_v4_ports".into(),
+                    element: ported("192.0.2.2".parse().unwrap()),
+                    expires_in: Some(Duration::from_secs(20)),
+                },
+            ]
+        );
+        assert_eq!(
+            forgotten,
+            vec![
+                held("dns_v4", "192.0.2.2/32", 20),
+                held("dns_v4", "192.0.2.3/32", 30)
+            ]
+        );
+        let deletes = deletions(&forgotten);
+        assert_eq!(deletes.len(), 1);
+        assert!(
+            matches!(&deletes[0].change, SetChange::Delete { elements } if elements.len() == 2)
+        );
+    }
+
+    #[test]
+    fn a_learned_batch_becomes_one_update_per_set_and_timeout() {
+        let learned = |set: &str, addr: &str, secs: u64| Learned {
+            set: set.into(),
+            element: Element::Addr(addr.parse().unwrap()),
+            timeout: Duration::from_secs(secs),
+        };
+        let updates = learned_updates(&[
+            learned("dns_v4", "192.0.2.1/32", 90),
+            learned("dns_v6", "2001:db8::1/128", 90),
+            learned("dns_v4", "192.0.2.2/32", 90),
+            learned("dns_v4", "192.0.2.3/32", 120),
+        ]);
+        let shape: Vec<(&str, usize, Option<Duration>)> = updates
+            .iter()
+            .map(|u| match &u.change {
+                SetChange::Add { elements, timeout } => (u.set.as_str(), elements.len(), *timeout),
+                SetChange::Delete { .. } => unreachable!(),
+            })
+            .collect();
+        assert_eq!(
+            shape,
+            vec![
+                ("dns_v4", 2, Some(Duration::from_secs(90))),
+                ("dns_v4", 1, Some(Duration::from_secs(120))),
+                ("dns_v6", 1, Some(Duration::from_secs(90))),
+            ]
+        );
+    }
+}
