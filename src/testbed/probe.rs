@@ -293,7 +293,10 @@ mod tests {
         let of = |errno| Verdict::of_error(&io::Error::from_raw_os_error(errno));
         assert_eq!(of(libc::ECONNREFUSED), Some(Verdict::Refused));
         assert_eq!(of(libc::ECONNRESET), Some(Verdict::Refused));
-        assert_eq!(of(libc::EPERM), Some(Verdict::Unreachable { errno: libc::EPERM }));
+        assert_eq!(
+            of(libc::EPERM),
+            Some(Verdict::Unreachable { errno: libc::EPERM })
+        );
         assert_eq!(
             of(libc::EHOSTUNREACH),
             Some(Verdict::Unreachable {
