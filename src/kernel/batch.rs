@@ -43,10 +43,15 @@ const CT_STATE_RELATED: u32 = 1 << 2;
 /// `IPPROTO_ICMPV6`.
 const IPPROTO_ICMPV6: u8 = 58;
 
-/// Offsets of the IPv4 and IPv6 destination address in their headers (RFC 791, RFC 8200).
+/// Offsets of the IPv4 and IPv6 source and destination address in their
+/// headers (RFC 791, RFC 8200).
+const IPV4_SADDR_OFFSET: u32 = 12;
 const IPV4_DADDR_OFFSET: u32 = 16;
+const IPV6_SADDR_OFFSET: u32 = 8;
 const IPV6_DADDR_OFFSET: u32 = 24;
-/// Offset of the destination port in TCP and UDP headers, and of the type in ICMPv6.
+/// Offsets of the source and destination port in TCP and UDP headers, and of
+/// the type in ICMPv6.
+const TH_SPORT_OFFSET: u32 = 0;
 const TH_DPORT_OFFSET: u32 = 2;
 const ICMPV6_TYPE_OFFSET: u32 = 0;
 
@@ -145,10 +150,23 @@ fn family_guard(family: Family, plan: &mut Vec<Expr>) {
     plan.push(Expr::CmpEq(vec![nfproto(family)]));
 }
 
+/// Which end of a packet an address or port match reads.
+#[derive(Clone, Copy)]
+enum Endpoint {
+    Source,
+    Destination,
+}
+
 fn load_daddr(family: Family, dreg: u32) -> Expr {
-    let (offset, len) = match family {
-        Family::V4 => (IPV4_DADDR_OFFSET, 4),
-        Family::V6 => (IPV6_DADDR_OFFSET, 16),
+    load_addr(Endpoint::Destination, family, dreg)
+}
+
+fn load_addr(endpoint: Endpoint, family: Family, dreg: u32) -> Expr {
+    let (offset, len) = match (endpoint, family) {
+        (Endpoint::Source, Family::V4) => (IPV4_SADDR_OFFSET, 4),
+        (Endpoint::Destination, Family::V4) => (IPV4_DADDR_OFFSET, 4),
+        (Endpoint::Source, Family::V6) => (IPV6_SADDR_OFFSET, 16),
+        (Endpoint::Destination, Family::V6) => (IPV6_DADDR_OFFSET, 16),
     };
     Expr::Payload {
         base: libc::NFT_PAYLOAD_NETWORK_HEADER as u32,
@@ -156,6 +174,36 @@ fn load_daddr(family: Family, dreg: u32) -> Expr {
         len,
         dreg,
     }
+}
+
+/// `ADDR . meta l4proto . PORT @set` for one end of the packet: each field in
+/// its own 32-bit registers, matching the key layout of the concatenated set
+/// (an IPv4 address fills one register, an IPv6 address four).
+fn plan_addr_proto_port_lookup(
+    endpoint: Endpoint,
+    family: Family,
+    set: &str,
+    plan: &mut Vec<Expr>,
+) {
+    family_guard(family, plan);
+    let after_addr = match family {
+        Family::V4 => 1,
+        Family::V6 => 4,
+    };
+    let port_offset = match endpoint {
+        Endpoint::Source => TH_SPORT_OFFSET,
+        Endpoint::Destination => TH_DPORT_OFFSET,
+    };
+    plan.push(load_addr(endpoint, family, REG_1));
+    plan.push(Expr::Meta {
+        key: libc::NFT_META_L4PROTO as u32,
+        dreg: reg32(after_addr),
+    });
+    plan.push(load_transport(port_offset, 2, reg32(after_addr + 1)));
+    plan.push(Expr::Lookup {
+        set: set.to_string(),
+        sreg: REG_1,
+    });
 }
 
 fn load_transport(offset: u32, len: u32, dreg: u32) -> Expr {
@@ -245,23 +293,7 @@ pub fn plan_rule(rule: &Rule) -> Vec<Expr> {
                 });
             }
             Match::DaddrProtoPortInSet { family, set } => {
-                // address . l4proto . dport, each field in its own 32-bit registers,
-                // matching the key layout of the concatenated set.
-                family_guard(*family, &mut plan);
-                let after_addr = match family {
-                    Family::V4 => 1,
-                    Family::V6 => 4,
-                };
-                plan.push(load_daddr(*family, REG_1));
-                plan.push(Expr::Meta {
-                    key: libc::NFT_META_L4PROTO as u32,
-                    dreg: reg32(after_addr),
-                });
-                plan.push(load_transport(TH_DPORT_OFFSET, 2, reg32(after_addr + 1)));
-                plan.push(Expr::Lookup {
-                    set: set.clone(),
-                    sreg: REG_1,
-                });
+                plan_addr_proto_port_lookup(Endpoint::Destination, *family, set, &mut plan);
             }
             Match::Daddr(_)
             | Match::MarkIs(_)
@@ -319,36 +351,11 @@ fn plan_proxy_match(condition: &Match, plan: &mut Vec<Expr>) {
             }));
         }
         Match::SaddrProtoSportInSet { family, set } => {
-            // saddr . l4proto . sport, laid out like a daddr . l4proto . dport key.
-            family_guard(*family, plan);
-            let (offset, len, after_addr) = match family {
-                Family::V4 => (IPV4_SADDR_OFFSET, 4, 1),
-                Family::V6 => (IPV6_SADDR_OFFSET, 16, 4),
-            };
-            plan.push(Expr::Payload {
-                base: libc::NFT_PAYLOAD_NETWORK_HEADER as u32,
-                offset,
-                len,
-                dreg: REG_1,
-            });
-            plan.push(Expr::Meta {
-                key: libc::NFT_META_L4PROTO as u32,
-                dreg: reg32(after_addr),
-            });
-            plan.push(load_transport(TH_SPORT_OFFSET, 2, reg32(after_addr + 1)));
-            plan.push(Expr::Lookup {
-                set: set.clone(),
-                sreg: REG_1,
-            });
+            plan_addr_proto_port_lookup(Endpoint::Source, *family, set, plan);
         }
         other => unreachable!("not a DNS proxy match: {other:?}"),
     }
 }
-
-/// Offsets of the source address (RFC 791, RFC 8200) and port.
-const IPV4_SADDR_OFFSET: u32 = 12;
-const IPV6_SADDR_OFFSET: u32 = 8;
-const TH_SPORT_OFFSET: u32 = 0;
 
 /// The actions of the DNS proxy's rules, as nft 1.0.6 sends them: the value
 /// into register 1 (`immediate`), then the statement that reads it.

@@ -574,12 +574,7 @@ pub(super) mod tests {
 
     /// `Ports::Only` of these (proto, port) pairs.
     pub(crate) fn only(specs: &[(Proto, u16)]) -> Ports {
-        Ports::Only(
-            specs
-                .iter()
-                .map(|&(proto, port)| PortSpec { proto, port })
-                .collect(),
-        )
+        Ports::only(specs.iter().copied())
     }
 
     use Proto::{Tcp, Udp};

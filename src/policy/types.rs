@@ -68,6 +68,16 @@ pub enum Ports {
 }
 
 impl Ports {
+    /// `Ports::Only` of these (protocol, port) pairs. Callers pass at least one.
+    pub fn only(specs: impl IntoIterator<Item = (Proto, u16)>) -> Ports {
+        Ports::Only(
+            specs
+                .into_iter()
+                .map(|(proto, port)| PortSpec { proto, port })
+                .collect(),
+        )
+    }
+
     /// Union of two port restrictions: `Any` absorbs everything.
     pub fn union(&self, other: &Ports) -> Ports {
         match (self, other) {

@@ -594,12 +594,7 @@ pub(crate) mod tests {
     }
 
     pub(crate) fn only(specs: &[(Proto, u16)]) -> Ports {
-        Ports::Only(
-            specs
-                .iter()
-                .map(|&(proto, port)| PortSpec { proto, port })
-                .collect(),
-        )
+        Ports::only(specs.iter().copied())
     }
 
     pub(crate) fn net(text: &str) -> Target {
