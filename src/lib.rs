@@ -7,10 +7,12 @@
 //! - [`netns`]: runs work inside a sandbox's network namespace;
 //! - [`dns`]: the DNS proxy and resolver loop that fill the DNS-derived sets;
 //! - [`sandbox`]: one enforced sandbox at run time, the DNS layer's sink;
+//! - [`agent`]: the host agent's API, shared by `netleash agent` and `netleash hook`;
 //! - [`cli`]: the `netleash` command;
 //! - [`testbed`]: throwaway sandbox and world namespaces with servers, for the
 //!   privileged tests and `netleash demo`.
 
+pub mod agent;
 pub mod cli;
 pub mod dns;
 pub mod kernel;
