@@ -7,6 +7,8 @@
 //! - [`netns`]: runs work inside a sandbox's network namespace;
 //! - [`dns`]: the DNS proxy and resolver loop that fill the DNS-derived sets;
 //! - [`sandbox`]: one enforced sandbox at run time, the DNS layer's sink;
+//! - [`denial_log`]: the sidecar's denied-connection log (nflog packets matched
+//!   to the DNS proxy's answers, deduplicated and rate-limited);
 //! - [`agent`]: the host agent's API, shared by `netleash agent` and `netleash hook`;
 //! - [`cli`]: the `netleash` command;
 //! - [`testbed`]: throwaway sandbox and world namespaces with servers, for the
@@ -14,6 +16,7 @@
 
 pub mod agent;
 pub mod cli;
+pub mod denial_log;
 pub mod dns;
 pub mod kernel;
 pub mod netns;

@@ -14,6 +14,10 @@
 //! 4. the resolver loop resolves every exact name once (bounded wait), then
 //!    the proxy starts answering.
 //!
+//! Once the ruleset is enforced, the denied-connection log starts reading the
+//! `deny` chain's nflog group ([`crate::denial_log`]); if it cannot, the
+//! sidecar says why and enforces all the same (the rules do not depend on it).
+//!
 //! SIGHUP re-reads the policy and re-applies it atomically, carrying the
 //! learned addresses the new policy still allows; a bad policy is reported
 //! and the old rules stay. SIGTERM and SIGINT stop the sidecar and leave the
@@ -34,6 +38,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use super::netns_args::NetnsArgs;
 use super::policy_args::PolicyArgs;
 use super::{EXIT_INVALID_INPUT, EXIT_OK, EXIT_SYSTEM_ERROR};
+use crate::denial_log::{self, DenialWatch};
 use crate::dns::cache::AnswerCache;
 use crate::dns::learn::elements_for;
 use crate::dns::names::AllowedNames;
@@ -42,6 +47,7 @@ use crate::dns::proxy::{Proxy, ProxyConfig, ProxyHandle, Refusal};
 use crate::dns::resolver::{ResolverHandle, ResolverLoop, ResolverLoopConfig};
 use crate::dns::ttl::{self, TtlPolicy};
 use crate::dns::upstream::{self, DNS_PORT, Upstream, UpstreamSockets};
+use crate::kernel::nflog::NflogListener;
 use crate::netns::{self, SocketFactory, SocketKind};
 use crate::policy::{CompileOptions, ProxyOptions};
 use crate::ruleset::{self, Element, Ruleset};
@@ -292,6 +298,7 @@ struct Sidecar {
     factory: Arc<SocketFactory>,
     proxy_port: u16,
     options: CompileOptions,
+    denials: DenialWatch,
 }
 
 pub fn run(mut args: Args) -> Result<u8, super::Error> {
@@ -359,6 +366,7 @@ async fn serve(
             report.sets, report.rules
         ),
     });
+    let denials = start_denial_log(&target, options.nflog_group, origins.clone());
 
     let opener: Arc<dyn UpstreamSockets> =
         Arc::new(MarkedSockets::new(factory.clone(), args.proxy_mark));
@@ -396,6 +404,7 @@ async fn serve(
         factory,
         proxy_port: args.proxy_port,
         options,
+        denials,
     };
     let first_round = sidecar.start_resolver(&names).await?;
     if let Some((lookups, done)) = first_round
@@ -485,6 +494,30 @@ fn bind_proxy_sockets(
         }
     }
     Ok(bound)
+}
+
+/// Starts the denied-connection log of the sandbox. If nflog cannot be
+/// read, the log is off and says why (here and in health), and the sidecar
+/// goes on: the rules deny the same packets with or without it.
+fn start_denial_log(
+    target: &netns::Target,
+    group: u16,
+    origins: Arc<AddressOrigins>,
+) -> DenialWatch {
+    let started = NflogListener::open(target, group)
+        .map_err(|error| super::render_error(&error))
+        .and_then(|listener| {
+            DenialWatch::start(listener, denial_log::sandbox_label(target), origins).map_err(
+                |error| format!("cannot start the denied-connection log's thread: {error}"),
+            )
+        });
+    started.unwrap_or_else(|error| {
+        say(&format!(
+            "the denied-connection log is off; the rules are enforced all the same: {error}"
+        ));
+        tracing::error!(error, "the denied-connection log is off");
+        DenialWatch::off(group, error)
+    })
 }
 
 /// For a learned address: the elements the policy of `names` gives it, by the
@@ -604,6 +637,7 @@ impl Sidecar {
             }
         }
         self.stop_resolver().await;
+        tokio::task::block_in_place(|| self.denials.stop());
     }
 
     /// The health check: the table in force is this sidecar's policy, and
@@ -668,6 +702,7 @@ impl Sidecar {
                 "failing": failing,
                 "stale": stale,
             },
+            "denials": self.denials.health(),
         });
         (healthy, body)
     }

@@ -20,7 +20,9 @@
 //! Modules: `generation` decides how a policy replaces the one in force,
 //! `batch` builds the transactions, `elements` encodes set elements,
 //! `readback` reads and compares, `netlink` is the socket, and `ffi` is the
-//! only place that calls libnftnl directly.
+//! only place that calls libnftnl directly. `nflog` is apart from all of
+//! them: it subscribes to the nflog group the `deny` chain logs to and parses
+//! the denied packets (the sidecar's denied-connection log).
 
 mod batch;
 mod elements;
@@ -28,6 +30,7 @@ mod ffi;
 mod generation;
 mod learned;
 mod netlink;
+pub mod nflog;
 mod readback;
 
 use std::ffi::CString;
@@ -121,6 +124,26 @@ pub enum Error {
     NoSuchSet { set: String, known: Vec<String> },
     #[error("rule {rule:?} looks up set {set:?}, which the ruleset does not define")]
     UnknownSet { set: String, rule: String },
+    #[error("cannot set up the netfilter netlink socket for nflog group {group}")]
+    NflogSocket {
+        group: u16,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot listen to nflog group {group}{hint}")]
+    NflogBind {
+        group: u16,
+        /// What to do about it, starting with ": ", or empty.
+        hint: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot read denied packets from nflog group {group}")]
+    NflogReceive {
+        group: u16,
+        #[source]
+        source: io::Error,
+    },
 }
 
 impl Error {
