@@ -16,6 +16,8 @@ use std::time::{Duration, Instant};
 
 use hickory_proto::op::ResponseCode;
 use hickory_proto::rr::RecordType;
+use netleash::denial_log::{DENIED_MESSAGE, NO_DNS_ANSWER};
+use netleash::kernel::nflog::{Delivery, Family, NflogListener};
 use netleash::testbed::{
     self, BULK_RANGE_V4, DnsReply, Exchange, RESOLVER_V4, Testbed, Transport, Verdict, ZoneRecord,
 };
@@ -146,6 +148,17 @@ impl Sidecar {
             .iter()
             .filter(|l| l.contains(needle))
             .count()
+    }
+
+    /// The JSON log events (`--log-json`) on stderr whose message is `message`.
+    fn json_events(&self, message: &str) -> Vec<Value> {
+        self.stderr
+            .lock()
+            .unwrap()
+            .lines()
+            .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+            .filter(|event| event["fields"]["message"] == message)
+            .collect()
     }
 
     fn logs(&self) -> String {
@@ -940,4 +953,145 @@ fn bad_input_is_refused_with_exit_code_2_before_anything_changes() {
         assert!(stderr.contains(expected), "{args:?}: {stderr}");
         assert!(!support::netns_exists("netleash-test-no-such-namespace"));
     }
+}
+
+/// The denied-connection lines of `events` to `dst` port `port`.
+fn denials_to<'a>(events: &'a [Value], dst: &str, port: u16) -> Vec<&'a Value> {
+    events
+        .iter()
+        .filter(|event| event["fields"]["dst"] == dst && event["fields"]["port"] == port)
+        .collect()
+}
+
+#[test]
+fn a_denied_connection_is_logged_once_with_the_host_its_address_was_resolved_for() {
+    let bed = support::testbed();
+    let dir = tempfile::tempdir().unwrap();
+    bed.zone().set("app.wild.test", &[a("198.51.100.11")], 300);
+    let file = policy(dir.path(), "p.json", &["*.wild.test:443"]);
+    let sidecar = Sidecar::start(&bed, &file, &["--log-json"]);
+
+    // Allowed: the name resolved through the proxy, then port 443.
+    let (to, verdict) = resolve_and_connect(&bed, RESOLVER_V4, "app.wild.test", 443);
+    assert_eq!((to, verdict), (addr("198.51.100.11"), Verdict::Connected));
+    // Denied twice: the resolved address on a port the policy does not allow.
+    assert_rejected(&bed, "198.51.100.11", 8443);
+    assert_rejected(&bed, "198.51.100.11", 8443);
+    // Denied once: an address no DNS answer named, on the allowed port; and
+    // one over IPv6.
+    assert_rejected(&bed, "203.0.113.20", 443);
+    assert_rejected(&bed, "2001:db8:100::10", 8443);
+
+    eventually(
+        Duration::from_secs(5),
+        "three denied-connection lines and four denied packets",
+        || {
+            sidecar.json_events(DENIED_MESSAGE).len() >= 3
+                && sidecar.health().1["denials"]["packets"].as_u64() >= Some(4)
+        },
+    );
+    // Room for a wrong third line to arrive (the kernel batches for 100 ms).
+    std::thread::sleep(Duration::from_millis(500));
+    let events = sidecar.json_events(DENIED_MESSAGE);
+
+    let resolved = denials_to(&events, "198.51.100.11", 8443);
+    assert_eq!(resolved.len(), 1, "{events:#?}");
+    let fields = &resolved[0]["fields"];
+    assert_eq!(fields["host"], "app.wild.test", "{fields:#}");
+    assert_eq!(fields["proto"], "tcp", "{fields:#}");
+    assert_eq!(fields["sandbox"], bed.sandbox(), "{fields:#}");
+    assert_eq!(fields["src"], testbed::SANDBOX_V4.to_string(), "{fields:#}");
+    assert!(fields.get("note").is_none(), "{fields:#}");
+    assert_eq!(resolved[0]["level"], "WARN");
+
+    let literal = denials_to(&events, "203.0.113.20", 443);
+    assert_eq!(literal.len(), 1, "{events:#?}");
+    let fields = &literal[0]["fields"];
+    assert!(fields.get("host").is_none(), "{fields:#}");
+    assert_eq!(fields["note"], NO_DNS_ANSWER, "{fields:#}");
+
+    let ipv6 = denials_to(&events, "2001:db8:100::10", 8443);
+    assert_eq!(ipv6.len(), 1, "{events:#?}");
+    assert_eq!(ipv6[0]["fields"]["src"], testbed::SANDBOX_V6.to_string());
+    assert_eq!(ipv6[0]["fields"]["note"], NO_DNS_ANSWER);
+
+    assert!(
+        denials_to(&events, "198.51.100.11", 443).is_empty(),
+        "the allowed connection was logged as denied: {events:#?}"
+    );
+    assert_eq!(events.len(), 3, "{events:#?}");
+
+    let (status, health) = sidecar.health();
+    assert_eq!(status, 200, "{health:#}");
+    let denials = &health["denials"];
+    assert_eq!(denials["listening"], true, "{denials:#}");
+    assert_eq!(denials["nflog_group"], 4711, "{denials:#}");
+    assert!(denials["error"].is_null(), "{denials:#}");
+    for (counter, expected) in [
+        ("packets", 4),
+        ("logged", 3),
+        ("repeated", 1),
+        ("suppressed", 0),
+        ("unreadable", 0),
+        ("foreign", 0),
+        ("overruns", 0),
+    ] {
+        assert_eq!(denials[counter], expected, "{counter}: {denials:#}");
+    }
+}
+
+#[test]
+fn a_sidecar_that_cannot_read_nflog_enforces_all_the_same() {
+    let bed = support::testbed();
+    let dir = tempfile::tempdir().unwrap();
+    bed.zone().set("steady.test", &[a("198.51.100.10")], 300);
+    let file = policy(dir.path(), "p.json", &["steady.test"]);
+    // Another listener holds the group in the sandbox's namespace first.
+    let sandbox = netleash::netns::Target::Name(bed.sandbox().to_string());
+    let mut other = NflogListener::open(&sandbox, 4711).unwrap_or_else(|err| {
+        panic!(
+            "listen to nflog 4711 in the sandbox: {}",
+            netleash::cli::render_error(&err)
+        )
+    });
+    let mut sidecar = Sidecar::start(&bed, &file, &[]);
+    let off = sidecar.wait_for_line("the denied-connection log is off", Duration::from_secs(1));
+    assert!(off.contains("another program already listens"), "{off}");
+
+    assert_reachable(&bed, "198.51.100.10", 443);
+    assert_rejected(&bed, "203.0.113.20", 443);
+    let (status, health) = sidecar.health();
+    assert_eq!(
+        status, 200,
+        "the sidecar is healthy without its log: {health:#}"
+    );
+    assert_eq!(health["denials"]["listening"], false, "{health:#}");
+    assert!(
+        health["denials"]["error"]
+            .as_str()
+            .is_some_and(|error| error.contains("nflog group 4711")),
+        "{health:#}"
+    );
+
+    // The other listener got the denied packet, parsed from the kernel's bytes.
+    let started = Instant::now();
+    let denied = loop {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the other listener received no denied packet"
+        );
+        let delivery = other.receive().expect("read nflog");
+        if let Some(Delivery::Messages(messages)) = delivery
+            && let Some(packet) = messages
+                .into_iter()
+                .flatten()
+                .find(|p| p.dst == addr("203.0.113.20"))
+        {
+            break packet;
+        }
+    };
+    assert_eq!(denied.family, Family::Ipv4);
+    assert_eq!((denied.l4proto, denied.dport), (6, Some(443)));
+    assert_eq!(denied.src, IpAddr::from(testbed::SANDBOX_V4));
+    assert_eq!(denied.prefix, "netleash deny ");
 }
