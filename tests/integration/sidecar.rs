@@ -750,6 +750,8 @@ fn kill_9_and_a_restart_never_break_connections_to_allowed_addresses() {
     );
     let (status, health) = second.health();
     assert_eq!(status, 200, "{health:#}");
+    // The killed sidecar's nflog subscription died with its socket.
+    assert_eq!(health["denials"]["listening"], true, "{health:#}");
     let reply = answered(&bed, UPSTREAM, "other.wild.test", RecordType::AAAA);
     assert_eq!(reply.addresses(), vec![addr("2001:db8:100::11")]);
     assert_reachable(&bed, "2001:db8:100::11", 443);
