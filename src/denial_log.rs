@@ -617,6 +617,47 @@ mod tests {
     }
 
     #[test]
+    fn the_logger_counts_foreign_unreadable_and_lost_records_apart() {
+        use crate::kernel::nflog::Family;
+
+        let start = Instant::now();
+        let counters = Arc::new(DenialCounters::default());
+        let origins = Arc::new(AddressOrigins::default());
+        origins.record("app.example", [IpAddr::from([198, 51, 100, 10])]);
+        let mut logger = DenialLogger {
+            sandbox: "sbx".into(),
+            origins,
+            limiter: DenialLimiter::new(counters.clone(), start),
+            counters: counters.clone(),
+        };
+        let packet = |prefix: &str| DeniedPacket {
+            family: Family::Ipv4,
+            l4proto: 6,
+            src: IpAddr::from([192, 0, 2, 2]),
+            dst: IpAddr::from([198, 51, 100, 10]),
+            dport: Some(8080),
+            prefix: prefix.into(),
+        };
+        logger.delivery(
+            Delivery::Messages(vec![
+                Ok(packet(LOG_PREFIX)),
+                Ok(packet("someone else ")),
+                Err("a truncated IPv4 header"),
+                Ok(packet(LOG_PREFIX)),
+            ]),
+            start,
+        );
+        logger.delivery(Delivery::Overrun, start);
+        let stats = counters.snapshot();
+        assert_eq!(
+            (stats.packets, stats.logged, stats.repeated),
+            (2, 1, 1),
+            "{stats:?}"
+        );
+        assert_eq!((stats.foreign, stats.unreadable, stats.overruns), (1, 1, 1));
+    }
+
+    #[test]
     fn protocol_names_follow_nft() {
         assert_eq!(protocol_name(6), "tcp");
         assert_eq!(protocol_name(58), "icmpv6");

@@ -11,7 +11,9 @@
 //! - `nft`'s `log group N` always uses the nfnetlink_log logger
 //!   (`NF_LOG_TYPE_ULOG`), so no per-family `NFULNL_CFG_CMD_PF_BIND` is needed;
 //!   loading a ruleset with such a rule already loads nfnetlink_log, and a
-//!   config message for its subsystem loads it too (`nfnetlink-subsys-4`).
+//!   config message for its subsystem loads it too (`nfnetlink_rcv_msg`
+//!   requests `nfnetlink-subsys-4`); if it cannot, the bind fails with
+//!   `EINVAL`, and the error says to load nfnetlink_log.
 //! - packets are batched into one skb until `QTHRESH` messages are queued or
 //!   `TIMEOUT` (1/100 s) passes; a batch of several ends with `NLMSG_DONE`.
 //! - closing the socket (also by the process dying) destroys the instance
