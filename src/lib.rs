@@ -7,6 +7,7 @@
 //! - [`netns`]: runs work inside a sandbox's network namespace;
 //! - [`dns`]: the DNS proxy and resolver loop that fill the DNS-derived sets;
 //! - [`sandbox`]: one enforced sandbox at run time, the DNS layer's sink;
+//! - [`enforcer`]: the DNS proxy wiring the sidecar and the agent share;
 //! - [`agent`]: the host agent's API, shared by `netleash agent` and `netleash hook`;
 //! - [`cli`]: the `netleash` command;
 //! - [`testbed`]: throwaway sandbox and world namespaces with servers, for the
@@ -15,6 +16,7 @@
 pub mod agent;
 pub mod cli;
 pub mod dns;
+pub mod enforcer;
 pub mod kernel;
 pub mod netns;
 pub mod policy;
