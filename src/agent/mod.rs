@@ -586,6 +586,40 @@ impl Agent {
         Ok(self.status_of(entry).await)
     }
 
+    /// Forgets every sandbox whose namespace path no longer names the
+    /// namespace it was put with (the container exited without a Delete:
+    /// /proc/PID/ns/net is gone or is another process's, or /run/netns/NAME
+    /// was deleted). The agent's own descriptor keeps such a namespace
+    /// alive, so without this it would never be freed. Returns the ids forgotten.
+    pub async fn forget_gone(&self) -> Vec<String> {
+        let mut gone = Vec::new();
+        for entry in self.registry.all() {
+            let record = entry.record();
+            let same = std::fs::metadata(&record.netns)
+                .is_ok_and(|m| (m.dev(), m.ino()) == (record.ns_dev, record.ns_inode));
+            if same {
+                continue;
+            }
+            let _change = self.changes.lock().await;
+            // Still the same entry (not replaced or deleted meanwhile)?
+            if !self
+                .registry
+                .get(&record.id)
+                .is_some_and(|current| Arc::ptr_eq(&current, &entry))
+            {
+                continue;
+            }
+            tracing::info!(sandbox = %record.id, netns = %record.netns.display(), "the sandbox's namespace is gone; forgetting it");
+            match self.forget(&record.id).await {
+                Ok(()) => gone.push(record.id),
+                Err(error) => {
+                    tracing::error!(sandbox = %record.id, error = %crate::dns::error_chain(&error), "cannot forget the sandbox");
+                }
+            }
+        }
+        gone
+    }
+
     /// Forget sandbox `id`: its proxy and DNS work stop, its state file
     /// goes; its rules stay in its namespace.
     pub async fn delete(&self, id: &str) -> Result<(), Error> {

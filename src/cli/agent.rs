@@ -75,6 +75,10 @@ pub struct Args {
           value_parser = clap::value_parser!(u16).range(1..))]
     pub proxy_port: u16,
 
+    /// How often the agent looks for sandboxes whose namespace is gone (and forgets them).
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    pub reap_interval: Duration,
+
     /// Shortest time a learned address stays allowed (TTL clamp minimum), e.g. 30s.
     #[arg(long, hide = true, env = "NETLEASH_TTL_MIN", value_parser = parse_duration)]
     pub ttl_min: Option<Duration>,
@@ -139,6 +143,16 @@ fn ttl_policy(args: &Args) -> Result<TtlPolicy, Error> {
     }
     policy.validate().map_err(Error::Ttl)?;
     Ok(policy)
+}
+
+/// Forgets, every `interval`, the sandboxes whose namespace is gone.
+async fn reap(agent: Arc<Agent>, interval: Duration) {
+    let mut ticks = tokio::time::interval(interval.max(Duration::from_millis(100)));
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        agent.forget_gone().await;
+    }
 }
 
 /// Prints a lifecycle line on stdout.
@@ -222,6 +236,7 @@ async fn serve(
         None => String::new(),
     };
     tokio::spawn(serve_api(listener, agent.clone()));
+    tokio::spawn(reap(agent.clone(), args.reap_interval));
     say(&format!(
         "ready: API on {}; upstream {}; adopted {adopted} sandbox(es), forgot {forgotten} whose \
          namespace is gone{metrics_line}",

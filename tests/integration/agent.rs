@@ -52,6 +52,7 @@ impl Agent {
             .arg("--state-dir")
             .arg(&state)
             .args(["--upstream", UPSTREAM, "--metrics", "127.0.0.1:0"])
+            .args(["--reap-interval", "200ms"])
             .args(["--log", "netleash=debug"])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -294,6 +295,24 @@ fn table_without_expiry(bed: &Testbed) -> String {
     words.join(" ")
 }
 
+/// Log text without its ANSI colour sequences (`ESC [ ... m`).
+fn without_colours(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for skipped in chars.by_ref() {
+                if skipped == 'm' {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// The value of the metrics sample `series` (name and labels), if present.
 fn sample(text: &str, series: &str) -> Option<u64> {
     text.lines()
@@ -484,6 +503,28 @@ fn two_sandboxes_with_the_same_names_cost_one_upstream_query_per_name() {
             assert_eq!(count, 1, "{name} {record_type}: {queries:?}");
         }
     }
+    // The second namespace disappears without a Delete: the agent notices
+    // and forgets it (its descriptor no longer pins the namespace).
+    let mut other = other;
+    other.delete();
+    let started = Instant::now();
+    loop {
+        match agent.call(&Request::Get {
+            id: "second".into(),
+        }) {
+            Err(protocol::Error::Refused { kind, .. }) if kind == FailureKind::NotFound => break,
+            _ => {
+                assert!(
+                    started.elapsed() < Duration::from_secs(5),
+                    "the sandbox of a deleted namespace is still known\n{}",
+                    agent.logs()
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+    assert!(!dir.path().join("state/sandboxes/second.json").exists());
+    assert_eq!(agent.get("first").id, "first");
     assert!(
         !queries.iter().any(|q| q.name == "other.test"),
         "a refused name went upstream"
@@ -543,4 +584,36 @@ fn enforcement_survives_kill_9_and_a_restart_adopts_and_cleans_up() {
         Err(protocol::Error::Refused { kind, .. }) => assert_eq!(kind, FailureKind::NotFound),
         other => panic!("c2 should be forgotten, got {other:?}"),
     }
+}
+
+#[test]
+fn replacing_a_policy_carries_the_addresses_it_still_allows_and_forgets_the_rest() {
+    let bed = support::testbed();
+    let dir = tempfile::tempdir().unwrap();
+    bed.zone().set("keep.test", &[a("198.51.100.10")], 300);
+    bed.zone().set("drop.test", &[a("198.51.100.11")], 300);
+    let agent = Agent::start(&bed, dir.path());
+    let netns = sandbox_path(&bed);
+    let before = agent
+        .put("c1", &netns, &policy_json(&["keep.test", "drop.test"]))
+        .expect("put");
+    for name in ["keep.test", "drop.test"] {
+        assert_eq!(
+            resolve_and_connect(&bed, name),
+            (ResponseCode::NoError, Some(Verdict::Connected)),
+            "{name}"
+        );
+    }
+    let after = agent
+        .put("c1", &netns, &policy_json(&["keep.test"]))
+        .expect("replace");
+    assert_ne!(after.digest, before.digest);
+    let logs = without_colours(&agent.stderr.lock().unwrap());
+    assert!(logs.contains("carried=1 forgotten=1"), "{logs}");
+    assert_reachable(&bed, "198.51.100.10", 443);
+    assert_rejected(&bed, "198.51.100.11", 443);
+    let (code, _) = resolve_and_connect(&bed, "drop.test");
+    assert_eq!(code, ResponseCode::Refused);
+    let record = std::fs::read_to_string(dir.path().join("state/sandboxes/c1.json")).unwrap();
+    assert!(!record.contains("drop.test"), "{record}");
 }
