@@ -512,7 +512,10 @@ fn two_sandboxes_with_the_same_names_cost_one_upstream_query_per_name() {
         match agent.call(&Request::Get {
             id: "second".into(),
         }) {
-            Err(protocol::Error::Refused { kind, .. }) if kind == FailureKind::NotFound => break,
+            Err(protocol::Error::Refused {
+                kind: FailureKind::NotFound,
+                ..
+            }) => break,
             _ => {
                 assert!(
                     started.elapsed() < Duration::from_secs(5),
