@@ -18,13 +18,13 @@ use std::time::Duration;
 
 use tokio::signal::unix::{SignalKind, signal};
 
-use super::sidecar::{parse_duration, parse_upstream};
+use super::sidecar::{TtlArgs, parse_duration, parse_upstream};
 use super::{EXIT_INVALID_INPUT, EXIT_OK, EXIT_SYSTEM_ERROR};
 use crate::agent::protocol::DEFAULT_SOCKET;
 use crate::agent::server::{self, bind_socket, serve_api, serve_metrics};
 use crate::agent::state::DEFAULT_STATE_DIR;
 use crate::agent::{self, Agent, AgentConfig};
-use crate::dns::ttl::{self, TtlPolicy};
+use crate::dns::ttl;
 use crate::dns::upstream;
 use crate::enforcer::DEFAULT_PROXY_PORT;
 
@@ -79,17 +79,8 @@ pub struct Args {
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
     pub reap_interval: Duration,
 
-    /// Shortest time a learned address stays allowed (TTL clamp minimum), e.g. 30s.
-    #[arg(long, hide = true, env = "NETLEASH_TTL_MIN", value_parser = parse_duration)]
-    pub ttl_min: Option<Duration>,
-
-    /// Longest time a learned address stays allowed on one answer (TTL clamp maximum).
-    #[arg(long, hide = true, env = "NETLEASH_TTL_MAX", value_parser = parse_duration)]
-    pub ttl_max: Option<Duration>,
-
-    /// Added to every learned address's timeout after clamping.
-    #[arg(long, hide = true, env = "NETLEASH_TTL_GRACE", value_parser = parse_duration)]
-    pub ttl_grace: Option<Duration>,
+    #[command(flatten)]
+    pub ttl: TtlArgs,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -129,22 +120,6 @@ impl From<Error> for super::Error {
     }
 }
 
-/// The TTL policy with the hidden overrides applied.
-fn ttl_policy(args: &Args) -> Result<TtlPolicy, Error> {
-    let mut policy = TtlPolicy::default();
-    if let Some(min) = args.ttl_min {
-        policy.min_ttl = min;
-    }
-    if let Some(max) = args.ttl_max {
-        policy.max_ttl = max;
-    }
-    if let Some(grace) = args.ttl_grace {
-        policy.grace = grace;
-    }
-    policy.validate().map_err(Error::Ttl)?;
-    Ok(policy)
-}
-
 /// Forgets, every `interval`, the sandboxes whose namespace is gone.
 async fn reap(agent: Arc<Agent>, interval: Duration) {
     let mut ticks = tokio::time::interval(interval.max(Duration::from_millis(100)));
@@ -163,7 +138,7 @@ fn say(line: &str) {
 }
 
 pub fn run(args: Args) -> Result<u8, super::Error> {
-    let ttl = ttl_policy(&args)?;
+    let ttl = args.ttl.policy().map_err(Error::Ttl)?;
     let upstreams = if args.upstreams.is_empty() {
         upstream::servers_from_resolv_conf(&args.resolv_conf).map_err(Error::Upstream)?
     } else {

@@ -116,6 +116,14 @@ pub struct Args {
     #[arg(long, value_enum, default_value = "refused")]
     pub refuse_with: RefuseWith,
 
+    #[command(flatten)]
+    pub ttl: TtlArgs,
+}
+
+/// The TTL clamp overrides, hidden: for tests and benchmarks that need
+/// learned addresses to expire within seconds.
+#[derive(Debug, Clone, clap::Args)]
+pub struct TtlArgs {
     /// Shortest time a learned address stays allowed (TTL clamp minimum), e.g. 30s.
     #[arg(long, hide = true, env = "NETLEASH_TTL_MIN", value_parser = parse_duration)]
     pub ttl_min: Option<Duration>,
@@ -127,6 +135,24 @@ pub struct Args {
     /// Added to every learned address's timeout after clamping.
     #[arg(long, hide = true, env = "NETLEASH_TTL_GRACE", value_parser = parse_duration)]
     pub ttl_grace: Option<Duration>,
+}
+
+impl TtlArgs {
+    /// The default TTL policy with the overrides applied, validated.
+    pub fn policy(&self) -> Result<TtlPolicy, ttl::Error> {
+        let mut policy = TtlPolicy::default();
+        if let Some(min) = self.ttl_min {
+            policy.min_ttl = min;
+        }
+        if let Some(max) = self.ttl_max {
+            policy.max_ttl = max;
+        }
+        if let Some(grace) = self.ttl_grace {
+            policy.grace = grace;
+        }
+        policy.validate()?;
+        Ok(policy)
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -212,22 +238,6 @@ pub(super) fn parse_duration(text: &str) -> Result<Duration, String> {
     }
 }
 
-/// The TTL policy with the hidden overrides applied.
-fn ttl_policy(args: &Args) -> Result<TtlPolicy, Error> {
-    let mut policy = TtlPolicy::default();
-    if let Some(min) = args.ttl_min {
-        policy.min_ttl = min;
-    }
-    if let Some(max) = args.ttl_max {
-        policy.max_ttl = max;
-    }
-    if let Some(grace) = args.ttl_grace {
-        policy.grace = grace;
-    }
-    policy.validate().map_err(Error::Ttl)?;
-    Ok(policy)
-}
-
 /// The resolv.conf of the sandbox: its named namespace's, the process's view
 /// of /etc/resolv.conf, or `--resolv-conf`.
 fn sandbox_resolv_conf(target: &netns::Target, fallback: &Path) -> PathBuf {
@@ -281,7 +291,7 @@ struct Sidecar {
 }
 
 pub fn run(mut args: Args) -> Result<u8, super::Error> {
-    let ttl = ttl_policy(&args)?;
+    let ttl = args.ttl.policy().map_err(Error::Ttl)?;
     let upstreams = upstreams(&args)?;
     // The upstreams are what the sandbox's DNS resolves through; giving them
     // as resolvers keeps the policy loader from reading another resolv.conf
