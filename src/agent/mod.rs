@@ -397,9 +397,14 @@ impl Agent {
                     continue;
                 }
             };
-            let _change = self.changes.lock().await;
-            match self.create(record, held).await {
-                Ok(status) => {
+            let created = {
+                let _change = self.changes.lock().await;
+                self.create(record, held).await
+            };
+            match created {
+                Ok((entry, fresh)) => {
+                    self.wait_first_round(&fresh).await;
+                    let status = self.status_of(&entry).await;
                     tracing::info!(sandbox = %id, digest = %status.digest, "adopted the sandbox after a restart");
                     adopted += 1;
                 }
@@ -434,23 +439,30 @@ impl Agent {
             policy,
             origin,
         };
-        let _change = self.changes.lock().await;
-        match self.registry.get(&id) {
-            Some(existing) => {
-                let same = {
-                    let old = existing.record();
-                    (old.ns_dev, old.ns_inode) == (held.dev, held.inode)
-                };
-                if same {
-                    return self.replace(&existing, record).await;
+        let (entry, fresh) = {
+            let _change = self.changes.lock().await;
+            match self.registry.get(&id) {
+                Some(existing) => {
+                    let same = {
+                        let old = existing.record();
+                        (old.ns_dev, old.ns_inode) == (held.dev, held.inode)
+                    };
+                    if same {
+                        self.replace(&existing, record).await?
+                    } else {
+                        // The id moved to another namespace: the old one is
+                        // left as a Delete leaves it.
+                        self.forget(&id).await?;
+                        self.create(record, held).await?
+                    }
                 }
-                // The id moved to another namespace: the old one is left as
-                // a Delete leaves it.
-                self.forget(&id).await?;
-                self.create(record, held).await
+                None => self.create(record, held).await?,
             }
-            None => self.create(record, held).await,
-        }
+        };
+        // Outside the lock: a sandbox whose names are slow to resolve does
+        // not hold up the Puts of others.
+        self.wait_first_round(&fresh).await;
+        Ok(self.status_of(&entry).await)
     }
 
     fn compile(&self, record: &SandboxRecord) -> Result<Ruleset, Error> {
@@ -464,11 +476,12 @@ impl Agent {
     /// A new sandbox: proxy sockets bound in its namespace first (queries
     /// redirected from then on wait in their queues), then the rules, the
     /// addresses the shared cache already has, the resolver loop, the proxy.
+    /// Returns the sandbox and the names it is the first to allow.
     async fn create(
         &self,
         record: SandboxRecord,
         namespace: HeldNamespace,
-    ) -> Result<SandboxStatus, Error> {
+    ) -> Result<(Arc<Enforced>, BTreeSet<String>), Error> {
         let id = record.id.clone();
         let ruleset = self.compile(&record)?;
         let target = namespace.target();
@@ -519,32 +532,35 @@ impl Agent {
                 id: id.clone(),
                 source,
             })?;
-            self.track_names(&id).await?;
+            let fresh = self.track_names(&id).await?;
             let handles = serve_proxy(&entry.proxy, listeners).map_err(|source| Error::Proxy {
                 id: id.clone(),
                 source: Box::new(source),
             })?;
             *entry.proxy_handles.lock().await = handles;
-            Ok::<(), Error>(())
+            Ok::<_, Error>(fresh)
         };
-        if let Err(error) = ready.await {
-            // The rules stay in force (fail closed); the agent forgets it.
-            self.registry.write().remove(&id);
-            entry.stop().await;
-            let _ = self.state.remove(&id);
-            self.untrack_unused().await;
-            return Err(error);
+        match ready.await {
+            Ok(fresh) => Ok((entry, fresh)),
+            Err(error) => {
+                // The rules stay in force (fail closed); the agent forgets it.
+                self.registry.write().remove(&id);
+                entry.stop().await;
+                let _ = self.state.remove(&id);
+                self.untrack_unused().await;
+                Err(error)
+            }
         }
-        Ok(self.status_of(&entry).await)
     }
 
     /// A new policy for a sandbox already enforced in the same namespace:
     /// applied atomically, carrying the learned addresses it still allows.
+    /// Returns the sandbox and the names it is the first to allow.
     async fn replace(
         &self,
         entry: &Arc<Enforced>,
         record: SandboxRecord,
-    ) -> Result<SandboxStatus, Error> {
+    ) -> Result<(Arc<Enforced>, BTreeSet<String>), Error> {
         let id = record.id.clone();
         let ruleset = self.compile(&record)?;
         let names = AllowedNames::new(ruleset.names.clone());
@@ -581,9 +597,9 @@ impl Agent {
             source,
         })?;
         self.seed_from_cache(entry, &names).await;
-        self.track_names(&id).await?;
+        let fresh = self.track_names(&id).await?;
         self.untrack_unused().await;
-        Ok(self.status_of(entry).await)
+        Ok((entry.clone(), fresh))
     }
 
     /// Forgets every sandbox whose namespace path no longer names the
@@ -779,11 +795,11 @@ impl Agent {
         }
     }
 
-    /// Tracks the exact names of sandbox `id` that no other sandbox had, and
-    /// waits (bounded) for their first lookups.
-    async fn track_names(&self, id: &str) -> Result<(), Error> {
+    /// Tracks the exact names of sandbox `id` that no other sandbox had;
+    /// returns them.
+    async fn track_names(&self, id: &str) -> Result<BTreeSet<String>, Error> {
         let Some(entry) = self.registry.get(id) else {
-            return Ok(());
+            return Ok(BTreeSet::new());
         };
         let mut fresh = BTreeSet::new();
         {
@@ -797,6 +813,13 @@ impl Agent {
                 }
             }
         }
+        Ok(fresh)
+    }
+
+    /// Waits (bounded) until the resolver loop has looked up each of `fresh`
+    /// once (A and AAAA), so the reply to a Put shows their addresses in the
+    /// sets. The proxy answers meanwhile and learns on its own.
+    async fn wait_first_round(&self, fresh: &BTreeSet<String>) {
         let lookups = fresh.len() * 2;
         let started = Instant::now();
         while lookups > 0 && started.elapsed() < FIRST_ROUND_LIMIT {
@@ -813,7 +836,6 @@ impl Agent {
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        Ok(())
     }
 
     /// Stops resolving names no sandbox allows any more.
