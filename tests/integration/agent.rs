@@ -620,3 +620,127 @@ fn replacing_a_policy_carries_the_addresses_it_still_allows_and_forgets_the_rest
     let record = std::fs::read_to_string(dir.path().join("state/sandboxes/c1.json")).unwrap();
     assert!(!record.contains("drop.test"), "{record}");
 }
+
+/// The agent's shared resolver loop without the agent: one loop, routes to
+/// two recording sinks, names tracked and untracked while it runs (loopback
+/// test upstream, no namespaces).
+mod shared_loop {
+    use std::net::Ipv4Addr;
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use netleash::dns::cache::AnswerCache;
+    use netleash::dns::learn::{AddressSink, RecordingSink};
+    use netleash::dns::names::AllowedNames;
+    use netleash::dns::origins::AddressOrigins;
+    use netleash::dns::resolver::{NameRoutes, ResolverLoop, ResolverLoopConfig, Route};
+    use netleash::dns::ttl::TtlPolicy;
+    use netleash::policy::{Ports, Source, Target};
+    use netleash::ruleset::NameBinding;
+
+    use crate::dns_upstream::TestUpstream;
+
+    fn names(target: Target) -> AllowedNames {
+        AllowedNames::new(vec![NameBinding {
+            target,
+            ports: Ports::Any,
+            sources: vec![Source::AllowedHosts],
+            set_v4: "dns_v4".into(),
+            set_v6: "dns_v6".into(),
+        }])
+    }
+
+    /// Sandbox `a` allows shared.test exactly, sandbox `b` allows *.test.
+    struct TwoSandboxes {
+        a: (Arc<RecordingSink>, AllowedNames),
+        b: (Arc<RecordingSink>, AllowedNames),
+    }
+
+    impl NameRoutes for TwoSandboxes {
+        fn routes(&self, name: &str) -> Vec<Route> {
+            [&self.a, &self.b]
+                .into_iter()
+                .filter_map(|(sink, names)| {
+                    let bindings: Vec<NameBinding> =
+                        names.matching(name).into_iter().cloned().collect();
+                    (!bindings.is_empty()).then(|| Route {
+                        sink: sink.clone() as Arc<dyn AddressSink>,
+                        bindings,
+                    })
+                })
+                .collect()
+        }
+    }
+
+    async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+        let started = Instant::now();
+        while !check() {
+            assert!(started.elapsed() < Duration::from_secs(5), "{what}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn one_lookup_fans_out_to_every_sandbox_that_allows_the_name_and_a_failing_one_harms_no_other()
+     {
+        let upstream = TestUpstream::start().await;
+        let address = Ipv4Addr::new(192, 0, 2, 7);
+        upstream.set_a("shared.test", 1, &[address]);
+        let routes = Arc::new(TwoSandboxes {
+            a: (
+                Arc::new(RecordingSink::new()),
+                names(Target::Name("shared.test".into())),
+            ),
+            b: (
+                Arc::new(RecordingSink::new()),
+                names(Target::Wildcard("test".into())),
+            ),
+        });
+        let mut config = ResolverLoopConfig::new(vec![upstream.addr]);
+        config.ttl = TtlPolicy {
+            min_ttl: Duration::from_secs(1),
+            max_ttl: Duration::from_secs(1),
+            grace: Duration::from_secs(1),
+            ..TtlPolicy::default()
+        };
+        config.query_timeout = Duration::from_millis(200);
+        let mut handle = ResolverLoop::routed(
+            config,
+            routes.clone(),
+            Arc::new(AnswerCache::default()),
+            Arc::new(AddressOrigins::default()),
+        )
+        .expect("valid configuration")
+        .spawn();
+        assert!(handle.track("shared.test").unwrap());
+        assert!(!handle.track("shared.test").unwrap(), "tracked twice");
+        let (a, b) = (&routes.a.0, &routes.b.0);
+        eventually("both sandboxes learn the address", || {
+            a.addresses().contains(&address.into()) && b.addresses().contains(&address.into())
+        })
+        .await;
+        assert_eq!(upstream.queries_for("shared.test"), 2, "one A and one AAAA");
+
+        // b's sets fail: a keeps getting refreshes, the name is not in backoff.
+        b.set_failing(true);
+        let calls = a.calls().len();
+        eventually("a refresh reaches a while b fails", || {
+            a.calls().len() > calls && handle.stats().sink_failures > 0
+        })
+        .await;
+        assert!(
+            handle.snapshot().iter().all(|lookup| lookup.failures == 0),
+            "{:?}",
+            handle.snapshot()
+        );
+
+        // Untracked: no more lookups.
+        assert!(handle.untrack("shared.test"));
+        assert!(handle.names().is_empty() && handle.snapshot().is_empty());
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let queries = upstream.queries_for("shared.test");
+        tokio::time::sleep(Duration::from_millis(1_500)).await;
+        assert_eq!(upstream.queries_for("shared.test"), queries);
+        handle.stop().await.unwrap();
+    }
+}
