@@ -525,8 +525,10 @@ impl Agent {
             proxy: Arc::new(proxy),
             proxy_handles: tokio::sync::Mutex::new(Vec::new()),
         });
-        self.seed_from_cache(&entry, &names).await;
+        // Routed first, then seeded: an answer the loop gets meanwhile is
+        // written too (a second write of an element only refreshes it).
         self.registry.write().insert(id.clone(), entry.clone());
+        self.seed_from_cache(&entry, &names).await;
         let ready = async {
             self.state.save(&record).map_err(|source| Error::State {
                 id: id.clone(),
