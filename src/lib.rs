@@ -9,6 +9,7 @@
 //! - [`sandbox`]: one enforced sandbox at run time, the DNS layer's sink;
 //! - [`denial_log`]: the sidecar's denied-connection log (nflog packets matched
 //!   to the DNS proxy's answers, deduplicated and rate-limited);
+//! - [`enforcer`]: the DNS proxy wiring the sidecar and the agent share;
 //! - [`agent`]: the host agent's API, shared by `netleash agent` and `netleash hook`;
 //! - [`cli`]: the `netleash` command;
 //! - [`testbed`]: throwaway sandbox and world namespaces with servers, for the
@@ -18,6 +19,7 @@ pub mod agent;
 pub mod cli;
 pub mod denial_log;
 pub mod dns;
+pub mod enforcer;
 pub mod kernel;
 pub mod netns;
 pub mod policy;

@@ -1,4 +1,905 @@
 //! The host agent: one long-running process that enforces the policies of
 //! many sandboxes, and the local API the OCI hook and operators use to reach it.
+//!
+//! - [`protocol`]: the JSON-line API on a root-only Unix socket;
+//! - [`state`]: the state directory that lets a restarted agent adopt its
+//!   sandboxes again;
+//! - [`server`]: the socket and the Prometheus metrics endpoint;
+//! - this module: the [`Agent`] itself.
+//!
+//! One process serves every sandbox. Each sandbox has its own kernel session
+//! (`Sandbox`) and its own DNS proxy, whose sockets are bound inside the
+//! sandbox's namespace (the ruleset redirects the sandbox's port-53 traffic
+//! to them). All of them share one answer cache and one resolver loop keyed
+//! by name: N sandboxes allowing the same names cost one upstream lookup per
+//! name and type per TTL, and each answer fans out to the sets of every
+//! sandbox whose policy allows the name. Upstream queries (the proxies' and
+//! the loop's) leave from the agent's own network namespace, so a sandbox
+//! needs no resolver of its own and its ruleset lets no DNS out at all.
+//!
+//! Each sandbox's namespace is held by an open file descriptor taken at Put,
+//! and all work in it goes through that descriptor (`/proc/self/fd/N`): a
+//! pid that is reused later can never point the agent at another namespace.
 
 pub mod protocol;
+pub mod server;
+pub mod state;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fs::File;
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd as _;
+use std::os::unix::fs::MetadataExt as _;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use hickory_proto::rr::RecordType;
+
+use crate::dns::cache::{AnswerCache, CacheKey, CacheStats};
+use crate::dns::learn::{AddressSink, Learned, learned_for};
+use crate::dns::names::AllowedNames;
+use crate::dns::origins::AddressOrigins;
+use crate::dns::proxy::{Proxy, ProxyConfig, ProxyHandle, ProxyStats};
+use crate::dns::resolver::{
+    self, NameRoutes, ResolverHandle, ResolverLoop, ResolverLoopConfig, ResolverStats, Route,
+};
+use crate::dns::ttl::TtlPolicy;
+use crate::dns::upstream::Upstream;
+use crate::enforcer::{self, bind_proxy_sockets, proxy_options, serve_proxy, still_allowed};
+use crate::netns::{self, Target};
+use crate::policy::{self, CompileOptions, Expansions};
+use crate::ruleset::{self, Ruleset};
+use crate::sandbox::{self, Enforcement, Sandbox, SinkStats};
+use protocol::{FailureKind, SandboxStatus};
+use state::{SandboxRecord, StateDir};
+
+/// How long a Put waits for the resolver loop's first round over names no
+/// other sandbox had (one lookup's attempts, with a margin) before it
+/// replies anyway; the proxy learns any name it is asked for regardless.
+const FIRST_ROUND_LIMIT: Duration = Duration::from_secs(10);
+
+/// The longest sandbox id: container ids are 64 hex digits.
+const MAX_ID_LENGTH: usize = 128;
+
+/// What the agent is started with.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// The DNS servers the proxies and the resolver loop ask, from the
+    /// agent's own network namespace.
+    pub upstreams: Vec<SocketAddr>,
+    pub state_dir: PathBuf,
+    /// Where each sandbox's proxy listens (127.0.0.1 and ::1 in its namespace).
+    pub proxy_port: u16,
+    pub ttl: TtlPolicy,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(
+        "{id:?} is not a valid sandbox id: use 1 to {MAX_ID_LENGTH} letters, digits, '.', '_' \
+         or '-', not starting with '.' (a container id is fine)"
+    )]
+    InvalidId { id: String },
+    /// The policy's own message, unchanged (line:column and the fix).
+    #[error(transparent)]
+    Policy(#[from] policy::Error),
+    #[error(
+        "the network namespace {path} of sandbox {id:?} does not exist; give /proc/PID/ns/net of \
+         a running process, a bind mount, or /run/netns/NAME"
+    )]
+    NoNamespace {
+        id: String,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{path} (sandbox {id:?}) is not a network namespace file")]
+    NotNamespace {
+        id: String,
+        path: PathBuf,
+        #[source]
+        source: Box<netns::Error>,
+    },
+    #[error("no sandbox {id:?}; list them with `netleash sandbox list`")]
+    NotFound { id: String },
+    #[error("cannot start the DNS proxy of sandbox {id:?}")]
+    Proxy {
+        id: String,
+        #[source]
+        source: Box<enforcer::Error>,
+    },
+    #[error("cannot enforce the policy of sandbox {id:?}; the rules in force before stay")]
+    Enforce {
+        id: String,
+        #[source]
+        source: Box<sandbox::Error>,
+    },
+    #[error("cannot record sandbox {id:?} in the state directory")]
+    State {
+        id: String,
+        #[source]
+        source: state::Error,
+    },
+    #[error("cannot start the state directory")]
+    StateDir(#[source] state::Error),
+    #[error("the resolver loop refused a name of sandbox {id:?}")]
+    Resolver {
+        id: String,
+        #[source]
+        source: Box<resolver::Error>,
+    },
+    #[error("cannot start the resolver loop")]
+    ResolverStart(#[source] Box<resolver::Error>),
+}
+
+impl Error {
+    /// What the API reports, which decides the client's exit code.
+    pub fn kind(&self) -> FailureKind {
+        match self {
+            Error::InvalidId { .. }
+            | Error::Policy(_)
+            | Error::NoNamespace { .. }
+            | Error::NotNamespace { .. } => FailureKind::InvalidInput,
+            Error::NotFound { .. } => FailureKind::NotFound,
+            _ => FailureKind::System,
+        }
+    }
+}
+
+/// Sandbox ids become file names in the state directory.
+fn check_id(id: &str) -> Result<(), Error> {
+    let valid = !id.is_empty()
+        && id.len() <= MAX_ID_LENGTH
+        && !id.starts_with('.')
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if valid {
+        Ok(())
+    } else {
+        Err(Error::InvalidId { id: id.to_string() })
+    }
+}
+
+/// A namespace held open, and its identity.
+struct HeldNamespace {
+    file: File,
+    dev: u64,
+    inode: u64,
+}
+
+impl HeldNamespace {
+    fn open(id: &str, path: &Path) -> Result<HeldNamespace, Error> {
+        let no_namespace = |source| Error::NoNamespace {
+            id: id.to_string(),
+            path: path.to_path_buf(),
+            source,
+        };
+        let file = File::open(path).map_err(no_namespace)?;
+        let metadata = file.metadata().map_err(no_namespace)?;
+        let held = HeldNamespace {
+            file,
+            dev: metadata.dev(),
+            inode: metadata.ino(),
+        };
+        // setns(CLONE_NEWNET) refuses anything but a network namespace.
+        netns::run_in(&held.target(), || ()).map_err(|source| Error::NotNamespace {
+            id: id.to_string(),
+            path: path.to_path_buf(),
+            source: Box::new(source),
+        })?;
+        Ok(held)
+    }
+
+    /// The namespace through this process's descriptor, valid as long as
+    /// `self` lives, whatever happens to the path it was opened from.
+    fn target(&self) -> Target {
+        Target::Path(PathBuf::from(format!(
+            "/proc/self/fd/{}",
+            self.file.as_raw_fd()
+        )))
+    }
+}
+
+/// One sandbox the agent enforces.
+struct Enforced {
+    record: RwLock<SandboxRecord>,
+    /// Kept open for the sandbox's whole life here; every target below goes through it.
+    #[expect(
+        dead_code,
+        reason = "held for its file descriptor, which the targets name"
+    )]
+    namespace: HeldNamespace,
+    sandbox: Arc<Sandbox>,
+    names: RwLock<AllowedNames>,
+    proxy: Arc<Proxy>,
+    proxy_handles: tokio::sync::Mutex<Vec<ProxyHandle>>,
+}
+
+impl Enforced {
+    fn names(&self) -> AllowedNames {
+        self.names
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
+    fn record(&self) -> SandboxRecord {
+        self.record
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
+    async fn stop(&self) {
+        let handles = std::mem::take(&mut *self.proxy_handles.lock().await);
+        for handle in handles {
+            if let Err(error) = handle.stop().await {
+                tracing::error!(error = %crate::dns::error_chain(&error), "stopping a DNS proxy");
+            }
+        }
+    }
+}
+
+/// The sandboxes by id; the resolver loop's routes.
+#[derive(Default)]
+struct Registry {
+    sandboxes: RwLock<BTreeMap<String, Arc<Enforced>>>,
+}
+
+impl Registry {
+    fn get(&self, id: &str) -> Option<Arc<Enforced>> {
+        self.read().get(id).cloned()
+    }
+
+    fn all(&self) -> Vec<Arc<Enforced>> {
+        self.read().values().cloned().collect()
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, Arc<Enforced>>> {
+        self.sandboxes
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, BTreeMap<String, Arc<Enforced>>> {
+        self.sandboxes
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Every exact name some sandbox allows.
+    fn exact_names(&self) -> BTreeSet<String> {
+        self.read()
+            .values()
+            .flat_map(|e| {
+                e.names()
+                    .exact_names()
+                    .into_iter()
+                    .map(String::from)
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+}
+
+impl NameRoutes for Registry {
+    fn routes(&self, name: &str) -> Vec<Route> {
+        self.read()
+            .values()
+            .filter_map(|enforced| {
+                let names = enforced.names();
+                let bindings: Vec<_> = names.matching(name).into_iter().cloned().collect();
+                (!bindings.is_empty()).then(|| Route {
+                    sink: enforced.sandbox.clone() as Arc<dyn AddressSink>,
+                    bindings,
+                })
+            })
+            .collect()
+    }
+}
+
+/// Per-sandbox numbers for the metrics endpoint.
+pub struct SandboxMetrics {
+    pub status: SandboxStatus,
+    pub proxy: ProxyStats,
+    pub sink: SinkStats,
+    /// Reading the table failed (the namespace's kernel side is gone?).
+    pub table_error: Option<String>,
+}
+
+/// Agent-wide numbers for the metrics endpoint.
+pub struct AgentMetrics {
+    pub sandboxes: Vec<SandboxMetrics>,
+    pub resolver: ResolverStats,
+    pub tracked_names: usize,
+    pub cache: CacheStats,
+}
+
+/// The running agent. Share it as `Arc<Agent>`.
+pub struct Agent {
+    config: AgentConfig,
+    state: StateDir,
+    options: CompileOptions,
+    registry: Arc<Registry>,
+    resolver: tokio::sync::Mutex<ResolverHandle>,
+    cache: Arc<AnswerCache>,
+    origins: Arc<AddressOrigins>,
+    /// Puts and Deletes run one at a time, so the registry, the tracked
+    /// names and the state directory always agree.
+    changes: tokio::sync::Mutex<()>,
+}
+
+impl Agent {
+    /// Opens the state directory and starts the (empty) resolver loop. Must
+    /// be called inside a tokio runtime.
+    pub fn start(config: AgentConfig) -> Result<Agent, Error> {
+        let state = StateDir::open(&config.state_dir).map_err(Error::StateDir)?;
+        let options = CompileOptions {
+            // The sandbox sends no DNS anywhere: it all goes to its proxy,
+            // which asks from the agent's namespace.
+            resolvers: Vec::new(),
+            proxy: Some(proxy_options(config.proxy_port, Vec::new())),
+            ..CompileOptions::default()
+        };
+        let registry = Arc::new(Registry::default());
+        let cache = Arc::new(AnswerCache::default());
+        let origins = Arc::new(AddressOrigins::default());
+        let mut resolver_config = ResolverLoopConfig::new(config.upstreams.clone());
+        resolver_config.ttl = config.ttl;
+        let resolver = ResolverLoop::routed(
+            resolver_config,
+            registry.clone(),
+            cache.clone(),
+            origins.clone(),
+        )
+        .map_err(|error| Error::ResolverStart(Box::new(error)))?
+        .spawn();
+        Ok(Agent {
+            config,
+            state,
+            options,
+            registry,
+            resolver: tokio::sync::Mutex::new(resolver),
+            cache,
+            origins,
+            changes: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    /// Adopts every sandbox of the state directory whose namespace still
+    /// exists and is the same one (same device and inode); forgets the
+    /// others. A sandbox whose table in force is its policy keeps it as it
+    /// is (no window: `Sandbox::enforce` finds it already in force), and its
+    /// proxy and DNS work start again. Returns (adopted, forgotten).
+    pub async fn adopt(&self) -> Result<(usize, usize), Error> {
+        let (records, unreadable) = self.state.load().map_err(Error::StateDir)?;
+        for file in unreadable {
+            tracing::error!(path = %file.path.display(), problem = %file.problem, "state file is not a sandbox record; left as it is");
+        }
+        let (mut adopted, mut forgotten) = (0, 0);
+        for record in records {
+            let id = record.id.clone();
+            let held = match HeldNamespace::open(&id, &record.netns) {
+                Ok(held) if (held.dev, held.inode) == (record.ns_dev, record.ns_inode) => held,
+                outcome => {
+                    let now = match outcome {
+                        Ok(held) => format!("is now namespace {}:{}", held.dev, held.inode),
+                        Err(error) => crate::dns::error_chain(&error),
+                    };
+                    tracing::info!(sandbox = %id, netns = %record.netns.display(), was = %format!("{}:{}", record.ns_dev, record.ns_inode), %now, "the sandbox's namespace is gone; forgetting its state");
+                    if let Err(error) = self.state.remove(&id) {
+                        tracing::error!(sandbox = %id, error = %crate::dns::error_chain(&error), "cannot remove the state file");
+                    }
+                    forgotten += 1;
+                    continue;
+                }
+            };
+            let created = {
+                let _change = self.changes.lock().await;
+                self.create(record, held).await
+            };
+            match created {
+                Ok((entry, fresh)) => {
+                    self.wait_first_round(&fresh).await;
+                    let status = self.status_of(&entry).await;
+                    tracing::info!(sandbox = %id, digest = %status.digest, "adopted the sandbox after a restart");
+                    adopted += 1;
+                }
+                Err(error) => {
+                    tracing::error!(sandbox = %id, error = %crate::dns::error_chain(&error), "cannot adopt the sandbox; its rules stay in force and its state file stays");
+                }
+            }
+        }
+        Ok((adopted, forgotten))
+    }
+
+    /// Create or replace the policy of sandbox `id` in the namespace at
+    /// `netns`; returns once the rules are in force. Bad input changes nothing.
+    pub async fn put(
+        &self,
+        id: String,
+        netns: PathBuf,
+        pid: Option<u32>,
+        policy: String,
+        origin: String,
+    ) -> Result<SandboxStatus, Error> {
+        check_id(&id)?;
+        // Validated before anything is touched.
+        policy::load(&policy, &origin, &Expansions::default())?;
+        let held = HeldNamespace::open(&id, &netns)?;
+        let record = SandboxRecord {
+            id: id.clone(),
+            netns,
+            pid,
+            ns_dev: held.dev,
+            ns_inode: held.inode,
+            policy,
+            origin,
+        };
+        let (entry, fresh) = {
+            let _change = self.changes.lock().await;
+            match self.registry.get(&id) {
+                Some(existing) => {
+                    let same = {
+                        let old = existing.record();
+                        (old.ns_dev, old.ns_inode) == (held.dev, held.inode)
+                    };
+                    if same {
+                        self.replace(&existing, record).await?
+                    } else {
+                        // The id moved to another namespace: the old one is
+                        // left as a Delete leaves it.
+                        self.forget(&id).await?;
+                        self.create(record, held).await?
+                    }
+                }
+                None => self.create(record, held).await?,
+            }
+        };
+        // Outside the lock: a sandbox whose names are slow to resolve does
+        // not hold up the Puts of others.
+        self.wait_first_round(&fresh).await;
+        Ok(self.status_of(&entry).await)
+    }
+
+    fn compile(&self, record: &SandboxRecord) -> Result<Ruleset, Error> {
+        let policy = policy::load(&record.policy, &record.origin, &Expansions::default())?;
+        for warning in &policy.warnings {
+            tracing::warn!(sandbox = %record.id, %warning, "policy warning");
+        }
+        Ok(ruleset::compile(&policy, &self.options))
+    }
+
+    /// A new sandbox: proxy sockets bound in its namespace first (queries
+    /// redirected from then on wait in their queues), then the rules, the
+    /// addresses the shared cache already has, the resolver loop, the proxy.
+    /// Returns the sandbox and the names it is the first to allow.
+    async fn create(
+        &self,
+        record: SandboxRecord,
+        namespace: HeldNamespace,
+    ) -> Result<(Arc<Enforced>, BTreeSet<String>), Error> {
+        let id = record.id.clone();
+        let ruleset = self.compile(&record)?;
+        let target = namespace.target();
+        let listeners =
+            bind_proxy_sockets(&target, self.config.proxy_port).map_err(|source| Error::Proxy {
+                id: id.clone(),
+                source: Box::new(source),
+            })?;
+        let enforce_error = |source| Error::Enforce {
+            id: id.clone(),
+            source: Box::new(source),
+        };
+        let sandbox = Arc::new(Sandbox::open(target).map_err(enforce_error)?);
+        let names = AllowedNames::new(ruleset.names.clone());
+        let digest = ruleset.digest.clone();
+        let enforced = sandbox
+            .enforce(ruleset, still_allowed(self.origins.clone(), names.clone()))
+            .await
+            .map_err(enforce_error)?;
+        log_enforcement(&id, &digest, &enforced);
+
+        let mut proxy_config = ProxyConfig::new(self.config.upstreams.clone());
+        proxy_config.upstream = Upstream::new(self.config.upstreams.clone());
+        proxy_config.ttl = self.config.ttl;
+        let proxy = Proxy::new(
+            proxy_config,
+            names.clone(),
+            sandbox.clone(),
+            self.cache.clone(),
+            self.origins.clone(),
+        )
+        .map_err(|source| Error::Proxy {
+            id: id.clone(),
+            source: Box::new(enforcer::Error::Proxy(source)),
+        })?;
+        let entry = Arc::new(Enforced {
+            record: RwLock::new(record.clone()),
+            namespace,
+            sandbox,
+            names: RwLock::new(names.clone()),
+            proxy: Arc::new(proxy),
+            proxy_handles: tokio::sync::Mutex::new(Vec::new()),
+        });
+        // Routed first, then seeded: an answer the loop gets meanwhile is
+        // written too (a second write of an element only refreshes it).
+        self.registry.write().insert(id.clone(), entry.clone());
+        self.seed_from_cache(&entry, &names).await;
+        let ready = async {
+            self.state.save(&record).map_err(|source| Error::State {
+                id: id.clone(),
+                source,
+            })?;
+            let fresh = self.track_names(&id).await?;
+            let handles = serve_proxy(&entry.proxy, listeners).map_err(|source| Error::Proxy {
+                id: id.clone(),
+                source: Box::new(source),
+            })?;
+            *entry.proxy_handles.lock().await = handles;
+            Ok::<_, Error>(fresh)
+        };
+        match ready.await {
+            Ok(fresh) => Ok((entry, fresh)),
+            Err(error) => {
+                // The rules stay in force (fail closed); the agent forgets it.
+                self.registry.write().remove(&id);
+                entry.stop().await;
+                let _ = self.state.remove(&id);
+                self.untrack_unused().await;
+                Err(error)
+            }
+        }
+    }
+
+    /// A new policy for a sandbox already enforced in the same namespace:
+    /// applied atomically, carrying the learned addresses it still allows.
+    /// Returns the sandbox and the names it is the first to allow.
+    async fn replace(
+        &self,
+        entry: &Arc<Enforced>,
+        record: SandboxRecord,
+    ) -> Result<(Arc<Enforced>, BTreeSet<String>), Error> {
+        let id = record.id.clone();
+        let ruleset = self.compile(&record)?;
+        let names = AllowedNames::new(ruleset.names.clone());
+        let digest = ruleset.digest.clone();
+        let old_names = entry.names();
+        // The proxy answers by the new names from now on, so nothing it
+        // learns from here is for a name the new policy drops.
+        entry.proxy.set_names(names.clone());
+        let enforced = entry
+            .sandbox
+            .enforce(ruleset, still_allowed(self.origins.clone(), names.clone()))
+            .await;
+        let enforced = match enforced {
+            Ok(enforced) => enforced,
+            Err(source) => {
+                entry.proxy.set_names(old_names);
+                return Err(Error::Enforce {
+                    id,
+                    source: Box::new(source),
+                });
+            }
+        };
+        log_enforcement(&id, &digest, &enforced);
+        *entry
+            .names
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = names.clone();
+        *entry
+            .record
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = record.clone();
+        self.state.save(&record).map_err(|source| Error::State {
+            id: id.clone(),
+            source,
+        })?;
+        self.seed_from_cache(entry, &names).await;
+        let fresh = self.track_names(&id).await?;
+        self.untrack_unused().await;
+        Ok((entry.clone(), fresh))
+    }
+
+    /// Forgets every sandbox whose namespace path no longer names the
+    /// namespace it was put with (the container exited without a Delete:
+    /// /proc/PID/ns/net is gone or is another process's, or /run/netns/NAME
+    /// was deleted). The agent's own descriptor keeps such a namespace
+    /// alive, so without this it would never be freed. Returns the ids forgotten.
+    pub async fn forget_gone(&self) -> Vec<String> {
+        let mut gone = Vec::new();
+        for entry in self.registry.all() {
+            let record = entry.record();
+            let same = std::fs::metadata(&record.netns)
+                .is_ok_and(|m| (m.dev(), m.ino()) == (record.ns_dev, record.ns_inode));
+            if same {
+                continue;
+            }
+            let _change = self.changes.lock().await;
+            // Still the same entry (not replaced or deleted meanwhile)?
+            if !self
+                .registry
+                .get(&record.id)
+                .is_some_and(|current| Arc::ptr_eq(&current, &entry))
+            {
+                continue;
+            }
+            tracing::info!(sandbox = %record.id, netns = %record.netns.display(), "the sandbox's namespace is gone; forgetting it");
+            match self.forget(&record.id).await {
+                Ok(()) => gone.push(record.id),
+                Err(error) => {
+                    tracing::error!(sandbox = %record.id, error = %crate::dns::error_chain(&error), "cannot forget the sandbox");
+                }
+            }
+        }
+        gone
+    }
+
+    /// Forget sandbox `id`: its proxy and DNS work stop, its state file
+    /// goes; its rules stay in its namespace.
+    pub async fn delete(&self, id: &str) -> Result<(), Error> {
+        let _change = self.changes.lock().await;
+        self.forget(id).await
+    }
+
+    async fn forget(&self, id: &str) -> Result<(), Error> {
+        let entry = self
+            .registry
+            .write()
+            .remove(id)
+            .ok_or_else(|| Error::NotFound { id: id.to_string() })?;
+        entry.stop().await;
+        self.untrack_unused().await;
+        self.state.remove(id).map_err(|source| Error::State {
+            id: id.to_string(),
+            source,
+        })?;
+        tracing::info!(sandbox = %id, "forgot the sandbox; its rules stay in its namespace");
+        Ok(())
+    }
+
+    pub async fn get(&self, id: &str) -> Result<SandboxStatus, Error> {
+        let entry = self
+            .registry
+            .get(id)
+            .ok_or_else(|| Error::NotFound { id: id.to_string() })?;
+        Ok(self.status_of(&entry).await)
+    }
+
+    pub async fn list(&self) -> Vec<SandboxStatus> {
+        let mut all = Vec::new();
+        for entry in self.registry.all() {
+            all.push(self.status_of(&entry).await);
+        }
+        all
+    }
+
+    pub async fn metrics(&self) -> AgentMetrics {
+        let mut sandboxes = Vec::new();
+        for entry in self.registry.all() {
+            let (status, table_error) = self.read_status(&entry).await;
+            sandboxes.push(SandboxMetrics {
+                status,
+                proxy: entry.proxy.stats(),
+                sink: entry.sandbox.stats(),
+                table_error,
+            });
+        }
+        let resolver = self.resolver.lock().await;
+        AgentMetrics {
+            sandboxes,
+            resolver: resolver.stats(),
+            tracked_names: resolver.names().len(),
+            cache: self.cache.stats(),
+        }
+    }
+
+    /// Stops every proxy and the resolver loop. The rules stay (fail closed).
+    pub async fn stop(&self) {
+        let _change = self.changes.lock().await;
+        for entry in self.registry.all() {
+            entry.stop().await;
+        }
+        // Each lookup stops at its next wake-up; what it wrote stays until
+        // its timeout.
+        let mut resolver = self.resolver.lock().await;
+        for name in resolver.names() {
+            resolver.untrack(&name);
+        }
+    }
+
+    async fn status_of(&self, entry: &Enforced) -> SandboxStatus {
+        let (status, table_error) = self.read_status(entry).await;
+        if let Some(error) = table_error {
+            tracing::warn!(sandbox = %status.id, %error, "cannot read the sandbox's table");
+        }
+        status
+    }
+
+    /// The status, from the table as the kernel holds it now.
+    async fn read_status(&self, entry: &Enforced) -> (SandboxStatus, Option<String>) {
+        let record = entry.record();
+        let stats = entry.proxy.stats();
+        let mut status = SandboxStatus {
+            id: record.id,
+            netns: record.netns,
+            pid: record.pid,
+            digest: entry
+                .sandbox
+                .ruleset()
+                .map(|r| r.digest.clone())
+                .unwrap_or_default(),
+            dns_queries: stats.udp_queries + stats.tcp_queries,
+            dns_refused: stats.refused,
+            ..SandboxStatus::default()
+        };
+        match entry.sandbox.status().await {
+            Ok(Some(table)) => {
+                if let Some(digest) = table.digest {
+                    status.digest = digest;
+                }
+                status.set_sizes = table
+                    .sets
+                    .iter()
+                    .map(|s| (s.name.clone(), s.elements as u64))
+                    .collect();
+                // Only the deny rules count (compile::deny_actions).
+                status.denied_packets = table.counters.iter().map(|c| c.packets).sum();
+                status.denied_bytes = table.counters.iter().map(|c| c.bytes).sum();
+                (status, None)
+            }
+            Ok(None) => (status, Some("the table is missing".into())),
+            Err(error) => (status, Some(crate::dns::error_chain(&error))),
+        }
+    }
+
+    /// Writes into a sandbox's sets what the shared cache already knows for
+    /// its exact names, so a sandbox joining names other sandboxes keep
+    /// resolved has their addresses before its first query.
+    async fn seed_from_cache(&self, entry: &Enforced, names: &AllowedNames) {
+        let now = Instant::now();
+        let mut timeouts: HashMap<(String, ruleset::Element), Duration> = HashMap::new();
+        for name in names.exact_names() {
+            let bindings = names.matching(name);
+            for record_type in [RecordType::A, RecordType::AAAA] {
+                let key = CacheKey {
+                    name: name.to_string(),
+                    record_type,
+                    dnssec_ok: false,
+                };
+                let Some(hit) = self.cache.get(&key, now) else {
+                    continue;
+                };
+                for learned in learned_for(&bindings, &hit.addresses_at(now), &self.config.ttl) {
+                    let slot = timeouts
+                        .entry((learned.set, learned.element))
+                        .or_insert(learned.timeout);
+                    *slot = (*slot).max(learned.timeout);
+                }
+            }
+        }
+        if timeouts.is_empty() {
+            return;
+        }
+        let batch: Vec<Learned> = timeouts
+            .into_iter()
+            .map(|((set, element), timeout)| Learned {
+                set,
+                element,
+                timeout,
+            })
+            .collect();
+        if let Err(error) = entry.sandbox.learn(&batch).await {
+            tracing::warn!(sandbox = %entry.record().id, error = %crate::dns::error_chain(&error), "cannot write the cached addresses; the proxy and the resolver loop will");
+        }
+    }
+
+    /// Tracks the exact names of sandbox `id` that no other sandbox had;
+    /// returns them.
+    async fn track_names(&self, id: &str) -> Result<BTreeSet<String>, Error> {
+        let Some(entry) = self.registry.get(id) else {
+            return Ok(BTreeSet::new());
+        };
+        let mut fresh = BTreeSet::new();
+        {
+            let mut resolver = self.resolver.lock().await;
+            for name in entry.names().exact_names() {
+                if resolver.track(name).map_err(|source| Error::Resolver {
+                    id: id.to_string(),
+                    source: Box::new(source),
+                })? {
+                    fresh.insert(name.to_string());
+                }
+            }
+        }
+        Ok(fresh)
+    }
+
+    /// Waits (bounded) until the resolver loop has looked up each of `fresh`
+    /// once (A and AAAA), so the reply to a Put shows their addresses in the
+    /// sets. The proxy answers meanwhile and learns on its own.
+    async fn wait_first_round(&self, fresh: &BTreeSet<String>) {
+        let lookups = fresh.len() * 2;
+        let started = Instant::now();
+        while lookups > 0 && started.elapsed() < FIRST_ROUND_LIMIT {
+            let done = self
+                .resolver
+                .lock()
+                .await
+                .snapshot()
+                .iter()
+                .filter(|lookup| fresh.contains(&lookup.name))
+                .count();
+            if done >= lookups {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Stops resolving names no sandbox allows any more.
+    async fn untrack_unused(&self) {
+        let wanted = self.registry.exact_names();
+        let mut resolver = self.resolver.lock().await;
+        for name in resolver.names() {
+            if !wanted.contains(&name) {
+                resolver.untrack(&name);
+            }
+        }
+    }
+}
+
+fn log_enforcement(id: &str, digest: &str, enforced: &Enforcement) {
+    match enforced {
+        Enforcement::AlreadyInForce { learned } => tracing::info!(
+            sandbox = %id, %digest, learned,
+            "the policy is already in force; kept the table and its learned elements"
+        ),
+        Enforcement::Applied {
+            report,
+            carried,
+            forgotten,
+        } => tracing::info!(
+            sandbox = %id, %digest, sets = report.sets, rules = report.rules, carried, forgotten,
+            "applied the policy"
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_file_names() {
+        for good in ["c1", "4f3a9b", "pod_1.ctr-2", &"a".repeat(128)] {
+            check_id(good).unwrap();
+        }
+        for bad in ["", ".hidden", "a/b", "..", "a b", &"a".repeat(129)] {
+            let error = check_id(bad).unwrap_err();
+            assert_eq!(error.kind(), FailureKind::InvalidInput, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_bad_policy_is_invalid_input_with_the_policy_message_unchanged() {
+        let error =
+            policy::load("{\"type\":\"limted\"}", "req", &Expansions::default()).unwrap_err();
+        let expected = error.to_string();
+        let wrapped = Error::from(error);
+        assert_eq!(wrapped.kind(), FailureKind::InvalidInput);
+        assert_eq!(wrapped.to_string(), expected);
+    }
+
+    #[test]
+    fn a_missing_namespace_is_invalid_input() {
+        let error = HeldNamespace::open("c1", Path::new("/proc/0/ns/net"))
+            .err()
+            .expect("no process 0");
+        assert_eq!(error.kind(), FailureKind::InvalidInput);
+        assert!(error.to_string().contains("does not exist"), "{error}");
+    }
+}

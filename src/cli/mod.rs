@@ -4,12 +4,14 @@
 //! - 0: success; for `check`, the destination is allowed;
 //! - 1: `check` only: the destination is blocked;
 //! - 2: invalid input (policy, arguments, files); nothing was changed;
-//! - 3: a system or kernel error; the rules in force before the command are still in force.
+//! - 3: a system or kernel error; the rules in force before the command are still in force;
+//! - 4: `sandbox`: the agent has no sandbox with that id.
 
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+pub mod agent;
 pub mod apply;
 pub mod check;
 pub mod compile;
@@ -18,6 +20,7 @@ pub mod explain;
 pub mod netns_args;
 pub mod policy_args;
 pub mod remove;
+pub mod sandbox;
 pub mod sidecar;
 pub mod status;
 
@@ -31,7 +34,8 @@ Exit codes:
   0  success (for `check`: allowed)
   1  `check`: blocked
   2  invalid input: policy, arguments or files; nothing was changed
-  3  system or kernel error; the rules in force before the command stay in force";
+  3  system or kernel error; the rules in force before the command stay in force
+  4  `sandbox`: the agent has no sandbox with that id";
 
 /// Enforce a sandbox's egress policy with nftables.
 ///
@@ -43,8 +47,9 @@ Exit codes:
 #[command(name = "netleash", version, after_help = EXIT_CODES_HELP, propagate_version = true)]
 pub struct Cli {
     /// Log filter, e.g. `info` or `netleash=debug` (also the NETLEASH_LOG variable).
-    #[arg(long, global = true, env = "NETLEASH_LOG", default_value = "warn")]
-    pub log: String,
+    /// Default: `info` for `agent`, else `warn`.
+    #[arg(long, global = true, env = "NETLEASH_LOG")]
+    pub log: Option<String>,
 
     /// Write logs as JSON lines instead of text.
     #[arg(long, global = true)]
@@ -69,6 +74,10 @@ pub enum Command {
     Demo(demo::Args),
     /// Enforce a policy and run its filtering DNS proxy and resolver loop in a sandbox's namespace.
     Sidecar(sidecar::Args),
+    /// Run the host agent that enforces the policies of many sandboxes (see `sandbox`).
+    Agent(agent::Args),
+    /// Ask the host agent to enforce, replace, show or forget a sandbox's policy.
+    Sandbox(sandbox::Args),
 }
 
 /// Everything a subcommand can fail with; each variant knows its exit code.
@@ -101,6 +110,10 @@ pub enum Error {
     DemoMismatch { mismatches: usize, total: usize },
     #[error(transparent)]
     Sidecar(Box<sidecar::Error>),
+    #[error(transparent)]
+    Agent(Box<agent::Error>),
+    #[error(transparent)]
+    AgentApi(crate::agent::protocol::Error),
 }
 
 impl Error {
@@ -114,13 +127,22 @@ impl Error {
             | Error::Testbed(_)
             | Error::DemoMismatch { .. } => EXIT_SYSTEM_ERROR,
             Error::Sidecar(err) => err.exit_code(),
+            Error::Agent(err) => err.exit_code(),
+            Error::AgentApi(err) => err.exit_code(),
         }
     }
 }
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing(&cli.log, cli.log_json);
+    let (default_log, json) = match &cli.command {
+        Command::Agent(args) => (
+            "info",
+            cli.log_json || args.log_format == agent::LogFormat::Json,
+        ),
+        _ => ("warn", cli.log_json),
+    };
+    init_tracing(cli.log.as_deref().unwrap_or(default_log), json);
     let result = match cli.command {
         Command::Compile(args) => compile::run(args),
         Command::Explain(args) => explain::run(args),
@@ -130,6 +152,8 @@ pub fn main() -> ExitCode {
         Command::Remove(args) => remove::run(args),
         Command::Demo(args) => demo::run(args),
         Command::Sidecar(args) => sidecar::run(args),
+        Command::Agent(args) => agent::run(args),
+        Command::Sandbox(args) => sandbox::run(args),
     };
     match result {
         Ok(code) => ExitCode::from(code),

@@ -24,7 +24,7 @@
 //! rules in place: the sandbox stays confined (fail closed).
 
 use std::io::Write as _;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -40,7 +40,6 @@ use super::policy_args::PolicyArgs;
 use super::{EXIT_INVALID_INPUT, EXIT_OK, EXIT_SYSTEM_ERROR};
 use crate::denial_log::{self, DenialWatch};
 use crate::dns::cache::AnswerCache;
-use crate::dns::learn::elements_for;
 use crate::dns::names::AllowedNames;
 use crate::dns::origins::AddressOrigins;
 use crate::dns::proxy::{Proxy, ProxyConfig, ProxyHandle, Refusal};
@@ -48,21 +47,13 @@ use crate::dns::resolver::{ResolverHandle, ResolverLoop, ResolverLoopConfig};
 use crate::dns::ttl::{self, TtlPolicy};
 use crate::dns::upstream::{self, DNS_PORT, Upstream, UpstreamSockets};
 use crate::kernel::nflog::NflogListener;
+use crate::enforcer::{self, bind_proxy_sockets, serve_proxy, still_allowed};
 use crate::netns::{self, SocketFactory, SocketKind};
 use crate::policy::{CompileOptions, ProxyOptions};
-use crate::ruleset::{self, Element, Ruleset};
+use crate::ruleset::{self, Ruleset};
 use crate::sandbox::{self, Enforcement, MarkedSockets, Sandbox};
 
-/// Where the proxy listens inside the sandbox unless `--proxy-port` says otherwise.
-pub const DEFAULT_PROXY_PORT: u16 = 1053;
-
-/// The packet mark of the proxy's upstream sockets unless `--proxy-mark`
-/// says otherwise: "nl" in ASCII.
-pub const DEFAULT_PROXY_MARK: u32 = 0x6e6c;
-
-/// The conntrack zone of the proxy's upstream connections unless
-/// `--proxy-zone` says otherwise: "nl" in ASCII, like the mark.
-pub const DEFAULT_PROXY_ZONE: u16 = 0x6e6c;
+pub use crate::enforcer::{DEFAULT_PROXY_MARK, DEFAULT_PROXY_PORT, DEFAULT_PROXY_ZONE};
 
 /// How long start-up waits for the resolver loop's first round before the
 /// proxy answers anyway: one lookup's attempts, with a margin.
@@ -131,6 +122,14 @@ pub struct Args {
     #[arg(long, value_enum, default_value = "refused")]
     pub refuse_with: RefuseWith,
 
+    #[command(flatten)]
+    pub ttl: TtlArgs,
+}
+
+/// The TTL clamp overrides, hidden: for tests and benchmarks that need
+/// learned addresses to expire within seconds.
+#[derive(Debug, Clone, clap::Args)]
+pub struct TtlArgs {
     /// Shortest time a learned address stays allowed (TTL clamp minimum), e.g. 30s.
     #[arg(long, hide = true, env = "NETLEASH_TTL_MIN", value_parser = parse_duration)]
     pub ttl_min: Option<Duration>,
@@ -142,6 +141,24 @@ pub struct Args {
     /// Added to every learned address's timeout after clamping.
     #[arg(long, hide = true, env = "NETLEASH_TTL_GRACE", value_parser = parse_duration)]
     pub ttl_grace: Option<Duration>,
+}
+
+impl TtlArgs {
+    /// The default TTL policy with the overrides applied, validated.
+    pub fn policy(&self) -> Result<TtlPolicy, ttl::Error> {
+        let mut policy = TtlPolicy::default();
+        if let Some(min) = self.ttl_min {
+            policy.min_ttl = min;
+        }
+        if let Some(max) = self.ttl_max {
+            policy.max_ttl = max;
+        }
+        if let Some(grace) = self.ttl_grace {
+            policy.grace = grace;
+        }
+        policy.validate()?;
+        Ok(policy)
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -160,13 +177,8 @@ pub enum Error {
     },
     #[error("cannot open sockets in the sandbox's network namespace")]
     Sockets(#[source] netns::Error),
-    #[error("cannot listen for DNS on {addr} inside the {target}; is another proxy running there?")]
-    ProxySocket {
-        addr: SocketAddr,
-        target: netns::Target,
-        #[source]
-        source: netns::Error,
-    },
+    #[error(transparent)]
+    Enforcer(#[from] enforcer::Error),
     #[error(transparent)]
     Sandbox(#[from] sandbox::Error),
     #[error("cannot start the DNS proxy")]
@@ -194,7 +206,7 @@ impl From<Error> for super::Error {
     }
 }
 
-fn parse_upstream(text: &str) -> Result<SocketAddr, String> {
+pub(super) fn parse_upstream(text: &str) -> Result<SocketAddr, String> {
     if let Ok(ip) = text.parse::<IpAddr>() {
         return Ok(SocketAddr::new(ip, DNS_PORT));
     }
@@ -216,7 +228,7 @@ fn parse_mark(text: &str) -> Result<u32, String> {
 }
 
 /// `30`, `30s`, `500ms` or `2m`.
-fn parse_duration(text: &str) -> Result<Duration, String> {
+pub(super) fn parse_duration(text: &str) -> Result<Duration, String> {
     let (number, unit) = match text.find(|c: char| !c.is_ascii_digit()) {
         Some(at) => text.split_at(at),
         None => (text, "s"),
@@ -230,22 +242,6 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
         "m" => Ok(Duration::from_secs(value * 60)),
         _ => Err(format!("{text:?}: the unit must be ms, s or m")),
     }
-}
-
-/// The TTL policy with the hidden overrides applied.
-fn ttl_policy(args: &Args) -> Result<TtlPolicy, Error> {
-    let mut policy = TtlPolicy::default();
-    if let Some(min) = args.ttl_min {
-        policy.min_ttl = min;
-    }
-    if let Some(max) = args.ttl_max {
-        policy.max_ttl = max;
-    }
-    if let Some(grace) = args.ttl_grace {
-        policy.grace = grace;
-    }
-    policy.validate().map_err(Error::Ttl)?;
-    Ok(policy)
 }
 
 /// The resolv.conf of the sandbox: its named namespace's, the process's view
@@ -302,7 +298,7 @@ struct Sidecar {
 }
 
 pub fn run(mut args: Args) -> Result<u8, super::Error> {
-    let ttl = ttl_policy(&args)?;
+    let ttl = args.ttl.policy().map_err(Error::Ttl)?;
     let upstreams = upstreams(&args)?;
     // The upstreams are what the sandbox's DNS resolves through; giving them
     // as resolvers keeps the policy loader from reading another resolv.conf
@@ -348,7 +344,7 @@ async fn serve(
 
     let target = args.target.target();
     let factory = Arc::new(SocketFactory::start(&target).map_err(Error::Sockets)?);
-    let listeners = bind_proxy_sockets(&target, args.proxy_port)?;
+    let listeners = bind_proxy_sockets(&target, args.proxy_port).map_err(Error::Enforcer)?;
     let sandbox = Arc::new(Sandbox::open(target.clone()).map_err(Error::Sandbox)?);
     let origins = Arc::new(AddressOrigins::default());
     let names = AllowedNames::new(ruleset.names.clone());
@@ -416,8 +412,7 @@ async fn serve(
             "the resolver loop's first round did not finish in time; the proxy answers anyway"
         );
     }
-    for (udp, tcp) in listeners {
-        let handle = sidecar.proxy.spawn(udp, tcp).map_err(Error::Proxy)?;
+    for handle in serve_proxy(&sidecar.proxy, listeners).map_err(Error::Enforcer)? {
         sidecar.listening.push(handle.udp_addr());
         sidecar.proxy_handles.get_mut().push(handle);
     }
@@ -458,44 +453,6 @@ async fn serve(
     Ok(EXIT_OK)
 }
 
-/// The proxy's UDP socket and TCP listener on 127.0.0.1 and ::1 inside the
-/// sandbox. IPv4 is required; IPv6 is skipped if the namespace has no ::1
-/// (IPv6 disabled), since then no IPv6 DNS can be sent either.
-fn bind_proxy_sockets(
-    target: &netns::Target,
-    port: u16,
-) -> Result<Vec<(std::net::UdpSocket, std::net::TcpListener)>, Error> {
-    let mut bound = Vec::new();
-    for ip in [
-        IpAddr::from(Ipv4Addr::LOCALHOST),
-        IpAddr::from(Ipv6Addr::LOCALHOST),
-    ] {
-        let addr = SocketAddr::new(ip, port);
-        let pair = netns::udp_socket(target, addr)
-            .and_then(|udp| Ok((udp, netns::tcp_listener(target, addr)?)));
-        match pair {
-            Ok(pair) => bound.push(pair),
-            Err(netns::Error::Socket { source, .. })
-                if ip.is_ipv6()
-                    && matches!(
-                        source.raw_os_error(),
-                        Some(libc::EADDRNOTAVAIL | libc::EAFNOSUPPORT)
-                    ) =>
-            {
-                tracing::warn!(%addr, error = %source, "no IPv6 loopback in the sandbox; the proxy serves IPv4 only");
-            }
-            Err(source) => {
-                return Err(Error::ProxySocket {
-                    addr,
-                    target: target.clone(),
-                    source,
-                });
-            }
-        }
-    }
-    Ok(bound)
-}
-
 /// Starts the denied-connection log of the sandbox. If nflog cannot be
 /// read, the log is off and says why (here and in health), and the sidecar
 /// goes on: the rules deny the same packets with or without it.
@@ -518,24 +475,6 @@ fn start_denial_log(
         tracing::error!(error, "the denied-connection log is off");
         DenialWatch::off(group, error)
     })
-}
-
-/// For a learned address: the elements the policy of `names` gives it, by the
-/// name it was last learned for; none if that name is unknown or no longer allowed.
-fn still_allowed(
-    origins: Arc<AddressOrigins>,
-    names: AllowedNames,
-) -> impl Fn(IpAddr) -> Vec<(String, Element)> + Send + 'static {
-    move |addr| {
-        let Some(name) = origins.name_of(addr) else {
-            return Vec::new();
-        };
-        names
-            .matching(&name)
-            .into_iter()
-            .flat_map(|binding| elements_for(binding, addr))
-            .collect()
-    }
 }
 
 impl Sidecar {

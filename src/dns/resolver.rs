@@ -13,13 +13,21 @@
 //!   and the last-known addresses are re-written so that they outlive the
 //!   next retry, up to the stale limit: an outage never empties a set.
 //!
+//! A loop serves one sink (the sidecar: one sandbox) or, through
+//! [`NameRoutes`], every sandbox of the host agent: it is then keyed by name
+//! alone, names are tracked and untracked while it runs, and each answer
+//! fans out to the sets of every sandbox whose policy allows the name, so N
+//! sandboxes with the same names cost one upstream lookup per name and type
+//! per TTL.
+//!
 //! Wildcards cannot be enumerated; their names are learned by the proxy.
 //! CNAME chains are followed by hickory-resolver. Lookups run with bounded
 //! concurrency so that a policy with thousands of names does not burst the
 //! upstream.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -135,19 +143,62 @@ struct Tracked {
     name: String,
     fqdn: Name,
     record_type: RecordType,
-    /// Every binding that allows the name (its exact one and wildcards above it).
-    bindings: Vec<NameBinding>,
+}
+
+/// Where the addresses of a name go: one route per sink, with the bindings
+/// of that sink's policy that allow the name (its exact one and wildcards
+/// above it). Asked on every answer, so routes may change while the loop runs.
+pub trait NameRoutes: Send + Sync {
+    fn routes(&self, name: &str) -> Vec<Route>;
+}
+
+/// One sink and the bindings a name has in its policy.
+pub struct Route {
+    pub sink: Arc<dyn AddressSink>,
+    pub bindings: Vec<NameBinding>,
+}
+
+/// One sink with fixed names (the sidecar).
+struct SingleSink {
+    sink: Arc<dyn AddressSink>,
+    names: AllowedNames,
+}
+
+impl NameRoutes for SingleSink {
+    fn routes(&self, name: &str) -> Vec<Route> {
+        vec![Route {
+            sink: self.sink.clone(),
+            bindings: self.names.matching(name).into_iter().cloned().collect(),
+        }]
+    }
+}
+
+/// Counters of a loop, for status and metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ResolverStats {
+    /// Lookups sent upstream (each may be several queries: retries, TCP).
+    pub upstream_lookups: u64,
+    /// Upstream lookups that failed (timeout, SERVFAIL, network).
+    pub upstream_failures: u64,
+    /// Answers served from the shared cache instead.
+    pub cache_hits: u64,
+    /// Writes of a name's elements into a sink that failed.
+    pub sink_failures: u64,
 }
 
 /// Shared by the lookup tasks.
 struct Shared {
     config: ResolverLoopConfig,
     resolver: Resolver<SocketsRuntime>,
-    sink: Arc<dyn AddressSink>,
+    routes: Arc<dyn NameRoutes>,
     cache: Arc<AnswerCache>,
     origins: Arc<AddressOrigins>,
     permits: Semaphore,
     status: Mutex<BTreeMap<(String, u16), LookupStatus>>,
+    upstream_lookups: AtomicU64,
+    upstream_failures: AtomicU64,
+    cache_hits: AtomicU64,
+    sink_failures: AtomicU64,
 }
 
 impl Shared {
@@ -162,22 +213,46 @@ impl Shared {
 /// A resolver loop ready to run.
 pub struct ResolverLoop {
     shared: Arc<Shared>,
-    tracked: Vec<Tracked>,
+    names: Vec<String>,
 }
 
 /// A running resolver loop.
 pub struct ResolverHandle {
-    stop: watch::Sender<bool>,
+    /// One stop signal per tracked name (both its lookups).
+    tracked: HashMap<String, watch::Sender<bool>>,
     tasks: JoinSet<()>,
     shared: Arc<Shared>,
 }
 
 impl ResolverLoop {
-    /// A loop over the exact names of `names`, asking `config.upstream`.
+    /// A loop over the exact names of `names`, asking `config.upstream`,
+    /// writing into `sink`.
     pub fn new(
         config: ResolverLoopConfig,
         names: &AllowedNames,
         sink: Arc<dyn AddressSink>,
+        cache: Arc<AnswerCache>,
+        origins: Arc<AddressOrigins>,
+    ) -> Result<Self, Error> {
+        let exact: Vec<String> = names.exact_names().into_iter().map(String::from).collect();
+        let routes = Arc::new(SingleSink {
+            sink,
+            names: names.clone(),
+        });
+        let mut resolver_loop = ResolverLoop::routed(config, routes, cache, origins)?;
+        for name in &exact {
+            fqdn(name)?;
+        }
+        resolver_loop.names = exact;
+        Ok(resolver_loop)
+    }
+
+    /// A loop that tracks no name yet and writes each answer through
+    /// `routes` (the host agent: names come and go with its sandboxes, see
+    /// [`ResolverHandle::track`]).
+    pub fn routed(
+        config: ResolverLoopConfig,
+        routes: Arc<dyn NameRoutes>,
         cache: Arc<AnswerCache>,
         origins: Arc<AddressOrigins>,
     ) -> Result<Self, Error> {
@@ -186,49 +261,47 @@ impl ResolverLoop {
             return Err(Error::NoUpstream);
         }
         let resolver = build_resolver(&config)?;
-        let mut tracked = Vec::new();
-        for name in names.exact_names() {
-            let fqdn = Name::from_ascii(format!("{name}.")).map_err(|source| Error::Name {
-                name: name.to_string(),
-                source,
-            })?;
-            let bindings: Vec<NameBinding> = names.matching(name).into_iter().cloned().collect();
-            for record_type in [RecordType::A, RecordType::AAAA] {
-                tracked.push(Tracked {
-                    name: name.to_string(),
-                    fqdn: fqdn.clone(),
-                    record_type,
-                    bindings: bindings.clone(),
-                });
-            }
-        }
         let permits = Semaphore::new(config.concurrency.max(1));
         let status = Mutex::new(BTreeMap::new());
         let shared = Arc::new(Shared {
             config,
             resolver,
-            sink,
+            routes,
             cache,
             origins,
             permits,
             status,
+            upstream_lookups: AtomicU64::new(0),
+            upstream_failures: AtomicU64::new(0),
+            cache_hits: AtomicU64::new(0),
+            sink_failures: AtomicU64::new(0),
         });
-        Ok(ResolverLoop { shared, tracked })
+        Ok(ResolverLoop {
+            shared,
+            names: Vec::new(),
+        })
     }
 
     /// Starts one task per (name, type). Must be called inside a tokio runtime.
     pub fn spawn(self) -> ResolverHandle {
-        let (stop, stopped) = watch::channel(false);
-        let mut tasks = JoinSet::new();
-        for tracked in self.tracked {
-            tasks.spawn(run_lookup(self.shared.clone(), tracked, stopped.clone()));
-        }
-        ResolverHandle {
-            stop,
-            tasks,
+        let mut handle = ResolverHandle {
+            tracked: HashMap::new(),
+            tasks: JoinSet::new(),
             shared: self.shared,
+        };
+        for name in self.names {
+            // Checked in `new`.
+            let _ = handle.track(&name);
         }
+        handle
     }
+}
+
+fn fqdn(name: &str) -> Result<Name, Error> {
+    Name::from_ascii(format!("{name}.")).map_err(|source| Error::Name {
+        name: name.to_string(),
+        source,
+    })
 }
 
 impl ResolverHandle {
@@ -237,11 +310,68 @@ impl ResolverHandle {
         self.shared.status().values().cloned().collect()
     }
 
+    /// Starts keeping `name` (A and AAAA) resolved; its first lookup runs
+    /// at once. Returns false if it was already tracked. Must be called
+    /// inside a tokio runtime.
+    pub fn track(&mut self, name: &str) -> Result<bool, Error> {
+        if self.tracked.contains_key(name) {
+            return Ok(false);
+        }
+        let fqdn = fqdn(name)?;
+        // Reap the tasks of untracked names that have ended.
+        while let Some(joined) = self.tasks.try_join_next() {
+            joined.map_err(Error::Task)?;
+        }
+        let (stop, stopped) = watch::channel(false);
+        for record_type in [RecordType::A, RecordType::AAAA] {
+            let tracked = Tracked {
+                name: name.to_string(),
+                fqdn: fqdn.clone(),
+                record_type,
+            };
+            self.tasks
+                .spawn(run_lookup(self.shared.clone(), tracked, stopped.clone()));
+        }
+        self.tracked.insert(name.to_string(), stop);
+        Ok(true)
+    }
+
+    /// Stops keeping `name` resolved. What it wrote stays until its timeouts.
+    pub fn untrack(&mut self, name: &str) -> bool {
+        let Some(stop) = self.tracked.remove(name) else {
+            return false;
+        };
+        let _ = stop.send(true);
+        self.shared
+            .status()
+            .retain(|(tracked, _), _| tracked != name);
+        true
+    }
+
+    /// The names tracked now, sorted.
+    pub fn names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.tracked.keys().cloned().collect();
+        names.sort_unstable();
+        names
+    }
+
+    pub fn stats(&self) -> ResolverStats {
+        let get = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        ResolverStats {
+            upstream_lookups: get(&self.shared.upstream_lookups),
+            upstream_failures: get(&self.shared.upstream_failures),
+            cache_hits: get(&self.shared.cache_hits),
+            sink_failures: get(&self.shared.sink_failures),
+        }
+    }
+
     /// Stops every lookup and waits for the tasks to end. Elements already
     /// written stay in the sets until their timeouts (fail closed, and a
     /// restart finds them in place).
     pub async fn stop(mut self) -> Result<(), Error> {
-        let _ = self.stop.send(true);
+        for stop in self.tracked.values() {
+            let _ = stop.send(true);
+        }
         while let Some(joined) = self.tasks.join_next().await {
             joined.map_err(Error::Task)?;
         }
@@ -412,24 +542,65 @@ async fn failed(
         memory.stale = memory.answer_expires.is_some_and(|at| at <= now);
         return delay;
     }
-    let batch: Vec<Learned> = learned_for(&borrowed(&tracked.bindings), &memory.addresses, policy)
-        .into_iter()
-        .map(|learned| Learned { timeout, ..learned })
-        .collect();
-    match shared.sink.learn(&batch).await {
-        Ok(()) => {
+    let addresses = memory.addresses.clone();
+    match write_routes(shared, tracked, &addresses, Some(timeout)).await {
+        Ok(_) => {
             memory.elements_expire = Some(now + timeout);
             memory.stale = true;
         }
         Err(error) => {
-            tracing::error!(name = %tracked.name, error = %error_chain(&error), "could not keep the last-known addresses in the sets");
+            tracing::error!(name = %tracked.name, %error, "could not keep the last-known addresses in the sets");
         }
     }
     delay
 }
 
-fn borrowed(bindings: &[NameBinding]) -> Vec<&NameBinding> {
-    bindings.iter().collect()
+/// Writes the elements `addresses` yield into the sets of every route,
+/// each with `timeout` if given, else the TTL policy's timeout for its TTL.
+/// Returns the shortest timeout written. Fails only if every route that had
+/// elements to write failed: one sandbox whose namespace is gone must not
+/// put the name into backoff for the others (its failure is logged).
+async fn write_routes(
+    shared: &Shared,
+    tracked: &Tracked,
+    addresses: &[AnswerAddress],
+    timeout: Option<Duration>,
+) -> Result<Duration, String> {
+    let mut shortest: Option<Duration> = None;
+    let (mut written, mut failures) = (0usize, Vec::new());
+    for route in shared.routes.routes(&tracked.name) {
+        let bindings: Vec<&NameBinding> = route.bindings.iter().collect();
+        let mut batch = learned_for(&bindings, addresses, &shared.config.ttl);
+        if let Some(timeout) = timeout {
+            batch = batch
+                .into_iter()
+                .map(|learned| Learned { timeout, ..learned })
+                .collect();
+        }
+        if batch.is_empty() {
+            continue;
+        }
+        match route.sink.learn(&batch).await {
+            Ok(()) => {
+                written += 1;
+                let least = batch.iter().map(|l| l.timeout).min().unwrap_or_default();
+                shortest = Some(shortest.map_or(least, |s| s.min(least)));
+            }
+            Err(error) => {
+                shared.sink_failures.fetch_add(1, Ordering::Relaxed);
+                failures.push(error_chain(&error));
+            }
+        }
+    }
+    match (written, failures.first()) {
+        (0, Some(first)) => Err(first.clone()),
+        (_, first) => {
+            if let Some(error) = first {
+                tracing::warn!(name = %tracked.name, failed = failures.len(), written, %error, "some sandboxes' sets did not take the name's addresses");
+            }
+            Ok(shortest.unwrap_or_default())
+        }
+    }
 }
 
 /// Writes the addresses into the sets; returns when the elements expire.
@@ -438,13 +609,7 @@ async fn program(
     tracked: &Tracked,
     addresses: &[AnswerAddress],
 ) -> Result<Instant, String> {
-    let batch = learned_for(&borrowed(&tracked.bindings), addresses, &shared.config.ttl);
-    let shortest = batch.iter().map(|l| l.timeout).min().unwrap_or_default();
-    shared
-        .sink
-        .learn(&batch)
-        .await
-        .map_err(|error| error_chain(&error))?;
+    let shortest = write_routes(shared, tracked, addresses, None).await?;
     shared
         .origins
         .record(&tracked.name, addresses.iter().map(|a| a.addr));
@@ -469,17 +634,25 @@ async fn lookup(
         let newer = used_stored.is_none_or(|used| hit.stored > used);
         let ttl = Duration::from_secs(u64::from(hit.ttl));
         if newer && !shared.config.ttl.due_for_refresh(hit.remaining(now), ttl) {
+            shared.cache_hits.fetch_add(1, Ordering::Relaxed);
             return Ok(Resolution::Addresses {
                 addresses: hit.addresses_at(now),
                 stored: hit.stored,
             });
         }
     }
-    match shared
+    shared.upstream_lookups.fetch_add(1, Ordering::Relaxed);
+    let looked_up = shared
         .resolver
         .lookup(tracked.fqdn.clone(), tracked.record_type)
-        .await
+        .await;
+    if looked_up
+        .as_ref()
+        .is_err_and(|error| !error.is_no_records_found())
     {
+        shared.upstream_failures.fetch_add(1, Ordering::Relaxed);
+    }
+    match looked_up {
         Ok(lookup) => {
             let stored = Instant::now();
             let message = lookup.message().clone();

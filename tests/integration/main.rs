@@ -3,6 +3,7 @@
 //! `harness`, `enforcement` and `demo` are privileged: they build network
 //! namespaces and fail (never skip) when not run as root.
 
+mod agent;
 mod bad_input;
 mod cli;
 mod demo;

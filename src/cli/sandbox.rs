@@ -1,0 +1,146 @@
+//! `netleash sandbox`: the operator's client of the host agent's API.
+//!
+//! Exit codes: 0 done; 2 invalid input (nothing changed); 3 the agent or the
+//! kernel failed, or the agent cannot be reached; 4 no sandbox with that id.
+
+use std::io::Read as _;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::{EXIT_INVALID_INPUT, EXIT_OK, EXIT_SYSTEM_ERROR};
+use crate::agent::protocol::{
+    self, DEFAULT_SOCKET, FailureKind, Reply, Request, SandboxStatus, call,
+};
+
+/// `sandbox get|delete` of an id the agent does not have.
+pub const EXIT_NOT_FOUND: u8 = 4;
+
+/// How long the client waits for the agent: a Put may wait for the first
+/// lookups of its names (up to 10 s).
+const CALL_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Ask the netleash agent to enforce, replace, show or forget sandbox policies.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// The agent's API socket.
+    #[arg(long, global = true, value_name = "PATH", default_value = DEFAULT_SOCKET)]
+    pub socket: PathBuf,
+
+    /// Print the agent's reply as JSON.
+    #[arg(long, global = true)]
+    pub json: bool,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum Command {
+    /// Every sandbox the agent enforces, with counters.
+    List,
+    /// One sandbox's status.
+    Get { id: String },
+    /// Create or replace sandbox ID's policy, enforced in the network namespace at --netns.
+    Put {
+        id: String,
+        /// The sandbox's namespace file: /proc/PID/ns/net, a bind mount, /run/netns/NAME.
+        #[arg(long, value_name = "PATH")]
+        netns: PathBuf,
+        /// The sandbox's process, recorded with it.
+        #[arg(long, value_name = "PID")]
+        pid: Option<u32>,
+        /// The policy: a JSON file, or `-` for standard input.
+        policy: String,
+    },
+    /// Forget sandbox ID: its DNS work stops; its rules stay in its namespace.
+    Delete { id: String },
+}
+
+impl protocol::Error {
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            protocol::Error::Refused { kind, .. } => match kind {
+                FailureKind::InvalidInput => EXIT_INVALID_INPUT,
+                FailureKind::NotFound => EXIT_NOT_FOUND,
+                FailureKind::System => EXIT_SYSTEM_ERROR,
+            },
+            _ => EXIT_SYSTEM_ERROR,
+        }
+    }
+}
+
+pub fn run(args: Args) -> Result<u8, super::Error> {
+    let request = match args.command {
+        Command::List => Request::List,
+        Command::Get { id } => Request::Get { id },
+        Command::Delete { id } => Request::Delete { id },
+        Command::Put {
+            id,
+            netns,
+            pid,
+            policy,
+        } => {
+            let (text, origin) = if policy == "-" {
+                let mut text = String::new();
+                std::io::stdin()
+                    .read_to_string(&mut text)
+                    .map_err(|source| super::Error::ReadInput {
+                        what: "policy from",
+                        path: "standard input".into(),
+                        source,
+                    })?;
+                (text, "<stdin>".to_string())
+            } else {
+                let text =
+                    std::fs::read_to_string(&policy).map_err(|source| super::Error::ReadInput {
+                        what: "policy file",
+                        path: policy.clone(),
+                        source,
+                    })?;
+                (text, policy)
+            };
+            Request::Put {
+                id,
+                netns,
+                pid,
+                policy: text,
+                origin,
+            }
+        }
+    };
+    let reply = call(&args.socket, &request, CALL_TIMEOUT).map_err(super::Error::AgentApi)?;
+    let text = if args.json {
+        serde_json::to_string_pretty(&reply).expect("a reply always serializes")
+    } else {
+        match &reply {
+            Reply::Sandbox(status) => describe(status),
+            Reply::Sandboxes(all) if all.is_empty() => "no sandboxes".to_string(),
+            Reply::Sandboxes(all) => all.iter().map(describe).collect::<Vec<_>>().join("\n"),
+            Reply::Deleted { id } => {
+                format!("forgot sandbox {id}; its rules stay in its namespace")
+            }
+        }
+    };
+    println!("{text}");
+    Ok(EXIT_OK)
+}
+
+fn describe(status: &SandboxStatus) -> String {
+    let pid = status.pid.map(|p| format!(" pid {p}")).unwrap_or_default();
+    let sets: Vec<String> = status
+        .set_sizes
+        .iter()
+        .map(|(set, size)| format!("{set}={size}"))
+        .collect();
+    format!(
+        "{}  netns {}{pid}  policy {}\n  sets: {}\n  denied: {} packets, {} bytes; DNS: {} queries, {} refused",
+        status.id,
+        status.netns.display(),
+        status.digest,
+        sets.join(" "),
+        status.denied_packets,
+        status.denied_bytes,
+        status.dns_queries,
+        status.dns_refused,
+    )
+}

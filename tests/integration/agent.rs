@@ -1,0 +1,746 @@
+//! `netleash agent` end to end: the agent runs inside the testbed's world
+//! namespace (so its upstream, the world's DNS server at 198.51.100.53, is
+//! reachable from its own namespace), each test with its own socket and
+//! state directory in a tempdir; sandboxes are the testbed's sandbox and
+//! extra namespaces the test creates. Real packets judge it. Privileged:
+//! every test fails (never skips) without root.
+
+use std::io::{BufRead as _, BufReader, Read as _, Write as _};
+use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use hickory_proto::op::ResponseCode;
+use hickory_proto::rr::RecordType;
+use netleash::agent::protocol::{self, FailureKind, Reply, Request, SandboxStatus};
+use netleash::netns::Target;
+use netleash::testbed::{self, DnsReply, Testbed, Transport, Verdict, ZoneRecord};
+
+use crate::support::{
+    self, TIMEOUT, addr, assert_reachable, assert_rejected, describe, netleash, netleash_table,
+    write_policy,
+};
+
+const READY_WITHIN: Duration = Duration::from_secs(20);
+const UPSTREAM: &str = "198.51.100.53";
+/// Nothing serves DNS here; a query sent there is answered only if it is
+/// redirected to the sandbox's proxy.
+const NOT_A_RESOLVER: &str = "203.0.113.5";
+const CALL: Duration = Duration::from_secs(60);
+
+/// A running `netleash agent` in the world namespace, killed on drop.
+struct Agent {
+    child: Child,
+    stdout: Arc<Mutex<Vec<String>>>,
+    stderr: Arc<Mutex<String>>,
+    socket: PathBuf,
+    metrics: SocketAddr,
+}
+
+impl Agent {
+    fn start(bed: &Testbed, dir: &Path) -> Agent {
+        support::require_root();
+        let socket = dir.join("run/agent.sock");
+        let state = dir.join("state");
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", bed.world(), env!("CARGO_BIN_EXE_netleash")])
+            .args(["agent", "--socket"])
+            .arg(&socket)
+            .arg("--state-dir")
+            .arg(&state)
+            .args(["--upstream", UPSTREAM, "--metrics", "127.0.0.1:0"])
+            .args(["--reap-interval", "200ms"])
+            .args(["--log", "netleash=debug"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start netleash agent");
+        let stdout = Arc::new(Mutex::new(Vec::new()));
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let pipe = child.stdout.take().expect("stdout is piped");
+        let lines = stdout.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(pipe).lines() {
+                let Ok(line) = line else { break };
+                lines.lock().unwrap().push(line);
+            }
+        });
+        let pipe = child.stderr.take().expect("stderr is piped");
+        let text = stderr.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(pipe).lines() {
+                let Ok(line) = line else { break };
+                let mut text = text.lock().unwrap();
+                text.push_str(&line);
+                text.push('\n');
+            }
+        });
+        let mut agent = Agent {
+            child,
+            stdout,
+            stderr,
+            socket,
+            metrics: SocketAddr::from(([127, 0, 0, 1], 0)),
+        };
+        let ready = agent.wait_for_line("ready:");
+        agent.metrics = ready
+            .split("metrics on http://")
+            .nth(1)
+            .and_then(|rest| rest.split('/').next())
+            .and_then(|at| at.parse().ok())
+            .unwrap_or_else(|| panic!("no metrics address in {ready:?}"));
+        agent
+    }
+
+    fn wait_for_line(&mut self, needle: &str) -> String {
+        let started = Instant::now();
+        loop {
+            if let Some(line) = self
+                .stdout
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|l| l.contains(needle))
+            {
+                return line.clone();
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("the agent exited with {status}\n{}", self.logs());
+            }
+            assert!(
+                started.elapsed() < READY_WITHIN,
+                "no {needle:?} line within {READY_WITHIN:?}\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn logs(&self) -> String {
+        format!(
+            "--- agent stdout\n{}\n--- agent stderr\n{}",
+            self.stdout.lock().unwrap().join("\n"),
+            self.stderr.lock().unwrap()
+        )
+    }
+
+    fn call(&self, request: &Request) -> Result<Reply, protocol::Error> {
+        protocol::call(&self.socket, request, CALL)
+    }
+
+    fn put(&self, id: &str, netns: &Path, policy: &str) -> Result<SandboxStatus, protocol::Error> {
+        let request = Request::Put {
+            id: id.into(),
+            netns: netns.to_path_buf(),
+            pid: None,
+            policy: policy.into(),
+            origin: format!("test policy of {id}"),
+        };
+        self.call(&request).map(|reply| match reply {
+            Reply::Sandbox(status) => status,
+            other => panic!("put {id}: unexpected reply {other:?}"),
+        })
+    }
+
+    fn get(&self, id: &str) -> SandboxStatus {
+        match self.call(&Request::Get { id: id.into() }) {
+            Ok(Reply::Sandbox(status)) => status,
+            other => panic!("get {id}: {other:?}\n{}", self.logs()),
+        }
+    }
+
+    /// GET /metrics, from inside the world namespace where the agent listens.
+    fn metrics(&self, bed: &Testbed) -> String {
+        let at = self.metrics;
+        bed.in_world(move || {
+            let mut stream = TcpStream::connect_timeout(&at, TIMEOUT).expect("connect to metrics");
+            stream
+                .write_all(b"GET /metrics HTTP/1.0\r\nHost: agent\r\n\r\n")
+                .unwrap();
+            let mut text = String::new();
+            stream.read_to_string(&mut text).unwrap();
+            text
+        })
+        .expect("run in the world")
+    }
+
+    fn kill_9(&mut self) {
+        self.child.kill().expect("SIGKILL the agent");
+        self.child.wait().expect("reap the agent");
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!("{}", self.logs());
+        }
+    }
+}
+
+/// A bare namespace (`ip netns add`, loopback up), deleted on drop.
+struct Namespace(String);
+
+impl Namespace {
+    fn new(tag: &str) -> Namespace {
+        let name = format!("nl-agent-{}-{tag}", std::process::id());
+        let run = |args: &[&str]| {
+            let output = testbed::run_command("ip", args, None).expect("run ip");
+            assert!(
+                output.status.success(),
+                "ip {args:?}: {}",
+                describe(&output)
+            );
+        };
+        run(&["netns", "add", &name]);
+        let namespace = Namespace(name);
+        run(&["-n", &namespace.0, "link", "set", "lo", "up"]);
+        namespace
+    }
+
+    fn path(&self) -> PathBuf {
+        testbed::netns_path(&self.0)
+    }
+
+    /// A DNS query from inside this namespace to its own loopback port 53,
+    /// which only the redirect to the proxy can answer.
+    fn query(&self, name: &str) -> Option<DnsReply> {
+        let name = name.to_string();
+        netleash::netns::run_in(&Target::Name(self.0.clone()), move || {
+            testbed::dns_query(
+                SocketAddr::from(([127, 0, 0, 1], 53)),
+                &name,
+                RecordType::A,
+                Transport::Udp,
+                TIMEOUT,
+            )
+            .expect("query")
+            .reply
+        })
+        .expect("run in the namespace")
+    }
+
+    fn delete(&mut self) {
+        let _ = testbed::run_command("ip", &["netns", "delete", &self.0], None);
+    }
+}
+
+impl Drop for Namespace {
+    fn drop(&mut self) {
+        self.delete();
+    }
+}
+
+fn policy_json(hosts: &[&str]) -> String {
+    serde_json::json!({"type": "limited", "allowed_hosts": hosts}).to_string()
+}
+
+fn a(text: &str) -> ZoneRecord {
+    match addr(text) {
+        IpAddr::V4(v4) => ZoneRecord::A(v4),
+        IpAddr::V6(v6) => ZoneRecord::Aaaa(v6),
+    }
+}
+
+fn sandbox_path(bed: &Testbed) -> PathBuf {
+    testbed::netns_path(bed.sandbox())
+}
+
+/// In the sandbox: resolve `name` at a non-resolver address (redirected to
+/// the proxy) and connect to its first address on 443.
+fn resolve_and_connect(bed: &Testbed, name: &str) -> (ResponseCode, Option<Verdict>) {
+    let name = name.to_string();
+    bed.in_sandbox(move || {
+        let exchange = testbed::dns_query(
+            SocketAddr::new(addr(NOT_A_RESOLVER), testbed::DNS_PORT),
+            &name,
+            RecordType::A,
+            Transport::Udp,
+            TIMEOUT,
+        )
+        .expect("query from the sandbox");
+        let Some(reply) = exchange.reply else {
+            return (ResponseCode::ServFail, None);
+        };
+        let verdict = reply.addresses().first().map(|to| {
+            testbed::probe::tcp_connect(SocketAddr::new(*to, 443), TIMEOUT)
+                .expect("connect")
+                .verdict
+        });
+        (reply.response_code, verdict)
+    })
+    .expect("run in the sandbox")
+}
+
+/// The sandbox's table as `nft` lists it, without counter values and the
+/// time learned elements have left, which change on their own.
+fn table_without_expiry(bed: &Testbed) -> String {
+    let table = netleash_table(bed.sandbox()).expect("the table is in force");
+    let mut words = Vec::new();
+    let mut skip = false;
+    for word in table.split(' ') {
+        if !skip && word != "expires" {
+            words.push(word);
+        }
+        skip = word == "expires";
+    }
+    words.join(" ")
+}
+
+/// Log text without its ANSI colour sequences (`ESC [ ... m`).
+fn without_colours(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for skipped in chars.by_ref() {
+                if skipped == 'm' {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// The value of the metrics sample `series` (name and labels), if present.
+fn sample(text: &str, series: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+#[test]
+fn put_enforces_by_name_through_the_agents_proxy_with_counters_and_a_root_only_socket() {
+    let bed = support::testbed();
+    let dir = tempfile::tempdir().unwrap();
+    bed.zone().set("allowed.test", &[a("198.51.100.10")], 300);
+    bed.zone().set("denied.test", &[a("203.0.113.20")], 300);
+    let agent = Agent::start(&bed, dir.path());
+    let mode = std::fs::metadata(&agent.socket)
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o600, "the API socket must be root-only");
+
+    // The operator CLI puts the sandbox.
+    let file = write_policy(dir.path(), "p.json", &policy_json(&["allowed.test"]));
+    let socket = agent.socket.to_str().unwrap().to_string();
+    let netns = sandbox_path(&bed);
+    let output = netleash(&[
+        "sandbox",
+        "put",
+        "c1",
+        "--netns",
+        netns.to_str().unwrap(),
+        file.to_str().unwrap(),
+        "--socket",
+        &socket,
+    ]);
+    assert!(output.status.success(), "{}", describe(&output));
+
+    assert_eq!(
+        resolve_and_connect(&bed, "allowed.test"),
+        (ResponseCode::NoError, Some(Verdict::Connected))
+    );
+    assert_reachable(&bed, "198.51.100.10", 443);
+    let (code, _) = resolve_and_connect(&bed, "denied.test");
+    assert_eq!(code, ResponseCode::Refused);
+    assert_rejected(&bed, "203.0.113.20", 443);
+    // DNS over TLS to the upstream is denied; plain DNS to it is redirected.
+    assert_rejected(&bed, UPSTREAM, 853);
+
+    let status = agent.get("c1");
+    assert!(status.digest.starts_with("sha256:"), "{status:?}");
+    assert!(
+        status.dns_queries >= 2 && status.dns_refused >= 1,
+        "{status:?}"
+    );
+    assert!(status.denied_packets >= 2, "{status:?}");
+    assert!(
+        status.set_sizes.get("dns_v4").copied().unwrap_or(0) >= 1,
+        "{status:?}"
+    );
+
+    let list = netleash(&["sandbox", "list", "--json", "--socket", &socket]);
+    assert!(list.status.success(), "{}", describe(&list));
+    assert!(String::from_utf8_lossy(&list.stdout).contains("\"c1\""));
+
+    let metrics = agent.metrics(&bed);
+    assert!(metrics.starts_with("HTTP/1.0 200"), "{metrics}");
+    let of = |series: &str| {
+        sample(&metrics, series).unwrap_or_else(|| panic!("no {series} in\n{metrics}"))
+    };
+    assert_eq!(of("netleash_sandboxes"), 1);
+    assert!(of("netleash_sandbox_denied_packets_total{sandbox=\"c1\"}") >= 2);
+    assert!(of("netleash_sandbox_dns_refused_total{sandbox=\"c1\"}") >= 1);
+    assert!(of("netleash_sandbox_dns_allowed_total{sandbox=\"c1\"}") >= 1);
+    assert!(of("netleash_sandbox_dns_queries_total{sandbox=\"c1\"}") >= 2);
+    assert!(of("netleash_sandbox_set_elements{sandbox=\"c1\",set=\"dns_v4\"}") >= 1);
+    // allowed.test, A and AAAA, once each.
+    assert_eq!(of("netleash_resolver_upstream_queries_total"), 2);
+    assert_eq!(of("netleash_resolver_names"), 1);
+    assert_eq!(of("netleash_resolver_errors_total{kind=\"upstream\"}"), 0);
+}
+
+#[test]
+fn a_bad_policy_is_invalid_input_and_changes_nothing_and_delete_leaves_the_rules() {
+    let bed = support::testbed();
+    let dir = tempfile::tempdir().unwrap();
+    bed.zone().set("allowed.test", &[a("198.51.100.10")], 300);
+    let agent = Agent::start(&bed, dir.path());
+    let netns = sandbox_path(&bed);
+    let before = agent
+        .put("c1", &netns, &policy_json(&["allowed.test"]))
+        .unwrap_or_else(|e| panic!("{}\n{}", netleash::cli::render_error(&e), agent.logs()));
+    let table = table_without_expiry(&bed);
+
+    let bad =
+        r#"{"type": "limited", "allowed_hosts": ["allowed.test"], "allow_package_manager": true}"#;
+    let expected = netleash::policy::load(bad, "test policy of c1", &Default::default())
+        .unwrap_err()
+        .to_string();
+    match agent.put("c1", &netns, bad) {
+        Err(protocol::Error::Refused { kind, message, .. }) => {
+            assert_eq!(kind, FailureKind::InvalidInput);
+            assert_eq!(message, expected);
+        }
+        other => panic!("a bad policy must be refused, got {other:?}"),
+    }
+    // The same through the CLI: exit 2.
+    let file = write_policy(dir.path(), "bad.json", bad);
+    let socket = agent.socket.to_str().unwrap().to_string();
+    let output = netleash(&[
+        "sandbox",
+        "put",
+        "c1",
+        "--netns",
+        netns.to_str().unwrap(),
+        file.to_str().unwrap(),
+        "--socket",
+        &socket,
+    ]);
+    assert_eq!(output.status.code(), Some(2), "{}", describe(&output));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("allow_package_manager"));
+
+    assert_eq!(agent.get("c1").digest, before.digest);
+    assert_eq!(table_without_expiry(&bed), table, "the table changed");
+    assert_eq!(
+        resolve_and_connect(&bed, "allowed.test"),
+        (ResponseCode::NoError, Some(Verdict::Connected))
+    );
+
+    // Delete: the agent forgets it, the rules stay, DNS is no longer answered.
+    let output = netleash(&["sandbox", "delete", "c1", "--socket", &socket]);
+    assert!(output.status.success(), "{}", describe(&output));
+    let output = netleash(&["sandbox", "get", "c1", "--socket", &socket]);
+    assert_eq!(output.status.code(), Some(4), "{}", describe(&output));
+    assert!(
+        netleash_table(bed.sandbox()).is_some(),
+        "delete must leave the rules"
+    );
+    assert!(!dir.path().join("state/sandboxes/c1.json").exists());
+    let (code, _) = resolve_and_connect(&bed, "allowed.test");
+    assert_ne!(
+        code,
+        ResponseCode::NoError,
+        "nobody should answer DNS after delete"
+    );
+    assert_rejected(&bed, "203.0.113.20", 443);
+}
+
+#[test]
+fn two_sandboxes_with_the_same_names_cost_one_upstream_query_per_name() {
+    let bed = support::testbed();
+    let dir = tempfile::tempdir().unwrap();
+    let names = ["one.test", "two.test", "three.test"];
+    for (i, name) in names.iter().enumerate() {
+        bed.zone()
+            .set(name, &[a(&format!("198.51.100.{}", 10 + i))], 300);
+    }
+    let other = Namespace::new("second");
+    let agent = Agent::start(&bed, dir.path());
+    let policy = policy_json(&names);
+    agent
+        .put("first", &sandbox_path(&bed), &policy)
+        .expect("put first");
+    let second = agent
+        .put("second", &other.path(), &policy)
+        .expect("put second");
+    // The second sandbox got the addresses the loop had already resolved.
+    assert_eq!(second.set_sizes.get("dns_v4"), Some(&3), "{second:?}");
+
+    for name in names {
+        let (code, verdict) = resolve_and_connect(&bed, name);
+        assert_eq!(code, ResponseCode::NoError, "{name}");
+        assert!(verdict.is_some(), "{name}");
+        let reply = other
+            .query(name)
+            .unwrap_or_else(|| panic!("{name}: no answer in the second sandbox"));
+        assert_eq!(reply.response_code, ResponseCode::NoError, "{name}");
+        assert_eq!(reply.addresses().len(), 1);
+    }
+    let refused = other.query("other.test").expect("an answer");
+    assert_eq!(refused.response_code, ResponseCode::Refused);
+
+    let queries = bed.zone().queries();
+    for name in names {
+        for record_type in [RecordType::A, RecordType::AAAA] {
+            let count = queries
+                .iter()
+                .filter(|q| q.name == name && q.record_type == record_type)
+                .count();
+            assert_eq!(count, 1, "{name} {record_type}: {queries:?}");
+        }
+    }
+    // The second namespace disappears without a Delete: the agent notices
+    // and forgets it (its descriptor no longer pins the namespace).
+    let mut other = other;
+    other.delete();
+    let started = Instant::now();
+    loop {
+        match agent.call(&Request::Get {
+            id: "second".into(),
+        }) {
+            Err(protocol::Error::Refused {
+                kind: FailureKind::NotFound,
+                ..
+            }) => break,
+            _ => {
+                assert!(
+                    started.elapsed() < Duration::from_secs(5),
+                    "the sandbox of a deleted namespace is still known\n{}",
+                    agent.logs()
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+    assert!(!dir.path().join("state/sandboxes/second.json").exists());
+    assert_eq!(agent.get("first").id, "first");
+    assert!(
+        !queries.iter().any(|q| q.name == "other.test"),
+        "a refused name went upstream"
+    );
+}
+
+#[test]
+fn enforcement_survives_kill_9_and_a_restart_adopts_and_cleans_up() {
+    let bed = support::testbed();
+    let dir = tempfile::tempdir().unwrap();
+    bed.zone().set("allowed.test", &[a("198.51.100.10")], 300);
+    let mut gone = Namespace::new("gone");
+    let mut agent = Agent::start(&bed, dir.path());
+    let policy = policy_json(&["allowed.test"]);
+    let before = agent
+        .put("c1", &sandbox_path(&bed), &policy)
+        .expect("put c1");
+    agent.put("c2", &gone.path(), &policy).expect("put c2");
+    assert!(dir.path().join("state/sandboxes/c2.json").exists());
+    assert_eq!(
+        resolve_and_connect(&bed, "allowed.test"),
+        (ResponseCode::NoError, Some(Verdict::Connected))
+    );
+
+    agent.kill_9();
+    // Fail closed: the rules and learned addresses stay in the kernel.
+    assert_reachable(&bed, "198.51.100.10", 443);
+    assert_rejected(&bed, "203.0.113.20", 443);
+    let (code, _) = resolve_and_connect(&bed, "allowed.test");
+    assert_ne!(
+        code,
+        ResponseCode::NoError,
+        "no proxy answers while the agent is down"
+    );
+    gone.delete();
+
+    let mut restarted = Agent::start(&bed, dir.path());
+    let ready = restarted.wait_for_line("ready:");
+    assert!(ready.contains("adopted 1 sandbox(es), forgot 1"), "{ready}");
+    let after = restarted.get("c1");
+    assert_eq!(after.digest, before.digest);
+    assert!(
+        restarted
+            .stderr
+            .lock()
+            .unwrap()
+            .contains("already in force"),
+        "{}",
+        restarted.logs()
+    );
+    assert_eq!(
+        resolve_and_connect(&bed, "allowed.test"),
+        (ResponseCode::NoError, Some(Verdict::Connected))
+    );
+    assert!(!dir.path().join("state/sandboxes/c2.json").exists());
+    match restarted.call(&Request::Get { id: "c2".into() }) {
+        Err(protocol::Error::Refused { kind, .. }) => assert_eq!(kind, FailureKind::NotFound),
+        other => panic!("c2 should be forgotten, got {other:?}"),
+    }
+}
+
+#[test]
+fn replacing_a_policy_carries_the_addresses_it_still_allows_and_forgets_the_rest() {
+    let bed = support::testbed();
+    let dir = tempfile::tempdir().unwrap();
+    bed.zone().set("keep.test", &[a("198.51.100.10")], 300);
+    bed.zone().set("drop.test", &[a("198.51.100.11")], 300);
+    let agent = Agent::start(&bed, dir.path());
+    let netns = sandbox_path(&bed);
+    let before = agent
+        .put("c1", &netns, &policy_json(&["keep.test", "drop.test"]))
+        .expect("put");
+    for name in ["keep.test", "drop.test"] {
+        assert_eq!(
+            resolve_and_connect(&bed, name),
+            (ResponseCode::NoError, Some(Verdict::Connected)),
+            "{name}"
+        );
+    }
+    let after = agent
+        .put("c1", &netns, &policy_json(&["keep.test"]))
+        .expect("replace");
+    assert_ne!(after.digest, before.digest);
+    let logs = without_colours(&agent.stderr.lock().unwrap());
+    assert!(logs.contains("carried=1 forgotten=1"), "{logs}");
+    assert_reachable(&bed, "198.51.100.10", 443);
+    assert_rejected(&bed, "198.51.100.11", 443);
+    let (code, _) = resolve_and_connect(&bed, "drop.test");
+    assert_eq!(code, ResponseCode::Refused);
+    let record = std::fs::read_to_string(dir.path().join("state/sandboxes/c1.json")).unwrap();
+    assert!(!record.contains("drop.test"), "{record}");
+}
+
+/// The agent's shared resolver loop without the agent: one loop, routes to
+/// two recording sinks, names tracked and untracked while it runs (loopback
+/// test upstream, no namespaces).
+mod shared_loop {
+    use std::net::Ipv4Addr;
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use netleash::dns::cache::AnswerCache;
+    use netleash::dns::learn::{AddressSink, RecordingSink};
+    use netleash::dns::names::AllowedNames;
+    use netleash::dns::origins::AddressOrigins;
+    use netleash::dns::resolver::{NameRoutes, ResolverLoop, ResolverLoopConfig, Route};
+    use netleash::dns::ttl::TtlPolicy;
+    use netleash::policy::{Ports, Source, Target};
+    use netleash::ruleset::NameBinding;
+
+    use crate::dns_upstream::TestUpstream;
+
+    fn names(target: Target) -> AllowedNames {
+        AllowedNames::new(vec![NameBinding {
+            target,
+            ports: Ports::Any,
+            sources: vec![Source::AllowedHosts],
+            set_v4: "dns_v4".into(),
+            set_v6: "dns_v6".into(),
+        }])
+    }
+
+    /// Sandbox `a` allows shared.test exactly, sandbox `b` allows *.test.
+    struct TwoSandboxes {
+        a: (Arc<RecordingSink>, AllowedNames),
+        b: (Arc<RecordingSink>, AllowedNames),
+    }
+
+    impl NameRoutes for TwoSandboxes {
+        fn routes(&self, name: &str) -> Vec<Route> {
+            [&self.a, &self.b]
+                .into_iter()
+                .filter_map(|(sink, names)| {
+                    let bindings: Vec<NameBinding> =
+                        names.matching(name).into_iter().cloned().collect();
+                    (!bindings.is_empty()).then(|| Route {
+                        sink: sink.clone() as Arc<dyn AddressSink>,
+                        bindings,
+                    })
+                })
+                .collect()
+        }
+    }
+
+    async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+        let started = Instant::now();
+        while !check() {
+            assert!(started.elapsed() < Duration::from_secs(5), "{what}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn one_lookup_fans_out_to_every_sandbox_that_allows_the_name_and_a_failing_one_harms_no_other()
+     {
+        let upstream = TestUpstream::start().await;
+        let address = Ipv4Addr::new(192, 0, 2, 7);
+        upstream.set_a("shared.test", 1, &[address]);
+        let routes = Arc::new(TwoSandboxes {
+            a: (
+                Arc::new(RecordingSink::new()),
+                names(Target::Name("shared.test".into())),
+            ),
+            b: (
+                Arc::new(RecordingSink::new()),
+                names(Target::Wildcard("test".into())),
+            ),
+        });
+        let mut config = ResolverLoopConfig::new(vec![upstream.addr]);
+        config.ttl = TtlPolicy {
+            min_ttl: Duration::from_secs(1),
+            max_ttl: Duration::from_secs(1),
+            grace: Duration::from_secs(1),
+            ..TtlPolicy::default()
+        };
+        config.query_timeout = Duration::from_millis(200);
+        let mut handle = ResolverLoop::routed(
+            config,
+            routes.clone(),
+            Arc::new(AnswerCache::default()),
+            Arc::new(AddressOrigins::default()),
+        )
+        .expect("valid configuration")
+        .spawn();
+        assert!(handle.track("shared.test").unwrap());
+        assert!(!handle.track("shared.test").unwrap(), "tracked twice");
+        let (a, b) = (&routes.a.0, &routes.b.0);
+        eventually("both sandboxes learn the address", || {
+            a.addresses().contains(&address.into()) && b.addresses().contains(&address.into())
+        })
+        .await;
+        assert_eq!(upstream.queries_for("shared.test"), 2, "one A and one AAAA");
+
+        // b's sets fail: a keeps getting refreshes, the name is not in backoff.
+        b.set_failing(true);
+        let calls = a.calls().len();
+        eventually("a refresh reaches a while b fails", || {
+            a.calls().len() > calls && handle.stats().sink_failures > 0
+        })
+        .await;
+        assert!(
+            handle.snapshot().iter().all(|lookup| lookup.failures == 0),
+            "{:?}",
+            handle.snapshot()
+        );
+
+        // Untracked: no more lookups.
+        assert!(handle.untrack("shared.test"));
+        assert!(handle.names().is_empty() && handle.snapshot().is_empty());
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let queries = upstream.queries_for("shared.test");
+        tokio::time::sleep(Duration::from_millis(1_500)).await;
+        assert_eq!(upstream.queries_for("shared.test"), queries);
+        handle.stop().await.unwrap();
+    }
+}
