@@ -8,6 +8,7 @@
 //! - [`dns`]: the DNS proxy and resolver loop that fill the DNS-derived sets;
 //! - [`sandbox`]: one enforced sandbox at run time, the DNS layer's sink;
 //! - [`agent`]: the host agent's API, shared by `netleash agent` and `netleash hook`;
+//! - [`oci`]: the OCI runtime state and bundle configuration `netleash hook` reads;
 //! - [`cli`]: the `netleash` command;
 //! - [`testbed`]: throwaway sandbox and world namespaces with servers, for the
 //!   privileged tests and `netleash demo`.
@@ -17,6 +18,7 @@ pub mod cli;
 pub mod dns;
 pub mod kernel;
 pub mod netns;
+pub mod oci;
 pub mod policy;
 pub mod ruleset;
 pub mod sandbox;

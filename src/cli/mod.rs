@@ -15,6 +15,7 @@ pub mod check;
 pub mod compile;
 pub mod demo;
 pub mod explain;
+pub mod hook;
 pub mod netns_args;
 pub mod policy_args;
 pub mod remove;
@@ -69,6 +70,8 @@ pub enum Command {
     Demo(demo::Args),
     /// Enforce a policy and run its filtering DNS proxy and resolver loop in a sandbox's namespace.
     Sidecar(sidecar::Args),
+    /// OCI runtime hook: enforce a container's annotated policy before it starts.
+    Hook(hook::Args),
 }
 
 /// Everything a subcommand can fail with; each variant knows its exit code.
@@ -101,6 +104,8 @@ pub enum Error {
     DemoMismatch { mismatches: usize, total: usize },
     #[error(transparent)]
     Sidecar(Box<sidecar::Error>),
+    #[error(transparent)]
+    Hook(Box<hook::Error>),
 }
 
 impl Error {
@@ -114,6 +119,7 @@ impl Error {
             | Error::Testbed(_)
             | Error::DemoMismatch { .. } => EXIT_SYSTEM_ERROR,
             Error::Sidecar(err) => err.exit_code(),
+            Error::Hook(err) => err.exit_code(),
         }
     }
 }
@@ -130,6 +136,7 @@ pub fn main() -> ExitCode {
         Command::Remove(args) => remove::run(args),
         Command::Demo(args) => demo::run(args),
         Command::Sidecar(args) => sidecar::run(args),
+        Command::Hook(args) => hook::run(args),
     };
     match result {
         Ok(code) => ExitCode::from(code),
