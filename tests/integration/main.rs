@@ -14,6 +14,8 @@ mod golden;
 mod harness;
 mod kernel;
 mod nft_check;
+mod oci;
 mod policies;
+mod runc;
 mod sidecar;
 mod support;

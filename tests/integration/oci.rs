@@ -1,0 +1,261 @@
+//! `netleash hook` with a real OCI runtime: `runc run` of a busybox
+//! container whose network namespace is the testbed's sandbox, with the hook
+//! at createRuntime in standalone mode. Privileged: fails when not root.
+
+use std::net::SocketAddr;
+use std::process::{Command, Output};
+
+use netleash::testbed::{self, Testbed, Transport};
+
+use crate::runc::{Bundle, MARKER_DIR, Network};
+use crate::support::{self, describe, netleash_table};
+
+/// The container's /etc/resolv.conf: the testbed world's DNS server.
+const RESOLV_CONF: &str = "nameserver 198.51.100.53\n";
+const ALLOWS_10: &str = r#"{"type": "limited", "allowed_hosts": ["http://198.51.100.10"]}"#;
+const ALLOWS_11: &str = r#"{"type": "limited", "allowed_hosts": ["198.51.100.11"]}"#;
+/// Invalid at line 2, column 20: port 99999.
+const BROKEN: &str =
+    "{\"type\": \"limited\",\n \"allowed_hosts\": [\"https://198.51.100.10:99999\"]}";
+
+/// A shell script for the container: GET / from port 80 of each address
+/// and print the answer, or `FAILED <address> <exit code>`; then leave a
+/// marker that the workload ran. (busybox nc, not wget: the static busybox's
+/// wget crashes in glibc's NSS when it looks up the service name.)
+fn fetch_script(addresses: &[&str]) -> String {
+    let mut script = String::new();
+    for ip in addresses {
+        script.push_str(&format!(
+            "printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 5 {ip} 80 2>&1 || echo \"FAILED {ip} $?\"; "
+        ));
+    }
+    script.push_str(&format!("touch {MARKER_DIR}/ran"));
+    script
+}
+
+/// The body the world's HTTP server sends for `ip` port 80.
+fn body(ip: &str) -> String {
+    testbed::http_body(SocketAddr::new(support::addr(ip), 80))
+}
+
+fn sandbox_network(bed: &Testbed) -> Network {
+    Network::Join(testbed::netns_path(bed.sandbox()))
+}
+
+fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// Arrivals at the world's HTTP server on `ip` port 80.
+fn arrivals(bed: &Testbed, ip: &str) -> u64 {
+    bed.arrivals(Transport::Tcp, SocketAddr::new(support::addr(ip), 80))
+}
+
+/// Assert that runc refused to start the container: non-zero exit, the
+/// hook's message in its stderr, and the workload never ran.
+fn assert_refused(bundle: &Bundle, output: &Output, messages: &[&str]) {
+    assert!(
+        !output.status.success(),
+        "runc started the container: {}",
+        describe(output)
+    );
+    let text = stderr(output);
+    for message in messages {
+        assert!(
+            text.contains(message),
+            "runc's stderr lacks {message:?}: {}",
+            describe(output)
+        );
+    }
+    assert!(
+        !bundle.marker_dir().join("ran").exists(),
+        "the workload ran although the hook failed"
+    );
+    assert!(stdout(output).is_empty(), "{}", describe(output));
+}
+
+#[test]
+fn the_annotated_policy_is_in_force_before_the_workload_starts() {
+    let bed = support::testbed();
+    let bundle = Bundle::new(RESOLV_CONF);
+    let script = fetch_script(&["198.51.100.10", "198.51.100.11"]);
+    bundle.configure(
+        &["sh", "-c", &script],
+        &sandbox_network(&bed),
+        &[("netleash.policy", ALLOWS_10)],
+        Some(&["--standalone"]),
+    );
+    let before = arrivals(&bed, "198.51.100.11");
+    let (_container, output) = bundle.run();
+
+    assert!(output.status.success(), "{}", describe(&output));
+    let out = stdout(&output);
+    assert!(
+        out.contains(&body("198.51.100.10")),
+        "{}",
+        describe(&output)
+    );
+    assert!(
+        !out.contains(&body("198.51.100.11")),
+        "{}",
+        describe(&output)
+    );
+    // A TCP reset makes nc report "Connection refused" at once; a silent
+    // drop would end in its 5 s timeout instead.
+    assert!(
+        out.contains("Connection refused") && out.contains("FAILED 198.51.100.11 1"),
+        "{}",
+        describe(&output)
+    );
+    assert!(bundle.marker_dir().join("ran").exists());
+    assert_eq!(
+        arrivals(&bed, "198.51.100.11"),
+        before,
+        "a blocked connection reached the world"
+    );
+    // The policy stays in the sandbox's namespace, with the container's
+    // resolv.conf nameserver as its resolver.
+    let table = netleash_table(bed.sandbox()).expect("the hook left no netleash table");
+    assert!(table.contains("198.51.100.53"), "{table}");
+}
+
+#[test]
+fn a_policy_file_annotation_is_read_from_the_host() {
+    let bed = support::testbed();
+    let bundle = Bundle::new(RESOLV_CONF);
+    let policy = support::write_policy(bundle.path(), "policy.json", ALLOWS_11);
+    let script = fetch_script(&["198.51.100.11", "198.51.100.10"]);
+    bundle.configure(
+        &["sh", "-c", &script],
+        &sandbox_network(&bed),
+        &[("netleash.policy-file", policy.to_str().unwrap())],
+        Some(&["--standalone"]),
+    );
+    let (_container, output) = bundle.run();
+
+    assert!(output.status.success(), "{}", describe(&output));
+    let out = stdout(&output);
+    assert!(
+        out.contains(&body("198.51.100.11")),
+        "{}",
+        describe(&output)
+    );
+    assert!(
+        out.contains("FAILED 198.51.100.10 1"),
+        "{}",
+        describe(&output)
+    );
+}
+
+#[test]
+fn a_container_without_the_annotation_is_untouched() {
+    let bed = support::testbed();
+    let bundle = Bundle::new(RESOLV_CONF);
+    let script = fetch_script(&["198.51.100.10", "198.51.100.11"]);
+    bundle.configure(
+        &["sh", "-c", &script],
+        &sandbox_network(&bed),
+        &[("org.example.other", "x")],
+        Some(&["--standalone"]),
+    );
+    let (_container, output) = bundle.run();
+
+    assert!(output.status.success(), "{}", describe(&output));
+    let out = stdout(&output);
+    for ip in ["198.51.100.10", "198.51.100.11"] {
+        assert!(out.contains(&body(ip)), "{ip}: {}", describe(&output));
+    }
+    assert!(!out.contains("FAILED"), "{}", describe(&output));
+    assert_eq!(netleash_table(bed.sandbox()), None);
+}
+
+#[test]
+fn a_broken_policy_stops_the_container_from_starting() {
+    let bed = support::testbed();
+    let bundle = Bundle::new(RESOLV_CONF);
+    bundle.configure(
+        &["sh", "-c", &fetch_script(&[])],
+        &sandbox_network(&bed),
+        &[("netleash.policy", BROKEN)],
+        Some(&["--standalone"]),
+    );
+    let (container, output) = bundle.run();
+
+    let place = format!(
+        "annotation netleash.policy of container {}:2:20",
+        container.id
+    );
+    assert_refused(&bundle, &output, &[&place, "99999"]);
+    assert_eq!(
+        netleash_table(bed.sandbox()),
+        None,
+        "a broken policy changed the rules"
+    );
+}
+
+#[test]
+fn a_container_sharing_the_host_network_namespace_is_refused() {
+    support::require_root();
+    let host_table = || {
+        Command::new("nft")
+            .args(["list", "table", "inet", "netleash"])
+            .output()
+            .expect("run nft")
+    };
+    let before = host_table();
+    let bundle = Bundle::new(RESOLV_CONF);
+    // Unrestricted, so that even a hook that wrongly went ahead would only
+    // block the metadata addresses on this machine.
+    bundle.configure(
+        &["sh", "-c", &fetch_script(&[])],
+        &Network::Host,
+        &[("netleash.policy", r#"{"type": "unrestricted"}"#)],
+        Some(&["--standalone"]),
+    );
+    let (container, output) = bundle.run();
+
+    let message = format!(
+        "container {} has no network namespace of its own",
+        container.id
+    );
+    assert_refused(&bundle, &output, &[&message, "would firewall the host"]);
+    let after = host_table();
+    assert_eq!(
+        (after.status.code(), after.stdout),
+        (before.status.code(), before.stdout),
+        "the host's netleash table changed"
+    );
+}
+
+#[test]
+fn without_an_agent_the_container_does_not_start_unless_standalone() {
+    let bed = support::testbed();
+    let bundle = Bundle::new(RESOLV_CONF);
+    let missing = bundle.path().join("no-agent.sock");
+    bundle.configure(
+        &["sh", "-c", &fetch_script(&[])],
+        &sandbox_network(&bed),
+        &[("netleash.policy", ALLOWS_10)],
+        Some(&["--socket", missing.to_str().unwrap()]),
+    );
+    let (container, output) = bundle.run();
+
+    let message = format!(
+        "cannot hand container {} to the netleash agent, so it must not start",
+        container.id
+    );
+    assert_refused(
+        &bundle,
+        &output,
+        &[
+            &message,
+            "--standalone",
+            "cannot connect to the netleash agent",
+        ],
+    );
+    assert_eq!(netleash_table(bed.sandbox()), None);
+}
