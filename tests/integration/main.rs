@@ -6,6 +6,7 @@
 mod bad_input;
 mod cli;
 mod demo;
+mod deploy;
 mod dns;
 mod dns_upstream;
 mod enforcement;
