@@ -1,10 +1,13 @@
 //! Container start overhead of `netleash hook`: `runc run` of a trivial
 //! container (`/bin/true` in a fresh network namespace), without a hook and
 //! with `netleash hook --standalone` at createRuntime enforcing a typical
-//! policy, interleaved run by run so both see the same machine load.
+//! policy, interleaved run by run so all see the same machine load. Two more
+//! kinds split the overhead: `/bin/true` as the hook (runc's own cost of
+//! running a hook), and the netleash hook on a container without the
+//! annotation (netleash's process start and reading the state and config).
 //!
 //! `cargo bench --bench oci_hook` as root; `NETLEASH_BENCH_RUNS` sets the
-//! number of runs of each kind (default 60). Needs runc and busybox-static.
+//! number of runs of each kind (default 40). Needs runc and busybox-static.
 
 // Shared with the integration tests, which use the parts this file does not.
 #[allow(dead_code)]
@@ -24,7 +27,14 @@ const TYPICAL_POLICY: &str = r#"{"type": "limited", "allowed_hosts": [
     "198.51.100.20:5432", "mirror.example.com"]}"#;
 
 const WARM_UP_RUNS: usize = 5;
-const DEFAULT_RUNS: usize = 60;
+const DEFAULT_RUNS: usize = 40;
+
+/// One kind of container start the benchmark times.
+struct Arm {
+    name: &'static str,
+    bundle: Bundle,
+    samples: Vec<Duration>,
+}
 
 fn main() {
     // Criterion-style arguments (`--bench`) are ignored.
@@ -37,51 +47,60 @@ fn main() {
         .map(|n| n.parse().expect("NETLEASH_BENCH_RUNS is a number"))
         .unwrap_or(DEFAULT_RUNS);
 
-    let plain = Bundle::new("nameserver 192.0.2.53\n");
-    plain.configure(&["/bin/true"], &Network::Fresh, &[], None);
-    let hooked = Bundle::new("nameserver 192.0.2.53\n");
-    hooked.configure(
-        &["/bin/true"],
-        &Network::Fresh,
-        &[("netleash.policy", TYPICAL_POLICY)],
-        Some(&["--standalone"]),
-    );
+    let arm = |name, annotations: &[(&str, &str)], hook: Option<&[&str]>| {
+        let bundle = Bundle::new("nameserver 192.0.2.53\n");
+        bundle.configure(&["/bin/true"], &Network::Fresh, annotations, hook);
+        Arm {
+            name,
+            bundle,
+            samples: Vec::new(),
+        }
+    };
+    let policy = [("netleash.policy", TYPICAL_POLICY)];
+    let mut arms = [
+        arm("no hook", &[], None),
+        // What runc itself spends on running a hook: /bin/true as the hook.
+        arm("hook /bin/true", &[], None),
+        // netleash's process start, state and config.json, no annotation.
+        arm("netleash hook, no annotation", &[], Some(&["--standalone"])),
+        arm(
+            "netleash hook --standalone, typical policy",
+            &policy,
+            Some(&["--standalone"]),
+        ),
+    ];
+    arms[1]
+        .bundle
+        .set_create_runtime_hook("/bin/true", &["true"]);
 
     for _ in 0..WARM_UP_RUNS {
-        time_run(&plain);
-        time_run(&hooked);
-    }
-    let (mut without, mut with) = (Vec::new(), Vec::new());
-    for i in 0..runs {
-        // Alternate which goes first, so neither always follows the other.
-        if i % 2 == 0 {
-            without.push(time_run(&plain));
-            with.push(time_run(&hooked));
-        } else {
-            with.push(time_run(&hooked));
-            without.push(time_run(&plain));
+        for arm in &arms {
+            time_run(&arm.bundle);
         }
     }
-    let (without_median, with_median) = (median(&mut without), median(&mut with));
+    for i in 0..runs {
+        // Rotate which arm goes first, so none always follows another.
+        for k in 0..arms.len() {
+            let index = (i + k) % arms.len();
+            let arm = &mut arms[index];
+            arm.samples.push(time_run(&arm.bundle));
+        }
+    }
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
-    println!("runc run /bin/true, fresh network namespace, {runs} interleaved runs each");
-    println!(
-        "without hook: median {:.2} ms (p10 {:.2}, p90 {:.2})",
-        ms(without_median),
-        ms(percentile(&without, 10)),
-        ms(percentile(&without, 90))
-    );
-    println!(
-        "with hook:    median {:.2} ms (p10 {:.2}, p90 {:.2})",
-        ms(with_median),
-        ms(percentile(&with, 10)),
-        ms(percentile(&with, 90))
-    );
-    println!(
-        "added by the hook: {:.2} ms; ratio {:.3}",
-        ms(with_median) - ms(without_median),
-        with_median.as_secs_f64() / without_median.as_secs_f64()
-    );
+    println!("runc run /bin/true, fresh network namespace, {runs} interleaved runs of each kind");
+    let baseline = median(&mut arms[0].samples.clone());
+    for arm in &mut arms {
+        let m = median(&mut arm.samples);
+        println!(
+            "{:<44} median {:6.2} ms (p10 {:6.2}, p90 {:6.2}); {:+6.2} ms, ratio {:.3}",
+            arm.name,
+            ms(m),
+            ms(percentile(&arm.samples, 10)),
+            ms(percentile(&arm.samples, 90)),
+            ms(m) - ms(baseline),
+            m.as_secs_f64() / baseline.as_secs_f64()
+        );
+    }
 }
 
 /// Wall-clock time of one `runc run` of `bundle`, which must succeed.

@@ -89,8 +89,7 @@ impl Bundle {
             .output()
             .expect("run `runc spec` (install Debian's runc; tests/bootstrap.sh does)");
         assert!(spec.status.success(), "runc spec: {spec:?}");
-        let text = std::fs::read_to_string(&config_path).expect("read config.json");
-        let mut config: Value = serde_json::from_str(&text).expect("runc spec writes JSON");
+        let mut config = self.read_config();
 
         config["process"]["terminal"] = json!(false);
         config["process"]["args"] = json!(args);
@@ -114,20 +113,31 @@ impl Bundle {
             .map(|(key, value)| (key.to_string(), json!(value)))
             .collect();
         config["annotations"] = Value::Object(annotations);
+        self.write_config(&config);
         if let Some(hook_args) = hook_args {
             let mut argv = vec!["netleash", "hook"];
             argv.extend_from_slice(hook_args);
-            config["hooks"] = json!({"createRuntime": [{
-                "path": env!("CARGO_BIN_EXE_netleash"),
-                "args": argv,
-                "timeout": 30,
-            }]});
+            self.set_create_runtime_hook(env!("CARGO_BIN_EXE_netleash"), &argv);
         }
-        std::fs::write(
-            &config_path,
-            serde_json::to_string_pretty(&config).expect("serialize config.json"),
-        )
-        .expect("write config.json");
+    }
+
+    /// Make `path` with arguments `argv` (argv[0] first) the bundle's one
+    /// createRuntime hook.
+    pub fn set_create_runtime_hook(&self, path: &str, argv: &[&str]) {
+        let mut config = self.read_config();
+        config["hooks"] = json!({"createRuntime": [{"path": path, "args": argv, "timeout": 30}]});
+        self.write_config(&config);
+    }
+
+    fn read_config(&self) -> Value {
+        let text =
+            std::fs::read_to_string(self.path().join("config.json")).expect("read config.json");
+        serde_json::from_str(&text).expect("config.json is JSON")
+    }
+
+    fn write_config(&self, config: &Value) {
+        let text = serde_json::to_string_pretty(config).expect("serialize config.json");
+        std::fs::write(self.path().join("config.json"), text).expect("write config.json");
     }
 
     /// `runc run` the bundle in the foreground as a new container and wait
