@@ -5,6 +5,7 @@
 //! kinds split the overhead: `/bin/true` as the hook (runc's own cost of
 //! running a hook), and the netleash hook on a container without the
 //! annotation (netleash's process start and reading the state and config).
+//! The last kind is the lean `netleash-hook` binary doing the same work.
 //!
 //! `cargo bench --bench oci_hook` as root; `NETLEASH_BENCH_RUNS` sets the
 //! number of runs of each kind (default 40). Needs runc and busybox-static.
@@ -33,7 +34,12 @@ const DEFAULT_RUNS: usize = 40;
 struct Arm {
     name: &'static str,
     bundle: Bundle,
-    samples: Vec<Duration>,
+    /// Wall-clock time of each `runc run`.
+    wall: Vec<Duration>,
+    /// CPU time (user + system) of each `runc run` and every process it
+    /// waited for: runc, the hook, the container. Unlike wall-clock time, it
+    /// does not grow when other work competes for the CPUs.
+    cpu: Vec<Duration>,
 }
 
 fn main() {
@@ -53,7 +59,8 @@ fn main() {
         Arm {
             name,
             bundle,
-            samples: Vec::new(),
+            wall: Vec::new(),
+            cpu: Vec::new(),
         }
     };
     let policy = [("netleash.policy", TYPICAL_POLICY)];
@@ -68,10 +75,15 @@ fn main() {
             &policy,
             Some(&["--standalone"]),
         ),
+        arm("netleash-hook --standalone, typical policy", &policy, None),
     ];
     arms[1]
         .bundle
         .set_create_runtime_hook("/bin/true", &["true"]);
+    arms[4].bundle.set_create_runtime_hook(
+        env!("CARGO_BIN_EXE_netleash-hook"),
+        &["netleash-hook", "--standalone"],
+    );
 
     for _ in 0..WARM_UP_RUNS {
         for arm in &arms {
@@ -83,52 +95,98 @@ fn main() {
         for k in 0..arms.len() {
             let index = (i + k) % arms.len();
             let arm = &mut arms[index];
-            arm.samples.push(time_run(&arm.bundle));
+            let (wall, cpu) = time_run(&arm.bundle);
+            arm.wall.push(wall);
+            arm.cpu.push(cpu);
         }
     }
-    let ms = |d: Duration| d.as_secs_f64() * 1e3;
-    println!("runc run /bin/true, fresh network namespace, {runs} interleaved runs of each kind");
-    let baseline = median(&mut arms[0].samples.clone());
-    for arm in &mut arms {
-        let m = median(&mut arm.samples);
+
+    println!(
+        "runc run /bin/true, fresh network namespace, {runs} interleaved rounds \
+         (every kind once per round); differences to \"no hook\""
+    );
+    println!(
+        "{:<44} {:>9} {:>9} {:>9} {:>12} {:>6} {:>9} {:>10}",
+        "", "wall p50", "p10", "p90", "paired diff", "ratio", "CPU p50", "CPU diff"
+    );
+    let (baseline_wall, baseline_cpu) = (arms[0].wall.clone(), arms[0].cpu.clone());
+    for arm in &arms {
+        // Each round ran every kind back to back, so the difference within a
+        // round cancels most of the load the machine had at that moment.
+        let paired = median_ms(&differences(&arm.wall, &baseline_wall));
+        let wall = median_ms(&as_ms(&arm.wall));
+        let cpu = median_ms(&as_ms(&arm.cpu));
         println!(
-            "{:<44} median {:6.2} ms (p10 {:6.2}, p90 {:6.2}); {:+6.2} ms, ratio {:.3}",
+            "{:<44} {:>6.2} ms {:>6.2} ms {:>6.2} ms {:>+9.2} ms {:>6.3} {:>6.2} ms {:>+7.2} ms",
             arm.name,
-            ms(m),
-            ms(percentile(&arm.samples, 10)),
-            ms(percentile(&arm.samples, 90)),
-            ms(m) - ms(baseline),
-            m.as_secs_f64() / baseline.as_secs_f64()
+            wall,
+            percentile_ms(&as_ms(&arm.wall), 10),
+            percentile_ms(&as_ms(&arm.wall), 90),
+            paired,
+            wall / median_ms(&as_ms(&baseline_wall)),
+            cpu,
+            cpu - median_ms(&as_ms(&baseline_cpu)),
         );
     }
 }
 
-/// Wall-clock time of one `runc run` of `bundle`, which must succeed.
-fn time_run(bundle: &Bundle) -> Duration {
+/// One `runc run` of `bundle`, which must succeed: its wall-clock time and
+/// the CPU time of runc and every process it waited for.
+fn time_run(bundle: &Bundle) -> (Duration, Duration) {
+    let cpu_before = children_cpu();
     let start = Instant::now();
     let (container, output) = bundle.run();
-    let elapsed = start.elapsed();
+    let wall = start.elapsed();
+    let cpu = children_cpu() - cpu_before;
     assert!(
         output.status.success(),
         "runc run failed: {}",
         String::from_utf8_lossy(&output.stderr)
     );
     drop(container);
-    elapsed
+    (wall, cpu)
 }
 
-fn median(samples: &mut [Duration]) -> Duration {
-    samples.sort();
-    let n = samples.len();
+/// User and system time of every waited-for descendant so far (getrusage(2),
+/// RUSAGE_CHILDREN: a child's figure includes the descendants it waited for).
+fn children_cpu() -> Duration {
+    // SAFETY: getrusage only writes the struct it is given.
+    let usage = unsafe {
+        let mut usage = std::mem::zeroed::<libc::rusage>();
+        assert_eq!(libc::getrusage(libc::RUSAGE_CHILDREN, &mut usage), 0);
+        usage
+    };
+    let time = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    time(usage.ru_utime) + time(usage.ru_stime)
+}
+
+fn as_ms(samples: &[Duration]) -> Vec<f64> {
+    samples.iter().map(|d| d.as_secs_f64() * 1e3).collect()
+}
+
+fn differences(samples: &[Duration], baseline: &[Duration]) -> Vec<f64> {
+    as_ms(samples)
+        .iter()
+        .zip(as_ms(baseline))
+        .map(|(a, b)| a - b)
+        .collect()
+}
+
+fn median_ms(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let n = sorted.len();
     if n % 2 == 1 {
-        samples[n / 2]
+        sorted[n / 2]
     } else {
-        (samples[n / 2 - 1] + samples[n / 2]) / 2
+        (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0
     }
 }
 
-/// The `p`th percentile of sorted `samples` (nearest rank).
-fn percentile(samples: &[Duration], p: usize) -> Duration {
-    let rank = (p * samples.len()).div_ceil(100).max(1);
-    samples[rank - 1]
+/// The `p`th percentile (nearest rank).
+fn percentile_ms(values: &[f64], p: usize) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let rank = (p * sorted.len()).div_ceil(100).max(1);
+    sorted[rank - 1]
 }

@@ -27,7 +27,7 @@ pub const EXIT_BLOCKED: u8 = 1;
 pub const EXIT_INVALID_INPUT: u8 = 2;
 pub const EXIT_SYSTEM_ERROR: u8 = 3;
 
-const EXIT_CODES_HELP: &str = "\
+pub const EXIT_CODES_HELP: &str = "\
 Exit codes:
   0  success (for `check`: allowed)
   1  `check`: blocked
@@ -138,6 +138,12 @@ pub fn main() -> ExitCode {
         Command::Sidecar(args) => sidecar::run(args),
         Command::Hook(args) => hook::run(args),
     };
+    exit(result)
+}
+
+/// The process's exit code for a subcommand's result; an error is printed
+/// first, with its cause chain.
+pub fn exit(result: Result<u8, Error>) -> ExitCode {
     match result {
         Ok(code) => ExitCode::from(code),
         Err(err) => {
@@ -158,7 +164,8 @@ pub fn render_error(err: &(dyn std::error::Error + 'static)) -> String {
     text
 }
 
-fn init_tracing(filter: &str, json: bool) {
+/// Log to stderr, as text or JSON lines, filtered by `filter` (`warn` if it does not parse).
+pub fn init_tracing(filter: &str, json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_new(filter)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
     let builder = tracing_subscriber::fmt()

@@ -26,7 +26,8 @@ fn read_json(path: &str) -> Value {
 
 /// A runtime-spec hook entry (config.md, "POSIX-platform Hooks"): an
 /// absolute `path`, `args` starting with the program name, a positive
-/// `timeout`; its arguments must be a `netleash hook` command at `stage`.
+/// `timeout`; its arguments must be a `netleash hook` (or `netleash-hook`)
+/// command at `stage`.
 fn check_hook_entry(hook: &Value, stage: netleash::cli::hook::Stage) {
     let path = hook["path"].as_str().expect("hook.path is a string");
     assert!(
@@ -43,20 +44,30 @@ fn check_hook_entry(hook: &Value, stage: netleash::cli::hook::Stage) {
         hook["timeout"].as_u64().is_some_and(|t| t > 0),
         "hook.timeout must be a positive integer: {hook}"
     );
-    match Cli::try_parse_from(&args) {
-        Ok(Cli {
-            command: Command::Hook(parsed),
-            ..
-        }) => {
-            assert_eq!(parsed.stage, stage, "{args:?}");
-            assert!(
-                hook["timeout"].as_u64().unwrap() > parsed.timeout || parsed.standalone,
-                "the runtime's timeout must leave the hook time to wait for the agent: {hook}"
-            );
+    // Either binary: `netleash hook ...` or the lean `netleash-hook ...`.
+    let program = Path::new(path).file_name().and_then(|name| name.to_str());
+    assert_eq!(program, Some(args[0]), "args[0] names the program");
+    let parsed = match args[0] {
+        "netleash" => match Cli::try_parse_from(&args) {
+            Ok(Cli {
+                command: Command::Hook(parsed),
+                ..
+            }) => parsed,
+            Ok(other) => panic!("{args:?} is not `netleash hook`: {other:?}"),
+            Err(err) => panic!("{args:?}: {err}"),
+        },
+        "netleash-hook" => {
+            netleash::cli::hook::Standalone::try_parse_from(&args)
+                .unwrap_or_else(|err| panic!("{args:?}: {err}"))
+                .args
         }
-        Ok(other) => panic!("{args:?} is not `netleash hook`: {other:?}"),
-        Err(err) => panic!("{args:?}: {err}"),
-    }
+        other => panic!("hook program {other:?} is not netleash"),
+    };
+    assert_eq!(parsed.stage, stage, "{args:?}");
+    assert!(
+        hook["timeout"].as_u64().unwrap() > parsed.timeout || parsed.standalone,
+        "the runtime's timeout must leave the hook time to wait for the agent: {hook}"
+    );
 }
 
 #[test]
