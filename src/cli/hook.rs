@@ -161,15 +161,26 @@ impl From<Error> for CliError {
 
 pub fn run(args: Args) -> Result<u8, CliError> {
     let mut text = String::new();
-    std::io::stdin()
+    let read = std::io::stdin()
         .read_to_string(&mut text)
-        .map_err(Error::ReadState)?;
-    let state = oci::parse_state(&text).map_err(Error::from)?;
-    match args.stage {
-        Stage::CreateRuntime | Stage::Prestart => enforce(&args, &state),
-        Stage::Poststop => {
-            let outcome = forget(&args, &state);
+        .map_err(Error::ReadState);
+    run_with_state(&args, read.map(|_| text))
+}
+
+/// The hook's work for the state text the runtime wrote (or the error
+/// reading it).
+fn run_with_state(args: &Args, text: Result<String, Error>) -> Result<u8, CliError> {
+    let state = text.and_then(|text| oci::parse_state(&text).map_err(Error::from));
+    match (args.stage, state) {
+        (Stage::CreateRuntime | Stage::Prestart, state) => enforce(args, &state?),
+        (Stage::Poststop, Ok(state)) => {
+            let outcome = forget(args, &state);
             tracing::debug!(container = %state.id, ?outcome, "poststop");
+            Ok(EXIT_OK)
+        }
+        // Even a state that cannot be read must not stop the container's removal.
+        (Stage::Poststop, Err(err)) => {
+            tracing::warn!(error = %super::render_error(&err), "poststop: nothing done");
             Ok(EXIT_OK)
         }
     }
@@ -494,6 +505,21 @@ mod tests {
         let (_dir, state) = bundle(serde_json::json!({"netleash.policy": "{}"}));
         let standalone = args(&["--stage", "poststop", "--standalone"]);
         assert_eq!(forget(&standalone, &state), Forgotten::Standalone);
+    }
+
+    #[test]
+    fn a_state_that_does_not_parse_stops_creation_but_not_removal() {
+        let not_state = || Ok("{\"id\": \"c1\"}".to_string());
+        let err = run_with_state(&args(&["--standalone"]), not_state()).unwrap_err();
+        assert_eq!(err.exit_code(), EXIT_INVALID_INPUT);
+        assert!(
+            super::super::render_error(&err).contains("missing field `ociVersion`"),
+            "{err}"
+        );
+        let poststop = args(&["--stage", "poststop", "--socket", "/nonexistent/agent.sock"]);
+        assert_eq!(run_with_state(&poststop, not_state()).unwrap(), EXIT_OK);
+        let unreadable = Err(Error::ReadState(std::io::Error::other("EIO")));
+        assert_eq!(run_with_state(&poststop, unreadable).unwrap(), EXIT_OK);
     }
 
     #[test]
