@@ -5,6 +5,7 @@
 use std::net::SocketAddr;
 use std::process::{Command, Output};
 
+use netleash::agent::protocol;
 use netleash::testbed::{self, Testbed, Transport};
 
 use crate::runc::{Bundle, MARKER_DIR, Network};
@@ -306,4 +307,117 @@ fn the_lean_netleash_hook_binary_enforces_and_fails_closed_the_same() {
         container.id
     );
     assert_refused(&broken, &output, &[&place]);
+}
+
+/// A stand-in for `netleash agent`: accepts one connection on `socket`
+/// (within 30 s), answers `reply`, and returns the request it got.
+fn fake_agent(
+    socket: &std::path::Path,
+    reply: protocol::Response,
+) -> std::thread::JoinHandle<protocol::Request> {
+    use std::io::{BufRead as _, BufReader, Write as _};
+    let listener = std::os::unix::net::UnixListener::bind(socket).expect("bind the fake agent");
+    listener
+        .set_nonblocking(true)
+        .expect("a non-blocking listener");
+    std::thread::spawn(move || {
+        // Poll, so that a hook that never connects fails the test instead of hanging it.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        let stream = loop {
+            match listener.accept() {
+                Ok((stream, _)) => break stream,
+                Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => {
+                    assert!(
+                        std::time::Instant::now() < deadline,
+                        "the hook never connected to the fake agent"
+                    );
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+                Err(err) => panic!("accept: {err}"),
+            }
+        };
+        stream.set_nonblocking(false).expect("a blocking stream");
+        let mut line = String::new();
+        BufReader::new(&stream)
+            .read_line(&mut line)
+            .expect("read the request");
+        let request = serde_json::from_str(line.trim_end()).expect("a valid request");
+        let mut out = serde_json::to_vec(&reply).expect("serialize the reply");
+        out.push(b'\n');
+        (&stream).write_all(&out).expect("send the reply");
+        request
+    })
+}
+
+/// A bundle whose container (policy `ALLOWS_10`, in the testbed's sandbox)
+/// has the hook talk to a fake agent that answers `reply`.
+fn with_fake_agent(
+    bed: &Testbed,
+    reply: protocol::Response,
+) -> (Bundle, std::thread::JoinHandle<protocol::Request>) {
+    let bundle = Bundle::new(RESOLV_CONF);
+    let socket = bundle.path().join("agent.sock");
+    let socket_arg = socket.to_str().expect("a UTF-8 path").to_string();
+    bundle.configure(
+        &["sh", "-c", &fetch_script(&[])],
+        &sandbox_network(bed),
+        &[("netleash.policy", ALLOWS_10)],
+        Some(&["--socket", &socket_arg]),
+    );
+    let agent = fake_agent(&socket, reply);
+    (bundle, agent)
+}
+
+#[test]
+fn with_an_agent_the_hook_hands_the_container_over_and_obeys_its_answer() {
+    let bed = support::testbed();
+
+    let accepted = protocol::Response::Ok {
+        reply: protocol::Reply::Sandbox(protocol::SandboxStatus {
+            digest: "sha256:test".into(),
+            ..Default::default()
+        }),
+    };
+    let (bundle, agent) = with_fake_agent(&bed, accepted);
+    let (container, output) = bundle.run();
+    let request = agent.join().expect("the fake agent");
+    assert!(output.status.success(), "{}", describe(&output));
+    assert!(bundle.marker_dir().join("ran").exists());
+    match request {
+        protocol::Request::Put {
+            id,
+            netns,
+            pid: Some(pid),
+            policy,
+            origin,
+        } => {
+            assert_eq!(id, container.id);
+            assert_eq!(
+                netns,
+                std::path::PathBuf::from(format!("/proc/{pid}/ns/net"))
+            );
+            assert_eq!(policy, ALLOWS_10);
+            assert_eq!(
+                origin,
+                format!("annotation netleash.policy of container {}", container.id)
+            );
+        }
+        other => panic!("expected a put with a pid, got {other:?}"),
+    }
+    // The agent enforces, not the hook: this stand-in enforced nothing.
+    assert_eq!(netleash_table(bed.sandbox()), None);
+
+    let failed = protocol::Response::Error {
+        kind: protocol::FailureKind::System,
+        message: "cannot enforce".into(),
+        causes: vec!["the kernel said no".into()],
+    };
+    let (refused, agent) = with_fake_agent(&bed, failed);
+    let (_container, output) = refused.run();
+    agent.join().expect("the fake agent");
+    assert_refused(
+        &refused,
+        &output,
+        &["the netleash agent refused the request: cannot enforce: the kernel said no"],
+    );
 }
