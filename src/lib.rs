@@ -11,6 +11,7 @@
 //!   to the DNS proxy's answers, deduplicated and rate-limited);
 //! - [`enforcer`]: the DNS proxy wiring the sidecar and the agent share;
 //! - [`agent`]: the host agent's API, shared by `netleash agent` and `netleash hook`;
+//! - [`oci`]: the OCI runtime state and bundle configuration `netleash hook` reads;
 //! - [`cli`]: the `netleash` command;
 //! - [`testbed`]: throwaway sandbox and world namespaces with servers, for the
 //!   privileged tests and `netleash demo`.
@@ -22,6 +23,7 @@ pub mod dns;
 pub mod enforcer;
 pub mod kernel;
 pub mod netns;
+pub mod oci;
 pub mod policy;
 pub mod ruleset;
 pub mod sandbox;

@@ -25,7 +25,7 @@ cd "$(dirname "$0")/.."
 # validation, iproute2 for namespaces, capsh for the no-CAP_NET_ADMIN test,
 # runc and busybox for the OCI tests, curl/ca-certificates for rustup.
 packages=(build-essential pkg-config libnftnl-dev libmnl-dev nftables iproute2 libcap2-bin
-          procps ca-certificates curl)
+          procps ca-certificates curl runc busybox-static)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -17,6 +17,7 @@ pub mod check;
 pub mod compile;
 pub mod demo;
 pub mod explain;
+pub mod hook;
 pub mod netns_args;
 pub mod policy_args;
 pub mod remove;
@@ -29,7 +30,7 @@ pub const EXIT_BLOCKED: u8 = 1;
 pub const EXIT_INVALID_INPUT: u8 = 2;
 pub const EXIT_SYSTEM_ERROR: u8 = 3;
 
-const EXIT_CODES_HELP: &str = "\
+pub const EXIT_CODES_HELP: &str = "\
 Exit codes:
   0  success (for `check`: allowed)
   1  `check`: blocked
@@ -78,6 +79,8 @@ pub enum Command {
     Agent(agent::Args),
     /// Ask the host agent to enforce, replace, show or forget a sandbox's policy.
     Sandbox(sandbox::Args),
+    /// OCI runtime hook: enforce a container's annotated policy before it starts.
+    Hook(hook::Args),
 }
 
 /// Everything a subcommand can fail with; each variant knows its exit code.
@@ -114,6 +117,8 @@ pub enum Error {
     Agent(Box<agent::Error>),
     #[error(transparent)]
     AgentApi(crate::agent::protocol::Error),
+    #[error(transparent)]
+    Hook(Box<hook::Error>),
 }
 
 impl Error {
@@ -129,6 +134,7 @@ impl Error {
             Error::Sidecar(err) => err.exit_code(),
             Error::Agent(err) => err.exit_code(),
             Error::AgentApi(err) => err.exit_code(),
+            Error::Hook(err) => err.exit_code(),
         }
     }
 }
@@ -154,7 +160,14 @@ pub fn main() -> ExitCode {
         Command::Sidecar(args) => sidecar::run(args),
         Command::Agent(args) => agent::run(args),
         Command::Sandbox(args) => sandbox::run(args),
+        Command::Hook(args) => hook::run(args),
     };
+    exit(result)
+}
+
+/// The process's exit code for a subcommand's result; an error is printed
+/// first, with its cause chain.
+pub fn exit(result: Result<u8, Error>) -> ExitCode {
     match result {
         Ok(code) => ExitCode::from(code),
         Err(err) => {
@@ -175,7 +188,8 @@ pub fn render_error(err: &(dyn std::error::Error + 'static)) -> String {
     text
 }
 
-fn init_tracing(filter: &str, json: bool) {
+/// Log to stderr, as text or JSON lines, filtered by `filter` (`warn` if it does not parse).
+pub fn init_tracing(filter: &str, json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_new(filter)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
     let builder = tracing_subscriber::fmt()

@@ -3,7 +3,7 @@
 
 use std::io::Read as _;
 use std::net::IpAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use crate::policy::{self, CompileOptions, DEFAULT_NFLOG_GROUP, Expansions, Mode, Policy};
 
@@ -112,43 +112,7 @@ impl PolicyArgs {
 
         let mut policy = policy::load(&text, &origin, &expansions)?;
 
-        let resolvers = if self.resolvers.is_empty() {
-            let resolv_conf = self.resolv_conf.display().to_string();
-            match std::fs::read_to_string(&self.resolv_conf) {
-                Ok(text) => {
-                    let (found, problems) = parse_resolv_conf(&text);
-                    policy
-                        .warnings
-                        .extend(problems.into_iter().map(|p| format!("{resolv_conf}: {p}")));
-                    if found.is_empty() && policy.mode == Mode::Limited {
-                        policy.warnings.push(format!(
-                            "{resolv_conf} has no nameserver line; DNS from the sandbox will be blocked (give --resolver IP)"
-                        ));
-                    }
-                    found
-                }
-                Err(err) => {
-                    if policy.mode == Mode::Limited {
-                        policy.warnings.push(format!(
-                            "cannot read {resolv_conf} ({err}); DNS from the sandbox will be blocked (give --resolver IP)"
-                        ));
-                    }
-                    Vec::new()
-                }
-            }
-        } else {
-            self.resolvers.clone()
-        };
-        for resolver in &resolvers {
-            if let Some(block) =
-                policy::expansions::blocking_entry(&policy.blocklist, &(*resolver).into())
-            {
-                policy.warnings.push(format!(
-                    "resolver {resolver} lies inside the safety blocklist entry {} ({}); DNS to it will be blocked",
-                    block.net, block.reason
-                ));
-            }
-        }
+        let resolvers = configured_resolvers(&self.resolvers, &self.resolv_conf, &mut policy);
 
         Ok((
             policy,
@@ -159,6 +123,55 @@ impl PolicyArgs {
             },
         ))
     }
+}
+
+/// The DNS servers a policy's sandbox may query: `explicit` (`--resolver`)
+/// when given, else the `nameserver` lines of `resolv_conf`. Problems become
+/// warnings on `policy`: an unreadable or empty resolv.conf in limited mode
+/// (DNS will be blocked), and a resolver inside the safety blocklist.
+pub fn configured_resolvers(
+    explicit: &[IpAddr],
+    resolv_conf: &Path,
+    policy: &mut Policy,
+) -> Vec<IpAddr> {
+    let resolvers = if explicit.is_empty() {
+        let resolv_conf = resolv_conf.display().to_string();
+        match std::fs::read_to_string(&resolv_conf) {
+            Ok(text) => {
+                let (found, problems) = parse_resolv_conf(&text);
+                policy
+                    .warnings
+                    .extend(problems.into_iter().map(|p| format!("{resolv_conf}: {p}")));
+                if found.is_empty() && policy.mode == Mode::Limited {
+                    policy.warnings.push(format!(
+                        "{resolv_conf} has no nameserver line; DNS from the sandbox will be blocked (give --resolver IP)"
+                    ));
+                }
+                found
+            }
+            Err(err) => {
+                if policy.mode == Mode::Limited {
+                    policy.warnings.push(format!(
+                        "cannot read {resolv_conf} ({err}); DNS from the sandbox will be blocked (give --resolver IP)"
+                    ));
+                }
+                Vec::new()
+            }
+        }
+    } else {
+        explicit.to_vec()
+    };
+    for resolver in &resolvers {
+        if let Some(block) =
+            policy::expansions::blocking_entry(&policy.blocklist, &(*resolver).into())
+        {
+            policy.warnings.push(format!(
+                "resolver {resolver} lies inside the safety blocklist entry {} ({}); DNS to it will be blocked",
+                block.net, block.reason
+            ));
+        }
+    }
+    resolvers
 }
 
 /// The `nameserver` addresses of a resolv.conf (resolv.conf(5)), in order and

@@ -1,0 +1,192 @@
+//! Container start overhead of `netleash hook`: `runc run` of a trivial
+//! container (`/bin/true` in a fresh network namespace), without a hook and
+//! with `netleash hook --standalone` at createRuntime enforcing a typical
+//! policy, interleaved run by run so all see the same machine load. Two more
+//! kinds split the overhead: `/bin/true` as the hook (runc's own cost of
+//! running a hook), and the netleash hook on a container without the
+//! annotation (netleash's process start and reading the state and config).
+//! The last kind is the lean `netleash-hook` binary doing the same work.
+//!
+//! `cargo bench --bench oci_hook` as root; `NETLEASH_BENCH_RUNS` sets the
+//! number of runs of each kind (default 40). Needs runc and busybox-static.
+
+// Shared with the integration tests, which use the parts this file does not.
+#[allow(dead_code)]
+#[path = "../tests/integration/runc.rs"]
+mod runc;
+
+use std::time::{Duration, Instant};
+
+use runc::{Bundle, Network};
+
+/// A typical sandbox policy: a dozen entries of every kind. The names stay
+/// blocked in standalone mode (a warning says so) but are compiled all the same.
+const TYPICAL_POLICY: &str = r#"{"type": "limited", "allowed_hosts": [
+    "api.example.com", "*.cdn.example.net", "https://registry.example.org",
+    "198.51.100.10", "https://198.51.100.11", "203.0.113.0/28", "[2001:db8:100::10]:443",
+    "2001:db8:200::/48", "192.0.2.80:8080", "http://updates.example.com",
+    "198.51.100.20:5432", "mirror.example.com"]}"#;
+
+const WARM_UP_RUNS: usize = 5;
+const DEFAULT_RUNS: usize = 40;
+
+/// One kind of container start the benchmark times.
+struct Arm {
+    name: &'static str,
+    bundle: Bundle,
+    /// Wall-clock time of each `runc run`.
+    wall: Vec<Duration>,
+    /// CPU time (user + system) of each `runc run` and every process it
+    /// waited for: runc, the hook, the container. Unlike wall-clock time, it
+    /// does not grow when other work competes for the CPUs.
+    cpu: Vec<Duration>,
+}
+
+fn main() {
+    // Criterion-style arguments (`--bench`) are ignored.
+    assert!(
+        unsafe { libc::geteuid() } == 0,
+        "the OCI hook benchmark runs containers with runc: run it as root"
+    );
+    let runs: usize = std::env::var("NETLEASH_BENCH_RUNS")
+        .ok()
+        .map(|n| n.parse().expect("NETLEASH_BENCH_RUNS is a number"))
+        .unwrap_or(DEFAULT_RUNS);
+
+    let arm = |name, annotations: &[(&str, &str)], hook: Option<&[&str]>| {
+        let bundle = Bundle::new("nameserver 192.0.2.53\n");
+        bundle.configure(&["/bin/true"], &Network::Fresh, annotations, hook);
+        Arm {
+            name,
+            bundle,
+            wall: Vec::new(),
+            cpu: Vec::new(),
+        }
+    };
+    let policy = [("netleash.policy", TYPICAL_POLICY)];
+    let mut arms = [
+        arm("no hook", &[], None),
+        // What runc itself spends on running a hook: /bin/true as the hook.
+        arm("hook /bin/true", &[], None),
+        // netleash's process start, state and config.json, no annotation.
+        arm("netleash hook, no annotation", &[], Some(&["--standalone"])),
+        arm(
+            "netleash hook --standalone, typical policy",
+            &policy,
+            Some(&["--standalone"]),
+        ),
+        arm("netleash-hook --standalone, typical policy", &policy, None),
+    ];
+    arms[1]
+        .bundle
+        .set_create_runtime_hook("/bin/true", &["true"]);
+    arms[4].bundle.set_create_runtime_hook(
+        env!("CARGO_BIN_EXE_netleash-hook"),
+        &["netleash-hook", "--standalone"],
+    );
+
+    for _ in 0..WARM_UP_RUNS {
+        for arm in &arms {
+            time_run(&arm.bundle);
+        }
+    }
+    for i in 0..runs {
+        // Rotate which arm goes first, so none always follows another.
+        for k in 0..arms.len() {
+            let index = (i + k) % arms.len();
+            let arm = &mut arms[index];
+            let (wall, cpu) = time_run(&arm.bundle);
+            arm.wall.push(wall);
+            arm.cpu.push(cpu);
+        }
+    }
+
+    println!(
+        "runc run /bin/true, fresh network namespace, {runs} interleaved rounds \
+         (every kind once per round); differences to \"no hook\""
+    );
+    println!(
+        "{:<44} {:>9} {:>9} {:>9} {:>12} {:>6} {:>9} {:>10}",
+        "", "wall p50", "p10", "p90", "paired diff", "ratio", "CPU p50", "CPU diff"
+    );
+    let (baseline_wall, baseline_cpu) = (arms[0].wall.clone(), arms[0].cpu.clone());
+    for arm in &arms {
+        // Each round ran every kind back to back, so the difference within a
+        // round cancels most of the load the machine had at that moment.
+        let paired = median_ms(&differences(&arm.wall, &baseline_wall));
+        let wall = median_ms(&as_ms(&arm.wall));
+        let cpu = median_ms(&as_ms(&arm.cpu));
+        println!(
+            "{:<44} {:>6.2} ms {:>6.2} ms {:>6.2} ms {:>+9.2} ms {:>6.3} {:>6.2} ms {:>+7.2} ms",
+            arm.name,
+            wall,
+            percentile_ms(&as_ms(&arm.wall), 10),
+            percentile_ms(&as_ms(&arm.wall), 90),
+            paired,
+            wall / median_ms(&as_ms(&baseline_wall)),
+            cpu,
+            cpu - median_ms(&as_ms(&baseline_cpu)),
+        );
+    }
+}
+
+/// One `runc run` of `bundle`, which must succeed: its wall-clock time and
+/// the CPU time of runc and every process it waited for.
+fn time_run(bundle: &Bundle) -> (Duration, Duration) {
+    let cpu_before = children_cpu();
+    let start = Instant::now();
+    let (container, output) = bundle.run();
+    let wall = start.elapsed();
+    let cpu = children_cpu() - cpu_before;
+    assert!(
+        output.status.success(),
+        "runc run failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    drop(container);
+    (wall, cpu)
+}
+
+/// User and system time of every waited-for descendant so far (getrusage(2),
+/// RUSAGE_CHILDREN: a child's figure includes the descendants it waited for).
+fn children_cpu() -> Duration {
+    // SAFETY: getrusage only writes the struct it is given.
+    let usage = unsafe {
+        let mut usage = std::mem::zeroed::<libc::rusage>();
+        assert_eq!(libc::getrusage(libc::RUSAGE_CHILDREN, &mut usage), 0);
+        usage
+    };
+    let time = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    time(usage.ru_utime) + time(usage.ru_stime)
+}
+
+fn as_ms(samples: &[Duration]) -> Vec<f64> {
+    samples.iter().map(|d| d.as_secs_f64() * 1e3).collect()
+}
+
+fn differences(samples: &[Duration], baseline: &[Duration]) -> Vec<f64> {
+    as_ms(samples)
+        .iter()
+        .zip(as_ms(baseline))
+        .map(|(a, b)| a - b)
+        .collect()
+}
+
+fn median_ms(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let n = sorted.len();
+    if n % 2 == 1 {
+        sorted[n / 2]
+    } else {
+        (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0
+    }
+}
+
+/// The `p`th percentile (nearest rank).
+fn percentile_ms(values: &[f64], p: usize) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let rank = (p * sorted.len()).div_ceil(100).max(1);
+    sorted[rank - 1]
+}
