@@ -879,6 +879,10 @@ fn sidecar_memory(topology: &Topology, dir: &Path, runs: usize) -> Vec<(u64, u64
             "only {learned} addresses in the set"
         );
         results.push(sidecar.server.memory());
+        let _ = std::fs::copy(
+            format!("/proc/{}/smaps", sidecar.server.pid()),
+            "/tmp/sidecar-smaps.txt",
+        );
     }
     results
 }

@@ -407,6 +407,10 @@ async fn serve(
             "the resolver loop's first round did not finish in time; the proxy answers anyway"
         );
     }
+    // Start-up (policy, compile, apply, first round) leaves freed memory in
+    // the allocator's heaps; give it back to the kernel once.
+    // SAFETY: malloc_trim(3) has no preconditions.
+    unsafe { libc::malloc_trim(0) };
     for (udp, tcp) in listeners {
         let handle = sidecar.proxy.spawn(udp, tcp).map_err(Error::Proxy)?;
         sidecar.listening.push(handle.udp_addr());

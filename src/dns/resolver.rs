@@ -131,12 +131,14 @@ enum Resolution {
 }
 
 /// One name and type the loop keeps resolved.
+/// The name, its FQDN and its bindings are shared by the name's A and AAAA
+/// lookups (one copy per name, not per lookup).
 struct Tracked {
-    name: String,
-    fqdn: Name,
+    name: Arc<str>,
+    fqdn: Arc<Name>,
     record_type: RecordType,
     /// Every binding that allows the name (its exact one and wildcards above it).
-    bindings: Vec<NameBinding>,
+    bindings: Arc<[NameBinding]>,
 }
 
 /// Shared by the lookup tasks.
@@ -192,10 +194,11 @@ impl ResolverLoop {
                 name: name.to_string(),
                 source,
             })?;
-            let bindings: Vec<NameBinding> = names.matching(name).into_iter().cloned().collect();
+            let bindings: Arc<[NameBinding]> = names.matching(name).into_iter().cloned().collect();
+            let (name, fqdn): (Arc<str>, _) = (name.into(), Arc::new(fqdn));
             for record_type in [RecordType::A, RecordType::AAAA] {
                 tracked.push(Tracked {
-                    name: name.to_string(),
+                    name: name.clone(),
                     fqdn: fqdn.clone(),
                     record_type,
                     bindings: bindings.clone(),
@@ -301,6 +304,11 @@ struct Memory {
     last_error: Option<String>,
 }
 
+/// The futures of a lookup and of writing its answer (hickory's lookup
+/// above all) are boxed while they run: a task is sized for the largest
+/// state of its future, and there is one task per name and type, idle
+/// nearly all the time. Inline, those states made every idle task several
+/// kilobytes.
 async fn run_lookup(shared: Arc<Shared>, tracked: Tracked, mut stopped: watch::Receiver<bool>) {
     let mut memory = Memory::default();
     let mut next: Option<Instant> = None;
@@ -316,12 +324,12 @@ async fn run_lookup(shared: Arc<Shared>, tracked: Tracked, mut stopped: watch::R
             resolution = async {
                 // The semaphore is never closed, so acquiring cannot fail.
                 let _permit = shared.permits.acquire().await;
-                lookup(&shared, &tracked, memory.used_stored).await
+                Box::pin(lookup(&shared, &tracked, memory.used_stored)).await
             } => resolution,
         };
         let delay = match resolution {
             Ok(Resolution::Addresses { addresses, stored }) if !addresses.is_empty() => {
-                match program(&shared, &tracked, &addresses).await {
+                match Box::pin(program(&shared, &tracked, &addresses)).await {
                     Ok(expires) => {
                         let now = Instant::now();
                         let ttl = Duration::from_secs(u64::from(
@@ -337,7 +345,7 @@ async fn run_lookup(shared: Arc<Shared>, tracked: Tracked, mut stopped: watch::R
                         memory.last_error = None;
                         shared.config.ttl.refresh_after(ttl, jitter())
                     }
-                    Err(error) => failed(&shared, &tracked, &mut memory, error).await,
+                    Err(error) => Box::pin(failed(&shared, &tracked, &mut memory, error)).await,
                 }
             }
             Ok(Resolution::Addresses { stored, .. }) => {
@@ -349,7 +357,7 @@ async fn run_lookup(shared: Arc<Shared>, tracked: Tracked, mut stopped: watch::R
             Ok(Resolution::NoAddresses { negative_ttl }) => {
                 no_addresses(&shared, &mut memory, negative_ttl)
             }
-            Err(error) => failed(&shared, &tracked, &mut memory, error).await,
+            Err(error) => Box::pin(failed(&shared, &tracked, &mut memory, error)).await,
         };
         let at = Instant::now() + delay;
         next = Some(at);
@@ -460,7 +468,7 @@ async fn lookup(
     used_stored: Option<Instant>,
 ) -> Result<Resolution, String> {
     let key = CacheKey {
-        name: tracked.name.clone(),
+        name: tracked.name.to_string(),
         record_type: tracked.record_type,
         dnssec_ok: false,
     };
@@ -477,7 +485,7 @@ async fn lookup(
     }
     match shared
         .resolver
-        .lookup(tracked.fqdn.clone(), tracked.record_type)
+        .lookup(Name::clone(&tracked.fqdn), tracked.record_type)
         .await
     {
         Ok(lookup) => {
@@ -519,7 +527,7 @@ async fn lookup(
 
 fn publish(shared: &Shared, tracked: &Tracked, memory: &Memory, next: Instant) {
     let status = LookupStatus {
-        name: tracked.name.clone(),
+        name: tracked.name.to_string(),
         record_type: tracked.record_type,
         addresses: memory.addresses.iter().map(|a| a.addr).collect(),
         expires: memory.elements_expire,
@@ -530,7 +538,7 @@ fn publish(shared: &Shared, tracked: &Tracked, memory: &Memory, next: Instant) {
         next_lookup: Some(next),
     };
     shared.status().insert(
-        (tracked.name.clone(), u16::from(tracked.record_type)),
+        (tracked.name.to_string(), u16::from(tracked.record_type)),
         status,
     );
 }
