@@ -514,18 +514,25 @@ fn wait_for_answer(netns: &str, server: &mut Server, name: &str) {
     if netns.ends_with("-direct") {
         return;
     }
-    let reply = run_in_netns(netns, || {
-        dns_query(
-            to,
-            NOT_ALLOWED,
-            RecordType::A,
-            Transport::Udp,
-            Duration::from_secs(2),
-        )
-    })
-    .expect("enter namespace")
-    .expect("query");
-    let code = reply.reply.map(|r| r.response_code);
+    // UDP: a query or its answer may be lost under load; ask up to 3 times.
+    let mut code = None;
+    for _ in 0..3 {
+        let reply = run_in_netns(netns, || {
+            dns_query(
+                to,
+                NOT_ALLOWED,
+                RecordType::A,
+                Transport::Udp,
+                Duration::from_secs(1),
+            )
+        })
+        .expect("enter namespace")
+        .expect("query");
+        code = reply.reply.map(|r| r.response_code);
+        if code.is_some() {
+            break;
+        }
+    }
     assert_eq!(
         code,
         Some(ResponseCode::Refused),
@@ -705,17 +712,26 @@ struct Files {
 
 fn measure(netns: &str, files: &Files, settings: &Settings) -> Round {
     let mut round = Round::default();
-    // Warm-up: every hit name once, so the caches hold them.
-    let warm = dnsperf(
-        netns,
-        &Load {
-            names: &files.hits,
-            limit: Duration::from_secs(5),
-            once: true,
-            rate: None,
-        },
-    );
-    assert_eq!(warm.noerror, u64::from(HIT_NAMES), "warm-up answers");
+    // Warm-up: every hit name once, so the caches hold them (again if an
+    // answer was lost: dnsmasq drops a few queries now and then).
+    let mut warmed = false;
+    for _ in 0..3 {
+        let warm = dnsperf(
+            netns,
+            &Load {
+                names: &files.hits,
+                limit: Duration::from_secs(5),
+                once: true,
+                rate: None,
+            },
+        );
+        round.failed += warm.sent - warm.noerror.min(warm.sent);
+        if warm.noerror == u64::from(HIT_NAMES) {
+            warmed = true;
+            break;
+        }
+    }
+    assert!(warmed, "the warm-up queries were not all answered");
     let mut hit_sat = dnsperf(
         netns,
         &Load {

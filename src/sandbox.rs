@@ -641,18 +641,61 @@ mod tests {
         );
     }
 
+    fn learned(addr: &str, secs: u64) -> Learned {
+        Learned {
+            set: "dns_v4".into(),
+            element: Element::Addr(addr.parse().unwrap()),
+            timeout: Duration::from_secs(secs),
+        }
+    }
+
+    #[test]
+    fn a_written_element_covers_a_timeout_that_ends_no_later() {
+        let mut written = WrittenElements::default();
+        let t0 = Instant::now();
+        let epoch = written.epoch;
+        written.record(&[learned("192.0.2.1/32", 360)], t0, epoch);
+        // 10 s later a cached answer asks for 350 s (its TTL aged by 10 s).
+        let later = t0 + Duration::from_secs(10);
+        assert!(written.covers(&learned("192.0.2.1/32", 350), later));
+        // Truncating the aged TTL to seconds may end it up to 1 s later.
+        assert!(written.covers(&learned("192.0.2.1/32", 351), later));
+        // A fresh answer with a longer timeout must be written.
+        assert!(!written.covers(&learned("192.0.2.1/32", 352), later));
+        // Another element, or the same one in another set, is not covered.
+        assert!(!written.covers(&learned("192.0.2.2/32", 1), t0));
+        let mut other_set = learned("192.0.2.1/32", 1);
+        other_set.set = "dns_v4_ports".into();
+        assert!(!written.covers(&other_set, t0));
+    }
+
+    #[test]
+    fn a_clear_forgets_and_a_write_that_raced_with_it_is_not_remembered() {
+        let mut written = WrittenElements::default();
+        let t0 = Instant::now();
+        let before = written.epoch;
+        written.record(&[learned("192.0.2.1/32", 360)], t0, before);
+        written.clear();
+        assert!(!written.covers(&learned("192.0.2.1/32", 1), t0));
+        // A write that looked before the clear and finished after it.
+        written.record(&[learned("192.0.2.1/32", 360)], t0, before);
+        assert!(!written.covers(&learned("192.0.2.1/32", 1), t0));
+        written.record(&[learned("192.0.2.1/32", 360)], t0, written.epoch);
+        assert!(written.covers(&learned("192.0.2.1/32", 1), t0));
+    }
+
     #[test]
     fn a_learned_batch_becomes_one_update_per_set_and_timeout() {
-        let learned = |set: &str, addr: &str, secs: u64| Learned {
+        let learned_in = |set: &str, addr: &str, secs: u64| Learned {
             set: set.into(),
             element: Element::Addr(addr.parse().unwrap()),
             timeout: Duration::from_secs(secs),
         };
         let updates = learned_updates(&[
-            learned("dns_v4", "192.0.2.1/32", 90),
-            learned("dns_v6", "2001:db8::1/128", 90),
-            learned("dns_v4", "192.0.2.2/32", 90),
-            learned("dns_v4", "192.0.2.3/32", 120),
+            learned_in("dns_v4", "192.0.2.1/32", 90),
+            learned_in("dns_v6", "2001:db8::1/128", 90),
+            learned_in("dns_v4", "192.0.2.2/32", 90),
+            learned_in("dns_v4", "192.0.2.3/32", 120),
         ]);
         let shape: Vec<(&str, usize, Option<Duration>)> = updates
             .iter()
