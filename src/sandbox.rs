@@ -14,13 +14,22 @@
 //! (the kernel resets both when they are sent; checked on Linux 6.18 by the
 //! `kernel` and `sidecar` integration tests), which is how a repeated answer
 //! keeps an address allowed.
+//!
+//! A repeated answer (above all one served from the proxy's cache) usually
+//! asks for an element this sandbox wrote a moment ago with a timeout that
+//! already reaches as far: the sandbox remembers when each element it wrote
+//! expires at the earliest, and does not write it again while that covers
+//! the new timeout ([`WrittenElements`]). Everything that may remove
+//! elements (an enforce, a forget, a delete update, any session job) drops
+//! that memory first, so a skipped write never stands for an element that
+//! is gone.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock, mpsc};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, RwLock, mpsc};
+use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
@@ -32,6 +41,67 @@ use crate::ruleset::{Element, Ruleset};
 
 /// The most element updates committed in one transaction.
 const MAX_COALESCED_UPDATES: usize = 256;
+
+/// How much earlier than a new timeout asks an element written before may
+/// expire and still count as covering it. TTLs are whole seconds (RFC 1035
+/// §3.2.1) and a cached answer's remaining TTL is truncated to them, so the
+/// timeout of an answer served from the cache, counted from now, can end up
+/// to a second after the element's known expiry although both come from the
+/// same upstream TTL. A second is far within the grace period every timeout
+/// carries (`dns::ttl::GRACE`).
+const COVER_SLACK: Duration = Duration::from_secs(1);
+
+/// The elements this sandbox wrote and the earliest moment each can expire
+/// in the kernel: the instant before the transaction was sent plus its
+/// timeout (the kernel counts the timeout from the commit, which is later).
+/// Only what this process wrote is here, and only until something that may
+/// remove elements runs (then it is cleared, before the work is queued and
+/// again when it is done), so an element found here with time left is in
+/// its set. A write records its elements only if no clear happened since it
+/// looked (the epoch): a write that raced with a removal is not remembered.
+#[derive(Debug, Default)]
+struct WrittenElements {
+    expiry: HashMap<(String, Element), Instant>,
+    epoch: u64,
+    /// The size after the last sweep of expired entries; the next sweep
+    /// runs when the map has doubled, so sweeping costs O(1) per insert.
+    swept_at: usize,
+}
+
+impl WrittenElements {
+    /// Whether `learned`, written now, would expire no later than (within
+    /// [`COVER_SLACK`]) the element already written.
+    fn covers(&self, learned: &Learned, now: Instant) -> bool {
+        self.expiry
+            .get(&(learned.set.clone(), learned.element))
+            .is_some_and(|expiry| *expiry + COVER_SLACK >= now + learned.timeout)
+    }
+
+    fn record(&mut self, written: &[Learned], sent_at: Instant, epoch: u64) {
+        if epoch != self.epoch {
+            return;
+        }
+        for learned in written {
+            let expiry = sent_at + learned.timeout;
+            let slot = self
+                .expiry
+                .entry((learned.set.clone(), learned.element))
+                .or_insert(expiry);
+            *slot = (*slot).max(expiry);
+        }
+        if self.expiry.len() >= 2 * self.swept_at.max(1_024) {
+            let now = Instant::now();
+            self.expiry.retain(|_, expiry| *expiry > now);
+            self.swept_at = self.expiry.len();
+        }
+    }
+
+    fn clear(&mut self) {
+        self.epoch += 1;
+        self.expiry.clear();
+        self.swept_at = 0;
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -101,6 +171,7 @@ pub struct Sandbox {
     transactions: Arc<AtomicU64>,
     elements_added: AtomicU64,
     failures: AtomicU64,
+    written: Mutex<WrittenElements>,
 }
 
 impl std::fmt::Debug for Sandbox {
@@ -147,7 +218,16 @@ impl Sandbox {
             transactions,
             elements_added: AtomicU64::new(0),
             failures: AtomicU64::new(0),
+            written: Mutex::new(WrittenElements::default()),
         })
+    }
+
+    fn written(&self) -> std::sync::MutexGuard<'_, WrittenElements> {
+        // Every update of the map is a single insert, retain or clear, so
+        // it stays consistent if a holder panicked.
+        self.written
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     pub fn target(&self) -> &netns::Target {
@@ -171,8 +251,19 @@ impl Sandbox {
     }
 
     /// Runs `job` with the session on the kernel thread, after the work
-    /// queued before it.
+    /// queued before it. The job may change elements, so the memory of
+    /// written elements is dropped.
     pub async fn run<T: Send + 'static>(
+        &self,
+        job: impl FnOnce(&mut Session) -> T + Send + 'static,
+    ) -> Result<T, Error> {
+        self.written().clear();
+        let result = self.run_job(job).await;
+        self.written().clear();
+        result
+    }
+
+    async fn run_job<T: Send + 'static>(
         &self,
         job: impl FnOnce(&mut Session) -> T + Send + 'static,
     ) -> Result<T, Error> {
@@ -189,7 +280,7 @@ impl Sandbox {
     /// The table as the kernel holds it now.
     pub async fn status(&self) -> Result<Option<TableStatus>, Error> {
         let target = self.target.clone();
-        self.run(|session| session.status())
+        self.run_job(|session| session.status())
             .await?
             .map_err(|source| Error::Kernel { target, source })
     }
@@ -225,15 +316,22 @@ impl Sandbox {
 
     /// Applies element updates in one transaction, on the kernel thread.
     pub async fn update(&self, updates: Vec<SetUpdate>) -> Result<(), Error> {
+        let removes = updates
+            .iter()
+            .any(|u| matches!(u.change, SetChange::Delete { .. }));
+        if removes {
+            self.written().clear();
+        }
         let (done, result) = oneshot::channel();
         self.commands
             .send(Command::Update { updates, done })
             .map_err(|_| self.stopped())?;
         let target = self.target.clone();
-        result
-            .await
-            .map_err(|_| self.stopped())?
-            .map_err(|source| Error::Kernel { target, source })
+        let result = result.await.map_err(|_| self.stopped())?;
+        if removes {
+            self.written().clear();
+        }
+        result.map_err(|source| Error::Kernel { target, source })
     }
 
     fn stopped(&self) -> Error {
@@ -407,10 +505,24 @@ fn learned_updates(batch: &[Learned]) -> Vec<SetUpdate> {
 impl AddressSink for Sandbox {
     fn learn<'a>(&'a self, batch: &'a [Learned]) -> SinkFuture<'a> {
         Box::pin(async move {
-            match self.update(learned_updates(batch)).await {
+            let sent_at = Instant::now();
+            let (needed, epoch) = {
+                let written = self.written();
+                let needed: Vec<Learned> = batch
+                    .iter()
+                    .filter(|learned| !written.covers(learned, sent_at))
+                    .cloned()
+                    .collect();
+                (needed, written.epoch)
+            };
+            if needed.is_empty() {
+                return Ok(());
+            }
+            match self.update(learned_updates(&needed)).await {
                 Ok(()) => {
+                    self.written().record(&needed, sent_at, epoch);
                     self.elements_added
-                        .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                        .fetch_add(needed.len() as u64, Ordering::Relaxed);
                     Ok(())
                 }
                 Err(error) => {
@@ -529,18 +641,61 @@ mod tests {
         );
     }
 
+    fn learned(addr: &str, secs: u64) -> Learned {
+        Learned {
+            set: "dns_v4".into(),
+            element: Element::Addr(addr.parse().unwrap()),
+            timeout: Duration::from_secs(secs),
+        }
+    }
+
+    #[test]
+    fn a_written_element_covers_a_timeout_that_ends_no_later() {
+        let mut written = WrittenElements::default();
+        let t0 = Instant::now();
+        let epoch = written.epoch;
+        written.record(&[learned("192.0.2.1/32", 360)], t0, epoch);
+        // 10 s later a cached answer asks for 350 s (its TTL aged by 10 s).
+        let later = t0 + Duration::from_secs(10);
+        assert!(written.covers(&learned("192.0.2.1/32", 350), later));
+        // Truncating the aged TTL to seconds may end it up to 1 s later.
+        assert!(written.covers(&learned("192.0.2.1/32", 351), later));
+        // A fresh answer with a longer timeout must be written.
+        assert!(!written.covers(&learned("192.0.2.1/32", 352), later));
+        // Another element, or the same one in another set, is not covered.
+        assert!(!written.covers(&learned("192.0.2.2/32", 1), t0));
+        let mut other_set = learned("192.0.2.1/32", 1);
+        other_set.set = "dns_v4_ports".into();
+        assert!(!written.covers(&other_set, t0));
+    }
+
+    #[test]
+    fn a_clear_forgets_and_a_write_that_raced_with_it_is_not_remembered() {
+        let mut written = WrittenElements::default();
+        let t0 = Instant::now();
+        let before = written.epoch;
+        written.record(&[learned("192.0.2.1/32", 360)], t0, before);
+        written.clear();
+        assert!(!written.covers(&learned("192.0.2.1/32", 1), t0));
+        // A write that looked before the clear and finished after it.
+        written.record(&[learned("192.0.2.1/32", 360)], t0, before);
+        assert!(!written.covers(&learned("192.0.2.1/32", 1), t0));
+        written.record(&[learned("192.0.2.1/32", 360)], t0, written.epoch);
+        assert!(written.covers(&learned("192.0.2.1/32", 1), t0));
+    }
+
     #[test]
     fn a_learned_batch_becomes_one_update_per_set_and_timeout() {
-        let learned = |set: &str, addr: &str, secs: u64| Learned {
+        let learned_in = |set: &str, addr: &str, secs: u64| Learned {
             set: set.into(),
             element: Element::Addr(addr.parse().unwrap()),
             timeout: Duration::from_secs(secs),
         };
         let updates = learned_updates(&[
-            learned("dns_v4", "192.0.2.1/32", 90),
-            learned("dns_v6", "2001:db8::1/128", 90),
-            learned("dns_v4", "192.0.2.2/32", 90),
-            learned("dns_v4", "192.0.2.3/32", 120),
+            learned_in("dns_v4", "192.0.2.1/32", 90),
+            learned_in("dns_v6", "2001:db8::1/128", 90),
+            learned_in("dns_v4", "192.0.2.2/32", 90),
+            learned_in("dns_v4", "192.0.2.3/32", 120),
         ]);
         let shape: Vec<(&str, usize, Option<Duration>)> = updates
             .iter()

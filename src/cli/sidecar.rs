@@ -46,8 +46,8 @@ use crate::dns::proxy::{Proxy, ProxyConfig, ProxyHandle, Refusal};
 use crate::dns::resolver::{ResolverHandle, ResolverLoop, ResolverLoopConfig};
 use crate::dns::ttl::{self, TtlPolicy};
 use crate::dns::upstream::{self, DNS_PORT, Upstream, UpstreamSockets};
-use crate::kernel::nflog::NflogListener;
 use crate::enforcer::{self, bind_proxy_sockets, serve_proxy, still_allowed};
+use crate::kernel::nflog::NflogListener;
 use crate::netns::{self, SocketFactory, SocketKind};
 use crate::policy::{CompileOptions, ProxyOptions};
 use crate::ruleset::{self, Ruleset};
@@ -412,6 +412,10 @@ async fn serve(
             "the resolver loop's first round did not finish in time; the proxy answers anyway"
         );
     }
+    // Start-up (policy, compile, apply, first round) leaves freed memory in
+    // the allocator's heaps; give it back to the kernel once.
+    // SAFETY: malloc_trim(3) has no preconditions.
+    unsafe { libc::malloc_trim(0) };
     for handle in serve_proxy(&sidecar.proxy, listeners).map_err(Error::Enforcer)? {
         sidecar.listening.push(handle.udp_addr());
         sidecar.proxy_handles.get_mut().push(handle);

@@ -54,8 +54,10 @@ pub type SinkFuture<'a> = Pin<Box<dyn Future<Output = Result<(), Error>> + Send 
 ///
 /// Contract: when the future of [`AddressSink::learn`] resolves to `Ok`, every
 /// element of the batch is in its set (so a packet to it sent afterwards is
-/// accepted). Adding an element that is already present must refresh its
-/// timeout to the new one. A batch is applied as a whole or not at all.
+/// accepted). Adding an element that is already present must leave it with
+/// at least the new timeout: refreshed, or kept because its known expiry
+/// already reaches as far (within the one-second granularity of TTLs; see
+/// `sandbox`). A batch is applied as a whole or not at all.
 pub trait AddressSink: Send + Sync {
     fn learn<'a>(&'a self, batch: &'a [Learned]) -> SinkFuture<'a>;
 

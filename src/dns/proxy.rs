@@ -22,6 +22,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use hickory_proto::op::{Edns, Message, MessageType, OpCode, ResponseCode};
@@ -565,19 +566,57 @@ async fn serve_udp(proxy: Arc<Proxy>, socket: Arc<UdpSocket>, mut stopped: watch
             continue;
         };
         let packet = buffer[..length].to_vec();
-        let (proxy, socket) = (proxy.clone(), socket.clone());
-        tokio::spawn(async move {
-            let _permit = permit;
-            let Some(reply) = proxy.handle(&packet, Transport::Udp).await else {
-                return;
-            };
-            if let Err(error) = socket.send_to(&reply, peer).await {
-                proxy.problem_log.log(|suppressed| {
-                    tracing::warn!(%error, %peer, suppressed, "sending a DNS answer over UDP");
+        let handler = proxy.clone();
+        let mut answer = Box::pin(async move { handler.handle(&packet, Transport::Udp).await });
+        // A query that needs no waiting (a cache hit whose elements the sink
+        // already has in the sets, a refusal, a malformed packet) is answered
+        // here, without a task and the wake-ups between threads it costs. One
+        // that must wait (for the upstream, for the kernel) continues in a
+        // task: polling it there registers the task's waker, the only one a
+        // future must wake (the contract of `Future::poll`).
+        let mut context = Context::from_waker(Waker::noop());
+        match answer.as_mut().poll(&mut context) {
+            Poll::Ready(reply) => {
+                drop(permit);
+                if let Some(reply) = reply {
+                    send_udp_reply(&proxy, &socket, reply, peer);
+                }
+            }
+            Poll::Pending => {
+                let (proxy, socket) = (proxy.clone(), socket.clone());
+                tokio::spawn(async move {
+                    let _permit = permit;
+                    if let Some(reply) = answer.await {
+                        send_udp_reply_later(&proxy, &socket, &reply, peer).await;
+                    }
                 });
             }
-        });
+        }
     }
+}
+
+/// Sends `reply` at once if the socket's buffer has room, else from a task.
+fn send_udp_reply(proxy: &Arc<Proxy>, socket: &Arc<UdpSocket>, reply: Vec<u8>, peer: SocketAddr) {
+    match socket.try_send_to(&reply, peer) {
+        Ok(_) => {}
+        Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
+            let (proxy, socket) = (proxy.clone(), socket.clone());
+            tokio::spawn(async move { send_udp_reply_later(&proxy, &socket, &reply, peer).await });
+        }
+        Err(error) => log_send_error(proxy, &error, peer),
+    }
+}
+
+async fn send_udp_reply_later(proxy: &Proxy, socket: &UdpSocket, reply: &[u8], peer: SocketAddr) {
+    if let Err(error) = socket.send_to(reply, peer).await {
+        log_send_error(proxy, &error, peer);
+    }
+}
+
+fn log_send_error(proxy: &Proxy, error: &io::Error, peer: SocketAddr) {
+    proxy.problem_log.log(|suppressed| {
+        tracing::warn!(%error, %peer, suppressed, "sending a DNS answer over UDP");
+    });
 }
 
 async fn serve_tcp(proxy: Arc<Proxy>, listener: TcpListener, mut stopped: watch::Receiver<bool>) {

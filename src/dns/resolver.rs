@@ -139,9 +139,11 @@ enum Resolution {
 }
 
 /// One name and type the loop keeps resolved.
+/// The name, its FQDN and its bindings are shared by the name's A and AAAA
+/// lookups (one copy per name, not per lookup).
 struct Tracked {
-    name: String,
-    fqdn: Name,
+    name: Arc<str>,
+    fqdn: Arc<Name>,
     record_type: RecordType,
 }
 
@@ -317,7 +319,8 @@ impl ResolverHandle {
         if self.tracked.contains_key(name) {
             return Ok(false);
         }
-        let fqdn = fqdn(name)?;
+        let fqdn = Arc::new(fqdn(name)?);
+        let shared_name: Arc<str> = name.into();
         // Reap the tasks of untracked names that have ended.
         while let Some(joined) = self.tasks.try_join_next() {
             joined.map_err(Error::Task)?;
@@ -325,7 +328,7 @@ impl ResolverHandle {
         let (stop, stopped) = watch::channel(false);
         for record_type in [RecordType::A, RecordType::AAAA] {
             let tracked = Tracked {
-                name: name.to_string(),
+                name: shared_name.clone(),
                 fqdn: fqdn.clone(),
                 record_type,
             };
@@ -431,6 +434,11 @@ struct Memory {
     last_error: Option<String>,
 }
 
+/// The futures of a lookup and of writing its answer (hickory's lookup
+/// above all) are boxed while they run: a task is sized for the largest
+/// state of its future, and there is one task per name and type, idle
+/// nearly all the time. Inline, those states made every idle task several
+/// kilobytes.
 async fn run_lookup(shared: Arc<Shared>, tracked: Tracked, mut stopped: watch::Receiver<bool>) {
     let mut memory = Memory::default();
     let mut next: Option<Instant> = None;
@@ -446,12 +454,12 @@ async fn run_lookup(shared: Arc<Shared>, tracked: Tracked, mut stopped: watch::R
             resolution = async {
                 // The semaphore is never closed, so acquiring cannot fail.
                 let _permit = shared.permits.acquire().await;
-                lookup(&shared, &tracked, memory.used_stored).await
+                Box::pin(lookup(&shared, &tracked, memory.used_stored)).await
             } => resolution,
         };
         let delay = match resolution {
             Ok(Resolution::Addresses { addresses, stored }) if !addresses.is_empty() => {
-                match program(&shared, &tracked, &addresses).await {
+                match Box::pin(program(&shared, &tracked, &addresses)).await {
                     Ok(expires) => {
                         let now = Instant::now();
                         let ttl = Duration::from_secs(u64::from(
@@ -467,7 +475,7 @@ async fn run_lookup(shared: Arc<Shared>, tracked: Tracked, mut stopped: watch::R
                         memory.last_error = None;
                         shared.config.ttl.refresh_after(ttl, jitter())
                     }
-                    Err(error) => failed(&shared, &tracked, &mut memory, error).await,
+                    Err(error) => Box::pin(failed(&shared, &tracked, &mut memory, error)).await,
                 }
             }
             Ok(Resolution::Addresses { stored, .. }) => {
@@ -479,7 +487,7 @@ async fn run_lookup(shared: Arc<Shared>, tracked: Tracked, mut stopped: watch::R
             Ok(Resolution::NoAddresses { negative_ttl }) => {
                 no_addresses(&shared, &mut memory, negative_ttl)
             }
-            Err(error) => failed(&shared, &tracked, &mut memory, error).await,
+            Err(error) => Box::pin(failed(&shared, &tracked, &mut memory, error)).await,
         };
         let at = Instant::now() + delay;
         next = Some(at);
@@ -625,7 +633,7 @@ async fn lookup(
     used_stored: Option<Instant>,
 ) -> Result<Resolution, String> {
     let key = CacheKey {
-        name: tracked.name.clone(),
+        name: tracked.name.to_string(),
         record_type: tracked.record_type,
         dnssec_ok: false,
     };
@@ -644,7 +652,7 @@ async fn lookup(
     shared.upstream_lookups.fetch_add(1, Ordering::Relaxed);
     let looked_up = shared
         .resolver
-        .lookup(tracked.fqdn.clone(), tracked.record_type)
+        .lookup(Name::clone(&tracked.fqdn), tracked.record_type)
         .await;
     if looked_up
         .as_ref()
@@ -692,7 +700,7 @@ async fn lookup(
 
 fn publish(shared: &Shared, tracked: &Tracked, memory: &Memory, next: Instant) {
     let status = LookupStatus {
-        name: tracked.name.clone(),
+        name: tracked.name.to_string(),
         record_type: tracked.record_type,
         addresses: memory.addresses.iter().map(|a| a.addr).collect(),
         expires: memory.elements_expire,
@@ -703,7 +711,7 @@ fn publish(shared: &Shared, tracked: &Tracked, memory: &Memory, next: Instant) {
         next_lookup: Some(next),
     };
     shared.status().insert(
-        (tracked.name.clone(), u16::from(tracked.record_type)),
+        (tracked.name.to_string(), u16::from(tracked.record_type)),
         status,
     );
 }
