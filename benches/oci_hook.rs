@@ -5,7 +5,6 @@
 //! kinds split the overhead: `/bin/true` as the hook (runc's own cost of
 //! running a hook), and the netleash hook on a container without the
 //! annotation (netleash's process start and reading the state and config).
-//! The last kind is the lean `netleash-hook` binary doing the same work.
 //!
 //! `cargo bench --bench oci_hook` as root; `NETLEASH_BENCH_RUNS` sets the
 //! number of runs of each kind (default 40). Needs runc and busybox-static.
@@ -75,15 +74,10 @@ fn main() {
             &policy,
             Some(&["--standalone"]),
         ),
-        arm("netleash-hook --standalone, typical policy", &policy, None),
     ];
     arms[1]
         .bundle
         .set_create_runtime_hook("/bin/true", &["true"]);
-    arms[4].bundle.set_create_runtime_hook(
-        env!("CARGO_BIN_EXE_netleash-hook"),
-        &["netleash-hook", "--standalone"],
-    );
 
     for _ in 0..WARM_UP_RUNS {
         for arm in &arms {

@@ -75,44 +75,6 @@ pub struct Args {
     pub nflog_group: u16,
 }
 
-/// `netleash-hook`: the same hook as `netleash hook`, as a binary of its
-/// own. It links only what the hook uses (4 MB and 4,500 load-time
-/// relocations instead of 8 MB and 18,000), so the runtime waits about 1 ms
-/// of CPU less for it at every container start (docs/benchmarks.md, "OCI hook").
-#[derive(Debug, clap::Parser)]
-#[command(name = "netleash-hook", version, after_help = super::EXIT_CODES_HELP)]
-pub struct Standalone {
-    /// Log level: error, warn, info, debug or trace (also the NETLEASH_LOG
-    /// variable). A level only, not `netleash agent`'s filter directives:
-    /// the directive parser would double the binary's start-up work.
-    #[arg(long, env = "NETLEASH_LOG", default_value = "warn")]
-    pub log: tracing_subscriber::filter::LevelFilter,
-
-    /// Write logs as JSON lines instead of text.
-    #[arg(long)]
-    pub log_json: bool,
-
-    #[command(flatten)]
-    pub args: Args,
-}
-
-/// The `netleash-hook` binary's main.
-pub fn main() -> std::process::ExitCode {
-    use clap::Parser as _;
-    let cli = Standalone::parse();
-    let builder = tracing_subscriber::fmt()
-        .with_max_level(cli.log)
-        .with_writer(std::io::stderr)
-        // Runtimes put a hook's stderr into their logs and error messages.
-        .with_ansi(false);
-    if cli.log_json {
-        let _ = builder.json().try_init();
-    } else {
-        let _ = builder.without_time().with_target(false).try_init();
-    }
-    super::exit(run(cli.args))
-}
-
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("cannot read the container state from standard input")]

@@ -24,16 +24,12 @@ fn read_json(path: &str) -> Value {
     serde_json::from_str(&text).unwrap_or_else(|err| panic!("{}: {err}", path.display()))
 }
 
-/// A runtime-spec hook entry (config.md, "POSIX-platform Hooks"): an
-/// absolute `path`, `args` starting with the program name, a positive
-/// `timeout`; its arguments must be a `netleash hook` (or `netleash-hook`)
-/// command at `stage`.
+/// A runtime-spec hook entry (config.md, "POSIX-platform Hooks"): `path`
+/// the installed netleash binary (absolute, as the spec requires), `args`
+/// starting with the program name, a positive `timeout`; its arguments must
+/// be a `netleash hook` command at `stage`.
 fn check_hook_entry(hook: &Value, stage: netleash::cli::hook::Stage) {
     let path = hook["path"].as_str().expect("hook.path is a string");
-    assert!(
-        Path::new(path).is_absolute(),
-        "hook.path {path} must be absolute"
-    );
     let args: Vec<&str> = hook["args"]
         .as_array()
         .expect("hook.args is an array")
@@ -44,24 +40,18 @@ fn check_hook_entry(hook: &Value, stage: netleash::cli::hook::Stage) {
         hook["timeout"].as_u64().is_some_and(|t| t > 0),
         "hook.timeout must be a positive integer: {hook}"
     );
-    // Either binary: `netleash hook ...` or the lean `netleash-hook ...`.
-    let program = Path::new(path).file_name().and_then(|name| name.to_str());
-    assert_eq!(program, Some(args[0]), "args[0] names the program");
-    let parsed = match args[0] {
-        "netleash" => match Cli::try_parse_from(&args) {
-            Ok(Cli {
-                command: Command::Hook(parsed),
-                ..
-            }) => parsed,
-            Ok(other) => panic!("{args:?} is not `netleash hook`: {other:?}"),
-            Err(err) => panic!("{args:?}: {err}"),
-        },
-        "netleash-hook" => {
-            netleash::cli::hook::Standalone::try_parse_from(&args)
-                .unwrap_or_else(|err| panic!("{args:?}: {err}"))
-                .args
-        }
-        other => panic!("hook program {other:?} is not netleash"),
+    assert_eq!(
+        path, "/usr/local/bin/netleash",
+        "the hook is the one netleash binary"
+    );
+    assert_eq!(args[0], "netleash", "args[0] names the program");
+    let parsed = match Cli::try_parse_from(&args) {
+        Ok(Cli {
+            command: Command::Hook(parsed),
+            ..
+        }) => parsed,
+        Ok(other) => panic!("{args:?} is not `netleash hook`: {other:?}"),
+        Err(err) => panic!("{args:?}: {err}"),
     };
     assert_eq!(parsed.stage, stage, "{args:?}");
     assert!(

@@ -79,34 +79,18 @@ fn assert_refused(bundle: &Bundle, output: &Output, messages: &[&str]) {
     assert!(stdout(output).is_empty(), "{}", describe(output));
 }
 
-/// Which program runs as the createRuntime hook.
-#[derive(Clone, Copy)]
-enum HookProgram {
-    /// `netleash hook --standalone`.
-    Subcommand,
-    /// The lean binary: `netleash-hook --standalone`.
-    Lean,
-}
-
-/// Run a container under `ALLOWS_10` with `hook` in the testbed's sandbox
-/// and assert that 198.51.100.10 answered and 198.51.100.11 was rejected at
+/// Run a container under `ALLOWS_10` with `netleash hook --standalone` in
+/// the testbed's sandbox and assert that 198.51.100.10 answered and 198.51.100.11 was rejected at
 /// once without reaching the world. Returns the bundle (for its marker).
-fn assert_only_10_reachable(bed: &Testbed, hook: HookProgram) -> Bundle {
+fn assert_only_10_reachable(bed: &Testbed) -> Bundle {
     let bundle = Bundle::new(RESOLV_CONF);
     let script = fetch_script(&["198.51.100.10", "198.51.100.11"]);
-    let subcommand_args: &[&str] = &["--standalone"];
     bundle.configure(
         &["sh", "-c", &script],
         &sandbox_network(bed),
         &[("netleash.policy", ALLOWS_10)],
-        matches!(hook, HookProgram::Subcommand).then_some(subcommand_args),
+        Some(&["--standalone"]),
     );
-    if let HookProgram::Lean = hook {
-        bundle.set_create_runtime_hook(
-            env!("CARGO_BIN_EXE_netleash-hook"),
-            &["netleash-hook", "--standalone"],
-        );
-    }
     let before = arrivals(bed, "198.51.100.11");
     let (_container, output) = bundle.run();
 
@@ -140,7 +124,7 @@ fn assert_only_10_reachable(bed: &Testbed, hook: HookProgram) -> Bundle {
 #[test]
 fn the_annotated_policy_is_in_force_before_the_workload_starts() {
     let bed = support::testbed();
-    let bundle = assert_only_10_reachable(&bed, HookProgram::Subcommand);
+    let bundle = assert_only_10_reachable(&bed);
     assert!(bundle.marker_dir().join("ran").exists());
     // The policy stays in the sandbox's namespace, with the container's
     // resolv.conf nameserver as its resolver.
@@ -283,30 +267,6 @@ fn without_an_agent_the_container_does_not_start_unless_standalone() {
         ],
     );
     assert_eq!(netleash_table(bed.sandbox()), None);
-}
-
-#[test]
-fn the_lean_netleash_hook_binary_enforces_and_fails_closed_the_same() {
-    let bed = support::testbed();
-    assert_only_10_reachable(&bed, HookProgram::Lean);
-
-    let broken = Bundle::new(RESOLV_CONF);
-    broken.configure(
-        &["sh", "-c", &fetch_script(&[])],
-        &sandbox_network(&bed),
-        &[("netleash.policy", BROKEN)],
-        None,
-    );
-    broken.set_create_runtime_hook(
-        env!("CARGO_BIN_EXE_netleash-hook"),
-        &["netleash-hook", "--standalone"],
-    );
-    let (container, output) = broken.run();
-    let place = format!(
-        "annotation netleash.policy of container {}:2:20",
-        container.id
-    );
-    assert_refused(&broken, &output, &[&place]);
 }
 
 /// A stand-in for `netleash agent`: accepts one connection on `socket`
