@@ -32,16 +32,27 @@ const NOT_A_RESOLVER: &str = "203.0.113.5";
 const CALL: Duration = Duration::from_secs(60);
 
 /// A running `netleash agent` in the world namespace, killed on drop.
-struct Agent {
+pub(crate) struct Agent {
     child: Child,
     stdout: Arc<Mutex<Vec<String>>>,
     stderr: Arc<Mutex<String>>,
-    socket: PathBuf,
+    pub(crate) socket: PathBuf,
     metrics: SocketAddr,
 }
 
 impl Agent {
     fn start(bed: &Testbed, dir: &Path) -> Agent {
+        Agent::start_with_reap_interval(bed, dir, "200ms")
+    }
+
+    /// An agent with its socket (`run/agent.sock`) and state directory
+    /// (`state`) under `dir`, which checks every `reap_interval` (a
+    /// duration) whether its sandboxes' namespaces are gone (`200ms`, `60m`).
+    pub(crate) fn start_with_reap_interval(
+        bed: &Testbed,
+        dir: &Path,
+        reap_interval: &str,
+    ) -> Agent {
         support::require_root();
         let socket = dir.join("run/agent.sock");
         let state = dir.join("state");
@@ -52,7 +63,7 @@ impl Agent {
             .arg("--state-dir")
             .arg(&state)
             .args(["--upstream", UPSTREAM, "--metrics", "127.0.0.1:0"])
-            .args(["--reap-interval", "200ms"])
+            .args(["--reap-interval", reap_interval])
             .args(["--log", "netleash=debug"])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -96,7 +107,7 @@ impl Agent {
         agent
     }
 
-    fn wait_for_line(&mut self, needle: &str) -> String {
+    pub(crate) fn wait_for_line(&mut self, needle: &str) -> String {
         let started = Instant::now();
         loop {
             if let Some(line) = self
@@ -120,7 +131,7 @@ impl Agent {
         }
     }
 
-    fn logs(&self) -> String {
+    pub(crate) fn logs(&self) -> String {
         format!(
             "--- agent stdout\n{}\n--- agent stderr\n{}",
             self.stdout.lock().unwrap().join("\n"),
@@ -168,7 +179,7 @@ impl Agent {
         .expect("run in the world")
     }
 
-    fn kill_9(&mut self) {
+    pub(crate) fn kill_9(&mut self) {
         self.child.kill().expect("SIGKILL the agent");
         self.child.wait().expect("reap the agent");
     }

@@ -1,6 +1,7 @@
 //! `netleash hook` with a real OCI runtime: `runc run` of a busybox
 //! container whose network namespace is the testbed's sandbox, with the hook
-//! at createRuntime in standalone mode. Privileged: fails when not root.
+//! at createRuntime in standalone mode, with a stand-in agent, and with the
+//! real `netleash agent` through its restart. Privileged: fails when not root.
 
 use std::net::SocketAddr;
 use std::process::{Command, Output};
@@ -8,6 +9,7 @@ use std::process::{Command, Output};
 use netleash::agent::protocol;
 use netleash::testbed::{self, Testbed, Transport};
 
+use crate::agent::Agent;
 use crate::runc::{Bundle, MARKER_DIR, Network};
 use crate::support::{self, describe, netleash_table};
 
@@ -380,4 +382,187 @@ fn with_an_agent_the_hook_hands_the_container_over_and_obeys_its_answer() {
         &output,
         &["the netleash agent refused the request: cannot enforce: the kernel said no"],
     );
+}
+
+/// `sandbox list --json` of the agent at `socket`: every sandbox it enforces.
+fn listed_sandboxes(socket: &str) -> Vec<protocol::SandboxStatus> {
+    let output = support::netleash(&["sandbox", "list", "--json", "--socket", socket]);
+    assert!(output.status.success(), "{}", describe(&output));
+    match serde_json::from_slice(&output.stdout) {
+        Ok(protocol::Reply::Sandboxes(all)) => all,
+        other => panic!("not a list of sandboxes: {other:?}: {}", describe(&output)),
+    }
+}
+
+/// `nslookup -type=a NAME` in the container, through its resolv.conf
+/// nameserver (the world's DNS server, which the policy redirects to the
+/// agent's proxy in the container's namespace). Returns the addresses of
+/// the answer, empty when the lookup failed, and busybox's output.
+fn lookup(container: &crate::runc::Container, name: &str) -> (Vec<String>, String) {
+    let output = container.exec(&["nslookup", "-type=a", name]);
+    let text = format!("{}{}", stdout(&output), stderr(&output));
+    // busybox prints the server first ("Server: ...", "Address: ...:53"),
+    // then "Name: NAME" and one "Address: IP" line per answer.
+    let addresses = text
+        .split_once(&format!("Name:\t{name}"))
+        .map(|(_, answer)| {
+            answer
+                .lines()
+                .filter_map(|line| line.strip_prefix("Address: "))
+                .map(|ip| ip.trim().to_string())
+                .collect()
+        })
+        .unwrap_or_default();
+    (addresses, text)
+}
+
+/// GET / from port 80 of `ip` in the container with busybox nc: the answer,
+/// or `FAILED <ip> <exit code>`.
+fn fetch(container: &crate::runc::Container, ip: &str) -> String {
+    let script = format!(
+        "printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 5 {ip} 80 2>&1 || echo \"FAILED {ip} $?\""
+    );
+    let output = container.exec(&["sh", "-c", &script]);
+    assert!(output.status.success(), "runc exec: {}", describe(&output));
+    stdout(&output)
+}
+
+/// Assert that the container reaches 198.51.100.10 and that 198.51.100.11
+/// is rejected at once (a TCP reset, not nc's 5 s timeout) without reaching
+/// the world.
+fn assert_only_10_reachable_from(bed: &Testbed, container: &crate::runc::Container, when: &str) {
+    let allowed = fetch(container, "198.51.100.10");
+    assert!(
+        allowed.contains(&body("198.51.100.10")),
+        "{when}: {allowed}"
+    );
+    let before = arrivals(bed, "198.51.100.11");
+    let other = fetch(container, "198.51.100.11");
+    assert!(
+        other.contains("Connection refused") && other.contains("FAILED 198.51.100.11 1"),
+        "{when}: {other}"
+    );
+    assert_eq!(
+        arrivals(bed, "198.51.100.11"),
+        before,
+        "{when}: a blocked connection reached the world"
+    );
+}
+
+#[test]
+fn enforcement_continues_through_an_agent_restart() {
+    let bed = support::testbed();
+    bed.zone().set(
+        "allowed.test",
+        &[testbed::ZoneRecord::A("198.51.100.10".parse().unwrap())],
+        300,
+    );
+    bed.zone().set(
+        "denied.test",
+        &[testbed::ZoneRecord::A("198.51.100.11".parse().unwrap())],
+        300,
+    );
+    let dir = tempfile::tempdir().expect("agent tempdir");
+    // The reaper would also forget a sandbox whose container is gone; an
+    // hour keeps it out of the way, so only the poststop hook can.
+    const REAP: &str = "60m";
+    let mut agent = Agent::start_with_reap_interval(&bed, dir.path(), REAP);
+    let socket = agent.socket.to_str().expect("a UTF-8 path").to_string();
+
+    let bundle = Bundle::new(RESOLV_CONF);
+    bundle.configure(
+        &["sleep", "600"],
+        &sandbox_network(&bed),
+        &[(
+            "netleash.policy",
+            r#"{"type": "limited", "allowed_hosts": ["allowed.test"]}"#,
+        )],
+        Some(&["--socket", &socket, "--timeout", "20"]),
+    );
+    bundle.set_poststop_hook(
+        env!("CARGO_BIN_EXE_netleash"),
+        &[
+            "netleash",
+            "hook",
+            "--stage",
+            "poststop",
+            "--socket",
+            &socket,
+            "--timeout",
+            "20",
+        ],
+    );
+    let (container, output) = bundle.run_detached();
+    assert!(
+        output.status.success(),
+        "runc run: {}\n{}",
+        describe(&output),
+        agent.logs()
+    );
+    let record = dir
+        .path()
+        .join("state/sandboxes")
+        .join(format!("{}.json", container.id));
+    assert!(
+        record.exists(),
+        "the agent keeps no state for the container"
+    );
+    let listed = listed_sandboxes(&socket);
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    let before = listed[0].clone();
+    assert_eq!(before.id, container.id);
+    assert!(before.digest.starts_with("sha256:"), "{before:?}");
+
+    // By name, through the agent's proxy in the container's namespace.
+    let (addresses, text) = lookup(&container, "allowed.test");
+    assert_eq!(addresses, ["198.51.100.10"], "{text}");
+    let (addresses, text) = lookup(&container, "denied.test");
+    // The proxy answers REFUSED for a name the policy does not allow.
+    assert!(
+        addresses.is_empty() && text.contains("can't find denied.test: REFUSED"),
+        "a name the policy does not allow resolved: {text}"
+    );
+    assert_only_10_reachable_from(&bed, &container, "with the agent");
+
+    agent.kill_9();
+    // Fail closed: the rules and the learned address stay in the kernel.
+    assert_only_10_reachable_from(&bed, &container, "with the agent killed");
+    let (addresses, text) = lookup(&container, "allowed.test");
+    // The redirect to the proxy's port stays, and nothing listens there.
+    assert!(
+        addresses.is_empty() && text.contains("no servers could be reached"),
+        "no proxy answers while the agent is down: {text}"
+    );
+
+    // The same state directory: the agent adopts the container's sandbox.
+    agent = Agent::start_with_reap_interval(&bed, dir.path(), REAP);
+    let ready = agent.wait_for_line("ready:");
+    assert!(ready.contains("adopted 1 sandbox(es), forgot 0"), "{ready}");
+    let listed = listed_sandboxes(&socket);
+    assert_eq!(
+        listed
+            .iter()
+            .map(|s| (&s.id, &s.digest))
+            .collect::<Vec<_>>(),
+        [(&before.id, &before.digest)],
+        "{listed:?}"
+    );
+    let (addresses, text) = lookup(&container, "allowed.test");
+    assert_eq!(addresses, ["198.51.100.10"], "after the restart: {text}");
+    assert_only_10_reachable_from(&bed, &container, "after the restart");
+
+    // runc runs the poststop hook, which tells the agent to forget it.
+    let deleted = container.delete();
+    assert!(
+        deleted.status.success(),
+        "runc delete: {}",
+        describe(&deleted)
+    );
+    let listed = listed_sandboxes(&socket);
+    assert!(
+        listed.is_empty(),
+        "the agent still has {listed:?}\n{}",
+        agent.logs()
+    );
+    assert!(!record.exists(), "the container's state file stays");
 }

@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 /// The statically linked busybox of Debian's `busybox-static`.
 pub const BUSYBOX: &str = "/bin/busybox";
 /// The applets the containers call, as symlinks to busybox.
-const APPLETS: [&str; 4] = ["sh", "true", "nc", "touch"];
+const APPLETS: [&str; 6] = ["sh", "true", "nc", "touch", "sleep", "nslookup"];
 /// Where a bundle's marker directory is bind-mounted in the container.
 pub const MARKER_DIR: &str = "/marker";
 
@@ -129,6 +129,14 @@ impl Bundle {
         self.write_config(&config);
     }
 
+    /// Make `path` with arguments `argv` (argv[0] first) the bundle's one
+    /// poststop hook, which runc runs when it deletes the container.
+    pub fn set_poststop_hook(&self, path: &str, argv: &[&str]) {
+        let mut config = self.read_config();
+        config["hooks"]["poststop"] = json!([{"path": path, "args": argv, "timeout": 30}]);
+        self.write_config(&config);
+    }
+
     fn read_config(&self) -> Value {
         let text =
             std::fs::read_to_string(self.path().join("config.json")).expect("read config.json");
@@ -144,15 +152,43 @@ impl Bundle {
     /// for it; the container is deleted when the returned guard drops.
     pub fn run(&self) -> (Container, Output) {
         let container = Container::new();
-        let output = Command::new("runc")
-            .arg("--root")
-            .arg(container.state_root.path())
+        let output = container
+            .runc()
             .args(["run", "--bundle"])
             .arg(self.path())
             .arg(&container.id)
             .stdin(Stdio::null())
             .output()
             .expect("run `runc run`");
+        (container, output)
+    }
+
+    /// `runc run -d`: start the bundle as a new container that keeps
+    /// running; returns runc's output once the container runs (its
+    /// createRuntime hooks have run by then) or runc failed. The container's
+    /// standard output and error go to files in the bundle, since it would
+    /// hold pipes open and `runc` waits for nothing else.
+    pub fn run_detached(&self) -> (Container, Output) {
+        let container = Container::new();
+        let out = self.path().join("runc.out");
+        let err = self.path().join("runc.err");
+        let file = |path: &Path| std::fs::File::create(path).expect("create a runc output file");
+        let status = container
+            .runc()
+            .args(["run", "--detach", "--bundle"])
+            .arg(self.path())
+            .arg(&container.id)
+            .stdin(Stdio::null())
+            .stdout(file(&out))
+            .stderr(file(&err))
+            .status()
+            .expect("run `runc run --detach`");
+        let read = |path: &Path| std::fs::read(path).expect("read a runc output file");
+        let output = Output {
+            status,
+            stdout: read(&out),
+            stderr: read(&err),
+        };
         (container, output)
     }
 }
@@ -175,15 +211,42 @@ impl Container {
             state_root: tempfile::tempdir().expect("runc state tempdir"),
         }
     }
+
+    /// A `runc` command with the container's private state directory.
+    fn runc(&self) -> Command {
+        let mut command = Command::new("runc");
+        command.arg("--root").arg(self.state_root.path());
+        command
+    }
+
+    /// `runc exec` `args` in the running container and wait for it.
+    pub fn exec(&self, args: &[&str]) -> Output {
+        self.runc()
+            .arg("exec")
+            .arg(&self.id)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run `runc exec`")
+    }
+
+    /// `runc delete -f`: kill the container and delete it, running its
+    /// poststop hooks.
+    pub fn delete(&self) -> Output {
+        self.runc()
+            .args(["delete", "-f", &self.id])
+            .stdin(Stdio::null())
+            .output()
+            .expect("run `runc delete`")
+    }
 }
 
 impl Drop for Container {
     fn drop(&mut self) {
         // Quietly: after a successful `runc run` the container is already
         // gone and delete says so.
-        let _ = Command::new("runc")
-            .arg("--root")
-            .arg(self.state_root.path())
+        let _ = self
+            .runc()
             .args(["delete", "-f", &self.id])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
