@@ -26,6 +26,10 @@
 //!
 //! 1. *stage*: create generation M (sets with their elements, chains, rules)
 //!    and any persistent set the new model adds. Nothing jumps to it yet.
+//!    A static set that generation N holds exactly (`Swap::reuse`) is not
+//!    created again: M's rules look up N's set under its name (`allow_v4.g3`
+//!    from `egress.g7`), and the read-back strips any generation up to the
+//!    one in force from a set's name.
 //!    This must be its own transaction: a set backend makes the elements of a
 //!    new set visible only when it commits the set (pipapo swaps in its new
 //!    lookup table in `nft_set_commit_update`), which runs after the
@@ -35,7 +39,8 @@
 //!    changes are generation-masked, so each packet sees either the old jump
 //!    or the new one.
 //! 3. after the table has been read back and verified, *clean up*: delete
-//!    generation N and every other object no base chain reaches any more. If
+//!    generation N and every other object no base chain reaches any more
+//!    (a set M kept is reached). If
 //!    verification fails, a swap back to generation N (which still exists)
 //!    rolls back instead, and generation M is deleted.
 //!
