@@ -370,6 +370,8 @@ impl Session {
             });
         }
         let report = Session::report(&table, 1, method);
+        let mut table = table;
+        readback::mark_verified(&mut table, expected);
         self.known = Some(Snapshot {
             genid,
             table: Some(table),
@@ -429,6 +431,8 @@ impl Session {
                 to: swap.to,
             },
         );
+        let mut table = table;
+        readback::mark_verified(&mut table, expected);
         self.known = self.clean_up(table, genid, swap.to);
         Ok(report)
     }

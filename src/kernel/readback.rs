@@ -44,6 +44,11 @@ pub struct KernelSet {
     /// Whether `elements` are what the kernel holds (read, or known, see
     /// [`ElementPlan::known`]) at the reading's ruleset generation id.
     pub elements_read: bool,
+    /// The model set a verification found this set to hold exactly (set by
+    /// `kernel::Session` after a verification without differences), so that
+    /// the next apply can tell an unchanged set by comparing models instead
+    /// of encoding and comparing elements.
+    pub verified_as: Option<crate::ruleset::Set>,
 }
 
 impl KernelSet {
@@ -348,6 +353,7 @@ fn read_table_once(netlink: &mut Netlink) -> Result<Option<(RawTable, bool)>, Er
             key_len: set.key_len,
             elements: Vec::new(),
             elements_read: false,
+            verified_as: None,
         })
         .collect();
 
@@ -874,6 +880,9 @@ pub fn holds_exactly(set: &crate::ruleset::Set, kernel: &KernelSet) -> Result<bo
     if !kernel.elements_read {
         return Ok(false);
     }
+    if let Some(verified) = &kernel.verified_as {
+        return Ok(verified == set);
+    }
     let definition = elements::set_definition(set, 0)?;
     if set_shape(definition.flags, definition.key_type, definition.key_len)
         != set_shape(kernel.flags, kernel.key_type, kernel.key_len)
@@ -882,6 +891,17 @@ pub fn holds_exactly(set: &crate::ruleset::Set, kernel: &KernelSet) -> Result<bo
     }
     let (want, have) = element_lists(set, kernel)?;
     Ok(want == have)
+}
+
+/// Record on each static set of `table` the model set of `model` it was
+/// just verified to hold exactly (`differences(model, table)` was empty).
+pub fn mark_verified(table: &mut KernelTable, model: &Ruleset) {
+    for set in &mut table.sets {
+        set.verified_as = model
+            .set(&set.name)
+            .filter(|m| m.role != SetRole::DnsAllow && set.elements_read)
+            .cloned();
+    }
 }
 
 /// One named set in `status`.
@@ -1029,6 +1049,7 @@ mod tests {
                         key_len: d.key_len,
                         elements: elements::encode_all(s).unwrap(),
                         elements_read: true,
+                        verified_as: None,
                     }
                 })
                 .collect(),
