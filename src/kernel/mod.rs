@@ -259,9 +259,10 @@ impl Session {
         for restarts in 0..ATTEMPTS {
             let snapshot = match self.known.take() {
                 Some(known) => known,
-                // With the elements: a set that already holds what the model
-                // says is kept rather than created again (`Swap::reuse`).
-                None => readback::read_table_with(&mut self.netlink, &compared_elements(ruleset))?,
+                // With the elements of the small sets: a set that already
+                // holds what the model says is kept rather than created
+                // again (`Swap::reuse`).
+                None => readback::read_table_with(&mut self.netlink, &reuse_candidates(ruleset))?,
             };
             let outcome = match generation::approach(ruleset, snapshot.table.as_ref())? {
                 Approach::Create => {
@@ -745,6 +746,28 @@ fn compared_elements(ruleset: &Ruleset) -> ElementPlan {
             .collect(),
         ..ElementPlan::default()
     }
+}
+
+/// Sets with more elements than this are not read before an apply without
+/// memory of the table (a one-shot apply, or a session after another
+/// program's change), so they are created again even if unchanged: reading
+/// and comparing a large set costs about as much as creating it (at 1,005
+/// elements a one-shot apply that read them took 15 ms instead of 9 when
+/// they had changed).
+const LARGEST_SET_READ_FOR_REUSE: usize = 64;
+
+/// The elements to read before staging `ruleset`: those of the static sets
+/// small enough to be worth keeping (see [`LARGEST_SET_READ_FOR_REUSE`]).
+fn reuse_candidates(ruleset: &Ruleset) -> ElementPlan {
+    let mut plan = compared_elements(ruleset);
+    plan.skip.extend(
+        ruleset
+            .sets
+            .iter()
+            .filter(|set| set.elements.len() > LARGEST_SET_READ_FOR_REUSE)
+            .map(|set| set.name.clone()),
+    );
+    plan
 }
 
 /// Put `ruleset` in force in `target`: [`Session::apply`] in a session of its own.
