@@ -1,11 +1,14 @@
 //! Apply latency: netleash (a generation swap: stage, swap, read-back and
 //! verification, cleanup) against `nft -f` with the same ruleset, side by
 //! side in one run, at 10, 1,000 and 10,000 set elements, each in a network
-//! namespace this benchmark creates and deletes (one for netleash, one for
-//! nft, so that every netleash round is a swap from its own previous
-//! generation rather than a replacement of nft's table).
+//! namespace this benchmark creates and deletes (one for a netleash session,
+//! one for one-shot netleash applies, one for nft, so that every netleash
+//! round is a swap from its own previous generation, with the session's
+//! memory of the table intact). Every timed apply puts in force the other of
+//! two policies that differ in two entries: a policy change.
 //!
-//! Run as root: `cargo bench --bench apply`. Optional: `-- --quick` for fewer rounds.
+//! Run as root: `cargo bench --bench apply`. Optional: `-- --quick` for fewer
+//! rounds, `-- --elements N` for one size (10, 1000 or 10000).
 //!
 //! The nft text is rendered from the model here, in the benchmark only
 //! (`ruleset::render::nft` is not part of this branch). Before timing, the
