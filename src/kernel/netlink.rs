@@ -256,6 +256,8 @@ pub struct Netlink {
     acks: Option<AlignedBuffer>,
     seq: u32,
     receive_buffer: usize,
+    /// The send buffer size last set (0: the kernel's default).
+    send_buffer: usize,
 }
 
 /// One acknowledgement (`NLMSG_ERROR`) from the kernel.
@@ -326,6 +328,7 @@ impl Netlink {
             // Batches number their messages from 1; requests use numbers far above.
             seq: 1 << 30,
             receive_buffer: MIN_SOCKET_RECEIVE_BUFFER,
+            send_buffer: 0,
         })
     }
 
@@ -375,13 +378,16 @@ impl Netlink {
 
         // The whole batch goes in ONE sendmsg: nfnetlink processes one skb as one
         // batch, and a batch split over several sends would be aborted.
-        set_buffer(
-            &self.socket,
-            libc::SO_SNDBUFFORCE,
-            libc::SO_SNDBUF,
-            total + 4096,
-        )
-        .map_err(Error::Socket)?;
+        if total + 4096 > self.send_buffer {
+            set_buffer(
+                &self.socket,
+                libc::SO_SNDBUFFORCE,
+                libc::SO_SNDBUF,
+                total + 4096,
+            )
+            .map_err(Error::Socket)?;
+            self.send_buffer = total + 4096;
+        }
         // Answers: batch begin and end, plus one per failed message at most.
         let acks_expected = objects.len() + 2;
         if acks_expected * RECEIVE_BUFFER_PER_ACK > self.receive_buffer {
@@ -396,7 +402,9 @@ impl Netlink {
         }
         self.send_pages(&pages, total)?;
 
-        let (acks, overrun) = self.drain()?;
+        // The kernel acknowledges the batch end last, after every other answer.
+        let last = (framed && mode == Commit::Commit).then_some(end_seq);
+        let (acks, overrun) = self.drain(last)?;
         let describe = |seq: u32| -> String {
             if seq >= first_object_seq && ((seq - first_object_seq) as usize) < objects.len() {
                 objects[(seq - first_object_seq) as usize].to_string()
@@ -477,9 +485,10 @@ impl Netlink {
     }
 
     /// Receive everything queued on the socket without waiting: the answers
-    /// to a batch are all queued before `sendmsg` returns. Returns the
-    /// acknowledgements and whether the receive queue overflowed (ENOBUFS).
-    fn drain(&mut self) -> Result<(Vec<Ack>, bool), Error> {
+    /// to a batch are all queued before `sendmsg` returns. Stops early once
+    /// the answer numbered `last` is in, since nothing follows it. Returns
+    /// the acknowledgements and whether the receive queue overflowed (ENOBUFS).
+    fn drain(&mut self, last: Option<u32>) -> Result<(Vec<Ack>, bool), Error> {
         let mut acks = Vec::new();
         let mut overrun = false;
         let fd = self.socket.as_raw_fd();
@@ -499,11 +508,16 @@ impl Netlink {
                     _ => return Err(Error::Receive(err)),
                 },
             };
+            let mut complete = false;
             for message in mnl::NlMessages::new(&buffer.bytes()[..n]) {
                 let message = message.map_err(Error::Receive)?;
                 if let Some(ack) = parse_ack(message) {
+                    complete |= Some(ack.seq) == last;
                     acks.push(ack);
                 }
+            }
+            if complete {
+                break;
             }
         }
         Ok((acks, overrun))
