@@ -1,11 +1,14 @@
 //! Apply latency: netleash (a generation swap: stage, swap, read-back and
 //! verification, cleanup) against `nft -f` with the same ruleset, side by
 //! side in one run, at 10, 1,000 and 10,000 set elements, each in a network
-//! namespace this benchmark creates and deletes (one for netleash, one for
-//! nft, so that every netleash round is a swap from its own previous
-//! generation rather than a replacement of nft's table).
+//! namespace this benchmark creates and deletes (one for a netleash session,
+//! one for one-shot netleash applies, one for nft, so that every netleash
+//! round is a swap from its own previous generation, with the session's
+//! memory of the table intact). Every timed apply puts in force the other of
+//! two policies that differ in two entries: a policy change.
 //!
-//! Run as root: `cargo bench --bench apply`. Optional: `-- --quick` for fewer rounds.
+//! Run as root: `cargo bench --bench apply`. Optional: `-- --quick` for fewer
+//! rounds, `-- --elements N` for one size (10, 1000 or 10000).
 //!
 //! The nft text is rendered from the model here, in the benchmark only
 //! (`ruleset::render::nft` is not part of this branch). Before timing, the
@@ -55,7 +58,9 @@ impl Drop for Netns {
 /// A limited policy with `elements` static set elements: half single IPv4
 /// addresses on any port, half IPv4 /30 ranges on tcp/443, plus the usual
 /// blocklist and resolvers. For 10 elements this is a typical sandbox policy.
-fn policy(elements: usize) -> (Policy, CompileOptions) {
+/// Variant 1 differs from variant 0 in two entries, one of each half, so
+/// that applying one after the other changes both sets of allowed addresses.
+fn policy(elements: usize, variant: usize) -> (Policy, CompileOptions) {
     let mut rules = Vec::new();
     for i in 0..elements {
         let (base, step, prefix, ports) = if i % 2 == 0 {
@@ -68,7 +73,10 @@ fn policy(elements: usize) -> (Policy, CompileOptions) {
             .into();
             (Ipv4Addr::new(11, 0, 0, 0), 8, 30, Ports::Only(only))
         };
-        let addr = Ipv4Addr::from(u32::from(base) + step * (i / 2) as u32);
+        let mut addr = Ipv4Addr::from(u32::from(base) + step * (i / 2) as u32);
+        if variant == 1 && i < 2 {
+            addr = Ipv4Addr::from(u32::from(addr) + (1 << 24) * 2);
+        }
         let net: IpNet = format!("{addr}/{prefix}").parse().unwrap();
         rules.push(HostRule {
             target: Dest::Net(net),
@@ -274,17 +282,31 @@ fn ms(d: Duration) -> String {
 const SETTLE: Duration = Duration::from_millis(40);
 
 fn main() {
-    let quick = std::env::args().any(|a| a == "--quick");
+    let args: Vec<String> = std::env::args().collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    // `--elements N`: only the size with N policy entries (10, 1000 or 10000).
+    let only: Option<usize> = args
+        .iter()
+        .position(|a| a == "--elements")
+        .and_then(|i| args.get(i + 1))
+        .map(|n| n.parse().expect("--elements takes a number"));
     let ns = Netns::new("netleash");
     let target = Target::Name(ns.0.clone());
+    // The one-shot applies get a namespace of their own: an apply through
+    // another socket in the session's namespace would make the session's
+    // memory of the table stale, and every session round would start with a
+    // refused stage and a read (which is what a session does when another
+    // program changed the table, not what an agent's re-apply costs).
+    let one_shot_ns = Netns::new("oneshot");
+    let one_shot_target = Target::Name(one_shot_ns.0.clone());
     let nft_ns = Netns::new("nft");
     let nft_target = Target::Name(nft_ns.0.clone());
     let dir = std::env::temp_dir().join(format!("netleash-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
 
     println!(
-        "apply latency in network namespaces {} (netleash) and {} (nft); medians (p90) in ms",
-        ns.0, nft_ns.0
+        "apply latency in network namespaces {} (session), {} (one-shot) and {} (nft); medians (p90) in ms",
+        ns.0, one_shot_ns.0, nft_ns.0
     );
     println!(
         "  session:  kernel::Session::apply on an open session (a long-lived agent's path): a generation swap"
@@ -314,30 +336,45 @@ fn main() {
         "back-to-back"
     );
     for (elements, rounds) in [(10, 200), (1_000, 100), (10_000, 30)] {
+        if only.is_some_and(|n| n != elements) {
+            continue;
+        }
         let rounds = if quick { rounds / 10 } else { rounds };
-        let (policy, options) = policy(elements);
-        let model = ruleset::compile(&policy, &options);
-        let script = dir.join(format!("ruleset-{elements}.nft"));
-        std::fs::write(&script, nft_text(&model)).unwrap();
+        // Every timed apply puts in force the other of two policies: a policy
+        // change, as an agent applies it, not a repetition of the same one.
+        let mut models = Vec::new();
+        let mut scripts = Vec::new();
+        for variant in 0..2 {
+            let (policy, options) = policy(elements, variant);
+            let model = ruleset::compile(&policy, &options);
+            let script = dir.join(format!("ruleset-{elements}-{variant}.nft"));
+            std::fs::write(&script, nft_text(&model)).unwrap();
 
-        // Both sides must produce the same table: apply with nft, verify with netleash.
-        netns::run_nft(&nft_target, &script);
-        let plan = kernel::plan(&nft_target, &model).expect("read back nft's table");
-        let real: Vec<String> = plan
-            .differences
-            .iter()
-            .filter(|d| !nft_habit(d))
-            .map(ToString::to_string)
-            .collect();
-        assert!(
-            real.is_empty(),
-            "nft's table differs from the model: {real:?}"
-        );
+            // Both sides must produce the same table: apply with nft, verify with netleash.
+            netns::run_nft(&nft_target, &script);
+            let plan = kernel::plan(&nft_target, &model).expect("read back nft's table");
+            let real: Vec<String> = plan
+                .differences
+                .iter()
+                .filter(|d| !nft_habit(d))
+                .map(ToString::to_string)
+                .collect();
+            assert!(
+                real.is_empty(),
+                "nft's table differs from the model: {real:?}"
+            );
+            models.push(model);
+            scripts.push(script);
+        }
+        assert_ne!(models[0].digest, models[1].digest);
         std::thread::sleep(SETTLE);
+        let model = |round: usize| &models[round % 2];
+        let script = |round: usize| &scripts[round % 2];
 
         let mut session = kernel::Session::open(&target).expect("open a session");
         // Untimed: the first apply creates the table (or swaps from the previous size).
-        session.apply(&model).expect("netleash apply");
+        session.apply(model(1)).expect("netleash apply");
+        kernel::apply(&one_shot_target, model(1)).expect("netleash apply");
         let swapped = |report: kernel::ApplyReport| {
             assert!(
                 matches!(report.method, kernel::Method::Swap { .. }),
@@ -346,28 +383,31 @@ fn main() {
             );
         };
         let mut back_to_back = Vec::with_capacity(rounds);
-        for _ in 0..rounds {
+        for round in 0..rounds {
             let start = Instant::now();
-            let report = session.apply(&model).expect("netleash apply");
+            let report = session.apply(model(round)).expect("netleash apply");
             back_to_back.push(start.elapsed());
             swapped(report);
         }
 
         let (mut settled, mut one_shot, mut nft) = (Vec::new(), Vec::new(), Vec::new());
-        for _ in 0..rounds {
+        for round in 0..rounds {
+            // The session continues its alternation from the back-to-back rounds.
             std::thread::sleep(SETTLE);
             let start = Instant::now();
-            let report = session.apply(&model).expect("netleash apply");
+            let report = session
+                .apply(model(rounds + round))
+                .expect("netleash apply");
             settled.push(start.elapsed());
             swapped(report);
             std::thread::sleep(SETTLE);
             let start = Instant::now();
-            let report = kernel::apply(&target, &model).expect("netleash apply");
+            let report = kernel::apply(&one_shot_target, model(round)).expect("netleash apply");
             one_shot.push(start.elapsed());
             swapped(report);
             std::thread::sleep(SETTLE);
             let start = Instant::now();
-            netns::run_nft(&nft_target, &script);
+            netns::run_nft(&nft_target, script(round));
             nft.push(start.elapsed());
         }
         drop(session);
@@ -384,7 +424,11 @@ fn main() {
         let (nft_p50, nft) = stats(&mut nft);
         println!(
             "{:>8} {:>6} | {session:>17} | {one_shot:>17} | {nft:>17} | {:>10.3}x {:>11.3}x | {back_to_back:>17}",
-            model.sets.iter().map(|s| s.elements.len()).sum::<usize>(),
+            model(0)
+                .sets
+                .iter()
+                .map(|s| s.elements.len())
+                .sum::<usize>(),
             rounds,
             session_p50.as_secs_f64() / nft_p50.as_secs_f64(),
             one_shot_p50.as_secs_f64() / nft_p50.as_secs_f64(),

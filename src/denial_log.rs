@@ -404,6 +404,7 @@ impl DenialWatch {
         };
         let thread = std::thread::Builder::new()
             .name("netleash-denials".into())
+            .stack_size(THREAD_STACK)
             .spawn({
                 let stop = stop.clone();
                 move || watch(listener, logger, &stop)
@@ -432,6 +433,11 @@ impl DenialWatch {
         self.counters.snapshot()
     }
 
+    /// Why the log is off, if it could not be started.
+    pub fn error(&self) -> Option<&str> {
+        self.error.as_deref()
+    }
+
     pub fn health(&self) -> DenialHealth {
         let running = self
             .thread
@@ -447,10 +453,17 @@ impl DenialWatch {
         }
     }
 
+    /// Tells the thread to stop, without waiting: it ends within
+    /// [`crate::kernel::nflog::RECEIVE_POLL`]. For stopping many at once,
+    /// before [`DenialWatch::stop`] waits for each.
+    pub fn request_stop(&self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+
     /// Stops the thread (within [`crate::kernel::nflog::RECEIVE_POLL`]) and
     /// closes the socket, which releases the group. Blocks until then.
     pub fn stop(&self) {
-        self.stop.store(true, Ordering::Relaxed);
+        self.request_stop();
         let thread = self
             .thread
             .lock()
@@ -461,6 +474,11 @@ impl DenialWatch {
         }
     }
 }
+
+/// The stack of the log's thread. It reads into a heap buffer and formats
+/// one log line at a time; the default 2 MiB would be reserved for each of
+/// the agent's sandboxes.
+const THREAD_STACK: usize = 256 * 1024;
 
 /// How long the thread waits after a failed read before reading again.
 const RECEIVE_RETRY: Duration = Duration::from_secs(1);

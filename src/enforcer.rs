@@ -1,15 +1,18 @@
 //! What every process that enforces a policy with a DNS proxy does for one
 //! sandbox, shared by `netleash sidecar` (one sandbox) and `netleash agent`
 //! (many): the compile options of the proxy, its sockets bound inside the
-//! sandbox's namespace, and which learned addresses a new policy keeps.
+//! sandbox's namespace, which learned addresses a new policy keeps, and the
+//! sandbox's denied-connection log.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 
+use crate::denial_log::DenialWatch;
 use crate::dns::learn::elements_for;
 use crate::dns::names::AllowedNames;
 use crate::dns::origins::AddressOrigins;
 use crate::dns::proxy::{self, Proxy, ProxyHandle};
+use crate::kernel::nflog::NflogListener;
 use crate::netns;
 use crate::policy::ProxyOptions;
 use crate::ruleset::Element;
@@ -115,4 +118,31 @@ pub fn still_allowed(
             .flat_map(|binding| elements_for(binding, addr))
             .collect()
     }
+}
+
+/// Starts the denied-connection log of the sandbox in `target`: nflog
+/// `group` read in that namespace, each denied destination named by the host
+/// `origins` says its address was released for, lines carrying `sandbox`.
+/// Call it once the ruleset is enforced (its `deny` chain logs to `group`).
+///
+/// If nflog cannot be read, the log is off: the returned watch says why
+/// ([`DenialWatch::error`], also logged here) and the caller goes on
+/// enforcing, since the rules deny the same packets with or without it.
+pub fn start_denial_log(
+    target: &netns::Target,
+    group: u16,
+    sandbox: String,
+    origins: Arc<AddressOrigins>,
+) -> DenialWatch {
+    let started = NflogListener::open(target, group)
+        .map_err(|error| crate::cli::render_error(&error))
+        .and_then(|listener| {
+            DenialWatch::start(listener, sandbox.clone(), origins).map_err(|error| {
+                format!("cannot start the denied-connection log's thread: {error}")
+            })
+        });
+    started.unwrap_or_else(|error| {
+        tracing::error!(%sandbox, error, "the denied-connection log is off; the rules are enforced all the same");
+        DenialWatch::off(group, error)
+    })
 }

@@ -127,6 +127,11 @@ pub enum Error {
     },
 }
 
+/// The stack of a sandbox's kernel thread. Its buffers (batches, netlink
+/// receive buffers) are on the heap and it does not recurse; the default
+/// 2 MiB would be reserved once per sandbox the agent serves.
+const KERNEL_THREAD_STACK: usize = 256 * 1024;
+
 /// Work for the kernel thread.
 enum Command {
     Update {
@@ -193,6 +198,7 @@ impl Sandbox {
         let counter = transactions.clone();
         std::thread::Builder::new()
             .name("netleash-kernel".into())
+            .stack_size(KERNEL_THREAD_STACK)
             .spawn(move || match Session::open(&thread_target) {
                 Ok(session) => {
                     let _ = opened.send(Ok(()));

@@ -17,6 +17,13 @@
 //! the loop's) leave from the agent's own network namespace, so a sandbox
 //! needs no resolver of its own and its ruleset lets no DNS out at all.
 //!
+//! Each sandbox has its own denied-connection log ([`crate::denial_log`]): an
+//! nflog listener in its namespace, started once its rules are enforced,
+//! naming each denied destination by the host that sandbox's proxy (or the
+//! resolver loop, for that sandbox) released the address for. Each sandbox
+//! keeps its own address-to-name map, so a sandbox is never told a name only
+//! another sandbox resolved.
+//!
 //! Each sandbox's namespace is held by an open file descriptor taken at Put,
 //! and all work in it goes through that descriptor (`/proc/self/fd/N`): a
 //! pid that is reused later can never point the agent at another namespace.
@@ -37,6 +44,7 @@ use std::time::{Duration, Instant};
 
 use hickory_proto::rr::RecordType;
 
+use crate::denial_log::{DenialStats, DenialWatch};
 use crate::dns::cache::{AnswerCache, CacheKey, CacheStats};
 use crate::dns::learn::{AddressSink, Learned, learned_for};
 use crate::dns::names::AllowedNames;
@@ -47,12 +55,14 @@ use crate::dns::resolver::{
 };
 use crate::dns::ttl::TtlPolicy;
 use crate::dns::upstream::Upstream;
-use crate::enforcer::{self, bind_proxy_sockets, proxy_options, serve_proxy, still_allowed};
+use crate::enforcer::{
+    self, bind_proxy_sockets, proxy_options, serve_proxy, start_denial_log, still_allowed,
+};
 use crate::netns::{self, Target};
 use crate::policy::{self, CompileOptions, Expansions};
 use crate::ruleset::{self, Ruleset};
 use crate::sandbox::{self, Enforcement, Sandbox, SinkStats};
-use protocol::{FailureKind, SandboxStatus};
+use protocol::{DenialLogStatus, FailureKind, SandboxStatus};
 use state::{SandboxRecord, StateDir};
 
 /// How long a Put waits for the resolver loop's first round over names no
@@ -216,6 +226,10 @@ struct Enforced {
     names: RwLock<AllowedNames>,
     proxy: Arc<Proxy>,
     proxy_handles: tokio::sync::Mutex<Vec<ProxyHandle>>,
+    /// The name each address this sandbox was given came from: recorded by
+    /// its proxy and by the resolver loop's writes into its sets.
+    origins: Arc<AddressOrigins>,
+    denials: DenialWatch,
 }
 
 impl Enforced {
@@ -233,6 +247,8 @@ impl Enforced {
             .clone()
     }
 
+    /// Stops the proxy and the denied-connection log (which releases its
+    /// nflog group in the namespace before this returns).
     async fn stop(&self) {
         let handles = std::mem::take(&mut *self.proxy_handles.lock().await);
         for handle in handles {
@@ -240,6 +256,7 @@ impl Enforced {
                 tracing::error!(error = %crate::dns::error_chain(&error), "stopping a DNS proxy");
             }
         }
+        tokio::task::block_in_place(|| self.denials.stop());
     }
 }
 
@@ -295,6 +312,7 @@ impl NameRoutes for Registry {
                 (!bindings.is_empty()).then(|| Route {
                     sink: enforced.sandbox.clone() as Arc<dyn AddressSink>,
                     bindings,
+                    origins: enforced.origins.clone(),
                 })
             })
             .collect()
@@ -306,6 +324,9 @@ pub struct SandboxMetrics {
     pub status: SandboxStatus,
     pub proxy: ProxyStats,
     pub sink: SinkStats,
+    pub denials: DenialStats,
+    /// Whether the denied-connection log is reading denied packets.
+    pub denial_log_listening: bool,
     /// Reading the table failed (the namespace's kernel side is gone?).
     pub table_error: Option<String>,
 }
@@ -326,7 +347,6 @@ pub struct Agent {
     registry: Arc<Registry>,
     resolver: tokio::sync::Mutex<ResolverHandle>,
     cache: Arc<AnswerCache>,
-    origins: Arc<AddressOrigins>,
     /// Puts and Deletes run one at a time, so the registry, the tracked
     /// names and the state directory always agree.
     changes: tokio::sync::Mutex<()>,
@@ -346,17 +366,11 @@ impl Agent {
         };
         let registry = Arc::new(Registry::default());
         let cache = Arc::new(AnswerCache::default());
-        let origins = Arc::new(AddressOrigins::default());
         let mut resolver_config = ResolverLoopConfig::new(config.upstreams.clone());
         resolver_config.ttl = config.ttl;
-        let resolver = ResolverLoop::routed(
-            resolver_config,
-            registry.clone(),
-            cache.clone(),
-            origins.clone(),
-        )
-        .map_err(|error| Error::ResolverStart(Box::new(error)))?
-        .spawn();
+        let resolver = ResolverLoop::routed(resolver_config, registry.clone(), cache.clone())
+            .map_err(|error| Error::ResolverStart(Box::new(error)))?
+            .spawn();
         Ok(Agent {
             config,
             state,
@@ -364,7 +378,6 @@ impl Agent {
             registry,
             resolver: tokio::sync::Mutex::new(resolver),
             cache,
-            origins,
             changes: tokio::sync::Mutex::new(()),
         })
     }
@@ -497,8 +510,11 @@ impl Agent {
         let sandbox = Arc::new(Sandbox::open(target).map_err(enforce_error)?);
         let names = AllowedNames::new(ruleset.names.clone());
         let digest = ruleset.digest.clone();
+        // New (or adopted after a restart): this sandbox has released no
+        // address yet, so a policy applied over an older one carries nothing.
+        let origins = Arc::new(AddressOrigins::default());
         let enforced = sandbox
-            .enforce(ruleset, still_allowed(self.origins.clone(), names.clone()))
+            .enforce(ruleset, still_allowed(origins.clone(), names.clone()))
             .await
             .map_err(enforce_error)?;
         log_enforcement(&id, &digest, &enforced);
@@ -511,12 +527,21 @@ impl Agent {
             names.clone(),
             sandbox.clone(),
             self.cache.clone(),
-            self.origins.clone(),
+            origins.clone(),
         )
         .map_err(|source| Error::Proxy {
             id: id.clone(),
             source: Box::new(enforcer::Error::Proxy(source)),
         })?;
+        // The rules are in force, so their deny chain logs to the group.
+        let denials = tokio::task::block_in_place(|| {
+            start_denial_log(
+                &namespace.target(),
+                self.options.nflog_group,
+                id.clone(),
+                origins.clone(),
+            )
+        });
         let entry = Arc::new(Enforced {
             record: RwLock::new(record.clone()),
             namespace,
@@ -524,6 +549,8 @@ impl Agent {
             names: RwLock::new(names.clone()),
             proxy: Arc::new(proxy),
             proxy_handles: tokio::sync::Mutex::new(Vec::new()),
+            origins,
+            denials,
         });
         // Routed first, then seeded: an answer the loop gets meanwhile is
         // written too (a second write of an element only refreshes it).
@@ -573,7 +600,7 @@ impl Agent {
         entry.proxy.set_names(names.clone());
         let enforced = entry
             .sandbox
-            .enforce(ruleset, still_allowed(self.origins.clone(), names.clone()))
+            .enforce(ruleset, still_allowed(entry.origins.clone(), names.clone()))
             .await;
         let enforced = match enforced {
             Ok(enforced) => enforced,
@@ -646,6 +673,16 @@ impl Agent {
     }
 
     async fn forget(&self, id: &str) -> Result<(), Error> {
+        if self.registry.get(id).is_none() {
+            return Err(Error::NotFound { id: id.to_string() });
+        }
+        // The state file goes first: once the sandbox is unknown to the API
+        // it is gone from the state directory too, although stopping its
+        // denied-connection log takes up to one poll interval.
+        self.state.remove(id).map_err(|source| Error::State {
+            id: id.to_string(),
+            source,
+        })?;
         let entry = self
             .registry
             .write()
@@ -653,10 +690,6 @@ impl Agent {
             .ok_or_else(|| Error::NotFound { id: id.to_string() })?;
         entry.stop().await;
         self.untrack_unused().await;
-        self.state.remove(id).map_err(|source| Error::State {
-            id: id.to_string(),
-            source,
-        })?;
         tracing::info!(sandbox = %id, "forgot the sandbox; its rules stay in its namespace");
         Ok(())
     }
@@ -681,10 +714,13 @@ impl Agent {
         let mut sandboxes = Vec::new();
         for entry in self.registry.all() {
             let (status, table_error) = self.read_status(&entry).await;
+            let denial_log = entry.denials.health();
             sandboxes.push(SandboxMetrics {
                 status,
                 proxy: entry.proxy.stats(),
                 sink: entry.sandbox.stats(),
+                denials: denial_log.stats,
+                denial_log_listening: denial_log.listening,
                 table_error,
             });
         }
@@ -697,10 +733,17 @@ impl Agent {
         }
     }
 
-    /// Stops every proxy and the resolver loop. The rules stay (fail closed).
+    /// Stops every proxy, denied-connection log and the resolver loop. The
+    /// rules stay (fail closed).
     pub async fn stop(&self) {
         let _change = self.changes.lock().await;
-        for entry in self.registry.all() {
+        let all = self.registry.all();
+        // Every log thread stops at its next poll; told all at once, they
+        // stop together instead of one poll interval after another.
+        for entry in &all {
+            entry.denials.request_stop();
+        }
+        for entry in all {
             entry.stop().await;
         }
         // Each lookup stops at its next wake-up; what it wrote stays until
@@ -734,6 +777,7 @@ impl Agent {
                 .unwrap_or_default(),
             dns_queries: stats.udp_queries + stats.tcp_queries,
             dns_refused: stats.refused,
+            denial_log: Some(DenialLogStatus::from(entry.denials.health())),
             ..SandboxStatus::default()
         };
         match entry.sandbox.status().await {
@@ -762,6 +806,7 @@ impl Agent {
     async fn seed_from_cache(&self, entry: &Enforced, names: &AllowedNames) {
         let now = Instant::now();
         let mut timeouts: HashMap<(String, ruleset::Element), Duration> = HashMap::new();
+        let mut released: Vec<(&str, Vec<std::net::IpAddr>)> = Vec::new();
         for name in names.exact_names() {
             let bindings = names.matching(name);
             for record_type in [RecordType::A, RecordType::AAAA] {
@@ -773,7 +818,9 @@ impl Agent {
                 let Some(hit) = self.cache.get(&key, now) else {
                     continue;
                 };
-                for learned in learned_for(&bindings, &hit.addresses_at(now), &self.config.ttl) {
+                let addresses = hit.addresses_at(now);
+                released.push((name, addresses.iter().map(|a| a.addr).collect()));
+                for learned in learned_for(&bindings, &addresses, &self.config.ttl) {
                     let slot = timeouts
                         .entry((learned.set, learned.element))
                         .or_insert(learned.timeout);
@@ -792,8 +839,15 @@ impl Agent {
                 timeout,
             })
             .collect();
-        if let Err(error) = entry.sandbox.learn(&batch).await {
-            tracing::warn!(sandbox = %entry.record().id, error = %crate::dns::error_chain(&error), "cannot write the cached addresses; the proxy and the resolver loop will");
+        match entry.sandbox.learn(&batch).await {
+            Ok(()) => {
+                for (name, addresses) in released {
+                    entry.origins.record(name, addresses);
+                }
+            }
+            Err(error) => {
+                tracing::warn!(sandbox = %entry.record().id, error = %crate::dns::error_chain(&error), "cannot write the cached addresses; the proxy and the resolver loop will");
+            }
         }
     }
 

@@ -81,6 +81,44 @@ pub struct SandboxStatus {
     pub dns_queries: u64,
     #[serde(default)]
     pub dns_refused: u64,
+    /// The sandbox's denied-connection log; absent from agents that have none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub denial_log: Option<DenialLogStatus>,
+}
+
+/// The denied-connection log of one sandbox.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct DenialLogStatus {
+    /// Whether denied packets are being read.
+    #[serde(default)]
+    pub listening: bool,
+    #[serde(default)]
+    pub nflog_group: u16,
+    /// Why the log is off, if it is: the rules are enforced all the same.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Denied packets the log read.
+    #[serde(default)]
+    pub packets: u64,
+    /// Lines written (one per destination per window).
+    #[serde(default)]
+    pub logged: u64,
+    /// Lines left out by the rate limit.
+    #[serde(default)]
+    pub suppressed: u64,
+}
+
+impl From<crate::denial_log::DenialHealth> for DenialLogStatus {
+    fn from(health: crate::denial_log::DenialHealth) -> Self {
+        DenialLogStatus {
+            listening: health.listening,
+            nflog_group: health.nflog_group,
+            error: health.error,
+            packets: health.stats.packets,
+            logged: health.stats.logged,
+            suppressed: health.stats.suppressed,
+        }
+    }
 }
 
 /// What a successful request returns.

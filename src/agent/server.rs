@@ -290,6 +290,30 @@ pub fn render_metrics(metrics: &AgentMetrics) -> String {
         per_sandbox(&|s| s.sink.failures),
     );
     family(
+        "netleash_sandbox_denial_log_listening",
+        "gauge",
+        "1 if the sandbox's denied-connection log reads its nflog group; 0 if it is off (see the sandbox's status for why).",
+        per_sandbox(&|s| u64::from(s.denial_log_listening)),
+    );
+    family(
+        "netleash_sandbox_denial_log_packets_total",
+        "counter",
+        "Denied packets the sandbox's denied-connection log read from nflog.",
+        per_sandbox(&|s| s.denials.packets),
+    );
+    family(
+        "netleash_sandbox_denial_log_lines_total",
+        "counter",
+        "Denied-connection lines logged for the sandbox (one per destination per window).",
+        per_sandbox(&|s| s.denials.logged),
+    );
+    family(
+        "netleash_sandbox_denial_log_suppressed_total",
+        "counter",
+        "Denied-connection lines of the sandbox left out by the rate limit.",
+        per_sandbox(&|s| s.denials.suppressed),
+    );
+    family(
         "netleash_sandbox_table_errors",
         "gauge",
         "1 if the sandbox's table could not be read at this scrape.",
@@ -376,6 +400,13 @@ mod tests {
                 status,
                 proxy: Default::default(),
                 sink: Default::default(),
+                denials: crate::denial_log::DenialStats {
+                    packets: 4,
+                    logged: 1,
+                    repeated: 3,
+                    ..Default::default()
+                },
+                denial_log_listening: true,
                 table_error: None,
             }],
             resolver: Default::default(),
@@ -389,6 +420,10 @@ mod tests {
             "netleash_sandbox_dns_queries_total{sandbox=\"c1\"} 5",
             "netleash_sandbox_dns_refused_total{sandbox=\"c1\"} 2",
             "netleash_sandbox_set_elements{sandbox=\"c1\",set=\"dns_v4\"} 4",
+            "netleash_sandbox_denial_log_listening{sandbox=\"c1\"} 1",
+            "netleash_sandbox_denial_log_packets_total{sandbox=\"c1\"} 4",
+            "netleash_sandbox_denial_log_lines_total{sandbox=\"c1\"} 1",
+            "netleash_sandbox_denial_log_suppressed_total{sandbox=\"c1\"} 0",
             "netleash_resolver_names 7",
             "# TYPE netleash_resolver_upstream_queries_total counter",
         ] {

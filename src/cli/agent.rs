@@ -137,7 +137,30 @@ fn say(line: &str) {
     let _ = out.flush();
 }
 
+/// Fixes glibc's mmap threshold at its default, 128 KiB. By default glibc
+/// raises it (and the trim threshold, to twice it) each time a chunk it had
+/// mmapped is freed, so after the first table read-back every later
+/// read-back's 128 KiB buffer (`kernel::netlink`) comes from the malloc
+/// arenas instead, and the freed space stays resident there. The agent reads
+/// the tables of hundreds of sandboxes from their own threads; fixed, those
+/// buffers are mapped and unmapped whole. Set before any thread starts
+/// (mallopt(3): setting M_MMAP_THRESHOLD turns the dynamic adjustment off).
+fn fix_mmap_threshold() {
+    #[cfg(target_env = "gnu")]
+    {
+        // SAFETY: mallopt only changes the allocator's parameters; called
+        // before this process starts any thread of its own.
+        let applied = unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024) };
+        if applied != 1 {
+            tracing::debug!(
+                "mallopt(M_MMAP_THRESHOLD) was refused; the allocator keeps its dynamic threshold"
+            );
+        }
+    }
+}
+
 pub fn run(args: Args) -> Result<u8, super::Error> {
+    fix_mmap_threshold();
     let ttl = args.ttl.policy().map_err(Error::Ttl)?;
     let upstreams = if args.upstreams.is_empty() {
         upstream::servers_from_resolv_conf(&args.resolv_conf).map_err(Error::Upstream)?

@@ -132,8 +132,22 @@ fn describe(status: &SandboxStatus) -> String {
         .iter()
         .map(|(set, size)| format!("{set}={size}"))
         .collect();
+    let denial_log = match &status.denial_log {
+        None => String::new(),
+        Some(log) => match &log.error {
+            Some(error) => format!("\n  denied-connection log: off ({error})"),
+            None => format!(
+                "\n  denied-connection log: {} on nflog group {}; {} packets, {} lines, {} suppressed",
+                if log.listening { "reading" } else { "stopped" },
+                log.nflog_group,
+                log.packets,
+                log.logged,
+                log.suppressed,
+            ),
+        },
+    };
     format!(
-        "{}  netns {}{pid}  policy {}\n  sets: {}\n  denied: {} packets, {} bytes; DNS: {} queries, {} refused",
+        "{}  netns {}{pid}  policy {}\n  sets: {}\n  denied: {} packets, {} bytes; DNS: {} queries, {} refused{denial_log}",
         status.id,
         status.netns.display(),
         status.digest,

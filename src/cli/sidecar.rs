@@ -46,8 +46,7 @@ use crate::dns::proxy::{Proxy, ProxyConfig, ProxyHandle, Refusal};
 use crate::dns::resolver::{ResolverHandle, ResolverLoop, ResolverLoopConfig};
 use crate::dns::ttl::{self, TtlPolicy};
 use crate::dns::upstream::{self, DNS_PORT, Upstream, UpstreamSockets};
-use crate::enforcer::{self, bind_proxy_sockets, serve_proxy, still_allowed};
-use crate::kernel::nflog::NflogListener;
+use crate::enforcer::{self, bind_proxy_sockets, serve_proxy, start_denial_log, still_allowed};
 use crate::netns::{self, SocketFactory, SocketKind};
 use crate::policy::{CompileOptions, ProxyOptions};
 use crate::ruleset::{self, Ruleset};
@@ -362,7 +361,17 @@ async fn serve(
             report.sets, report.rules
         ),
     });
-    let denials = start_denial_log(&target, options.nflog_group, origins.clone());
+    let denials = start_denial_log(
+        &target,
+        options.nflog_group,
+        denial_log::sandbox_label(&target),
+        origins.clone(),
+    );
+    if let Some(error) = denials.error() {
+        say(&format!(
+            "the denied-connection log is off; the rules are enforced all the same: {error}"
+        ));
+    }
 
     let opener: Arc<dyn UpstreamSockets> =
         Arc::new(MarkedSockets::new(factory.clone(), args.proxy_mark));
@@ -455,30 +464,6 @@ async fn serve(
     ));
     sidecar.stop().await;
     Ok(EXIT_OK)
-}
-
-/// Starts the denied-connection log of the sandbox. If nflog cannot be
-/// read, the log is off and says why (here and in health), and the sidecar
-/// goes on: the rules deny the same packets with or without it.
-fn start_denial_log(
-    target: &netns::Target,
-    group: u16,
-    origins: Arc<AddressOrigins>,
-) -> DenialWatch {
-    let started = NflogListener::open(target, group)
-        .map_err(|error| super::render_error(&error))
-        .and_then(|listener| {
-            DenialWatch::start(listener, denial_log::sandbox_label(target), origins).map_err(
-                |error| format!("cannot start the denied-connection log's thread: {error}"),
-            )
-        });
-    started.unwrap_or_else(|error| {
-        say(&format!(
-            "the denied-connection log is off; the rules are enforced all the same: {error}"
-        ));
-        tracing::error!(error, "the denied-connection log is off");
-        DenialWatch::off(group, error)
-    })
 }
 
 impl Sidecar {

@@ -544,12 +544,17 @@ impl ProxyHandle {
 async fn serve_udp(proxy: Arc<Proxy>, socket: Arc<UdpSocket>, mut stopped: watch::Receiver<bool>) {
     let inflight = Arc::new(Semaphore::new(MAX_INFLIGHT_UDP_QUERIES));
     // The largest UDP payload; queries are small, but a short buffer would
-    // silently cut a datagram and turn it into a malformed one.
-    let mut buffer = vec![0u8; 65_535];
+    // silently cut a datagram and turn it into a malformed one. Reserved,
+    // not zeroed: only the pages datagrams are written into become resident
+    // (a query touches one), which matters for the host agent's hundreds of
+    // proxies.
+    let mut buffer: Vec<u8> = Vec::with_capacity(65_535);
     loop {
+        // recv_buf_from writes into the spare capacity, all of it once cleared.
+        buffer.clear();
         let (length, peer) = tokio::select! {
             _ = stopped.changed() => return,
-            received = socket.recv_from(&mut buffer) => match received {
+            received = socket.recv_buf_from(&mut buffer) => match received {
                 Ok(received) => received,
                 Err(error) => {
                     // Errors on an unconnected UDP socket are per datagram

@@ -154,16 +154,21 @@ pub trait NameRoutes: Send + Sync {
     fn routes(&self, name: &str) -> Vec<Route>;
 }
 
-/// One sink and the bindings a name has in its policy.
+/// One sink, the bindings a name has in its policy, and where the sink's
+/// owner remembers which name each address it was given came from (for its
+/// denied-connection log): the loop records the name there once the sink has
+/// the addresses.
 pub struct Route {
     pub sink: Arc<dyn AddressSink>,
     pub bindings: Vec<NameBinding>,
+    pub origins: Arc<AddressOrigins>,
 }
 
 /// One sink with fixed names (the sidecar).
 struct SingleSink {
     sink: Arc<dyn AddressSink>,
     names: AllowedNames,
+    origins: Arc<AddressOrigins>,
 }
 
 impl NameRoutes for SingleSink {
@@ -171,6 +176,7 @@ impl NameRoutes for SingleSink {
         vec![Route {
             sink: self.sink.clone(),
             bindings: self.names.matching(name).into_iter().cloned().collect(),
+            origins: self.origins.clone(),
         }]
     }
 }
@@ -194,7 +200,6 @@ struct Shared {
     resolver: Resolver<SocketsRuntime>,
     routes: Arc<dyn NameRoutes>,
     cache: Arc<AnswerCache>,
-    origins: Arc<AddressOrigins>,
     permits: Semaphore,
     status: Mutex<BTreeMap<(String, u16), LookupStatus>>,
     upstream_lookups: AtomicU64,
@@ -240,8 +245,9 @@ impl ResolverLoop {
         let routes = Arc::new(SingleSink {
             sink,
             names: names.clone(),
+            origins,
         });
-        let mut resolver_loop = ResolverLoop::routed(config, routes, cache, origins)?;
+        let mut resolver_loop = ResolverLoop::routed(config, routes, cache)?;
         for name in &exact {
             fqdn(name)?;
         }
@@ -256,7 +262,6 @@ impl ResolverLoop {
         config: ResolverLoopConfig,
         routes: Arc<dyn NameRoutes>,
         cache: Arc<AnswerCache>,
-        origins: Arc<AddressOrigins>,
     ) -> Result<Self, Error> {
         config.ttl.validate().map_err(Error::Config)?;
         if config.upstream.is_empty() {
@@ -270,7 +275,6 @@ impl ResolverLoop {
             resolver,
             routes,
             cache,
-            origins,
             permits,
             status,
             upstream_lookups: AtomicU64::new(0),
@@ -590,6 +594,9 @@ async fn write_routes(
         }
         match route.sink.learn(&batch).await {
             Ok(()) => {
+                route
+                    .origins
+                    .record(&tracked.name, addresses.iter().map(|a| a.addr));
                 written += 1;
                 let least = batch.iter().map(|l| l.timeout).min().unwrap_or_default();
                 shortest = Some(shortest.map_or(least, |s| s.min(least)));
@@ -618,9 +625,6 @@ async fn program(
     addresses: &[AnswerAddress],
 ) -> Result<Instant, String> {
     let shortest = write_routes(shared, tracked, addresses, None).await?;
-    shared
-        .origins
-        .record(&tracked.name, addresses.iter().map(|a| a.addr));
     Ok(Instant::now() + shortest)
 }
 

@@ -427,9 +427,18 @@ struct Builder<'a> {
 
 impl<'a> Builder<'a> {
     fn new(ruleset: &'a Ruleset, generation: u32) -> Builder<'a> {
+        Builder::with_naming(ruleset, Naming::new(ruleset, generation))
+    }
+
+    /// A builder for generation `swap.to`, which keeps the sets of `swap.reuse`.
+    fn for_swap(ruleset: &'a Ruleset, swap: &'a Swap) -> Builder<'a> {
+        Builder::with_naming(ruleset, Naming::of_swap(ruleset, swap))
+    }
+
+    fn with_naming(ruleset: &'a Ruleset, naming: Naming<'a>) -> Builder<'a> {
         Builder {
             ruleset,
-            naming: Naming::new(ruleset, generation),
+            naming,
             table: table_name(),
             transaction: Transaction::new(),
             set_ids: BTreeMap::new(),
@@ -651,7 +660,10 @@ impl<'a> Builder<'a> {
     /// chain policies that become accept.
     fn add_stage(&mut self, swap: &Swap) -> Result<(), Error> {
         self.add_base_chains(|name| swap.loosen.iter().any(|c| c == name))?;
-        self.add_sets(|set| !generation::persistent_set(set) || swap.create.contains(&set.name))?;
+        let reused = |set: &Set| swap.reuse.contains_key(&set.name);
+        self.add_sets(|set| {
+            (!generation::persistent_set(set) && !reused(set)) || swap.create.contains(&set.name)
+        })?;
         self.add_regular_chains()?;
         self.add_rules(false)
     }
@@ -714,7 +726,7 @@ pub fn replace_table(ruleset: &Ruleset) -> Result<Transaction, Error> {
 /// persistent sets it adds, and the base chain policies that become accept.
 /// Nothing jumps into the new generation yet.
 pub fn stage(ruleset: &Ruleset, swap: &Swap) -> Result<Transaction, Error> {
-    let mut builder = Builder::new(ruleset, swap.to);
+    let mut builder = Builder::for_swap(ruleset, swap);
     builder.add_stage(swap)?;
     Ok(builder.transaction)
 }
@@ -734,7 +746,7 @@ pub fn swap_check(
     swap: &Swap,
     deletions: &Deletions,
 ) -> Result<Transaction, Error> {
-    let mut builder = Builder::new(ruleset, swap.to);
+    let mut builder = Builder::for_swap(ruleset, swap);
     builder.add_stage(swap)?;
     builder.add_swap(&swap.tighten)?;
     add_deletions(&mut builder.transaction, deletions)?;
@@ -947,6 +959,7 @@ mod tests {
             tighten: vec!["output".into()],
             previous: vec![],
             from_digest: None,
+            reuse: BTreeMap::new(),
         }
     }
 

@@ -724,8 +724,9 @@ pub enum Request<'a> {
     Elements(&'a CStr),
     /// `NFT_MSG_GETCHAIN` dump.
     Chains,
-    /// `NFT_MSG_GETRULE` dump.
-    Rules,
+    /// `NFT_MSG_GETRULE` dump of one chain's rules (`NFTA_RULE_CHAIN` in the
+    /// request: `nf_tables_dump_rules` then visits that chain only).
+    ChainRules(&'a CStr),
 }
 
 /// Write `request` for table `table` into `buf` and return its length.
@@ -791,10 +792,11 @@ pub fn write_request(buf: &mut [u8], request: Request<'_>, table: &CStr, seq: u3
                 sys::nftnl_chain_free(object);
                 nlh
             }
-            Request::Rules => {
+            Request::ChainRules(chain) => {
                 let nlh = header(buf_ptr, libc::NFT_MSG_GETRULE as u16, INET, dump, seq);
                 let object = allocated(sys::nftnl_rule_alloc()).as_ptr();
                 sys::nftnl_rule_set_str(object, sys::NFTNL_RULE_TABLE as u16, table.as_ptr());
+                sys::nftnl_rule_set_str(object, sys::NFTNL_RULE_CHAIN as u16, chain.as_ptr());
                 sys::nftnl_rule_nlmsg_build_payload(nlh, object);
                 sys::nftnl_rule_free(object);
                 nlh

@@ -26,6 +26,10 @@
 //!
 //! 1. *stage*: create generation M (sets with their elements, chains, rules)
 //!    and any persistent set the new model adds. Nothing jumps to it yet.
+//!    A static set that generation N holds exactly (`Swap::reuse`) is not
+//!    created again: M's rules look up N's set under its name (`allow_v4.g3`
+//!    from `egress.g7`), and the read-back strips any generation up to the
+//!    one in force from a set's name.
 //!    This must be its own transaction: a set backend makes the elements of a
 //!    new set visible only when it commits the set (pipapo swaps in its new
 //!    lookup table in `nft_set_commit_update`), which runs after the
@@ -35,7 +39,8 @@
 //!    changes are generation-masked, so each packet sees either the old jump
 //!    or the new one.
 //! 3. after the table has been read back and verified, *clean up*: delete
-//!    generation N and every other object no base chain reaches any more. If
+//!    generation N and every other object no base chain reaches any more
+//!    (a set M kept is reached). If
 //!    verification fails, a swap back to generation N (which still exists)
 //!    rolls back instead, and generation M is deleted.
 //!
@@ -144,6 +149,8 @@ pub const BODY_SUFFIX: &str = "-body";
 pub struct Naming<'a> {
     ruleset: &'a Ruleset,
     pub generation: u32,
+    /// Sets kept from an earlier generation: model name → kernel name.
+    reuse: Option<&'a BTreeMap<String, String>>,
 }
 
 impl<'a> Naming<'a> {
@@ -151,11 +158,30 @@ impl<'a> Naming<'a> {
         Naming {
             ruleset,
             generation,
+            reuse: None,
         }
     }
 
-    /// The kernel name of model set `set`: persistent sets keep their name.
+    /// The names of generation `swap.to`, whose sets in `swap.reuse` are kept.
+    pub fn of_swap(ruleset: &'a Ruleset, swap: &'a Swap) -> Naming<'a> {
+        Naming {
+            ruleset,
+            generation: swap.to,
+            reuse: Some(&swap.reuse),
+        }
+    }
+
+    /// Whether model set `set` is kept from an earlier generation.
+    pub fn reused(&self, set: &str) -> bool {
+        self.reuse.is_some_and(|reuse| reuse.contains_key(set))
+    }
+
+    /// The kernel name of model set `set`: persistent sets keep their name,
+    /// and so do sets kept from an earlier generation.
     pub fn set(&self, set: &str) -> String {
+        if let Some(kernel) = self.reuse.and_then(|reuse| reuse.get(set)) {
+            return kernel.clone();
+        }
         match self.ruleset.set(set) {
             Some(model) if persistent_set(model) => set.to_string(),
             _ => name(set, self.generation),
@@ -225,6 +251,15 @@ pub struct Swap {
     pub previous: Vec<EntryRule>,
     /// The digest of generation `from` (its chains' comment).
     pub from_digest: Option<String>,
+    /// Static sets of the model that the generation in force already holds
+    /// exactly (same definition, same elements, as read back with the
+    /// ruleset generation id the stage carries): model name → kernel name.
+    /// Generation `to` looks them up instead of creating them again. Sharing
+    /// an unchanged set between two generations is atomic for packets: no
+    /// transaction of the swap changes it, so the old and the new rules see
+    /// the same elements. Only sets created in this swap are new, and the
+    /// stage commits them before anything looks them up.
+    pub reuse: BTreeMap<String, String>,
 }
 
 /// How `apply` gets from the table in force to the model.
@@ -362,6 +397,14 @@ pub fn approach(model: &Ruleset, table: Option<&KernelTable>) -> Result<Approach
         ));
     }
 
+    let mut reuse = BTreeMap::new();
+    for set in model.sets.iter().filter(|s| !persistent_set(s)) {
+        if let Some(kernel) = table.sets.iter().find(|k| k.name == set.name)
+            && super::readback::holds_exactly(set, kernel)?
+        {
+            reuse.insert(set.name.clone(), kernel.kernel_name.clone());
+        }
+    }
     let mut create = Vec::new();
     for set in model.sets.iter().filter(|s| persistent_set(s)) {
         match find_set(table, &set.name) {
@@ -391,6 +434,7 @@ pub fn approach(model: &Ruleset, table: Option<&KernelTable>) -> Result<Approach
         tighten,
         previous,
         from_digest: table.digest.clone(),
+        reuse,
     }))
 }
 
@@ -427,11 +471,15 @@ impl Deletions {
         }
     }
 
-    /// What a swap to a generation of `model` leaves unreachable in `table`
+    /// What `swap` to a generation of `model` leaves unreachable in `table`
     /// (the table as read before the swap): the generation in force, the
-    /// persistent sets the model no longer has, and the leftovers.
-    pub fn after_swap(table: &KernelTable, model: &Ruleset) -> Deletions {
-        let kept = |kernel_name: &str| model.set(kernel_name).is_some_and(persistent_set);
+    /// persistent sets the model no longer has, and the leftovers; not the
+    /// sets the new generation keeps.
+    pub fn after_swap(table: &KernelTable, model: &Ruleset, swap: &Swap) -> Deletions {
+        let kept = |kernel_name: &str| {
+            model.set(kernel_name).is_some_and(persistent_set)
+                || swap.reuse.values().any(|reused| reused == kernel_name)
+        };
         let mut deletions = Deletions::leftovers(table);
         deletions.sets.retain(|name| !kept(name));
         deletions.chains.extend(

@@ -162,22 +162,84 @@ pub enum Commit {
     CheckOnly,
 }
 
-/// Size of the receive buffer: at least `nft_nlmsg_maxsize()` (64 KiB + one
-/// page), also for 64 KiB pages; checked when the socket is opened.
-const RECEIVE_BUFFER_LEN: usize = 1 << 17;
+/// Size of the buffer of one dump (request and answers): at least
+/// `nft_nlmsg_maxsize()` (64 KiB + one page), also for 64 KiB pages, which
+/// `ffi::write_request` asserts; checked when the socket is opened. A
+/// receive this large also lets the kernel fill dump datagrams of up to
+/// 32 KiB (`netlink_recvmsg` remembers the largest receive, capped there),
+/// so big sets dump in few reads. Allocated per dump and freed after it:
+/// a sandbox's session spends nearly all its life waiting between small
+/// transactions.
+const DUMP_BUFFER_LEN: usize = 1 << 17;
+
+/// First size of the buffer acknowledgements are read into. With
+/// `NETLINK_CAP_ACK` an acknowledgement carries no copy of the request, only
+/// `nlmsgerr` and the extended-ack attributes (a short message, an offset):
+/// well under 1 KiB, one per datagram (`netlink_ack`). A longer datagram
+/// still arrives whole: [`receive_datagram`] grows the buffer first.
+const ACK_BUFFER_LEN: usize = 4096;
 
 /// A receive buffer aligned for `nlmsghdr` (4 bytes; 8 is used), so that
 /// messages in it can be handed to libnftnl's parsers in place.
-#[repr(C, align(8))]
-struct AlignedBuffer([u8; RECEIVE_BUFFER_LEN]);
+struct AlignedBuffer {
+    words: Box<[u64]>,
+}
 
 impl AlignedBuffer {
-    /// A zeroed buffer allocated in place (no 128 KiB stack copy; the
-    /// allocator hands out zero pages lazily).
-    fn zeroed() -> Box<AlignedBuffer> {
-        // SAFETY: AlignedBuffer is a byte array, for which all-zero bytes are a valid value.
-        unsafe { Box::<AlignedBuffer>::new_zeroed().assume_init() }
+    /// A zeroed buffer of at least `len` bytes.
+    fn zeroed(len: usize) -> AlignedBuffer {
+        AlignedBuffer {
+            words: vec![0u64; len.div_ceil(size_of::<u64>())].into_boxed_slice(),
+        }
     }
+
+    fn len(&self) -> usize {
+        self.words.len() * size_of::<u64>()
+    }
+
+    fn bytes(&self) -> &[u8] {
+        // SAFETY: the words are initialized memory of exactly `len()` bytes,
+        // borrowed for as long as the slice; every byte pattern is a valid u8.
+        unsafe { std::slice::from_raw_parts(self.words.as_ptr().cast(), self.len()) }
+    }
+
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as in `bytes`, borrowed mutably and exclusively; any bytes
+        // written are valid u64 words.
+        unsafe { std::slice::from_raw_parts_mut(self.words.as_mut_ptr().cast(), self.len()) }
+    }
+}
+
+/// Reads the next datagram on `fd` into `buffer`, growing the buffer first
+/// if the datagram is longer, so that no message is ever cut: a peek with
+/// `MSG_TRUNC` returns the datagram's real length without taking it
+/// (netlink(7), `netlink_recvmsg`). `flags` apply to both reads (e.g.
+/// `MSG_DONTWAIT`). Returns the datagram's length.
+fn receive_datagram(fd: i32, buffer: &mut AlignedBuffer, flags: i32) -> io::Result<usize> {
+    let bytes = buffer.bytes_mut();
+    // SAFETY: the descriptor is a live socket; zero bytes are written.
+    let pending = unsafe {
+        libc::recv(
+            fd,
+            bytes.as_mut_ptr().cast(),
+            0,
+            flags | libc::MSG_PEEK | libc::MSG_TRUNC,
+        )
+    };
+    if pending < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if pending as usize > buffer.len() {
+        *buffer = AlignedBuffer::zeroed(pending as usize);
+    }
+    let bytes = buffer.bytes_mut();
+    // SAFETY: the descriptor is a live socket and `bytes` is writable for its
+    // whole length, which is passed along.
+    let received = unsafe { libc::recv(fd, bytes.as_mut_ptr().cast(), bytes.len(), flags) };
+    if received < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(received as usize)
 }
 
 /// Kernel socket receive buffer asked for: room for the acknowledgements of a
@@ -190,10 +252,12 @@ const RECEIVE_BUFFER_PER_ACK: usize = 2048;
 /// A netfilter netlink socket in the namespace of the thread that opened it.
 pub struct Netlink {
     socket: mnl::Socket,
-    buffer: Box<AlignedBuffer>,
-    request: Box<AlignedBuffer>,
+    /// Where acknowledgements are read; allocated at the first transaction.
+    acks: Option<AlignedBuffer>,
     seq: u32,
     receive_buffer: usize,
+    /// The send buffer size last set (0: the kernel's default).
+    send_buffer: usize,
 }
 
 /// One acknowledgement (`NLMSG_ERROR`) from the kernel.
@@ -243,7 +307,7 @@ unsafe impl Send for Netlink {}
 impl Netlink {
     /// Open a netfilter netlink socket in the current thread's network namespace.
     pub fn open() -> Result<Netlink, Error> {
-        assert!(RECEIVE_BUFFER_LEN >= nftnl::nft_nlmsg_maxsize() as usize);
+        assert!(DUMP_BUFFER_LEN >= nftnl::nft_nlmsg_maxsize() as usize);
         let socket = mnl::Socket::new(mnl::Bus::Netfilter).map_err(Error::Socket)?;
         // Error acknowledgements without a copy of the failed message (which can
         // be a 64 KiB element list), and with the kernel's text when it has one.
@@ -260,11 +324,11 @@ impl Netlink {
         .map_err(Error::Socket)?;
         Ok(Netlink {
             socket,
-            buffer: AlignedBuffer::zeroed(),
-            request: AlignedBuffer::zeroed(),
+            acks: None,
             // Batches number their messages from 1; requests use numbers far above.
             seq: 1 << 30,
             receive_buffer: MIN_SOCKET_RECEIVE_BUFFER,
+            send_buffer: 0,
         })
     }
 
@@ -314,13 +378,16 @@ impl Netlink {
 
         // The whole batch goes in ONE sendmsg: nfnetlink processes one skb as one
         // batch, and a batch split over several sends would be aborted.
-        set_buffer(
-            &self.socket,
-            libc::SO_SNDBUFFORCE,
-            libc::SO_SNDBUF,
-            total + 4096,
-        )
-        .map_err(Error::Socket)?;
+        if total + 4096 > self.send_buffer {
+            set_buffer(
+                &self.socket,
+                libc::SO_SNDBUFFORCE,
+                libc::SO_SNDBUF,
+                total + 4096,
+            )
+            .map_err(Error::Socket)?;
+            self.send_buffer = total + 4096;
+        }
         // Answers: batch begin and end, plus one per failed message at most.
         let acks_expected = objects.len() + 2;
         if acks_expected * RECEIVE_BUFFER_PER_ACK > self.receive_buffer {
@@ -335,7 +402,9 @@ impl Netlink {
         }
         self.send_pages(&pages, total)?;
 
-        let (acks, overrun) = self.drain()?;
+        // The kernel acknowledges the batch end last, after every other answer.
+        let last = (framed && mode == Commit::Commit).then_some(end_seq);
+        let (acks, overrun) = self.drain(last)?;
         let describe = |seq: u32| -> String {
             if seq >= first_object_seq && ((seq - first_object_seq) as usize) < objects.len() {
                 objects[(seq - first_object_seq) as usize].to_string()
@@ -416,26 +485,20 @@ impl Netlink {
     }
 
     /// Receive everything queued on the socket without waiting: the answers
-    /// to a batch are all queued before `sendmsg` returns. Returns the
-    /// acknowledgements and whether the receive queue overflowed (ENOBUFS).
-    fn drain(&mut self) -> Result<(Vec<Ack>, bool), Error> {
+    /// to a batch are all queued before `sendmsg` returns. Stops early once
+    /// the answer numbered `last` is in, since nothing follows it. Returns
+    /// the acknowledgements and whether the receive queue overflowed (ENOBUFS).
+    fn drain(&mut self, last: Option<u32>) -> Result<(Vec<Ack>, bool), Error> {
         let mut acks = Vec::new();
         let mut overrun = false;
+        let fd = self.socket.as_raw_fd();
+        let buffer = self
+            .acks
+            .get_or_insert_with(|| AlignedBuffer::zeroed(ACK_BUFFER_LEN));
         loop {
-            let buffer = &mut self.buffer.0;
-            // SAFETY: the descriptor is our live socket and `buffer` is writable
-            // for its whole length, which is passed along.
-            let n = unsafe {
-                libc::recv(
-                    self.socket.as_raw_fd(),
-                    buffer.as_mut_ptr().cast(),
-                    buffer.len(),
-                    libc::MSG_DONTWAIT,
-                )
-            };
-            if n < 0 {
-                let err = io::Error::last_os_error();
-                match err.raw_os_error() {
+            let n = match receive_datagram(fd, buffer, libc::MSG_DONTWAIT) {
+                Ok(n) => n,
+                Err(err) => match err.raw_os_error() {
                     Some(libc::EAGAIN) => break,
                     Some(libc::EINTR) => continue,
                     Some(libc::ENOBUFS) => {
@@ -443,13 +506,18 @@ impl Netlink {
                         continue;
                     }
                     _ => return Err(Error::Receive(err)),
-                }
-            }
-            for message in mnl::NlMessages::new(&buffer[..n as usize]) {
+                },
+            };
+            let mut complete = false;
+            for message in mnl::NlMessages::new(&buffer.bytes()[..n]) {
                 let message = message.map_err(Error::Receive)?;
                 if let Some(ack) = parse_ack(message) {
+                    complete |= Some(ack.seq) == last;
                     acks.push(ack);
                 }
+            }
+            if complete {
+                break;
             }
         }
         Ok((acks, overrun))
@@ -467,19 +535,23 @@ impl Netlink {
     ) -> Result<Result<bool, i32>, Error> {
         self.seq = self.seq.wrapping_add(1);
         let seq = self.seq;
-        let len = ffi::write_request(&mut self.request.0, request, table, seq);
+        // The request is written into the buffer the answers then overwrite;
+        // both go with it when the dump returns.
+        let mut buffer = AlignedBuffer::zeroed(DUMP_BUFFER_LEN);
+        let len = ffi::write_request(buffer.bytes_mut(), request, table, seq);
         self.socket
-            .send(&self.request.0[..len])
+            .send(&buffer.bytes()[..len])
             .map_err(Error::Send)?;
         let multipart = !matches!(request, Request::Table | Request::Generation);
         let mut interrupted = false;
+        let fd = self.socket.as_raw_fd();
         loop {
-            let n = match self.socket.recv_raw(&mut self.buffer.0) {
+            let n = match receive_datagram(fd, &mut buffer, 0) {
                 Ok(n) => n,
                 Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
                 Err(err) => return Err(Error::Receive(err)),
             };
-            for message in mnl::NlMessages::new(&self.buffer.0[..n]) {
+            for message in mnl::NlMessages::new(&buffer.bytes()[..n]) {
                 let message = message.map_err(Error::Receive)?;
                 let header = Header::read(message)
                     .ok_or_else(|| Error::Malformed("short netlink message".into()))?;
@@ -694,5 +766,42 @@ mod tests {
             without_batch_end(trimmed).unwrap_err().to_string(),
             Error::Malformed("the batch does not end with a batch end message".into()).to_string()
         );
+    }
+
+    #[test]
+    fn a_datagram_longer_than_the_buffer_arrives_whole_and_the_buffer_stays_aligned() {
+        // A datagram socket pair stands in for netlink: MSG_PEEK | MSG_TRUNC
+        // returns the real length there too (unix(7)).
+        let mut fds = [0i32; 2];
+        // SAFETY: socketpair writes two descriptors into `fds`.
+        let rc = unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_DGRAM, 0, fds.as_mut_ptr()) };
+        assert_eq!(rc, 0, "{}", io::Error::last_os_error());
+        let sent: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
+        let small = [7u8; 100];
+        for datagram in [&sent[..], &small[..]] {
+            // SAFETY: fds[1] is the live socket; `datagram` is readable for its length.
+            let n = unsafe { libc::send(fds[1], datagram.as_ptr().cast(), datagram.len(), 0) };
+            assert_eq!(n as usize, datagram.len());
+        }
+        let mut buffer = AlignedBuffer::zeroed(ACK_BUFFER_LEN);
+        let n = receive_datagram(fds[0], &mut buffer, libc::MSG_DONTWAIT).unwrap();
+        assert_eq!(&buffer.bytes()[..n], &sent[..]);
+        assert!(buffer.len() >= sent.len());
+        assert!(
+            buffer
+                .bytes()
+                .as_ptr()
+                .cast::<libc::nlmsghdr>()
+                .is_aligned()
+        );
+        // The next, shorter datagram is read on its own.
+        let n = receive_datagram(fds[0], &mut buffer, libc::MSG_DONTWAIT).unwrap();
+        assert_eq!(&buffer.bytes()[..n], &small[..]);
+        let empty = receive_datagram(fds[0], &mut buffer, libc::MSG_DONTWAIT).unwrap_err();
+        assert_eq!(empty.raw_os_error(), Some(libc::EAGAIN));
+        for fd in fds {
+            // SAFETY: closing the descriptors this test opened.
+            unsafe { libc::close(fd) };
+        }
     }
 }

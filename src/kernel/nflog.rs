@@ -50,8 +50,13 @@ const QUEUE_THRESHOLD: u32 = 32;
 /// bursts while the listener is busy; beyond it batches are lost (counted).
 const SOCKET_RECEIVE_BUFFER: usize = 1 << 20;
 
-/// One `recv`: the kernel's batch skb is at most 128 KiB (`nfulnl_set_nlbufsiz`).
-const RECEIVE_BUFFER_LEN: usize = 128 * 1024;
+/// First size of the buffer one batch is read into. The kernel builds a
+/// batch in an skb of the instance's `nlbufsiz`, by default `NLMSG_GOODSIZE`
+/// (at most 8 KiB), unless one packet's message is larger (not with
+/// [`COPY_RANGE`] bytes copied); `nfulnl_set_nlbufsiz` allows up to 128 KiB.
+/// A longer datagram still arrives whole: [`NflogListener::receive`] peeks
+/// at its length and grows the buffer first.
+const RECEIVE_BUFFER_LEN: usize = 16 * 1024;
 
 /// How long opening waits for the kernel's answer to the bind. nfnetlink
 /// answers inside `sendmsg`, so this only guards against a broken kernel.
@@ -172,7 +177,7 @@ impl NflogListener {
 
     /// Waits up to [`RECEIVE_POLL`] for the next batch; `None` if none came.
     pub fn receive(&mut self) -> Result<Option<Delivery>, Error> {
-        match (&self.socket).read(&mut self.buffer) {
+        match self.receive_datagram() {
             Ok(length) => Ok(Some(Delivery::Messages(parse_delivery(
                 &self.buffer[..length],
             )))),
@@ -194,6 +199,21 @@ impl NflogListener {
                 source,
             }),
         }
+    }
+}
+
+impl NflogListener {
+    /// Reads the next datagram whole: a peek with `MSG_TRUNC` returns its
+    /// real length without taking it (netlink(7)), and the buffer grows to
+    /// it first. Blocks up to the socket's read timeout.
+    fn receive_datagram(&mut self) -> io::Result<usize> {
+        let pending = self
+            .socket
+            .recv_with_flags(&mut [], libc::MSG_PEEK | libc::MSG_TRUNC)?;
+        if pending > self.buffer.len() {
+            self.buffer.resize(pending, 0);
+        }
+        (&self.socket).read(&mut self.buffer)
     }
 }
 

@@ -38,9 +38,17 @@ pub struct KernelSet {
     pub flags: u32,
     pub key_type: u32,
     pub key_len: u32,
-    /// Empty when the table was read without elements (a leftover's
-    /// elements are never read).
+    /// Empty when the set's elements were not read (a leftover's elements
+    /// are never read).
     pub elements: Vec<RawElement>,
+    /// Whether `elements` are what the kernel holds (read, or known, see
+    /// [`ElementPlan::known`]) at the reading's ruleset generation id.
+    pub elements_read: bool,
+    /// The model set a verification found this set to hold exactly (set by
+    /// `kernel::Session` after a verification without differences), so that
+    /// the next apply can tell an unchanged set by comparing models instead
+    /// of encoding and comparing elements.
+    pub verified_as: Option<crate::ruleset::Set>,
 }
 
 impl KernelSet {
@@ -113,12 +121,24 @@ impl KernelTable {
         }
     }
 
+    /// The model name of a set the generation in force looks up: a set whose
+    /// definition and elements did not change is kept from the generation
+    /// that created it (see `generation::Swap::reuse`), so any generation
+    /// suffix up to the one in force is stripped. What such a set holds is
+    /// compared like any other set in force.
+    pub fn set_model_name<'a>(&self, kernel_name: &'a str) -> &'a str {
+        match (generation::split(kernel_name), self.generation) {
+            (Some((model, of)), Some(in_force)) if of <= in_force => model,
+            _ => kernel_name,
+        }
+    }
+
     /// An expression as the read-back compares it: its kernel name, and
     /// for a named set lookup or a jump, what it refers to (by model name).
     pub fn expression_label(&self, expr: &ParsedExpr) -> String {
         match &expr.reference {
             Some(Reference::Set(set)) if !set.starts_with("__set") => {
-                format!("{} @{}", expr.name, self.model_name(set))
+                format!("{} @{}", expr.name, self.set_model_name(set))
             }
             Some(Reference::Jump(chain)) => {
                 format!("{} jump {}", expr.name, self.model_name(chain))
@@ -147,6 +167,31 @@ pub enum Detail {
     Shape,
     /// Everything, elements included (to verify or report).
     Full,
+}
+
+/// Whose elements a reading of the table gets, among the sets in force
+/// (leftovers' elements are never read: they are deleted, not compared).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ElementPlan {
+    /// Whether to read elements at all.
+    pub read: bool,
+    /// Sets whose elements are not read, by model name (the DNS-derived
+    /// sets, whose elements are not compared).
+    pub skip: BTreeSet<String>,
+    /// Elements the kernel is known to hold, by kernel name, as long as the
+    /// ruleset generation id is `known_at`: no commit, so no change, since
+    /// they were read. Taken instead of read when the reading finds that id.
+    pub known: BTreeMap<String, Vec<RawElement>>,
+    pub known_at: Option<u32>,
+}
+
+impl ElementPlan {
+    fn of(detail: Detail) -> ElementPlan {
+        ElementPlan {
+            read: detail == Detail::Full,
+            ..ElementPlan::default()
+        }
+    }
 }
 
 fn malformed(what: &str) -> Error {
@@ -194,16 +239,26 @@ pub fn read_sets(netlink: &mut Netlink) -> Result<Vec<ParsedSet>, Error> {
 
 /// Read the whole table, consistently.
 pub fn read_table(netlink: &mut Netlink, detail: Detail) -> Result<Snapshot, Error> {
+    read_table_with(netlink, &ElementPlan::of(detail))
+}
+
+/// Read the table, consistently, with the elements `plan` asks for.
+pub fn read_table_with(netlink: &mut Netlink, plan: &ElementPlan) -> Result<Snapshot, Error> {
     for _ in 0..READ_ATTEMPTS {
         let before = generation_id(netlink)?;
         let (table, interrupted) = match read_table_once(netlink)? {
             Some((raw, mut interrupted)) => {
                 let mut table = in_force(raw);
-                if detail == Detail::Full {
-                    // Leftovers are deleted, not compared: their elements are not read.
-                    for set in &mut table.sets {
-                        interrupted |= read_elements(netlink, set)?;
+                let known_now = plan.known_at == Some(before);
+                for set in table.sets.iter_mut().filter(|_| plan.read) {
+                    if plan.skip.contains(&set.name) {
+                        continue;
                     }
+                    match plan.known.get(&set.kernel_name).filter(|_| known_now) {
+                        Some(known) => set.elements = known.clone(),
+                        None => interrupted |= read_elements(netlink, set)?,
+                    }
+                    set.elements_read = true;
                 }
                 (Some(table), interrupted)
             }
@@ -222,7 +277,7 @@ pub fn read_table(netlink: &mut Netlink, detail: Detail) -> Result<Snapshot, Err
 }
 
 /// The table as listed by the kernel: every object under its kernel name.
-#[derive(Default)]
+#[derive(Clone, Default)]
 struct RawTable {
     comment: Option<String>,
     sets: Vec<KernelSet>,
@@ -282,7 +337,6 @@ fn read_table_once(netlink: &mut Netlink) -> Result<Option<(RawTable, bool)>, Er
     )
     .map(ffi::udata_string);
     let mut interrupted = false;
-
     let sets = match read_sets(netlink) {
         Ok(sets) => sets,
         // The table was deleted since it was read: read again.
@@ -298,6 +352,8 @@ fn read_table_once(netlink: &mut Netlink) -> Result<Option<(RawTable, bool)>, Er
             key_type: set.key_type,
             key_len: set.key_len,
             elements: Vec::new(),
+            elements_read: false,
+            verified_as: None,
         })
         .collect();
 
@@ -325,31 +381,56 @@ fn read_table_once(netlink: &mut Netlink) -> Result<Option<(RawTable, bool)>, Er
     })?;
     interrupted |= dump_result(answer, "the chains")?;
 
-    let mut rules: Vec<ffi::ParsedRule> = Vec::new();
-    let answer = netlink.dump(Request::Rules, &table, &mut |message| {
-        let rule = ffi::parse_rule(message).ok_or_else(|| malformed("rule"))?;
-        if rule.table == TABLE_NAME && rule.family == libc::NFPROTO_INET as u32 {
-            rules.push(rule);
+    // Only the rules of the chains the base chains reach are read, chain by
+    // chain, following jumps: those are the policy in force. The rules of
+    // other chains (what is left of other generations) decide no packet and
+    // are never compared; about half of the table's rules during an apply.
+    let mut queue: Vec<usize> = (0..chains.len())
+        .filter(|&i| chains[i].hook.is_some())
+        .collect();
+    let mut visited: BTreeSet<usize> = queue.iter().copied().collect();
+    while let Some(index) = queue.pop() {
+        let chain = &mut chains[index];
+        let name =
+            std::ffi::CString::new(chain.kernel_name.clone()).map_err(|_| malformed("chain"))?;
+        let mut stray = false;
+        let answer = netlink.dump(Request::ChainRules(&name), &table, &mut |message| {
+            let rule = ffi::parse_rule(message).ok_or_else(|| malformed("rule"))?;
+            if rule.table != TABLE_NAME
+                || rule.family != libc::NFPROTO_INET as u32
+                || rule.chain != chain.kernel_name
+            {
+                stray = true;
+                return Ok(());
+            }
+            let id = ffi::udata_find(
+                &rule.userdata,
+                nftnl::nftnl_sys::NFTNL_UDATA_RULE_COMMENT as u8,
+            )
+            .map(ffi::udata_string);
+            chain.rules.push(KernelRule {
+                id,
+                handle: rule.handle,
+                expressions: rule.expressions,
+            });
+            Ok(())
+        })?;
+        if stray {
+            return Err(Error::Malformed(format!(
+                "the kernel answered a dump of chain {:?} with rules of another chain",
+                chain.kernel_name
+            )));
         }
-        Ok(())
-    })?;
-    interrupted |= dump_result(answer, "the rules")?;
-    // The dump lists each chain's rules in chain order.
-    for rule in rules {
-        let id = ffi::udata_find(
-            &rule.userdata,
-            nftnl::nftnl_sys::NFTNL_UDATA_RULE_COMMENT as u8,
-        )
-        .map(ffi::udata_string);
-        let kernel_rule = KernelRule {
-            id,
-            handle: rule.handle,
-            expressions: rule.expressions,
-        };
-        match chains.iter_mut().find(|c| c.kernel_name == rule.chain) {
-            Some(chain) => chain.rules.push(kernel_rule),
-            // A chain created after the chains were listed: read again.
-            None => interrupted = true,
+        // A chain deleted since the chains were listed is an interruption.
+        interrupted |= dump_result(answer, "the rules")?;
+        let targets: Vec<String> = chain_references(chain).map(str::to_string).collect();
+        for target in targets {
+            match chains.iter().position(|c| c.kernel_name == target) {
+                Some(reached) if visited.insert(reached) => queue.push(reached),
+                Some(_) => {}
+                // A chain created after the chains were listed: read again.
+                None => interrupted = true,
+            }
         }
     }
     Ok(Some((
@@ -440,7 +521,7 @@ fn in_force(raw: RawTable) -> KernelTable {
     }
     for mut set in sets {
         if looked_up.contains(&set.kernel_name) {
-            set.name = table.model_name(&set.kernel_name).to_string();
+            set.name = table.set_model_name(&set.kernel_name).to_string();
             table.sets.push(set);
         } else {
             table.leftover_sets.push(set);
@@ -662,8 +743,14 @@ pub fn differences(model: &Ruleset, kernel: &KernelTable) -> Result<Vec<Differen
         });
     }
 
-    let kernel_sets: BTreeMap<&str, &KernelSet> =
-        kernel.sets.iter().map(|s| (s.name.as_str(), s)).collect();
+    let mut kernel_sets: BTreeMap<&str, &KernelSet> = BTreeMap::new();
+    for set in &kernel.sets {
+        // Two sets in force under one model name (e.g. `allow_v4.g3` and
+        // `allow_v4.g5`): the model has one, so the second is extra.
+        if kernel_sets.insert(set.name.as_str(), set).is_some() {
+            found.push(Difference::ExtraSet(set.kernel_name.clone()));
+        }
+    }
     for set in &model.sets {
         let Some(ks) = kernel_sets.get(set.name.as_str()) else {
             found.push(Difference::MissingSet(set.name.clone()));
@@ -685,14 +772,7 @@ pub fn differences(model: &Ruleset, kernel: &KernelTable) -> Result<Vec<Differen
         if set.role == SetRole::DnsAllow {
             continue;
         }
-        // Compare keys, ends and interval-end flags; timeouts change with time.
-        let strip = |e: &RawElement| RawElement {
-            timeout_ms: None,
-            expiration_ms: None,
-            ..e.clone()
-        };
-        let want: BTreeSet<RawElement> = elements::encode_all(set)?.iter().map(strip).collect();
-        let have: BTreeSet<RawElement> = ks.elements.iter().map(strip).collect();
+        let (want, have) = element_sets(set, ks)?;
         if want != have {
             found.push(Difference::SetElements {
                 set: set.name.clone(),
@@ -762,6 +842,66 @@ pub fn differences(model: &Ruleset, kernel: &KernelTable) -> Result<Vec<Differen
         }
     }
     Ok(found)
+}
+
+/// The elements of model set `set` and of kernel set `kernel`, as the
+/// comparison sees them: keys, ends and interval-end flags (timeouts change
+/// with time), sorted, duplicates kept.
+fn element_lists(
+    set: &crate::ruleset::Set,
+    kernel: &KernelSet,
+) -> Result<(Vec<RawElement>, Vec<RawElement>), Error> {
+    let strip = |e: &RawElement| RawElement {
+        timeout_ms: None,
+        expiration_ms: None,
+        ..e.clone()
+    };
+    let mut want: Vec<RawElement> = elements::encode_all(set)?.iter().map(strip).collect();
+    let mut have: Vec<RawElement> = kernel.elements.iter().map(strip).collect();
+    want.sort();
+    have.sort();
+    Ok((want, have))
+}
+
+/// [`element_lists`] as sets, for [`differences`].
+fn element_sets(
+    set: &crate::ruleset::Set,
+    kernel: &KernelSet,
+) -> Result<(BTreeSet<RawElement>, BTreeSet<RawElement>), Error> {
+    let (want, have) = element_lists(set, kernel)?;
+    Ok((want.into_iter().collect(), have.into_iter().collect()))
+}
+
+/// Whether kernel set `kernel` holds exactly model set `set`: the same
+/// definition and the same elements, one for one (a model that lists an
+/// element twice never matches: creating it would fail, and so must using
+/// it). A set whose elements were not read never does.
+pub fn holds_exactly(set: &crate::ruleset::Set, kernel: &KernelSet) -> Result<bool, Error> {
+    if !kernel.elements_read {
+        return Ok(false);
+    }
+    if let Some(verified) = &kernel.verified_as {
+        return Ok(verified == set);
+    }
+    let definition = elements::set_definition(set, 0)?;
+    if set_shape(definition.flags, definition.key_type, definition.key_len)
+        != set_shape(kernel.flags, kernel.key_type, kernel.key_len)
+    {
+        return Ok(false);
+    }
+    let (want, have) = element_lists(set, kernel)?;
+    Ok(want == have)
+}
+
+/// Record on each static set of `table` the model set of `model` it was
+/// just verified to hold exactly (`differences(model, table)` was empty).
+pub fn mark_verified(table: &mut KernelTable, model: &Ruleset) {
+    for set in &mut table.sets {
+        set.verified_as = model
+            .set(&set.name)
+            .filter(|m| m.role != SetRole::DnsAllow && set.elements_read)
+            .cloned();
+    }
 }
 
 /// One named set in `status`.
@@ -908,6 +1048,8 @@ mod tests {
                         key_type: d.key_type,
                         key_len: d.key_len,
                         elements: elements::encode_all(s).unwrap(),
+                        elements_read: true,
+                        verified_as: None,
                     }
                 })
                 .collect(),
@@ -986,6 +1128,60 @@ mod tests {
         assert_eq!(leftovers, ["deny.g2", "egress.g2"]);
         assert_eq!(table.leftover_sets.len(), 2, "{:?}", table.leftover_sets);
         assert_eq!(differences(&model, &table).unwrap(), vec![]);
+    }
+
+    #[test]
+    fn a_set_kept_from_an_earlier_generation_is_read_by_model_name_and_only_once() {
+        let model = ruleset();
+        let mut raw = raw_mirror(&model, Some(3));
+        // The generation in force looks up blocklist_v4 as created by generation 2.
+        let rename = |name: &mut String| {
+            if name == "blocklist_v4.g3" {
+                *name = "blocklist_v4.g2".into();
+            }
+        };
+        for set in &mut raw.sets {
+            rename(&mut set.name);
+            rename(&mut set.kernel_name);
+        }
+        for rule in raw.chains.iter_mut().flat_map(|c| &mut c.rules) {
+            for expr in &mut rule.expressions {
+                if let Some(Reference::Set(set)) = &mut expr.reference {
+                    rename(set);
+                }
+            }
+        }
+        let table = in_force(raw.clone());
+        assert!(table.sets.iter().any(|s| s.name == "blocklist_v4"));
+        assert_eq!(differences(&model, &table).unwrap(), vec![]);
+
+        // A second set in force under the same model name is one too many.
+        let mut second = raw
+            .sets
+            .iter()
+            .find(|s| s.kernel_name == "blocklist_v4.g2")
+            .unwrap()
+            .clone();
+        second.name = "blocklist_v4.g1".into();
+        second.kernel_name = "blocklist_v4.g1".into();
+        raw.sets.push(second);
+        let deny = raw
+            .chains
+            .iter_mut()
+            .find(|c| c.kernel_name == "egress.g3")
+            .unwrap();
+        let mut extra = deny.rules[2].clone();
+        for expr in &mut extra.expressions {
+            if let Some(Reference::Set(set)) = &mut expr.reference {
+                *set = "blocklist_v4.g1".into();
+            }
+        }
+        deny.rules.push(extra);
+        let found = differences(&model, &in_force(raw)).unwrap();
+        assert!(
+            found.contains(&Difference::ExtraSet("blocklist_v4.g1".into())),
+            "{found:?}"
+        );
     }
 
     #[test]

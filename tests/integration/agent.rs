@@ -16,7 +16,10 @@ use std::time::{Duration, Instant};
 use hickory_proto::op::ResponseCode;
 use hickory_proto::rr::RecordType;
 use netleash::agent::protocol::{self, FailureKind, Reply, Request, SandboxStatus};
+use netleash::denial_log::DENIED_MESSAGE;
+use netleash::kernel::nflog::NflogListener;
 use netleash::netns::Target;
+use netleash::policy::DEFAULT_NFLOG_GROUP;
 use netleash::testbed::{self, DnsReply, Testbed, Transport, Verdict, ZoneRecord};
 
 use crate::support::{
@@ -42,17 +45,14 @@ pub(crate) struct Agent {
 
 impl Agent {
     fn start(bed: &Testbed, dir: &Path) -> Agent {
-        Agent::start_with_reap_interval(bed, dir, "200ms")
+        Agent::start_with(bed, dir, &[])
     }
 
     /// An agent with its socket (`run/agent.sock`) and state directory
-    /// (`state`) under `dir`, which checks every `reap_interval` (a
-    /// duration) whether its sandboxes' namespaces are gone (`200ms`, `60m`).
-    pub(crate) fn start_with_reap_interval(
-        bed: &Testbed,
-        dir: &Path,
-        reap_interval: &str,
-    ) -> Agent {
+    /// (`state`) under `dir`, and the `extra` flags. It looks for sandboxes
+    /// whose namespace is gone every 200 ms unless `extra` has its own
+    /// `--reap-interval`.
+    pub(crate) fn start_with(bed: &Testbed, dir: &Path, extra: &[&str]) -> Agent {
         support::require_root();
         let socket = dir.join("run/agent.sock");
         let state = dir.join("state");
@@ -63,8 +63,13 @@ impl Agent {
             .arg("--state-dir")
             .arg(&state)
             .args(["--upstream", UPSTREAM, "--metrics", "127.0.0.1:0"])
-            .args(["--reap-interval", reap_interval])
+            .args(if extra.contains(&"--reap-interval") {
+                &[][..]
+            } else {
+                &["--reap-interval", "200ms"][..]
+            })
             .args(["--log", "netleash=debug"])
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -177,6 +182,17 @@ impl Agent {
             text
         })
         .expect("run in the world")
+    }
+
+    /// The JSON log events (`--log-format json`) whose message is `message`.
+    fn json_events(&self, message: &str) -> Vec<serde_json::Value> {
+        self.stderr
+            .lock()
+            .unwrap()
+            .lines()
+            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+            .filter(|event| event["fields"]["message"] == message)
+            .collect()
     }
 
     pub(crate) fn kill_9(&mut self) {
@@ -461,6 +477,15 @@ fn a_bad_policy_is_invalid_input_and_changes_nothing_and_delete_leaves_the_rules
         "delete must leave the rules"
     );
     assert!(!dir.path().join("state/sandboxes/c1.json").exists());
+    // The sandbox's denied-connection log stopped with it: its nflog group
+    // in the namespace is free again.
+    let sandbox = Target::Name(bed.sandbox().to_string());
+    if let Err(error) = NflogListener::open(&sandbox, DEFAULT_NFLOG_GROUP) {
+        panic!(
+            "the nflog group is still held after delete: {}",
+            netleash::cli::render_error(&error)
+        );
+    }
     let (code, _) = resolve_and_connect(&bed, "allowed.test");
     assert_ne!(
         code,
@@ -580,6 +605,8 @@ fn enforcement_survives_kill_9_and_a_restart_adopts_and_cleans_up() {
     assert!(ready.contains("adopted 1 sandbox(es), forgot 1"), "{ready}");
     let after = restarted.get("c1");
     assert_eq!(after.digest, before.digest);
+    let log = after.denial_log.as_ref().expect("a denied-connection log");
+    assert!(log.listening && log.error.is_none(), "{log:?}");
     assert!(
         restarted
             .stderr
@@ -632,6 +659,133 @@ fn replacing_a_policy_carries_the_addresses_it_still_allows_and_forgets_the_rest
     assert!(!record.contains("drop.test"), "{record}");
 }
 
+/// Waits up to `limit` until `check` holds.
+fn eventually(limit: Duration, what: &str, mut check: impl FnMut() -> bool) {
+    let started = Instant::now();
+    while !check() {
+        assert!(started.elapsed() < limit, "{what} within {limit:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_denied_connection_is_logged_once_by_the_agent_with_the_host_and_the_sandbox_id() {
+    let bed = support::testbed();
+    let dir = tempfile::tempdir().unwrap();
+    bed.zone().set("app.test", &[a("198.51.100.11")], 300);
+    let agent = Agent::start_with(&bed, dir.path(), &["--log-format", "json"]);
+    let put = agent
+        .put("c1", &sandbox_path(&bed), &policy_json(&["app.test:443"]))
+        .unwrap_or_else(|e| panic!("{}\n{}", netleash::cli::render_error(&e), agent.logs()));
+    let log = put.denial_log.expect("the status shows the log");
+    assert!(log.listening, "{log:?}");
+    assert_eq!(log.nflog_group, DEFAULT_NFLOG_GROUP);
+
+    // Resolved through the agent's proxy, then connected on the allowed port.
+    assert_eq!(
+        resolve_and_connect(&bed, "app.test"),
+        (ResponseCode::NoError, Some(Verdict::Connected))
+    );
+    // Denied twice: the resolved address on a port the policy does not allow.
+    assert_rejected(&bed, "198.51.100.11", 8443);
+    assert_rejected(&bed, "198.51.100.11", 8443);
+
+    eventually(
+        Duration::from_secs(5),
+        "one denied-connection line and two denied packets",
+        || {
+            !agent.json_events(DENIED_MESSAGE).is_empty()
+                && agent
+                    .get("c1")
+                    .denial_log
+                    .is_some_and(|log| log.packets >= 2)
+        },
+    );
+    // Room for a wrong second line to arrive (the kernel batches for 100 ms).
+    std::thread::sleep(Duration::from_millis(500));
+    let events = agent.json_events(DENIED_MESSAGE);
+    assert_eq!(events.len(), 1, "{events:#?}\n{}", agent.logs());
+    let fields = &events[0]["fields"];
+    assert_eq!(fields["sandbox"], "c1", "{fields:#}");
+    assert_eq!(fields["host"], "app.test", "{fields:#}");
+    assert_eq!(fields["dst"], "198.51.100.11", "{fields:#}");
+    assert_eq!(fields["port"], 8443, "{fields:#}");
+    assert_eq!(fields["proto"], "tcp", "{fields:#}");
+    assert_eq!(fields["src"], testbed::SANDBOX_V4.to_string(), "{fields:#}");
+    assert_eq!(events[0]["level"], "WARN");
+
+    let log = agent
+        .get("c1")
+        .denial_log
+        .expect("the status shows the log");
+    assert_eq!(
+        (log.listening, log.packets, log.logged, log.suppressed),
+        (true, 2, 1, 0),
+        "{log:?}"
+    );
+    let metrics = agent.metrics(&bed);
+    for (series, expected) in [
+        ("netleash_sandbox_denial_log_listening{sandbox=\"c1\"}", 1),
+        (
+            "netleash_sandbox_denial_log_packets_total{sandbox=\"c1\"}",
+            2,
+        ),
+        ("netleash_sandbox_denial_log_lines_total{sandbox=\"c1\"}", 1),
+        (
+            "netleash_sandbox_denial_log_suppressed_total{sandbox=\"c1\"}",
+            0,
+        ),
+    ] {
+        assert_eq!(
+            sample(&metrics, series),
+            Some(expected),
+            "{series}\n{metrics}"
+        );
+    }
+}
+
+#[test]
+fn a_sandbox_whose_nflog_group_is_taken_is_enforced_and_its_status_says_the_log_is_off() {
+    let bed = support::testbed();
+    let dir = tempfile::tempdir().unwrap();
+    bed.zone().set("allowed.test", &[a("198.51.100.10")], 300);
+    // Another listener holds the group in the sandbox's namespace first.
+    let sandbox = Target::Name(bed.sandbox().to_string());
+    let _other = NflogListener::open(&sandbox, DEFAULT_NFLOG_GROUP).unwrap_or_else(|error| {
+        panic!(
+            "listen to nflog in the sandbox: {}",
+            netleash::cli::render_error(&error)
+        )
+    });
+    let agent = Agent::start(&bed, dir.path());
+    let put = agent
+        .put("c1", &sandbox_path(&bed), &policy_json(&["allowed.test"]))
+        .unwrap_or_else(|e| panic!("{}\n{}", netleash::cli::render_error(&e), agent.logs()));
+    let log = put.denial_log.expect("the status shows the log");
+    assert!(!log.listening, "{log:?}");
+    assert!(
+        log.error
+            .as_deref()
+            .is_some_and(|error| error.contains("another program already listens")),
+        "{log:?}"
+    );
+    assert_eq!(
+        resolve_and_connect(&bed, "allowed.test"),
+        (ResponseCode::NoError, Some(Verdict::Connected))
+    );
+    assert_rejected(&bed, "203.0.113.20", 443);
+    assert!(agent.get("c1").denied_packets >= 1);
+    let metrics = agent.metrics(&bed);
+    assert_eq!(
+        sample(
+            &metrics,
+            "netleash_sandbox_denial_log_listening{sandbox=\"c1\"}"
+        ),
+        Some(0),
+        "{metrics}"
+    );
+}
+
 /// The agent's shared resolver loop without the agent: one loop, routes to
 /// two recording sinks, names tracked and untracked while it runs (loopback
 /// test upstream, no namespaces).
@@ -661,22 +815,24 @@ mod shared_loop {
         }])
     }
 
-    /// Sandbox `a` allows shared.test exactly, sandbox `b` allows *.test.
+    /// Sandbox `a` allows shared.test exactly, sandbox `b` allows *.test;
+    /// each remembers the names of the addresses it was given.
     struct TwoSandboxes {
-        a: (Arc<RecordingSink>, AllowedNames),
-        b: (Arc<RecordingSink>, AllowedNames),
+        a: (Arc<RecordingSink>, AllowedNames, Arc<AddressOrigins>),
+        b: (Arc<RecordingSink>, AllowedNames, Arc<AddressOrigins>),
     }
 
     impl NameRoutes for TwoSandboxes {
         fn routes(&self, name: &str) -> Vec<Route> {
             [&self.a, &self.b]
                 .into_iter()
-                .filter_map(|(sink, names)| {
+                .filter_map(|(sink, names, origins)| {
                     let bindings: Vec<NameBinding> =
                         names.matching(name).into_iter().cloned().collect();
                     (!bindings.is_empty()).then(|| Route {
                         sink: sink.clone() as Arc<dyn AddressSink>,
                         bindings,
+                        origins: origins.clone(),
                     })
                 })
                 .collect()
@@ -701,10 +857,12 @@ mod shared_loop {
             a: (
                 Arc::new(RecordingSink::new()),
                 names(Target::Name("shared.test".into())),
+                Arc::new(AddressOrigins::default()),
             ),
             b: (
                 Arc::new(RecordingSink::new()),
                 names(Target::Wildcard("test".into())),
+                Arc::new(AddressOrigins::default()),
             ),
         });
         let mut config = ResolverLoopConfig::new(vec![upstream.addr]);
@@ -715,14 +873,10 @@ mod shared_loop {
             ..TtlPolicy::default()
         };
         config.query_timeout = Duration::from_millis(200);
-        let mut handle = ResolverLoop::routed(
-            config,
-            routes.clone(),
-            Arc::new(AnswerCache::default()),
-            Arc::new(AddressOrigins::default()),
-        )
-        .expect("valid configuration")
-        .spawn();
+        let mut handle =
+            ResolverLoop::routed(config, routes.clone(), Arc::new(AnswerCache::default()))
+                .expect("valid configuration")
+                .spawn();
         assert!(handle.track("shared.test").unwrap());
         assert!(!handle.track("shared.test").unwrap(), "tracked twice");
         let (a, b) = (&routes.a.0, &routes.b.0);
@@ -731,6 +885,14 @@ mod shared_loop {
         })
         .await;
         assert_eq!(upstream.queries_for("shared.test"), 2, "one A and one AAAA");
+        // Each sandbox's denied-connection log can name the address (recorded
+        // right after its sink took it).
+        eventually("each sandbox records the address's name", || {
+            [&routes.a.2, &routes.b.2]
+                .iter()
+                .all(|origins| origins.name_of(address.into()).as_deref() == Some("shared.test"))
+        })
+        .await;
 
         // b's sets fail: a keeps getting refreshes, the name is not in backoff.
         b.set_failing(true);

@@ -393,21 +393,31 @@ fn reapply_replaces_the_table_each_time() {
     }
 }
 
-/// The generation numbers of the generation objects in nft's listing, and
-/// the names of the objects without one.
-fn generations_listed(table: &Value) -> (BTreeSet<u32>, BTreeSet<String>) {
+/// The generation numbers of the generation chains in nft's listing, the
+/// generation sets (model name and generation), and the names of the
+/// objects without a generation.
+fn generations_listed(table: &Value) -> (BTreeSet<u32>, Vec<(String, u32)>, BTreeSet<String>) {
     let mut generations = BTreeSet::new();
+    let mut sets = Vec::new();
     let mut persistent = BTreeSet::new();
     for kind in ["set", "chain"] {
         for item in items(table, kind) {
             let name = item["name"].as_str().unwrap();
-            match name.rsplit_once(".g").and_then(|(_, n)| n.parse().ok()) {
-                Some(generation) => generations.insert(generation),
-                None => persistent.insert(format!("{kind} {name}")),
-            };
+            match name
+                .rsplit_once(".g")
+                .and_then(|(model, n)| Some((model, n.parse().ok()?)))
+            {
+                Some((_, generation)) if kind == "chain" => {
+                    generations.insert(generation);
+                }
+                Some((model, generation)) => sets.push((model.to_string(), generation)),
+                None => {
+                    persistent.insert(format!("{kind} {name}"));
+                }
+            }
         }
     }
-    (generations, persistent)
+    (generations, sets, persistent)
 }
 
 fn limited_persistent() -> BTreeSet<String> {
@@ -435,6 +445,7 @@ fn each_reapply_swaps_in_a_generation_and_leaves_exactly_one() {
         (1, &kernel::Method::Create)
     );
     let mut generation = 1;
+    let mut previous = None;
     for model in [&a, &b, &open, &a, &open, &b] {
         let report = kernel::apply(&ns.target(), model).expect("re-apply");
         assert_eq!(
@@ -448,7 +459,7 @@ fn each_reapply_swaps_in_a_generation_and_leaves_exactly_one() {
         assert_eq!(report.generation, generation);
         assert_eq!(report.digest, model.digest);
         let listing = ns.nft_json().unwrap();
-        let (generations, persistent) = generations_listed(&listing);
+        let (generations, sets, persistent) = generations_listed(&listing);
         assert_eq!(
             generations,
             BTreeSet::from([generation]),
@@ -456,6 +467,26 @@ fn each_reapply_swaps_in_a_generation_and_leaves_exactly_one() {
 {}",
             ns.nft_text()
         );
+        // A set is kept from an earlier generation while it does not
+        // change, so set generations may be older; but there is one set per
+        // model set, and a set whose elements changed is of this generation.
+        let set_names: BTreeSet<&str> = sets.iter().map(|(name, _)| name.as_str()).collect();
+        assert_eq!(set_names.len(), sets.len(), "{}", ns.nft_text());
+        assert!(
+            sets.iter().all(|(_, g)| *g <= generation),
+            "{}",
+            ns.nft_text()
+        );
+        if model.digest == b.digest
+            && previous.is_some_and(|p: &ruleset::Ruleset| p.digest == a.digest)
+        {
+            let allow = sets
+                .iter()
+                .find(|(name, _)| name == "allow_v4_ports")
+                .unwrap();
+            assert_eq!(allow.1, generation, "{}", ns.nft_text());
+        }
+        previous = Some(model);
         let expected = if model.mode == Mode::Limited {
             limited_persistent()
         } else {
@@ -567,7 +598,7 @@ fn a_table_in_the_old_layout_is_replaced_once_then_generations_swap() {
         report.method
     );
     assert_eq!(report.generation, 1);
-    let (generations, persistent) = generations_listed(&ns.nft_json().unwrap());
+    let (generations, _, persistent) = generations_listed(&ns.nft_json().unwrap());
     assert_eq!(generations, BTreeSet::from([1]));
     assert_eq!(persistent, limited_persistent());
     assert_eq!(
@@ -600,7 +631,7 @@ fn a_session_that_missed_a_change_starts_over_instead_of_applying_stale_plans() 
     assert_eq!(report.restarts, 1);
     assert_eq!(report.method, kernel::Method::Swap { from: 2, to: 3 });
     assert_eq!(count(&ns, "dns_v4"), 1);
-    let (generations, _) = generations_listed(&ns.nft_json().unwrap());
+    let (generations, _, _) = generations_listed(&ns.nft_json().unwrap());
     assert_eq!(generations, BTreeSet::from([3]));
     session.close_in_background();
 }
@@ -660,8 +691,15 @@ fn concurrent_appliers_fail_cleanly_and_never_leave_a_broken_table() {
     assert_eq!(plan.differences, vec![], "the policy in force is complete");
     // Whatever a lost race left behind, the next apply deletes.
     kernel::apply(&ns.target(), model).unwrap();
-    let (generations, _) = generations_listed(&ns.nft_json().unwrap());
+    let (generations, sets, _) = generations_listed(&ns.nft_json().unwrap());
     assert_eq!(generations.len(), 1, "{}", ns.nft_text());
+    let set_names: BTreeSet<&str> = sets.iter().map(|(name, _)| name.as_str()).collect();
+    assert_eq!(
+        set_names.len(),
+        sets.len(),
+        "one set per model set: {}",
+        ns.nft_text()
+    );
 }
 
 /// Rulesets the kernel refuses although every message is well formed: the
@@ -1255,7 +1293,7 @@ fn the_dns_proxy_chains_swap_with_their_generation() {
             "{}",
             ns.nft_text()
         );
-        let (generations, persistent) = generations_listed(&ns.nft_json().unwrap());
+        let (generations, _, persistent) = generations_listed(&ns.nft_json().unwrap());
         assert_eq!(
             generations,
             BTreeSet::from([generation]),

@@ -466,7 +466,7 @@ fn enforcement_continues_through_an_agent_restart() {
     // The reaper would also forget a sandbox whose container is gone; an
     // hour keeps it out of the way, so only the poststop hook can.
     const REAP: &str = "60m";
-    let mut agent = Agent::start_with_reap_interval(&bed, dir.path(), REAP);
+    let mut agent = Agent::start_with(&bed, dir.path(), &["--reap-interval", REAP]);
     let socket = agent.socket.to_str().expect("a UTF-8 path").to_string();
 
     let bundle = Bundle::new(RESOLV_CONF);
@@ -535,7 +535,7 @@ fn enforcement_continues_through_an_agent_restart() {
     );
 
     // The same state directory: the agent adopts the container's sandbox.
-    agent = Agent::start_with_reap_interval(&bed, dir.path(), REAP);
+    agent = Agent::start_with(&bed, dir.path(), &["--reap-interval", REAP]);
     let ready = agent.wait_for_line("ready:");
     assert!(ready.contains("adopted 1 sandbox(es), forgot 0"), "{ready}");
     let listed = listed_sandboxes(&socket);
