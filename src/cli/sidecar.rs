@@ -31,7 +31,6 @@ use std::time::{Duration, Instant};
 
 use hickory_proto::op::{Message, MessageType, OpCode};
 use serde_json::json;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -47,6 +46,7 @@ use crate::dns::resolver::{ResolverHandle, ResolverLoop, ResolverLoopConfig};
 use crate::dns::ttl::{self, TtlPolicy};
 use crate::dns::upstream::{self, DNS_PORT, Upstream, UpstreamSockets};
 use crate::enforcer::{self, bind_proxy_sockets, serve_proxy, start_denial_log, still_allowed};
+use crate::http_endpoint;
 use crate::netns::{self, SocketFactory, SocketKind};
 use crate::policy::{CompileOptions, ProxyOptions};
 use crate::ruleset::{self, Ruleset};
@@ -675,37 +675,20 @@ impl Sidecar {
 }
 
 async fn serve_health(listener: TcpListener, sidecar: Arc<Sidecar>) {
-    loop {
-        let Ok((stream, _peer)) = listener.accept().await else {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            continue;
-        };
-        tokio::spawn(answer_health(stream, sidecar.clone()));
-    }
+    http_endpoint::serve(listener, move |stream| {
+        answer_health(stream, sidecar.clone())
+    })
+    .await;
 }
 
 /// Answers one HTTP/1.x request: `GET /healthz` with 200 (healthy) or 503
 /// and the JSON status; anything else 404.
 async fn answer_health(mut stream: TcpStream, sidecar: Arc<Sidecar>) {
-    let mut head = Vec::new();
-    let mut buffer = [0u8; 1024];
-    let read = tokio::time::timeout(HEALTH_REQUEST_TIMEOUT, async {
-        while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 8192 {
-            match stream.read(&mut buffer).await {
-                Ok(0) | Err(_) => return false,
-                Ok(length) => head.extend_from_slice(&buffer[..length]),
-            }
-        }
-        true
-    })
-    .await;
-    if !matches!(read, Ok(true)) {
+    let Some(head) = http_endpoint::read_request_head(&mut stream, HEALTH_REQUEST_TIMEOUT).await
+    else {
         return;
-    }
-    let request = String::from_utf8_lossy(&head);
-    let mut words = request.split_whitespace();
-    let (method, path) = (words.next(), words.next());
-    let (status, body) = match (method, path) {
+    };
+    let (status, body) = match http_endpoint::method_and_path(&head) {
         (Some("GET"), Some("/healthz")) => {
             let (healthy, body) = sidecar.health().await;
             let status = if healthy {
@@ -720,12 +703,7 @@ async fn answer_health(mut stream: TcpStream, sidecar: Arc<Sidecar>) {
             json!({"error": "only GET /healthz is served"}).to_string(),
         ),
     };
-    let response = format!(
-        "HTTP/1.0 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    let _ = stream.write_all(response.as_bytes()).await;
-    let _ = stream.shutdown().await;
+    http_endpoint::respond(&mut stream, status, "application/json", &body).await;
 }
 
 #[cfg(test)]
