@@ -10,6 +10,7 @@
 //! - [`denial_log`]: the sidecar's denied-connection log (nflog packets matched
 //!   to the DNS proxy's answers, deduplicated and rate-limited);
 //! - [`enforcer`]: the DNS proxy wiring the sidecar and the agent share;
+//! - [`http_endpoint`]: the small HTTP endpoints (`/metrics`, `/healthz`);
 //! - [`agent`]: the host agent's API, shared by `netleash agent` and `netleash hook`;
 //! - [`oci`]: the OCI runtime state and bundle configuration `netleash hook` reads;
 //! - [`cli`]: the `netleash` command;
@@ -21,6 +22,7 @@ pub mod cli;
 pub mod denial_log;
 pub mod dns;
 pub mod enforcer;
+pub mod http_endpoint;
 pub mod kernel;
 pub mod netns;
 pub mod oci;

@@ -32,7 +32,7 @@ pub mod protocol;
 pub mod server;
 pub mod state;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::io;
 use std::net::SocketAddr;
@@ -46,7 +46,7 @@ use hickory_proto::rr::RecordType;
 
 use crate::denial_log::{DenialStats, DenialWatch};
 use crate::dns::cache::{AnswerCache, CacheKey, CacheStats};
-use crate::dns::learn::{AddressSink, Learned, learned_for};
+use crate::dns::learn::{AddressSink, LearnedBatch, learned_for};
 use crate::dns::names::AllowedNames;
 use crate::dns::origins::AddressOrigins;
 use crate::dns::proxy::{Proxy, ProxyConfig, ProxyHandle, ProxyStats};
@@ -805,7 +805,7 @@ impl Agent {
     /// resolved has their addresses before its first query.
     async fn seed_from_cache(&self, entry: &Enforced, names: &AllowedNames) {
         let now = Instant::now();
-        let mut timeouts: HashMap<(String, ruleset::Element), Duration> = HashMap::new();
+        let mut batch = LearnedBatch::default();
         let mut released: Vec<(&str, Vec<std::net::IpAddr>)> = Vec::new();
         for name in names.exact_names() {
             let bindings = names.matching(name);
@@ -821,24 +821,14 @@ impl Agent {
                 let addresses = hit.addresses_at(now);
                 released.push((name, addresses.iter().map(|a| a.addr).collect()));
                 for learned in learned_for(&bindings, &addresses, &self.config.ttl) {
-                    let slot = timeouts
-                        .entry((learned.set, learned.element))
-                        .or_insert(learned.timeout);
-                    *slot = (*slot).max(learned.timeout);
+                    batch.add(learned.set, learned.element, learned.timeout);
                 }
             }
         }
-        if timeouts.is_empty() {
+        if batch.is_empty() {
             return;
         }
-        let batch: Vec<Learned> = timeouts
-            .into_iter()
-            .map(|((set, element), timeout)| Learned {
-                set,
-                element,
-                timeout,
-            })
-            .collect();
+        let batch = batch.into_sorted();
         match entry.sandbox.learn(&batch).await {
             Ok(()) => {
                 for (name, addresses) in released {

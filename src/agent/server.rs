@@ -14,6 +14,7 @@ use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 
 use super::protocol::{FailureKind, MAX_MESSAGE_BYTES, Reply, Request, Response};
 use super::{Agent, AgentMetrics};
+use crate::http_endpoint;
 
 /// How long a client may take to send its request line.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
@@ -169,34 +170,18 @@ async fn handle(agent: &Agent, request: Request) -> Response {
 
 /// Serves `GET /metrics` until the task is dropped.
 pub async fn serve_metrics(listener: TcpListener, agent: Arc<Agent>) {
-    loop {
-        let Ok((stream, _peer)) = listener.accept().await else {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            continue;
-        };
-        tokio::spawn(answer_metrics(stream, agent.clone()));
-    }
+    http_endpoint::serve(listener, move |stream| {
+        answer_metrics(stream, agent.clone())
+    })
+    .await;
 }
 
 async fn answer_metrics(mut stream: TcpStream, agent: Arc<Agent>) {
-    let mut head = Vec::new();
-    let mut buffer = [0u8; 1024];
-    let read = tokio::time::timeout(METRICS_REQUEST_TIMEOUT, async {
-        while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 8192 {
-            match stream.read(&mut buffer).await {
-                Ok(0) | Err(_) => return false,
-                Ok(length) => head.extend_from_slice(&buffer[..length]),
-            }
-        }
-        true
-    })
-    .await;
-    if !matches!(read, Ok(true)) {
+    let Some(head) = http_endpoint::read_request_head(&mut stream, METRICS_REQUEST_TIMEOUT).await
+    else {
         return;
-    }
-    let request = String::from_utf8_lossy(&head);
-    let mut words = request.split_whitespace();
-    let (status, content_type, body) = match (words.next(), words.next()) {
+    };
+    let (status, content_type, body) = match http_endpoint::method_and_path(&head) {
         (Some("GET"), Some("/metrics")) => (
             "200 OK",
             "text/plain; version=0.0.4",
@@ -208,12 +193,7 @@ async fn answer_metrics(mut stream: TcpStream, agent: Arc<Agent>) {
             "only GET /metrics is served\n".to_string(),
         ),
     };
-    let response = format!(
-        "HTTP/1.0 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    let _ = stream.write_all(response.as_bytes()).await;
-    let _ = stream.shutdown().await;
+    http_endpoint::respond(&mut stream, status, content_type, &body).await;
 }
 
 /// The Prometheus text exposition format (version 0.0.4). Sandbox ids and

@@ -18,14 +18,12 @@ use std::time::Duration;
 
 use tokio::signal::unix::{SignalKind, signal};
 
-use super::sidecar::{TtlArgs, parse_duration, parse_upstream};
+use super::dns_args::{self, TtlArgs, parse_duration, parse_upstream};
 use super::{EXIT_INVALID_INPUT, EXIT_OK, EXIT_SYSTEM_ERROR};
 use crate::agent::protocol::DEFAULT_SOCKET;
 use crate::agent::server::{self, bind_socket, serve_api, serve_metrics};
 use crate::agent::state::DEFAULT_STATE_DIR;
 use crate::agent::{self, Agent, AgentConfig};
-use crate::dns::ttl;
-use crate::dns::upstream;
 use crate::enforcer::DEFAULT_PROXY_PORT;
 
 /// How log lines are written.
@@ -85,10 +83,8 @@ pub struct Args {
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("invalid --ttl-min/--ttl-max/--ttl-grace")]
-    Ttl(#[source] ttl::Error),
-    #[error("no upstream DNS server: give --upstream IP, or a resolv.conf with a nameserver line")]
-    Upstream(#[source] upstream::Error),
+    #[error(transparent)]
+    DnsArgs(#[from] dns_args::Error),
     #[error(transparent)]
     Socket(#[from] server::Error),
     #[error("cannot start the async runtime")]
@@ -108,7 +104,7 @@ pub enum Error {
 impl Error {
     pub fn exit_code(&self) -> u8 {
         match self {
-            Error::Ttl(_) | Error::Upstream(_) => EXIT_INVALID_INPUT,
+            Error::DnsArgs(_) => EXIT_INVALID_INPUT,
             _ => EXIT_SYSTEM_ERROR,
         }
     }
@@ -161,9 +157,9 @@ fn fix_mmap_threshold() {
 
 pub fn run(args: Args) -> Result<u8, super::Error> {
     fix_mmap_threshold();
-    let ttl = args.ttl.policy().map_err(Error::Ttl)?;
+    let ttl = args.ttl.policy().map_err(Error::DnsArgs)?;
     let upstreams = if args.upstreams.is_empty() {
-        upstream::servers_from_resolv_conf(&args.resolv_conf).map_err(Error::Upstream)?
+        dns_args::servers_from_resolv_conf(&args.resolv_conf).map_err(Error::DnsArgs)?
     } else {
         args.upstreams.clone()
     };

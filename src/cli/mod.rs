@@ -16,6 +16,7 @@ pub mod apply;
 pub mod check;
 pub mod compile;
 pub mod demo;
+pub mod dns_args;
 pub mod explain;
 pub mod hook;
 pub mod netns_args;

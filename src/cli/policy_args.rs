@@ -73,25 +73,7 @@ impl PolicyArgs {
 
     /// [`PolicyArgs::load`] without printing; the warnings are in `Policy::warnings`.
     pub fn load_quietly(&self) -> Result<(Policy, CompileOptions), Error> {
-        let (text, origin) = if self.policy == "-" {
-            let mut text = String::new();
-            std::io::stdin()
-                .read_to_string(&mut text)
-                .map_err(|source| Error::ReadInput {
-                    what: "policy from",
-                    path: "standard input".into(),
-                    source,
-                })?;
-            (text, "<stdin>".to_string())
-        } else {
-            let text =
-                std::fs::read_to_string(&self.policy).map_err(|source| Error::ReadInput {
-                    what: "policy file",
-                    path: self.policy.clone(),
-                    source,
-                })?;
-            (text, self.policy.clone())
-        };
+        let (text, origin) = read_policy_text(&self.policy)?;
 
         let mut expansions = Expansions::default();
         if let Some(agent) = &self.agent {
@@ -203,6 +185,29 @@ pub fn parse_resolv_conf(text: &str) -> (Vec<IpAddr>, Vec<String>) {
         }
     }
     (found, problems)
+}
+
+/// The text of the policy argument `policy` (a file, or `-` for standard
+/// input) and the origin its messages name.
+pub fn read_policy_text(policy: &str) -> Result<(String, String), Error> {
+    if policy == "-" {
+        let mut text = String::new();
+        std::io::stdin()
+            .read_to_string(&mut text)
+            .map_err(|source| Error::ReadInput {
+                what: "policy from",
+                path: "standard input".into(),
+                source,
+            })?;
+        Ok((text, "<stdin>".to_string()))
+    } else {
+        let text = std::fs::read_to_string(policy).map_err(|source| Error::ReadInput {
+            what: "policy file",
+            path: policy.to_string(),
+            source,
+        })?;
+        Ok((text, policy.to_string()))
+    }
 }
 
 #[cfg(test)]

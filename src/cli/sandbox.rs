@@ -3,10 +3,10 @@
 //! Exit codes: 0 done; 2 invalid input (nothing changed); 3 the agent or the
 //! kernel failed, or the agent cannot be reached; 4 no sandbox with that id.
 
-use std::io::Read as _;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use super::policy_args::read_policy_text;
 use super::{EXIT_INVALID_INPUT, EXIT_OK, EXIT_SYSTEM_ERROR};
 use crate::agent::protocol::{
     self, DEFAULT_SOCKET, FailureKind, Reply, Request, SandboxStatus, call,
@@ -80,25 +80,7 @@ pub fn run(args: Args) -> Result<u8, super::Error> {
             pid,
             policy,
         } => {
-            let (text, origin) = if policy == "-" {
-                let mut text = String::new();
-                std::io::stdin()
-                    .read_to_string(&mut text)
-                    .map_err(|source| super::Error::ReadInput {
-                        what: "policy from",
-                        path: "standard input".into(),
-                        source,
-                    })?;
-                (text, "<stdin>".to_string())
-            } else {
-                let text =
-                    std::fs::read_to_string(&policy).map_err(|source| super::Error::ReadInput {
-                        what: "policy file",
-                        path: policy.clone(),
-                        source,
-                    })?;
-                (text, policy)
-            };
+            let (text, origin) = read_policy_text(&policy)?;
             Request::Put {
                 id,
                 netns,

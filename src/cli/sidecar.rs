@@ -24,17 +24,17 @@
 //! rules in place: the sandbox stays confined (fail closed).
 
 use std::io::Write as _;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hickory_proto::op::{Message, MessageType, OpCode};
 use serde_json::json;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::signal::unix::{SignalKind, signal};
 
+use super::dns_args::{self, TtlArgs, parse_upstream};
 use super::netns_args::NetnsArgs;
 use super::policy_args::PolicyArgs;
 use super::{EXIT_INVALID_INPUT, EXIT_OK, EXIT_SYSTEM_ERROR};
@@ -44,9 +44,10 @@ use crate::dns::names::AllowedNames;
 use crate::dns::origins::AddressOrigins;
 use crate::dns::proxy::{Proxy, ProxyConfig, ProxyHandle, Refusal};
 use crate::dns::resolver::{ResolverHandle, ResolverLoop, ResolverLoopConfig};
-use crate::dns::ttl::{self, TtlPolicy};
-use crate::dns::upstream::{self, DNS_PORT, Upstream, UpstreamSockets};
+use crate::dns::ttl::TtlPolicy;
+use crate::dns::upstream::{DNS_PORT, Upstream, UpstreamSockets};
 use crate::enforcer::{self, bind_proxy_sockets, serve_proxy, start_denial_log, still_allowed};
+use crate::http_endpoint;
 use crate::netns::{self, SocketFactory, SocketKind};
 use crate::policy::{CompileOptions, ProxyOptions};
 use crate::ruleset::{self, Ruleset};
@@ -125,47 +126,10 @@ pub struct Args {
     pub ttl: TtlArgs,
 }
 
-/// The TTL clamp overrides, hidden: for tests and benchmarks that need
-/// learned addresses to expire within seconds.
-#[derive(Debug, Clone, clap::Args)]
-pub struct TtlArgs {
-    /// Shortest time a learned address stays allowed (TTL clamp minimum), e.g. 30s.
-    #[arg(long, hide = true, env = "NETLEASH_TTL_MIN", value_parser = parse_duration)]
-    pub ttl_min: Option<Duration>,
-
-    /// Longest time a learned address stays allowed on one answer (TTL clamp maximum).
-    #[arg(long, hide = true, env = "NETLEASH_TTL_MAX", value_parser = parse_duration)]
-    pub ttl_max: Option<Duration>,
-
-    /// Added to every learned address's timeout after clamping.
-    #[arg(long, hide = true, env = "NETLEASH_TTL_GRACE", value_parser = parse_duration)]
-    pub ttl_grace: Option<Duration>,
-}
-
-impl TtlArgs {
-    /// The default TTL policy with the overrides applied, validated.
-    pub fn policy(&self) -> Result<TtlPolicy, ttl::Error> {
-        let mut policy = TtlPolicy::default();
-        if let Some(min) = self.ttl_min {
-            policy.min_ttl = min;
-        }
-        if let Some(max) = self.ttl_max {
-            policy.max_ttl = max;
-        }
-        if let Some(grace) = self.ttl_grace {
-            policy.grace = grace;
-        }
-        policy.validate()?;
-        Ok(policy)
-    }
-}
-
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("invalid --ttl-min/--ttl-max/--ttl-grace")]
-    Ttl(#[source] ttl::Error),
-    #[error("no upstream DNS server: give --upstream IP, or a resolv.conf with a nameserver line")]
-    Upstream(#[source] upstream::Error),
+    #[error(transparent)]
+    DnsArgs(#[from] dns_args::Error),
     #[error("cannot start the async runtime")]
     Runtime(#[source] std::io::Error),
     #[error("cannot serve health checks on {addr}; give a free address with --health")]
@@ -191,7 +155,7 @@ pub enum Error {
 impl Error {
     pub fn exit_code(&self) -> u8 {
         match self {
-            Error::Ttl(_) | Error::Upstream(_) => EXIT_INVALID_INPUT,
+            Error::DnsArgs(_) => EXIT_INVALID_INPUT,
             _ => EXIT_SYSTEM_ERROR,
         }
     }
@@ -205,15 +169,6 @@ impl From<Error> for super::Error {
     }
 }
 
-pub(super) fn parse_upstream(text: &str) -> Result<SocketAddr, String> {
-    if let Ok(ip) = text.parse::<IpAddr>() {
-        return Ok(SocketAddr::new(ip, DNS_PORT));
-    }
-    text.parse::<SocketAddr>().map_err(|_| {
-        format!("{text:?} is not IP, IP:PORT or [IPv6]:PORT (e.g. 192.0.2.53, 192.0.2.53:5353, [2001:db8::53]:53)")
-    })
-}
-
 fn parse_mark(text: &str) -> Result<u32, String> {
     let parsed = match text.strip_prefix("0x").or_else(|| text.strip_prefix("0X")) {
         Some(hex) => u32::from_str_radix(hex, 16),
@@ -223,23 +178,6 @@ fn parse_mark(text: &str) -> Result<u32, String> {
         Ok(0) => Err("the mark must not be 0: unmarked packets carry 0".into()),
         Ok(mark) => Ok(mark),
         Err(_) => Err(format!("{text:?} is not a 32-bit mark (decimal or 0x hex)")),
-    }
-}
-
-/// `30`, `30s`, `500ms` or `2m`.
-pub(super) fn parse_duration(text: &str) -> Result<Duration, String> {
-    let (number, unit) = match text.find(|c: char| !c.is_ascii_digit()) {
-        Some(at) => text.split_at(at),
-        None => (text, "s"),
-    };
-    let value: u64 = number
-        .parse()
-        .map_err(|_| format!("{text:?} is not a duration like 30s, 500ms or 2m"))?;
-    match unit {
-        "ms" => Ok(Duration::from_millis(value)),
-        "s" => Ok(Duration::from_secs(value)),
-        "m" => Ok(Duration::from_secs(value * 60)),
-        _ => Err(format!("{text:?}: the unit must be ms, s or m")),
     }
 }
 
@@ -269,7 +207,7 @@ fn upstreams(args: &Args) -> Result<Vec<SocketAddr>, Error> {
             .collect());
     }
     let path = sandbox_resolv_conf(&args.target.target(), &args.policy.resolv_conf);
-    upstream::servers_from_resolv_conf(&path).map_err(Error::Upstream)
+    Ok(dns_args::servers_from_resolv_conf(&path)?)
 }
 
 /// Prints a lifecycle line on stdout (the sidecar's log of what it enforces).
@@ -297,7 +235,7 @@ struct Sidecar {
 }
 
 pub fn run(mut args: Args) -> Result<u8, super::Error> {
-    let ttl = args.ttl.policy().map_err(Error::Ttl)?;
+    let ttl = args.ttl.policy().map_err(Error::DnsArgs)?;
     let upstreams = upstreams(&args)?;
     // The upstreams are what the sandbox's DNS resolves through; giving them
     // as resolvers keeps the policy loader from reading another resolv.conf
@@ -675,37 +613,20 @@ impl Sidecar {
 }
 
 async fn serve_health(listener: TcpListener, sidecar: Arc<Sidecar>) {
-    loop {
-        let Ok((stream, _peer)) = listener.accept().await else {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            continue;
-        };
-        tokio::spawn(answer_health(stream, sidecar.clone()));
-    }
+    http_endpoint::serve(listener, move |stream| {
+        answer_health(stream, sidecar.clone())
+    })
+    .await;
 }
 
 /// Answers one HTTP/1.x request: `GET /healthz` with 200 (healthy) or 503
 /// and the JSON status; anything else 404.
 async fn answer_health(mut stream: TcpStream, sidecar: Arc<Sidecar>) {
-    let mut head = Vec::new();
-    let mut buffer = [0u8; 1024];
-    let read = tokio::time::timeout(HEALTH_REQUEST_TIMEOUT, async {
-        while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 8192 {
-            match stream.read(&mut buffer).await {
-                Ok(0) | Err(_) => return false,
-                Ok(length) => head.extend_from_slice(&buffer[..length]),
-            }
-        }
-        true
-    })
-    .await;
-    if !matches!(read, Ok(true)) {
+    let Some(head) = http_endpoint::read_request_head(&mut stream, HEALTH_REQUEST_TIMEOUT).await
+    else {
         return;
-    }
-    let request = String::from_utf8_lossy(&head);
-    let mut words = request.split_whitespace();
-    let (method, path) = (words.next(), words.next());
-    let (status, body) = match (method, path) {
+    };
+    let (status, body) = match http_endpoint::method_and_path(&head) {
         (Some("GET"), Some("/healthz")) => {
             let (healthy, body) = sidecar.health().await;
             let status = if healthy {
@@ -720,12 +641,7 @@ async fn answer_health(mut stream: TcpStream, sidecar: Arc<Sidecar>) {
             json!({"error": "only GET /healthz is served"}).to_string(),
         ),
     };
-    let response = format!(
-        "HTTP/1.0 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    let _ = stream.write_all(response.as_bytes()).await;
-    let _ = stream.shutdown().await;
+    http_endpoint::respond(&mut stream, status, "application/json", &body).await;
 }
 
 #[cfg(test)]
@@ -733,39 +649,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn upstreams_take_an_optional_port() {
-        assert_eq!(
-            parse_upstream("198.51.100.53").unwrap(),
-            "198.51.100.53:53".parse().unwrap()
-        );
-        assert_eq!(
-            parse_upstream("2001:db8::53").unwrap(),
-            "[2001:db8::53]:53".parse().unwrap()
-        );
-        assert_eq!(
-            parse_upstream("[2001:db8::53]:5353").unwrap(),
-            "[2001:db8::53]:5353".parse().unwrap()
-        );
-        let error = parse_upstream("resolver.example").unwrap_err();
-        assert!(error.contains("IP:PORT"), "{error}");
-    }
-
-    #[test]
     fn marks_are_decimal_or_hex_and_never_zero() {
         assert_eq!(parse_mark("0x6e6c").unwrap(), 0x6e6c);
         assert_eq!(parse_mark("28268").unwrap(), 0x6e6c);
         assert!(parse_mark("0").unwrap_err().contains("not be 0"));
         assert!(parse_mark("0xzz").is_err());
-    }
-
-    #[test]
-    fn durations_have_units() {
-        assert_eq!(parse_duration("30").unwrap(), Duration::from_secs(30));
-        assert_eq!(parse_duration("2s").unwrap(), Duration::from_secs(2));
-        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
-        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
-        assert!(parse_duration("2h").is_err());
-        assert!(parse_duration("s").is_err());
     }
 
     #[test]

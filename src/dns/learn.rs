@@ -99,26 +99,51 @@ pub fn learned_for(
     addresses: &[AnswerAddress],
     policy: &TtlPolicy,
 ) -> Vec<Learned> {
-    let mut timeouts: HashMap<(String, Element), Duration> = HashMap::new();
+    let mut batch = LearnedBatch::default();
     for address in addresses {
         let timeout = policy.element_timeout(Duration::from_secs(u64::from(address.ttl)));
         for binding in bindings {
-            for key in elements_for(binding, address.addr) {
-                let slot = timeouts.entry(key).or_insert(timeout);
-                *slot = (*slot).max(timeout);
+            for (set, element) in elements_for(binding, address.addr) {
+                batch.add(set, element, timeout);
             }
         }
     }
-    let mut batch: Vec<Learned> = timeouts
-        .into_iter()
-        .map(|((set, element), timeout)| Learned {
-            set,
-            element,
-            timeout,
-        })
-        .collect();
-    batch.sort_by(|a, b| (&a.set, &a.element).cmp(&(&b.set, &b.element)));
-    batch
+    batch.into_sorted()
+}
+
+/// Set elements gathered for one write, each once, with the longest timeout
+/// it was given: an element produced twice (two bindings with the same set,
+/// or two names with the same address) keeps the longer timeout.
+#[derive(Debug, Default)]
+pub struct LearnedBatch {
+    timeouts: HashMap<(String, Element), Duration>,
+}
+
+impl LearnedBatch {
+    /// Adds `element` of `set` with `timeout`, or lengthens its timeout.
+    pub fn add(&mut self, set: String, element: Element, timeout: Duration) {
+        let slot = self.timeouts.entry((set, element)).or_insert(timeout);
+        *slot = (*slot).max(timeout);
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.timeouts.is_empty()
+    }
+
+    /// The elements sorted by set and element, so batches are deterministic.
+    pub fn into_sorted(self) -> Vec<Learned> {
+        let mut batch: Vec<Learned> = self
+            .timeouts
+            .into_iter()
+            .map(|((set, element), timeout)| Learned {
+                set,
+                element,
+                timeout,
+            })
+            .collect();
+        batch.sort_by(|a, b| (&a.set, &a.element).cmp(&(&b.set, &b.element)));
+        batch
+    }
 }
 
 /// One call of [`RecordingSink::learn`].

@@ -5,12 +5,11 @@
 //! extra namespaces the test creates. Real packets judge it. Privileged:
 //! every test fails (never skips) without root.
 
-use std::io::{BufRead as _, BufReader, Read as _, Write as _};
+use std::io::{Read as _, Write as _};
 use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use hickory_proto::op::ResponseCode;
@@ -23,8 +22,8 @@ use netleash::policy::DEFAULT_NFLOG_GROUP;
 use netleash::testbed::{self, DnsReply, Testbed, Transport, Verdict, ZoneRecord};
 
 use crate::support::{
-    self, TIMEOUT, addr, assert_reachable, assert_rejected, describe, netleash, netleash_table,
-    write_policy,
+    self, LineMissing, LoggedChild, TIMEOUT, addr, assert_reachable, assert_rejected, describe,
+    netleash, netleash_table, write_policy,
 };
 
 const READY_WITHIN: Duration = Duration::from_secs(20);
@@ -36,9 +35,7 @@ const CALL: Duration = Duration::from_secs(60);
 
 /// A running `netleash agent` in the world namespace, killed on drop.
 pub(crate) struct Agent {
-    child: Child,
-    stdout: Arc<Mutex<Vec<String>>>,
-    stderr: Arc<Mutex<String>>,
+    process: LoggedChild,
     pub(crate) socket: PathBuf,
     metrics: SocketAddr,
 }
@@ -56,7 +53,8 @@ impl Agent {
         support::require_root();
         let socket = dir.join("run/agent.sock");
         let state = dir.join("state");
-        let mut child = Command::new("ip")
+        let mut command = Command::new("ip");
+        command
             .args(["netns", "exec", bed.world(), env!("CARGO_BIN_EXE_netleash")])
             .args(["agent", "--socket"])
             .arg(&socket)
@@ -69,36 +67,9 @@ impl Agent {
                 &["--reap-interval", "200ms"][..]
             })
             .args(["--log", "netleash=debug"])
-            .args(extra)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start netleash agent");
-        let stdout = Arc::new(Mutex::new(Vec::new()));
-        let stderr = Arc::new(Mutex::new(String::new()));
-        let pipe = child.stdout.take().expect("stdout is piped");
-        let lines = stdout.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(pipe).lines() {
-                let Ok(line) = line else { break };
-                lines.lock().unwrap().push(line);
-            }
-        });
-        let pipe = child.stderr.take().expect("stderr is piped");
-        let text = stderr.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(pipe).lines() {
-                let Ok(line) = line else { break };
-                let mut text = text.lock().unwrap();
-                text.push_str(&line);
-                text.push('\n');
-            }
-        });
+            .args(extra);
         let mut agent = Agent {
-            child,
-            stdout,
-            stderr,
+            process: LoggedChild::spawn(command, "agent"),
             socket,
             metrics: SocketAddr::from(([127, 0, 0, 1], 0)),
         };
@@ -113,35 +84,20 @@ impl Agent {
     }
 
     pub(crate) fn wait_for_line(&mut self, needle: &str) -> String {
-        let started = Instant::now();
-        loop {
-            if let Some(line) = self
-                .stdout
-                .lock()
-                .unwrap()
-                .iter()
-                .find(|l| l.contains(needle))
-            {
-                return line.clone();
+        match self.process.wait_for_line(needle, READY_WITHIN) {
+            Ok(line) => line,
+            Err(LineMissing::Exited(status)) => {
+                panic!("the agent exited with {status}\n{}", self.logs())
             }
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("the agent exited with {status}\n{}", self.logs());
-            }
-            assert!(
-                started.elapsed() < READY_WITHIN,
+            Err(LineMissing::TimedOut) => panic!(
                 "no {needle:?} line within {READY_WITHIN:?}\n{}",
                 self.logs()
-            );
-            std::thread::sleep(Duration::from_millis(20));
+            ),
         }
     }
 
     pub(crate) fn logs(&self) -> String {
-        format!(
-            "--- agent stdout\n{}\n--- agent stderr\n{}",
-            self.stdout.lock().unwrap().join("\n"),
-            self.stderr.lock().unwrap()
-        )
+        self.process.logs()
     }
 
     fn call(&self, request: &Request) -> Result<Reply, protocol::Error> {
@@ -186,30 +142,12 @@ impl Agent {
 
     /// The JSON log events (`--log-format json`) whose message is `message`.
     fn json_events(&self, message: &str) -> Vec<serde_json::Value> {
-        self.stderr
-            .lock()
-            .unwrap()
-            .lines()
-            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
-            .filter(|event| event["fields"]["message"] == message)
-            .collect()
+        self.process.json_events(message)
     }
 
     pub(crate) fn kill_9(&mut self) {
-        self.child.kill().expect("SIGKILL the agent");
-        self.child.wait().expect("reap the agent");
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-        if std::thread::panicking() {
-            eprintln!("{}", self.logs());
-        }
+        self.process.child.kill().expect("SIGKILL the agent");
+        self.process.child.wait().expect("reap the agent");
     }
 }
 
@@ -608,11 +546,7 @@ fn enforcement_survives_kill_9_and_a_restart_adopts_and_cleans_up() {
     let log = after.denial_log.as_ref().expect("a denied-connection log");
     assert!(log.listening && log.error.is_none(), "{log:?}");
     assert!(
-        restarted
-            .stderr
-            .lock()
-            .unwrap()
-            .contains("already in force"),
+        restarted.process.stderr().contains("already in force"),
         "{}",
         restarted.logs()
     );
@@ -649,7 +583,7 @@ fn replacing_a_policy_carries_the_addresses_it_still_allows_and_forgets_the_rest
         .put("c1", &netns, &policy_json(&["keep.test"]))
         .expect("replace");
     assert_ne!(after.digest, before.digest);
-    let logs = without_colours(&agent.stderr.lock().unwrap());
+    let logs = without_colours(&agent.process.stderr());
     assert!(logs.contains("carried=1 forgotten=1"), "{logs}");
     assert_reachable(&bed, "198.51.100.10", 443);
     assert_rejected(&bed, "198.51.100.11", 443);

@@ -3,15 +3,15 @@
 //! packets from inside the sandbox judge it. Privileged: every test fails
 //! (never skips) without root.
 //!
-//! The sidecar is a child process; [`Sidecar`]'s Drop kills it, and the
-//! testbed's Drop deletes the namespaces, so a failed test leaves nothing.
+//! The sidecar is a child process; the [`support::LoggedChild`] it runs in kills it
+//! on drop, and the testbed's Drop deletes the namespaces, so a failed test leaves nothing.
 
-use std::io::{BufRead as _, BufReader, Read as _, Write as _};
+use std::io::{Read as _, Write as _};
 use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::path::Path;
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Command, ExitStatus};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hickory_proto::op::ResponseCode;
@@ -24,8 +24,8 @@ use netleash::testbed::{
 use serde_json::Value;
 
 use crate::support::{
-    self, REJECT_WITHIN, TIMEOUT, addr, assert_reachable, assert_rejected, exec_in, netleash_table,
-    probe_while, write_policy,
+    self, LineMissing, LoggedChild, REJECT_WITHIN, TIMEOUT, addr, assert_reachable,
+    assert_rejected, exec_in, netleash_table, probe_while, write_policy,
 };
 
 /// How long the sidecar may take to say it is ready.
@@ -44,9 +44,7 @@ const SHORT_TTLS: [&str; 6] = ["--ttl-min", "1s", "--ttl-max", "2s", "--ttl-grac
 
 /// A running `netleash sidecar`, killed on drop.
 struct Sidecar {
-    child: Child,
-    stdout: Arc<Mutex<Vec<String>>>,
-    stderr: Arc<Mutex<String>>,
+    process: LoggedChild,
     /// The health endpoint's address.
     health: SocketAddr,
 }
@@ -68,37 +66,10 @@ impl Sidecar {
             "netleash=debug",
         ];
         args.extend_from_slice(extra);
-        let mut child = Command::new(env!("CARGO_BIN_EXE_netleash"))
-            .args(&args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start netleash sidecar");
-        let stdout = Arc::new(Mutex::new(Vec::new()));
-        let stderr = Arc::new(Mutex::new(String::new()));
-        let pipe = child.stdout.take().expect("stdout is piped");
-        let lines = stdout.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(pipe).lines() {
-                let Ok(line) = line else { break };
-                lines.lock().unwrap().push(line);
-            }
-        });
-        let pipe = child.stderr.take().expect("stderr is piped");
-        let text = stderr.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(pipe).lines() {
-                let Ok(line) = line else { break };
-                let mut text = text.lock().unwrap();
-                text.push_str(&line);
-                text.push('\n');
-            }
-        });
+        let mut command = Command::new(env!("CARGO_BIN_EXE_netleash"));
+        command.args(&args);
         let mut sidecar = Sidecar {
-            child,
-            stdout,
-            stderr,
+            process: LoggedChild::spawn(command, "sidecar"),
             health: SocketAddr::from(([127, 0, 0, 1], 0)),
         };
         let ready = sidecar.wait_for_line("ready:", READY_WITHIN);
@@ -114,37 +85,23 @@ impl Sidecar {
 
     /// The first stdout line containing `needle`, waiting up to `limit`.
     fn wait_for_line(&mut self, needle: &str, limit: Duration) -> String {
-        let started = Instant::now();
-        loop {
-            if let Some(line) = self
-                .stdout
-                .lock()
-                .unwrap()
-                .iter()
-                .find(|l| l.contains(needle))
-            {
-                return line.clone();
-            }
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!(
-                    "the sidecar exited ({status}) before saying {needle:?}:\n{}",
-                    self.logs()
-                );
-            }
-            assert!(
-                started.elapsed() < limit,
+        match self.process.wait_for_line(needle, limit) {
+            Ok(line) => line,
+            Err(LineMissing::Exited(status)) => panic!(
+                "the sidecar exited ({status}) before saying {needle:?}:\n{}",
+                self.logs()
+            ),
+            Err(LineMissing::TimedOut) => panic!(
                 "the sidecar did not say {needle:?} within {limit:?}:\n{}",
                 self.logs()
-            );
-            std::thread::sleep(Duration::from_millis(20));
+            ),
         }
     }
 
     /// How many stdout lines contain `needle`.
     fn count_lines(&self, needle: &str) -> usize {
-        self.stdout
-            .lock()
-            .unwrap()
+        self.process
+            .stdout()
             .iter()
             .filter(|l| l.contains(needle))
             .count()
@@ -152,33 +109,23 @@ impl Sidecar {
 
     /// The JSON log events (`--log-json`) on stderr whose message is `message`.
     fn json_events(&self, message: &str) -> Vec<Value> {
-        self.stderr
-            .lock()
-            .unwrap()
-            .lines()
-            .filter_map(|line| serde_json::from_str::<Value>(line).ok())
-            .filter(|event| event["fields"]["message"] == message)
-            .collect()
+        self.process.json_events(message)
     }
 
     fn logs(&self) -> String {
-        format!(
-            "--- sidecar stdout\n{}\n--- sidecar stderr\n{}",
-            self.stdout.lock().unwrap().join("\n"),
-            self.stderr.lock().unwrap()
-        )
+        self.process.logs()
     }
 
     fn signal(&self, signal: i32) {
         // SAFETY: kill(2) on our own child's pid, which we have not waited for.
-        let rc = unsafe { libc::kill(self.child.id() as libc::pid_t, signal) };
-        assert_eq!(rc, 0, "kill({}, {signal})", self.child.id());
+        let rc = unsafe { libc::kill(self.process.child.id() as libc::pid_t, signal) };
+        assert_eq!(rc, 0, "kill({}, {signal})", self.process.child.id());
     }
 
     fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
         let started = Instant::now();
         loop {
-            if let Some(status) = self.child.try_wait().expect("wait for the sidecar") {
+            if let Some(status) = self.process.child.try_wait().expect("wait for the sidecar") {
                 return status;
             }
             assert!(
@@ -211,18 +158,6 @@ impl Sidecar {
         let json = serde_json::from_str(body)
             .unwrap_or_else(|err| panic!("health body is not JSON ({err}): {body:?}"));
         (status, json)
-    }
-}
-
-impl Drop for Sidecar {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-        if std::thread::panicking() {
-            eprintln!("{}", self.logs());
-        }
     }
 }
 

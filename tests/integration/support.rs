@@ -3,11 +3,13 @@
 //! Every privileged test starts with [`testbed`] (or [`require_root`]), which
 //! FAILS when the test cannot run: these tests never skip.
 
+use std::io::{BufRead as _, BufReader};
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use netleash::testbed::{self, Outcome, Testbed, Transport, Verdict};
 
@@ -329,4 +331,117 @@ pub fn netleash_table(netns: &str) -> Option<String> {
 /// Whether /run/netns/NAME exists.
 pub fn netns_exists(name: &str) -> bool {
     testbed::netns_path(name).exists()
+}
+
+/// A started child process (a long-running `netleash` command) whose stdout
+/// lines and stderr text are collected as it writes them, killed on drop;
+/// its output is printed when the test is failing.
+pub struct LoggedChild {
+    pub child: std::process::Child,
+    /// What the logs call it: `agent`, `sidecar`.
+    name: &'static str,
+    stdout: Arc<Mutex<Vec<String>>>,
+    stderr: Arc<Mutex<String>>,
+}
+
+/// Why [`LoggedChild::wait_for_line`] found no line.
+pub enum LineMissing {
+    Exited(std::process::ExitStatus),
+    TimedOut,
+}
+
+impl LoggedChild {
+    /// Starts `command` with stdin closed and its output collected, or panics
+    /// with "start netleash NAME".
+    pub fn spawn(mut command: Command, name: &'static str) -> LoggedChild {
+        let mut child = command
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|err| panic!("start netleash {name}: {err:?}"));
+        let stdout = Arc::new(Mutex::new(Vec::new()));
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let pipe = child.stdout.take().expect("stdout is piped");
+        let lines = stdout.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(pipe).lines() {
+                let Ok(line) = line else { break };
+                lines.lock().unwrap().push(line);
+            }
+        });
+        let pipe = child.stderr.take().expect("stderr is piped");
+        let text = stderr.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(pipe).lines() {
+                let Ok(line) = line else { break };
+                let mut text = text.lock().unwrap();
+                text.push_str(&line);
+                text.push('\n');
+            }
+        });
+        LoggedChild {
+            child,
+            name,
+            stdout,
+            stderr,
+        }
+    }
+
+    /// The stdout lines so far.
+    pub fn stdout(&self) -> MutexGuard<'_, Vec<String>> {
+        self.stdout.lock().unwrap()
+    }
+
+    /// The stderr text so far.
+    pub fn stderr(&self) -> MutexGuard<'_, String> {
+        self.stderr.lock().unwrap()
+    }
+
+    /// The first stdout line containing `needle`, waiting up to `limit`.
+    pub fn wait_for_line(&mut self, needle: &str, limit: Duration) -> Result<String, LineMissing> {
+        let started = Instant::now();
+        loop {
+            if let Some(line) = self.stdout().iter().find(|l| l.contains(needle)) {
+                return Ok(line.clone());
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Err(LineMissing::Exited(status));
+            }
+            if started.elapsed() >= limit {
+                return Err(LineMissing::TimedOut);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The JSON log events (`--log-format json`) on stderr whose message is `message`.
+    pub fn json_events(&self, message: &str) -> Vec<serde_json::Value> {
+        self.stderr()
+            .lines()
+            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+            .filter(|event| event["fields"]["message"] == message)
+            .collect()
+    }
+
+    pub fn logs(&self) -> String {
+        format!(
+            "--- {name} stdout\n{}\n--- {name} stderr\n{}",
+            self.stdout().join("\n"),
+            self.stderr(),
+            name = self.name
+        )
+    }
+}
+
+impl Drop for LoggedChild {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!("{}", self.logs());
+        }
+    }
 }
