@@ -39,9 +39,13 @@ pub enum Command {
     /// Every sandbox the agent enforces, with counters.
     List,
     /// One sandbox's status.
-    Get { id: String },
+    Get {
+        /// The sandbox's id (the container id, for sandboxes the OCI hook hands over).
+        id: String,
+    },
     /// Create or replace sandbox ID's policy, enforced in the network namespace at --netns.
     Put {
+        /// The sandbox's id (the container id, for sandboxes the OCI hook hands over).
         id: String,
         /// The sandbox's namespace file: /proc/PID/ns/net, a bind mount, /run/netns/NAME.
         #[arg(long, value_name = "PATH")]
@@ -53,7 +57,10 @@ pub enum Command {
         policy: String,
     },
     /// Forget sandbox ID: its DNS work stops; its rules stay in its namespace.
-    Delete { id: String },
+    Delete {
+        /// The sandbox's id (the container id, for sandboxes the OCI hook hands over).
+        id: String,
+    },
 }
 
 impl protocol::Error {
