@@ -45,7 +45,7 @@ use std::time::{Duration, Instant};
 
 use hickory_proto::op::ResponseCode;
 use hickory_proto::rr::RecordType;
-use netleash::testbed::{Transport, dns_query, run_in_netns};
+use netleash::testbed::{Transport, dns_query, run_command, run_in_netns};
 
 /// The upstream's address, on the world's loopback. Every client queries it;
 /// in the netleash and dnsmasq sandboxes the query is redirected.
@@ -231,21 +231,8 @@ fn ip_batch(netns: &str, commands: &str) {
 
 /// Run a command to completion; panic with its stderr if it fails.
 fn run(program: &str, args: &[&str], stdin: Option<&str>) -> String {
-    let mut child = Command::new(program)
-        .args(args)
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
-    if let (Some(text), Some(mut pipe)) = (stdin, child.stdin.take()) {
-        pipe.write_all(text.as_bytes()).expect("write stdin");
-    }
-    let output = child.wait_with_output().expect("wait");
+    let output =
+        run_command(program, args, stdin).unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
     assert!(
         output.status.success(),
         "`{program} {}` failed: {}",
