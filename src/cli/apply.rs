@@ -27,9 +27,6 @@ pub struct Args {
 
 pub fn run(args: Args) -> Result<u8, Error> {
     let (policy, options) = args.policy.load()?;
-    for warning in &policy.warnings {
-        eprintln!("warning: {warning}");
-    }
     let ruleset = ruleset::compile(&policy, &options);
     let target = args.target.target();
     let mut out = std::io::stdout().lock();

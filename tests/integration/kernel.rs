@@ -1189,6 +1189,30 @@ fn cli_status_remove_and_a_refused_apply() {
 }
 
 #[test]
+fn cli_apply_prints_each_policy_warning_once() {
+    let ns = Netns::new("warn");
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("policy.json");
+    std::fs::write(
+        &policy,
+        r#"{"type": "limited", "allowed_hosts": ["203.0.113.7"], "allow_mcp_servers": true}"#,
+    )
+    .unwrap();
+    let out = netleash(&["apply", policy.to_str().unwrap(), "--netns", &ns.name]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(
+        stderr.matches("warning: ").count(),
+        1,
+        "one warning, printed once: {stderr}"
+    );
+    assert!(
+        stderr.contains("allow_mcp_servers: is true but no MCP server was given"),
+        "{stderr}"
+    );
+}
+
+#[test]
 fn a_session_works_from_any_thread_without_entering_the_namespace() {
     let ns = Netns::new("session");
     let own = netns_inode("/proc/thread-self/ns/net");
