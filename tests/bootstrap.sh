@@ -23,9 +23,9 @@ cd "$(dirname "$0")/.."
 
 # Debian packages: the C libraries nftnl/mnl bind to, nft for `nft -c`
 # validation, iproute2 for namespaces, capsh for the no-CAP_NET_ADMIN test,
-# runc and busybox for the OCI tests, curl/ca-certificates for rustup.
+# runc, podman and busybox for the OCI tests, curl/ca-certificates for rustup.
 packages=(build-essential pkg-config libnftnl-dev libmnl-dev nftables iproute2 libcap2-bin
-          procps ca-certificates curl runc busybox-static)
+          procps ca-certificates curl runc podman busybox-static)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -1,7 +1,9 @@
 //! The one integration test binary; one module per topic.
 //!
-//! `harness`, `enforcement` and `demo` are privileged: they build network
-//! namespaces and fail (never skip) when not run as root.
+//! Most modules are privileged (`harness`, `enforcement`, `kernel`, `dns`,
+//! `sidecar`, `agent`, `oci` with runc, `podman`, `demo`): they build network
+//! namespaces and fail (never skip) when not run as root or when a tool they
+//! drive is missing.
 
 mod agent;
 mod bad_input;
@@ -17,6 +19,7 @@ mod harness;
 mod kernel;
 mod nft_check;
 mod oci;
+mod podman;
 mod policies;
 mod runc;
 mod sidecar;

@@ -25,7 +25,7 @@ const BROKEN: &str =
 /// and print the answer, or `FAILED <address> <exit code>`; then leave a
 /// marker that the workload ran. (busybox nc, not wget: the static busybox's
 /// wget crashes in glibc's NSS when it looks up the service name.)
-fn fetch_script(addresses: &[&str]) -> String {
+pub(crate) fn fetch_script(addresses: &[&str]) -> String {
     let mut script = String::new();
     for ip in addresses {
         script.push_str(&format!(
@@ -37,7 +37,7 @@ fn fetch_script(addresses: &[&str]) -> String {
 }
 
 /// The body the world's HTTP server sends for `ip` port 80.
-fn body(ip: &str) -> String {
+pub(crate) fn body(ip: &str) -> String {
     testbed::http_body(SocketAddr::new(support::addr(ip), 80))
 }
 
@@ -45,7 +45,7 @@ fn sandbox_network(bed: &Testbed) -> Network {
     Network::Join(testbed::netns_path(bed.sandbox()))
 }
 
-fn stdout(output: &Output) -> String {
+pub(crate) fn stdout(output: &Output) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
@@ -54,7 +54,7 @@ fn stderr(output: &Output) -> String {
 }
 
 /// Arrivals at the world's HTTP server on `ip` port 80.
-fn arrivals(bed: &Testbed, ip: &str) -> u64 {
+pub(crate) fn arrivals(bed: &Testbed, ip: &str) -> u64 {
     bed.arrivals(Transport::Tcp, SocketAddr::new(support::addr(ip), 80))
 }
 
@@ -81,6 +81,31 @@ fn assert_refused(bundle: &Bundle, output: &Output, messages: &[&str]) {
     assert!(stdout(output).is_empty(), "{}", describe(output));
 }
 
+/// Assert that the output of [`fetch_script`] for 198.51.100.10 and
+/// 198.51.100.11 shows the first answering and the second rejected at once
+/// without reaching the world (`before`: its arrivals before the run).
+pub(crate) fn assert_only_10_answered(bed: &Testbed, output: &Output, before: u64) {
+    let out = stdout(output);
+    assert!(out.contains(&body("198.51.100.10")), "{}", describe(output));
+    assert!(
+        !out.contains(&body("198.51.100.11")),
+        "{}",
+        describe(output)
+    );
+    // A TCP reset makes nc report "Connection refused" at once; a silent
+    // drop would end in its 5 s timeout instead.
+    assert!(
+        out.contains("Connection refused") && out.contains("FAILED 198.51.100.11 1"),
+        "{}",
+        describe(output)
+    );
+    assert_eq!(
+        arrivals(bed, "198.51.100.11"),
+        before,
+        "a blocked connection reached the world"
+    );
+}
+
 /// Run a container under `ALLOWS_10` with `netleash hook --standalone` in
 /// the testbed's sandbox and assert that 198.51.100.10 answered and 198.51.100.11 was rejected at
 /// once without reaching the world. Returns the bundle (for its marker).
@@ -95,31 +120,8 @@ fn assert_only_10_reachable(bed: &Testbed) -> Bundle {
     );
     let before = arrivals(bed, "198.51.100.11");
     let (_container, output) = bundle.run();
-
     assert!(output.status.success(), "{}", describe(&output));
-    let out = stdout(&output);
-    assert!(
-        out.contains(&body("198.51.100.10")),
-        "{}",
-        describe(&output)
-    );
-    assert!(
-        !out.contains(&body("198.51.100.11")),
-        "{}",
-        describe(&output)
-    );
-    // A TCP reset makes nc report "Connection refused" at once; a silent
-    // drop would end in its 5 s timeout instead.
-    assert!(
-        out.contains("Connection refused") && out.contains("FAILED 198.51.100.11 1"),
-        "{}",
-        describe(&output)
-    );
-    assert_eq!(
-        arrivals(bed, "198.51.100.11"),
-        before,
-        "a blocked connection reached the world"
-    );
+    assert_only_10_answered(bed, &output, before);
     bundle
 }
 
@@ -385,7 +387,7 @@ fn with_an_agent_the_hook_hands_the_container_over_and_obeys_its_answer() {
 }
 
 /// `sandbox list --json` of the agent at `socket`: every sandbox it enforces.
-fn listed_sandboxes(socket: &str) -> Vec<protocol::SandboxStatus> {
+pub(crate) fn listed_sandboxes(socket: &str) -> Vec<protocol::SandboxStatus> {
     let output = support::netleash(&["sandbox", "list", "--json", "--socket", socket]);
     assert!(output.status.success(), "{}", describe(&output));
     match serde_json::from_slice(&output.stdout) {
