@@ -58,6 +58,7 @@ use crate::dns::upstream::Upstream;
 use crate::enforcer::{
     self, bind_proxy_sockets, proxy_options, serve_proxy, start_denial_log, still_allowed,
 };
+use crate::kernel::CountedVerdict;
 use crate::netns::{self, Target};
 use crate::policy::{self, CompileOptions, Expansions};
 use crate::ruleset::{self, Ruleset};
@@ -782,17 +783,18 @@ impl Agent {
         };
         match entry.sandbox.status().await {
             Ok(Some(table)) => {
-                if let Some(digest) = table.digest {
-                    status.digest = digest;
+                if let Some(digest) = &table.digest {
+                    status.digest = digest.clone();
                 }
                 status.set_sizes = table
                     .sets
                     .iter()
                     .map(|s| (s.name.clone(), s.elements as u64))
                     .collect();
-                // Only the deny rules count (compile::deny_actions).
-                status.denied_packets = table.counters.iter().map(|c| c.packets).sum();
-                status.denied_bytes = table.counters.iter().map(|c| c.bytes).sum();
+                (status.allowed_packets, status.allowed_bytes) =
+                    table.counted(CountedVerdict::Allowed);
+                (status.denied_packets, status.denied_bytes) =
+                    table.counted(CountedVerdict::Denied);
                 (status, None)
             }
             Ok(None) => (status, Some("the table is missing".into())),

@@ -70,6 +70,12 @@ pub struct SandboxStatus {
     /// Elements per set, by set name.
     #[serde(default)]
     pub set_sizes: BTreeMap<String, u64>,
+    /// Packets and bytes the allow rules accepted: the packets that open
+    /// a connection (an established connection's packets are not counted).
+    #[serde(default)]
+    pub allowed_packets: u64,
+    #[serde(default)]
+    pub allowed_bytes: u64,
     /// Packets and bytes the deny chain rejected.
     #[serde(default)]
     pub denied_packets: u64,

@@ -222,6 +222,18 @@ pub fn render_metrics(metrics: &AgentMetrics) -> String {
         vec![(String::new(), metrics.sandboxes.len() as u64)],
     );
     family(
+        "netleash_sandbox_allowed_packets_total",
+        "counter",
+        "Packets the sandbox's allow rules accepted: the packets that open a connection (the table's counters).",
+        per_sandbox(&|s| s.status.allowed_packets),
+    );
+    family(
+        "netleash_sandbox_allowed_bytes_total",
+        "counter",
+        "Bytes the sandbox's allow rules accepted (the table's counters).",
+        per_sandbox(&|s| s.status.allowed_bytes),
+    );
+    family(
         "netleash_sandbox_denied_packets_total",
         "counter",
         "Packets the sandbox's deny rules rejected (the table's counters).",
@@ -369,6 +381,7 @@ mod tests {
     fn metrics_are_prometheus_text_with_one_sample_per_sandbox() {
         let status = SandboxStatus {
             id: "c1".into(),
+            allowed_packets: 7,
             denied_packets: 3,
             dns_queries: 5,
             dns_refused: 2,
@@ -396,6 +409,7 @@ mod tests {
         let text = render_metrics(&metrics);
         for line in [
             "netleash_sandboxes 1",
+            "netleash_sandbox_allowed_packets_total{sandbox=\"c1\"} 7",
             "netleash_sandbox_denied_packets_total{sandbox=\"c1\"} 3",
             "netleash_sandbox_dns_queries_total{sandbox=\"c1\"} 5",
             "netleash_sandbox_dns_refused_total{sandbox=\"c1\"} 2",

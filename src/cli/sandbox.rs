@@ -136,11 +136,13 @@ fn describe(status: &SandboxStatus) -> String {
         },
     };
     format!(
-        "{}  netns {}{pid}  policy {}\n  sets: {}\n  denied: {} packets, {} bytes; DNS: {} queries, {} refused{denial_log}",
+        "{}  netns {}{pid}  policy {}\n  sets: {}\n  allowed: {} connection packets, {} bytes; denied: {} packets, {} bytes; DNS: {} queries, {} refused{denial_log}",
         status.id,
         status.netns.display(),
         status.digest,
         sets.join(" "),
+        status.allowed_packets,
+        status.allowed_bytes,
         status.denied_packets,
         status.denied_bytes,
         status.dns_queries,

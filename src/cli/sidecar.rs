@@ -48,6 +48,7 @@ use crate::dns::ttl::TtlPolicy;
 use crate::dns::upstream::{DNS_PORT, Upstream, UpstreamSockets};
 use crate::enforcer::{self, bind_proxy_sockets, serve_proxy, start_denial_log, still_allowed};
 use crate::http_endpoint;
+use crate::kernel::CountedVerdict;
 use crate::netns::{self, SocketFactory, SocketKind};
 use crate::policy::{CompileOptions, ProxyOptions};
 use crate::ruleset::{self, Ruleset};
@@ -515,6 +516,13 @@ impl Sidecar {
             Ok(status) => (status.as_ref().and_then(|s| s.digest.clone()), None),
             Err(error) => (None, Some(super::render_error(error))),
         };
+        let counted = |verdict| match &table {
+            Ok(Some(status)) => {
+                let (packets, bytes) = status.counted(verdict);
+                json!({"packets": packets, "bytes": bytes})
+            }
+            _ => serde_json::Value::Null,
+        };
         let table_in_force = digest.is_some() && table_digest == digest;
         let probe = self.probe_proxy().await;
         let proxy_answers = probe.is_ok();
@@ -539,6 +547,11 @@ impl Sidecar {
                 "in_force": table_in_force,
                 "digest": table_digest,
                 "error": table_error,
+                // The rule counters: what the allow rules accepted (the
+                // packets that open a connection) and what the deny chain
+                // rejected.
+                "allowed": counted(CountedVerdict::Allowed),
+                "denied": counted(CountedVerdict::Denied),
             },
             "proxy": {
                 "answers": proxy_answers,

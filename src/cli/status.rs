@@ -4,11 +4,11 @@ use std::io::Write;
 
 use super::netns_args::NetnsArgs;
 use super::{EXIT_OK, Error};
-use crate::kernel::{self, TableStatus};
+use crate::kernel::{self, CountedVerdict, TableStatus};
 use crate::ruleset::TABLE_NAME;
 
 /// Show the `inet netleash` table in the namespace: whether it is there, the digest of
-/// the policy in force, the size of each set, and the counters of the deny rules.
+/// the policy in force, the size of each set, and the counters of the allow and deny rules.
 #[derive(Debug, clap::Args)]
 pub struct Args {
     #[command(flatten)]
@@ -103,13 +103,21 @@ fn write_text(
         };
         writeln!(out, "  {:<20} {:>7} rules{base}", chain.name, chain.rules)?;
     }
-    writeln!(out, "denied (rule counters):")?;
-    for counter in &status.counters {
-        writeln!(
-            out,
-            "  {:<20} {:>7} packets {:>10} bytes",
-            counter.rule, counter.packets, counter.bytes
-        )?;
+    for (verdict, heading) in [
+        (
+            CountedVerdict::Allowed,
+            "allowed (rule counters; packets that open a connection):",
+        ),
+        (CountedVerdict::Denied, "denied (rule counters):"),
+    ] {
+        writeln!(out, "{heading}")?;
+        for counter in status.counters.iter().filter(|c| c.verdict == verdict) {
+            writeln!(
+                out,
+                "  {:<24} {:>7} packets {:>10} bytes",
+                counter.rule, counter.packets, counter.bytes
+            )?;
+        }
     }
     Ok(())
 }

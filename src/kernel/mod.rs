@@ -38,7 +38,7 @@ use std::io;
 
 pub use elements::{SetChange, SetUpdate};
 pub use learned::{HeldElement, carry_updates};
-pub use readback::{ChainStatus, Difference, RuleCounter, SetStatus, TableStatus};
+pub use readback::{ChainStatus, CountedVerdict, Difference, RuleCounter, SetStatus, TableStatus};
 
 use crate::netns;
 use crate::ruleset::{Ruleset, TABLE_NAME};

@@ -924,13 +924,42 @@ pub struct ChainStatus {
     pub rules: usize,
 }
 
-/// The counter of one rule that counts (the deny rules).
+/// The counter of one rule that counts: the deny rules and the allow rules.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct RuleCounter {
     pub chain: String,
     pub rule: String,
+    /// What the rule does with what it counts, as read from the kernel.
+    pub verdict: CountedVerdict,
     pub packets: u64,
     pub bytes: u64,
+}
+
+/// What a counting rule does with the packets it counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CountedVerdict {
+    /// The rule accepts (the allow rules: packets that open a connection).
+    Allowed,
+    /// The rule jumps to the deny chain (logged and rejected).
+    Denied,
+}
+
+impl CountedVerdict {
+    /// A counting rule that jumps or goes to another chain denies: in a
+    /// netleash table the only such rules jump to the deny chain
+    /// (`compile::deny_actions`); one that does not ends in accept.
+    fn of(rule: &KernelRule) -> CountedVerdict {
+        let leaves = rule
+            .expressions
+            .iter()
+            .any(|e| matches!(e.reference, Some(Reference::Jump(_) | Reference::Goto(_))));
+        if leaves {
+            CountedVerdict::Denied
+        } else {
+            CountedVerdict::Allowed
+        }
+    }
 }
 
 /// What `netleash status` reports about the table in force.
@@ -952,6 +981,16 @@ pub struct TableStatus {
 }
 
 impl TableStatus {
+    /// The packets and bytes of every rule counter with `verdict`, summed.
+    pub fn counted(&self, verdict: CountedVerdict) -> (u64, u64) {
+        self.counters
+            .iter()
+            .filter(|c| c.verdict == verdict)
+            .fold((0, 0), |(packets, bytes), c| {
+                (packets + c.packets, bytes + c.bytes)
+            })
+    }
+
     pub fn of(table: &KernelTable) -> TableStatus {
         let sets = table
             .sets
@@ -980,6 +1019,7 @@ impl TableStatus {
                     counters.push(RuleCounter {
                         chain: chain.name.clone(),
                         rule: rule.label(),
+                        verdict: CountedVerdict::of(rule),
                         packets,
                         bytes,
                     });

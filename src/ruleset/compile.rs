@@ -310,6 +310,15 @@ fn deny_actions() -> Vec<Action> {
     vec![Action::Counter, Action::Jump(DENY_CHAIN.to_string())]
 }
 
+/// The allow rules count what they accept. They come after `established`,
+/// so they see only the packets that open a connection (a TCP SYN, a UDP
+/// flow's packets until the reply): the count is of connections the policy
+/// allowed, not of traffic. Status, health and metrics report it beside the
+/// deny rules' counters.
+fn allow_actions() -> Vec<Action> {
+    vec![Action::Counter, Action::Accept]
+}
+
 fn egress_chain(limited: bool, proxy: Option<&ProxyOptions>) -> Chain {
     let mut rules = vec![Rule {
         id: "loopback".into(),
@@ -420,7 +429,7 @@ fn egress_chain(limited: bool, proxy: Option<&ProxyOptions>) -> Chain {
                     family,
                     set: set_name(role, family, false),
                 }],
-                actions: vec![Action::Accept],
+                actions: allow_actions(),
             });
             rules.push(Rule {
                 id: format!("allow-{kind}-{}-ports", family_tag(family)),
@@ -429,7 +438,7 @@ fn egress_chain(limited: bool, proxy: Option<&ProxyOptions>) -> Chain {
                     family,
                     set: set_name(role, family, true),
                 }],
-                actions: vec![Action::Accept],
+                actions: allow_actions(),
             });
         }
     }

@@ -332,6 +332,8 @@ fn put_enforces_by_name_through_the_agents_proxy_with_counters_and_a_root_only_s
         "{status:?}"
     );
     assert!(status.denied_packets >= 2, "{status:?}");
+    // The connection to 198.51.100.10 opened through an allow rule.
+    assert!(status.allowed_packets >= 1, "{status:?}");
     assert!(
         status.set_sizes.get("dns_v4").copied().unwrap_or(0) >= 1,
         "{status:?}"
@@ -348,6 +350,7 @@ fn put_enforces_by_name_through_the_agents_proxy_with_counters_and_a_root_only_s
     };
     assert_eq!(of("netleash_sandboxes"), 1);
     assert!(of("netleash_sandbox_denied_packets_total{sandbox=\"c1\"}") >= 2);
+    assert!(of("netleash_sandbox_allowed_packets_total{sandbox=\"c1\"}") >= 1);
     assert!(of("netleash_sandbox_dns_refused_total{sandbox=\"c1\"}") >= 1);
     assert!(of("netleash_sandbox_dns_allowed_total{sandbox=\"c1\"}") >= 1);
     assert!(of("netleash_sandbox_dns_queries_total{sandbox=\"c1\"}") >= 2);

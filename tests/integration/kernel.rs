@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
-use netleash::kernel::{self, SetChange, SetUpdate};
+use netleash::kernel::{self, CountedVerdict, SetChange, SetUpdate};
 use netleash::netns::Target;
 use netleash::policy::{
     BlockEntry, CompileOptions, Dialect, HostRule, Mode, Policy, PortSpec, Ports, Proto, Source,
@@ -289,10 +289,30 @@ fn apply_reads_back_what_the_model_says() {
             set.name
         );
     }
-    let counted: BTreeSet<&str> = status.counters.iter().map(|c| c.rule.as_str()).collect();
+    let counted = |verdict: CountedVerdict| -> BTreeSet<&str> {
+        status
+            .counters
+            .iter()
+            .filter(|c| c.verdict == verdict)
+            .map(|c| c.rule.as_str())
+            .collect()
+    };
     assert_eq!(
-        counted,
+        counted(CountedVerdict::Denied),
         BTreeSet::from(["blocklist-v4", "blocklist-v6", "dns-other", "default-deny"])
+    );
+    assert_eq!(
+        counted(CountedVerdict::Allowed),
+        BTreeSet::from([
+            "allow-static-v4",
+            "allow-static-v4-ports",
+            "allow-static-v6",
+            "allow-static-v6-ports",
+            "allow-dns-v4",
+            "allow-dns-v4-ports",
+            "allow-dns-v6",
+            "allow-dns-v6-ports",
+        ])
     );
     assert!(
         status
@@ -343,7 +363,9 @@ fn apply_reads_back_what_the_model_says() {
         "{text}"
     );
     assert!(
-        text.contains("ip daddr . meta l4proto . th dport @allow_v4_ports.g1 accept"),
+        text.contains(
+            "ip daddr . meta l4proto . th dport @allow_v4_ports.g1 counter packets 0 bytes 0 accept"
+        ),
         "{text}"
     );
     assert!(
@@ -546,9 +568,14 @@ fn reapply_keeps_the_addresses_learned_from_dns() {
     );
     // The new generation's rules look them up.
     let text = ns.nft_text();
-    assert!(text.contains("ip daddr @dns_v4 accept"), "{text}");
     assert!(
-        text.contains("ip6 daddr . meta l4proto . th dport @dns_v6_ports accept"),
+        text.contains("ip daddr @dns_v4 counter packets 0 bytes 0 accept"),
+        "{text}"
+    );
+    assert!(
+        text.contains(
+            "ip6 daddr . meta l4proto . th dport @dns_v6_ports counter packets 0 bytes 0 accept"
+        ),
         "{text}"
     );
 
@@ -1131,15 +1158,26 @@ fn cli_status_remove_and_a_refused_apply() {
         .find(|s| s["name"] == "allow_v4_ports")
         .unwrap();
     assert_eq!(allow["elements"], 3);
-    let counters: Vec<&str> = json["counters"]
+    let denied: Vec<&str> = json["counters"]
         .as_array()
         .unwrap()
         .iter()
+        .filter(|c| c["verdict"] == "denied")
         .map(|c| c["rule"].as_str().unwrap())
         .collect();
     assert_eq!(
-        counters,
+        denied,
         ["blocklist-v4", "blocklist-v6", "dns-other", "default-deny"]
+    );
+    assert_eq!(
+        json["counters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|c| c["verdict"] == "allowed")
+            .count(),
+        8,
+        "{json:#}"
     );
 
     let out = netleash(&["status", "--netns", &format!("/run/netns/{}", ns.name)]);
@@ -1149,6 +1187,12 @@ fn cli_status_remove_and_a_refused_apply() {
         "{text}"
     );
     assert!(text.contains("default-deny"), "{text}");
+    assert!(
+        text.contains(
+            "allowed (rule counters; packets that open a connection):\n  allow-static-v4 "
+        ),
+        "{text}"
+    );
 
     // A policy that does not load leaves the table in force and exits 2.
     let dir = tempfile::tempdir().unwrap();

@@ -389,6 +389,11 @@ fn dns_over_tls_stays_blocked_even_to_an_allowed_address_and_health_sees_a_missi
 
     let (status, health) = sidecar.health();
     assert_eq!(status, 200, "{health:#}");
+    // The rule counters: the one allowed connection's SYN was counted by an
+    // allow rule, the three rejected SYNs by the deny rules.
+    let counted = |verdict: &str| health["table"][verdict]["packets"].as_u64();
+    assert!(counted("allowed").is_some_and(|n| n >= 1), "{health:#}");
+    assert!(counted("denied").is_some_and(|n| n >= 3), "{health:#}");
     // Someone deletes the table: the health check says so.
     let output = exec_in(
         bed.sandbox(),
