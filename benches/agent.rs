@@ -173,6 +173,7 @@ fn main() {
             pid: None,
             policy: policy.clone(),
             origin: "bench policy".into(),
+            agent: None,
         };
         let at = Instant::now();
         let reply = protocol::call(&socket, &request, Duration::from_secs(60))

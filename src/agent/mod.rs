@@ -63,7 +63,7 @@ use crate::netns::{self, Target};
 use crate::policy::{self, CompileOptions, Expansions};
 use crate::ruleset::{self, Ruleset};
 use crate::sandbox::{self, Enforcement, Sandbox, SinkStats};
-use protocol::{DenialLogStatus, FailureKind, SandboxStatus};
+use protocol::{AgentDefinition, DenialLogStatus, FailureKind, SandboxStatus};
 use state::{SandboxRecord, StateDir};
 
 /// How long a Put waits for the resolver loop's first round over names no
@@ -84,6 +84,9 @@ pub struct AgentConfig {
     /// Where each sandbox's proxy listens (127.0.0.1 and ::1 in its namespace).
     pub proxy_port: u16,
     pub ttl: TtlPolicy,
+    /// Platform hosts every sandbox needs, in the allowed_hosts grammar
+    /// (`--extra-host`): allowed in every limited policy.
+    pub extra_hosts: Vec<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -439,10 +442,11 @@ impl Agent {
         pid: Option<u32>,
         policy: String,
         origin: String,
+        agent: Option<AgentDefinition>,
     ) -> Result<SandboxStatus, Error> {
         check_id(&id)?;
         // Validated before anything is touched.
-        policy::load(&policy, &origin, &Expansions::default())?;
+        policy::load(&policy, &origin, &self.expansions(agent.as_ref())?)?;
         let held = HeldNamespace::open(&id, &netns)?;
         let record = SandboxRecord {
             id: id.clone(),
@@ -452,6 +456,7 @@ impl Agent {
             ns_inode: held.inode,
             policy,
             origin,
+            agent,
         };
         let (entry, fresh) = {
             let _change = self.changes.lock().await;
@@ -479,8 +484,22 @@ impl Agent {
         Ok(self.status_of(&entry).await)
     }
 
+    /// The host expansions of a sandbox's policy: the agent's extra hosts
+    /// and the MCP servers of the sandbox's agent definition.
+    fn expansions(&self, agent: Option<&AgentDefinition>) -> Result<Expansions, Error> {
+        let mut expansions = Expansions::default();
+        for host in &self.config.extra_hosts {
+            expansions.add_extra_host(host)?;
+        }
+        if let Some(agent) = agent {
+            expansions.add_agent_file(&agent.text, &agent.origin)?;
+        }
+        Ok(expansions)
+    }
+
     fn compile(&self, record: &SandboxRecord) -> Result<Ruleset, Error> {
-        let policy = policy::load(&record.policy, &record.origin, &Expansions::default())?;
+        let expansions = self.expansions(record.agent.as_ref())?;
+        let policy = policy::load(&record.policy, &record.origin, &expansions)?;
         for warning in &policy.warnings {
             tracing::warn!(sandbox = %record.id, %warning, "policy warning");
         }

@@ -48,6 +48,10 @@ pub enum Request {
         policy: String,
         /// Where the policy came from, for error messages.
         origin: String,
+        /// The sandbox's agent definition, whose `mcp_servers` URLs a
+        /// policy with `"allow_mcp_servers": true` allows.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        agent: Option<AgentDefinition>,
     },
     /// Forget sandbox `id`. The rules stay in its namespace (which is
     /// usually gone by then); DNS work for it stops.
@@ -56,6 +60,17 @@ pub enum Request {
     Get { id: String },
     /// Every sandbox's status.
     List,
+}
+
+/// An agent definition in Claude Managed Agents' shape,
+/// `{"mcp_servers": [{"type": "url", "name": "docs", "url": "https://mcp.example.com/mcp"}]}`,
+/// as text (errors give line:column) with where it came from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentDefinition {
+    pub text: String,
+    /// Where the definition came from, for error messages (a file, an annotation).
+    pub origin: String,
 }
 
 /// A sandbox as the agent reports it.
@@ -298,6 +313,7 @@ mod tests {
             pid: Some(42),
             policy: r#"{"type":"unrestricted"}"#.into(),
             origin: "annotation netleash.policy".into(),
+            agent: None,
         };
         let text = serde_json::to_string(&put).unwrap();
         assert!(text.starts_with(r#"{"op":"put","id":"c1""#), "{text}");

@@ -147,8 +147,9 @@ async fn handle(agent: &Agent, request: Request) -> Response {
             pid,
             policy,
             origin,
+            agent: definition,
         } => agent
-            .put(id, netns, pid, policy, origin)
+            .put(id, netns, pid, policy, origin, definition)
             .await
             .map(Reply::Sandbox),
         Request::Delete { id } => agent.delete(&id).await.map(|()| Reply::Deleted { id }),

@@ -6,6 +6,7 @@
 //! and renamed over the old one (rename(2) is atomic within a file system),
 //! so a crash leaves either the old record or the new one, never half of one.
 
+use super::protocol::AgentDefinition;
 use std::fs;
 use std::io::{self, Write as _};
 use std::path::{Path, PathBuf};
@@ -34,6 +35,9 @@ pub struct SandboxRecord {
     /// The policy document as it was put, and where it came from.
     pub policy: String,
     pub origin: String,
+    /// The agent definition put with it, if any (its MCP servers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<AgentDefinition>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -172,6 +176,11 @@ mod tests {
             ns_inode: 4026532000,
             policy: r#"{"type":"unrestricted"}"#.into(),
             origin: "test".into(),
+            // "b" carries an agent definition, "a" none.
+            agent: (id == "b").then(|| AgentDefinition {
+                text: r#"{"mcp_servers": []}"#.into(),
+                origin: "annotation netleash.agent".into(),
+            }),
         }
     }
 
@@ -187,6 +196,7 @@ mod tests {
         std::fs::write(state.path("broken"), "{").unwrap();
         let (records, unreadable) = state.load().unwrap();
         assert_eq!(records, vec![changed, record("b")]);
+        assert!(records[1].agent.is_some() && records[0].agent.is_none());
         assert_eq!(unreadable.len(), 1);
         assert!(unreadable[0].path.ends_with("broken.json"));
         state.remove("a").unwrap();

@@ -25,6 +25,7 @@ use crate::agent::server::{self, bind_socket, serve_api, serve_metrics};
 use crate::agent::state::DEFAULT_STATE_DIR;
 use crate::agent::{self, Agent, AgentConfig};
 use crate::enforcer::DEFAULT_PROXY_PORT;
+use crate::policy::Expansions;
 
 /// How log lines are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -77,6 +78,12 @@ pub struct Args {
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
     pub reap_interval: Duration,
 
+    /// A platform host every sandbox needs (callback, telemetry), allowed in
+    /// every limited policy the agent enforces, in the allowed_hosts grammar
+    /// (`host`, `host:port`, `https://host`, CIDR, ...). Repeatable.
+    #[arg(long = "extra-host", value_name = "HOST")]
+    pub extra_hosts: Vec<String>,
+
     #[command(flatten)]
     pub ttl: TtlArgs,
 }
@@ -85,6 +92,10 @@ pub struct Args {
 pub enum Error {
     #[error(transparent)]
     DnsArgs(#[from] dns_args::Error),
+    /// An --extra-host that is not in the allowed_hosts grammar; the
+    /// policy module's message names it and the fix.
+    #[error(transparent)]
+    ExtraHost(#[from] crate::policy::Error),
     #[error(transparent)]
     Socket(#[from] server::Error),
     #[error("cannot start the async runtime")]
@@ -104,7 +115,7 @@ pub enum Error {
 impl Error {
     pub fn exit_code(&self) -> u8 {
         match self {
-            Error::DnsArgs(_) => EXIT_INVALID_INPUT,
+            Error::DnsArgs(_) | Error::ExtraHost(_) => EXIT_INVALID_INPUT,
             _ => EXIT_SYSTEM_ERROR,
         }
     }
@@ -158,6 +169,13 @@ fn fix_mmap_threshold() {
 pub fn run(args: Args) -> Result<u8, super::Error> {
     fix_mmap_threshold();
     let ttl = args.ttl.policy().map_err(Error::DnsArgs)?;
+    // Checked before the socket is bound: a typo stops the start, it does
+    // not surface later in every sandbox's Put.
+    for host in &args.extra_hosts {
+        Expansions::default()
+            .add_extra_host(host)
+            .map_err(Error::ExtraHost)?;
+    }
     let upstreams = if args.upstreams.is_empty() {
         dns_args::servers_from_resolv_conf(&args.resolv_conf).map_err(Error::DnsArgs)?
     } else {
@@ -181,6 +199,7 @@ pub fn run(args: Args) -> Result<u8, super::Error> {
         state_dir: args.state_dir.clone(),
         proxy_port: args.proxy_port,
         ttl,
+        extra_hosts: args.extra_hosts.clone(),
     };
     let result = runtime.block_on(serve(&args, config, listener));
     // A clean stop removes the socket; a crash leaves a stale one, which the

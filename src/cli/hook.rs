@@ -197,6 +197,7 @@ fn enforce(args: &Args, state: &oci::State) -> Result<u8, CliError> {
         pid: state.live_pid(),
         policy: text,
         origin,
+        agent: None,
     };
     let reply = protocol::call(&args.socket, &request, Duration::from_secs(args.timeout)).map_err(
         |source| Error::Agent {

@@ -77,12 +77,7 @@ impl PolicyArgs {
 
         let mut expansions = Expansions::default();
         if let Some(agent) = &self.agent {
-            let path = agent.display().to_string();
-            let agent_text = std::fs::read_to_string(agent).map_err(|source| Error::ReadInput {
-                what: "agent file",
-                path: path.clone(),
-                source,
-            })?;
+            let (agent_text, path) = read_agent_file(agent)?;
             expansions.add_agent_file(&agent_text, &path)?;
         }
         for url in &self.mcp_servers {
@@ -189,6 +184,18 @@ pub fn parse_resolv_conf(text: &str) -> (Vec<IpAddr>, Vec<String>) {
 
 /// The text of the policy argument `policy` (a file, or `-` for standard
 /// input) and the origin its messages name.
+/// The text of an agent definition file (`--agent FILE`) and its path as
+/// the origin for error messages.
+pub fn read_agent_file(agent: &std::path::Path) -> Result<(String, String), Error> {
+    let path = agent.display().to_string();
+    let text = std::fs::read_to_string(agent).map_err(|source| Error::ReadInput {
+        what: "agent file",
+        path: path.clone(),
+        source,
+    })?;
+    Ok((text, path))
+}
+
 pub fn read_policy_text(policy: &str) -> Result<(String, String), Error> {
     if policy == "-" {
         let mut text = String::new();

@@ -6,10 +6,10 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use super::policy_args::read_policy_text;
+use super::policy_args::{read_agent_file, read_policy_text};
 use super::{EXIT_INVALID_INPUT, EXIT_OK, EXIT_SYSTEM_ERROR};
 use crate::agent::protocol::{
-    self, DEFAULT_SOCKET, FailureKind, Reply, Request, SandboxStatus, call,
+    self, AgentDefinition, DEFAULT_SOCKET, FailureKind, Reply, Request, SandboxStatus, call,
 };
 
 /// `sandbox get|delete` of an id the agent does not have.
@@ -55,6 +55,11 @@ pub enum Command {
         pid: Option<u32>,
         /// The policy: a JSON file, or `-` for standard input.
         policy: String,
+        /// The sandbox's agent definition (JSON) whose `mcp_servers` URLs are
+        /// allowed when the policy sets `"allow_mcp_servers": true`; the agent
+        /// keeps it with the sandbox.
+        #[arg(long, value_name = "FILE")]
+        agent: Option<PathBuf>,
     },
     /// Forget sandbox ID: its DNS work stops; its rules stay in its namespace.
     Delete {
@@ -86,14 +91,23 @@ pub fn run(args: Args) -> Result<u8, super::Error> {
             netns,
             pid,
             policy,
+            agent,
         } => {
             let (text, origin) = read_policy_text(&policy)?;
+            let agent = match agent {
+                Some(path) => {
+                    let (text, origin) = read_agent_file(&path)?;
+                    Some(AgentDefinition { text, origin })
+                }
+                None => None,
+            };
             Request::Put {
                 id,
                 netns,
                 pid,
                 policy: text,
                 origin,
+                agent,
             }
         }
     };

@@ -14,7 +14,9 @@ use std::time::{Duration, Instant};
 
 use hickory_proto::op::ResponseCode;
 use hickory_proto::rr::RecordType;
-use netleash::agent::protocol::{self, FailureKind, Reply, Request, SandboxStatus};
+use netleash::agent::protocol::{
+    self, AgentDefinition, FailureKind, Reply, Request, SandboxStatus,
+};
 use netleash::denial_log::DENIED_MESSAGE;
 use netleash::kernel::nflog::NflogListener;
 use netleash::netns::Target;
@@ -105,12 +107,26 @@ impl Agent {
     }
 
     fn put(&self, id: &str, netns: &Path, policy: &str) -> Result<SandboxStatus, protocol::Error> {
+        self.put_with_agent(id, netns, policy, None)
+    }
+
+    fn put_with_agent(
+        &self,
+        id: &str,
+        netns: &Path,
+        policy: &str,
+        agent: Option<&str>,
+    ) -> Result<SandboxStatus, protocol::Error> {
         let request = Request::Put {
             id: id.into(),
             netns: netns.to_path_buf(),
             pid: None,
             policy: policy.into(),
             origin: format!("test policy of {id}"),
+            agent: agent.map(|text| AgentDefinition {
+                text: text.into(),
+                origin: format!("test agent of {id}"),
+            }),
         };
         self.call(&request).map(|reply| match reply {
             Reply::Sandbox(status) => status,
@@ -434,6 +450,76 @@ fn a_bad_policy_is_invalid_input_and_changes_nothing_and_delete_leaves_the_rules
         "nobody should answer DNS after delete"
     );
     assert_rejected(&bed, "203.0.113.20", 443);
+}
+
+#[test]
+fn the_agents_extra_hosts_and_a_sandboxs_mcp_servers_are_allowed_and_a_bad_definition_changes_nothing()
+ {
+    let bed = support::testbed();
+    let dir = tempfile::tempdir().unwrap();
+    bed.zone().set("mcp.test", &[a("198.51.100.10")], 300);
+    let agent = Agent::start_with(&bed, dir.path(), &["--extra-host", "198.51.100.11:443"]);
+    let netns = sandbox_path(&bed);
+    let policy = r#"{"type": "limited", "allowed_hosts": [], "allow_mcp_servers": true}"#;
+    let definition =
+        r#"{"mcp_servers": [{"type": "url", "name": "docs", "url": "https://mcp.test/mcp"}]}"#;
+    agent
+        .put_with_agent("c1", &netns, policy, Some(definition))
+        .unwrap_or_else(|e| panic!("{}\n{}", netleash::cli::render_error(&e), agent.logs()));
+    // The MCP server's host, by name through the proxy, on its URL's port.
+    assert_eq!(
+        resolve_and_connect(&bed, "mcp.test"),
+        (ResponseCode::NoError, Some(Verdict::Connected))
+    );
+    // The agent's extra host, on its port only.
+    assert_reachable(&bed, "198.51.100.11", 443);
+    assert_rejected(&bed, "198.51.100.11", 80);
+    assert_rejected(&bed, "203.0.113.20", 443);
+    let table = table_without_expiry(&bed);
+
+    // The definition is part of the sandbox: after a restart it is compiled
+    // the same way, so the table in force is kept as it is.
+    let record = std::fs::read_to_string(dir.path().join("state/sandboxes/c1.json")).unwrap();
+    assert!(record.contains("mcp.test"), "{record}");
+
+    // A broken definition is refused with its place, and changes nothing.
+    let broken = r#"{"mcp_servers": [{"type": "url", "name": "docs", "url": 7}]}"#;
+    match agent.put_with_agent("c1", &netns, policy, Some(broken)) {
+        Err(protocol::Error::Refused { kind, message, .. }) => {
+            assert_eq!(kind, FailureKind::InvalidInput);
+            assert!(message.starts_with("test agent of c1:1:"), "{message}");
+            assert!(message.contains("mcp_servers[0].url"), "{message}");
+        }
+        other => panic!("a broken agent definition must be refused, got {other:?}"),
+    }
+    assert_eq!(table_without_expiry(&bed), table, "the table changed");
+
+    // Without the definition the MCP host is no longer allowed.
+    agent.put("c1", &netns, policy).unwrap();
+    let (code, _) = resolve_and_connect(&bed, "mcp.test");
+    assert_eq!(code, ResponseCode::Refused);
+    assert_reachable(&bed, "198.51.100.11", 443);
+}
+
+#[test]
+fn an_agent_with_a_bad_extra_host_does_not_start() {
+    support::require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let output = netleash(&[
+        "agent",
+        "--socket",
+        dir.path().join("agent.sock").to_str().unwrap(),
+        "--state-dir",
+        dir.path().join("state").to_str().unwrap(),
+        "--upstream",
+        "127.0.0.1",
+        "--extra-host",
+        "https://callback.example:99999",
+    ]);
+    assert_eq!(output.status.code(), Some(2), "{}", describe(&output));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("99999"), "{stderr}");
+    assert!(!dir.path().join("agent.sock").exists());
 }
 
 #[test]

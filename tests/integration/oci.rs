@@ -354,6 +354,7 @@ fn with_an_agent_the_hook_hands_the_container_over_and_obeys_its_answer() {
             pid: Some(pid),
             policy,
             origin,
+            agent: None,
         } => {
             assert_eq!(id, container.id);
             assert_eq!(
