@@ -258,12 +258,17 @@ fn enforce_directly(
     for warning in &policy.warnings {
         eprintln!("warning: {warning}");
     }
-    let report = kernel::apply(&Target::Path(netns.to_path_buf()), &ruleset).map_err(|source| {
-        Error::Enforce {
-            id: state.id.clone(),
-            source,
-        }
-    })?;
+    let enforce_error = |source| Error::Enforce {
+        id: state.id.clone(),
+        source,
+    };
+    // A session of its own rather than `kernel::apply`, whose background
+    // close would start one more thread: this process exits right after, and
+    // the socket is closed when it does.
+    let mut session =
+        kernel::Session::open(&Target::Path(netns.to_path_buf())).map_err(enforce_error)?;
+    let report = session.apply(&ruleset).map_err(enforce_error)?;
+    drop(session);
     tracing::info!(
         container = %state.id,
         digest = %report.digest,
