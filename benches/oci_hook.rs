@@ -26,7 +26,11 @@
 //! `runc run`, after the workload.
 //!
 //! `cargo bench --bench oci_hook` as root; `NETLEASH_BENCH_RUNS` sets the
-//! number of runs of each kind (default 40). Needs runc and busybox-static.
+//! number of runs of each kind (default 40). `NETLEASH_BENCH_HOOK_BIN` runs
+//! another netleash binary as the hook (default: the one cargo built for the
+//! benchmark), and `NETLEASH_BENCH_BASELINE_BIN` adds two kinds that run a
+//! second binary's hook (no annotation, and standalone) in the same rounds.
+//! Needs runc and busybox-static.
 
 // Shared with the integration tests, which use the parts this file does not.
 #[allow(dead_code)]
@@ -66,7 +70,7 @@ const DEFAULT_RUNS: usize = 40;
 
 /// One kind of container start the benchmark times.
 struct Arm {
-    name: &'static str,
+    name: String,
     bundle: Bundle,
     /// Wall-clock time of each `runc run`.
     wall: Vec<Duration>,
@@ -149,9 +153,17 @@ fn main() {
     protocol::call(Path::new(&agent.socket), &resident, Duration::from_secs(30))
         .unwrap_or_else(|e| panic!("put the resident sandbox: {}", render_error(&e)));
 
-    let arm = |name, annotations: &[(&str, &str)], hook: Option<&[&str]>| {
+    // The netleash binary the hooks run, and an optional second one (an
+    // older build, say) whose hook runs in the same rounds for a before/after.
+    let hook_binary = std::env::var("NETLEASH_BENCH_HOOK_BIN")
+        .unwrap_or_else(|_| env!("CARGO_BIN_EXE_netleash").to_string());
+    let baseline_binary = std::env::var("NETLEASH_BENCH_BASELINE_BIN").ok();
+    let arm = |name: String, annotations: &[(&str, &str)], hook: Option<(&str, &[&str])>| {
         let bundle = Bundle::new("nameserver 192.0.2.53\n");
-        bundle.configure(&["/bin/true"], &Network::Fresh, annotations, hook);
+        bundle.configure(&["/bin/true"], &Network::Fresh, annotations, None);
+        if let Some((path, args)) = hook {
+            bundle.set_create_runtime_hook(path, args);
+        }
         Arm {
             name,
             bundle,
@@ -160,26 +172,45 @@ fn main() {
         }
     };
     let policy = [("netleash.policy", TYPICAL_POLICY)];
-    let mut arms = [
-        arm("no hook", &[], None),
+    let standalone = ["netleash", "hook", "--standalone"];
+    let agent_mode = ["netleash", "hook", "--socket", agent.socket.as_str()];
+    let mut arms = vec![
+        arm("no hook".into(), &[], None),
         // What runc itself spends on running a hook: /bin/true as the hook.
-        arm("hook /bin/true", &[], None),
+        arm("hook /bin/true".into(), &[], Some(("/bin/true", &["true"]))),
         // netleash's process start, state and config.json, no annotation.
-        arm("netleash hook, no annotation", &[], Some(&["--standalone"])),
         arm(
-            "netleash hook --standalone, typical policy",
-            &policy,
-            Some(&["--standalone"]),
+            "netleash hook, no annotation".into(),
+            &[],
+            Some((&hook_binary, &standalone)),
         ),
         arm(
-            "netleash hook (agent), typical policy",
+            "netleash hook --standalone, typical policy".into(),
             &policy,
-            Some(&["--socket", &agent.socket]),
+            Some((&hook_binary, &standalone)),
+        ),
+        arm(
+            "netleash hook (agent), typical policy".into(),
+            &policy,
+            Some((&hook_binary, &agent_mode)),
         ),
     ];
-    arms[1]
-        .bundle
-        .set_create_runtime_hook("/bin/true", &["true"]);
+    if let Some(baseline) = &baseline_binary {
+        arms.push(arm(
+            "baseline: no annotation".into(),
+            &[],
+            Some((baseline, &standalone)),
+        ));
+        arms.push(arm(
+            "baseline: --standalone, typical policy".into(),
+            &policy,
+            Some((baseline, &standalone)),
+        ));
+    }
+    println!("hook binary: {hook_binary}");
+    if let Some(baseline) = &baseline_binary {
+        println!("baseline binary: {baseline}");
+    }
 
     for _ in 0..WARM_UP_RUNS {
         for arm in &arms {
