@@ -1,21 +1,51 @@
 //! Container start overhead of `netleash hook`: `runc run` of a trivial
 //! container (`/bin/true` in a fresh network namespace), without a hook and
-//! with `netleash hook --standalone` at createRuntime enforcing a typical
-//! policy, interleaved run by run so all see the same machine load. Two more
-//! kinds split the overhead: `/bin/true` as the hook (runc's own cost of
-//! running a hook), and the netleash hook on a container without the
-//! annotation (netleash's process start and reading the state and config).
+//! with `netleash hook` at createRuntime enforcing a typical policy,
+//! interleaved run by run so all see the same machine load. The kinds:
+//!
+//! - no hook;
+//! - `/bin/true` as the hook: runc's own cost of running any hook, the peer
+//!   netleash's own part is measured against;
+//! - the netleash hook on a container without the annotation: its process
+//!   start and reading the state and config.json;
+//! - `netleash hook --standalone`: the hook compiles and applies the policy
+//!   itself;
+//! - `netleash hook` (agent mode, the default): the hook hands the container
+//!   to a running `netleash agent` and waits for its reply, which comes once
+//!   the rules are in force.
+//!
+//! The agent runs in the world namespace of a testbed, whose DNS server
+//! (started by the benchmark) answers the policy's names: no traffic leaves
+//! the namespaces the benchmark creates. The testbed's sandbox namespace holds
+//! a resident sandbox with the same policy, as on a host where other
+//! containers with that policy run, so the agent already tracks its names
+//! (a container whose names are new to the agent also waits for their first
+//! lookups). The agent forgets each container when its reaper finds the
+//! container's process gone, as it does for a container whose poststop hook
+//! did not run; a poststop hook would add a second netleash process to each
+//! `runc run`, after the workload.
 //!
 //! `cargo bench --bench oci_hook` as root; `NETLEASH_BENCH_RUNS` sets the
-//! number of runs of each kind (default 40). Needs runc and busybox-static.
+//! number of runs of each kind (default 40). `NETLEASH_BENCH_HOOK_BIN` runs
+//! another netleash binary as the hook (default: the one cargo built for the
+//! benchmark), and `NETLEASH_BENCH_BASELINE_BIN` adds two kinds that run a
+//! second binary's hook (no annotation, and standalone) in the same rounds.
+//! Needs runc and busybox-static.
 
 // Shared with the integration tests, which use the parts this file does not.
 #[allow(dead_code)]
 #[path = "../tests/integration/runc.rs"]
 mod runc;
 
+use std::io::{BufRead as _, BufReader};
+use std::net::Ipv4Addr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use netleash::agent::protocol::{self, Request};
+use netleash::cli::render_error;
+use netleash::testbed::{Testbed, ZoneRecord, netns_path};
 use runc::{Bundle, Network};
 
 /// A typical sandbox policy: a dozen entries of every kind. The names stay
@@ -26,12 +56,21 @@ const TYPICAL_POLICY: &str = r#"{"type": "limited", "allowed_hosts": [
     "2001:db8:200::/48", "192.0.2.80:8080", "http://updates.example.com",
     "198.51.100.20:5432", "mirror.example.com"]}"#;
 
+/// The exact names of [`TYPICAL_POLICY`], which the testbed's DNS server
+/// answers for the agent.
+const POLICY_NAMES: [&str; 4] = [
+    "api.example.com",
+    "registry.example.org",
+    "updates.example.com",
+    "mirror.example.com",
+];
+
 const WARM_UP_RUNS: usize = 5;
 const DEFAULT_RUNS: usize = 40;
 
 /// One kind of container start the benchmark times.
 struct Arm {
-    name: &'static str,
+    name: String,
     bundle: Bundle,
     /// Wall-clock time of each `runc run`.
     wall: Vec<Duration>,
@@ -39,6 +78,52 @@ struct Arm {
     /// waited for: runc, the hook, the container. Unlike wall-clock time, it
     /// does not grow when other work competes for the CPUs.
     cpu: Vec<Duration>,
+}
+
+/// `netleash agent` in the testbed's world namespace, killed on drop.
+struct AgentProcess {
+    child: Child,
+    _dir: tempfile::TempDir,
+    socket: String,
+}
+
+impl AgentProcess {
+    fn start(bed: &Testbed) -> AgentProcess {
+        let dir = tempfile::tempdir().expect("agent tempdir");
+        let socket = dir.path().join("agent.sock");
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", bed.world(), env!("CARGO_BIN_EXE_netleash")])
+            .arg("agent")
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--state-dir")
+            .arg(dir.path().join("state"))
+            .args(["--upstream", "198.51.100.53", "--log", "warn"])
+            .args(["--reap-interval", "200ms"])
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start the agent");
+        let mut ready = String::new();
+        BufReader::new(child.stdout.take().expect("the agent's stdout"))
+            .read_line(&mut ready)
+            .expect("the agent's ready line");
+        assert!(
+            ready.contains("ready:"),
+            "the agent did not start: {ready:?}"
+        );
+        AgentProcess {
+            child,
+            socket: socket.to_str().expect("a UTF-8 path").to_string(),
+            _dir: dir,
+        }
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 fn main() {
@@ -52,9 +137,33 @@ fn main() {
         .map(|n| n.parse().expect("NETLEASH_BENCH_RUNS is a number"))
         .unwrap_or(DEFAULT_RUNS);
 
-    let arm = |name, annotations: &[(&str, &str)], hook: Option<&[&str]>| {
+    let bed = Testbed::new().expect("build the testbed");
+    for (i, name) in POLICY_NAMES.iter().enumerate() {
+        let v4 = Ipv4Addr::new(198, 18, 0, i as u8 + 1);
+        bed.zone().set(name, &[ZoneRecord::A(v4)], 300);
+    }
+    let agent = AgentProcess::start(&bed);
+    let resident = Request::Put {
+        id: "resident".into(),
+        netns: netns_path(bed.sandbox()),
+        pid: None,
+        policy: TYPICAL_POLICY.into(),
+        origin: "the benchmark's resident sandbox".into(),
+    };
+    protocol::call(Path::new(&agent.socket), &resident, Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("put the resident sandbox: {}", render_error(&e)));
+
+    // The netleash binary the hooks run, and an optional second one (an
+    // older build, say) whose hook runs in the same rounds for a before/after.
+    let hook_binary = std::env::var("NETLEASH_BENCH_HOOK_BIN")
+        .unwrap_or_else(|_| env!("CARGO_BIN_EXE_netleash").to_string());
+    let baseline_binary = std::env::var("NETLEASH_BENCH_BASELINE_BIN").ok();
+    let arm = |name: String, annotations: &[(&str, &str)], hook: Option<(&str, &[&str])>| {
         let bundle = Bundle::new("nameserver 192.0.2.53\n");
-        bundle.configure(&["/bin/true"], &Network::Fresh, annotations, hook);
+        bundle.configure(&["/bin/true"], &Network::Fresh, annotations, None);
+        if let Some((path, args)) = hook {
+            bundle.set_create_runtime_hook(path, args);
+        }
         Arm {
             name,
             bundle,
@@ -63,21 +172,45 @@ fn main() {
         }
     };
     let policy = [("netleash.policy", TYPICAL_POLICY)];
-    let mut arms = [
-        arm("no hook", &[], None),
+    let standalone = ["netleash", "hook", "--standalone"];
+    let agent_mode = ["netleash", "hook", "--socket", agent.socket.as_str()];
+    let mut arms = vec![
+        arm("no hook".into(), &[], None),
         // What runc itself spends on running a hook: /bin/true as the hook.
-        arm("hook /bin/true", &[], None),
+        arm("hook /bin/true".into(), &[], Some(("/bin/true", &["true"]))),
         // netleash's process start, state and config.json, no annotation.
-        arm("netleash hook, no annotation", &[], Some(&["--standalone"])),
         arm(
-            "netleash hook --standalone, typical policy",
+            "netleash hook, no annotation".into(),
+            &[],
+            Some((&hook_binary, &standalone)),
+        ),
+        arm(
+            "netleash hook --standalone, typical policy".into(),
             &policy,
-            Some(&["--standalone"]),
+            Some((&hook_binary, &standalone)),
+        ),
+        arm(
+            "netleash hook (agent), typical policy".into(),
+            &policy,
+            Some((&hook_binary, &agent_mode)),
         ),
     ];
-    arms[1]
-        .bundle
-        .set_create_runtime_hook("/bin/true", &["true"]);
+    if let Some(baseline) = &baseline_binary {
+        arms.push(arm(
+            "baseline: no annotation".into(),
+            &[],
+            Some((baseline, &standalone)),
+        ));
+        arms.push(arm(
+            "baseline: --standalone, typical policy".into(),
+            &policy,
+            Some((baseline, &standalone)),
+        ));
+    }
+    println!("hook binary: {hook_binary}");
+    if let Some(baseline) = &baseline_binary {
+        println!("baseline binary: {baseline}");
+    }
 
     for _ in 0..WARM_UP_RUNS {
         for arm in &arms {
@@ -97,31 +230,38 @@ fn main() {
 
     println!(
         "runc run /bin/true, fresh network namespace, {runs} interleaved rounds \
-         (every kind once per round); differences to \"no hook\""
+         (every kind once per round); paired: the median of the per-round \
+         difference to \"no hook\" and to \"hook /bin/true\"; CPU: runc, the \
+         hook and the container (the agent's CPU is not included)"
     );
     println!(
-        "{:<44} {:>9} {:>9} {:>9} {:>12} {:>6} {:>9} {:>10}",
-        "", "wall p50", "p10", "p90", "paired diff", "ratio", "CPU p50", "CPU diff"
+        "{:<44} {:>9} {:>9} {:>9} {:>11} {:>11} {:>6} {:>9} {:>10}",
+        "", "wall p50", "p10", "p90", "vs no hook", "vs true", "ratio", "CPU p50", "CPU diff"
     );
     let (baseline_wall, baseline_cpu) = (arms[0].wall.clone(), arms[0].cpu.clone());
+    let peer_wall = arms[1].wall.clone();
     for arm in &arms {
         // Each round ran every kind back to back, so the difference within a
         // round cancels most of the load the machine had at that moment.
         let paired = median_ms(&differences(&arm.wall, &baseline_wall));
+        let over_peer = median_ms(&differences(&arm.wall, &peer_wall));
         let wall = median_ms(&as_ms(&arm.wall));
         let cpu = median_ms(&as_ms(&arm.cpu));
         println!(
-            "{:<44} {:>6.2} ms {:>6.2} ms {:>6.2} ms {:>+9.2} ms {:>6.3} {:>6.2} ms {:>+7.2} ms",
+            "{:<44} {:>6.2} ms {:>6.2} ms {:>6.2} ms {:>+8.2} ms {:>+8.2} ms {:>6.3} {:>6.2} ms {:>+7.2} ms",
             arm.name,
             wall,
             percentile_ms(&as_ms(&arm.wall), 10),
             percentile_ms(&as_ms(&arm.wall), 90),
             paired,
+            over_peer,
             wall / median_ms(&as_ms(&baseline_wall)),
             cpu,
             cpu - median_ms(&as_ms(&baseline_cpu)),
         );
     }
+    drop(agent);
+    bed.close().expect("remove the testbed");
 }
 
 /// One `runc run` of `bundle`, which must succeed: its wall-clock time and

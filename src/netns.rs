@@ -130,8 +130,13 @@ fn open(target: &Target) -> Result<(PathBuf, File), Error> {
 /// Run `f` on a new thread that has entered `target`'s network namespace and
 /// return its result. The calling thread's namespace is never changed; the
 /// worker thread ends with `f`, so no thread is ever left in the wrong namespace.
+/// A caller that is already in that namespace (see [`enter_for_good`]) runs
+/// `f` itself: no thread is needed to be there.
 pub fn run_in<T: Send>(target: &Target, f: impl FnOnce() -> T + Send) -> Result<T, Error> {
     let (path, file) = open(target)?;
+    if is_callers_namespace(&file) {
+        return Ok(f());
+    }
     let thread_path = path.clone();
     std::thread::scope(|scope| {
         let worker = std::thread::Builder::new()
@@ -149,6 +154,29 @@ pub fn run_in<T: Send>(target: &Target, f: impl FnOnce() -> T + Send) -> Result<
             message: panic_message(&panic),
         })
     })?
+}
+
+/// Move the calling thread into `target`'s network namespace for the rest
+/// of its life. Only for a short-lived process whose one thread does nothing
+/// but work in that namespace before it exits (the OCI hook): work through
+/// [`run_in`] then needs no thread of its own.
+pub fn enter_for_good(target: &Target) -> Result<(), Error> {
+    let (path, file) = open(target)?;
+    enter(file, path)
+}
+
+/// Whether `file` is the calling thread's own network namespace: two
+/// namespace files name the same namespace exactly when their device and
+/// inode numbers are equal (namespaces(7), "The /proc/[pid]/ns/ directory").
+fn is_callers_namespace(file: &File) -> bool {
+    use std::os::unix::fs::MetadataExt as _;
+    match (
+        file.metadata(),
+        std::fs::metadata("/proc/thread-self/ns/net"),
+    ) {
+        (Ok(target), Ok(own)) => (target.dev(), target.ino()) == (own.dev(), own.ino()),
+        _ => false,
+    }
 }
 
 /// Move the calling thread into the namespace `file` (opened from `path`).
@@ -334,6 +362,56 @@ mod tests {
             Target::Path("/x/y".into()).path().unwrap(),
             PathBuf::from("/x/y")
         );
+    }
+
+    /// The device and inode of the calling thread's network namespace.
+    fn own_namespace() -> (u64, u64) {
+        use std::os::unix::fs::MetadataExt as _;
+        let meta = std::fs::metadata("/proc/thread-self/ns/net").expect("own namespace");
+        (meta.dev(), meta.ino())
+    }
+
+    #[test]
+    fn a_thread_that_entered_for_good_works_there_itself() {
+        // A namespace of its own for a helper thread (unshare(2) needs CAP_SYS_ADMIN).
+        let (path_tx, path_rx) = mpsc::channel();
+        let (done_tx, done_rx) = mpsc::channel::<()>();
+        let holder = std::thread::spawn(move || {
+            // SAFETY: unshare changes only the calling thread's network namespace.
+            let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+            assert_eq!(
+                rc,
+                0,
+                "unshare: {} (run as root)",
+                io::Error::last_os_error()
+            );
+            let tid = unsafe { libc::gettid() };
+            path_tx
+                .send((own_namespace(), format!("/proc/self/task/{tid}/ns/net")))
+                .unwrap();
+            let _ = done_rx.recv();
+        });
+        let (theirs, path) = path_rx.recv().expect("the holder's namespace");
+        assert_ne!(theirs, own_namespace());
+        let target = Target::Path(path.into());
+        // From elsewhere: on a thread of its own.
+        let caller = std::thread::current().id();
+        let worker = run_in(&target, || (std::thread::current().id(), own_namespace())).unwrap();
+        assert_ne!(worker.0, caller);
+        assert_eq!(worker.1, theirs);
+        // After entering for good: on the calling thread.
+        let entered = std::thread::spawn(move || {
+            enter_for_good(&target).unwrap();
+            let me = std::thread::current().id();
+            let work = run_in(&target, || (std::thread::current().id(), own_namespace())).unwrap();
+            (me, work)
+        })
+        .join()
+        .unwrap();
+        assert_eq!(entered.0, entered.1.0, "run_in started a thread");
+        assert_eq!(entered.1.1, theirs);
+        done_tx.send(()).unwrap();
+        holder.join().unwrap();
     }
 
     #[test]

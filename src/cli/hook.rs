@@ -259,12 +259,21 @@ fn enforce_directly(
     for warning in &policy.warnings {
         eprintln!("warning: {warning}");
     }
-    let report = kernel::apply(&Target::Path(netns.to_path_buf()), &ruleset).map_err(|source| {
-        Error::Enforce {
-            id: state.id.clone(),
-            source,
-        }
-    })?;
+    let enforce_error = |source| Error::Enforce {
+        id: state.id.clone(),
+        source,
+    };
+    // This process does nothing else before it exits, so its one thread
+    // enters the container's namespace itself (the host's was refused above)
+    // and the kernel session opens there without a thread of its own; and it
+    // is a session of its own rather than `kernel::apply`, whose background
+    // close would start another thread: the socket is closed at exit.
+    let target = Target::Path(netns.to_path_buf());
+    crate::netns::enter_for_good(&target)
+        .map_err(|source| enforce_error(kernel::Error::from(source)))?;
+    let mut session = kernel::Session::open(&target).map_err(enforce_error)?;
+    let report = session.apply(&ruleset).map_err(enforce_error)?;
+    drop(session);
     tracing::info!(
         container = %state.id,
         digest = %report.digest,

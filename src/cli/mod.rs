@@ -7,6 +7,7 @@
 //! - 3: a system or kernel error; the rules in force before the command are still in force;
 //! - 4: `sandbox`: the agent has no sandbox with that id.
 
+use std::ffi::OsString;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -140,7 +141,43 @@ impl Error {
     }
 }
 
+/// `netleash hook` alone: its own arguments and the global logging options,
+/// which is all an OCI runtime passes at every container start (see
+/// [`parse_hook_only`]).
+#[derive(Debug, Parser)]
+#[command(name = "netleash-hook")]
+struct HookOnly {
+    #[arg(long, env = "NETLEASH_LOG")]
+    log: Option<String>,
+    #[arg(long)]
+    log_json: bool,
+    #[command(flatten)]
+    args: hook::Args,
+}
+
+/// `argv` parsed as `netleash hook ...` against the hook's arguments only,
+/// or `None` when it is not a hook invocation this parser accepts.
+///
+/// The runtime starts the hook at every container creation, and it waits for
+/// it: building the whole command tree (every subcommand with all its
+/// arguments) costs about 0.4 ms of CPU there, more than a third of the
+/// process's own start (docs/benchmarks.md, "OCI hook"). Whatever this parser
+/// does not accept, `--help`, `--version` and every mistake included, goes to
+/// the full parser, so help and error messages are the same either way.
+fn parse_hook_only(argv: impl IntoIterator<Item = OsString>) -> Option<HookOnly> {
+    let mut argv = argv.into_iter();
+    let program = argv.next()?;
+    if argv.next()? != "hook" {
+        return None;
+    }
+    HookOnly::try_parse_from(std::iter::once(program).chain(argv)).ok()
+}
+
 pub fn main() -> ExitCode {
+    if let Some(hook) = parse_hook_only(std::env::args_os()) {
+        init_tracing(hook.log.as_deref().unwrap_or("warn"), hook.log_json);
+        return exit(hook::run(hook.args));
+    }
     let cli = Cli::parse();
     let (default_log, json) = match &cli.command {
         Command::Agent(args) => (
@@ -200,5 +237,80 @@ pub fn init_tracing(filter: &str, json: bool) {
         let _ = builder.json().try_init();
     } else {
         let _ = builder.without_time().with_target(false).try_init();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn argv(args: &[&str]) -> Vec<OsString> {
+        std::iter::once("netleash")
+            .chain(args.iter().copied())
+            .map(OsString::from)
+            .collect()
+    }
+
+    /// The hook's arguments as the full parser reads them.
+    fn full_parse(args: &[&str]) -> (Option<String>, bool, hook::Args) {
+        let cli = Cli::try_parse_from(argv(args)).expect("the full parser accepts it");
+        match cli.command {
+            Command::Hook(hook) => (cli.log, cli.log_json, hook),
+            other => panic!("not the hook: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_hook_only_parser_reads_what_the_full_parser_reads() {
+        for args in [
+            &["hook"][..],
+            &[
+                "hook",
+                "--standalone",
+                "--resolver",
+                "192.0.2.53",
+                "--nflog-group",
+                "7",
+            ],
+            &[
+                "hook",
+                "--stage",
+                "poststop",
+                "--socket",
+                "/s",
+                "--timeout",
+                "3",
+            ],
+            &[
+                "hook",
+                "--log",
+                "debug",
+                "--log-json",
+                "--stage",
+                "prestart",
+            ],
+        ] {
+            let fast = parse_hook_only(argv(args)).expect("the hook-only parser accepts it");
+            let (log, log_json, full) = full_parse(args);
+            assert_eq!(fast.log, log, "{args:?}");
+            assert_eq!(fast.log_json, log_json, "{args:?}");
+            assert_eq!(format!("{:?}", fast.args), format!("{full:?}"), "{args:?}");
+        }
+    }
+
+    #[test]
+    fn everything_else_goes_to_the_full_parser() {
+        for args in [
+            &["compile", "p.json"][..],
+            &["--log", "debug", "hook"],
+            &["hook", "--help"],
+            &["hook", "--version"],
+            &["hook", "--stage", "poststart"],
+            &["hook", "--timeout", "0"],
+            &["hook", "--standalone", "extra"],
+            &[],
+        ] {
+            assert!(parse_hook_only(argv(args)).is_none(), "{args:?}");
+        }
     }
 }
