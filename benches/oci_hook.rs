@@ -149,6 +149,7 @@ fn main() {
         pid: None,
         policy: TYPICAL_POLICY.into(),
         origin: "the benchmark's resident sandbox".into(),
+        agent: None,
     };
     protocol::call(Path::new(&agent.socket), &resident, Duration::from_secs(30))
         .unwrap_or_else(|e| panic!("put the resident sandbox: {}", render_error(&e)));
