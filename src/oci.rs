@@ -17,6 +17,12 @@ use serde::Deserialize;
 pub const POLICY_ANNOTATION: &str = "netleash.policy";
 /// The annotation that names a policy file on the host.
 pub const POLICY_FILE_ANNOTATION: &str = "netleash.policy-file";
+/// The annotation that carries the container's agent definition (JSON text,
+/// Claude Managed Agents' shape), whose `mcp_servers` a policy with
+/// `"allow_mcp_servers": true` allows.
+pub const AGENT_ANNOTATION: &str = "netleash.agent";
+/// The annotation that names an agent definition file on the host.
+pub const AGENT_FILE_ANNOTATION: &str = "netleash.agent-file";
 
 /// The state of a container (runtime-spec `state.md`), as the runtime
 /// writes it to a hook's standard input.
@@ -80,12 +86,12 @@ impl Mount {
     }
 }
 
-/// Where a container's policy comes from.
+/// Where a container's policy (or agent definition) comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PolicySource {
-    /// `netleash.policy`: the JSON document itself.
+    /// `netleash.policy` (`netleash.agent`): the JSON document itself.
     Inline(String),
-    /// `netleash.policy-file`: a file on the host.
+    /// `netleash.policy-file` (`netleash.agent-file`): a file on the host.
     File(PathBuf),
 }
 
@@ -110,15 +116,20 @@ pub enum Error {
         #[source]
         source: serde_json::Error,
     },
+    #[error("container {id} has both annotations {inline} and {file}; give exactly one of them")]
+    BothAnnotations {
+        id: String,
+        inline: &'static str,
+        file: &'static str,
+    },
     #[error(
-        "container {id} has both annotations {POLICY_ANNOTATION} and {POLICY_FILE_ANNOTATION}; \
-         give exactly one of them"
+        "annotation {annotation} of container {id} is empty; give the path of {what} on the host"
     )]
-    BothAnnotations { id: String },
-    #[error(
-        "annotation {POLICY_FILE_ANNOTATION} of container {id} is empty; give the path of a policy file on the host"
-    )]
-    EmptyPolicyFile { id: String },
+    EmptyFileAnnotation {
+        id: String,
+        annotation: &'static str,
+        what: &'static str,
+    },
     #[error(
         "container {id} has no process in state {status:?}, so its network namespace cannot be found; \
          run the hook at the createRuntime (or prestart) stage"
@@ -174,16 +185,49 @@ pub fn policy_source(
     id: &str,
     annotations: &BTreeMap<String, String>,
 ) -> Result<Option<PolicySource>, Error> {
-    match (
-        annotations.get(POLICY_ANNOTATION),
-        annotations.get(POLICY_FILE_ANNOTATION),
-    ) {
+    annotated_source(
+        id,
+        annotations,
+        (POLICY_ANNOTATION, POLICY_FILE_ANNOTATION),
+        "a policy file",
+    )
+}
+
+/// The agent definition the annotations name, if any: its MCP servers are
+/// the hosts `"allow_mcp_servers": true` allows.
+pub fn agent_source(
+    id: &str,
+    annotations: &BTreeMap<String, String>,
+) -> Result<Option<PolicySource>, Error> {
+    annotated_source(
+        id,
+        annotations,
+        (AGENT_ANNOTATION, AGENT_FILE_ANNOTATION),
+        "an agent definition file",
+    )
+}
+
+/// A document given inline by one annotation or as a host file by the
+/// other; both at once is an error, and so is an empty file annotation.
+fn annotated_source(
+    id: &str,
+    annotations: &BTreeMap<String, String>,
+    (inline, file): (&'static str, &'static str),
+    what: &'static str,
+) -> Result<Option<PolicySource>, Error> {
+    match (annotations.get(inline), annotations.get(file)) {
         (None, None) => Ok(None),
-        (Some(_), Some(_)) => Err(Error::BothAnnotations { id: id.into() }),
+        (Some(_), Some(_)) => Err(Error::BothAnnotations {
+            id: id.into(),
+            inline,
+            file,
+        }),
         (Some(text), None) => Ok(Some(PolicySource::Inline(text.clone()))),
-        (None, Some(path)) if path.trim().is_empty() => {
-            Err(Error::EmptyPolicyFile { id: id.into() })
-        }
+        (None, Some(path)) if path.trim().is_empty() => Err(Error::EmptyFileAnnotation {
+            id: id.into(),
+            annotation: file,
+            what,
+        }),
         (None, Some(path)) => Ok(Some(PolicySource::File(PathBuf::from(path)))),
     }
 }
@@ -310,7 +354,39 @@ mod tests {
             "container c has both annotations netleash.policy and netleash.policy-file; give exactly one of them"
         );
         let err = policy_source("c", &annotations(&[(POLICY_FILE_ANNOTATION, " ")])).unwrap_err();
-        assert!(matches!(err, Error::EmptyPolicyFile { .. }), "{err:?}");
+        assert_eq!(
+            err.to_string(),
+            "annotation netleash.policy-file of container c is empty; give the path of a policy file on the host"
+        );
+
+        // The agent definition: the same rules under its own two keys, and
+        // independent of the policy's.
+        let both = annotations(&[
+            (POLICY_ANNOTATION, "{}"),
+            (AGENT_FILE_ANNOTATION, "/etc/agent.json"),
+        ]);
+        assert_eq!(
+            agent_source("c", &both).unwrap(),
+            Some(PolicySource::File("/etc/agent.json".into()))
+        );
+        assert_eq!(
+            agent_source("c", &annotations(&[(POLICY_ANNOTATION, "{}")])).unwrap(),
+            None
+        );
+        let err = agent_source(
+            "c",
+            &annotations(&[(AGENT_ANNOTATION, "{}"), (AGENT_FILE_ANNOTATION, "/a")]),
+        )
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "container c has both annotations netleash.agent and netleash.agent-file; give exactly one of them"
+        );
+        let err = agent_source("c", &annotations(&[(AGENT_FILE_ANNOTATION, "")])).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "annotation netleash.agent-file of container c is empty; give the path of an agent definition file on the host"
+        );
     }
 
     #[test]

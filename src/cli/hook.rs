@@ -14,10 +14,13 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::{EXIT_INVALID_INPUT, EXIT_OK, EXIT_SYSTEM_ERROR, Error as CliError};
-use crate::agent::protocol::{self, FailureKind, Reply, Request};
+use crate::agent::protocol::{self, AgentDefinition, FailureKind, Reply, Request};
 use crate::kernel;
 use crate::netns::Target;
-use crate::oci::{self, POLICY_ANNOTATION, PolicySource};
+use crate::oci::{
+    self, AGENT_ANNOTATION, AGENT_FILE_ANNOTATION, POLICY_ANNOTATION, POLICY_FILE_ANNOTATION,
+    PolicySource,
+};
 use crate::policy::{self, CompileOptions, DEFAULT_NFLOG_GROUP, Expansions, Mode};
 use crate::ruleset;
 
@@ -81,12 +84,11 @@ pub enum Error {
     ReadState(#[source] std::io::Error),
     #[error(transparent)]
     Oci(#[from] oci::Error),
-    #[error(
-        "cannot read policy file {path} named by annotation {annotation} of container {id}",
-        annotation = oci::POLICY_FILE_ANNOTATION
-    )]
-    PolicyFile {
+    #[error("cannot read {what} {path} named by annotation {annotation} of container {id}")]
+    AnnotatedFile {
         id: String,
+        what: &'static str,
+        annotation: &'static str,
         path: PathBuf,
         #[source]
         source: std::io::Error,
@@ -111,7 +113,7 @@ pub enum Error {
 impl Error {
     pub fn exit_code(&self) -> u8 {
         match self {
-            Error::ReadState(_) | Error::PolicyFile { .. } => EXIT_INVALID_INPUT,
+            Error::ReadState(_) | Error::AnnotatedFile { .. } => EXIT_INVALID_INPUT,
             Error::Oci(err) if err.is_invalid_input() => EXIT_INVALID_INPUT,
             Error::Agent {
                 source:
@@ -168,23 +170,31 @@ fn enforce(args: &Args, state: &oci::State) -> Result<u8, CliError> {
         tracing::debug!(container = %id, "no netleash annotation: container left alone");
         return Ok(EXIT_OK);
     };
-    let (text, origin) = match source {
-        PolicySource::Inline(text) => (
-            text,
-            format!("annotation {POLICY_ANNOTATION} of container {id}"),
-        ),
-        PolicySource::File(path) => {
-            let text = std::fs::read_to_string(&path).map_err(|source| Error::PolicyFile {
-                id: id.clone(),
-                path: path.clone(),
+    let (text, origin) = read_source(
+        id,
+        source,
+        (POLICY_ANNOTATION, POLICY_FILE_ANNOTATION),
+        "policy file",
+    )?;
+    let agent = match oci::agent_source(id, &config.annotations).map_err(Error::from)? {
+        Some(source) => {
+            let (text, origin) = read_source(
+                id,
                 source,
-            })?;
-            (text, path.display().to_string())
+                (AGENT_ANNOTATION, AGENT_FILE_ANNOTATION),
+                "agent definition file",
+            )?;
+            Some(AgentDefinition { text, origin })
         }
+        None => None,
     };
+    let mut expansions = Expansions::default();
+    if let Some(agent) = &agent {
+        expansions.add_agent_file(&agent.text, &agent.origin)?;
+    }
     // Checked here in both modes, so a bad policy gets the same message
     // (with line:column) whether or not an agent runs.
-    let policy = policy::load(&text, &origin, &Expansions::default())?;
+    let policy = policy::load(&text, &origin, &expansions)?;
     // Before anything is enforced: never the host's own namespace.
     let netns = oci::container_netns(state).map_err(Error::from)?;
 
@@ -197,7 +207,7 @@ fn enforce(args: &Args, state: &oci::State) -> Result<u8, CliError> {
         pid: state.live_pid(),
         policy: text,
         origin,
-        agent: None,
+        agent,
     };
     let reply = protocol::call(&args.socket, &request, Duration::from_secs(args.timeout)).map_err(
         |source| Error::Agent {
@@ -209,6 +219,29 @@ fn enforce(args: &Args, state: &oci::State) -> Result<u8, CliError> {
         tracing::info!(container = %id, digest = %status.digest, "the agent enforces the policy");
     }
     Ok(EXIT_OK)
+}
+
+/// The text of an annotated document and its origin for error messages:
+/// the annotation's value itself, or the host file it names.
+fn read_source(
+    id: &str,
+    source: PolicySource,
+    (inline, file): (&'static str, &'static str),
+    what: &'static str,
+) -> Result<(String, String), Error> {
+    match source {
+        PolicySource::Inline(text) => Ok((text, format!("annotation {inline} of container {id}"))),
+        PolicySource::File(path) => {
+            let text = std::fs::read_to_string(&path).map_err(|source| Error::AnnotatedFile {
+                id: id.to_string(),
+                what,
+                annotation: file,
+                path: path.clone(),
+                source,
+            })?;
+            Ok((text, path.display().to_string()))
+        }
+    }
 }
 
 /// `--standalone`: compile and apply in this process. The rules stay in the
@@ -445,6 +478,34 @@ mod tests {
         assert!(
             text.starts_with("error: annotation netleash.policy of container c1:2:20:"),
             "{text}"
+        );
+    }
+
+    #[test]
+    fn a_bad_agent_definition_is_named_and_a_missing_one_too() {
+        let (_dir, state) = bundle(serde_json::json!({
+            "netleash.policy": "{\"type\": \"limited\", \"allow_mcp_servers\": true}",
+            "netleash.agent": "{\"mcp_servers\": [{\"type\": \"url\", \"name\": \"d\", \"url\": 7}]}"
+        }));
+        let err = enforce_error(&args(&["--standalone"]), &state);
+        assert_eq!(err.exit_code(), EXIT_INVALID_INPUT);
+        let text = super::super::render_error(&err);
+        assert!(
+            text.starts_with("error: annotation netleash.agent of container c1:1:"),
+            "{text}"
+        );
+        assert!(text.contains("mcp_servers[0].url"), "{text}");
+
+        let (_dir, state) = bundle(serde_json::json!({
+            "netleash.policy": "{\"type\": \"limited\", \"allow_mcp_servers\": true}",
+            "netleash.agent-file": "/nonexistent/agent.json"
+        }));
+        let err = enforce_error(&args(&["--standalone"]), &state);
+        assert_eq!(err.exit_code(), EXIT_INVALID_INPUT);
+        assert_eq!(
+            super::super::render_error(&err),
+            "error: cannot read agent definition file /nonexistent/agent.json named by annotation \
+             netleash.agent-file of container c1\n  caused by: No such file or directory (os error 2)"
         );
     }
 

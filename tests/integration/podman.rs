@@ -162,6 +162,11 @@ fn podman_runs_the_shipped_hooks_and_the_agent_enforces_the_annotated_policy() {
         &[testbed::ZoneRecord::A("198.51.100.10".parse().unwrap())],
         300,
     );
+    bed.zone().set(
+        "mcp.test",
+        &[testbed::ZoneRecord::A("203.0.113.20".parse().unwrap())],
+        300,
+    );
     let dir = tempfile::tempdir().expect("agent tempdir");
     // The reaper would also forget the sandbox once its container is gone;
     // an hour keeps it out of the way, so only the poststop hook can.
@@ -171,20 +176,27 @@ fn podman_runs_the_shipped_hooks_and_the_agent_enforces_the_annotated_policy() {
     let bundle = Bundle::new("");
 
     // By name: nslookup goes to the container's nameserver, which the policy
-    // redirects to the agent's proxy; then one fetch that must pass and one
-    // that must be rejected at once (nc reports the reset as "refused").
+    // redirects to the agent's proxy; then fetches from the allowed host and
+    // the agent definition's MCP server, which must pass, and one that must
+    // be rejected at once (nc reports the reset as "refused").
     let script = format!(
-        "nslookup -type=a allowed.test; {}",
-        fetch_script(&["198.51.100.10", "198.51.100.11"])
+        "nslookup -type=a allowed.test; nslookup -type=a mcp.test; {}",
+        fetch_script(&["198.51.100.10", "203.0.113.20", "198.51.100.11"])
     );
     let before = arrivals(&bed, "198.51.100.11");
     let output = podman.run(
         &rootfs(&bundle),
         &sandbox_netns(&bed),
-        &[(
-            "netleash.policy",
-            r#"{"type": "limited", "allowed_hosts": ["http://allowed.test"]}"#,
-        )],
+        &[
+            (
+                "netleash.policy",
+                r#"{"type": "limited", "allowed_hosts": ["http://allowed.test"], "allow_mcp_servers": true}"#,
+            ),
+            (
+                "netleash.agent",
+                r#"{"mcp_servers": [{"type": "url", "name": "tools", "url": "http://mcp.test/mcp"}]}"#,
+            ),
+        ],
         &script,
     );
     assert!(
@@ -200,6 +212,11 @@ fn podman_runs_the_shipped_hooks_and_the_agent_enforces_the_annotated_policy() {
         describe(&output)
     );
     assert_only_10_answered(&bed, &output, before);
+    assert!(
+        out.contains(&body("203.0.113.20")),
+        "the agent definition's MCP server was not reachable: {}",
+        describe(&output)
+    );
     assert!(
         bundle.marker_dir().join("ran").exists(),
         "the workload did not run"
