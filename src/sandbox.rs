@@ -3,12 +3,18 @@
 //! [`AddressSink`]: learned addresses become set element updates.
 //!
 //! The netlink session lives on a thread of its own that owns it; callers
-//! send it work over a channel and await the answer, so no netlink round
-//! trip ever blocks a tokio worker. Element updates that are waiting when
-//! the thread gets to them are committed together in one transaction (a
-//! burst of DNS answers costs one round trip, not one each); if that
-//! transaction fails, each update is retried alone, so one bad update never
-//! fails the others.
+//! send it work over a channel and await the answer, so no long netlink
+//! exchange (an apply, a read of the table) ever blocks a tokio worker.
+//! Element updates waiting when the thread gets to them are committed
+//! together in one transaction; if that transaction fails, each update is
+//! retried alone, so one bad update never fails the others.
+//!
+//! Learned elements (the DNS layer's writes, on every cache miss) take a
+//! shorter way: the task that learned them writes them itself, on a second
+//! netlink socket opened in the namespace ([`LearnWrites`]). One element
+//! transaction is one `sendmsg` in which the kernel commits, so it costs
+//! less than the two thread wake-ups of the way through the kernel thread.
+//! Concurrent writes are combined the same way.
 //!
 //! Re-adding an element that is present refreshes its timeout and expiry
 //! (the kernel resets both when they are sent; checked on Linux 6.18 by the
@@ -35,7 +41,9 @@ use tokio::sync::oneshot;
 
 use crate::dns::learn::{self, AddressSink, Learned, SinkFuture};
 use crate::dns::upstream::UpstreamSockets;
-use crate::kernel::{self, ApplyReport, HeldElement, Session, SetChange, SetUpdate, TableStatus};
+use crate::kernel::{
+    self, ApplyReport, ElementWriter, HeldElement, Session, SetChange, SetUpdate, TableStatus,
+};
 use crate::netns::{self, SocketFactory, SocketKind};
 use crate::ruleset::{Element, Ruleset};
 
@@ -141,6 +149,112 @@ enum Command {
     Run(Box<dyn FnOnce(&mut Session) + Send>),
 }
 
+/// The learned-element writes of a sandbox: made by the task that learned
+/// them, on a netlink socket of their own opened in the sandbox's namespace,
+/// without a hop to the kernel thread and back (two thread wake-ups, which
+/// were most of a cache miss's latency on a busy machine). The kernel
+/// commits a transaction inside `sendmsg` and has queued its
+/// acknowledgements when that returns, so a write holds the socket for one
+/// system call and a few non-waiting reads.
+///
+/// Writes that arrive while one is in progress are combined: each request
+/// is queued, then the socket's lock is taken; whoever holds it commits
+/// every queued request in one transaction (each alone if that fails, so
+/// one bad request never fails the others) and leaves each its result. A
+/// burst of answers thus still costs few transactions.
+struct LearnWrites {
+    queue: Mutex<Vec<(Vec<SetUpdate>, Arc<WriteResult>)>>,
+    writer: Mutex<ElementWriter>,
+}
+
+/// The result of one queued write, set by whoever committed it, under the
+/// writer's lock.
+#[derive(Default)]
+struct WriteResult(Mutex<Option<Result<(), kernel::Error>>>);
+
+impl WriteResult {
+    fn set(&self, result: Result<(), kernel::Error>) {
+        *lock(&self.0) = Some(result);
+    }
+
+    fn take(&self) -> Option<Result<(), kernel::Error>> {
+        lock(&self.0).take()
+    }
+}
+
+/// Locks `mutex`, ignoring poisoning: every critical section on these
+/// mutexes is a single push, take or netlink transaction, which leaves the
+/// data consistent (a transaction is all or nothing in the kernel).
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl LearnWrites {
+    fn new(writer: ElementWriter) -> Self {
+        LearnWrites {
+            queue: Mutex::new(Vec::new()),
+            writer: Mutex::new(writer),
+        }
+    }
+
+    /// Writes `updates` (one transaction, possibly shared with other
+    /// requests) and returns when they are committed or refused. Returns
+    /// the number of transactions this call committed.
+    fn write(&self, updates: Vec<SetUpdate>) -> (Result<(), kernel::Error>, u64) {
+        let mine = Arc::new(WriteResult::default());
+        lock(&self.queue).push((updates, mine.clone()));
+        let mut writer = lock(&self.writer);
+        // Committed by the previous holder of the writer while this one waited.
+        if let Some(result) = mine.take() {
+            return (result, 0);
+        }
+        // Not answered yet, so still queued: only holders of the writer take
+        // requests from the queue, and they answer them before letting go.
+        let queued = std::mem::take(&mut *lock(&self.queue));
+        let committed = commit_queued(&mut writer, queued);
+        let result = mine.take().unwrap_or_else(|| {
+            // Unreachable: this request was queued before the lock was taken,
+            // and only holders of the lock take from the queue and answer.
+            Err(kernel::Error::Malformed(
+                "a learned-element write was lost from its queue".into(),
+            ))
+        });
+        (result, committed)
+    }
+}
+
+/// Commits queued writes in one transaction (at most
+/// [`MAX_COALESCED_UPDATES`] requests each), or each alone if a combined one
+/// fails, and answers every request. Returns the transactions committed.
+fn commit_queued(
+    writer: &mut ElementWriter,
+    mut queued: Vec<(Vec<SetUpdate>, Arc<WriteResult>)>,
+) -> u64 {
+    let mut committed = 0;
+    while !queued.is_empty() {
+        let rest = queued.split_off(queued.len().min(MAX_COALESCED_UPDATES));
+        let batch = std::mem::replace(&mut queued, rest);
+        if batch.len() > 1 {
+            let all: Vec<SetUpdate> = batch.iter().flat_map(|(u, _)| u.iter().cloned()).collect();
+            if writer.update(&all).is_ok() {
+                committed += 1;
+                for (_, result) in &batch {
+                    result.set(Ok(()));
+                }
+                continue;
+            }
+        }
+        for (updates, result) in batch {
+            let outcome = writer.update(&updates);
+            committed += u64::from(outcome.is_ok());
+            result.set(outcome);
+        }
+    }
+    committed
+}
+
 /// What [`Sandbox::enforce`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Enforcement {
@@ -177,6 +291,7 @@ pub struct Sandbox {
     elements_added: AtomicU64,
     failures: AtomicU64,
     written: Mutex<WrittenElements>,
+    learning: LearnWrites,
 }
 
 impl std::fmt::Debug for Sandbox {
@@ -217,6 +332,11 @@ impl Sandbox {
             Ok(Err(source)) => return Err(Error::Open { target, source }),
             Err(_) => return Err(Error::Stopped { target }),
         }
+        let learning =
+            LearnWrites::new(ElementWriter::open(&target).map_err(|source| Error::Open {
+                target: target.clone(),
+                source,
+            })?);
         Ok(Sandbox {
             target,
             commands,
@@ -225,6 +345,7 @@ impl Sandbox {
             elements_added: AtomicU64::new(0),
             failures: AtomicU64::new(0),
             written: Mutex::new(WrittenElements::default()),
+            learning,
         })
     }
 
@@ -524,7 +645,12 @@ impl AddressSink for Sandbox {
             if needed.is_empty() {
                 return Ok(());
             }
-            match self.update(learned_updates(&needed)).await {
+            let (written, committed) = self.learning.write(learned_updates(&needed));
+            self.transactions.fetch_add(committed, Ordering::Relaxed);
+            match written.map_err(|source| Error::Kernel {
+                target: self.target.clone(),
+                source,
+            }) {
                 Ok(()) => {
                     self.written().record(&needed, sent_at, epoch);
                     self.elements_added

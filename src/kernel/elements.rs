@@ -366,10 +366,21 @@ pub(super) fn update(netlink: &mut Netlink, updates: &[SetUpdate]) -> Result<(),
         return Ok(());
     }
     let sets = super::readback::read_sets(netlink)?;
+    let transaction = update_transaction(netlink, &sets, updates)?;
+    netlink.commit(transaction)
+}
+
+/// The transaction that applies `updates` to the table whose named sets are
+/// `sets` (as read from the kernel).
+fn update_transaction(
+    netlink: &mut Netlink,
+    sets: &[super::ffi::ParsedSet],
+    updates: &[SetUpdate],
+) -> Result<Transaction, Error> {
     let table = table_name();
     let mut transaction = Transaction::new();
     for update in updates {
-        let kernel = kernel_set_name(netlink, &sets, &update.set)?
+        let kernel = kernel_set_name(netlink, sets, &update.set)?
             .and_then(|kernel| sets.iter().find(|s| s.name == kernel))
             .and_then(|set| {
                 let key = model_key(set.key_len, set.flags, set.key_type)?;
@@ -396,7 +407,86 @@ pub(super) fn update(netlink: &mut Netlink, updates: &[SetUpdate]) -> Result<(),
         }
         transaction.add_elements(&message, op, Object::Elements(update.set.clone()));
     }
-    netlink.commit(transaction)
+    Ok(transaction)
+}
+
+/// Times an [`ElementWriter`] re-reads the sets and tries again after the
+/// kernel refused a transaction because another commit came first.
+const WRITER_ATTEMPTS: usize = 3;
+
+/// A netfilter socket in one network namespace for element updates only,
+/// which remembers the sets of the table between updates, so an update is
+/// ONE netlink transaction (one `sendmsg`, the acknowledgements read without
+/// waiting) instead of a read of the sets and then a transaction.
+///
+/// What it remembers is only used under the ruleset generation id it was
+/// read at: every transaction carries that id (`NFNL_BATCH_GENID`), so the
+/// kernel refuses it (`ERESTART`, nothing applied) if anything else was
+/// committed since (`nf_tables_valid_genid`), e.g. a new policy that
+/// replaced the sets; the writer then reads the sets again and retries. Its
+/// own commit moves the id on by exactly one (`nf_tables_commit`), which
+/// the writer follows without reading.
+///
+/// The socket stays in the namespace it was opened in (a netlink socket is
+/// bound to the namespace of its creator), so any thread may use the writer.
+pub struct ElementWriter {
+    netlink: Netlink,
+    known: Option<KnownSets>,
+}
+
+/// The named sets of the table at ruleset generation `genid`.
+struct KnownSets {
+    genid: u32,
+    sets: Vec<super::ffi::ParsedSet>,
+}
+
+impl ElementWriter {
+    /// Open a writer in `target` (the socket is created by a thread that
+    /// enters the namespace; the caller's namespace never changes).
+    pub fn open(target: &crate::netns::Target) -> Result<ElementWriter, Error> {
+        let netlink = crate::netns::run_in(target, Netlink::open)??;
+        Ok(ElementWriter {
+            netlink,
+            known: None,
+        })
+    }
+
+    /// Apply `updates` in one transaction (all or nothing), like
+    /// [`super::Session::update_elements`]. Blocks for one netlink
+    /// transaction (plus a read of the sets the first time and after a
+    /// foreign commit); the kernel commits inside `sendmsg`.
+    pub fn update(&mut self, updates: &[SetUpdate]) -> Result<(), Error> {
+        if updates.is_empty() {
+            return Ok(());
+        }
+        for _ in 0..WRITER_ATTEMPTS {
+            let known = match self.known.take() {
+                Some(known) => known,
+                None => {
+                    let genid = super::readback::generation_id(&mut self.netlink)?;
+                    let sets = super::readback::read_sets(&mut self.netlink)?;
+                    KnownSets { genid, sets }
+                }
+            };
+            let mut transaction = update_transaction(&mut self.netlink, &known.sets, updates)?;
+            transaction.expect_generation(known.genid);
+            match self.netlink.commit(transaction) {
+                Ok(()) => {
+                    // Id 0 is never sent (it means "no check"), so sets read
+                    // at 0 could not be checked: they are not kept.
+                    let genid = super::next_genid(known.genid);
+                    if known.genid != 0 {
+                        self.known = Some(KnownSets { genid, ..known });
+                    }
+                    return Ok(());
+                }
+                Err(Error::RulesetChanged) => continue,
+                // What is known is dropped: the next update reads again.
+                Err(error) => return Err(error),
+            }
+        }
+        Err(Error::RulesetChanged)
+    }
 }
 
 /// The kernel elements of `update` to a set with key `key` and the interval

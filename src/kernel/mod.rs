@@ -36,7 +36,7 @@ mod readback;
 use std::ffi::CString;
 use std::io;
 
-pub use elements::{SetChange, SetUpdate};
+pub use elements::{ElementWriter, SetChange, SetUpdate};
 pub use learned::{HeldElement, carry_updates};
 pub use readback::{ChainStatus, CountedVerdict, Difference, RuleCounter, SetStatus, TableStatus};
 

@@ -175,8 +175,9 @@ const DUMP_BUFFER_LEN: usize = 1 << 17;
 /// First size of the buffer acknowledgements are read into. With
 /// `NETLINK_CAP_ACK` an acknowledgement carries no copy of the request, only
 /// `nlmsgerr` and the extended-ack attributes (a short message, an offset):
-/// well under 1 KiB, one per datagram (`netlink_ack`). A longer datagram
-/// still arrives whole: [`receive_datagram`] grows the buffer first.
+/// well under 1 KiB, one per datagram (`netlink_ack`). Acknowledgements are
+/// read with one `recv` each ([`receive_acknowledgement`]); one that does not
+/// fit is an error, never a partial read.
 const ACK_BUFFER_LEN: usize = 4096;
 
 /// A receive buffer aligned for `nlmsghdr` (4 bytes; 8 is used), so that
@@ -238,6 +239,37 @@ fn receive_datagram(fd: i32, buffer: &mut AlignedBuffer, flags: i32) -> io::Resu
     let received = unsafe { libc::recv(fd, bytes.as_mut_ptr().cast(), bytes.len(), flags) };
     if received < 0 {
         return Err(io::Error::last_os_error());
+    }
+    Ok(received as usize)
+}
+
+/// Reads the next datagram on `fd` into `buffer` with ONE `recv`, for
+/// acknowledgements, which with `NETLINK_CAP_ACK` always fit
+/// [`ACK_BUFFER_LEN`] (see there): half the system calls of
+/// [`receive_datagram`], on the path of every learned address. With
+/// `MSG_TRUNC` the kernel returns the datagram's real length
+/// (`netlink_recvmsg`), so a datagram that did not fit is reported as an
+/// error instead of being read cut. Returns the datagram's length.
+fn receive_acknowledgement(fd: i32, buffer: &mut AlignedBuffer, flags: i32) -> io::Result<usize> {
+    let bytes = buffer.bytes_mut();
+    // SAFETY: the descriptor is a live socket and `bytes` is writable for its
+    // whole length, which is passed along.
+    let received = unsafe {
+        libc::recv(
+            fd,
+            bytes.as_mut_ptr().cast(),
+            bytes.len(),
+            flags | libc::MSG_TRUNC,
+        )
+    };
+    if received < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if received as usize > bytes.len() {
+        return Err(io::Error::other(format!(
+            "an acknowledgement of {received} bytes did not fit the {}-byte buffer",
+            bytes.len()
+        )));
     }
     Ok(received as usize)
 }
@@ -496,7 +528,7 @@ impl Netlink {
             .acks
             .get_or_insert_with(|| AlignedBuffer::zeroed(ACK_BUFFER_LEN));
         loop {
-            let n = match receive_datagram(fd, buffer, libc::MSG_DONTWAIT) {
+            let n = match receive_acknowledgement(fd, buffer, libc::MSG_DONTWAIT) {
                 Ok(n) => n,
                 Err(err) => match err.raw_os_error() {
                     Some(libc::EAGAIN) => break,
@@ -798,6 +830,35 @@ mod tests {
         let n = receive_datagram(fds[0], &mut buffer, libc::MSG_DONTWAIT).unwrap();
         assert_eq!(&buffer.bytes()[..n], &small[..]);
         let empty = receive_datagram(fds[0], &mut buffer, libc::MSG_DONTWAIT).unwrap_err();
+        assert_eq!(empty.raw_os_error(), Some(libc::EAGAIN));
+        for fd in fds {
+            // SAFETY: closing the descriptors this test opened.
+            unsafe { libc::close(fd) };
+        }
+    }
+
+    #[test]
+    fn an_acknowledgement_is_read_in_one_call_and_one_too_long_is_an_error() {
+        let mut fds = [0i32; 2];
+        // SAFETY: socketpair writes two descriptors into `fds`.
+        let rc = unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_DGRAM, 0, fds.as_mut_ptr()) };
+        assert_eq!(rc, 0, "{}", io::Error::last_os_error());
+        let small = [7u8; 36];
+        let long = vec![9u8; ACK_BUFFER_LEN + 1];
+        for datagram in [&small[..], &long[..], &small[..]] {
+            // SAFETY: fds[1] is the live socket; `datagram` is readable for its length.
+            let n = unsafe { libc::send(fds[1], datagram.as_ptr().cast(), datagram.len(), 0) };
+            assert_eq!(n as usize, datagram.len());
+        }
+        let mut buffer = AlignedBuffer::zeroed(ACK_BUFFER_LEN);
+        let n = receive_acknowledgement(fds[0], &mut buffer, libc::MSG_DONTWAIT).unwrap();
+        assert_eq!(&buffer.bytes()[..n], &small[..]);
+        let error = receive_acknowledgement(fds[0], &mut buffer, libc::MSG_DONTWAIT).unwrap_err();
+        assert!(error.to_string().contains("did not fit"), "{error}");
+        // The datagram after it is read whole.
+        let n = receive_acknowledgement(fds[0], &mut buffer, libc::MSG_DONTWAIT).unwrap();
+        assert_eq!(&buffer.bytes()[..n], &small[..]);
+        let empty = receive_acknowledgement(fds[0], &mut buffer, libc::MSG_DONTWAIT).unwrap_err();
         assert_eq!(empty.raw_os_error(), Some(libc::EAGAIN));
         for fd in fds {
             // SAFETY: closing the descriptors this test opened.

@@ -1388,3 +1388,52 @@ fn the_dns_proxy_chains_swap_with_their_generation() {
         assert!(status.leftovers.is_empty(), "{:?}", status.leftovers);
     }
 }
+
+#[test]
+fn the_element_writer_follows_foreign_commits_and_fails_cleanly_without_its_set() {
+    let ns = Netns::new("writer");
+    kernel::apply(&ns.target(), &typical()).unwrap();
+    let mut writer = kernel::ElementWriter::open(&ns.target()).unwrap();
+    let mut learn = |element: Element| {
+        writer.update(&[dns_update(
+            "dns_v4",
+            vec![element],
+            Some(Duration::from_secs(600)),
+        )])
+    };
+    let first = Element::Addr(net("203.0.113.21/32"));
+    learn(first).unwrap();
+    assert_eq!(count(&ns, "dns_v4"), 1);
+
+    // Another program commits (a new policy, with the DNS sets kept): the
+    // writer's memory of the sets is stale, the kernel refuses its next
+    // transaction for it, and the writer reads again and succeeds.
+    kernel::apply(&ns.target(), &other()).unwrap();
+    let second = Element::Addr(net("203.0.113.22/32"));
+    learn(second).unwrap();
+    let listing = ns.nft_json().unwrap();
+    let held: BTreeSet<String> = elements_json(&listing, "dns_v4")
+        .iter()
+        .map(|e| e["elem"]["val"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        held,
+        BTreeSet::from(["203.0.113.21".to_string(), "203.0.113.22".to_string()])
+    );
+
+    // A policy without DNS sets: the write is an error naming the set, and
+    // nothing is written.
+    let open = ruleset::compile(&policy(Mode::Unrestricted, vec![]), &options());
+    kernel::apply(&ns.target(), &open).unwrap();
+    let error = learn(second).unwrap_err();
+    assert!(error.to_string().contains("dns_v4"), "{error}");
+
+    // No table at all: an error too, and a later table is written into.
+    let deleted = ns.nft(&["delete", "table", "inet", "netleash"]);
+    assert!(deleted.status.success());
+    let error = learn(first).unwrap_err();
+    assert!(matches!(error, kernel::Error::NoTable), "{error}");
+    kernel::apply(&ns.target(), &typical()).unwrap();
+    learn(first).unwrap();
+    assert_eq!(count(&ns, "dns_v4"), 1);
+}

@@ -364,7 +364,8 @@ fn dns_over_tls_stays_blocked_even_to_an_allowed_address_and_health_sees_a_missi
     let bed = support::testbed();
     let dir = tempfile::tempdir().unwrap();
     bed.zone().set("allowed.test", &[a("198.51.100.10")], 300);
-    let file = policy(dir.path(), "p.json", &["allowed.test"]);
+    bed.zone().set("a.fresh.test", &[a("198.51.100.11")], 300);
+    let file = policy(dir.path(), "p.json", &["allowed.test", "*.fresh.test"]);
     let dot = bed
         .world_tcp_listener("198.51.100.10:853".parse().unwrap())
         .expect("a DNS-over-TLS listener in the world");
@@ -406,6 +407,35 @@ fn dns_over_tls_stays_blocked_even_to_an_allowed_address_and_health_sees_a_missi
     assert_eq!(health["healthy"], false);
     assert_eq!(health["table"]["in_force"], false);
     assert_eq!(health["proxy"]["answers"], true);
+    // Without the table the proxy cannot write a fresh answer's address into
+    // the sets: the client gets SERVFAIL, not an address it could not reach.
+    // (A name under a wildcard, so the resolver loop has not resolved it
+    // before; the redirect went with the table, so the query goes to the
+    // proxy's own address.)
+    let proxy = SocketAddr::from(([127, 0, 0, 1], netleash::cli::sidecar::DEFAULT_PROXY_PORT));
+    let exchange = testbed::run_in_netns(bed.sandbox(), || {
+        testbed::dns_query(
+            proxy,
+            "a.fresh.test",
+            RecordType::A,
+            Transport::Udp,
+            TIMEOUT,
+        )
+    })
+    .unwrap()
+    .unwrap();
+    let reply = exchange.reply.expect("the proxy answers");
+    assert_eq!(reply.response_code, ResponseCode::ServFail, "{:?}", reply);
+    assert!(reply.answers.is_empty());
+    eventually(
+        Duration::from_secs(5),
+        "the write failure is logged",
+        || {
+            sidecar
+                .logs()
+                .contains("could not write the answer's addresses into the sets")
+        },
+    );
 
     // SIGHUP with the same policy puts the table back.
     sidecar.signal(libc::SIGHUP);
@@ -414,6 +444,11 @@ fn dns_over_tls_stays_blocked_even_to_an_allowed_address_and_health_sees_a_missi
     assert_eq!(status, 200, "{health:#}");
     assert_reachable(&bed, "198.51.100.10", 443);
     assert_rejected(&bed, "198.51.100.10", 853);
+    // The name refused a moment ago is answered and reachable now.
+    let reply = answered(&bed, UPSTREAM, "a.fresh.test", RecordType::A);
+    assert_eq!(reply.response_code, ResponseCode::NoError, "{reply:?}");
+    assert_eq!(reply.addresses(), [addr("198.51.100.11")]);
+    assert_reachable(&bed, "198.51.100.11", 443);
 }
 
 #[test]
