@@ -23,7 +23,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use hickory_proto::rr::RecordType;
-use netleash::agent::protocol::{self, Reply, Request};
+use netleash::agent::protocol::{self, Reply, ReplyWhen, Request};
 use netleash::testbed::{Testbed, ZoneRecord, netns_path};
 
 const NAMES: usize = 50;
@@ -174,6 +174,7 @@ fn main() {
             policy: policy.clone(),
             origin: "bench policy".into(),
             agent: None,
+            reply_when: ReplyWhen::default(),
         };
         let at = Instant::now();
         let reply = protocol::call(&socket, &request, Duration::from_secs(60))

@@ -43,7 +43,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use netleash::agent::protocol::{self, Request};
+use netleash::agent::protocol::{self, ReplyWhen, Request};
 use netleash::cli::render_error;
 use netleash::testbed::{Testbed, ZoneRecord, netns_path};
 use runc::{Bundle, Network};
@@ -150,6 +150,7 @@ fn main() {
         policy: TYPICAL_POLICY.into(),
         origin: "the benchmark's resident sandbox".into(),
         agent: None,
+        reply_when: ReplyWhen::default(),
     };
     protocol::call(Path::new(&agent.socket), &resident, Duration::from_secs(30))
         .unwrap_or_else(|e| panic!("put the resident sandbox: {}", render_error(&e)));

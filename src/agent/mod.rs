@@ -63,7 +63,7 @@ use crate::netns::{self, Target};
 use crate::policy::{self, CompileOptions, Expansions};
 use crate::ruleset::{self, Ruleset};
 use crate::sandbox::{self, Enforcement, Sandbox, SinkStats};
-use protocol::{AgentDefinition, DenialLogStatus, FailureKind, SandboxStatus};
+use protocol::{AgentDefinition, DenialLogStatus, FailureKind, ReplyWhen, SandboxStatus};
 use state::{SandboxRecord, StateDir};
 
 /// How long a Put waits for the resolver loop's first round over names no
@@ -343,6 +343,18 @@ pub struct AgentMetrics {
     pub cache: CacheStats,
 }
 
+/// A Put: sandbox `id`'s policy (and agent definition), enforced in the
+/// network namespace at `netns`.
+pub struct PutSandbox {
+    pub id: String,
+    pub netns: PathBuf,
+    pub pid: Option<u32>,
+    pub policy: String,
+    pub origin: String,
+    pub agent: Option<AgentDefinition>,
+    pub reply_when: ReplyWhen,
+}
+
 /// The running agent. Share it as `Arc<Agent>`.
 pub struct Agent {
     config: AgentConfig,
@@ -433,17 +445,20 @@ impl Agent {
         Ok((adopted, forgotten))
     }
 
-    /// Create or replace the policy of sandbox `id` in the namespace at
-    /// `netns`; returns once the rules are in force. Bad input changes nothing.
-    pub async fn put(
-        &self,
-        id: String,
-        netns: PathBuf,
-        pid: Option<u32>,
-        policy: String,
-        origin: String,
-        agent: Option<AgentDefinition>,
-    ) -> Result<SandboxStatus, Error> {
+    /// Create or replace the policy of sandbox `put.id` in the namespace at
+    /// `put.netns`; returns once the rules are in force (and, as
+    /// `put.reply_when` says, the new names resolved). Bad input changes
+    /// nothing.
+    pub async fn put(&self, put: PutSandbox) -> Result<SandboxStatus, Error> {
+        let PutSandbox {
+            id,
+            netns,
+            pid,
+            policy,
+            origin,
+            agent,
+            reply_when,
+        } = put;
         check_id(&id)?;
         // Validated before anything is touched.
         policy::load(&policy, &origin, &self.expansions(agent.as_ref())?)?;
@@ -480,7 +495,9 @@ impl Agent {
         };
         // Outside the lock: a sandbox whose names are slow to resolve does
         // not hold up the Puts of others.
-        self.wait_first_round(&fresh).await;
+        if reply_when == ReplyWhen::NamesResolved {
+            self.wait_first_round(&fresh).await;
+        }
         Ok(self.status_of(&entry).await)
     }
 

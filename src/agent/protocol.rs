@@ -52,6 +52,9 @@ pub enum Request {
         /// policy with `"allow_mcp_servers": true` allows.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         agent: Option<AgentDefinition>,
+        /// When the agent replies (default: once the names are resolved).
+        #[serde(default, skip_serializing_if = "ReplyWhen::is_default")]
+        reply_when: ReplyWhen,
     },
     /// Forget sandbox `id`. The rules stay in its namespace (which is
     /// usually gone by then); DNS work for it stops.
@@ -60,6 +63,28 @@ pub enum Request {
     Get { id: String },
     /// Every sandbox's status.
     List,
+}
+
+/// When the agent replies to a Put. Either way the rules are in force and
+/// the sandbox's DNS proxy answers before the reply.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReplyWhen {
+    /// Also after each name the sandbox is the first to allow was looked up
+    /// once (bounded by 10 s), so the reply shows their addresses in the sets.
+    #[default]
+    NamesResolved,
+    /// As soon as the rules are in force: what a container start waits for
+    /// (the OCI hook). The sandbox's first query for a name goes through its
+    /// proxy, which writes the answer's addresses into the sets before it
+    /// answers, so nothing is lost by not waiting.
+    RulesInForce,
+}
+
+impl ReplyWhen {
+    fn is_default(&self) -> bool {
+        *self == ReplyWhen::default()
+    }
 }
 
 /// An agent definition in Claude Managed Agents' shape,
@@ -314,6 +339,7 @@ mod tests {
             policy: r#"{"type":"unrestricted"}"#.into(),
             origin: "annotation netleash.policy".into(),
             agent: None,
+            reply_when: ReplyWhen::RulesInForce,
         };
         let text = serde_json::to_string(&put).unwrap();
         assert!(text.starts_with(r#"{"op":"put","id":"c1""#), "{text}");

@@ -13,7 +13,7 @@ use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, Buf
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 
 use super::protocol::{FailureKind, MAX_MESSAGE_BYTES, Reply, Request, Response};
-use super::{Agent, AgentMetrics};
+use super::{Agent, AgentMetrics, PutSandbox};
 use crate::http_endpoint;
 
 /// How long a client may take to send its request line.
@@ -148,8 +148,17 @@ async fn handle(agent: &Agent, request: Request) -> Response {
             policy,
             origin,
             agent: definition,
+            reply_when,
         } => agent
-            .put(id, netns, pid, policy, origin, definition)
+            .put(PutSandbox {
+                id,
+                netns,
+                pid,
+                policy,
+                origin,
+                agent: definition,
+                reply_when,
+            })
             .await
             .map(Reply::Sandbox),
         Request::Delete { id } => agent.delete(&id).await.map(|()| Reply::Deleted { id }),

@@ -112,7 +112,11 @@ impl StateDir {
             let mut text = serde_json::to_vec_pretty(record).map_err(io::Error::other)?;
             text.push(b'\n');
             file.write_all(&text)?;
-            file.sync_all()?;
+            // No fsync: the record must survive the agent (a crash or kill
+            // loses nothing written to the page cache), not the host. After
+            // a host crash every sandbox namespace is gone too, and a record
+            // cut short there is reported as unreadable and left alone. The
+            // rename keeps readers from ever seeing half a record.
             fs::rename(&temporary, &path)
         };
         write().map_err(|source| {

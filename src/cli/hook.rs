@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::{EXIT_INVALID_INPUT, EXIT_OK, EXIT_SYSTEM_ERROR, Error as CliError};
-use crate::agent::protocol::{self, AgentDefinition, FailureKind, Reply, Request};
+use crate::agent::protocol::{self, AgentDefinition, FailureKind, Reply, ReplyWhen, Request};
 use crate::kernel;
 use crate::netns::Target;
 use crate::oci::{
@@ -208,6 +208,9 @@ fn enforce(args: &Args, state: &oci::State) -> Result<u8, CliError> {
         policy: text,
         origin,
         agent,
+        // The container may start once its rules are in force: its DNS goes
+        // to its proxy, which learns each answer before it releases it.
+        reply_when: ReplyWhen::RulesInForce,
     };
     let reply = protocol::call(&args.socket, &request, Duration::from_secs(args.timeout)).map_err(
         |source| Error::Agent {

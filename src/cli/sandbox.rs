@@ -9,7 +9,8 @@ use std::time::Duration;
 use super::policy_args::{read_agent_file, read_policy_text};
 use super::{EXIT_INVALID_INPUT, EXIT_OK, EXIT_SYSTEM_ERROR};
 use crate::agent::protocol::{
-    self, AgentDefinition, DEFAULT_SOCKET, FailureKind, Reply, Request, SandboxStatus, call,
+    self, AgentDefinition, DEFAULT_SOCKET, FailureKind, Reply, ReplyWhen, Request, SandboxStatus,
+    call,
 };
 
 /// `sandbox get|delete` of an id the agent does not have.
@@ -108,6 +109,7 @@ pub fn run(args: Args) -> Result<u8, super::Error> {
                 policy: text,
                 origin,
                 agent,
+                reply_when: ReplyWhen::default(),
             }
         }
     };

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use hickory_proto::op::ResponseCode;
 use hickory_proto::rr::RecordType;
 use netleash::agent::protocol::{
-    self, AgentDefinition, FailureKind, Reply, Request, SandboxStatus,
+    self, AgentDefinition, FailureKind, Reply, ReplyWhen, Request, SandboxStatus,
 };
 use netleash::denial_log::DENIED_MESSAGE;
 use netleash::kernel::nflog::NflogListener;
@@ -127,6 +127,7 @@ impl Agent {
                 text: text.into(),
                 origin: format!("test agent of {id}"),
             }),
+            reply_when: ReplyWhen::default(),
         };
         self.call(&request).map(|reply| match reply {
             Reply::Sandbox(status) => status,

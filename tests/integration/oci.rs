@@ -355,6 +355,8 @@ fn with_an_agent_the_hook_hands_the_container_over_and_obeys_its_answer() {
             policy,
             origin,
             agent: None,
+            // A container waits for its rules, not for its names' lookups.
+            reply_when: protocol::ReplyWhen::RulesInForce,
         } => {
             assert_eq!(id, container.id);
             assert_eq!(
