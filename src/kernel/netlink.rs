@@ -113,21 +113,23 @@ impl Transaction {
     /// Add one message. It is sent without `NLM_F_ACK`: the kernel answers
     /// only if it fails (see [`ffi::WithoutAck`]).
     pub fn add(&mut self, message: &impl NlMsg, kind: MsgType, object: Object) {
-        self.batch.add(
-            &ffi::WithoutAck {
-                message,
-                echo: self.echo,
-            },
-            kind,
-        );
+        self.add_message(message, kind, object, self.echo);
+    }
+
+    fn add_message(&mut self, message: &impl NlMsg, kind: MsgType, object: Object, echo: bool) {
+        self.batch.add(&ffi::WithoutAck { message, echo }, kind);
         self.objects.push(object);
     }
 
     /// Add all element messages of `set` (as many as its elements need).
+    /// They are never echoed: the kernel would build one notification per
+    /// element (at 10,000 elements, more work than dumping them), and
+    /// `readback::compose` does not use them (the elements of the sets a
+    /// transaction creates are dumped).
     pub fn add_elements(&mut self, set: &SetMsg, op: ElementOp, object: Object) {
         let messages = set.element_messages(op);
         while messages.has_more() {
-            self.add(&messages, MsgType::Add, object.clone());
+            self.add_message(&messages, MsgType::Add, object.clone(), false);
         }
     }
 
@@ -299,13 +301,12 @@ fn receive_datagram(fd: i32, buffer: &mut AlignedBuffer, flags: i32) -> io::Resu
 const MIN_SOCKET_RECEIVE_BUFFER: usize = 4 << 20;
 /// Bytes of receive buffer accounted per acknowledgement (skb truesize of a small message).
 const RECEIVE_BUFFER_PER_ACK: usize = 2048;
-/// Bytes of receive buffer accounted per byte of an echoed batch: a set
-/// element is echoed in a notification of its own (about 100 bytes, table
-/// and set name included) where the batch spent about 20, and notifications
-/// are packed into skbs of `NLMSG_GOODSIZE` whose truesize is larger still.
-/// Too small a buffer only loses the echo (ENOBUFS), which the caller then
-/// replaces by reading the table.
-const ECHO_BYTES_PER_BATCH_BYTE: usize = 8;
+/// Bytes of receive buffer accounted per byte of an echoed batch: an echoed
+/// object is about as long as its message (the kernel adds its handle), and
+/// notifications are packed into skbs of `NLMSG_GOODSIZE` whose truesize is
+/// larger. Too small a buffer only loses the echo (ENOBUFS), which the
+/// caller then replaces by reading the table.
+const ECHO_BYTES_PER_BATCH_BYTE: usize = 4;
 
 /// A netfilter netlink socket in the namespace of the thread that opened it.
 pub struct Netlink {
@@ -455,8 +456,7 @@ impl Netlink {
             self.send_buffer = total + 4096;
         }
         // Answers: batch begin and end, plus one per failed message at most;
-        // and an echo of every object, one notification per set element
-        // (longer than the batch, which packs many elements per message).
+        // and an echo of every object but set elements.
         let acks_expected = objects.len() + 2;
         let echo_bytes = if echo {
             total * ECHO_BYTES_PER_BATCH_BYTE
