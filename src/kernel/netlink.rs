@@ -474,6 +474,11 @@ impl Netlink {
             )
             .map_err(Error::Socket)?;
         }
+        // Every batch numbers its messages from 1, so an answer left queued
+        // by an earlier one (anything the kernel sent after the batch end's
+        // acknowledgement, where `drain` stops) would pass for an answer to
+        // this one: it is dropped first.
+        self.discard_pending()?;
         self.send_pages(&pages, total)?;
 
         // The kernel acknowledges the batch end last, after every other answer.
@@ -560,6 +565,24 @@ impl Netlink {
             ))));
         }
         Ok(())
+    }
+
+    /// Drop every datagram queued on the socket, without waiting.
+    fn discard_pending(&mut self) -> Result<(), Error> {
+        let fd = self.socket.as_raw_fd();
+        let buffer = self
+            .acks
+            .get_or_insert_with(|| AlignedBuffer::zeroed(ACK_BUFFER_LEN));
+        loop {
+            match receive_datagram(fd, buffer, libc::MSG_DONTWAIT) {
+                Ok(_) => {}
+                Err(err) => match err.raw_os_error() {
+                    Some(libc::EAGAIN) => return Ok(()),
+                    Some(libc::EINTR | libc::ENOBUFS) => {}
+                    _ => return Err(Error::Receive(err)),
+                },
+            }
+        }
     }
 
     /// Receive everything queued on the socket without waiting: the answers
