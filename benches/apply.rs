@@ -7,8 +7,19 @@
 //! memory of the table intact). Every timed apply puts in force the other of
 //! two policies that differ in two entries: a policy change.
 //!
+//! A fourth kind of apply, *fresh*, is the one-shot apply into a network
+//! namespace created just before (untimed) and holding no table: what
+//! `netleash hook --standalone` does in a new container's namespace (a
+//! table created, not a swap).
+//!
+//! Besides wall-clock medians, it reports the median CPU time (user +
+//! system, `getrusage(RUSAGE_SELF)`) of the session and one-shot applies:
+//! on a shared machine wall time includes waiting for a CPU.
+//!
 //! Run as root: `cargo bench --bench apply`. Optional: `-- --quick` for fewer
-//! rounds, `-- --elements N` for one size (10, 1000 or 10000).
+//! rounds, `-- --elements N` for one size (10, 1000 or 10000), `-- --profile
+//! N` for N back-to-back session applies of the typical policy and nothing
+//! else (to run under `perf record`).
 //!
 //! The nft text is rendered from the model here, in the benchmark only
 //! (`ruleset::render::nft` is not part of this branch). Before timing, the
@@ -39,7 +50,15 @@ impl Netns {
             0,
             "the apply benchmark needs root (it creates network namespaces)"
         );
-        let name = format!("nlbench-{tag}-{}", std::process::id());
+        Netns::named(format!("nlbench-{tag}-{}", std::process::id()))
+    }
+
+    /// A namespace for one fresh round, numbered `round`.
+    fn fresh(round: usize) -> Netns {
+        Netns::named(format!("nlbench-fresh-{}-{round}", std::process::id()))
+    }
+
+    fn named(name: String) -> Netns {
         let status = Command::new("ip")
             .args(["netns", "add", &name])
             .status()
@@ -273,6 +292,26 @@ fn percentile(samples: &[Duration], p: f64) -> Duration {
     samples[((samples.len() - 1) as f64 * p).round() as usize]
 }
 
+/// User + system CPU time of this process so far (all its threads).
+fn cpu_time() -> Duration {
+    // SAFETY: rusage is plain data; getrusage only writes the struct it is given.
+    let usage = unsafe {
+        let mut usage: libc::rusage = std::mem::zeroed();
+        assert_eq!(libc::getrusage(libc::RUSAGE_SELF, &mut usage), 0);
+        usage
+    };
+    let time = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    time(usage.ru_utime) + time(usage.ru_stime)
+}
+
+/// Wall-clock and CPU time of `f`.
+fn timed<T>(f: impl FnOnce() -> T) -> (T, Duration, Duration) {
+    let (cpu, start) = (cpu_time(), Instant::now());
+    let value = f();
+    let wall = start.elapsed();
+    (value, wall, cpu_time().saturating_sub(cpu))
+}
+
 fn ms(d: Duration) -> String {
     format!("{:.3}", d.as_secs_f64() * 1e3)
 }
@@ -292,6 +331,32 @@ fn main() {
         .map(|n| n.parse().expect("--elements takes a number"));
     let ns = Netns::new("netleash");
     let target = Target::Name(ns.0.clone());
+    if let Some(rounds) = args
+        .iter()
+        .position(|a| a == "--profile")
+        .and_then(|i| args.get(i + 1))
+    {
+        let rounds: usize = rounds.parse().expect("--profile takes a number");
+        let models: Vec<Ruleset> = (0..2)
+            .map(|variant| {
+                let (policy, options) = policy(10, variant);
+                ruleset::compile(&policy, &options)
+            })
+            .collect();
+        let mut session = kernel::Session::open(&target).expect("open a session");
+        let (mut wall, mut cpu): (Vec<Duration>, Vec<Duration>) = (0..rounds)
+            .map(|round| {
+                let (_, wall, cpu) = timed(|| session.apply(&models[round % 2]).expect("apply"));
+                (wall, cpu)
+            })
+            .unzip();
+        println!(
+            "{rounds} session applies back to back: median {} ms, CPU {} ms",
+            ms(median(&mut wall)),
+            ms(median(&mut cpu))
+        );
+        return;
+    }
     // The one-shot applies get a namespace of their own: an apply through
     // another socket in the session's namespace would make the session's
     // memory of the table stale, and every session round would start with a
@@ -325,7 +390,11 @@ fn main() {
         "  back-to-back: session rounds without pauses (the kernel frees each replaced table meanwhile)"
     );
     println!(
-        "{:>8} {:>6} | {:>17} | {:>17} | {:>17} | {:>11} {:>12} | {:>17}",
+        "  fresh:    kernel::apply into a namespace created just before, with no table (creates it)"
+    );
+    println!("  cpu:      median user+system CPU time of the session / one-shot / fresh applies");
+    println!(
+        "{:>8} {:>6} | {:>17} | {:>17} | {:>17} | {:>11} {:>12} | {:>17} | {:>17} | {:>23}",
         "elements",
         "rounds",
         "session",
@@ -333,7 +402,9 @@ fn main() {
         "nft -f",
         "session/nft",
         "one-shot/nft",
-        "back-to-back"
+        "back-to-back",
+        "fresh",
+        "cpu session/1-shot/fresh"
     );
     for (elements, rounds) in [(10, 200), (1_000, 100), (10_000, 30)] {
         if only.is_some_and(|n| n != elements) {
@@ -391,24 +462,37 @@ fn main() {
         }
 
         let (mut settled, mut one_shot, mut nft) = (Vec::new(), Vec::new(), Vec::new());
+        let mut fresh = Vec::new();
+        let (mut settled_cpu, mut one_shot_cpu, mut fresh_cpu) =
+            (Vec::new(), Vec::new(), Vec::new());
         for round in 0..rounds {
             // The session continues its alternation from the back-to-back rounds.
             std::thread::sleep(SETTLE);
-            let start = Instant::now();
-            let report = session
-                .apply(model(rounds + round))
-                .expect("netleash apply");
-            settled.push(start.elapsed());
-            swapped(report);
+            let (report, wall, cpu) = timed(|| session.apply(model(rounds + round)));
+            settled.push(wall);
+            settled_cpu.push(cpu);
+            swapped(report.expect("netleash apply"));
             std::thread::sleep(SETTLE);
-            let start = Instant::now();
-            let report = kernel::apply(&one_shot_target, model(round)).expect("netleash apply");
-            one_shot.push(start.elapsed());
-            swapped(report);
+            let (report, wall, cpu) = timed(|| kernel::apply(&one_shot_target, model(round)));
+            one_shot.push(wall);
+            one_shot_cpu.push(cpu);
+            swapped(report.expect("netleash apply"));
             std::thread::sleep(SETTLE);
             let start = Instant::now();
             netns::run_nft(&nft_target, script(round));
             nft.push(start.elapsed());
+            let fresh_ns = Netns::fresh(round);
+            let fresh_target = Target::Name(fresh_ns.0.clone());
+            std::thread::sleep(SETTLE);
+            let (report, wall, cpu) = timed(|| kernel::apply(&fresh_target, model(round)));
+            fresh.push(wall);
+            fresh_cpu.push(cpu);
+            let report = report.expect("netleash apply");
+            assert_eq!(
+                report.method,
+                kernel::Method::Create,
+                "a fresh namespace has no table"
+            );
         }
         drop(session);
         let stats = |samples: &mut Vec<Duration>| {
@@ -419,11 +503,18 @@ fn main() {
             )
         };
         let (_, back_to_back) = stats(&mut back_to_back);
+        let (_, fresh) = stats(&mut fresh);
+        let cpu = format!(
+            "{} / {} / {}",
+            ms(median(&mut settled_cpu)),
+            ms(median(&mut one_shot_cpu)),
+            ms(median(&mut fresh_cpu))
+        );
         let (session_p50, session) = stats(&mut settled);
         let (one_shot_p50, one_shot) = stats(&mut one_shot);
         let (nft_p50, nft) = stats(&mut nft);
         println!(
-            "{:>8} {:>6} | {session:>17} | {one_shot:>17} | {nft:>17} | {:>10.3}x {:>11.3}x | {back_to_back:>17}",
+            "{:>8} {:>6} | {session:>17} | {one_shot:>17} | {nft:>17} | {:>10.3}x {:>11.3}x | {back_to_back:>17} | {fresh:>17} | {cpu:>23}",
             model(0)
                 .sets
                 .iter()

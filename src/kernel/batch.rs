@@ -440,7 +440,9 @@ impl<'a> Builder<'a> {
             ruleset,
             naming,
             table: table_name(),
-            transaction: Transaction::new(),
+            // The kernel echoes what a generation's transactions create: the
+            // verification reads the objects from that echo (see `readback::compose`).
+            transaction: Transaction::echoed(),
             set_ids: BTreeMap::new(),
             next_set_id: 1,
         }

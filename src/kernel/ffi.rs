@@ -518,19 +518,32 @@ impl Drop for ElementMessages<'_> {
 /// `NLM_F_ACK` is set *or* the message failed), so in a batch whose end is
 /// acknowledged, per-message success answers are only overhead: one skb
 /// for the kernel and one receive call each.
-pub struct WithoutAck<'a, T: NlMsg>(pub &'a T);
+///
+/// With `echo`, the message carries `NLM_F_ECHO`: at commit, the kernel sends
+/// every object the message created, changed or deleted back to this socket,
+/// as it then holds it (`nf_tables_*_notify` with `ctx->report` set from
+/// `nlmsg_report()`, the same `nf_tables_fill_*` encoders a dump uses, queued
+/// on the notify list and sent by `nft_commit_notify` before the batch's
+/// acknowledgements). This is what `nft --echo` asks for.
+pub struct WithoutAck<'a, T: NlMsg> {
+    pub message: &'a T,
+    pub echo: bool,
+}
 
 // SAFETY: writes exactly what the wrapped message writes (which upholds the
-// size contract), then changes one flag bit in the header it wrote.
+// size contract), then changes two flag bits in the header it wrote.
 unsafe impl<T: NlMsg> NlMsg for WithoutAck<'_, T> {
     unsafe fn write(&self, buf: *mut c_void, seq: u32, msg_type: MsgType) {
         // SAFETY: same buffer contract as ours; the wrapped message starts with an
         // nlmsghdr at `buf` (every nf_tables message does), and `buf` is aligned for
         // it because nftnl_batch hands out NLMSG_ALIGNed positions.
         unsafe {
-            self.0.write(buf, seq, msg_type);
+            self.message.write(buf, seq, msg_type);
             let nlh = buf.cast::<libc::nlmsghdr>();
             (*nlh).nlmsg_flags &= !(libc::NLM_F_ACK as u16);
+            if self.echo {
+                (*nlh).nlmsg_flags |= libc::NLM_F_ECHO as u16;
+            }
         }
     }
 }
@@ -727,6 +740,8 @@ pub enum Request<'a> {
     /// `NFT_MSG_GETRULE` dump of one chain's rules (`NFTA_RULE_CHAIN` in the
     /// request: `nf_tables_dump_rules` then visits that chain only).
     ChainRules(&'a CStr),
+    /// `NFT_MSG_GETRULE` dump of every rule of the table.
+    Rules,
 }
 
 /// Write `request` for table `table` into `buf` and return its length.
@@ -790,6 +805,14 @@ pub fn write_request(buf: &mut [u8], request: Request<'_>, table: &CStr, seq: u3
                 sys::nftnl_chain_set_str(object, sys::NFTNL_CHAIN_TABLE as u16, table.as_ptr());
                 sys::nftnl_chain_nlmsg_build_payload(nlh, object);
                 sys::nftnl_chain_free(object);
+                nlh
+            }
+            Request::Rules => {
+                let nlh = header(buf_ptr, libc::NFT_MSG_GETRULE as u16, INET, dump, seq);
+                let object = allocated(sys::nftnl_rule_alloc()).as_ptr();
+                sys::nftnl_rule_set_str(object, sys::NFTNL_RULE_TABLE as u16, table.as_ptr());
+                sys::nftnl_rule_nlmsg_build_payload(nlh, object);
+                sys::nftnl_rule_free(object);
                 nlh
             }
             Request::ChainRules(chain) => {

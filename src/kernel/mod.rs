@@ -43,7 +43,7 @@ pub use readback::{ChainStatus, CountedVerdict, Difference, RuleCounter, SetStat
 use crate::netns;
 use crate::ruleset::{Ruleset, TABLE_NAME};
 use generation::{Approach, Deletions, Swap};
-use netlink::{Netlink, Transaction};
+use netlink::{Echo, Netlink, Transaction};
 use readback::{Detail, ElementPlan, KernelTable, Snapshot};
 
 #[derive(Debug, thiserror::Error)]
@@ -244,6 +244,18 @@ pub struct Session {
     /// else committed since, the kernel refuses them and the apply reads the
     /// table and starts over.
     known: Option<Snapshot>,
+    /// How the last apply's verification got the table it compared.
+    verified_from: Option<VerifiedFrom>,
+}
+
+/// Where a verification got the table it compared with the model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum VerifiedFrom {
+    /// The kernel's echo of the transactions, composed with the table
+    /// before them (plus a dump of the elements of the sets they created).
+    Echo,
+    /// Dumps of the table.
+    Read,
 }
 
 impl Session {
@@ -254,6 +266,7 @@ impl Session {
         Ok(Session {
             netlink,
             known: None,
+            verified_from: None,
         })
     }
 
@@ -285,7 +298,9 @@ impl Session {
                 // With the elements of the small sets: a set that already
                 // holds what the model says is kept rather than created
                 // again (`Swap::reuse`).
-                None => readback::read_table_with(&mut self.netlink, &reuse_candidates(ruleset))?,
+                None => {
+                    readback::read_table_to_change(&mut self.netlink, &reuse_candidates(ruleset))?
+                }
             };
             let outcome = match generation::approach(ruleset, snapshot.table.as_ref())? {
                 Approach::Create => {
@@ -330,6 +345,75 @@ impl Session {
             Ok(()) | Err(Error::AcksLost) => Ok(()),
             Err(err) => Err(err),
         }
+    }
+
+    /// [`Session::commit_at`], returning what the kernel echoed of
+    /// `transaction`, or `None` if its answers were lost.
+    fn commit_echoed_at(
+        &mut self,
+        mut transaction: Transaction,
+        genid: u32,
+    ) -> Result<Option<Echo>, Error> {
+        transaction.expect_generation(genid);
+        match self.netlink.commit_echoed(transaction) {
+            Ok(echo) => Ok(Some(echo)),
+            Err(Error::AcksLost) => Ok(None),
+            Err(err) => Err(err),
+        }
+    }
+
+    /// The table after transactions that carried the ruleset generation ids
+    /// `genid`, `next_genid(genid)`, ..., composed from `before` (the table
+    /// at `genid`) and their echoes (see [`readback::compose`]), and compared
+    /// with `expected`. The elements of the sets the transactions created are
+    /// not echoed: they are read, and the reading counts only if the ruleset
+    /// generation id is still the one the last transaction left (no commit
+    /// since, so they are what the transaction created). `None` if an echo
+    /// was lost or does not tell the whole policy in force, or something
+    /// committed since: the caller then reads the table.
+    fn compose_and_compare(
+        &mut self,
+        expected: &Ruleset,
+        genid: u32,
+        before: Option<&KernelTable>,
+        echoes: &[Option<Echo>],
+    ) -> Result<Option<(u32, KernelTable, Vec<Difference>)>, Error> {
+        // Generation id 0 is "no check": the chain of ids proves nothing then.
+        if genid == 0 {
+            return Ok(None);
+        }
+        let Some(echoes) = echoes
+            .iter()
+            .map(Option::as_ref)
+            .collect::<Option<Vec<&Echo>>>()
+        else {
+            return Ok(None);
+        };
+        let Some(mut table) = readback::compose(before, &echoes) else {
+            return Ok(None);
+        };
+        // Elements that a reading would not read (the DNS-derived sets') are
+        // not part of what is known, also when echoed.
+        let skip = compared_elements(expected).skip;
+        let after = echoes.iter().fold(genid, |id, _| next_genid(id));
+        let mut read = false;
+        for set in &mut table.sets {
+            if skip.contains(&set.name) {
+                set.elements.clear();
+                set.elements_read = false;
+            } else if !set.elements_read {
+                if readback::read_elements(&mut self.netlink, set)? {
+                    return Ok(None);
+                }
+                set.elements_read = true;
+                read = true;
+            }
+        }
+        if read && readback::generation_id(&mut self.netlink)? != after {
+            return Ok(None);
+        }
+        let differences = readback::differences(expected, &table)?;
+        Ok(Some((after, table, differences)))
     }
 
     /// Read the table and compare the policy in force with `expected`, which
@@ -382,9 +466,23 @@ impl Session {
             _ => batch::replace_table(ruleset)?,
         };
         learned::add_carried(&mut transaction, ruleset, 1, carried)?;
-        self.commit_at(transaction, genid)?;
-        let (genid, table, differences) =
-            self.read_and_compare(expected, 1, &compared_elements(expected))?;
+        let echo = self.commit_echoed_at(transaction, genid)?;
+        // Created onto no table (the transaction carried the id of the
+        // reading that found none): the echo is the whole table.
+        let composed = match method {
+            Method::Create => self.compose_and_compare(expected, genid, None, &[echo])?,
+            _ => None,
+        };
+        let (genid, table, differences) = match composed {
+            Some(composed) => {
+                self.verified_from = Some(VerifiedFrom::Echo);
+                composed
+            }
+            None => {
+                self.verified_from = Some(VerifiedFrom::Read);
+                self.read_and_compare(expected, 1, &compared_elements(expected))?
+            }
+        };
         if !differences.is_empty() {
             return Err(Error::Verify {
                 differences,
@@ -413,33 +511,35 @@ impl Session {
         snapshot: Snapshot,
         swap: Swap,
     ) -> Result<ApplyReport, Error> {
-        self.commit_at(batch::stage(ruleset, &swap)?, snapshot.genid)?;
+        let stage_echo = self.commit_echoed_at(batch::stage(ruleset, &swap)?, snapshot.genid)?;
         // If the swap fails, the staged generation stays behind: nothing
         // jumps into it, so it changes no packet's fate, and the next apply's
         // cleanup deletes it. (Deleting it here could race with another
         // apply that staged a generation of the same number meanwhile.)
         let staged_at = next_genid(snapshot.genid);
-        let swapped_at = self.swap_in(ruleset, &swap, carried, staged_at)?;
-        let mut plan = compared_elements(expected);
-        // The sets kept from the previous generation hold what was read
-        // before the stage (which carried that reading's generation id), and
-        // neither the stage nor the swap changes them. If nothing else
-        // committed in between (the table is read at the id right after
-        // the swap), that is what they still hold; otherwise they are read.
-        if swapped_at == staged_at
-            && let Some(before) = &snapshot.table
-        {
-            plan.known = before
-                .sets
-                .iter()
-                .filter(|set| {
-                    set.elements_read && swap.reuse.values().any(|k| *k == set.kernel_name)
-                })
-                .map(|set| (set.kernel_name.clone(), set.elements.clone()))
-                .collect();
-            plan.known_at = Some(next_genid(swapped_at));
-        }
-        let (genid, table, differences) = self.read_and_compare(expected, swap.to, &plan)?;
+        let (swapped_at, swap_echo) = self.swap_in(ruleset, &swap, carried, staged_at)?;
+        // Verified from the echo of stage and swap when nothing else
+        // committed in between (the swap carried the id the stage left).
+        let composed = if swapped_at == staged_at {
+            self.compose_and_compare(
+                expected,
+                snapshot.genid,
+                snapshot.table.as_ref(),
+                &[stage_echo, swap_echo],
+            )?
+        } else {
+            None
+        };
+        let (genid, table, differences) = match composed {
+            Some(composed) => {
+                self.verified_from = Some(VerifiedFrom::Echo);
+                composed
+            }
+            None => {
+                self.verified_from = Some(VerifiedFrom::Read);
+                self.read_after_swap(expected, &snapshot, &swap, staged_at, swapped_at)?
+            }
+        };
         if !differences.is_empty() {
             let rollback = self.roll_back(ruleset, &swap, genid);
             return Err(Error::Verify {
@@ -461,26 +561,58 @@ impl Session {
         Ok(report)
     }
 
+    /// Read the table after the swap to `swap.to` (when its echo cannot be
+    /// used) and compare it with `expected`.
+    fn read_after_swap(
+        &mut self,
+        expected: &Ruleset,
+        snapshot: &Snapshot,
+        swap: &Swap,
+        staged_at: u32,
+        swapped_at: u32,
+    ) -> Result<(u32, KernelTable, Vec<Difference>), Error> {
+        let mut plan = compared_elements(expected);
+        // The sets kept from the previous generation hold what was read
+        // before the stage (which carried that reading's generation id), and
+        // neither the stage nor the swap changes them. If nothing else
+        // committed in between (the table is read at the id right after
+        // the swap), that is what they still hold; otherwise they are read.
+        if swapped_at == staged_at
+            && let Some(before) = &snapshot.table
+        {
+            plan.known = before
+                .sets
+                .iter()
+                .filter(|set| {
+                    set.elements_read && swap.reuse.values().any(|k| *k == set.kernel_name)
+                })
+                .map(|set| (set.kernel_name.clone(), set.elements.clone()))
+                .collect();
+            plan.known_at = Some(next_genid(swapped_at));
+        }
+        self.read_and_compare(expected, swap.to, &plan)
+    }
+
     /// The swap transaction, retried while only other changes (e.g. DNS set
     /// updates) came between the stage and the swap: the generation in force
     /// is still `swap.from` and the staged one is complete. Returns the
-    /// ruleset generation id the committed swap carried.
+    /// ruleset generation id the committed swap carried, and its echo.
     fn swap_in(
         &mut self,
         ruleset: &Ruleset,
         swap: &Swap,
         carried: &[SetUpdate],
         mut genid: u32,
-    ) -> Result<u32, Error> {
+    ) -> Result<(u32, Option<Echo>), Error> {
         for _ in 0..ATTEMPTS {
             let mut transaction = batch::swap(ruleset, swap.to, &swap.tighten)?;
             // Carried elements go into the (persistent) DNS sets with the
             // swap: hash set elements are generation-masked like rules, so
             // packets see them together with the new generation.
             learned::add_carried(&mut transaction, ruleset, swap.to, carried)?;
-            match self.commit_at(transaction, genid) {
+            match self.commit_echoed_at(transaction, genid) {
                 Err(Error::RulesetChanged) => {}
-                other => return other.map(|()| genid),
+                other => return other.map(|echo| (genid, echo)),
             }
             let now = readback::read_table(&mut self.netlink, Detail::Shape)?;
             let intact = now.table.as_ref().is_some_and(|table| {
@@ -917,17 +1049,22 @@ mod tests {
             .collect()
     }
 
-    fn rollback_text(err: Error) -> String {
+    /// The differences and the rollback text of a verification error.
+    fn verify_error(err: Error) -> (Vec<Difference>, String) {
         match err {
             Error::Verify {
                 differences,
                 rollback,
             } => {
                 assert!(!differences.is_empty());
-                rollback
+                (differences, rollback)
             }
             other => panic!("expected a verification error, got {other}"),
         }
+    }
+
+    fn rollback_text(err: Error) -> String {
+        verify_error(err).1
     }
 
     #[test]
@@ -951,6 +1088,7 @@ mod tests {
 
         // Generation 2 holds `b`, but is verified against `a`: it must not stay.
         let err = session.apply_verified(&b, &a, &[]).unwrap_err();
+        assert_eq!(session.verified_from, Some(VerifiedFrom::Echo));
         let rollback = rollback_text(err);
         assert!(
             rollback.contains("generation 1) was put back in force and generation 2 deleted"),
@@ -971,6 +1109,121 @@ mod tests {
         assert_in_force(&mut session, &a);
         let report = session.apply(&b).unwrap();
         assert_eq!(report.method, Method::Swap { from: 1, to: 2 });
+        session.close_in_background();
+    }
+
+    /// What the session composed from the kernel's echo after its last
+    /// apply is what a full dump of the table reads: the same chains with
+    /// the same rules (handles, expressions, references), the same sets
+    /// with the same definitions and (for the compared sets) elements.
+    fn assert_echo_matches_dump(session: &mut Session) {
+        let known = session.known.clone().expect("the session knows the table");
+        let composed = known.table.unwrap();
+        let snapshot = readback::read_table(&mut session.netlink, Detail::Full).unwrap();
+        assert_eq!(snapshot.genid, known.genid, "no commit since the apply");
+        let read = snapshot.table.unwrap();
+        assert_eq!(composed.digest, read.digest);
+        assert_eq!(composed.generation, read.generation);
+        assert_eq!(composed.chains, read.chains);
+        assert!(read.leftover_chains.is_empty() && read.leftover_sets.is_empty());
+        assert_eq!(composed.sets.len(), read.sets.len());
+        for set in &composed.sets {
+            let twin = read.sets.iter().find(|r| r.kernel_name == set.kernel_name);
+            let twin = twin.unwrap_or_else(|| panic!("{} is not in the dump", set.kernel_name));
+            assert_eq!(
+                (set.flags, set.key_type, set.key_len),
+                (twin.flags, twin.key_type, twin.key_len)
+            );
+            if set.elements_read {
+                let mut composed = set.elements.clone();
+                let mut read = twin.elements.clone();
+                composed.sort();
+                read.sort();
+                assert_eq!(composed, read, "elements of {}", set.kernel_name);
+            }
+        }
+    }
+
+    #[test]
+    fn creation_and_swaps_are_verified_from_the_kernels_echo() {
+        let ns = Netns::new("echo");
+        let a = compile(Mode::Limited, &["198.51.100.0/24"]);
+        let b = compile(Mode::Limited, &["203.0.113.0/24", "2001:db8::/32"]);
+        let open = compile(Mode::Unrestricted, &[]);
+        let mut session = Session::open(&ns.target()).unwrap();
+        let report = session.apply(&a).unwrap();
+        assert_eq!(report.method, Method::Create);
+        assert_eq!(session.verified_from, Some(VerifiedFrom::Echo));
+        assert_echo_matches_dump(&mut session);
+        // Swaps with a remembered table, a base chain policy loosened, then tightened.
+        for (model, to) in [(&b, 2), (&open, 3), (&a, 4)] {
+            let report = session.apply(model).unwrap();
+            assert_eq!(report.method, Method::Swap { from: to - 1, to });
+            assert_eq!(session.verified_from, Some(VerifiedFrom::Echo));
+            assert_echo_matches_dump(&mut session);
+            assert_in_force(&mut session, model);
+        }
+        // A one-shot apply reads the table first, then verifies from the echo too.
+        let mut other = Session::open(&ns.target()).unwrap();
+        other.apply(&b).unwrap();
+        assert_eq!(other.verified_from, Some(VerifiedFrom::Echo));
+        assert_echo_matches_dump(&mut other);
+        other.close_in_background();
+        session.close_in_background();
+    }
+
+    #[test]
+    fn an_extra_chain_in_the_echo_fails_verification_and_rolls_back() {
+        let ns = Netns::new("echoextra");
+        let a = compile(Mode::Limited, &["198.51.100.0/24"]);
+        let b = compile(Mode::Limited, &["203.0.113.0/24"]);
+        // What the kernel gets: `b`, with a chain the model does not have,
+        // jumped into first thing from `egress`.
+        let mut extra = b.clone();
+        extra.chains.insert(
+            0,
+            crate::ruleset::Chain {
+                name: "extra".into(),
+                base: None,
+                rules: vec![crate::ruleset::Rule {
+                    id: "extra-accept".into(),
+                    description: "accepts everything".into(),
+                    matches: vec![],
+                    actions: vec![crate::ruleset::Action::Accept],
+                }],
+            },
+        );
+        let egress = extra
+            .chains
+            .iter_mut()
+            .find(|c| c.name == "egress")
+            .unwrap();
+        egress.rules.insert(
+            0,
+            crate::ruleset::Rule {
+                id: "to-extra".into(),
+                description: "jumps into extra".into(),
+                matches: vec![],
+                actions: vec![crate::ruleset::Action::Jump("extra".into())],
+            },
+        );
+        let mut session = Session::open(&ns.target()).unwrap();
+        session.apply(&a).unwrap();
+        let err = session.apply_verified(&extra, &b, &[]).unwrap_err();
+        assert_eq!(session.verified_from, Some(VerifiedFrom::Echo));
+        let (differences, rollback) = verify_error(err);
+        assert!(
+            differences.contains(&Difference::ExtraChain("extra".into())),
+            "{differences:?}"
+        );
+        assert!(
+            differences
+                .iter()
+                .any(|d| matches!(d, Difference::Rules { chain, .. } if chain == "egress")),
+            "{differences:?}"
+        );
+        assert!(rollback.contains("was put back"), "{rollback}");
+        assert_in_force(&mut session, &a);
         session.close_in_background();
     }
 
@@ -1038,13 +1291,8 @@ mod tests {
         let err = session
             .apply_verified(&b, &other_blocklist, &[])
             .unwrap_err();
-        let Error::Verify {
-            differences,
-            rollback,
-        } = err
-        else {
-            panic!("expected a verification error, got {err}");
-        };
+        assert_eq!(session.verified_from, Some(VerifiedFrom::Echo));
+        let (differences, rollback) = verify_error(err);
         assert!(
             differences
                 .iter()

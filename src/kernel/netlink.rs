@@ -74,6 +74,8 @@ pub struct Transaction {
     /// (`nf_tables_valid_genid`, kernel 4.17+), so a transaction built from a
     /// stale reading of the table never applies.
     generation: Option<u32>,
+    /// Whether its messages carry `NLM_F_ECHO` (see [`Transaction::echoed`]).
+    echo: bool,
 }
 
 impl Default for Transaction {
@@ -88,6 +90,16 @@ impl Transaction {
             batch: Batch::new(),
             objects: Vec::new(),
             generation: None,
+            echo: false,
+        }
+    }
+
+    /// A transaction whose messages ask the kernel to echo what they change
+    /// (see [`ffi::WithoutAck`]); [`Netlink::commit_echoed`] returns it.
+    pub fn echoed() -> Transaction {
+        Transaction {
+            echo: true,
+            ..Transaction::new()
         }
     }
 
@@ -101,15 +113,23 @@ impl Transaction {
     /// Add one message. It is sent without `NLM_F_ACK`: the kernel answers
     /// only if it fails (see [`ffi::WithoutAck`]).
     pub fn add(&mut self, message: &impl NlMsg, kind: MsgType, object: Object) {
-        self.batch.add(&ffi::WithoutAck(message), kind);
+        self.add_message(message, kind, object, self.echo);
+    }
+
+    fn add_message(&mut self, message: &impl NlMsg, kind: MsgType, object: Object, echo: bool) {
+        self.batch.add(&ffi::WithoutAck { message, echo }, kind);
         self.objects.push(object);
     }
 
     /// Add all element messages of `set` (as many as its elements need).
+    /// They are never echoed: the kernel would build one notification per
+    /// element (at 10,000 elements, more work than dumping them), and
+    /// `readback::compose` does not use them (the elements of the sets a
+    /// transaction creates are dumped).
     pub fn add_elements(&mut self, set: &SetMsg, op: ElementOp, object: Object) {
         let messages = set.element_messages(op);
         while messages.has_more() {
-            self.add(&messages, MsgType::Add, object.clone());
+            self.add_message(&messages, MsgType::Add, object.clone(), false);
         }
     }
 
@@ -123,6 +143,39 @@ impl Transaction {
     #[cfg(test)]
     pub fn objects(&self) -> &[Object] {
         &self.objects
+    }
+}
+
+/// What the kernel echoed of a committed transaction (messages sent with
+/// `NLM_F_ECHO`): one `NFT_MSG_NEW*`/`NFT_MSG_DEL*` message per object the
+/// commit created, changed or deleted, in commit order, as the kernel holds
+/// the object (see [`ffi::WithoutAck`]).
+pub struct Echo {
+    datagrams: Vec<(AlignedBuffer, usize)>,
+    /// The sequence numbers of the transaction's object messages: an echo
+    /// carries the number of the message that caused it.
+    seqs: std::ops::Range<u32>,
+}
+
+impl Echo {
+    /// The echoed messages, in the order the kernel sent them, each a whole
+    /// netlink message aligned for libnftnl's parsers.
+    pub fn messages(&self) -> impl Iterator<Item = &[u8]> {
+        self.datagrams.iter().flat_map(move |(buffer, len)| {
+            mnl::NlMessages::new(&buffer.bytes()[..*len])
+                .filter_map(Result::ok)
+                .filter(move |message| {
+                    Header::read(message).is_some_and(|h| {
+                        self.seqs.contains(&h.seq)
+                            && !matches!(i32::from(h.kind), libc::NLMSG_ERROR | libc::NLMSG_DONE)
+                    })
+                })
+        })
+    }
+
+    /// The nf_tables message type of an echoed message (`NFT_MSG_NEWRULE`, ...).
+    pub fn kind(message: &[u8]) -> Option<u16> {
+        Header::read(message).map(|h| h.kind & 0xff)
     }
 }
 
@@ -280,6 +333,12 @@ fn receive_acknowledgement(fd: i32, buffer: &mut AlignedBuffer, flags: i32) -> i
 const MIN_SOCKET_RECEIVE_BUFFER: usize = 4 << 20;
 /// Bytes of receive buffer accounted per acknowledgement (skb truesize of a small message).
 const RECEIVE_BUFFER_PER_ACK: usize = 2048;
+/// Bytes of receive buffer accounted per byte of an echoed batch: an echoed
+/// object is about as long as its message (the kernel adds its handle), and
+/// notifications are packed into skbs of `NLMSG_GOODSIZE` whose truesize is
+/// larger. Too small a buffer only loses the echo (ENOBUFS), which the
+/// caller then replaces by reading the table.
+const ECHO_BYTES_PER_BATCH_BYTE: usize = 4;
 
 /// A netfilter netlink socket in the namespace of the thread that opened it.
 pub struct Netlink {
@@ -367,20 +426,28 @@ impl Netlink {
     /// Send `transaction` as one batch and wait for the kernel's verdict.
     /// On any error the kernel has aborted the whole transaction.
     pub fn commit(&mut self, transaction: Transaction) -> Result<(), Error> {
+        self.send_batch(transaction, Commit::Commit).map(drop)
+    }
+
+    /// [`Netlink::commit`], returning what the kernel echoed of a transaction
+    /// built with [`Transaction::echoed`]. Lost answers (`AcksLost`) mean a
+    /// lost echo too.
+    pub fn commit_echoed(&mut self, transaction: Transaction) -> Result<Echo, Error> {
         self.send_batch(transaction, Commit::Commit)
     }
 
     /// Send `transaction` as one batch without its end, so the kernel checks
     /// every message and then aborts: nothing changes.
     pub fn check(&mut self, transaction: Transaction) -> Result<(), Error> {
-        self.send_batch(transaction, Commit::CheckOnly)
+        self.send_batch(transaction, Commit::CheckOnly).map(drop)
     }
 
-    fn send_batch(&mut self, transaction: Transaction, mode: Commit) -> Result<(), Error> {
+    fn send_batch(&mut self, transaction: Transaction, mode: Commit) -> Result<Echo, Error> {
         let Transaction {
             batch,
             objects,
             generation,
+            echo,
         } = transaction;
         let batch: FinalizedBatch = batch.finalize();
         let seqs = batch.sequence_numbers();
@@ -420,10 +487,17 @@ impl Netlink {
             .map_err(Error::Socket)?;
             self.send_buffer = total + 4096;
         }
-        // Answers: batch begin and end, plus one per failed message at most.
+        // Answers: batch begin and end, plus one per failed message at most;
+        // and an echo of every object but set elements.
         let acks_expected = objects.len() + 2;
-        if acks_expected * RECEIVE_BUFFER_PER_ACK > self.receive_buffer {
-            self.receive_buffer = acks_expected * RECEIVE_BUFFER_PER_ACK;
+        let echo_bytes = if echo {
+            total * ECHO_BYTES_PER_BATCH_BYTE
+        } else {
+            0
+        };
+        let needed = acks_expected * RECEIVE_BUFFER_PER_ACK + echo_bytes;
+        if needed > self.receive_buffer {
+            self.receive_buffer = needed;
             set_buffer(
                 &self.socket,
                 libc::SO_RCVBUFFORCE,
@@ -432,11 +506,16 @@ impl Netlink {
             )
             .map_err(Error::Socket)?;
         }
+        // Every batch numbers its messages from 1, so an answer left queued
+        // by an earlier one (anything the kernel sent after the batch end's
+        // acknowledgement, where `drain` stops) would pass for an answer to
+        // this one: it is dropped first.
+        self.discard_pending()?;
         self.send_pages(&pages, total)?;
 
         // The kernel acknowledges the batch end last, after every other answer.
         let last = (framed && mode == Commit::Commit).then_some(end_seq);
-        let (acks, overrun) = self.drain(last)?;
+        let (acks, overrun, datagrams) = self.drain(last, echo)?;
         let describe = |seq: u32| -> String {
             if seq >= first_object_seq && ((seq - first_object_seq) as usize) < objects.len() {
                 objects[(seq - first_object_seq) as usize].to_string()
@@ -473,6 +552,10 @@ impl Netlink {
         if overrun {
             return Err(Error::AcksLost);
         }
+        let echoed = Echo {
+            datagrams,
+            seqs: first_object_seq..first_object_seq + objects.len() as u32,
+        };
         // Object messages carry no NLM_F_ACK, so success is silent. When the
         // kernel acknowledges the batch end, that answer proves it processed
         // and committed the whole batch; older kernels only report failures.
@@ -481,7 +564,7 @@ impl Netlink {
                 first: describe(end_seq),
             });
         }
-        Ok(())
+        Ok(echoed)
     }
 
     fn send_pages(&self, pages: &[&[u8]], total: usize) -> Result<(), Error> {
@@ -516,12 +599,38 @@ impl Netlink {
         Ok(())
     }
 
+    /// Drop every datagram queued on the socket, without waiting.
+    fn discard_pending(&mut self) -> Result<(), Error> {
+        let fd = self.socket.as_raw_fd();
+        let buffer = self
+            .acks
+            .get_or_insert_with(|| AlignedBuffer::zeroed(ACK_BUFFER_LEN));
+        loop {
+            match receive_datagram(fd, buffer, libc::MSG_DONTWAIT) {
+                Ok(_) => {}
+                Err(err) => match err.raw_os_error() {
+                    Some(libc::EAGAIN) => return Ok(()),
+                    Some(libc::EINTR | libc::ENOBUFS) => {}
+                    _ => return Err(Error::Receive(err)),
+                },
+            }
+        }
+    }
+
     /// Receive everything queued on the socket without waiting: the answers
     /// to a batch are all queued before `sendmsg` returns. Stops early once
     /// the answer numbered `last` is in, since nothing follows it. Returns
-    /// the acknowledgements and whether the receive queue overflowed (ENOBUFS).
-    fn drain(&mut self, last: Option<u32>) -> Result<(Vec<Ack>, bool), Error> {
+    /// the acknowledgements, whether the receive queue overflowed (ENOBUFS),
+    /// and, with `keep_echo`, a copy of every datagram that held anything else
+    /// (the echo of the transaction).
+    #[allow(clippy::type_complexity)]
+    fn drain(
+        &mut self,
+        last: Option<u32>,
+        keep_echo: bool,
+    ) -> Result<(Vec<Ack>, bool, Vec<(AlignedBuffer, usize)>), Error> {
         let mut acks = Vec::new();
+        let mut echoed = Vec::new();
         let mut overrun = false;
         let fd = self.socket.as_raw_fd();
         let buffer = self
@@ -541,18 +650,27 @@ impl Netlink {
                 },
             };
             let mut complete = false;
+            let mut other = false;
             for message in mnl::NlMessages::new(&buffer.bytes()[..n]) {
                 let message = message.map_err(Error::Receive)?;
-                if let Some(ack) = parse_ack(message) {
-                    complete |= Some(ack.seq) == last;
-                    acks.push(ack);
+                match parse_ack(message) {
+                    Some(ack) => {
+                        complete |= Some(ack.seq) == last;
+                        acks.push(ack);
+                    }
+                    None => other = true,
                 }
+            }
+            if other && keep_echo {
+                let mut copy = AlignedBuffer::zeroed(n);
+                copy.bytes_mut()[..n].copy_from_slice(&buffer.bytes()[..n]);
+                echoed.push((copy, n));
             }
             if complete {
                 break;
             }
         }
-        Ok((acks, overrun))
+        Ok((acks, overrun, echoed))
     }
 
     /// Send `request` and hand every answer message to `each`. Returns

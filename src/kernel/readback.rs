@@ -22,7 +22,7 @@ use serde::Serialize;
 use super::elements::{self, describe_raw};
 use super::ffi::{self, ParsedExpr, ParsedSet, RawElement, Reference, Request};
 use super::generation;
-use super::netlink::Netlink;
+use super::netlink::{Echo, Netlink};
 use super::{Error, batch, table_name};
 use crate::ruleset::{ChainKind, Ruleset, SetRole, TABLE_NAME};
 
@@ -52,6 +52,20 @@ pub struct KernelSet {
 }
 
 impl KernelSet {
+    /// A set as listed, under its kernel name, its elements not read yet.
+    fn listed(set: ParsedSet) -> KernelSet {
+        KernelSet {
+            name: set.name.clone(),
+            kernel_name: set.name,
+            flags: set.flags,
+            key_type: set.key_type,
+            key_len: set.key_len,
+            elements: Vec::new(),
+            elements_read: false,
+            verified_as: None,
+        }
+    }
+
     pub fn interval(&self) -> bool {
         self.flags & libc::NFT_SET_INTERVAL as u32 != 0
     }
@@ -92,6 +106,27 @@ pub struct KernelChain {
     /// The chain's comment: a generation's chains carry the policy digest.
     pub comment: Option<String>,
     pub rules: Vec<KernelRule>,
+}
+
+impl KernelChain {
+    /// A chain as listed, under its kernel name, its rules not read yet.
+    fn listed(chain: ffi::ParsedChain) -> KernelChain {
+        let comment = ffi::udata_find(
+            &chain.userdata,
+            nftnl::nftnl_sys::NFTNL_UDATA_CHAIN_COMMENT as u8,
+        )
+        .map(ffi::udata_string);
+        KernelChain {
+            name: chain.name.clone(),
+            kernel_name: chain.name,
+            hook: chain.hook,
+            priority: chain.priority,
+            policy: chain.policy,
+            chain_type: chain.chain_type,
+            comment,
+            rules: Vec::new(),
+        }
+    }
 }
 
 /// The table as the kernel holds it. Anonymous sets are left out: they belong to their rules.
@@ -244,6 +279,27 @@ pub fn read_table(netlink: &mut Netlink, detail: Detail) -> Result<Snapshot, Err
 
 /// Read the table, consistently, with the elements `plan` asks for.
 pub fn read_table_with(netlink: &mut Netlink, plan: &ElementPlan) -> Result<Snapshot, Error> {
+    read(netlink, plan, Confirm::Yes)
+}
+
+/// Read the table with the elements `plan` asks for, to build a transaction
+/// that carries the snapshot's generation id: the id is read before the
+/// dumps and not confirmed after them, since if anything committed during
+/// the read, the kernel refuses that transaction (`RulesetChanged`), and
+/// the caller reads again. A snapshot whose transaction the kernel accepted
+/// was therefore consistent. Saves one round trip.
+pub fn read_table_to_change(netlink: &mut Netlink, plan: &ElementPlan) -> Result<Snapshot, Error> {
+    read(netlink, plan, Confirm::No)
+}
+
+/// Whether a reading confirms the generation id after its dumps.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Confirm {
+    Yes,
+    No,
+}
+
+fn read(netlink: &mut Netlink, plan: &ElementPlan, confirm: Confirm) -> Result<Snapshot, Error> {
     for _ in 0..READ_ATTEMPTS {
         let before = generation_id(netlink)?;
         let (table, interrupted) = match read_table_once(netlink)? {
@@ -264,7 +320,7 @@ pub fn read_table_with(netlink: &mut Netlink, plan: &ElementPlan) -> Result<Snap
             }
             None => (None, false),
         };
-        if !interrupted && generation_id(netlink)? == before {
+        if !interrupted && (confirm == Confirm::No || generation_id(netlink)? == before) {
             return Ok(Snapshot {
                 genid: before,
                 table,
@@ -285,7 +341,7 @@ struct RawTable {
 }
 
 /// Read the elements of `set` into it. Returns whether the dump was interrupted.
-fn read_elements(netlink: &mut Netlink, set: &mut KernelSet) -> Result<bool, Error> {
+pub fn read_elements(netlink: &mut Netlink, set: &mut KernelSet) -> Result<bool, Error> {
     let table = table_name();
     let name = std::ffi::CString::new(set.kernel_name.clone()).map_err(|_| malformed("set"))?;
     let mut elements = Vec::new();
@@ -343,48 +399,55 @@ fn read_table_once(netlink: &mut Netlink) -> Result<Option<(RawTable, bool)>, Er
         Err(Error::NoTable) => return Ok(Some((RawTable::default(), true))),
         Err(err) => return Err(err),
     };
-    let sets = sets
-        .into_iter()
-        .map(|set| KernelSet {
-            name: set.name.clone(),
-            kernel_name: set.name,
-            flags: set.flags,
-            key_type: set.key_type,
-            key_len: set.key_len,
-            elements: Vec::new(),
-            elements_read: false,
-            verified_as: None,
-        })
-        .collect();
+    let sets = sets.into_iter().map(KernelSet::listed).collect();
 
     let mut chains = Vec::new();
     let answer = netlink.dump(Request::Chains, &table, &mut |message| {
         let chain = ffi::parse_chain(message).ok_or_else(|| malformed("chain"))?;
         if chain.table == TABLE_NAME && chain.family == libc::NFPROTO_INET as u32 {
-            let comment = ffi::udata_find(
-                &chain.userdata,
-                nftnl::nftnl_sys::NFTNL_UDATA_CHAIN_COMMENT as u8,
-            )
-            .map(ffi::udata_string);
-            chains.push(KernelChain {
-                name: chain.name.clone(),
-                kernel_name: chain.name,
-                hook: chain.hook,
-                priority: chain.priority,
-                policy: chain.policy,
-                chain_type: chain.chain_type,
-                comment,
-                rules: Vec::new(),
-            });
+            chains.push(KernelChain::listed(chain));
         }
         Ok(())
     })?;
     interrupted |= dump_result(answer, "the chains")?;
 
-    // Only the rules of the chains the base chains reach are read, chain by
-    // chain, following jumps: those are the policy in force. The rules of
-    // other chains (what is left of other generations) decide no packet and
-    // are never compared; about half of the table's rules during an apply.
+    // A table with the regular chains of one generation at most (what an
+    // apply leaves) is read in one rule dump: every chain's rules are the
+    // policy in force, or nearly. Otherwise (right after a swap, both
+    // generations are there) only the rules of the chains the base chains
+    // reach are read, chain by chain, following jumps: the rules of other
+    // chains decide no packet and are never compared.
+    let generations: BTreeSet<u32> = chains
+        .iter()
+        .filter(|c| c.hook.is_none())
+        .filter_map(|c| generation::split(&c.kernel_name).map(|(_, g)| g))
+        .collect();
+    if generations.len() <= 1 {
+        let mut stray = None;
+        let answer = netlink.dump(Request::Rules, &table, &mut |message| {
+            let rule = ffi::parse_rule(message).ok_or_else(|| malformed("rule"))?;
+            let chain = chains.iter_mut().find(|c| {
+                rule.table == TABLE_NAME
+                    && rule.family == libc::NFPROTO_INET as u32
+                    && c.kernel_name == rule.chain
+            });
+            match chain {
+                Some(chain) => chain.rules.push(kernel_rule(rule)),
+                None => stray = Some(rule.chain),
+            }
+            Ok(())
+        })?;
+        // A rule of a chain created since the chains were listed: read again.
+        interrupted |= dump_result(answer, "the rules")? || stray.is_some();
+        return Ok(Some((
+            RawTable {
+                comment,
+                sets,
+                chains,
+            },
+            interrupted,
+        )));
+    }
     let mut queue: Vec<usize> = (0..chains.len())
         .filter(|&i| chains[i].hook.is_some())
         .collect();
@@ -403,16 +466,7 @@ fn read_table_once(netlink: &mut Netlink) -> Result<Option<(RawTable, bool)>, Er
                 stray = true;
                 return Ok(());
             }
-            let id = ffi::udata_find(
-                &rule.userdata,
-                nftnl::nftnl_sys::NFTNL_UDATA_RULE_COMMENT as u8,
-            )
-            .map(ffi::udata_string);
-            chain.rules.push(KernelRule {
-                id,
-                handle: rule.handle,
-                expressions: rule.expressions,
-            });
+            chain.rules.push(kernel_rule(rule));
             Ok(())
         })?;
         if stray {
@@ -441,6 +495,163 @@ fn read_table_once(netlink: &mut Netlink) -> Result<Option<(RawTable, bool)>, Er
         },
         interrupted,
     )))
+}
+
+/// The table after committed transactions, composed from `before` (the
+/// table as it was at the ruleset generation id the first of them carried)
+/// and what the kernel echoed of each (see `netlink::Echo`), or `None` if
+/// the echo does not tell the whole policy in force.
+///
+/// Why this is the table the kernel holds: each transaction carried the
+/// generation id the previous one left (`NFNL_BATCH_GENID`), so the kernel
+/// committed the first onto exactly `before`, and nothing else committed in
+/// between; and each commit echoed every object it created, changed or
+/// deleted, encoded by the same `nf_tables_fill_*` functions as a dump,
+/// from the objects as committed. A new chain starts empty and holds the
+/// rules echoed for it, in order (rules are appended); a base chain holds
+/// what `before` read minus the echoed deletions plus the echoed additions.
+/// The comparison with the model that follows is the same as after a dump:
+/// a chain reached that the model does not have, a lookup into another set,
+/// a missing element all show.
+///
+/// What the echo cannot tell makes this `None`, and the caller reads the
+/// table instead: a chain reached whose rules `before` did not read (a
+/// leftover of another generation), a change to an object `before` does
+/// not know, an echo it cannot parse, a table not written in generations.
+/// The elements of the sets created are not echoed: those sets come back
+/// with `elements_read` false, for the caller to read.
+pub fn compose(before: Option<&KernelTable>, echoes: &[&Echo]) -> Option<KernelTable> {
+    let mut raw = RawTable::default();
+    // Chains whose every rule is known: read in `before`, or created in the echo.
+    let mut rules_known: BTreeSet<String> = BTreeSet::new();
+    if let Some(before) = before {
+        before.generation?;
+        for chain in &before.chains {
+            rules_known.insert(chain.kernel_name.clone());
+            raw.chains.push(KernelChain {
+                name: chain.kernel_name.clone(),
+                ..chain.clone()
+            });
+        }
+        for chain in &before.leftover_chains {
+            raw.chains.push(KernelChain {
+                name: chain.kernel_name.clone(),
+                rules: Vec::new(),
+                ..chain.clone()
+            });
+        }
+        for set in before.sets.iter().chain(&before.leftover_sets) {
+            raw.sets.push(KernelSet {
+                name: set.kernel_name.clone(),
+                ..set.clone()
+            });
+        }
+    }
+    let ours =
+        |table: &str, family: u32| table == TABLE_NAME && family == libc::NFPROTO_INET as u32;
+    for message in echoes.iter().flat_map(|echo| echo.messages()) {
+        match i32::from(Echo::kind(message)?) {
+            // The table itself: created (there was none before) or unchanged.
+            libc::NFT_MSG_NEWTABLE | libc::NFT_MSG_NEWGEN => {}
+            libc::NFT_MSG_NEWCHAIN => {
+                let chain = ffi::parse_chain(message)?;
+                if !ours(&chain.table, chain.family) {
+                    return None;
+                }
+                let chain = KernelChain::listed(chain);
+                match raw.chains.iter_mut().find(|c| c.kernel_name == chain.name) {
+                    // An update (a base chain's policy): the echo is the chain as committed.
+                    Some(existing) => {
+                        existing.hook = chain.hook.or(existing.hook);
+                        existing.priority = chain.priority.or(existing.priority);
+                        existing.policy = chain.policy.or(existing.policy);
+                        existing.chain_type = chain.chain_type.or(existing.chain_type.take());
+                        existing.comment = chain.comment.or(existing.comment.take());
+                    }
+                    None => {
+                        rules_known.insert(chain.name.clone());
+                        raw.chains.push(chain);
+                    }
+                }
+            }
+            libc::NFT_MSG_DELCHAIN => {
+                let chain = ffi::parse_chain(message)?;
+                raw.chains.retain(|c| c.kernel_name != chain.name);
+                rules_known.remove(&chain.name);
+            }
+            libc::NFT_MSG_NEWRULE | libc::NFT_MSG_DELRULE => {
+                let rule = ffi::parse_rule(message)?;
+                if !ours(&rule.table, rule.family) {
+                    return None;
+                }
+                let known = rules_known.contains(&rule.chain);
+                let chain = raw
+                    .chains
+                    .iter_mut()
+                    .find(|c| c.kernel_name == rule.chain)?;
+                if i32::from(Echo::kind(message)?) == libc::NFT_MSG_DELRULE {
+                    let count = chain.rules.len();
+                    chain.rules.retain(|r| r.handle != rule.handle);
+                    if known && chain.rules.len() == count {
+                        return None;
+                    }
+                } else if known {
+                    chain.rules.push(kernel_rule(rule));
+                }
+            }
+            libc::NFT_MSG_NEWSET => {
+                let set = ffi::parse_set(message)?;
+                if !ours(&set.table, set.family) {
+                    return None;
+                }
+                if set.flags & libc::NFT_SET_ANONYMOUS as u32 != 0 {
+                    continue;
+                }
+                if raw.sets.iter().any(|s| s.kernel_name == set.name) {
+                    return None;
+                }
+                // The kernel (6.18) echoes no element added to a set
+                // created in the same transaction, so a new set's elements
+                // are unknown here (`elements_read` false: the caller reads them).
+                raw.sets.push(KernelSet::listed(set));
+            }
+            libc::NFT_MSG_DELSET => {
+                let set = ffi::parse_set(message)?;
+                raw.sets.retain(|s| s.kernel_name != set.name);
+            }
+            libc::NFT_MSG_NEWSETELEM => {
+                let (name, elements) = ffi::parse_elements(message)?;
+                match raw.sets.iter_mut().find(|s| s.kernel_name == name) {
+                    Some(set) if set.elements_read => set.elements.extend(elements),
+                    // Elements of a set whose elements are not compared (a
+                    // DNS-derived set), or of an anonymous set.
+                    Some(_) => {}
+                    None if name.starts_with("__set") => {}
+                    None => return None,
+                }
+            }
+            _ => return None,
+        }
+    }
+    let table = in_force(raw);
+    table
+        .chains
+        .iter()
+        .all(|c| rules_known.contains(&c.kernel_name))
+        .then_some(table)
+}
+
+/// A rule as read, with its comment as its id.
+fn kernel_rule(rule: ffi::ParsedRule) -> KernelRule {
+    KernelRule {
+        id: ffi::udata_find(
+            &rule.userdata,
+            nftnl::nftnl_sys::NFTNL_UDATA_RULE_COMMENT as u8,
+        )
+        .map(ffi::udata_string),
+        handle: rule.handle,
+        expressions: rule.expressions,
+    }
 }
 
 /// The chains a chain's rules jump or go to, by kernel name.
