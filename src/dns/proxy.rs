@@ -34,7 +34,7 @@ use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinHandle;
 
 use crate::dns::answer::{AnswerAddress, MAX_ADDRESSES_PER_NAME, answer_ttl, extract_addresses};
-use crate::dns::cache::{AnswerCache, CacheKey, CachedAnswer};
+use crate::dns::cache::{AnswerCache, CacheKey, CachedAnswer, ReplyTemplate};
 use crate::dns::learn::{AddressSink, learned_for};
 use crate::dns::names::{AllowedNames, normalize_query_name};
 use crate::dns::origins::AddressOrigins;
@@ -321,6 +321,83 @@ impl Proxy {
             },
             1,
         );
+        if let Some(query) = PlainQuery::parse(packet)
+            && let Some(reply) = self.answer_hit(packet, query, transport).await
+        {
+            return reply;
+        }
+        self.handle_message(packet, transport).await
+    }
+
+    /// A plain query for an allowed name whose answer is in the cache,
+    /// answered from the cached answer's [`ReplyTemplate`] without decoding
+    /// the query into a [`Message`] or encoding the reply record by record.
+    /// The reply is the one [`Proxy::handle_message`] gives (the unit tests
+    /// compare them). `None` if it is not such a query: nothing was counted
+    /// but the query itself, and the full path answers it.
+    async fn answer_hit(
+        &self,
+        packet: &[u8],
+        query: PlainQuery<'_>,
+        transport: Transport,
+    ) -> Option<Option<Vec<u8>>> {
+        let names = self.names();
+        let bindings = names.matching(&query.key.name);
+        if bindings.is_empty() {
+            return None;
+        }
+        let now = Instant::now();
+        let hit = self.cache.get_counting_hits(&query.key, now)?;
+        bump(&self.counters.cache_hits, 1);
+        if !self
+            .learn(&query.key.name, &bindings, &hit.addresses_at(now))
+            .await
+        {
+            return Some(self.decoded(packet, |query| {
+                encode(&reply_to(query, ResponseCode::ServFail))
+            }));
+        }
+        let opt = query.edns.map(|edns| reply_opt(edns.dnssec_ok));
+        let limit = query
+            .edns
+            .map_or(CLASSIC_UDP_PAYLOAD, |edns| usize::from(edns.max_payload));
+        let template = hit.reply_template(reply_template).filter(|template| {
+            let length = opt.map_or(0, |opt| opt.len()) + template.len();
+            same_question(template.question(), query.question)
+                && (transport == Transport::Tcp || length <= limit)
+        });
+        let Some(template) = template else {
+            // No template, or an answer to truncate: encode it in full.
+            return Some(self.decoded(packet, |query| {
+                let reply = encode(&cached_reply(query, hit.message_at(now)))?;
+                Some(self.fit(reply, query, transport))
+            }));
+        };
+        Some(Some(template.reply(
+            query.id,
+            query.recursion_desired,
+            query.question,
+            hit.elapsed_secs(now),
+            opt.as_ref().map(|opt| &opt[..]),
+        )))
+    }
+
+    /// `reply` applied to `packet` decoded as a [`Message`]; only called for
+    /// packets [`PlainQuery::parse`] accepted, which always decode.
+    fn decoded(
+        &self,
+        packet: &[u8],
+        reply: impl FnOnce(&Message) -> Option<Vec<u8>>,
+    ) -> Option<Vec<u8>> {
+        match Message::from_vec(packet) {
+            Ok(query) => reply(&query),
+            Err(_) => self.drop_malformed(packet.len(), "not a DNS message"),
+        }
+    }
+
+    /// The full path: the query decoded into a [`Message`], the reply
+    /// encoded from one.
+    async fn handle_message(&self, packet: &[u8], transport: Transport) -> Option<Vec<u8>> {
         let Ok(query) = Message::from_vec(packet) else {
             return self.drop_malformed(packet.len(), "not a DNS message");
         };
@@ -776,6 +853,151 @@ fn cached_reply(query: &Message, cached: Message) -> Message {
     reply
 }
 
+/// The reply template of a cached answer: the reply [`cached_reply`] gives
+/// a query with the answer's own question, id 0, RD clear and no EDNS.
+/// `None` (hits are then encoded in full) for an answer whose reply would
+/// not be that plus the patches of [`ReplyTemplate::reply`]: one with a TSIG
+/// record (its TTL is not lowered with the others) or an extended RCODE
+/// (carried in the OPT record, RFC 6891 §6.1.3).
+fn reply_template(cached: &Message) -> Option<ReplyTemplate> {
+    if cached.signature.is_some() || cached.metadata.response_code.high() != 0 {
+        return None;
+    }
+    let mut query = Message::new(0, MessageType::Query, OpCode::Query);
+    query.add_queries(cached.queries.iter().cloned());
+    ReplyTemplate::new(encode(&cached_reply(&query, cached.clone()))?)
+}
+
+/// The OPT record [`reply_edns`] encodes to in a reply with RCODE below 16:
+/// root owner, type OPT (41), the UDP payload size as class, extended RCODE
+/// and version 0, the DO bit as asked, no options (RFC 6891 §6.1.2-§6.1.3).
+fn reply_opt(dnssec_ok: bool) -> [u8; 11] {
+    let [high, low] = UPSTREAM_EDNS_PAYLOAD.to_be_bytes();
+    let do_bit = if dnssec_ok { 0x80 } else { 0 };
+    [0, 0, 41, high, low, 0, 0, do_bit, 0, 0, 0]
+}
+
+/// Whether two encoded questions ask the same: the same name but for
+/// letter case (RFC 4343), and the same type and class.
+fn same_question(a: &[u8], b: &[u8]) -> bool {
+    // Label lengths are at most 63, below b'A', so case folding only ever
+    // touches label bytes; type and class are compared exactly.
+    a.len() == b.len()
+        && a.len() >= 4
+        && a[..a.len() - 4].eq_ignore_ascii_case(&b[..b.len() - 4])
+        && a[a.len() - 4..] == b[b.len() - 4..]
+}
+
+/// A query in the form stub resolvers send, read straight from the wire
+/// for the cache-hit path: QUERY opcode, one question of class IN with a
+/// name of letters, digits, `-` and `_` and no compression, nothing but an
+/// OPT record without options after it, CD clear, not ANY. Every packet it
+/// accepts also decodes as a [`Message`] with the same meaning, and
+/// `normalize_query_name` and `cache_key` give that message the same name
+/// and key as here.
+#[derive(Debug)]
+struct PlainQuery<'a> {
+    id: u16,
+    recursion_desired: bool,
+    /// The question as received: name, type and class.
+    question: &'a [u8],
+    key: CacheKey,
+    edns: Option<PlainEdns>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct PlainEdns {
+    /// The UDP payload size the client accepts, at least 512 (RFC 6891 §6.2.3).
+    max_payload: u16,
+    dnssec_ok: bool,
+}
+
+impl<'a> PlainQuery<'a> {
+    /// The longest name accepted here (the limit is 255 octets, RFC 1035
+    /// §3.1; longer ones are left to the decoder, which rejects them).
+    const MAX_NAME: usize = 250;
+
+    fn parse(packet: &'a [u8]) -> Option<Self> {
+        let header = packet.get(..12)?;
+        let count = |at: usize| u16::from_be_bytes([header[at], header[at + 1]]);
+        // QR (0x80) clear and OPCODE (0x78) QUERY; CD (0x10) clear.
+        if header[2] & 0xF8 != 0 || header[3] & 0x10 != 0 {
+            return None;
+        }
+        if count(4) != 1 || count(6) != 0 || count(8) != 0 || count(10) > 1 {
+            return None;
+        }
+        let mut name = String::new();
+        let mut at = 12;
+        loop {
+            let length = usize::from(*packet.get(at)?);
+            if length == 0 {
+                at += 1;
+                break;
+            }
+            // Above 63: a compression pointer or a reserved label type.
+            if length > 63 {
+                return None;
+            }
+            let label = packet.get(at + 1..at + 1 + length)?;
+            if !label
+                .iter()
+                .all(|b| b.is_ascii_alphanumeric() || *b == b'-' || *b == b'_')
+            {
+                return None;
+            }
+            if !name.is_empty() {
+                name.push('.');
+            }
+            name.extend(label.iter().map(|b| char::from(b.to_ascii_lowercase())));
+            at += 1 + length;
+        }
+        if name.is_empty() || at - 12 > Self::MAX_NAME {
+            return None;
+        }
+        let fixed = packet.get(at..at + 4)?;
+        let record_type = u16::from_be_bytes([fixed[0], fixed[1]]);
+        let class = u16::from_be_bytes([fixed[2], fixed[3]]);
+        if class != u16::from(DNSClass::IN) || record_type == u16::from(RecordType::ANY) {
+            return None;
+        }
+        let question = &packet[12..at + 4];
+        at += 4;
+        let edns = if count(10) == 1 {
+            // Owner (root), TYPE, CLASS (payload), TTL (extended RCODE,
+            // version, flags), RDLENGTH (no options).
+            let opt = packet.get(at..at + 11)?;
+            if opt[0] != 0
+                || u16::from_be_bytes([opt[1], opt[2]]) != u16::from(RecordType::OPT)
+                || opt[9..11] != [0, 0]
+            {
+                return None;
+            }
+            at += 11;
+            Some(PlainEdns {
+                max_payload: u16::from_be_bytes([opt[3], opt[4]]).max(512),
+                dnssec_ok: opt[7] & 0x80 != 0,
+            })
+        } else {
+            None
+        };
+        if at != packet.len() {
+            return None;
+        }
+        Some(PlainQuery {
+            id: u16::from_be_bytes([header[0], header[1]]),
+            recursion_desired: header[2] & 0x01 != 0,
+            question,
+            key: CacheKey {
+                name,
+                record_type: RecordType::from(record_type),
+                dnssec_ok: edns.is_some_and(|edns| edns.dnssec_ok),
+            },
+            edns,
+        })
+    }
+}
+
 fn encode(message: &Message) -> Option<Vec<u8>> {
     match message.to_vec() {
         Ok(wire) => Some(wire),
@@ -842,6 +1064,401 @@ mod tests {
         let mut with_edns = plain.clone();
         with_edns.set_edns(Edns::new());
         assert!(reply_to(&with_edns, ResponseCode::Refused).edns.is_some());
+    }
+
+    // ------------------------------------------------ the cache-hit path
+
+    use hickory_proto::rr::rdata::{A, CNAME, SOA};
+    use hickory_proto::rr::{RData, Record};
+
+    use crate::dns::learn::RecordingSink;
+    use crate::dns::names::tests::binding;
+    use crate::policy::{Ports, Target};
+
+    /// A proxy allowing `*.example.org`, with an upstream it never reaches
+    /// in these tests (every query they send is a hit or refused).
+    fn hit_proxy(sink: Arc<RecordingSink>) -> Proxy {
+        let names = AllowedNames::new(vec![binding(
+            Target::Wildcard("example.org".into()),
+            Ports::Any,
+        )]);
+        Proxy::new(
+            ProxyConfig::new(vec!["127.0.0.1:9".parse().unwrap()]),
+            names,
+            sink,
+            Arc::new(AnswerCache::default()),
+            Arc::new(AddressOrigins::default()),
+        )
+        .unwrap()
+    }
+
+    /// An upstream answer as the proxy caches it (decoded from the wire):
+    /// a CNAME chain, `addresses` A records, an SOA in the authority
+    /// section with a shorter TTL and an A record in the additional one.
+    fn upstream_answer(qname: &str, addresses: u8) -> Message {
+        let name = |text: &str| Name::from_ascii(text).unwrap();
+        let mut answer = Message::response(0x4242, OpCode::Query);
+        answer.metadata.recursion_desired = true;
+        answer.metadata.recursion_available = true;
+        answer.add_query(Query::query(name(qname), RecordType::A));
+        answer.add_answer(Record::from_rdata(
+            name(qname),
+            600,
+            RData::CNAME(CNAME(name("edge.example.org."))),
+        ));
+        for i in 0..addresses {
+            answer.add_answer(Record::from_rdata(
+                name("edge.example.org."),
+                300,
+                RData::A(A::new(192, 0, 2, i)),
+            ));
+        }
+        answer.add_authority(Record::from_rdata(
+            name("example.org."),
+            40,
+            RData::SOA(SOA::new(
+                name("ns.example.org."),
+                name("hostmaster.example.org."),
+                1,
+                7_200,
+                900,
+                1_209_600,
+                60,
+            )),
+        ));
+        answer.add_additional(Record::from_rdata(
+            name("ns.example.org."),
+            3_600,
+            RData::A(A::new(198, 51, 100, 1)),
+        ));
+        Message::from_vec(&answer.to_vec().unwrap()).unwrap()
+    }
+
+    fn cache_answer(proxy: &Proxy, qname: &str, addresses: u8, dnssec_ok: bool, age: Duration) {
+        let message = upstream_answer(qname, addresses);
+        let extracted = extract_addresses(&message, &message.queries[0].name().clone(), 32);
+        let ttl = answer_ttl(&message).unwrap();
+        proxy.cache.insert(
+            CacheKey {
+                name: normalize_query_name(message.queries[0].name()).unwrap(),
+                record_type: RecordType::A,
+                dnssec_ok,
+            },
+            CachedAnswer::new(message, extracted.addresses, ttl, Instant::now() - age),
+        );
+    }
+
+    fn client_query(id: u16, qname: &str, rd: bool, edns: Option<(u16, bool)>) -> Vec<u8> {
+        let mut message = Message::new(id, MessageType::Query, OpCode::Query);
+        message.metadata.recursion_desired = rd;
+        message.add_query(Query::query(
+            Name::from_ascii(qname).unwrap(),
+            RecordType::A,
+        ));
+        if let Some((payload, dnssec_ok)) = edns {
+            let mut edns = Edns::new();
+            edns.set_max_payload(payload);
+            edns.set_dnssec_ok(dnssec_ok);
+            message.set_edns(edns);
+        }
+        message.to_vec().unwrap()
+    }
+
+    fn block_on<T>(future: impl std::future::Future<Output = T>) -> T {
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+            .block_on(future)
+    }
+
+    /// The reply of the hit path and of the full path to `packet`, and
+    /// whether the hit path answered it (rather than passing it on).
+    fn both_replies(
+        proxy: &Proxy,
+        packet: &[u8],
+        transport: Transport,
+    ) -> (Vec<u8>, Vec<u8>, bool) {
+        block_on(async {
+            let plain = PlainQuery::parse(packet).expect("a plain query");
+            let fast = proxy.answer_hit(packet, plain, transport).await;
+            let answered = fast.is_some();
+            let fast = match fast {
+                Some(reply) => reply,
+                None => proxy.handle_message(packet, transport).await,
+            };
+            let full = proxy.handle_message(packet, transport).await;
+            (fast.expect("an answer"), full.expect("an answer"), answered)
+        })
+    }
+
+    #[test]
+    fn a_patched_cached_reply_is_the_encoded_one() {
+        let proxy = hit_proxy(Arc::new(RecordingSink::new()));
+        // Cached 100 s ago: the SOA (TTL 40) is down to 0, the rest lowered.
+        cache_answer(
+            &proxy,
+            "www.example.org.",
+            3,
+            false,
+            Duration::from_secs(100),
+        );
+        cache_answer(&proxy, "www.example.org.", 3, true, Duration::from_secs(7));
+        for (id, rd, edns) in [
+            (0x0001, true, None),
+            (0xbeef, false, None),
+            (0x7777, true, Some((4_096, false))),
+            (0x0000, true, Some((512, true))),
+            (0xffff, false, Some((100, false))),
+        ] {
+            for transport in [Transport::Udp, Transport::Tcp] {
+                let packet = client_query(id, "www.example.org.", rd, edns);
+                let (fast, full, answered) = both_replies(&proxy, &packet, transport);
+                assert!(answered, "answered from the template");
+                assert_eq!(fast, full, "id {id:#x}, RD {rd}, EDNS {edns:?}");
+            }
+        }
+        let reply = Message::from_vec(
+            &both_replies(
+                &proxy,
+                &client_query(1, "www.example.org.", true, None),
+                Transport::Udp,
+            )
+            .0,
+        )
+        .unwrap();
+        let ttls: Vec<u32> = reply
+            .answers
+            .iter()
+            .chain(&reply.authorities)
+            .chain(&reply.additionals)
+            .map(|r| r.ttl)
+            .collect();
+        assert_eq!(ttls, [500, 200, 200, 200, 0, 3_500]);
+    }
+
+    #[test]
+    fn a_hit_in_other_letter_case_echoes_the_question_exactly() {
+        let proxy = hit_proxy(Arc::new(RecordingSink::new()));
+        cache_answer(&proxy, "www.example.org.", 2, false, Duration::from_secs(3));
+        for qname in ["WWW.EXAMPLE.ORG.", "wWw.ExAmPlE.oRg.", "www.example.org"] {
+            let packet = client_query(0x0a0b, qname, true, Some((1_232, false)));
+            let (fast, full, answered) = both_replies(&proxy, &packet, Transport::Udp);
+            assert!(answered);
+            // RFC 1035 §7.3, RFC 5452 §9.1: the question comes back as sent.
+            let question = &packet[12..packet.len() - 11];
+            assert_eq!(&fast[12..12 + question.len()], question, "{qname}");
+            // The rest is the same message; a name compressed against the
+            // question reads the client's case, which DNS does not tell
+            // apart (RFC 4343).
+            let (fast, full) = (
+                Message::from_vec(&fast).unwrap(),
+                Message::from_vec(&full).unwrap(),
+            );
+            assert_eq!(fast, full, "{qname}");
+            assert!(fast.queries[0].name().eq_case(full.queries[0].name()));
+        }
+    }
+
+    #[test]
+    fn an_answer_too_large_for_the_client_is_truncated_as_before() {
+        let proxy = hit_proxy(Arc::new(RecordingSink::new()));
+        // About 30 A records: more than 512 bytes, less than 1,232.
+        cache_answer(&proxy, "big.example.org.", 30, false, Duration::ZERO);
+        for (edns, transport, truncated) in [
+            (None, Transport::Udp, true),
+            (Some((512, false)), Transport::Udp, true),
+            (Some((1_232, false)), Transport::Udp, false),
+            (None, Transport::Tcp, false),
+        ] {
+            let packet = client_query(9, "big.example.org.", true, edns);
+            let (fast, full, _) = both_replies(&proxy, &packet, transport);
+            assert_eq!(fast, full, "EDNS {edns:?} over {transport:?}");
+            assert_eq!(
+                Message::from_vec(&fast).unwrap().metadata.truncation,
+                truncated
+            );
+        }
+        assert_eq!(
+            proxy.stats().truncated,
+            4,
+            "two truncated replies, on each path"
+        );
+    }
+
+    #[test]
+    fn hits_count_and_learn_as_on_the_full_path() {
+        let sink = Arc::new(RecordingSink::new());
+        let proxy = hit_proxy(sink.clone());
+        cache_answer(
+            &proxy,
+            "www.example.org.",
+            2,
+            false,
+            Duration::from_secs(10),
+        );
+        let packet = client_query(5, "www.example.org.", true, None);
+        let before = proxy.cache.stats();
+        block_on(proxy.handle(&packet, Transport::Udp)).expect("an answer");
+        let fast = (proxy.stats(), proxy.cache.stats(), sink.calls());
+        block_on(proxy.handle_message(&packet, Transport::Udp)).expect("an answer");
+        let stats = proxy.stats();
+        assert_eq!((stats.udp_queries, stats.cache_hits), (1, 2));
+        assert_eq!(fast.0.cache_hits, 1);
+        assert_eq!(fast.1.hits - before.hits, 1);
+        assert_eq!(proxy.cache.stats().hits - fast.1.hits, 1);
+        assert_eq!(proxy.cache.stats().misses, before.misses, "no miss counted");
+        // Both learned the same elements, with TTLs lowered by the age.
+        let calls = sink.calls();
+        assert_eq!(calls.len(), 2);
+        assert_eq!(calls[0].batch, calls[1].batch);
+        assert_eq!(fast.2.len(), 1);
+        assert_eq!(
+            proxy
+                .origins()
+                .name_of("192.0.2.1".parse().unwrap())
+                .as_deref(),
+            Some("www.example.org")
+        );
+        // A failing sink gets SERVFAIL on both paths.
+        sink.set_failing(true);
+        let (fast, full, answered) = both_replies(&proxy, &packet, Transport::Udp);
+        assert!(answered);
+        assert_eq!(fast, full);
+        assert_eq!(
+            Message::from_vec(&fast).unwrap().metadata.response_code,
+            ResponseCode::ServFail
+        );
+    }
+
+    #[test]
+    fn misses_and_refusals_are_left_to_the_full_path_uncounted() {
+        let proxy = hit_proxy(Arc::new(RecordingSink::new()));
+        let before = proxy.cache.stats();
+        for qname in ["exfiltrate.example.", "example.org.", "new.example.org."] {
+            let packet = client_query(1, qname, true, None);
+            let plain = PlainQuery::parse(&packet).expect("a plain query");
+            // A miss looks in the cache but counts nothing: `get` does.
+            assert!(block_on(proxy.answer_hit(&packet, plain, Transport::Udp)).is_none());
+        }
+        assert_eq!(proxy.cache.stats(), before);
+        assert_eq!(proxy.stats(), ProxyStats::default());
+    }
+
+    #[test]
+    fn plain_queries_decode_to_the_same_question_and_key() {
+        let mut packets = Vec::new();
+        for qname in [
+            "a.b.",
+            "X-1_y.Example.ORG.",
+            &format!("{}.org.", "a".repeat(63)),
+        ] {
+            for record_type in [
+                RecordType::A,
+                RecordType::AAAA,
+                RecordType::HTTPS,
+                RecordType::MX,
+            ] {
+                for edns in [None, Some((0, false)), Some((4_096, true))] {
+                    let mut message = query(qname, record_type);
+                    message.metadata.id = 0x5a5a;
+                    if let Some((payload, dnssec_ok)) = edns {
+                        let mut edns = Edns::new();
+                        edns.set_max_payload(payload);
+                        edns.set_dnssec_ok(dnssec_ok);
+                        message.set_edns(edns);
+                    }
+                    packets.push(message.to_vec().unwrap());
+                }
+            }
+        }
+        for packet in &packets {
+            let plain = PlainQuery::parse(packet).expect("a plain query");
+            let message = Message::from_vec(packet).unwrap();
+            let name = normalize_query_name(message.queries[0].name()).unwrap();
+            assert_eq!(Some(&plain.key), cache_key(&message, &name).as_ref());
+            assert_eq!(plain.id, message.metadata.id);
+            assert_eq!(plain.recursion_desired, message.metadata.recursion_desired);
+            assert_eq!(
+                plain.edns.map(|e| (e.max_payload, e.dnssec_ok)),
+                message
+                    .edns
+                    .as_ref()
+                    .map(|e| (e.max_payload(), e.flags().dnssec_ok))
+            );
+            let mut question = Vec::new();
+            let mut encoder = hickory_proto::serialize::binary::BinEncoder::new(&mut question);
+            hickory_proto::serialize::binary::BinEncodable::emit(&message.queries[0], &mut encoder)
+                .unwrap();
+            assert_eq!(plain.question, question);
+        }
+    }
+
+    #[test]
+    fn anything_but_a_plain_query_takes_the_full_path() {
+        let plain = query("www.example.org.", RecordType::A).to_vec().unwrap();
+        assert!(PlainQuery::parse(&plain).is_some());
+        let changed = |change: &dyn Fn(&mut Vec<u8>)| {
+            let mut packet = plain.clone();
+            change(&mut packet);
+            PlainQuery::parse(&packet).map(|query| query.id)
+        };
+        assert!(changed(&|p| p[2] |= 0x80).is_none(), "a response");
+        assert!(changed(&|p| p[2] |= 0x10).is_none(), "opcode STATUS");
+        assert!(changed(&|p| p[3] |= 0x10).is_none(), "CD");
+        assert!(changed(&|p| p[5] = 2).is_none(), "two questions");
+        assert!(changed(&|p| p[7] = 1).is_none(), "an answer record");
+        assert!(changed(&|p| p.push(0)).is_none(), "trailing bytes");
+        assert!(
+            changed(&|p| {
+                p.pop();
+            })
+            .is_none(),
+            "cut short"
+        );
+        assert!(changed(&|p| p[13] = b'.').is_none(), "a dot inside a label");
+        assert!(changed(&|p| p[13] = 0xc3).is_none(), "a non-ASCII byte");
+        assert!(
+            changed(&|p| {
+                let end = p.len();
+                p[end - 1] = 3;
+            })
+            .is_none(),
+            "class CH"
+        );
+        assert!(
+            changed(&|p| {
+                let end = p.len();
+                p[end - 3] = 255;
+            })
+            .is_none(),
+            "ANY"
+        );
+        // A compressed name: a pointer back into the header (nonsense, but
+        // the decoder judges it, not this parser).
+        let mut pointer = plain[..12].to_vec();
+        pointer.extend_from_slice(&[0xc0, 0x0c, 0, 1, 0, 1]);
+        assert!(PlainQuery::parse(&pointer).is_none());
+        // EDNS with an option (a cookie) is decoded in full.
+        let mut with_cookie = query("www.example.org.", RecordType::A);
+        let mut edns = Edns::new();
+        edns.options_mut()
+            .insert(EdnsOption::Unknown(u16::from(EdnsCode::Cookie), vec![1; 8]));
+        with_cookie.set_edns(edns);
+        assert!(PlainQuery::parse(&with_cookie.to_vec().unwrap()).is_none());
+        // The root name is refused by the full path, never a hit.
+        assert!(PlainQuery::parse(&query(".", RecordType::A).to_vec().unwrap()).is_none());
+    }
+
+    #[test]
+    fn the_reply_opt_is_what_hickory_encodes() {
+        for dnssec_ok in [false, true] {
+            let mut reply = Message::response(0, OpCode::Query);
+            let mut edns = Edns::new();
+            edns.set_dnssec_ok(dnssec_ok);
+            reply.set_edns(reply_edns(&edns));
+            let wire = reply.to_vec().unwrap();
+            assert_eq!(wire[12..], reply_opt(dnssec_ok));
+        }
     }
 
     #[test]
