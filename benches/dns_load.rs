@@ -519,9 +519,9 @@ fn wait_for_answer(netns: &str, server: &mut Server, name: &str) {
     if netns.ends_with("-direct") {
         return;
     }
-    // UDP: a query or its answer may be lost under load; ask up to 3 times.
+    // UDP: a query or its answer may be lost under load; ask up to 5 times.
     let mut code = None;
-    for _ in 0..3 {
+    for _ in 0..5 {
         let reply = run_in_netns(netns, || {
             dns_query(
                 to,
@@ -726,7 +726,7 @@ fn measure(netns: &str, server: u32, files: &Files, settings: &Settings) -> Roun
     // Warm-up: every hit name once, so the caches hold them (again if an
     // answer was lost: dnsmasq drops a few queries now and then).
     let mut warmed = false;
-    for _ in 0..3 {
+    for _ in 0..5 {
         let warm = dnsperf(
             netns,
             &Load {
