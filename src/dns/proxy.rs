@@ -18,8 +18,10 @@
 //! the cached upstream answer with the client's id and question and its TTLs
 //! lowered by its age.
 
+use std::cell::RefCell;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::task::{Context, Poll, Waker};
@@ -27,7 +29,7 @@ use std::time::{Duration, Instant};
 
 use hickory_proto::op::{Edns, Message, MessageType, OpCode, ResponseCode};
 use hickory_proto::rr::{DNSClass, RecordType};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncWriteExt, Interest};
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::{Semaphore, watch};
@@ -618,74 +620,277 @@ impl ProxyHandle {
     }
 }
 
+/// Datagrams taken from the socket with one recvmmsg(2), and at most as many
+/// replies sent with one sendmmsg(2): under load, one system call each way
+/// per batch instead of per query, and one wake-up of the loop per batch.
+const UDP_BATCH: usize = 32;
+
+/// The largest UDP payload: a receive buffer never cuts a datagram short
+/// (which would turn it into a malformed one).
+const MAX_DATAGRAM: usize = 65_535;
+
+thread_local! {
+    /// The receive buffers of the UDP loops that run on this thread (all the
+    /// proxies of a host agent share them): a loop borrows them from a
+    /// receive to the end of its answers, with no await in between.
+    static RECEIVE_BATCH: RefCell<ReceiveBatch> = RefCell::new(ReceiveBatch::new());
+}
+
+/// Buffers and headers for recvmmsg(2). The buffer is reserved, not zeroed:
+/// only the pages datagrams are written into become resident (a query
+/// touches the first page of its slot).
+struct ReceiveBatch {
+    buffer: Vec<u8>,
+    peers: Vec<libc::sockaddr_storage>,
+    iovecs: Vec<libc::iovec>,
+    headers: Vec<libc::mmsghdr>,
+}
+
+impl ReceiveBatch {
+    fn new() -> Self {
+        fn zeroed<T>() -> Vec<T> {
+            // SAFETY: all-zero is a valid value of these plain C structs.
+            (0..UDP_BATCH)
+                .map(|_| unsafe { std::mem::zeroed() })
+                .collect()
+        }
+        ReceiveBatch {
+            buffer: Vec::with_capacity(UDP_BATCH * MAX_DATAGRAM),
+            peers: zeroed(),
+            iovecs: zeroed(),
+            headers: zeroed(),
+        }
+    }
+
+    /// Receives the datagrams waiting on `socket`, up to [`UDP_BATCH`],
+    /// without blocking.
+    fn receive(&mut self, socket: &UdpSocket) -> io::Result<usize> {
+        let base = self.buffer.as_mut_ptr();
+        for slot in 0..UDP_BATCH {
+            self.iovecs[slot] = libc::iovec {
+                // SAFETY: the slot lies within the buffer's capacity.
+                iov_base: unsafe { base.add(slot * MAX_DATAGRAM) }.cast(),
+                iov_len: MAX_DATAGRAM,
+            };
+            let header = &mut self.headers[slot];
+            header.msg_hdr.msg_name = (&raw mut self.peers[slot]).cast();
+            header.msg_hdr.msg_namelen = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+            header.msg_hdr.msg_iov = &raw mut self.iovecs[slot];
+            header.msg_hdr.msg_iovlen = 1;
+            header.msg_hdr.msg_control = std::ptr::null_mut();
+            header.msg_hdr.msg_controllen = 0;
+            header.msg_hdr.msg_flags = 0;
+            header.msg_len = 0;
+        }
+        // SAFETY: every header points at a live iovec, a slot of the buffer
+        // and a sockaddr_storage, all as long as their lengths say.
+        let received = unsafe {
+            libc::recvmmsg(
+                socket.as_raw_fd(),
+                self.headers.as_mut_ptr(),
+                UDP_BATCH as libc::c_uint,
+                libc::MSG_DONTWAIT,
+                std::ptr::null_mut(),
+            )
+        };
+        usize::try_from(received).map_err(|_| io::Error::last_os_error())
+    }
+
+    /// Datagram `slot` of the last [`ReceiveBatch::receive`], and its sender
+    /// (`None` for an address family that is not IP, which cannot happen on
+    /// an IP socket).
+    fn datagram(&self, slot: usize) -> (&[u8], Option<SocketAddr>) {
+        let header = &self.headers[slot];
+        let length = (header.msg_len as usize).min(MAX_DATAGRAM);
+        // SAFETY: the kernel wrote `msg_len` bytes at the slot's start.
+        let packet = unsafe {
+            std::slice::from_raw_parts(self.buffer.as_ptr().add(slot * MAX_DATAGRAM), length)
+        };
+        (packet, socket_addr(&self.peers[slot]))
+    }
+}
+
+/// The IP address and port in a `sockaddr_storage` the kernel filled in.
+fn socket_addr(storage: &libc::sockaddr_storage) -> Option<SocketAddr> {
+    match libc::c_int::from(storage.ss_family) {
+        libc::AF_INET => {
+            // SAFETY: an AF_INET address is a sockaddr_in, which fits.
+            let v4 = unsafe { &*std::ptr::from_ref(storage).cast::<libc::sockaddr_in>() };
+            Some(SocketAddr::V4(SocketAddrV4::new(
+                Ipv4Addr::from(u32::from_be(v4.sin_addr.s_addr)),
+                u16::from_be(v4.sin_port),
+            )))
+        }
+        libc::AF_INET6 => {
+            // SAFETY: an AF_INET6 address is a sockaddr_in6, which fits.
+            let v6 = unsafe { &*std::ptr::from_ref(storage).cast::<libc::sockaddr_in6>() };
+            Some(SocketAddr::V6(SocketAddrV6::new(
+                Ipv6Addr::from(v6.sin6_addr.s6_addr),
+                u16::from_be(v6.sin6_port),
+                v6.sin6_flowinfo,
+                v6.sin6_scope_id,
+            )))
+        }
+        _ => None,
+    }
+}
+
 async fn serve_udp(proxy: Arc<Proxy>, socket: Arc<UdpSocket>, mut stopped: watch::Receiver<bool>) {
     let inflight = Arc::new(Semaphore::new(MAX_INFLIGHT_UDP_QUERIES));
-    // The largest UDP payload; queries are small, but a short buffer would
-    // silently cut a datagram and turn it into a malformed one. Reserved,
-    // not zeroed: only the pages datagrams are written into become resident
-    // (a query touches one), which matters for the host agent's hundreds of
-    // proxies.
-    let mut buffer: Vec<u8> = Vec::with_capacity(65_535);
+    let mut replies: Vec<(Vec<u8>, SocketAddr)> = Vec::with_capacity(UDP_BATCH);
     loop {
-        // recv_buf_from writes into the spare capacity, all of it once cleared.
-        buffer.clear();
-        let (length, peer) = tokio::select! {
+        tokio::select! {
             _ = stopped.changed() => return,
-            received = socket.recv_buf_from(&mut buffer) => match received {
+            ready = socket.readable() => if let Err(error) = ready {
+                // Only when the runtime shuts down.
+                tracing::warn!(%error, "waiting on the DNS proxy's UDP socket");
+                return;
+            },
+        }
+        RECEIVE_BATCH.with_borrow_mut(|batch| {
+            // A WouldBlock clears the socket's readiness, so the next
+            // `readable` waits for new datagrams.
+            let received = match socket.try_io(Interest::READABLE, || batch.receive(&socket)) {
                 Ok(received) => received,
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => return,
                 Err(error) => {
                     // Errors on an unconnected UDP socket are per datagram
                     // (e.g. a queued ICMP error); the socket stays usable.
                     proxy.problem_log.log(|suppressed| {
                         tracing::warn!(%error, suppressed, "receiving on the DNS proxy's UDP socket");
                     });
-                    continue;
+                    return;
                 }
-            },
-        };
-        let Ok(permit) = inflight.clone().try_acquire_owned() else {
-            bump(&proxy.counters.overloaded, 1);
-            continue;
-        };
-        let packet = buffer[..length].to_vec();
-        let handler = proxy.clone();
-        let mut answer = Box::pin(async move { handler.handle(&packet, Transport::Udp).await });
-        // A query that needs no waiting (a cache hit whose elements the sink
-        // already has in the sets, a refusal, a malformed packet) is answered
-        // here, without a task and the wake-ups between threads it costs. One
-        // that must wait (for the upstream, for the kernel) continues in a
-        // task: polling it there registers the task's waker, the only one a
-        // future must wake (the contract of `Future::poll`).
-        let mut context = Context::from_waker(Waker::noop());
-        match answer.as_mut().poll(&mut context) {
-            Poll::Ready(reply) => {
-                drop(permit);
-                if let Some(reply) = reply {
-                    send_udp_reply(&proxy, &socket, reply, peer);
+            };
+            for slot in 0..received {
+                if let (packet, Some(peer)) = batch.datagram(slot) {
+                    answer_datagram(&proxy, &socket, &inflight, packet, peer, &mut replies);
                 }
             }
-            Poll::Pending => {
-                let (proxy, socket) = (proxy.clone(), socket.clone());
-                tokio::spawn(async move {
-                    let _permit = permit;
-                    if let Some(reply) = answer.await {
-                        send_udp_reply_later(&proxy, &socket, &reply, peer).await;
-                    }
-                });
+        });
+        send_udp_replies(&proxy, &socket, &mut replies);
+    }
+}
+
+/// Answers one datagram: in place if that needs no waiting (its reply is
+/// added to `replies`), else from a task.
+fn answer_datagram(
+    proxy: &Arc<Proxy>,
+    socket: &Arc<UdpSocket>,
+    inflight: &Arc<Semaphore>,
+    packet: &[u8],
+    peer: SocketAddr,
+    replies: &mut Vec<(Vec<u8>, SocketAddr)>,
+) {
+    let Ok(permit) = inflight.clone().try_acquire_owned() else {
+        bump(&proxy.counters.overloaded, 1);
+        return;
+    };
+    let packet = packet.to_vec();
+    let handler = proxy.clone();
+    let mut answer = Box::pin(async move { handler.handle(&packet, Transport::Udp).await });
+    // A query that needs no waiting (a cache hit whose elements the sink
+    // already has in the sets, a refusal, a malformed packet) is answered
+    // here, without a task and the wake-ups between threads it costs. One
+    // that must wait (for the upstream, for the kernel) continues in a task:
+    // polling it there registers the task's waker, the only one a future
+    // must wake (the contract of `Future::poll`).
+    let mut context = Context::from_waker(Waker::noop());
+    match answer.as_mut().poll(&mut context) {
+        Poll::Ready(reply) => {
+            drop(permit);
+            if let Some(reply) = reply {
+                replies.push((reply, peer));
             }
+        }
+        Poll::Pending => {
+            let (proxy, socket) = (proxy.clone(), socket.clone());
+            tokio::spawn(async move {
+                let _permit = permit;
+                if let Some(reply) = answer.await {
+                    send_udp_reply_later(&proxy, &socket, &reply, peer).await;
+                }
+            });
         }
     }
 }
 
-/// Sends `reply` at once if the socket's buffer has room, else from a task.
-fn send_udp_reply(proxy: &Arc<Proxy>, socket: &Arc<UdpSocket>, reply: Vec<u8>, peer: SocketAddr) {
-    match socket.try_send_to(&reply, peer) {
-        Ok(_) => {}
-        Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
-            let (proxy, socket) = (proxy.clone(), socket.clone());
-            tokio::spawn(async move { send_udp_reply_later(&proxy, &socket, &reply, peer).await });
+/// Sends `replies` (emptying it) with sendmmsg(2); those the socket's
+/// buffer has no room for are sent from a task once it has.
+fn send_udp_replies(
+    proxy: &Arc<Proxy>,
+    socket: &Arc<UdpSocket>,
+    replies: &mut Vec<(Vec<u8>, SocketAddr)>,
+) {
+    let mut sent = 0;
+    while sent < replies.len() {
+        match send_batch(socket, &replies[sent..]) {
+            Ok(count) => sent += count,
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
+                for (reply, peer) in replies.drain(sent..) {
+                    let (proxy, socket) = (proxy.clone(), socket.clone());
+                    tokio::spawn(async move {
+                        send_udp_reply_later(&proxy, &socket, &reply, peer).await;
+                    });
+                }
+                break;
+            }
+            Err(error) => {
+                // sendmmsg(2) reports an error of the first message it could
+                // not send; it is dropped and the rest are sent.
+                log_send_error(proxy, &error, replies[sent].1);
+                sent += 1;
+            }
         }
-        Err(error) => log_send_error(proxy, &error, peer),
+    }
+    replies.clear();
+}
+
+/// One sendmmsg(2) of up to [`UDP_BATCH`] replies: how many were sent (at
+/// least one), or the error of the first.
+fn send_batch(socket: &UdpSocket, replies: &[(Vec<u8>, SocketAddr)]) -> io::Result<usize> {
+    let replies = &replies[..replies.len().min(UDP_BATCH)];
+    let peers: Vec<socket2::SockAddr> = replies
+        .iter()
+        .map(|(_, peer)| socket2::SockAddr::from(*peer))
+        .collect();
+    let mut iovecs: Vec<libc::iovec> = replies
+        .iter()
+        .map(|(reply, _)| libc::iovec {
+            iov_base: reply.as_ptr().cast_mut().cast(),
+            iov_len: reply.len(),
+        })
+        .collect();
+    let mut headers: Vec<libc::mmsghdr> = iovecs
+        .iter_mut()
+        .zip(&peers)
+        .map(|(iovec, peer)| {
+            // SAFETY: all-zero is a valid mmsghdr (no control data, no flags).
+            let mut header: libc::mmsghdr = unsafe { std::mem::zeroed() };
+            header.msg_hdr.msg_name = peer.as_ptr().cast_mut().cast();
+            header.msg_hdr.msg_namelen = peer.len();
+            header.msg_hdr.msg_iov = iovec;
+            header.msg_hdr.msg_iovlen = 1;
+            header
+        })
+        .collect();
+    // SAFETY: each header points at a live address and a live iovec over
+    // its reply; the kernel only reads them.
+    let sent = unsafe {
+        libc::sendmmsg(
+            socket.as_raw_fd(),
+            headers.as_mut_ptr(),
+            headers.len() as libc::c_uint,
+            libc::MSG_DONTWAIT,
+        )
+    };
+    match usize::try_from(sent) {
+        Ok(0) => Err(io::Error::new(
+            io::ErrorKind::WriteZero,
+            "sendmmsg sent nothing",
+        )),
+        Ok(sent) => Ok(sent),
+        Err(_) => Err(io::Error::last_os_error()),
     }
 }
 
@@ -1166,6 +1371,7 @@ mod tests {
 
     fn block_on<T>(future: impl std::future::Future<Output = T>) -> T {
         tokio::runtime::Builder::new_current_thread()
+            .enable_all()
             .build()
             .unwrap()
             .block_on(future)
@@ -1459,6 +1665,100 @@ mod tests {
             let wire = reply.to_vec().unwrap();
             assert_eq!(wire[12..], reply_opt(dnssec_ok));
         }
+    }
+
+    #[test]
+    fn socket_addresses_read_back_from_sockaddr_storage() {
+        for addr in ["192.0.2.7:53000", "[2001:db8::5]:1053", "[fe80::1%3]:9"] {
+            let addr: SocketAddr = addr.parse().unwrap();
+            let written = socket2::SockAddr::from(addr);
+            // SAFETY: all-zero is a valid sockaddr_storage; the copy stays
+            // within both (a sockaddr is at most a sockaddr_storage).
+            let storage = unsafe {
+                let mut storage: libc::sockaddr_storage = std::mem::zeroed();
+                std::ptr::copy_nonoverlapping(
+                    written.as_ptr().cast::<u8>(),
+                    (&raw mut storage).cast::<u8>(),
+                    written.len() as usize,
+                );
+                storage
+            };
+            assert_eq!(socket_addr(&storage), Some(addr));
+        }
+    }
+
+    /// Many queries sent at once, from several clients on IPv4 and IPv6:
+    /// they arrive in batches, and every client gets the answers to its own
+    /// queries.
+    #[test]
+    fn a_burst_of_queries_is_answered_to_each_sender() {
+        block_on(async {
+            let proxy = Arc::new(hit_proxy(Arc::new(RecordingSink::new())));
+            cache_answer(&proxy, "www.example.org.", 2, false, Duration::ZERO);
+            for localhost in ["127.0.0.1:0", "[::1]:0"] {
+                let udp = std::net::UdpSocket::bind(localhost).unwrap();
+                let tcp = std::net::TcpListener::bind(localhost).unwrap();
+                let handle = proxy.spawn(udp, tcp).unwrap();
+                let clients: Vec<UdpSocket> = bound_clients(localhost, 4).await;
+                const PER_CLIENT: u16 = 50;
+                for (c, client) in clients.iter().enumerate() {
+                    for i in 0..PER_CLIENT {
+                        let id = (c as u16) * 1_000 + i;
+                        let qname = if i % 5 == 0 {
+                            "refused.example."
+                        } else {
+                            "WWW.example.org."
+                        };
+                        let packet = client_query(id, qname, true, None);
+                        client.send_to(&packet, handle.udp_addr()).await.unwrap();
+                    }
+                }
+                for (c, client) in clients.iter().enumerate() {
+                    let mut ids = Vec::new();
+                    let mut buffer = [0; 1_500];
+                    while ids.len() < usize::from(PER_CLIENT) {
+                        let (length, from) = tokio::time::timeout(
+                            Duration::from_secs(5),
+                            client.recv_from(&mut buffer),
+                        )
+                        .await
+                        .expect("every query answered")
+                        .unwrap();
+                        assert_eq!(from, handle.udp_addr());
+                        let reply = Message::from_vec(&buffer[..length]).unwrap();
+                        let id = reply.metadata.id;
+                        assert_eq!(
+                            usize::from(id / 1_000),
+                            c,
+                            "an answer to this client's query"
+                        );
+                        let expected = if id % 5 == 0 {
+                            ResponseCode::Refused
+                        } else {
+                            ResponseCode::NoError
+                        };
+                        assert_eq!(reply.metadata.response_code, expected);
+                        ids.push(id);
+                    }
+                    ids.sort_unstable();
+                    ids.dedup();
+                    assert_eq!(ids.len(), usize::from(PER_CLIENT));
+                }
+                handle.stop().await.unwrap();
+            }
+            let stats = proxy.stats();
+            assert_eq!(stats.udp_queries, 2 * 4 * 50);
+            assert_eq!(stats.refused, 2 * 4 * 10);
+            assert_eq!(stats.cache_hits, 2 * 4 * 40);
+        });
+    }
+
+    async fn bound_clients(localhost: &str, count: usize) -> Vec<UdpSocket> {
+        let mut clients = Vec::new();
+        for _ in 0..count {
+            clients.push(UdpSocket::bind(localhost).await.unwrap());
+        }
+        clients
     }
 
     #[test]
