@@ -1732,7 +1732,7 @@ mod tests {
                             c,
                             "an answer to this client's query"
                         );
-                        let expected = if id % 5 == 0 {
+                        let expected = if id.is_multiple_of(5) {
                             ResponseCode::Refused
                         } else {
                             ResponseCode::NoError
