@@ -10,7 +10,11 @@
 //!
 //! Plus the sidecar's memory with 1,000 allowed exact names.
 //!
-//! Run as root: `cargo bench --bench dns_load` (`-- --quick` for a short run).
+//! Run as root: `cargo bench --bench dns_load` (`-- --quick` for a short run,
+//! `-- --memory` for the memory only, `-- --hits` for 9 rounds of the
+//! cache-hit saturation workload alone). Besides the rates, it reports each
+//! server's CPU time per answered hit, which the machine's other load
+//! disturbs far less than the rates.
 //! Needs `ip` (iproute2), `nft` (nftables), `dnsperf` and `dnsmasq` built
 //! with nftset support (Debian: `apt-get install iproute2 nftables dnsperf
 //! dnsmasq-base`).

@@ -17,6 +17,11 @@
 //! (only the id is put back to the client's); an answer from the cache is
 //! the cached upstream answer with the client's id and question and its TTLs
 //! lowered by its age.
+//!
+//! Over UDP, the datagrams waiting on the socket are taken in batches with
+//! one recvmmsg(2), those answerable without waiting (cache hits, refusals)
+//! are answered in place and their replies sent with one sendmmsg(2); the
+//! rest continue in tasks.
 
 use std::cell::RefCell;
 use std::io;
