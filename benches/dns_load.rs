@@ -10,7 +10,11 @@
 //!
 //! Plus the sidecar's memory with 1,000 allowed exact names.
 //!
-//! Run as root: `cargo bench --bench dns_load` (`-- --quick` for a short run).
+//! Run as root: `cargo bench --bench dns_load` (`-- --quick` for a short run,
+//! `-- --memory` for the memory only, `-- --hits` for 9 rounds of the
+//! cache-hit saturation workload alone). Besides the rates, it reports each
+//! server's CPU time per answered hit, which the machine's other load
+//! disturbs far less than the rates.
 //! Needs `ip` (iproute2), `nft` (nftables), `dnsperf` and `dnsmasq` built
 //! with nftset support (Debian: `apt-get install iproute2 nftables dnsperf
 //! dnsmasq-base`).
@@ -100,6 +104,9 @@ struct Settings {
     rate: u32,
     latency: Duration,
     rss_runs: usize,
+    /// Only the cache-hit saturation workload (`-- --hits`): a quick,
+    /// steadier comparison of the hit path over more rounds.
+    hits_only: bool,
 }
 
 // ---------------------------------------------------------------- checks
@@ -291,6 +298,21 @@ impl Drop for Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// User + system CPU time of every thread of process `pid` (proc(5):
+/// fields 14 and 15 of /proc/PID/stat, in clock ticks).
+fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .unwrap_or_else(|e| panic!("process {pid} exited? {e}"));
+    // The command name (field 2) may hold spaces; the fields after it do not.
+    let after_name = &stat[stat.rfind(')').expect("/proc/PID/stat format") + 1..];
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    let ticks: u64 =
+        fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime");
+    // SAFETY: sysconf has no preconditions.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+    Duration::from_micros(ticks * 1_000_000 / per_second)
 }
 
 /// The upstream: dnsmasq as an authoritative server for the zone, in the world.
@@ -501,9 +523,9 @@ fn wait_for_answer(netns: &str, server: &mut Server, name: &str) {
     if netns.ends_with("-direct") {
         return;
     }
-    // UDP: a query or its answer may be lost under load; ask up to 3 times.
+    // UDP: a query or its answer may be lost under load; ask up to 5 times.
     let mut code = None;
-    for _ in 0..3 {
+    for _ in 0..5 {
         let reply = run_in_netns(netns, || {
             dns_query(
                 to,
@@ -558,8 +580,10 @@ struct Run {
     completed: u64,
     noerror: u64,
     qps: f64,
-    /// Per-query latencies in µs (only with `verbose`).
+    /// Per-query latencies in µs (only at a fixed rate).
     latencies: Vec<f64>,
+    /// The names answered NOERROR (only at a fixed rate).
+    answered: Vec<String>,
 }
 
 struct Load<'a> {
@@ -612,6 +636,8 @@ fn dnsperf(netns: &str, load: &Load) -> Run {
             let mut fields = rest.split_whitespace();
             if fields.next() == Some("NOERROR") {
                 run.noerror += 1;
+                run.answered
+                    .extend(fields.clone().next().map(str::to_string));
             }
             if let Some(seconds) = fields.last().and_then(|s| s.parse::<f64>().ok()) {
                 run.latencies.push(seconds * 1e6);
@@ -673,6 +699,10 @@ fn median(samples: &[f64]) -> f64 {
 #[derive(Debug, Default, Clone)]
 struct Round {
     hit_qps: f64,
+    /// CPU time of the answering server per answered query in the hit
+    /// saturation workload, in µs (the upstream's for `direct`). Less
+    /// disturbed by other load on the machine than the rate.
+    hit_cpu_us: f64,
     miss_qps: f64,
     hit_p50: f64,
     hit_p99: f64,
@@ -697,29 +727,40 @@ struct Files {
     miss_saturation: PathBuf,
 }
 
-fn measure(netns: &str, files: &Files, settings: &Settings) -> Round {
+/// The workloads against the server of process `server` (its CPU time is
+/// measured) through the sandbox `netns`.
+fn measure(netns: &str, server: u32, files: &Files, settings: &Settings) -> Round {
     let mut round = Round::default();
-    // Warm-up: every hit name once, so the caches hold them (again if an
-    // answer was lost: dnsmasq drops a few queries now and then).
-    let mut warmed = false;
-    for _ in 0..3 {
+    // Warm-up: every hit name answered once, so the caches hold them (again
+    // if an answer was lost: dnsmasq drops a few queries now and then, and
+    // attaches a repeated query to the forward still waiting for the lost
+    // answer, for up to its 10 s forward timeout: so retry for 25 s).
+    let mut answered = std::collections::BTreeSet::new();
+    for attempt in 0..25 {
+        if attempt > 0 {
+            std::thread::sleep(Duration::from_secs(1));
+        }
         let warm = dnsperf(
             netns,
             &Load {
                 names: &files.hits,
                 limit: Duration::from_secs(5),
                 once: true,
-                rate: None,
+                rate: Some(1_000),
             },
         );
         round.failed += warm.sent - warm.noerror.min(warm.sent);
-        if warm.noerror == u64::from(HIT_NAMES) {
-            warmed = true;
+        answered.extend(warm.answered);
+        if answered.len() == HIT_NAMES as usize {
             break;
         }
     }
-    assert!(warmed, "the warm-up queries were not all answered");
-    let mut hit_sat = dnsperf(
+    assert!(
+        answered.len() == HIT_NAMES as usize,
+        "the warm-up queries were not all answered: {answered:?}"
+    );
+    let cpu_before = cpu_time(server);
+    let hit_sat = dnsperf(
         netns,
         &Load {
             names: &files.hits,
@@ -729,6 +770,12 @@ fn measure(netns: &str, files: &Files, settings: &Settings) -> Round {
         },
     );
     round.hit_qps = hit_sat.qps;
+    round.hit_cpu_us =
+        (cpu_time(server) - cpu_before).as_secs_f64() * 1e6 / hit_sat.completed.max(1) as f64;
+    round.failed += hit_sat.sent - hit_sat.noerror.min(hit_sat.sent);
+    if settings.hits_only {
+        return round;
+    }
     let mut hit_lat = dnsperf(
         netns,
         &Load {
@@ -762,7 +809,7 @@ fn measure(netns: &str, files: &Files, settings: &Settings) -> Round {
     );
     round.miss_qps = miss_sat.qps;
     round.miss_answered = miss_lat.noerror + miss_sat.noerror;
-    for run in [&mut hit_sat, &mut hit_lat, &mut miss_lat] {
+    for run in [&mut hit_lat, &mut miss_lat] {
         round.failed += run.sent - run.noerror.min(run.sent);
     }
     round.failed += miss_sat.sent - miss_sat.noerror.min(miss_sat.sent);
@@ -787,6 +834,7 @@ fn set_size(netns: &str, table: &str, set: &str) -> u64 {
 
 fn round_for(
     config: Config,
+    upstream: u32,
     topology: &Topology,
     dir: &Path,
     files: &Files,
@@ -794,11 +842,11 @@ fn round_for(
 ) -> Round {
     let netns = topology.sandbox(config);
     let round = match config {
-        Config::Direct => return measure(&netns, files, settings),
+        Config::Direct => return measure(&netns, upstream, files, settings),
         Config::Netleash => {
             let mut sidecar =
                 start_sidecar(topology, dir, &dir.join("zone-policy.json"), &hit_name(0));
-            let mut round = measure(&netns, files, settings);
+            let mut round = measure(&netns, sidecar.server.pid(), files, settings);
             sidecar.server.assert_running();
             (round.rss_kb, round.hwm_kb) = sidecar.server.memory();
             let status = health(sidecar.health);
@@ -812,7 +860,7 @@ fn round_for(
         }
         Config::Dnsmasq => {
             let mut dnsmasq = start_dnsmasq(topology, dir);
-            let mut round = measure(&netns, files, settings);
+            let mut round = measure(&netns, dnsmasq.pid(), files, settings);
             dnsmasq.assert_running();
             (round.rss_kb, round.hwm_kb) = dnsmasq.memory();
             round.learned = set_size(&netns, "dnsbench", "allowed_v4");
@@ -895,13 +943,15 @@ fn sidecar_memory(topology: &Topology, dir: &Path, runs: usize) -> Vec<(u64, u64
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
     let memory_only = std::env::args().any(|a| a == "--memory");
-    let settings = if quick {
+    let hits_only = std::env::args().any(|a| a == "--hits");
+    let mut settings = if quick {
         Settings {
             rounds: 2,
             saturation: Duration::from_secs(2),
             rate: 1_000,
             latency: Duration::from_secs(2),
             rss_runs: 2,
+            hits_only,
         }
     } else {
         Settings {
@@ -910,8 +960,12 @@ fn main() {
             rate: 1_000,
             latency: Duration::from_secs(4),
             rss_runs: 5,
+            hits_only,
         }
     };
+    if hits_only {
+        settings.rounds = 9;
+    }
     check_tools();
     let topology = Topology::new();
     let dir = std::env::temp_dir().join(format!("netleash-dns-load-{}", std::process::id()));
@@ -956,17 +1010,18 @@ fn main() {
         settings.latency.as_secs()
     );
 
-    let _upstream = start_upstream(&topology, &dir);
+    let upstream = start_upstream(&topology, &dir);
     if memory_only {
         report_memory(&topology, &dir, &settings);
         return;
     }
     let mut results: Vec<Vec<Round>> = vec![Vec::new(); CONFIGS.len()];
     println!(
-        "{:>5} {:>9} | {:>9} {:>9} | {:>7} {:>7} {:>7} {:>7} | {:>6} {:>7} {:>7} | {:>8} {:>8}",
+        "{:>5} {:>9} | {:>9} {:>8} {:>9} | {:>7} {:>7} {:>7} {:>7} | {:>6} {:>7} {:>7} | {:>8} {:>8}",
         "round",
         "config",
         "hit qps",
+        "hit µs/q",
         "miss qps",
         "hit p50",
         "hit p99",
@@ -983,12 +1038,13 @@ fn main() {
         for k in 0..CONFIGS.len() {
             let index = (round + k) % CONFIGS.len();
             let config = CONFIGS[index];
-            let r = round_for(config, &topology, &dir, &files, &settings);
+            let r = round_for(config, upstream.pid(), &topology, &dir, &files, &settings);
             println!(
-                "{:>5} {:>9} | {:>9.0} {:>9.0} | {:>7.0} {:>7.0} {:>7.0} {:>7.0} | {:>6} {:>7} {:>7} | {:>8} {:>8}",
+                "{:>5} {:>9} | {:>9.0} {:>8.2} {:>9.0} | {:>7.0} {:>7.0} {:>7.0} {:>7.0} | {:>6} {:>7} {:>7} | {:>8} {:>8}",
                 round + 1,
                 config.name(),
                 r.hit_qps,
+                r.hit_cpu_us,
                 r.miss_qps,
                 r.hit_p50,
                 r.hit_p99,
@@ -1009,17 +1065,18 @@ fn main() {
         settings.rounds
     );
     println!(
-        "{:>9} | {:>9} {:>9} | {:>7} {:>7} {:>7} {:>7}",
-        "config", "hit qps", "miss qps", "hit p50", "hit p99", "mis p50", "mis p99"
+        "{:>9} | {:>9} {:>8} {:>9} | {:>7} {:>7} {:>7} {:>7}",
+        "config", "hit qps", "hit µs/q", "miss qps", "hit p50", "hit p99", "mis p50", "mis p99"
     );
     let med = |index: usize, f: fn(&Round) -> f64| {
         median(&results[index].iter().map(f).collect::<Vec<_>>())
     };
     for (index, config) in CONFIGS.iter().enumerate() {
         println!(
-            "{:>9} | {:>9.0} {:>9.0} | {:>7.0} {:>7.0} {:>7.0} {:>7.0}",
+            "{:>9} | {:>9.0} {:>8.2} {:>9.0} | {:>7.0} {:>7.0} {:>7.0} {:>7.0}",
             config.name(),
             med(index, |r| r.hit_qps),
+            med(index, |r| r.hit_cpu_us),
             med(index, |r| r.miss_qps),
             med(index, |r| r.hit_p50),
             med(index, |r| r.hit_p99),
@@ -1061,8 +1118,28 @@ fn main() {
         ratio(1, 2, |r| r.hit_p50),
         ratio(1, 2, |r| r.miss_p50),
     );
+    let per_round = |f: fn(&Round) -> f64| {
+        results[1]
+            .iter()
+            .zip(&results[2])
+            .map(|(x, y)| format!("{:.2}", f(x) / f(y)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    println!(
+        " netleash / dnsmasq qps per round: hits {}; misses {}",
+        per_round(|r| r.hit_qps),
+        per_round(|r| r.miss_qps)
+    );
+    println!(
+        " netleash / dnsmasq CPU per hit: {:.2}× (rounds: {})",
+        ratio(1, 2, |r| r.hit_cpu_us),
+        per_round(|r| r.hit_cpu_us)
+    );
 
-    report_memory(&topology, &dir, &settings);
+    if !settings.hits_only {
+        report_memory(&topology, &dir, &settings);
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -11,7 +11,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use hickory_proto::op::Message;
@@ -37,26 +37,40 @@ pub struct CacheKey {
 
 #[derive(Debug, Clone)]
 pub struct CachedAnswer {
-    /// The upstream's answer as received (header, all sections, no OPT).
-    pub message: Arc<Message>,
-    /// The addresses extracted for the queried name, TTLs as received.
-    pub addresses: Arc<[AnswerAddress]>,
+    stored_answer: Arc<StoredAnswer>,
     /// The answer's lifetime in the cache: its smallest TTL, in seconds.
     pub ttl: u32,
     pub stored: Instant,
 }
 
+/// The parts of an entry shared by every copy handed out by [`AnswerCache::get`].
+#[derive(Debug)]
+struct StoredAnswer {
+    /// The upstream's answer as received (header, all sections, no OPT).
+    message: Message,
+    /// The addresses extracted for the queried name, TTLs as received.
+    addresses: Box<[AnswerAddress]>,
+    /// The answer in wire form for replies to hits, built at the first hit
+    /// (entries the resolver loop stores and nobody asks for never pay for
+    /// it); `None` if it could not be built, and hits are encoded in full.
+    reply: OnceLock<Option<ReplyTemplate>>,
+}
+
 impl CachedAnswer {
     pub fn new(message: Message, addresses: Vec<AnswerAddress>, ttl: u32, stored: Instant) -> Self {
         CachedAnswer {
-            message: Arc::new(message),
-            addresses: addresses.into(),
+            stored_answer: Arc::new(StoredAnswer {
+                message,
+                addresses: addresses.into(),
+                reply: OnceLock::new(),
+            }),
             ttl,
             stored,
         }
     }
 
-    fn elapsed_secs(&self, now: Instant) -> u32 {
+    /// Whole seconds spent in the cache at `now`.
+    pub fn elapsed_secs(&self, now: Instant) -> u32 {
         u32::try_from(now.saturating_duration_since(self.stored).as_secs()).unwrap_or(u32::MAX)
     }
 
@@ -68,7 +82,8 @@ impl CachedAnswer {
     /// The addresses with their TTLs lowered by the time spent in the cache.
     pub fn addresses_at(&self, now: Instant) -> Vec<AnswerAddress> {
         let elapsed = self.elapsed_secs(now);
-        self.addresses
+        self.stored_answer
+            .addresses
             .iter()
             .map(|a| AnswerAddress {
                 addr: a.addr,
@@ -81,7 +96,7 @@ impl CachedAnswer {
     /// cache (RFC 1035 §7.4: a cached RR is served with its remaining TTL).
     pub fn message_at(&self, now: Instant) -> Message {
         let elapsed = self.elapsed_secs(now);
-        let mut message = Message::clone(&self.message);
+        let mut message = self.stored_answer.message.clone();
         for record in message
             .answers
             .iter_mut()
@@ -91,6 +106,139 @@ impl CachedAnswer {
             record.decrement_ttl(elapsed);
         }
         message
+    }
+
+    /// The reply template of this answer, built by `build` from the stored
+    /// message on the first call (for every copy of the entry).
+    pub fn reply_template(
+        &self,
+        build: impl FnOnce(&Message) -> Option<ReplyTemplate>,
+    ) -> Option<&ReplyTemplate> {
+        self.stored_answer
+            .reply
+            .get_or_init(|| build(&self.stored_answer.message))
+            .as_ref()
+    }
+}
+
+/// The DNS header's length (RFC 1035 §4.1.1).
+const HEADER_LEN: usize = 12;
+/// The RD bit in the header's third byte (RFC 1035 §4.1.1).
+const RD_BIT: u8 = 0x01;
+
+/// A cached answer encoded once, as the reply to a query with the entry's own
+/// question, id 0, RD clear and no OPT record. The reply to a hit is this
+/// with the client's id, RD bit and question bytes put in, every record's TTL
+/// lowered by the entry's age, and an OPT record appended if the client sent
+/// one: the same message as encoding the reply in full, at the cost of a copy.
+///
+/// The client's question has the same length as the template's (same labels,
+/// letter case aside), so every offset after it, compression pointers
+/// included (RFC 1035 §4.1.4), stays valid. A pointer into the question then
+/// reads the client's letter case, as the question itself does.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplyTemplate {
+    wire: Box<[u8]>,
+    /// Where the question (name, type, class) ends.
+    question_end: usize,
+    /// Where each record's TTL field starts, all sections in order.
+    ttl_offsets: Box<[usize]>,
+}
+
+impl ReplyTemplate {
+    /// Indexes an encoded reply with one question. `None` if it is not one
+    /// (more or fewer questions, a record running past the end or bytes
+    /// after the last record).
+    pub fn new(wire: Vec<u8>) -> Option<Self> {
+        let count = |at: usize| usize::from(u16::from_be_bytes([wire[at], wire[at + 1]]));
+        if wire.len() < HEADER_LEN || count(4) != 1 {
+            return None;
+        }
+        let records = count(6) + count(8) + count(10);
+        let question_end = skip_name(&wire, HEADER_LEN)? + 4;
+        let mut at = question_end;
+        let mut ttl_offsets = Vec::with_capacity(records);
+        for _ in 0..records {
+            // NAME, then TYPE (2), CLASS (2), TTL (4), RDLENGTH (2), RDATA.
+            let ttl_at = skip_name(&wire, at)? + 4;
+            let rdata_at = ttl_at + 6;
+            if rdata_at > wire.len() {
+                return None;
+            }
+            ttl_offsets.push(ttl_at);
+            at = rdata_at + count(ttl_at + 4);
+        }
+        if at != wire.len() {
+            return None;
+        }
+        Some(ReplyTemplate {
+            wire: wire.into(),
+            question_end,
+            ttl_offsets: ttl_offsets.into(),
+        })
+    }
+
+    /// The question as encoded: name, type and class.
+    pub fn question(&self) -> &[u8] {
+        &self.wire[HEADER_LEN..self.question_end]
+    }
+
+    /// The reply's length, without an OPT record.
+    pub fn len(&self) -> usize {
+        self.wire.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.wire.is_empty()
+    }
+
+    /// The reply to a query with `id`, RD bit `recursion_desired` and the
+    /// encoded `question` (which must have the template's length), `elapsed`
+    /// seconds after the answer was stored, with `opt` (an encoded OPT
+    /// record) appended to the additional section.
+    pub fn reply(
+        &self,
+        id: u16,
+        recursion_desired: bool,
+        question: &[u8],
+        elapsed: u32,
+        opt: Option<&[u8]>,
+    ) -> Vec<u8> {
+        assert_eq!(question.len(), self.question().len(), "question length");
+        let mut reply = Vec::with_capacity(self.wire.len() + opt.map_or(0, <[u8]>::len));
+        reply.extend_from_slice(&id.to_be_bytes());
+        reply.extend_from_slice(&self.wire[2..HEADER_LEN]);
+        if recursion_desired {
+            reply[2] |= RD_BIT;
+        }
+        reply.extend_from_slice(question);
+        reply.extend_from_slice(&self.wire[self.question_end..]);
+        for &at in &*self.ttl_offsets {
+            let field: [u8; 4] = reply[at..at + 4].try_into().expect("4 bytes");
+            let ttl = u32::from_be_bytes(field).saturating_sub(elapsed);
+            reply[at..at + 4].copy_from_slice(&ttl.to_be_bytes());
+        }
+        if let Some(opt) = opt {
+            let additionals = u16::from_be_bytes([reply[10], reply[11]]) + 1;
+            reply[10..12].copy_from_slice(&additionals.to_be_bytes());
+            reply.extend_from_slice(opt);
+        }
+        reply
+    }
+}
+
+/// The offset after the encoded name at `at`: labels ending with the root
+/// label or a compression pointer (RFC 1035 §4.1.4). `None` if it runs past
+/// the end or uses a reserved label type.
+fn skip_name(wire: &[u8], mut at: usize) -> Option<usize> {
+    loop {
+        let length = *wire.get(at)?;
+        match length & 0xC0 {
+            0x00 if length == 0 => return Some(at + 1),
+            0x00 => at += 1 + usize::from(length),
+            0xC0 => return (at + 2 <= wire.len()).then_some(at + 2),
+            _ => return None,
+        }
     }
 }
 
@@ -129,17 +277,29 @@ impl AnswerCache {
 
     /// The entry for `key` if it has not expired at `now`.
     pub fn get(&self, key: &CacheKey, now: Instant) -> Option<CachedAnswer> {
+        let found = self.find(key, now);
+        if found.is_none() {
+            self.misses.fetch_add(1, Ordering::Relaxed);
+        }
+        found
+    }
+
+    /// Like [`AnswerCache::get`], but a miss is not counted: for a first
+    /// look whose caller, on a miss, goes on to [`AnswerCache::get`] the
+    /// same key (which counts it).
+    pub fn get_counting_hits(&self, key: &CacheKey, now: Instant) -> Option<CachedAnswer> {
+        self.find(key, now)
+    }
+
+    fn find(&self, key: &CacheKey, now: Instant) -> Option<CachedAnswer> {
         let found = self
             .lock()
             .get(key)
             .filter(|entry| !entry.remaining(now).is_zero())
             .cloned();
-        let counter = if found.is_some() {
-            &self.hits
-        } else {
-            &self.misses
-        };
-        counter.fetch_add(1, Ordering::Relaxed);
+        if found.is_some() {
+            self.hits.fetch_add(1, Ordering::Relaxed);
+        }
         found
     }
 
@@ -187,6 +347,7 @@ impl AnswerCache {
 #[cfg(test)]
 mod tests {
     use hickory_proto::op::OpCode;
+    use hickory_proto::rr::Name;
 
     use super::*;
     use crate::dns::answer::tests::a;
@@ -233,6 +394,41 @@ mod tests {
                 misses: 2
             }
         );
+    }
+
+    #[test]
+    fn a_reply_template_indexes_every_ttl_and_rejects_what_it_cannot_patch() {
+        let t0 = Instant::now();
+        let entry = answer(300, t0);
+        let mut message = entry.message_at(t0);
+        message.add_query(hickory_proto::op::Query::query(
+            Name::from_ascii("x.org.").unwrap(),
+            RecordType::A,
+        ));
+        message.add_additional(a("ns.x.org.", 20, [192, 0, 2, 53]));
+        let wire = message.to_vec().unwrap();
+        let template = ReplyTemplate::new(wire.clone()).expect("a template");
+        assert_eq!(template.len(), wire.len());
+        let question = template.question().to_vec();
+        assert_eq!(question.len(), "x.org.".len() + 1 + 4);
+        // 30 s later: 300 → 270, 20 → 0; RD set, id and OPT put in.
+        let opt = [0, 0, 41, 4, 208, 0, 0, 0, 0, 0, 0];
+        let reply = template.reply(0xabcd, true, &question, 30, Some(&opt));
+        let decoded = Message::from_vec(&reply).unwrap();
+        assert_eq!(decoded.metadata.id, 0xabcd);
+        assert!(decoded.metadata.recursion_desired);
+        assert_eq!(decoded.answers[0].ttl, 270);
+        assert_eq!(decoded.additionals[0].ttl, 0);
+        assert!(decoded.edns.is_some());
+        // Not one question, bytes after the last record, a record cut short.
+        let mut two_questions = wire.clone();
+        two_questions[5] = 2;
+        assert!(ReplyTemplate::new(two_questions).is_none());
+        let mut trailing = wire.clone();
+        trailing.push(0);
+        assert!(ReplyTemplate::new(trailing).is_none());
+        assert!(ReplyTemplate::new(wire[..wire.len() - 1].to_vec()).is_none());
+        assert!(ReplyTemplate::new(wire[..5].to_vec()).is_none());
     }
 
     #[test]
