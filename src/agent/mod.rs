@@ -473,7 +473,8 @@ impl Agent {
             origin,
             agent,
         };
-        let (entry, fresh) = {
+        let mut moved = None;
+        let created = {
             let _change = self.changes.lock().await;
             match self.registry.get(&id) {
                 Some(existing) => {
@@ -482,17 +483,22 @@ impl Agent {
                         (old.ns_dev, old.ns_inode) == (held.dev, held.inode)
                     };
                     if same {
-                        self.replace(&existing, record).await?
+                        self.replace(&existing, record).await
                     } else {
                         // The id moved to another namespace: the old one is
-                        // left as a Delete leaves it.
-                        self.forget(&id).await?;
-                        self.create(record, held).await?
+                        // left as a Delete leaves it (retired below, also
+                        // when the new one fails).
+                        moved = Some(self.unregister(&id)?);
+                        self.create(record, held).await
                     }
                 }
-                None => self.create(record, held).await?,
+                None => self.create(record, held).await,
             }
         };
+        if let Some(old) = moved {
+            self.retire(&id, old).await;
+        }
+        let (entry, fresh) = created?;
         // Outside the lock: a sandbox whose names are slow to resolve does
         // not hold up the Puts of others.
         if reply_when == ReplyWhen::NamesResolved {
@@ -682,18 +688,24 @@ impl Agent {
             if same {
                 continue;
             }
-            let _change = self.changes.lock().await;
-            // Still the same entry (not replaced or deleted meanwhile)?
-            if !self
-                .registry
-                .get(&record.id)
-                .is_some_and(|current| Arc::ptr_eq(&current, &entry))
-            {
-                continue;
-            }
-            tracing::info!(sandbox = %record.id, netns = %record.netns.display(), "the sandbox's namespace is gone; forgetting it");
-            match self.forget(&record.id).await {
-                Ok(()) => gone.push(record.id),
+            let unregistered = {
+                let _change = self.changes.lock().await;
+                // Still the same entry (not replaced or deleted meanwhile)?
+                if !self
+                    .registry
+                    .get(&record.id)
+                    .is_some_and(|current| Arc::ptr_eq(&current, &entry))
+                {
+                    continue;
+                }
+                tracing::info!(sandbox = %record.id, netns = %record.netns.display(), "the sandbox's namespace is gone; forgetting it");
+                self.unregister(&record.id)
+            };
+            match unregistered {
+                Ok(entry) => {
+                    self.retire(&record.id, entry).await;
+                    gone.push(record.id);
+                }
                 Err(error) => {
                     tracing::error!(sandbox = %record.id, error = %crate::dns::error_chain(&error), "cannot forget the sandbox");
                 }
@@ -705,30 +717,47 @@ impl Agent {
     /// Forget sandbox `id`: its proxy and DNS work stop, its state file
     /// goes; its rules stay in its namespace.
     pub async fn delete(&self, id: &str) -> Result<(), Error> {
-        let _change = self.changes.lock().await;
-        self.forget(id).await
+        let entry = {
+            let _change = self.changes.lock().await;
+            self.unregister(id)?
+        };
+        self.retire(id, entry).await;
+        Ok(())
     }
 
-    async fn forget(&self, id: &str) -> Result<(), Error> {
+    /// Removes sandbox `id` from the state directory and the registry, so
+    /// the API no longer knows it. Called with `changes` held; the caller
+    /// then [`Agent::retire`]s the entry without it.
+    fn unregister(&self, id: &str) -> Result<Arc<Enforced>, Error> {
         if self.registry.get(id).is_none() {
             return Err(Error::NotFound { id: id.to_string() });
         }
         // The state file goes first: once the sandbox is unknown to the API
-        // it is gone from the state directory too, although stopping its
-        // denied-connection log takes up to one poll interval.
+        // it is gone from the state directory too.
         self.state.remove(id).map_err(|source| Error::State {
             id: id.to_string(),
             source,
         })?;
-        let entry = self
-            .registry
+        self.registry
             .write()
             .remove(id)
-            .ok_or_else(|| Error::NotFound { id: id.to_string() })?;
+            .ok_or_else(|| Error::NotFound { id: id.to_string() })
+    }
+
+    /// Stops an unregistered sandbox's proxy, DNS work and denied-connection
+    /// log, then stops resolving the names no sandbox allows any more.
+    /// Stopping takes up to the denied-connection log's poll interval, so
+    /// it runs without `changes`: the Puts of other sandboxes (a container
+    /// start waits for one) do not wait for it. The names are untracked
+    /// with `changes` held, so a Put that tracks a name at the same moment
+    /// cannot lose it.
+    async fn retire(&self, id: &str, entry: Arc<Enforced>) {
         entry.stop().await;
-        self.untrack_unused().await;
+        {
+            let _change = self.changes.lock().await;
+            self.untrack_unused().await;
+        }
         tracing::info!(sandbox = %id, "forgot the sandbox; its rules stay in its namespace");
-        Ok(())
     }
 
     pub async fn get(&self, id: &str) -> Result<SandboxStatus, Error> {
