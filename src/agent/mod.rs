@@ -116,6 +116,16 @@ pub enum Error {
         #[source]
         source: Box<netns::Error>,
     },
+    #[error(
+        "the network namespace {path} of sandbox {id:?} is already enforced as sandbox {other:?}; \
+         sandboxes that share a network namespace share its policy: put it once (for a pod, on \
+         the container that owns the namespace), or delete {other:?} first"
+    )]
+    NamespaceTaken {
+        id: String,
+        path: PathBuf,
+        other: String,
+    },
     #[error("no sandbox {id:?}; list them with `netleash sandbox list`")]
     NotFound { id: String },
     #[error("cannot start the DNS proxy of sandbox {id:?}")]
@@ -155,7 +165,8 @@ impl Error {
             Error::InvalidId { .. }
             | Error::Policy(_)
             | Error::NoNamespace { .. }
-            | Error::NotNamespace { .. } => FailureKind::InvalidInput,
+            | Error::NotNamespace { .. }
+            | Error::NamespaceTaken { .. } => FailureKind::InvalidInput,
             Error::NotFound { .. } => FailureKind::NotFound,
             _ => FailureKind::System,
         }
@@ -476,6 +487,18 @@ impl Agent {
         let mut moved = None;
         let created = {
             let _change = self.changes.lock().await;
+            // One sandbox per namespace: a second one's proxy could not bind
+            // its port there, and its policy would replace the first one's table.
+            if let Some(other) = self.registry.all().into_iter().find(|other| {
+                let other = other.record();
+                other.id != id && (other.ns_dev, other.ns_inode) == (held.dev, held.inode)
+            }) {
+                return Err(Error::NamespaceTaken {
+                    id,
+                    path: record.netns,
+                    other: other.record().id.clone(),
+                });
+            }
             match self.registry.get(&id) {
                 Some(existing) => {
                     let same = {

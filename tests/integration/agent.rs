@@ -503,6 +503,38 @@ fn the_agents_extra_hosts_and_a_sandboxs_mcp_servers_are_allowed_and_a_bad_defin
 }
 
 #[test]
+fn a_second_sandbox_in_an_enforced_namespace_is_refused_and_changes_nothing() {
+    let bed = support::testbed();
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::start(&bed, dir.path());
+    let netns = sandbox_path(&bed);
+    let first = agent
+        .put("c1", &netns, &policy_json(&["198.51.100.10"]))
+        .unwrap_or_else(|e| panic!("{}\n{}", netleash::cli::render_error(&e), agent.logs()));
+    let table = table_without_expiry(&bed);
+    match agent.put("c2", &netns, &policy_json(&["198.51.100.11"])) {
+        Err(protocol::Error::Refused { kind, message, .. }) => {
+            assert_eq!(kind, FailureKind::InvalidInput);
+            assert_eq!(
+                message,
+                format!(
+                    "the network namespace {} of sandbox \"c2\" is already enforced as sandbox \"c1\"; \
+                     sandboxes that share a network namespace share its policy: put it once (for a \
+                     pod, on the container that owns the namespace), or delete \"c1\" first",
+                    netns.display()
+                )
+            );
+        }
+        other => panic!("a second sandbox in the namespace must be refused, got {other:?}"),
+    }
+    assert_eq!(table_without_expiry(&bed), table, "the table changed");
+    assert_eq!(agent.get("c1").digest, first.digest);
+    assert_reachable(&bed, "198.51.100.10", 443);
+    assert_rejected(&bed, "198.51.100.11", 443);
+    assert!(!dir.path().join("state/sandboxes/c2.json").exists());
+}
+
+#[test]
 fn an_agent_with_a_bad_extra_host_does_not_start() {
     support::require_root();
     let dir = tempfile::tempdir().unwrap();
