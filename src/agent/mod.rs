@@ -524,9 +524,12 @@ impl Agent {
         let (entry, fresh) = created?;
         // Outside the lock: a sandbox whose names are slow to resolve does
         // not hold up the Puts of others.
-        if reply_when == ReplyWhen::NamesResolved {
-            self.wait_first_round(&fresh).await;
+        if reply_when == ReplyWhen::RulesInForce {
+            // The apply verified the table; reading it again for set sizes
+            // and counters would hold up the container start for nothing.
+            return Ok(Self::known_status(&entry));
         }
+        self.wait_first_round(&fresh).await;
         Ok(self.status_of(&entry).await)
     }
 
@@ -853,22 +856,7 @@ impl Agent {
 
     /// The status, from the table as the kernel holds it now.
     async fn read_status(&self, entry: &Enforced) -> (SandboxStatus, Option<String>) {
-        let record = entry.record();
-        let stats = entry.proxy.stats();
-        let mut status = SandboxStatus {
-            id: record.id,
-            netns: record.netns,
-            pid: record.pid,
-            digest: entry
-                .sandbox
-                .ruleset()
-                .map(|r| r.digest.clone())
-                .unwrap_or_default(),
-            dns_queries: stats.udp_queries + stats.tcp_queries,
-            dns_refused: stats.refused,
-            denial_log: Some(DenialLogStatus::from(entry.denials.health())),
-            ..SandboxStatus::default()
-        };
+        let mut status = Self::known_status(entry);
         match entry.sandbox.status().await {
             Ok(Some(table)) => {
                 if let Some(digest) = &table.digest {
@@ -887,6 +875,29 @@ impl Agent {
             }
             Ok(None) => (status, Some("the table is missing".into())),
             Err(error) => (status, Some(crate::dns::error_chain(&error))),
+        }
+    }
+
+    /// What the agent knows of a sandbox without reading its table: id,
+    /// namespace, the digest of the policy it put in force, the proxy's
+    /// counters and the denied-connection log's health. Set sizes and rule
+    /// counters stay empty.
+    fn known_status(entry: &Enforced) -> SandboxStatus {
+        let record = entry.record();
+        let stats = entry.proxy.stats();
+        SandboxStatus {
+            id: record.id,
+            netns: record.netns,
+            pid: record.pid,
+            digest: entry
+                .sandbox
+                .ruleset()
+                .map(|r| r.digest.clone())
+                .unwrap_or_default(),
+            dns_queries: stats.udp_queries + stats.tcp_queries,
+            dns_refused: stats.refused,
+            denial_log: Some(DenialLogStatus::from(entry.denials.health())),
+            ..SandboxStatus::default()
         }
     }
 

@@ -77,7 +77,8 @@ pub enum ReplyWhen {
     /// As soon as the rules are in force: what a container start waits for
     /// (the OCI hook). The sandbox's first query for a name goes through its
     /// proxy, which writes the answer's addresses into the sets before it
-    /// answers, so nothing is lost by not waiting.
+    /// answers, so nothing is lost by not waiting. The table is not read
+    /// again for the reply: its `set_sizes` is empty and its counters are 0.
     RulesInForce,
 }
 

@@ -535,6 +535,46 @@ fn a_second_sandbox_in_an_enforced_namespace_is_refused_and_changes_nothing() {
 }
 
 #[test]
+fn a_put_that_replies_once_the_rules_are_in_force_does_not_wait_for_names() {
+    let bed = support::testbed();
+    let dir = tempfile::tempdir().unwrap();
+    bed.zone().set("allowed.test", &[a("198.51.100.10")], 300);
+    let agent = Agent::start(&bed, dir.path());
+    let request = Request::Put {
+        id: "c1".into(),
+        netns: sandbox_path(&bed),
+        pid: None,
+        policy: policy_json(&["allowed.test"]),
+        origin: "test policy of c1".into(),
+        agent: None,
+        reply_when: ReplyWhen::RulesInForce,
+    };
+    let status = match agent.call(&request) {
+        Ok(Reply::Sandbox(status)) => status,
+        other => panic!("put: {other:?}\n{}", agent.logs()),
+    };
+    // The reply carries the digest in force but reads no table.
+    assert!(status.digest.starts_with("sha256:"), "{status:?}");
+    assert!(status.set_sizes.is_empty(), "{status:?}");
+    assert_eq!(agent.get("c1").digest, status.digest);
+    // The proxy answers at once and learns before it answers.
+    assert_eq!(
+        resolve_and_connect(&bed, "allowed.test"),
+        (ResponseCode::NoError, Some(Verdict::Connected))
+    );
+    assert!(
+        agent
+            .get("c1")
+            .set_sizes
+            .get("dns_v4")
+            .copied()
+            .unwrap_or(0)
+            >= 1,
+        "get reads the table"
+    );
+}
+
+#[test]
 fn an_agent_with_a_bad_extra_host_does_not_start() {
     support::require_root();
     let dir = tempfile::tempdir().unwrap();
