@@ -60,18 +60,29 @@ pub fn bind_proxy_sockets(
     target: &netns::Target,
     port: u16,
 ) -> Result<Vec<(std::net::UdpSocket, std::net::TcpListener)>, Error> {
+    let addrs = [
+        SocketAddr::new(IpAddr::from(Ipv4Addr::LOCALHOST), port),
+        SocketAddr::new(IpAddr::from(Ipv6Addr::LOCALHOST), port),
+    ];
+    // All four sockets from one visit to the namespace: a container start
+    // waits for this (the agent's Put), and each visit is a thread.
+    let opened = netns::run_in(target, || {
+        addrs.map(|addr| {
+            std::net::UdpSocket::bind(addr)
+                .and_then(|udp| Ok((udp, std::net::TcpListener::bind(addr)?)))
+        })
+    })
+    .map_err(|source| Error::ProxySocket {
+        addr: addrs[0],
+        target: target.clone(),
+        source,
+    })?;
     let mut bound = Vec::new();
-    for ip in [
-        IpAddr::from(Ipv4Addr::LOCALHOST),
-        IpAddr::from(Ipv6Addr::LOCALHOST),
-    ] {
-        let addr = SocketAddr::new(ip, port);
-        let pair = netns::udp_socket(target, addr)
-            .and_then(|udp| Ok((udp, netns::tcp_listener(target, addr)?)));
+    for (addr, pair) in addrs.into_iter().zip(opened) {
         match pair {
             Ok(pair) => bound.push(pair),
-            Err(netns::Error::Socket { source, .. })
-                if ip.is_ipv6()
+            Err(source)
+                if addr.is_ipv6()
                     && matches!(
                         source.raw_os_error(),
                         Some(libc::EADDRNOTAVAIL | libc::EAFNOSUPPORT)
@@ -83,7 +94,10 @@ pub fn bind_proxy_sockets(
                 return Err(Error::ProxySocket {
                     addr,
                     target: target.clone(),
-                    source,
+                    source: netns::Error::Socket {
+                        path: target.path().unwrap_or_default(),
+                        source,
+                    },
                 });
             }
         }
