@@ -377,6 +377,10 @@ pub struct Agent {
     /// Puts and Deletes run one at a time, so the registry, the tracked
     /// names and the state directory always agree.
     changes: tokio::sync::Mutex<()>,
+    /// The namespaces (device, inode) of forgotten sandboxes that are still
+    /// stopping: their proxy sockets and nflog group are bound there until
+    /// [`Agent::retire`] is done, so a Put into one waits for that.
+    retiring: std::sync::Mutex<BTreeSet<(u64, u64)>>,
 }
 
 impl Agent {
@@ -406,6 +410,7 @@ impl Agent {
             resolver: tokio::sync::Mutex::new(resolver),
             cache,
             changes: tokio::sync::Mutex::new(()),
+            retiring: std::sync::Mutex::default(),
         })
     }
 
@@ -486,7 +491,16 @@ impl Agent {
         };
         let mut moved = None;
         let created = {
-            let _change = self.changes.lock().await;
+            let _change = loop {
+                let change = self.changes.lock().await;
+                if !self.is_retiring((held.dev, held.inode)) {
+                    break change;
+                }
+                // Another sandbox of this namespace is still stopping (a
+                // Delete just before this Put); other Puts go on meanwhile.
+                drop(change);
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            };
             // One sandbox per namespace: a second one's proxy could not bind
             // its port there, and its policy would replace the first one's table.
             if let Some(other) = self.registry.all().into_iter().find(|other| {
@@ -751,9 +765,20 @@ impl Agent {
         Ok(())
     }
 
+    fn retiring(&self) -> std::sync::MutexGuard<'_, BTreeSet<(u64, u64)>> {
+        self.retiring
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn is_retiring(&self, namespace: (u64, u64)) -> bool {
+        self.retiring().contains(&namespace)
+    }
+
     /// Removes sandbox `id` from the state directory and the registry, so
-    /// the API no longer knows it. Called with `changes` held; the caller
-    /// then [`Agent::retire`]s the entry without it.
+    /// the API no longer knows it, and marks its namespace as retiring.
+    /// Called with `changes` held; the caller then [`Agent::retire`]s the
+    /// entry without it.
     fn unregister(&self, id: &str) -> Result<Arc<Enforced>, Error> {
         if self.registry.get(id).is_none() {
             return Err(Error::NotFound { id: id.to_string() });
@@ -764,21 +789,27 @@ impl Agent {
             id: id.to_string(),
             source,
         })?;
-        self.registry
+        let entry = self
+            .registry
             .write()
             .remove(id)
-            .ok_or_else(|| Error::NotFound { id: id.to_string() })
+            .ok_or_else(|| Error::NotFound { id: id.to_string() })?;
+        let record = entry.record();
+        self.retiring().insert((record.ns_dev, record.ns_inode));
+        Ok(entry)
     }
 
     /// Stops an unregistered sandbox's proxy, DNS work and denied-connection
     /// log, then stops resolving the names no sandbox allows any more.
     /// Stopping takes up to the denied-connection log's poll interval, so
     /// it runs without `changes`: the Puts of other sandboxes (a container
-    /// start waits for one) do not wait for it. The names are untracked
-    /// with `changes` held, so a Put that tracks a name at the same moment
-    /// cannot lose it.
+    /// start waits for one) do not wait for it; only a Put into the same
+    /// namespace does (`retiring`). The names are untracked with `changes`
+    /// held, so a Put that tracks a name at the same moment cannot lose it.
     async fn retire(&self, id: &str, entry: Arc<Enforced>) {
         entry.stop().await;
+        let record = entry.record();
+        self.retiring().remove(&(record.ns_dev, record.ns_inode));
         {
             let _change = self.changes.lock().await;
             self.untrack_unused().await;

@@ -532,6 +532,25 @@ fn a_second_sandbox_in_an_enforced_namespace_is_refused_and_changes_nothing() {
     assert_reachable(&bed, "198.51.100.10", 443);
     assert_rejected(&bed, "198.51.100.11", 443);
     assert!(!dir.path().join("state/sandboxes/c2.json").exists());
+
+    // A Put that arrives while c1 is being deleted waits until c1 has let go
+    // of the namespace's proxy port, then succeeds.
+    std::thread::scope(|scope| {
+        let deleting = scope.spawn(|| agent.call(&Request::Delete { id: "c1".into() }));
+        std::thread::sleep(Duration::from_millis(20));
+        agent
+            .put("c2", &netns, &policy_json(&["198.51.100.11"]))
+            .unwrap_or_else(|e| panic!("{}\n{}", netleash::cli::render_error(&e), agent.logs()));
+        assert!(deleting.join().unwrap().is_ok());
+    });
+    // And once c1's denied-connection log has let go of the nflog group.
+    let log = agent
+        .get("c2")
+        .denial_log
+        .expect("the agent reports the log");
+    assert!(log.listening && log.error.is_none(), "{log:?}");
+    assert_reachable(&bed, "198.51.100.11", 443);
+    assert_rejected(&bed, "198.51.100.10", 443);
 }
 
 #[test]
