@@ -236,21 +236,38 @@ fn commit_queued(
     while !queued.is_empty() {
         let rest = queued.split_off(queued.len().min(MAX_COALESCED_UPDATES));
         let batch = std::mem::replace(&mut queued, rest);
-        if batch.len() > 1 {
-            let all: Vec<SetUpdate> = batch.iter().flat_map(|(u, _)| u.iter().cloned()).collect();
-            if writer.update(&all).is_ok() {
-                committed += 1;
-                for (_, result) in &batch {
-                    result.set(Ok(()));
-                }
-                continue;
+        committed += commit_combined(
+            batch,
+            |updates| writer.update(updates),
+            |result, outcome| result.set(outcome),
+        );
+    }
+    committed
+}
+
+/// Commits the requests of `batch` with `write` in one transaction, or each
+/// alone if that fails (so one bad request never fails the others), and
+/// hands each request its outcome with `answer`. Returns the transactions
+/// committed. Shared by the kernel thread and the learned-element writes.
+fn commit_combined<A>(
+    batch: Vec<(Vec<SetUpdate>, A)>,
+    mut write: impl FnMut(&[SetUpdate]) -> Result<(), kernel::Error>,
+    mut answer: impl FnMut(A, Result<(), kernel::Error>),
+) -> u64 {
+    if batch.len() > 1 {
+        let all: Vec<SetUpdate> = batch.iter().flat_map(|(u, _)| u.iter().cloned()).collect();
+        if write(&all).is_ok() {
+            for (_, request) in batch {
+                answer(request, Ok(()));
             }
+            return 1;
         }
-        for (updates, result) in batch {
-            let outcome = writer.update(&updates);
-            committed += u64::from(outcome.is_ok());
-            result.set(outcome);
-        }
+    }
+    let mut committed = 0;
+    for (updates, request) in batch {
+        let outcome = write(&updates);
+        committed += u64::from(outcome.is_ok());
+        answer(request, outcome);
     }
     committed
 }
@@ -504,23 +521,14 @@ type Waiting = (Vec<SetUpdate>, oneshot::Sender<Result<(), kernel::Error>>);
 
 /// Commits the waiting updates in one transaction, or each alone if that fails.
 fn commit(session: &mut Session, batch: Vec<Waiting>, transactions: &AtomicU64) {
-    if batch.len() > 1 {
-        let all: Vec<SetUpdate> = batch.iter().flat_map(|(u, _)| u.iter().cloned()).collect();
-        if session.update_elements(&all).is_ok() {
-            transactions.fetch_add(1, Ordering::Relaxed);
-            for (_, done) in batch {
-                let _ = done.send(Ok(()));
-            }
-            return;
-        }
-    }
-    for (updates, done) in batch {
-        let result = session.update_elements(&updates);
-        if result.is_ok() {
-            transactions.fetch_add(1, Ordering::Relaxed);
-        }
-        let _ = done.send(result);
-    }
+    let committed = commit_combined(
+        batch,
+        |updates| session.update_elements(updates),
+        |done, outcome| {
+            let _ = done.send(outcome);
+        },
+    );
+    transactions.fetch_add(committed, Ordering::Relaxed);
 }
 
 fn enforce_in(
