@@ -23,7 +23,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use hickory_proto::rr::RecordType;
-use netleash::agent::protocol::{self, Reply, ReplyWhen, Request};
+use netleash::agent::protocol::{self, Put, Reply, ReplyWhen, Request};
 use netleash::testbed::{Testbed, ZoneRecord, netns_path};
 
 const NAMES: usize = 50;
@@ -167,7 +167,7 @@ fn main() {
     let mut puts = Vec::with_capacity(count);
     let started = Instant::now();
     for (i, name) in sandboxes.0.iter().enumerate() {
-        let request = Request::Put {
+        let request = Request::Put(Put {
             id: format!("sbx-{i}"),
             netns: netns_path(name),
             pid: None,
@@ -175,7 +175,7 @@ fn main() {
             origin: "bench policy".into(),
             agent: None,
             reply_when: ReplyWhen::default(),
-        };
+        });
         let at = Instant::now();
         let reply = protocol::call(&socket, &request, Duration::from_secs(60))
             .unwrap_or_else(|e| panic!("put {i}: {}", netleash::cli::render_error(&e)));

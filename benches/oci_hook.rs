@@ -43,7 +43,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use netleash::agent::protocol::{self, ReplyWhen, Request};
+use netleash::agent::protocol::{self, Put, ReplyWhen, Request};
 use netleash::cli::render_error;
 use netleash::testbed::{Testbed, ZoneRecord, netns_path};
 use runc::{Bundle, Network};
@@ -143,7 +143,7 @@ fn main() {
         bed.zone().set(name, &[ZoneRecord::A(v4)], 300);
     }
     let agent = AgentProcess::start(&bed);
-    let resident = Request::Put {
+    let resident = Request::Put(Put {
         id: "resident".into(),
         netns: netns_path(bed.sandbox()),
         pid: None,
@@ -151,7 +151,7 @@ fn main() {
         origin: "the benchmark's resident sandbox".into(),
         agent: None,
         reply_when: ReplyWhen::default(),
-    };
+    });
     protocol::call(Path::new(&agent.socket), &resident, Duration::from_secs(30))
         .unwrap_or_else(|e| panic!("put the resident sandbox: {}", render_error(&e)));
 

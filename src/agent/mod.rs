@@ -354,18 +354,6 @@ pub struct AgentMetrics {
     pub cache: CacheStats,
 }
 
-/// A Put: sandbox `id`'s policy (and agent definition), enforced in the
-/// network namespace at `netns`.
-pub struct PutSandbox {
-    pub id: String,
-    pub netns: PathBuf,
-    pub pid: Option<u32>,
-    pub policy: String,
-    pub origin: String,
-    pub agent: Option<AgentDefinition>,
-    pub reply_when: ReplyWhen,
-}
-
 /// The running agent. Share it as `Arc<Agent>`.
 pub struct Agent {
     config: AgentConfig,
@@ -465,8 +453,8 @@ impl Agent {
     /// `put.netns`; returns once the rules are in force (and, as
     /// `put.reply_when` says, the new names resolved). Bad input changes
     /// nothing.
-    pub async fn put(&self, put: PutSandbox) -> Result<SandboxStatus, Error> {
-        let PutSandbox {
+    pub async fn put(&self, put: protocol::Put) -> Result<SandboxStatus, Error> {
+        let protocol::Put {
             id,
             netns,
             pid,

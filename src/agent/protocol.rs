@@ -36,26 +36,7 @@ pub enum Request {
     /// Create or replace the policy of sandbox `id`, enforced in the network
     /// namespace at `netns`. The reply comes once the rules are in force; a
     /// policy that fails validation changes nothing.
-    Put {
-        id: String,
-        /// The namespace file: /proc/PID/ns/net, a bind mount, /run/netns/NAME.
-        netns: PathBuf,
-        /// The sandbox's process, when known: lets the agent tell after a
-        /// restart whether the namespace still exists.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        pid: Option<u32>,
-        /// The policy document, as text (so errors can give line:column).
-        policy: String,
-        /// Where the policy came from, for error messages.
-        origin: String,
-        /// The sandbox's agent definition, whose `mcp_servers` URLs a
-        /// policy with `"allow_mcp_servers": true` allows.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        agent: Option<AgentDefinition>,
-        /// When the agent replies (default: once the names are resolved).
-        #[serde(default, skip_serializing_if = "ReplyWhen::is_default")]
-        reply_when: ReplyWhen,
-    },
+    Put(Put),
     /// Forget sandbox `id`. The rules stay in its namespace (which is
     /// usually gone by then); DNS work for it stops.
     Delete { id: String },
@@ -63,6 +44,31 @@ pub enum Request {
     Get { id: String },
     /// Every sandbox's status.
     List,
+}
+
+/// A Put: sandbox `id`'s policy (and agent definition), enforced in the
+/// network namespace at `netns`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Put {
+    pub id: String,
+    /// The namespace file: /proc/PID/ns/net, a bind mount, /run/netns/NAME.
+    pub netns: PathBuf,
+    /// The sandbox's process, when known: lets the agent tell after a
+    /// restart whether the namespace still exists.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    /// The policy document, as text (so errors can give line:column).
+    pub policy: String,
+    /// Where the policy came from, for error messages.
+    pub origin: String,
+    /// The sandbox's agent definition, whose `mcp_servers` URLs a
+    /// policy with `"allow_mcp_servers": true` allows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<AgentDefinition>,
+    /// When the agent replies (default: once the names are resolved).
+    #[serde(default, skip_serializing_if = "ReplyWhen::is_default")]
+    pub reply_when: ReplyWhen,
 }
 
 /// When the agent replies to a Put. Either way the rules are in force and
@@ -333,7 +339,7 @@ mod tests {
 
     #[test]
     fn requests_round_trip_and_unknown_fields_are_refused() {
-        let put = Request::Put {
+        let put = Request::Put(Put {
             id: "c1".into(),
             netns: "/proc/42/ns/net".into(),
             pid: Some(42),
@@ -341,7 +347,7 @@ mod tests {
             origin: "annotation netleash.policy".into(),
             agent: None,
             reply_when: ReplyWhen::RulesInForce,
-        };
+        });
         let text = serde_json::to_string(&put).unwrap();
         assert!(text.starts_with(r#"{"op":"put","id":"c1""#), "{text}");
         assert_eq!(serde_json::from_str::<Request>(&text).unwrap(), put);
@@ -350,6 +356,9 @@ mod tests {
             Request::List
         );
         let err = serde_json::from_str::<Request>(r#"{"op":"delete","id":"c1","force":true}"#)
+            .unwrap_err();
+        assert!(err.to_string().contains("unknown field `force`"), "{err}");
+        let err = serde_json::from_str::<Request>(&text.replace(r#""id""#, r#""force":1,"id""#))
             .unwrap_err();
         assert!(err.to_string().contains("unknown field `force`"), "{err}");
     }

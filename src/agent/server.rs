@@ -13,7 +13,7 @@ use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, Buf
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 
 use super::protocol::{FailureKind, MAX_MESSAGE_BYTES, Reply, Request, Response};
-use super::{Agent, AgentMetrics, PutSandbox};
+use super::{Agent, AgentMetrics};
 use crate::http_endpoint;
 
 /// How long a client may take to send its request line.
@@ -135,32 +135,13 @@ async fn answer_api(stream: UnixStream, agent: Arc<Agent>) {
 
 async fn handle(agent: &Agent, request: Request) -> Response {
     let (op, id) = match &request {
-        Request::Put { id, .. } => ("put", id.clone()),
+        Request::Put(put) => ("put", put.id.clone()),
         Request::Delete { id } => ("delete", id.clone()),
         Request::Get { id } => ("get", id.clone()),
         Request::List => ("list", String::new()),
     };
     let result = match request {
-        Request::Put {
-            id,
-            netns,
-            pid,
-            policy,
-            origin,
-            agent: definition,
-            reply_when,
-        } => agent
-            .put(PutSandbox {
-                id,
-                netns,
-                pid,
-                policy,
-                origin,
-                agent: definition,
-                reply_when,
-            })
-            .await
-            .map(Reply::Sandbox),
+        Request::Put(put) => agent.put(put).await.map(Reply::Sandbox),
         Request::Delete { id } => agent.delete(&id).await.map(|()| Reply::Deleted { id }),
         Request::Get { id } => agent.get(&id).await.map(Reply::Sandbox),
         Request::List => Ok(Reply::Sandboxes(agent.list().await)),

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::{EXIT_INVALID_INPUT, EXIT_OK, EXIT_SYSTEM_ERROR, Error as CliError};
-use crate::agent::protocol::{self, AgentDefinition, FailureKind, Reply, ReplyWhen, Request};
+use crate::agent::protocol::{self, AgentDefinition, FailureKind, Put, Reply, ReplyWhen, Request};
 use crate::kernel;
 use crate::netns::Target;
 use crate::oci::{
@@ -201,7 +201,7 @@ fn enforce(args: &Args, state: &oci::State) -> Result<u8, CliError> {
     if args.standalone {
         return enforce_directly(args, state, &config, &netns, policy);
     }
-    let request = Request::Put {
+    let request = Request::Put(Put {
         id: id.clone(),
         netns,
         pid: state.live_pid(),
@@ -211,7 +211,7 @@ fn enforce(args: &Args, state: &oci::State) -> Result<u8, CliError> {
         // The container may start once its rules are in force: its DNS goes
         // to its proxy, which learns each answer before it releases it.
         reply_when: ReplyWhen::RulesInForce,
-    };
+    });
     let reply = protocol::call(&args.socket, &request, Duration::from_secs(args.timeout)).map_err(
         |source| Error::Agent {
             id: id.clone(),

@@ -9,8 +9,8 @@ use std::time::Duration;
 use super::policy_args::{read_agent_file, read_policy_text};
 use super::{EXIT_INVALID_INPUT, EXIT_OK, EXIT_SYSTEM_ERROR};
 use crate::agent::protocol::{
-    self, AgentDefinition, DEFAULT_SOCKET, FailureKind, Reply, ReplyWhen, Request, SandboxStatus,
-    call,
+    self, AgentDefinition, DEFAULT_SOCKET, FailureKind, Put, Reply, ReplyWhen, Request,
+    SandboxStatus, call,
 };
 
 /// `sandbox get|delete` of an id the agent does not have.
@@ -102,7 +102,7 @@ pub fn run(args: Args) -> Result<u8, super::Error> {
                 }
                 None => None,
             };
-            Request::Put {
+            Request::Put(Put {
                 id,
                 netns,
                 pid,
@@ -110,7 +110,7 @@ pub fn run(args: Args) -> Result<u8, super::Error> {
                 origin,
                 agent,
                 reply_when: ReplyWhen::default(),
-            }
+            })
         }
     };
     let reply = call(&args.socket, &request, CALL_TIMEOUT).map_err(super::Error::AgentApi)?;

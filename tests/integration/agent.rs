@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use hickory_proto::op::ResponseCode;
 use hickory_proto::rr::RecordType;
 use netleash::agent::protocol::{
-    self, AgentDefinition, FailureKind, Reply, ReplyWhen, Request, SandboxStatus,
+    self, AgentDefinition, FailureKind, Put, Reply, ReplyWhen, Request, SandboxStatus,
 };
 use netleash::denial_log::DENIED_MESSAGE;
 use netleash::kernel::nflog::NflogListener;
@@ -117,7 +117,7 @@ impl Agent {
         policy: &str,
         agent: Option<&str>,
     ) -> Result<SandboxStatus, protocol::Error> {
-        let request = Request::Put {
+        let request = Request::Put(Put {
             id: id.into(),
             netns: netns.to_path_buf(),
             pid: None,
@@ -128,7 +128,7 @@ impl Agent {
                 origin: format!("test agent of {id}"),
             }),
             reply_when: ReplyWhen::default(),
-        };
+        });
         self.call(&request).map(|reply| match reply {
             Reply::Sandbox(status) => status,
             other => panic!("put {id}: unexpected reply {other:?}"),
@@ -559,7 +559,7 @@ fn a_put_that_replies_once_the_rules_are_in_force_does_not_wait_for_names() {
     let dir = tempfile::tempdir().unwrap();
     bed.zone().set("allowed.test", &[a("198.51.100.10")], 300);
     let agent = Agent::start(&bed, dir.path());
-    let request = Request::Put {
+    let request = Request::Put(Put {
         id: "c1".into(),
         netns: sandbox_path(&bed),
         pid: None,
@@ -567,7 +567,7 @@ fn a_put_that_replies_once_the_rules_are_in_force_does_not_wait_for_names() {
         origin: "test policy of c1".into(),
         agent: None,
         reply_when: ReplyWhen::RulesInForce,
-    };
+    });
     let status = match agent.call(&request) {
         Ok(Reply::Sandbox(status)) => status,
         other => panic!("put: {other:?}\n{}", agent.logs()),

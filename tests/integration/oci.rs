@@ -348,7 +348,7 @@ fn with_an_agent_the_hook_hands_the_container_over_and_obeys_its_answer() {
     assert!(output.status.success(), "{}", describe(&output));
     assert!(bundle.marker_dir().join("ran").exists());
     match request {
-        protocol::Request::Put {
+        protocol::Request::Put(protocol::Put {
             id,
             netns,
             pid: Some(pid),
@@ -357,7 +357,7 @@ fn with_an_agent_the_hook_hands_the_container_over_and_obeys_its_answer() {
             agent: None,
             // A container waits for its rules, not for its names' lookups.
             reply_when: protocol::ReplyWhen::RulesInForce,
-        } => {
+        }) => {
             assert_eq!(id, container.id);
             assert_eq!(
                 netns,
