@@ -19,7 +19,8 @@
 //! Run as root: `cargo bench --bench apply`. Optional: `-- --quick` for fewer
 //! rounds, `-- --elements N` for one size (10, 1000 or 10000), `-- --profile
 //! N` for N back-to-back session applies of the typical policy and nothing
-//! else (to run under `perf record`).
+//! else (to run under `perf record`), `-- --profile-one-shot N` the same
+//! with one-shot applies.
 //!
 //! The nft text is rendered from the model here, in the benchmark only
 //! (`ruleset::render::nft` is not part of this branch). Before timing, the
@@ -331,11 +332,16 @@ fn main() {
         .map(|n| n.parse().expect("--elements takes a number"));
     let ns = Netns::new("netleash");
     let target = Target::Name(ns.0.clone());
-    if let Some(rounds) = args
-        .iter()
-        .position(|a| a == "--profile")
-        .and_then(|i| args.get(i + 1))
-    {
+    // `--profile N`: N session applies back to back; `--profile-one-shot N`:
+    // N one-shot applies (`kernel::apply`) back to back. Typical policy only.
+    for (flag, one_shot) in [("--profile", false), ("--profile-one-shot", true)] {
+        let Some(rounds) = args
+            .iter()
+            .position(|a| a == flag)
+            .and_then(|i| args.get(i + 1))
+        else {
+            continue;
+        };
         let rounds: usize = rounds.parse().expect("--profile takes a number");
         let models: Vec<Ruleset> = (0..2)
             .map(|variant| {
@@ -344,14 +350,23 @@ fn main() {
             })
             .collect();
         let mut session = kernel::Session::open(&target).expect("open a session");
+        if one_shot {
+            kernel::apply(&target, &models[1]).expect("apply");
+        }
         let (mut wall, mut cpu): (Vec<Duration>, Vec<Duration>) = (0..rounds)
             .map(|round| {
-                let (_, wall, cpu) = timed(|| session.apply(&models[round % 2]).expect("apply"));
+                let model = &models[round % 2];
+                let (_, wall, cpu) = if one_shot {
+                    timed(|| kernel::apply(&target, model).expect("apply"))
+                } else {
+                    timed(|| session.apply(model).expect("apply"))
+                };
                 (wall, cpu)
             })
             .unzip();
+        let kind = if one_shot { "one-shot" } else { "session" };
         println!(
-            "{rounds} session applies back to back: median {} ms, CPU {} ms",
+            "{rounds} {kind} applies back to back: median {} ms, CPU {} ms",
             ms(median(&mut wall)),
             ms(median(&mut cpu))
         );

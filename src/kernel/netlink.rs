@@ -219,8 +219,13 @@ pub enum Commit {
 /// `nft_nlmsg_maxsize()` (64 KiB + one page), also for 64 KiB pages, which
 /// `ffi::write_request` asserts; checked when the socket is opened. A
 /// receive this large also lets the kernel fill dump datagrams of up to
-/// 32 KiB (`netlink_recvmsg` remembers the largest receive, capped there),
-/// so big sets dump in few reads. Allocated per dump and freed after it:
+/// 32 KiB (`netlink_recvmsg` remembers the largest receive, capped at
+/// `SKB_WITH_OVERHEAD(32768)`; `netlink_dump` sizes a dump's datagram by it,
+/// and nf_tables asks for no larger `min_dump_alloc`), so big sets dump in
+/// few reads, and every dump datagram fits: each is read with one `recv`
+/// ([`receive_whole`]; one that did not fit would be an error, never a cut
+/// message). The answers to `Request::Table` and `Request::Generation` are
+/// single messages of at most `NLMSG_GOODSIZE`. Allocated per dump and freed after it:
 /// a sandbox's session spends nearly all its life waiting between small
 /// transactions.
 const DUMP_BUFFER_LEN: usize = 1 << 17;
@@ -229,7 +234,7 @@ const DUMP_BUFFER_LEN: usize = 1 << 17;
 /// `NETLINK_CAP_ACK` an acknowledgement carries no copy of the request, only
 /// `nlmsgerr` and the extended-ack attributes (a short message, an offset):
 /// well under 1 KiB, one per datagram (`netlink_ack`). Acknowledgements are
-/// read with one `recv` each ([`receive_acknowledgement`]); one that does not
+/// read with one `recv` each ([`receive_whole`]); one that does not
 /// fit is an error, never a partial read.
 const ACK_BUFFER_LEN: usize = 4096;
 
@@ -296,14 +301,15 @@ fn receive_datagram(fd: i32, buffer: &mut AlignedBuffer, flags: i32) -> io::Resu
     Ok(received as usize)
 }
 
-/// Reads the next datagram on `fd` into `buffer` with ONE `recv`, for
+/// Reads the next datagram on `fd` into `buffer` with ONE `recv` (half the
+/// system calls of [`receive_datagram`]), for datagrams known to fit:
 /// acknowledgements, which with `NETLINK_CAP_ACK` always fit
-/// [`ACK_BUFFER_LEN`] (see there): half the system calls of
-/// [`receive_datagram`], on the path of every learned address. With
-/// `MSG_TRUNC` the kernel returns the datagram's real length
-/// (`netlink_recvmsg`), so a datagram that did not fit is reported as an
-/// error instead of being read cut. Returns the datagram's length.
-fn receive_acknowledgement(fd: i32, buffer: &mut AlignedBuffer, flags: i32) -> io::Result<usize> {
+/// [`ACK_BUFFER_LEN`] (see there), on the path of every learned address; and
+/// dump answers, which fit [`DUMP_BUFFER_LEN`] (see there). With `MSG_TRUNC`
+/// the kernel returns the datagram's real length (`netlink_recvmsg`), so a
+/// datagram that did not fit is reported as an error instead of being read
+/// cut. Returns the datagram's length.
+fn receive_whole(fd: i32, buffer: &mut AlignedBuffer, flags: i32) -> io::Result<usize> {
     let bytes = buffer.bytes_mut();
     // SAFETY: the descriptor is a live socket and `bytes` is writable for its
     // whole length, which is passed along.
@@ -320,7 +326,7 @@ fn receive_acknowledgement(fd: i32, buffer: &mut AlignedBuffer, flags: i32) -> i
     }
     if received as usize > bytes.len() {
         return Err(io::Error::other(format!(
-            "an acknowledgement of {received} bytes did not fit the {}-byte buffer",
+            "a datagram of {received} bytes did not fit the {}-byte buffer",
             bytes.len()
         )));
     }
@@ -637,7 +643,7 @@ impl Netlink {
             .acks
             .get_or_insert_with(|| AlignedBuffer::zeroed(ACK_BUFFER_LEN));
         loop {
-            let n = match receive_acknowledgement(fd, buffer, libc::MSG_DONTWAIT) {
+            let n = match receive_whole(fd, buffer, libc::MSG_DONTWAIT) {
                 Ok(n) => n,
                 Err(err) => match err.raw_os_error() {
                     Some(libc::EAGAIN) => break,
@@ -696,7 +702,7 @@ impl Netlink {
         let mut interrupted = false;
         let fd = self.socket.as_raw_fd();
         loop {
-            let n = match receive_datagram(fd, &mut buffer, 0) {
+            let n = match receive_whole(fd, &mut buffer, 0) {
                 Ok(n) => n,
                 Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
                 Err(err) => return Err(Error::Receive(err)),
@@ -969,14 +975,14 @@ mod tests {
             assert_eq!(n as usize, datagram.len());
         }
         let mut buffer = AlignedBuffer::zeroed(ACK_BUFFER_LEN);
-        let n = receive_acknowledgement(fds[0], &mut buffer, libc::MSG_DONTWAIT).unwrap();
+        let n = receive_whole(fds[0], &mut buffer, libc::MSG_DONTWAIT).unwrap();
         assert_eq!(&buffer.bytes()[..n], &small[..]);
-        let error = receive_acknowledgement(fds[0], &mut buffer, libc::MSG_DONTWAIT).unwrap_err();
+        let error = receive_whole(fds[0], &mut buffer, libc::MSG_DONTWAIT).unwrap_err();
         assert!(error.to_string().contains("did not fit"), "{error}");
         // The datagram after it is read whole.
-        let n = receive_acknowledgement(fds[0], &mut buffer, libc::MSG_DONTWAIT).unwrap();
+        let n = receive_whole(fds[0], &mut buffer, libc::MSG_DONTWAIT).unwrap();
         assert_eq!(&buffer.bytes()[..n], &small[..]);
-        let empty = receive_acknowledgement(fds[0], &mut buffer, libc::MSG_DONTWAIT).unwrap_err();
+        let empty = receive_whole(fds[0], &mut buffer, libc::MSG_DONTWAIT).unwrap_err();
         assert_eq!(empty.raw_os_error(), Some(libc::EAGAIN));
         for fd in fds {
             // SAFETY: closing the descriptors this test opened.

@@ -1269,10 +1269,14 @@ mod tests {
             mode: Mode::Unrestricted,
             dialect: Dialect::Unrestricted,
             rules: vec![],
-            blocklist: vec![crate::policy::BlockEntry {
-                net: "169.254.0.0/16".parse().unwrap(),
-                reason: "link-local".into(),
-            }],
+            // One entry per family: an empty blocklist set would be left out.
+            blocklist: ["169.254.0.0/16", "fe80::/10"]
+                .into_iter()
+                .map(|net| crate::policy::BlockEntry {
+                    net: net.parse().unwrap(),
+                    reason: "link-local".into(),
+                })
+                .collect(),
             warnings: vec![],
         };
         crate::ruleset::compile(&policy, &CompileOptions::default())

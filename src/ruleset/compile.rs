@@ -18,6 +18,10 @@
 //!
 //! In unrestricted mode the chain holds steps 1–3 and the base chains accept.
 //!
+//! A static set with no element is left out, and so is every rule that looks
+//! it up: such a rule can never match, so leaving it out changes no verdict
+//! and no order among the rules that remain (`drop_empty_static_sets`).
+//!
 //! With a DNS proxy (the sidecar; `CompileOptions::proxy`), in limited mode:
 //! - a nat chain on the output hook redirects every UDP and TCP packet to
 //!   port 53 that does not carry the proxy's mark to the proxy (127.0.0.1 or
@@ -161,6 +165,7 @@ pub fn compile(policy: &Policy, options: &CompileOptions) -> Ruleset {
         chains.extend(proxy_zone_chains(proxy));
         chains.push(dns_redirect_chain(proxy));
     }
+    drop_empty_static_sets(&mut sets, &mut chains);
 
     Ruleset {
         mode: policy.mode,
@@ -265,6 +270,53 @@ fn limited_sets(nets: &AllowedNets, options: &CompileOptions) -> Vec<Set> {
         }
     }
     sets
+}
+
+/// Removes the static sets that hold no element, and every rule that looks
+/// one of them up. Such a rule never matches: all matches of a rule must
+/// hold, and a lookup in an empty set holds for no packet (the model has no
+/// inverted set lookup, for which that would not be true; `looked_up_set`
+/// lists every match). So the ruleset decides every packet as before, and the
+/// kernel creates fewer objects in every generation (a names-only policy has
+/// all four `allow_*` sets empty; an IPv4-only one its IPv6 sets).
+///
+/// The DNS-derived sets stay, empty or not: the DNS layer writes into them
+/// at run time, and they keep what it learned across re-applies.
+fn drop_empty_static_sets(sets: &mut Vec<Set>, chains: &mut [Chain]) {
+    let empty: BTreeSet<String> = sets
+        .iter()
+        .filter(|set| set.role != SetRole::DnsAllow && set.elements.is_empty())
+        .map(|set| set.name.clone())
+        .collect();
+    if empty.is_empty() {
+        return;
+    }
+    sets.retain(|set| !empty.contains(&set.name));
+    for chain in chains {
+        chain.rules.retain(|rule| {
+            !rule
+                .matches
+                .iter()
+                .any(|condition| looked_up_set(condition).is_some_and(|set| empty.contains(set)))
+        });
+    }
+}
+
+/// The set a match holds for only if the packet's key is in it.
+fn looked_up_set(condition: &Match) -> Option<&str> {
+    match condition {
+        Match::DaddrInSet { set, .. }
+        | Match::DaddrProtoPortInSet { set, .. }
+        | Match::SaddrProtoSportInSet { set, .. } => Some(set),
+        Match::OifLoopback
+        | Match::CtEstablishedRelated
+        | Match::Icmpv6Types(_)
+        | Match::L4ProtoIn(_)
+        | Match::DportIn(_)
+        | Match::Daddr(_)
+        | Match::MarkIs(_)
+        | Match::MarkIsNot(_) => None,
+    }
 }
 
 /// The nets of one family, merged so that no two overlap or touch (the
@@ -619,7 +671,7 @@ impl RulesetDigest {
         let mut hash = Sha256::new();
         // The layout version: bump it whenever the compiler's output for the
         // same policy changes, so a table from an older netleash never looks current.
-        hash.update(b"netleash ruleset v1\0");
+        hash.update(b"netleash ruleset v2\0");
         hash.update([match mode {
             Mode::Unrestricted => 0u8,
             Mode::Limited => 1,
@@ -698,15 +750,23 @@ mod tests {
     use super::*;
     use crate::policy::{BlockEntry, Dialect};
 
+    /// One entry per family: an empty blocklist set would be left out.
+    fn link_local_blocklist() -> Vec<BlockEntry> {
+        ["169.254.0.0/16", "fe80::/10"]
+            .into_iter()
+            .map(|net| BlockEntry {
+                net: net.parse().unwrap(),
+                reason: "link-local".into(),
+            })
+            .collect()
+    }
+
     fn egress_ids(mode: Mode) -> Vec<String> {
         let policy = Policy {
             mode,
             dialect: Dialect::Limited,
             rules: vec![],
-            blocklist: vec![BlockEntry {
-                net: "fe80::/10".parse().unwrap(),
-                reason: "IPv6 link-local".into(),
-            }],
+            blocklist: link_local_blocklist(),
             warnings: vec![],
         };
         let ruleset = compile(&policy, &CompileOptions::default());
@@ -794,6 +854,73 @@ mod tests {
             },
         );
         assert_eq!(unrestricted, unrestricted_proxied);
+    }
+
+    /// A names-only policy with IPv4 resolvers: its static allow sets and
+    /// its IPv6 resolver set would be empty, so they and the rules that look
+    /// them up are left out; the blocklist and the DNS-derived sets stay, and
+    /// every rule left looks up a set the ruleset has.
+    #[test]
+    fn empty_static_sets_and_their_rules_are_left_out() {
+        let policy = Policy {
+            mode: Mode::Limited,
+            dialect: Dialect::Limited,
+            rules: vec![HostRule {
+                target: Target::Name("api.example.com".into()),
+                ports: Ports::Any,
+                sources: [crate::policy::Source::AllowedHosts].into(),
+                entry: "api.example.com".into(),
+            }],
+            blocklist: link_local_blocklist(),
+            warnings: vec![],
+        };
+        let options = CompileOptions {
+            resolvers: vec!["192.0.2.53".parse().unwrap()],
+            ..CompileOptions::default()
+        };
+        let ruleset = compile(&policy, &options);
+        let sets: Vec<&str> = ruleset.sets.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(
+            sets,
+            [
+                "blocklist_v4",
+                "blocklist_v6",
+                "resolvers_v4_ports",
+                "dns_v4",
+                "dns_v4_ports",
+                "dns_v6",
+                "dns_v6_ports"
+            ]
+        );
+        let ids: Vec<&str> = ruleset
+            .chain(EGRESS_CHAIN)
+            .unwrap()
+            .rules
+            .iter()
+            .map(|r| r.id.as_str())
+            .collect();
+        assert_eq!(
+            ids,
+            [
+                "loopback",
+                "icmpv6-neighbour-discovery",
+                "blocklist-v4",
+                "blocklist-v6",
+                "established",
+                "dns-resolvers-v4",
+                "dns-other",
+                "allow-dns-v4",
+                "allow-dns-v4-ports",
+                "allow-dns-v6",
+                "allow-dns-v6-ports",
+                "default-deny"
+            ]
+        );
+        for rule in ruleset.chains.iter().flat_map(|c| &c.rules) {
+            for set in rule.matches.iter().filter_map(looked_up_set) {
+                assert!(ruleset.set(set).is_some(), "{} looks up {set}", rule.id);
+            }
+        }
     }
 
     /// Neighbour discovery talks to link-local addresses (RFC 4861 §4), so it

@@ -187,7 +187,10 @@ fn other() -> Ruleset {
     ruleset::compile(
         &policy(
             Mode::Limited,
-            vec![allow("192.0.2.0/25", &[(Proto::Tcp, 22)])],
+            vec![
+                allow("192.0.2.0/25", &[(Proto::Tcp, 22)]),
+                allow("192.0.2.128/25", &[]),
+            ],
         ),
         &options(),
     )
@@ -1344,7 +1347,10 @@ fn the_dns_proxy_chains_swap_with_their_generation() {
     let b = ruleset::compile(
         &policy(
             Mode::Limited,
-            vec![allow("192.0.2.0/25", &[(Proto::Tcp, 22)])],
+            vec![
+                allow("192.0.2.0/25", &[(Proto::Tcp, 22)]),
+                allow("192.0.2.128/25", &[]),
+            ],
         ),
         &proxy,
     );
