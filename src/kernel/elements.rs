@@ -444,9 +444,14 @@ impl ElementWriter {
     /// Open a writer in `target` (the socket is created by a thread that
     /// enters the namespace; the caller's namespace never changes).
     pub fn open(target: &crate::netns::Target) -> Result<ElementWriter, Error> {
-        let netlink = crate::netns::run_in(target, Netlink::open)??;
+        crate::netns::run_in(target, ElementWriter::open_here)?
+    }
+
+    /// Open a writer in the calling thread's network namespace (a caller
+    /// already inside it, like [`super::Session::open_here`]).
+    pub fn open_here() -> Result<ElementWriter, Error> {
         Ok(ElementWriter {
-            netlink,
+            netlink: Netlink::open()?,
             known: None,
         })
     }
