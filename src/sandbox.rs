@@ -683,19 +683,24 @@ fn with_seed(carried: &[HeldElement], seed: &[HeldElement]) -> Vec<HeldElement> 
 }
 
 /// One delete update per set.
+/// Each element once: a dump of a hash set can list an element twice (see
+/// `kernel::elements::logical_count`), and one transaction must not delete
+/// an element twice.
 fn deletions(elements: &[HeldElement]) -> Vec<SetUpdate> {
-    let mut by_set: BTreeMap<&str, Vec<Element>> = BTreeMap::new();
+    let mut by_set: BTreeMap<&str, BTreeSet<Element>> = BTreeMap::new();
     for element in elements {
         by_set
             .entry(&element.set)
             .or_default()
-            .push(element.element);
+            .insert(element.element);
     }
     by_set
         .into_iter()
         .map(|(set, elements)| SetUpdate {
             set: set.to_string(),
-            change: SetChange::Delete { elements },
+            change: SetChange::Delete {
+                elements: elements.into_iter().collect(),
+            },
         })
         .collect()
 }
