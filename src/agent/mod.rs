@@ -492,26 +492,41 @@ impl Agent {
         let created = {
             let _change = loop {
                 let change = self.changes.lock().await;
-                if !self.is_retiring((held.dev, held.inode)) {
-                    break change;
+                if self.is_retiring((held.dev, held.inode)) {
+                    // Another sandbox of this namespace is still stopping (a
+                    // Delete just before this Put); other Puts go on meanwhile.
+                    drop(change);
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    continue;
                 }
-                // Another sandbox of this namespace is still stopping (a
-                // Delete just before this Put); other Puts go on meanwhile.
-                drop(change);
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            };
-            // One sandbox per namespace: a second one's proxy could not bind
-            // its port there, and its policy would replace the first one's table.
-            if let Some(other) = self.registry.all().into_iter().find(|other| {
+                // One sandbox per namespace: a second one's proxy could not bind
+                // its port there, and its policy would replace the first one's table.
+                let Some(other) = self.registry.all().into_iter().find(|other| {
+                    let other = other.record();
+                    other.id != id && (other.ns_dev, other.ns_inode) == (held.dev, held.inode)
+                }) else {
+                    break change;
+                };
                 let other = other.record();
-                other.id != id && (other.ns_dev, other.ns_inode) == (held.dev, held.inode)
-            }) {
-                return Err(Error::NamespaceTaken {
-                    id,
-                    path: record.netns,
-                    other: other.record().id.clone(),
-                });
-            }
+                if !process_left(&other) {
+                    return Err(Error::NamespaceTaken {
+                        id,
+                        path: record.netns,
+                        other: other.id,
+                    });
+                }
+                // The other sandbox's process has exited while its namespace
+                // lives on (held by a pod's other containers; its poststop
+                // has not come yet): a container of the pod restarting. Its
+                // sandbox is forgotten as a Delete would (its rules stay in
+                // force until this Put's replace them in one transaction),
+                // and once it has let go of the namespace's proxy port and
+                // nflog group this Put goes on.
+                tracing::info!(sandbox = %id, previous = %other.id, pid = ?other.pid, "the namespace's previous sandbox has exited; this one takes the namespace over");
+                let previous = self.unregister(&other.id)?;
+                drop(change);
+                self.retire(&other.id, previous).await;
+            };
             match self.registry.get(&id) {
                 Some(existing) => {
                     let same = {
@@ -1099,6 +1114,21 @@ impl Agent {
             }
         }
     }
+}
+
+/// Whether the process `record` was put with has left the sandbox's
+/// namespace: its /proc/PID/ns/net no longer names that namespace (device
+/// and inode, namespaces(7)), because the process has exited (and its pid
+/// may be another process's now) or moved. A record without a pid never
+/// counts as left. A process that is still in the namespace, or a pid
+/// reused by another process in it, counts as there: the namespace is then
+/// not taken over.
+fn process_left(record: &SandboxRecord) -> bool {
+    record.pid.is_some_and(|pid| {
+        let there = std::fs::metadata(format!("/proc/{pid}/ns/net"))
+            .is_ok_and(|m| (m.dev(), m.ino()) == (record.ns_dev, record.ns_inode));
+        !there
+    })
 }
 
 fn log_enforcement(id: &str, digest: &str, enforced: &Enforcement) {
