@@ -27,8 +27,8 @@
 //!
 //! `cargo bench --bench oci_hook` as root; `NETLEASH_BENCH_RUNS` sets the
 //! number of runs of each kind (default 40). `NETLEASH_BENCH_HOOK_BIN` runs
-//! another netleash binary as the hook (default: the one cargo built for the
-//! benchmark), and `NETLEASH_BENCH_BASELINE_BIN` adds two kinds that run a
+//! another netleash binary as the hook and the agent (default: the one cargo
+//! built for the benchmark), and `NETLEASH_BENCH_BASELINE_BIN` adds two kinds that run a
 //! second binary's hook (no annotation, and standalone) in the same rounds.
 //! Then the agent's part alone: the round trip of the hook's Put into a
 //! fresh namespace (`NETLEASH_BENCH_BASELINE_AGENT_BIN` adds a second agent
@@ -222,16 +222,13 @@ fn main() {
         let v4 = Ipv4Addr::new(198, 18, 0, i as u8 + 1);
         bed.zone().set(name, &[ZoneRecord::A(v4)], 300);
     }
-    let agent = AgentProcess::start(
-        &bed,
-        env!("CARGO_BIN_EXE_netleash"),
-        &netns_path(bed.sandbox()),
-    );
 
     // The netleash binary the hooks run, and an optional second one (an
     // older build, say) whose hook runs in the same rounds for a before/after.
     let hook_binary = std::env::var("NETLEASH_BENCH_HOOK_BIN")
         .unwrap_or_else(|_| env!("CARGO_BIN_EXE_netleash").to_string());
+    // The agent is the same netleash binary as the hook, as when installed.
+    let agent = AgentProcess::start(&bed, &hook_binary, &netns_path(bed.sandbox()));
     let baseline_binary = std::env::var("NETLEASH_BENCH_BASELINE_BIN").ok();
     let arm = |name: String, annotations: &[(&str, &str)], hook: Option<(&str, &[&str])>| {
         let bundle = Bundle::new("nameserver 192.0.2.53\n");
