@@ -595,8 +595,8 @@ fn enforce_in(
     still_allowed: impl Fn(IpAddr) -> Vec<(String, Element)>,
     seed: &[HeldElement],
 ) -> Result<Enforcement, kernel::Error> {
-    let held = session.timed_elements()?;
-    if session.enforces(ruleset)? {
+    let (held, in_force) = session.held_and_enforces(ruleset)?;
+    if in_force {
         return Ok(Enforcement::AlreadyInForce {
             learned: held.len(),
         });
