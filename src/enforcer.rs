@@ -41,6 +41,12 @@ pub enum Error {
     },
     #[error("cannot start the DNS proxy")]
     Proxy(#[source] proxy::Error),
+    #[error("cannot enter the {target} to open the sandbox's sockets there")]
+    Enter {
+        target: netns::Target,
+        #[source]
+        source: netns::Error,
+    },
 }
 
 /// The proxy's options with the default mark and zone: the sandbox's port-53
@@ -64,8 +70,13 @@ pub fn bind_proxy_sockets(
 ) -> Result<Vec<(std::net::UdpSocket, std::net::TcpListener)>, Error> {
     // All four sockets from one visit to the namespace: a container start
     // waits for this (the agent's Put), and each visit is a thread.
-    let opened = netns::run_in(target, || bind_proxy_sockets_here(port))
-        .map_err(|source| proxy_socket_error(target, port, source))?;
+    let opened = netns::run_in(target, || bind_proxy_sockets_here(port)).map_err(|source| {
+        Error::ProxySocket {
+            addr: proxy_addresses(port)[0],
+            target: target.clone(),
+            source,
+        }
+    })?;
     bound_proxy_sockets(target, port, opened)
 }
 
@@ -103,7 +114,10 @@ pub fn open_sandbox_sockets(
             Session::open_here().and_then(|session| Ok((session, ElementWriter::open_here()?)));
         (proxy, netfilter, NflogListener::open_here(nflog_group))
     })
-    .map_err(|source| proxy_socket_error(target, port, source))?;
+    .map_err(|source| Error::Enter {
+        target: target.clone(),
+        source,
+    })?;
     Ok(SandboxSockets {
         listeners: bound_proxy_sockets(target, port, proxy)?,
         netfilter,
@@ -126,14 +140,6 @@ fn bind_proxy_sockets_here(port: u16) -> [ProxySocketPair; 2] {
         std::net::UdpSocket::bind(addr)
             .and_then(|udp| Ok((udp, std::net::TcpListener::bind(addr)?)))
     })
-}
-
-fn proxy_socket_error(target: &netns::Target, port: u16, source: netns::Error) -> Error {
-    Error::ProxySocket {
-        addr: proxy_addresses(port)[0],
-        target: target.clone(),
-        source,
-    }
 }
 
 /// The pairs that were bound; an IPv6 pair that could not be (no ::1) is
