@@ -1174,6 +1174,32 @@ mod tests {
     }
 
     #[test]
+    fn only_a_process_gone_from_the_namespace_has_left_it() {
+        let own = std::fs::metadata("/proc/self/ns/net").expect("own namespace");
+        let record = |pid: Option<u32>| SandboxRecord {
+            id: "c1".into(),
+            netns: PathBuf::from("/proc/self/ns/net"),
+            pid,
+            ns_dev: own.dev(),
+            ns_inode: own.ino(),
+            policy: String::new(),
+            origin: String::new(),
+            agent: None,
+        };
+        // This process is in the namespace: it has not left.
+        assert!(!process_left(&record(Some(std::process::id()))));
+        // Above the kernel's PID_MAX_LIMIT (2^22): never a live process.
+        assert!(process_left(&record(Some(u32::MAX))));
+        // Without a pid nothing says the sandbox's process is gone.
+        assert!(!process_left(&record(None)));
+        // A live process in another namespace (this one, against a record
+        // of another inode) has left it.
+        let mut elsewhere = record(Some(std::process::id()));
+        elsewhere.ns_inode += 1;
+        assert!(process_left(&elsewhere));
+    }
+
+    #[test]
     fn a_missing_namespace_is_invalid_input() {
         let error = HeldNamespace::open("c1", Path::new("/proc/0/ns/net"))
             .err()
