@@ -27,9 +27,12 @@
 //!
 //! `cargo bench --bench oci_hook` as root; `NETLEASH_BENCH_RUNS` sets the
 //! number of runs of each kind (default 40). `NETLEASH_BENCH_HOOK_BIN` runs
-//! another netleash binary as the hook (default: the one cargo built for the
-//! benchmark), and `NETLEASH_BENCH_BASELINE_BIN` adds two kinds that run a
+//! another netleash binary as the hook and the agent (default: the one cargo
+//! built for the benchmark), and `NETLEASH_BENCH_BASELINE_BIN` adds two kinds that run a
 //! second binary's hook (no annotation, and standalone) in the same rounds.
+//! Then the agent's part alone: the round trip of the hook's Put into a
+//! fresh namespace (`NETLEASH_BENCH_BASELINE_AGENT_BIN` adds a second agent
+//! from another binary, Puts alternating between the two).
 //! Needs runc and busybox-static.
 
 // Shared with the integration tests, which use the parts this file does not.
@@ -88,11 +91,14 @@ struct AgentProcess {
 }
 
 impl AgentProcess {
-    fn start(bed: &Testbed) -> AgentProcess {
+    /// `binary agent` in the testbed's world namespace, with a resident
+    /// sandbox of the typical policy in `resident` (a namespace path), so
+    /// its names are tracked and cached.
+    fn start(bed: &Testbed, binary: &str, resident: &Path) -> AgentProcess {
         let dir = tempfile::tempdir().expect("agent tempdir");
         let socket = dir.path().join("agent.sock");
         let mut child = Command::new("ip")
-            .args(["netns", "exec", bed.world(), env!("CARGO_BIN_EXE_netleash")])
+            .args(["netns", "exec", bed.world(), binary])
             .arg("agent")
             .arg("--socket")
             .arg(&socket)
@@ -111,11 +117,77 @@ impl AgentProcess {
             ready.contains("ready:"),
             "the agent did not start: {ready:?}"
         );
-        AgentProcess {
+        let agent = AgentProcess {
             child,
             socket: socket.to_str().expect("a UTF-8 path").to_string(),
             _dir: dir,
-        }
+        };
+        let resident = Request::Put(Put {
+            id: "resident".into(),
+            netns: resident.to_path_buf(),
+            pid: None,
+            policy: TYPICAL_POLICY.into(),
+            origin: "the benchmark's resident sandbox".into(),
+            agent: None,
+            reply_when: ReplyWhen::default(),
+        });
+        protocol::call(Path::new(&agent.socket), &resident, Duration::from_secs(30))
+            .unwrap_or_else(|e| panic!("put the resident sandbox: {}", render_error(&e)));
+        agent
+    }
+
+    /// The agent's CPU time so far (user + system, /proc/PID/stat); `ip
+    /// netns exec` execs the agent, so the child is the agent.
+    fn cpu(&self) -> Duration {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()))
+            .expect("the agent's /proc/PID/stat");
+        // The fields after the command name, which is in parentheses.
+        let fields: Vec<&str> = stat[stat.rfind(')').expect("a stat line") + 2..]
+            .split(' ')
+            .collect();
+        // utime and stime are fields 14 and 15 (proc(5)), 12 and 13 here.
+        let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+        // SAFETY: sysconf only reads a configuration value.
+        let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+        Duration::from_nanos(ticks * 1_000_000_000 / per_second)
+    }
+
+    /// One Put of the typical policy into a fresh namespace, as the hook
+    /// sends it (`reply_when: rules_in_force`): its round trip and the
+    /// agent's CPU time meanwhile. The sandbox and the namespace are removed
+    /// afterwards, outside the timing.
+    fn timed_put(&self, tag: &str) -> (Duration, Duration) {
+        let name = format!("nl-bench-put-{}-{tag}", std::process::id());
+        let ip = |args: &[&str]| {
+            let status = Command::new("ip").args(args).status().expect("run ip");
+            assert!(status.success(), "ip {args:?}");
+        };
+        ip(&["netns", "add", &name]);
+        ip(&["-n", &name, "link", "set", "lo", "up"]);
+        let put = Request::Put(Put {
+            id: name.clone(),
+            netns: netns_path(&name),
+            pid: None,
+            policy: TYPICAL_POLICY.into(),
+            origin: "the benchmark's container".into(),
+            agent: None,
+            reply_when: ReplyWhen::RulesInForce,
+        });
+        let socket = Path::new(&self.socket);
+        let cpu = self.cpu();
+        let started = Instant::now();
+        protocol::call(socket, &put, Duration::from_secs(30))
+            .unwrap_or_else(|e| panic!("put {name}: {}", render_error(&e)));
+        let took = started.elapsed();
+        let cpu = self.cpu() - cpu;
+        protocol::call(
+            socket,
+            &Request::Delete { id: name.clone() },
+            Duration::from_secs(30),
+        )
+        .unwrap_or_else(|e| panic!("delete {name}: {}", render_error(&e)));
+        ip(&["netns", "delete", &name]);
+        (took, cpu)
     }
 }
 
@@ -132,6 +204,14 @@ fn main() {
         unsafe { libc::geteuid() } == 0,
         "the OCI hook benchmark runs containers with runc: run it as root"
     );
+    // cargo runs a benchmark with LD_LIBRARY_PATH naming target/ and the
+    // toolchain's directories. runc gives a hook without an "env" its own
+    // environment, so every hook process would first look for each of its
+    // libraries in those directories (about 0.2 ms for netleash's, measured
+    // with `perf stat`), which no runtime started by podman, CRI-O or
+    // systemd does. Nothing this benchmark starts needs the variable.
+    // SAFETY: no other thread of this process runs yet.
+    unsafe { std::env::remove_var("LD_LIBRARY_PATH") };
     let runs: usize = std::env::var("NETLEASH_BENCH_RUNS")
         .ok()
         .map(|n| n.parse().expect("NETLEASH_BENCH_RUNS is a number"))
@@ -142,23 +222,13 @@ fn main() {
         let v4 = Ipv4Addr::new(198, 18, 0, i as u8 + 1);
         bed.zone().set(name, &[ZoneRecord::A(v4)], 300);
     }
-    let agent = AgentProcess::start(&bed);
-    let resident = Request::Put(Put {
-        id: "resident".into(),
-        netns: netns_path(bed.sandbox()),
-        pid: None,
-        policy: TYPICAL_POLICY.into(),
-        origin: "the benchmark's resident sandbox".into(),
-        agent: None,
-        reply_when: ReplyWhen::default(),
-    });
-    protocol::call(Path::new(&agent.socket), &resident, Duration::from_secs(30))
-        .unwrap_or_else(|e| panic!("put the resident sandbox: {}", render_error(&e)));
 
     // The netleash binary the hooks run, and an optional second one (an
     // older build, say) whose hook runs in the same rounds for a before/after.
     let hook_binary = std::env::var("NETLEASH_BENCH_HOOK_BIN")
         .unwrap_or_else(|_| env!("CARGO_BIN_EXE_netleash").to_string());
+    // The agent is the same netleash binary as the hook, as when installed.
+    let agent = AgentProcess::start(&bed, &hook_binary, &netns_path(bed.sandbox()));
     let baseline_binary = std::env::var("NETLEASH_BENCH_BASELINE_BIN").ok();
     let arm = |name: String, annotations: &[(&str, &str)], hook: Option<(&str, &[&str])>| {
         let bundle = Bundle::new("nameserver 192.0.2.53\n");
@@ -262,8 +332,63 @@ fn main() {
             cpu - median_ms(&as_ms(&baseline_cpu)),
         );
     }
-    drop(agent);
+    put_round_trips(&bed, agent, runs);
     bed.close().expect("remove the testbed");
+}
+
+/// The agent's part alone: the round trip of the hook's Put into a fresh
+/// namespace, and the agent's CPU time for it, without runc and the hook
+/// process around it. `NETLEASH_BENCH_BASELINE_AGENT_BIN` adds a second
+/// agent from another netleash binary (an older build, say), with its own
+/// resident sandbox; the two get their Puts in alternating order, round by
+/// round, so both see the same load.
+fn put_round_trips(bed: &Testbed, agent: AgentProcess, runs: usize) {
+    let mut agents = vec![("agent".to_string(), agent)];
+    // Kept until the end: the baseline agent's resident sandbox lives there.
+    let mut resident = None;
+    if let Ok(binary) = std::env::var("NETLEASH_BENCH_BASELINE_AGENT_BIN") {
+        let name = format!("nl-bench-resident-{}", std::process::id());
+        for args in [
+            &["netns", "add", &name][..],
+            &["-n", &name, "link", "set", "lo", "up"],
+        ] {
+            let status = Command::new("ip").args(args).status();
+            assert!(status.is_ok_and(|s| s.success()), "ip {args:?}");
+        }
+        let baseline = AgentProcess::start(bed, &binary, &netns_path(&name));
+        agents.push((format!("baseline agent ({binary})"), baseline));
+        resident = Some(name);
+    }
+    let mut samples: Vec<(Vec<Duration>, Vec<Duration>)> = vec![Default::default(); agents.len()];
+    for round in 0..WARM_UP_RUNS + runs {
+        for k in 0..agents.len() {
+            let index = (round + k) % agents.len();
+            let (took, cpu) = agents[index].1.timed_put(&format!("{round}-{index}"));
+            if round >= WARM_UP_RUNS {
+                samples[index].0.push(took);
+                samples[index].1.push(cpu);
+            }
+        }
+    }
+    println!(
+        "the hook's Put (typical policy, rules_in_force) into a fresh namespace, {runs} rounds: \
+         round trip, and the agent's CPU time during it (in clock ticks, so only the mean)"
+    );
+    for ((name, _), (took, cpu)) in agents.iter().zip(&samples) {
+        let took = as_ms(took);
+        let cpu_mean = cpu.iter().sum::<Duration>().as_secs_f64() * 1e3 / cpu.len() as f64;
+        println!(
+            "{name:<44} p50 {:>5.2} ms  p10 {:>5.2} ms  p90 {:>5.2} ms  agent CPU mean {:>5.2} ms",
+            median_ms(&took),
+            percentile_ms(&took, 10),
+            percentile_ms(&took, 90),
+            cpu_mean,
+        );
+    }
+    drop(agents);
+    if let Some(name) = resident {
+        let _ = Command::new("ip").args(["netns", "delete", &name]).status();
+    }
 }
 
 /// One `runc run` of `bundle`, which must succeed: its wall-clock time and

@@ -4,6 +4,7 @@
 //! sandbox's namespace, which learned addresses a new policy keeps, and the
 //! sandbox's denied-connection log.
 
+use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 
@@ -13,6 +14,7 @@ use crate::dns::names::AllowedNames;
 use crate::dns::origins::AddressOrigins;
 use crate::dns::proxy::{self, Proxy, ProxyHandle};
 use crate::kernel::nflog::NflogListener;
+use crate::kernel::{self, ElementWriter, Session};
 use crate::netns;
 use crate::policy::ProxyOptions;
 use crate::ruleset::Element;
@@ -39,6 +41,12 @@ pub enum Error {
     },
     #[error("cannot start the DNS proxy")]
     Proxy(#[source] proxy::Error),
+    #[error("cannot enter the {target} to open the sandbox's sockets there")]
+    Enter {
+        target: netns::Target,
+        #[source]
+        source: netns::Error,
+    },
 }
 
 /// The proxy's options with the default mark and zone: the sandbox's port-53
@@ -60,25 +68,89 @@ pub fn bind_proxy_sockets(
     target: &netns::Target,
     port: u16,
 ) -> Result<Vec<(std::net::UdpSocket, std::net::TcpListener)>, Error> {
-    let addrs = [
-        SocketAddr::new(IpAddr::from(Ipv4Addr::LOCALHOST), port),
-        SocketAddr::new(IpAddr::from(Ipv6Addr::LOCALHOST), port),
-    ];
     // All four sockets from one visit to the namespace: a container start
     // waits for this (the agent's Put), and each visit is a thread.
-    let opened = netns::run_in(target, || {
-        addrs.map(|addr| {
-            std::net::UdpSocket::bind(addr)
-                .and_then(|udp| Ok((udp, std::net::TcpListener::bind(addr)?)))
-        })
+    let opened = netns::run_in(target, || bind_proxy_sockets_here(port)).map_err(|source| {
+        Error::ProxySocket {
+            addr: proxy_addresses(port)[0],
+            target: target.clone(),
+            source,
+        }
+    })?;
+    bound_proxy_sockets(target, port, opened)
+}
+
+/// What a sandbox's enforcement opens inside its namespace, all from one
+/// visit to it ([`open_sandbox_sockets`]). Each socket stays in the
+/// namespace it was created in (socket(7)), whichever thread uses it later.
+pub struct SandboxSockets {
+    /// The proxy's bound UDP socket and TCP listener per loopback address.
+    pub listeners: Vec<(std::net::UdpSocket, std::net::TcpListener)>,
+    /// The kernel session and the learned-element writer
+    /// ([`crate::sandbox::Sandbox::with_sockets`]), or why they cannot be opened.
+    pub netfilter: Result<(Session, ElementWriter), kernel::Error>,
+    /// The denied-connection log's nflog subscription, or why it cannot be
+    /// had (the log is then off: [`watch_denials`]).
+    pub nflog: Result<NflogListener, kernel::Error>,
+}
+
+/// Opens everything a new sandbox needs inside `target` in one visit to the
+/// namespace, made by the calling thread itself ([`netns::visit`]: no
+/// thread is started; a container start waits for this): the proxy's
+/// sockets on `port`, the kernel session and element writer, and the nflog
+/// subscription to `nflog_group`. Blocks; from async code call it inside
+/// `tokio::task::block_in_place`. Only the proxy's sockets fail the call;
+/// the caller decides about the others. Binding the nflog group before the
+/// rules are in force is harmless: nothing logs to it before their deny
+/// chain does.
+pub fn open_sandbox_sockets(
+    target: &netns::Target,
+    port: u16,
+    nflog_group: u16,
+) -> Result<SandboxSockets, Error> {
+    let (proxy, netfilter, nflog) = netns::visit(target, || {
+        let proxy = bind_proxy_sockets_here(port);
+        let netfilter =
+            Session::open_here().and_then(|session| Ok((session, ElementWriter::open_here()?)));
+        (proxy, netfilter, NflogListener::open_here(nflog_group))
     })
-    .map_err(|source| Error::ProxySocket {
-        addr: addrs[0],
+    .map_err(|source| Error::Enter {
         target: target.clone(),
         source,
     })?;
+    Ok(SandboxSockets {
+        listeners: bound_proxy_sockets(target, port, proxy)?,
+        netfilter,
+        nflog,
+    })
+}
+
+type ProxySocketPair = io::Result<(std::net::UdpSocket, std::net::TcpListener)>;
+
+const fn proxy_addresses(port: u16) -> [SocketAddr; 2] {
+    [
+        SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port),
+        SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), port),
+    ]
+}
+
+/// Binds the proxy's pairs in the calling thread's namespace, IPv4 first.
+fn bind_proxy_sockets_here(port: u16) -> [ProxySocketPair; 2] {
+    proxy_addresses(port).map(|addr| {
+        std::net::UdpSocket::bind(addr)
+            .and_then(|udp| Ok((udp, std::net::TcpListener::bind(addr)?)))
+    })
+}
+
+/// The pairs that were bound; an IPv6 pair that could not be (no ::1) is
+/// left out, any other failure is the error.
+fn bound_proxy_sockets(
+    target: &netns::Target,
+    port: u16,
+    opened: [ProxySocketPair; 2],
+) -> Result<Vec<(std::net::UdpSocket, std::net::TcpListener)>, Error> {
     let mut bound = Vec::new();
-    for (addr, pair) in addrs.into_iter().zip(opened) {
+    for (addr, pair) in proxy_addresses(port).into_iter().zip(opened) {
         match pair {
             Ok(pair) => bound.push(pair),
             Err(source)
@@ -148,7 +220,18 @@ pub fn start_denial_log(
     sandbox: String,
     origins: Arc<AddressOrigins>,
 ) -> DenialWatch {
-    let started = NflogListener::open(target, group)
+    watch_denials(NflogListener::open(target, group), group, sandbox, origins)
+}
+
+/// [`start_denial_log`] with the nflog subscription already opened in the
+/// namespace (or the reason it could not be: the log is then off).
+pub fn watch_denials(
+    listener: Result<NflogListener, kernel::Error>,
+    group: u16,
+    sandbox: String,
+    origins: Arc<AddressOrigins>,
+) -> DenialWatch {
+    let started = listener
         .map_err(|error| crate::cli::render_error(&error))
         .and_then(|listener| {
             DenialWatch::start(listener, sandbox.clone(), origins).map_err(|error| {

@@ -323,37 +323,39 @@ impl Sandbox {
     /// Opens a netfilter session in `target` on a kernel thread of its own.
     /// Changes nothing in the namespace.
     pub fn open(target: netns::Target) -> Result<Sandbox, Error> {
+        let open_error = |source| Error::Open {
+            target: target.clone(),
+            source,
+        };
+        // Both sockets in one visit to the namespace (each visit is a thread).
+        let (session, writer) = netns::run_in(&target, || {
+            Ok::<_, kernel::Error>((Session::open_here()?, ElementWriter::open_here()?))
+        })
+        .map_err(|source| open_error(source.into()))?
+        .map_err(open_error)?;
+        Sandbox::with_sockets(target, session, writer)
+    }
+
+    /// A sandbox for `target` from a session and an element writer already
+    /// opened in its namespace (e.g. by [`crate::enforcer::open_sandbox_sockets`],
+    /// which opens everything a sandbox needs there in one visit). Starts
+    /// the kernel thread, which owns `session`. Changes nothing in the namespace.
+    pub fn with_sockets(
+        target: netns::Target,
+        session: Session,
+        writer: ElementWriter,
+    ) -> Result<Sandbox, Error> {
         let (commands, incoming) = mpsc::channel::<Command>();
-        let (opened, opening) = mpsc::sync_channel(1);
         let transactions = Arc::new(AtomicU64::new(0));
-        let thread_target = target.clone();
         let counter = transactions.clone();
         std::thread::Builder::new()
             .name("netleash-kernel".into())
             .stack_size(KERNEL_THREAD_STACK)
-            .spawn(move || match Session::open(&thread_target) {
-                Ok(session) => {
-                    let _ = opened.send(Ok(()));
-                    serve(session, &incoming, &counter);
-                }
-                Err(error) => {
-                    let _ = opened.send(Err(error));
-                }
-            })
+            .spawn(move || serve(session, &incoming, &counter))
             .map_err(|source| Error::Thread {
                 target: target.clone(),
                 source,
             })?;
-        match opening.recv() {
-            Ok(Ok(())) => {}
-            Ok(Err(source)) => return Err(Error::Open { target, source }),
-            Err(_) => return Err(Error::Stopped { target }),
-        }
-        let learning =
-            LearnWrites::new(ElementWriter::open(&target).map_err(|source| Error::Open {
-                target: target.clone(),
-                source,
-            })?);
         Ok(Sandbox {
             target,
             commands,
@@ -362,8 +364,64 @@ impl Sandbox {
             elements_added: AtomicU64::new(0),
             failures: AtomicU64::new(0),
             written: Mutex::new(WrittenElements::default()),
-            learning,
+            learning: LearnWrites::new(writer),
         })
+    }
+
+    /// A new sandbox in `target` whose `ruleset` is enforced (as
+    /// [`Sandbox::enforce`] does) on the calling thread, with `session` and
+    /// `writer` opened in its namespace: a container start waits for this,
+    /// and the apply needs no hop to the kernel thread and back, which
+    /// starts with the session afterwards. Blocks; from async code call it
+    /// inside `tokio::task::block_in_place`.
+    ///
+    /// `seed` (addresses the shared cache already holds for the policy's
+    /// names) goes into the same transaction as the table, so they are
+    /// allowed from the moment the rules are in force without a second
+    /// transaction (and the read of the sets it needs), and is remembered as
+    /// written, so learning it again writes nothing while its timeouts cover
+    /// it. If the table in force already was `ruleset` nothing is applied,
+    /// the seed included: learn it afterwards.
+    pub fn enforce_new(
+        target: netns::Target,
+        mut session: Session,
+        writer: ElementWriter,
+        ruleset: Ruleset,
+        still_allowed: impl Fn(IpAddr) -> Vec<(String, Element)>,
+        seed: &[Learned],
+    ) -> Result<(Sandbox, Enforcement), Error> {
+        let seeded: Vec<HeldElement> = seed
+            .iter()
+            .map(|learned| HeldElement {
+                set: learned.set.clone(),
+                element: learned.element,
+                expires_in: Some(learned.timeout),
+            })
+            .collect();
+        // Before the transaction is sent: the kernel counts each timeout
+        // from the commit, which is later, so the expiry recorded is early.
+        let sent_at = Instant::now();
+        let enforced = match enforce_in(&mut session, &ruleset, still_allowed, &seeded) {
+            Ok(enforced) => enforced,
+            Err(source) => {
+                session.close_in_background();
+                return Err(Error::Kernel { target, source });
+            }
+        };
+        let sandbox = Sandbox::with_sockets(target, session, writer)?;
+        if let Enforcement::Applied { .. } = enforced {
+            let mut written = sandbox.written();
+            let epoch = written.epoch;
+            written.record(seed, sent_at, epoch);
+            sandbox
+                .elements_added
+                .fetch_add(seed.len() as u64, Ordering::Relaxed);
+        }
+        *sandbox
+            .ruleset
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(Arc::new(ruleset));
+        Ok((sandbox, enforced))
     }
 
     fn written(&self) -> std::sync::MutexGuard<'_, WrittenElements> {
@@ -448,7 +506,7 @@ impl Sandbox {
         let model = ruleset.clone();
         let target = self.target.clone();
         let enforced = self
-            .run(move |session| enforce_in(session, &model, still_allowed))
+            .run(move |session| enforce_in(session, &model, still_allowed, &[]))
             .await?
             .map_err(|source| Error::Kernel { target, source })?;
         *self
@@ -535,15 +593,17 @@ fn enforce_in(
     session: &mut Session,
     ruleset: &Ruleset,
     still_allowed: impl Fn(IpAddr) -> Vec<(String, Element)>,
+    seed: &[HeldElement],
 ) -> Result<Enforcement, kernel::Error> {
-    let held = session.timed_elements()?;
-    if session.enforces(ruleset)? {
+    let (held, in_force) = session.held_and_enforces(ruleset)?;
+    if in_force {
         return Ok(Enforcement::AlreadyInForce {
             learned: held.len(),
         });
     }
     let (carried, forgotten) = carry(&held, still_allowed);
-    let report = session.apply_carrying(ruleset, &kernel::carry_updates(&carried))?;
+    let added = with_seed(&carried, seed);
+    let report = session.apply_carrying(ruleset, &kernel::carry_updates(&added))?;
     // Only from sets the new table has (a policy that became unrestricted has none).
     let forget: Vec<SetUpdate> = deletions(&forgotten)
         .into_iter()
@@ -597,20 +657,50 @@ fn carry(
     (carried, forgotten)
 }
 
+/// The carried elements and the seed as one list, each element once with
+/// the longer of its times (one transaction must not add an element twice).
+fn with_seed(carried: &[HeldElement], seed: &[HeldElement]) -> Vec<HeldElement> {
+    if seed.is_empty() {
+        return carried.to_vec();
+    }
+    let mut longest: BTreeMap<(&str, &Element), Duration> = BTreeMap::new();
+    for element in carried.iter().chain(seed) {
+        if let Some(left) = element.expires_in {
+            let slot = longest
+                .entry((element.set.as_str(), &element.element))
+                .or_default();
+            *slot = (*slot).max(left);
+        }
+    }
+    longest
+        .into_iter()
+        .map(|((set, element), left)| HeldElement {
+            set: set.to_string(),
+            element: *element,
+            expires_in: Some(left),
+        })
+        .collect()
+}
+
 /// One delete update per set.
+/// Each element once: a dump of a hash set can list an element twice (see
+/// `kernel::elements::logical_count`), and one transaction must not delete
+/// an element twice.
 fn deletions(elements: &[HeldElement]) -> Vec<SetUpdate> {
-    let mut by_set: BTreeMap<&str, Vec<Element>> = BTreeMap::new();
+    let mut by_set: BTreeMap<&str, BTreeSet<Element>> = BTreeMap::new();
     for element in elements {
         by_set
             .entry(&element.set)
             .or_default()
-            .push(element.element);
+            .insert(element.element);
     }
     by_set
         .into_iter()
         .map(|(set, elements)| SetUpdate {
             set: set.to_string(),
-            change: SetChange::Delete { elements },
+            change: SetChange::Delete {
+                elements: elements.into_iter().collect(),
+            },
         })
         .collect()
 }
@@ -778,6 +868,29 @@ mod tests {
         assert_eq!(deletes.len(), 1);
         assert!(
             matches!(&deletes[0].change, SetChange::Delete { elements } if elements.len() == 2)
+        );
+    }
+
+    #[test]
+    fn a_seed_joins_the_carried_elements_each_once_with_the_longer_time() {
+        let carried = [
+            held("dns_v4", "192.0.2.1/32", 10),
+            held("dns_v4", "192.0.2.2/32", 50),
+        ];
+        let seed = [
+            held("dns_v4", "192.0.2.2/32", 30),
+            held("dns_v4", "192.0.2.3/32", 40),
+            held("dns_v4_ports", "192.0.2.1/32", 5),
+        ];
+        assert_eq!(with_seed(&carried, &[]), carried.to_vec());
+        assert_eq!(
+            with_seed(&carried, &seed),
+            vec![
+                held("dns_v4", "192.0.2.1/32", 10),
+                held("dns_v4", "192.0.2.2/32", 50),
+                held("dns_v4", "192.0.2.3/32", 40),
+                held("dns_v4_ports", "192.0.2.1/32", 5),
+            ]
         );
     }
 

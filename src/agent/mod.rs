@@ -46,7 +46,7 @@ use hickory_proto::rr::RecordType;
 
 use crate::denial_log::{DenialStats, DenialWatch};
 use crate::dns::cache::{AnswerCache, CacheKey, CacheStats};
-use crate::dns::learn::{AddressSink, LearnedBatch, learned_for};
+use crate::dns::learn::{AddressSink, Learned, LearnedBatch, learned_for};
 use crate::dns::names::AllowedNames;
 use crate::dns::origins::AddressOrigins;
 use crate::dns::proxy::{Proxy, ProxyConfig, ProxyHandle, ProxyStats};
@@ -56,7 +56,7 @@ use crate::dns::resolver::{
 use crate::dns::ttl::TtlPolicy;
 use crate::dns::upstream::Upstream;
 use crate::enforcer::{
-    self, bind_proxy_sockets, proxy_options, serve_proxy, start_denial_log, still_allowed,
+    self, open_sandbox_sockets, proxy_options, serve_proxy, still_allowed, watch_denials,
 };
 use crate::kernel::CountedVerdict;
 use crate::netns::{self, Target};
@@ -209,8 +209,9 @@ impl HeldNamespace {
             dev: metadata.dev(),
             inode: metadata.ino(),
         };
-        // setns(CLONE_NEWNET) refuses anything but a network namespace.
-        netns::run_in(&held.target(), || ()).map_err(|source| Error::NotNamespace {
+        // Checked with an ioctl, without a thread that enters it; whether
+        // the agent may enter it shows when its sockets are opened there.
+        netns::check_network_namespace(&held.file, path).map_err(|source| Error::NotNamespace {
             id: id.to_string(),
             path: path.to_path_buf(),
             source: Box::new(source),
@@ -226,6 +227,16 @@ impl HeldNamespace {
             self.file.as_raw_fd()
         )))
     }
+}
+
+/// Whether a sandbox being created is in the state directory already.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Recorded {
+    /// Adopted after a restart, from its record: on a failure the record
+    /// stays, for the next restart to try again.
+    Already,
+    /// Put now: recorded while its rules are applied, removed if that fails.
+    New,
 }
 
 /// One sandbox the agent enforces.
@@ -432,7 +443,7 @@ impl Agent {
             };
             let created = {
                 let _change = self.changes.lock().await;
-                self.create(record, held).await
+                self.create(record, held, Recorded::Already, None).await
             };
             match created {
                 Ok((entry, fresh)) => {
@@ -465,7 +476,7 @@ impl Agent {
         } = put;
         check_id(&id)?;
         // Validated before anything is touched.
-        policy::load(&policy, &origin, &self.expansions(agent.as_ref())?)?;
+        let loaded = policy::load(&policy, &origin, &self.expansions(agent.as_ref())?)?;
         let held = HeldNamespace::open(&id, &netns)?;
         let record = SandboxRecord {
             id: id.clone(),
@@ -481,26 +492,41 @@ impl Agent {
         let created = {
             let _change = loop {
                 let change = self.changes.lock().await;
-                if !self.is_retiring((held.dev, held.inode)) {
-                    break change;
+                if self.is_retiring((held.dev, held.inode)) {
+                    // Another sandbox of this namespace is still stopping (a
+                    // Delete just before this Put); other Puts go on meanwhile.
+                    drop(change);
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    continue;
                 }
-                // Another sandbox of this namespace is still stopping (a
-                // Delete just before this Put); other Puts go on meanwhile.
-                drop(change);
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            };
-            // One sandbox per namespace: a second one's proxy could not bind
-            // its port there, and its policy would replace the first one's table.
-            if let Some(other) = self.registry.all().into_iter().find(|other| {
+                // One sandbox per namespace: a second one's proxy could not bind
+                // its port there, and its policy would replace the first one's table.
+                let Some(other) = self.registry.all().into_iter().find(|other| {
+                    let other = other.record();
+                    other.id != id && (other.ns_dev, other.ns_inode) == (held.dev, held.inode)
+                }) else {
+                    break change;
+                };
                 let other = other.record();
-                other.id != id && (other.ns_dev, other.ns_inode) == (held.dev, held.inode)
-            }) {
-                return Err(Error::NamespaceTaken {
-                    id,
-                    path: record.netns,
-                    other: other.record().id.clone(),
-                });
-            }
+                if !process_left(&other) {
+                    return Err(Error::NamespaceTaken {
+                        id,
+                        path: record.netns,
+                        other: other.id,
+                    });
+                }
+                // The other sandbox's process has exited while its namespace
+                // lives on (held by a pod's other containers; its poststop
+                // has not come yet): a container of the pod restarting. Its
+                // sandbox is forgotten as a Delete would (its rules stay in
+                // force until this Put's replace them in one transaction),
+                // and once it has let go of the namespace's proxy port and
+                // nflog group this Put goes on.
+                tracing::info!(sandbox = %id, previous = %other.id, pid = ?other.pid, "the namespace's previous sandbox has exited; this one takes the namespace over");
+                let previous = self.unregister(&other.id)?;
+                drop(change);
+                self.retire(&other.id, previous).await;
+            };
             match self.registry.get(&id) {
                 Some(existing) => {
                     let same = {
@@ -508,16 +534,16 @@ impl Agent {
                         (old.ns_dev, old.ns_inode) == (held.dev, held.inode)
                     };
                     if same {
-                        self.replace(&existing, record).await
+                        self.replace(&existing, record, loaded).await
                     } else {
                         // The id moved to another namespace: the old one is
                         // left as a Delete leaves it (retired below, also
                         // when the new one fails).
                         moved = Some(self.unregister(&id)?);
-                        self.create(record, held).await
+                        self.create(record, held, Recorded::New, Some(loaded)).await
                     }
                 }
-                None => self.create(record, held).await,
+                None => self.create(record, held, Recorded::New, Some(loaded)).await,
             }
         };
         if let Some(old) = moved {
@@ -548,51 +574,130 @@ impl Agent {
         Ok(expansions)
     }
 
-    fn compile(&self, record: &SandboxRecord) -> Result<Ruleset, Error> {
-        let expansions = self.expansions(record.agent.as_ref())?;
-        let policy = policy::load(&record.policy, &record.origin, &expansions)?;
+    /// The ruleset of `record`'s policy; `loaded` is that policy if the
+    /// caller has loaded it already (a Put validates it first).
+    fn compile(
+        &self,
+        record: &SandboxRecord,
+        loaded: Option<policy::Policy>,
+    ) -> Result<Ruleset, Error> {
+        let policy = match loaded {
+            Some(policy) => policy,
+            None => {
+                let expansions = self.expansions(record.agent.as_ref())?;
+                policy::load(&record.policy, &record.origin, &expansions)?
+            }
+        };
         for warning in &policy.warnings {
             tracing::warn!(sandbox = %record.id, %warning, "policy warning");
         }
         Ok(ruleset::compile(&policy, &self.options))
     }
 
-    /// A new sandbox: proxy sockets bound in its namespace first (queries
-    /// redirected from then on wait in their queues), then the rules, the
-    /// addresses the shared cache already has, the resolver loop, the proxy.
-    /// Returns the sandbox and the names it is the first to allow.
+    /// A new sandbox: everything it needs inside its namespace opened in one
+    /// visit (the proxy's sockets, bound from then on, so redirected queries
+    /// wait in their queues; the kernel session and element writer; the
+    /// nflog subscription), then the rules in one transaction with the
+    /// addresses the shared cache already has for its names, while its
+    /// state record is written; then the denied-connection log, the
+    /// resolver loop, the proxy. Returns the sandbox and the names it is the
+    /// first to allow.
     async fn create(
         &self,
         record: SandboxRecord,
         namespace: HeldNamespace,
+        recorded: Recorded,
+        loaded: Option<policy::Policy>,
     ) -> Result<(Arc<Enforced>, BTreeSet<String>), Error> {
         let id = record.id.clone();
-        let ruleset = self.compile(&record)?;
+        let ruleset = self.compile(&record, loaded)?;
         let target = namespace.target();
-        let listeners =
-            bind_proxy_sockets(&target, self.config.proxy_port).map_err(|source| Error::Proxy {
-                id: id.clone(),
-                source: Box::new(source),
-            })?;
-        let enforce_error = |source| Error::Enforce {
-            id: id.clone(),
-            source: Box::new(source),
-        };
-        let sandbox = Arc::new(Sandbox::open(target).map_err(enforce_error)?);
         let names = AllowedNames::new(ruleset.names.clone());
         let digest = ruleset.digest.clone();
         // New (or adopted after a restart): this sandbox has released no
         // address yet, so a policy applied over an older one carries nothing.
         let origins = Arc::new(AddressOrigins::default());
-        let enforced = sandbox
-            .enforce(ruleset, still_allowed(origins.clone(), names.clone()))
-            .await
+        let (seed, released) = self.cached_addresses(&names);
+        // The record is written on another thread while this one applies
+        // (a restart adopts it; if the apply fails it is removed again).
+        let saving = (recorded == Recorded::New).then(|| {
+            let state = self.state.clone();
+            let record = record.clone();
+            tokio::task::spawn_blocking(move || state.save(&record))
+        });
+        // One visit to the namespace by this thread for every socket, then
+        // the apply on this thread too: no thread hop before the rules are
+        // in force.
+        let opened = tokio::task::block_in_place(|| {
+            let sockets =
+                open_sandbox_sockets(&target, self.config.proxy_port, self.options.nflog_group)
+                    .map_err(|source| Error::Proxy {
+                        id: id.clone(),
+                        source: Box::new(source),
+                    })?;
+            let enforce_error = |source| Error::Enforce {
+                id: id.clone(),
+                source: Box::new(source),
+            };
+            let (session, writer) = sockets.netfilter.map_err(|source| {
+                enforce_error(sandbox::Error::Open {
+                    target: target.clone(),
+                    source,
+                })
+            })?;
+            let (sandbox, enforced) = Sandbox::enforce_new(
+                target.clone(),
+                session,
+                writer,
+                ruleset,
+                still_allowed(origins.clone(), names.clone()),
+                &seed,
+            )
             .map_err(enforce_error)?;
+            Ok::<_, Error>((sockets.listeners, sockets.nflog, sandbox, enforced))
+        });
+        let saved = match saving {
+            None => Ok(()),
+            Some(saving) => saving.await.unwrap_or_else(|error| {
+                Err(state::Error::Write {
+                    path: self.state.path(&id),
+                    source: io::Error::other(format!("the writing thread failed: {error}")),
+                })
+            }),
+        };
+        let (listeners, nflog, sandbox, enforced) = match opened {
+            Ok(opened) => opened,
+            Err(error) => {
+                if recorded == Recorded::New
+                    && saved.is_ok()
+                    && let Err(error) = self.state.remove(&id)
+                {
+                    tracing::error!(sandbox = %id, error = %crate::dns::error_chain(&error), "cannot remove the state file of a sandbox that failed");
+                }
+                return Err(error);
+            }
+        };
+        let sandbox = Arc::new(sandbox);
         log_enforcement(&id, &digest, &enforced);
+        // The rules are in force (fail closed) even if the agent cannot
+        // record the sandbox; it then does not serve it.
+        saved.map_err(|source| Error::State {
+            id: id.clone(),
+            source,
+        })?;
+        if let Enforcement::Applied { .. } = enforced {
+            for (name, addresses) in released {
+                origins.record(&name, addresses);
+            }
+        }
 
         let mut proxy_config = ProxyConfig::new(self.config.upstreams.clone());
         proxy_config.upstream = Upstream::new(self.config.upstreams.clone());
         proxy_config.ttl = self.config.ttl;
+        let proxy_error = |source| Error::Proxy {
+            id: id.clone(),
+            source: Box::new(source),
+        };
         let proxy = Proxy::new(
             proxy_config,
             names.clone(),
@@ -600,19 +705,9 @@ impl Agent {
             self.cache.clone(),
             origins.clone(),
         )
-        .map_err(|source| Error::Proxy {
-            id: id.clone(),
-            source: Box::new(enforcer::Error::Proxy(source)),
-        })?;
+        .map_err(|source| proxy_error(enforcer::Error::Proxy(source)))?;
         // The rules are in force, so their deny chain logs to the group.
-        let denials = tokio::task::block_in_place(|| {
-            start_denial_log(
-                &namespace.target(),
-                self.options.nflog_group,
-                id.clone(),
-                origins.clone(),
-            )
-        });
+        let denials = watch_denials(nflog, self.options.nflog_group, id.clone(), origins.clone());
         let entry = Arc::new(Enforced {
             record: RwLock::new(record.clone()),
             namespace,
@@ -623,20 +718,14 @@ impl Agent {
             origins,
             denials,
         });
-        // Routed first, then seeded: an answer the loop gets meanwhile is
-        // written too (a second write of an element only refreshes it).
+        // Routed, then seeded again: an answer the loop got since the seed
+        // was read from the cache is written too; what the apply carried is
+        // remembered as written, so the rest costs no transaction.
         self.registry.write().insert(id.clone(), entry.clone());
         self.seed_from_cache(&entry, &names).await;
         let ready = async {
-            self.state.save(&record).map_err(|source| Error::State {
-                id: id.clone(),
-                source,
-            })?;
             let fresh = self.track_names(&id).await?;
-            let handles = serve_proxy(&entry.proxy, listeners).map_err(|source| Error::Proxy {
-                id: id.clone(),
-                source: Box::new(source),
-            })?;
+            let handles = serve_proxy(&entry.proxy, listeners).map_err(proxy_error)?;
             *entry.proxy_handles.lock().await = handles;
             Ok::<_, Error>(fresh)
         };
@@ -660,9 +749,10 @@ impl Agent {
         &self,
         entry: &Arc<Enforced>,
         record: SandboxRecord,
+        loaded: policy::Policy,
     ) -> Result<(Arc<Enforced>, BTreeSet<String>), Error> {
         let id = record.id.clone();
-        let ruleset = self.compile(&record)?;
+        let ruleset = self.compile(&record, Some(loaded))?;
         let names = AllowedNames::new(ruleset.names.clone());
         let digest = ruleset.digest.clone();
         let old_names = entry.names();
@@ -920,13 +1010,15 @@ impl Agent {
         }
     }
 
-    /// Writes into a sandbox's sets what the shared cache already knows for
-    /// its exact names, so a sandbox joining names other sandboxes keep
-    /// resolved has their addresses before its first query.
-    async fn seed_from_cache(&self, entry: &Enforced, names: &AllowedNames) {
+    /// What the shared cache already knows for the exact names of `names`:
+    /// the elements to write, and the addresses released per name.
+    fn cached_addresses(
+        &self,
+        names: &AllowedNames,
+    ) -> (Vec<Learned>, Vec<(String, Vec<std::net::IpAddr>)>) {
         let now = Instant::now();
         let mut batch = LearnedBatch::default();
-        let mut released: Vec<(&str, Vec<std::net::IpAddr>)> = Vec::new();
+        let mut released = Vec::new();
         for name in names.exact_names() {
             let bindings = names.matching(name);
             for record_type in [RecordType::A, RecordType::AAAA] {
@@ -939,20 +1031,28 @@ impl Agent {
                     continue;
                 };
                 let addresses = hit.addresses_at(now);
-                released.push((name, addresses.iter().map(|a| a.addr).collect()));
+                released.push((name.to_string(), addresses.iter().map(|a| a.addr).collect()));
                 for learned in learned_for(&bindings, &addresses, &self.config.ttl) {
                     batch.add(learned.set, learned.element, learned.timeout);
                 }
             }
         }
+        (batch.into_sorted(), released)
+    }
+
+    /// Writes into a sandbox's sets what the shared cache already knows for
+    /// its exact names, so a sandbox joining names other sandboxes keep
+    /// resolved has their addresses before its first query. Elements the
+    /// sandbox wrote already (a seed its apply carried) are not written again.
+    async fn seed_from_cache(&self, entry: &Enforced, names: &AllowedNames) {
+        let (batch, released) = self.cached_addresses(names);
         if batch.is_empty() {
             return;
         }
-        let batch = batch.into_sorted();
         match entry.sandbox.learn(&batch).await {
             Ok(()) => {
                 for (name, addresses) in released {
-                    entry.origins.record(name, addresses);
+                    entry.origins.record(&name, addresses);
                 }
             }
             Err(error) => {
@@ -1016,6 +1116,21 @@ impl Agent {
     }
 }
 
+/// Whether the process `record` was put with has left the sandbox's
+/// namespace: its /proc/PID/ns/net no longer names that namespace (device
+/// and inode, namespaces(7)), because the process has exited (and its pid
+/// may be another process's now) or moved. A record without a pid never
+/// counts as left. A process that is still in the namespace, or a pid
+/// reused by another process in it, counts as there: the namespace is then
+/// not taken over.
+fn process_left(record: &SandboxRecord) -> bool {
+    record.pid.is_some_and(|pid| {
+        let there = std::fs::metadata(format!("/proc/{pid}/ns/net"))
+            .is_ok_and(|m| (m.dev(), m.ino()) == (record.ns_dev, record.ns_inode));
+        !there
+    })
+}
+
 fn log_enforcement(id: &str, digest: &str, enforced: &Enforcement) {
     match enforced {
         Enforcement::AlreadyInForce { learned } => tracing::info!(
@@ -1056,6 +1171,32 @@ mod tests {
         let wrapped = Error::from(error);
         assert_eq!(wrapped.kind(), FailureKind::InvalidInput);
         assert_eq!(wrapped.to_string(), expected);
+    }
+
+    #[test]
+    fn only_a_process_gone_from_the_namespace_has_left_it() {
+        let own = std::fs::metadata("/proc/self/ns/net").expect("own namespace");
+        let record = |pid: Option<u32>| SandboxRecord {
+            id: "c1".into(),
+            netns: PathBuf::from("/proc/self/ns/net"),
+            pid,
+            ns_dev: own.dev(),
+            ns_inode: own.ino(),
+            policy: String::new(),
+            origin: String::new(),
+            agent: None,
+        };
+        // This process is in the namespace: it has not left.
+        assert!(!process_left(&record(Some(std::process::id()))));
+        // Above the kernel's PID_MAX_LIMIT (2^22): never a live process.
+        assert!(process_left(&record(Some(u32::MAX))));
+        // Without a pid nothing says the sandbox's process is gone.
+        assert!(!process_left(&record(None)));
+        // A live process in another namespace (this one, against a record
+        // of another inode) has left it.
+        let mut elsewhere = record(Some(std::process::id()));
+        elsewhere.ns_inode += 1;
+        assert!(process_left(&elsewhere));
     }
 
     #[test]

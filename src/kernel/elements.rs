@@ -283,9 +283,20 @@ pub fn describe_raw(element: &RawElement) -> String {
 }
 
 /// Number of logical elements (ranges or keys) in a kernel element list:
-/// interval end elements only close a range.
+/// interval end elements only close a range, and a key listed twice counts
+/// once. A dump of a hash set is not a snapshot: nft_set_hash walks its
+/// rhashtable, and a walk that meets a resize (the table grows in a deferred
+/// worker after a burst of adds) rewinds to the start of the new table
+/// (`rhashtable_walk_next`: "-EAGAIN if resize event occurred ... the
+/// iterator will rewind back to the beginning"), so elements it had already
+/// passed are listed again.
 pub fn logical_count(elements: &[RawElement]) -> usize {
-    elements.iter().filter(|e| !e.interval_end).count()
+    let keys: std::collections::BTreeSet<(&[u8], Option<&[u8]>)> = elements
+        .iter()
+        .filter(|e| !e.interval_end)
+        .map(|e| (e.key.as_slice(), e.key_end.as_deref()))
+        .collect();
+    keys.len()
 }
 
 /// What an update does to the named set's elements.
@@ -444,9 +455,14 @@ impl ElementWriter {
     /// Open a writer in `target` (the socket is created by a thread that
     /// enters the namespace; the caller's namespace never changes).
     pub fn open(target: &crate::netns::Target) -> Result<ElementWriter, Error> {
-        let netlink = crate::netns::run_in(target, Netlink::open)??;
+        crate::netns::run_in(target, ElementWriter::open_here)?
+    }
+
+    /// Open a writer in the calling thread's network namespace (a caller
+    /// already inside it, like [`super::Session::open_here`]).
+    pub fn open_here() -> Result<ElementWriter, Error> {
         Ok(ElementWriter {
-            netlink,
+            netlink: Netlink::open()?,
             known: None,
         })
     }
@@ -724,6 +740,28 @@ mod tests {
         assert_eq!(
             describe_raw(&encoded[0]),
             "10.0.0.0 . tcp . 443 - 10.0.0.255 . tcp . 443"
+        );
+    }
+
+    #[test]
+    fn a_key_a_dump_listed_twice_counts_once() {
+        let element = |key: u8, interval_end: bool, expiration_ms: u64| RawElement {
+            key: vec![192, 0, 2, key],
+            key_end: None,
+            interval_end,
+            timeout_ms: Some(10_000),
+            expiration_ms: Some(expiration_ms),
+        };
+        // Listed again after a resize rewound the walk, a moment later.
+        let dumped = [
+            element(1, false, 9_000),
+            element(2, false, 9_000),
+            element(1, false, 8_990),
+        ];
+        assert_eq!(logical_count(&dumped), 2);
+        assert_eq!(
+            logical_count(&[element(1, false, 1), element(2, true, 1)]),
+            1
         );
     }
 }

@@ -46,24 +46,7 @@ impl Session {
         let Some(table) = readback::read_table(&mut self.netlink, Detail::Full)?.table else {
             return Ok(Vec::new());
         };
-        let mut held = Vec::new();
-        for set in table.sets.iter().filter(|s| s.timeout() && !s.interval()) {
-            for raw in &set.elements {
-                let Some(element) = decode(&raw.key) else {
-                    return Err(Error::Malformed(format!(
-                        "an element of set {:?} has a key of {} bytes",
-                        set.name,
-                        raw.key.len()
-                    )));
-                };
-                held.push(HeldElement {
-                    set: set.name.clone(),
-                    element,
-                    expires_in: raw.expiration_ms.map(Duration::from_millis),
-                });
-            }
-        }
-        Ok(held)
+        timed_in(&table)
     }
 
     /// Whether the table in force is exactly `ruleset` (same digest, sets,
@@ -75,6 +58,22 @@ impl Session {
         };
         let ruleset = generation::entry_form(ruleset);
         Ok(readback::differences(&ruleset, &table)?.is_empty())
+    }
+
+    /// [`Session::timed_elements`] and [`Session::enforces`] from one read
+    /// of the table.
+    pub fn held_and_enforces(
+        &mut self,
+        ruleset: &Ruleset,
+    ) -> Result<(Vec<HeldElement>, bool), Error> {
+        let Some(table) = readback::read_table(&mut self.netlink, Detail::Full)?.table else {
+            return Ok((Vec::new(), false));
+        };
+        let ruleset = generation::entry_form(ruleset);
+        Ok((
+            timed_in(&table)?,
+            readback::differences(&ruleset, &table)?.is_empty(),
+        ))
     }
 
     /// [`Session::apply`], with `carried` element additions to the new
@@ -91,6 +90,28 @@ impl Session {
     ) -> Result<ApplyReport, Error> {
         self.apply_verified(ruleset, ruleset, carried)
     }
+}
+
+/// The elements of `table`'s timeout sets, with the time each has left.
+fn timed_in(table: &readback::KernelTable) -> Result<Vec<HeldElement>, Error> {
+    let mut held = Vec::new();
+    for set in table.sets.iter().filter(|s| s.timeout() && !s.interval()) {
+        for raw in &set.elements {
+            let Some(element) = decode(&raw.key) else {
+                return Err(Error::Malformed(format!(
+                    "an element of set {:?} has a key of {} bytes",
+                    set.name,
+                    raw.key.len()
+                )));
+            };
+            held.push(HeldElement {
+                set: set.name.clone(),
+                element,
+                expires_in: raw.expiration_ms.map(Duration::from_millis),
+            });
+        }
+    }
+    Ok(held)
 }
 
 /// Add `carried` to `transaction`, which puts generation `generation` of

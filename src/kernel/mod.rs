@@ -262,9 +262,15 @@ impl Session {
     /// Open a session in `target` (the socket is created by a thread that
     /// enters the namespace; the caller's namespace never changes).
     pub fn open(target: &netns::Target) -> Result<Session, Error> {
-        let netlink = netns::run_in(target, Netlink::open)??;
+        netns::run_in(target, Session::open_here)?
+    }
+
+    /// Open a session in the calling thread's network namespace: for a
+    /// caller already inside the sandbox's namespace, e.g. a
+    /// [`netns::run_in`] visit that opens all of a sandbox's sockets at once.
+    pub fn open_here() -> Result<Session, Error> {
         Ok(Session {
-            netlink,
+            netlink: Netlink::open()?,
             known: None,
             verified_from: None,
         })

@@ -128,14 +128,19 @@ impl NflogListener {
     /// `group` there, copying [`COPY_RANGE`] bytes of each packet. Fails if
     /// another program already listens to the group in that namespace.
     pub fn open(target: &netns::Target, group: u16) -> Result<NflogListener, Error> {
-        // The socket stays in the namespace it was created in (socket(7)).
-        let socket = netns::open_socket(target, || {
-            Socket::new(
-                Domain::from(libc::AF_NETLINK),
-                Type::RAW,
-                Some(Protocol::from(libc::NETLINK_NETFILTER)),
-            )
-        })?;
+        netns::run_in(target, || NflogListener::open_here(group))?
+    }
+
+    /// [`NflogListener::open`] in the calling thread's network namespace (a
+    /// caller already inside it). The socket stays in the namespace it was
+    /// created in (socket(7)), so any thread may read it afterwards.
+    pub fn open_here(group: u16) -> Result<NflogListener, Error> {
+        let socket = Socket::new(
+            Domain::from(libc::AF_NETLINK),
+            Type::RAW,
+            Some(Protocol::from(libc::NETLINK_NETFILTER)),
+        )
+        .map_err(Error::Socket)?;
         let nflog_socket = |source| Error::NflogSocket { group, source };
         // Best effort: the kernel caps it at net.core.rmem_max.
         let _ = socket.set_recv_buffer_size(SOCKET_RECEIVE_BUFFER);

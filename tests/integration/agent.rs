@@ -107,7 +107,7 @@ impl Agent {
     }
 
     fn put(&self, id: &str, netns: &Path, policy: &str) -> Result<SandboxStatus, protocol::Error> {
-        self.put_with_agent(id, netns, policy, None)
+        self.put_with(id, netns, policy, None, None)
     }
 
     fn put_with_agent(
@@ -117,10 +117,22 @@ impl Agent {
         policy: &str,
         agent: Option<&str>,
     ) -> Result<SandboxStatus, protocol::Error> {
+        self.put_with(id, netns, policy, agent, None)
+    }
+
+    /// A Put with an agent definition and the pid of the sandbox's process.
+    fn put_with(
+        &self,
+        id: &str,
+        netns: &Path,
+        policy: &str,
+        agent: Option<&str>,
+        pid: Option<u32>,
+    ) -> Result<SandboxStatus, protocol::Error> {
         let request = Request::Put(Put {
             id: id.into(),
             netns: netns.to_path_buf(),
-            pid: None,
+            pid,
             policy: policy.into(),
             origin: format!("test policy of {id}"),
             agent: agent.map(|text| AgentDefinition {
@@ -551,6 +563,106 @@ fn a_second_sandbox_in_an_enforced_namespace_is_refused_and_changes_nothing() {
     assert!(log.listening && log.error.is_none(), "{log:?}");
     assert_reachable(&bed, "198.51.100.11", 443);
     assert_rejected(&bed, "198.51.100.10", 443);
+}
+
+/// A process started in `namespace` (`ip netns exec` enters it, then execs
+/// `sleep`, keeping the pid), once it is there; killed and reaped on drop.
+struct ProcessIn(std::process::Child);
+
+impl ProcessIn {
+    fn start(namespace: &Namespace) -> ProcessIn {
+        let child = Command::new("ip")
+            .args(["netns", "exec", &namespace.0, "sleep", "600"])
+            .spawn()
+            .expect("start a process in the namespace");
+        let process = ProcessIn(child);
+        let wanted = std::fs::metadata(namespace.path()).expect("the namespace file");
+        let deadline = Instant::now() + TIMEOUT;
+        use std::os::unix::fs::MetadataExt as _;
+        while !std::fs::metadata(format!("/proc/{}/ns/net", process.pid()))
+            .is_ok_and(|m| (m.dev(), m.ino()) == (wanted.dev(), wanted.ino()))
+        {
+            assert!(
+                Instant::now() < deadline,
+                "the process never entered the namespace"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        process
+    }
+
+    fn pid(&self) -> u32 {
+        self.0.id()
+    }
+}
+
+impl Drop for ProcessIn {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn a_pod_container_that_restarts_takes_over_the_namespace_once_the_old_one_has_exited() {
+    let bed = support::testbed();
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::start(&bed, dir.path());
+    // The pod's namespace is held by a bind mount (as a pause container
+    // holds it), so the reaper never finds it gone.
+    let pod = Namespace::new("pod");
+    let first = ProcessIn::start(&pod);
+    let old = agent
+        .put_with(
+            "c1",
+            &pod.path(),
+            &policy_json(&["198.51.100.10"]),
+            None,
+            Some(first.pid()),
+        )
+        .unwrap_or_else(|e| panic!("{}\n{}", netleash::cli::render_error(&e), agent.logs()));
+    let second = ProcessIn::start(&pod);
+    let policy = policy_json(&["198.51.100.11"]);
+
+    // While c1's process lives, the namespace stays c1's.
+    match agent.put_with("c2", &pod.path(), &policy, None, Some(second.pid())) {
+        Err(protocol::Error::Refused { kind, message, .. }) => {
+            assert_eq!(kind, FailureKind::InvalidInput);
+            assert!(
+                message.contains("already enforced as sandbox \"c1\""),
+                "{message}"
+            );
+        }
+        other => panic!("c1's process still runs, so c2 must be refused, got {other:?}"),
+    }
+    assert_eq!(agent.get("c1").digest, old.digest);
+
+    // c1's process exits (its poststop has not come): c2 takes over.
+    drop(first);
+    let new = agent
+        .put_with("c2", &pod.path(), &policy, None, Some(second.pid()))
+        .unwrap_or_else(|e| panic!("{}\n{}", netleash::cli::render_error(&e), agent.logs()));
+    assert_ne!(new.digest, old.digest);
+    assert_eq!(
+        agent.get("c2").digest,
+        new.digest,
+        "the table in force is c2's"
+    );
+    match agent.call(&Request::Get { id: "c1".into() }) {
+        Err(protocol::Error::Refused { kind, .. }) => assert_eq!(kind, FailureKind::NotFound),
+        other => panic!("c1 must be forgotten, got {other:?}"),
+    }
+    assert!(!dir.path().join("state/sandboxes/c1.json").exists());
+    assert!(dir.path().join("state/sandboxes/c2.json").exists());
+    // c1 had let go of the proxy port and the nflog group before c2 started.
+    let log = agent
+        .get("c2")
+        .denial_log
+        .expect("the agent reports the log");
+    assert!(log.listening && log.error.is_none(), "{log:?}");
+    // c1's late poststop finds nothing to delete and leaves c2 alone.
+    assert!(agent.call(&Request::Delete { id: "c1".into() }).is_err());
+    assert_eq!(agent.get("c2").digest, new.digest);
 }
 
 #[test]
