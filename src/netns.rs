@@ -6,13 +6,13 @@
 //! process, never leaves its own namespace (setns(2): "CLONE_NEWNET ... the
 //! calling thread"). A socket keeps the namespace it was created in for its
 //! whole life (socket(7), network_namespaces(7)), so a socket opened through
-//! [`open_socket`] can be used from any thread afterwards: this is how one
-//! process serves many sandboxes.
+//! [`run_in`] or [`visit`] can be used from any thread afterwards: this is
+//! how one process serves many sandboxes.
 
 use std::fmt;
 use std::fs::File;
 use std::io;
-use std::net::{IpAddr, SocketAddr, TcpListener, UdpSocket};
+use std::net::IpAddr;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
@@ -276,27 +276,6 @@ fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
     } else {
         "(no message)".to_string()
     }
-}
-
-/// Open a socket (or anything else that binds to the current network
-/// namespace when created) inside `target`. The returned object stays in
-/// that namespace wherever it is used afterwards.
-pub fn open_socket<S: Send>(
-    target: &Target,
-    open: impl FnOnce() -> io::Result<S> + Send,
-) -> Result<S, Error> {
-    let path = target.path()?;
-    run_in(target, open)?.map_err(|source| Error::Socket { path, source })
-}
-
-/// A UDP socket bound to `addr` inside `target` (e.g. a DNS listener for a sandbox).
-pub fn udp_socket(target: &Target, addr: SocketAddr) -> Result<UdpSocket, Error> {
-    open_socket(target, move || UdpSocket::bind(addr))
-}
-
-/// A TCP listener bound to `addr` inside `target`.
-pub fn tcp_listener(target: &Target, addr: SocketAddr) -> Result<TcpListener, Error> {
-    open_socket(target, move || TcpListener::bind(addr))
 }
 
 /// What a [`SocketFactory`] opens.

@@ -4,15 +4,16 @@
 //! and what they learned, but a table replaced or created as a whole starts
 //! with them empty: a connection that a client opens right after would be
 //! rejected until the proxy or the resolver loop learned the address again.
-//! The sidecar reads what is learned ([`Session::timed_elements`]), decides
-//! what the new policy still allows, and applies the new policy with those
-//! elements in the transaction that puts it in force
-//! ([`Session::apply_carrying`]), so there is no moment in which a
-//! still-allowed address is missing; it then forgets what the new policy no
-//! longer allows.
+//! An enforcement reads what is learned, and whether the table in force is
+//! the policy already, from one read of the table
+//! ([`Session::held_and_enforces`]), decides what the new policy still
+//! allows, and applies the new policy with those elements in the transaction
+//! that puts it in force ([`Session::apply_carrying`]), so there is no moment
+//! in which a still-allowed address is missing; it then forgets what the new
+//! policy no longer allows.
 //!
-//! After a restart with the same policy the table in force is kept as it is
-//! ([`Session::enforces`]): the kernel never loses an element at all.
+//! After a restart with the same policy the table in force is kept as it is:
+//! the kernel never loses an element at all.
 
 use std::collections::BTreeMap;
 use std::ffi::CString;
@@ -40,28 +41,12 @@ pub struct HeldElement {
 }
 
 impl Session {
-    /// Every element of the table's timeout sets (the DNS-derived sets), with
-    /// the time each has left. Empty if there is no table.
-    pub fn timed_elements(&mut self) -> Result<Vec<HeldElement>, Error> {
-        let Some(table) = readback::read_table(&mut self.netlink, Detail::Full)?.table else {
-            return Ok(Vec::new());
-        };
-        timed_in(&table)
-    }
-
-    /// Whether the table in force is exactly `ruleset` (same digest, sets,
-    /// chains, rules and static elements), whatever the DNS-derived sets
-    /// have learned meanwhile (the read-back never compares their elements).
-    pub fn enforces(&mut self, ruleset: &Ruleset) -> Result<bool, Error> {
-        let Some(table) = readback::read_table(&mut self.netlink, Detail::Full)?.table else {
-            return Ok(false);
-        };
-        let ruleset = generation::entry_form(ruleset);
-        Ok(readback::differences(&ruleset, &table)?.is_empty())
-    }
-
-    /// [`Session::timed_elements`] and [`Session::enforces`] from one read
-    /// of the table.
+    /// From one read of the table: every element of its timeout sets (the
+    /// DNS-derived sets) with the time each has left, and whether the table
+    /// in force is exactly `ruleset` (same digest, sets, chains, rules and
+    /// static elements) whatever those sets have learned meanwhile (the
+    /// read-back never compares their elements). No table: nothing held, and
+    /// not in force.
     pub fn held_and_enforces(
         &mut self,
         ruleset: &Ruleset,

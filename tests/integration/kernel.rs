@@ -1311,9 +1311,14 @@ fn listening_ports(ns: &Netns, proto_flag: &str) -> String {
 fn sockets_opened_in_a_namespace_live_there() {
     let ns = Netns::new("sockets");
     let own = netns_inode("/proc/thread-self/ns/net");
-    let loopback = "127.0.0.1:0".parse().unwrap();
-    let udp = netleash::netns::udp_socket(&ns.target(), loopback).unwrap();
-    let tcp = netleash::netns::tcp_listener(&ns.target(), loopback).unwrap();
+    let loopback: std::net::SocketAddr = "127.0.0.1:0".parse().unwrap();
+    // Both ways into a namespace: a thread of its own, and a visit by this one.
+    let udp = netleash::netns::run_in(&ns.target(), || std::net::UdpSocket::bind(loopback))
+        .unwrap()
+        .unwrap();
+    let tcp = netleash::netns::visit(&ns.target(), || std::net::TcpListener::bind(loopback))
+        .unwrap()
+        .unwrap();
     let (udp_port, tcp_port) = (
         udp.local_addr().unwrap().port(),
         tcp.local_addr().unwrap().port(),
@@ -1322,11 +1327,17 @@ fn sockets_opened_in_a_namespace_live_there() {
     assert!(listening_ports(&ns, "-ul").contains(&format!("127.0.0.1:{udp_port}")));
     assert!(listening_ports(&ns, "-tl").contains(&format!("127.0.0.1:{tcp_port}")));
     assert_eq!(netns_inode("/proc/thread-self/ns/net"), own);
-    // The port is taken inside that namespace: a second listener there fails, with the path named.
-    let taken = std::net::SocketAddr::from(([127, 0, 0, 1], tcp_port));
-    let err = netleash::netns::tcp_listener(&ns.target(), taken).unwrap_err();
+    // The port is taken inside that namespace: the proxy's listeners on it
+    // fail there, with the namespace named.
+    let err = netleash::enforcer::bind_proxy_sockets(&ns.target(), tcp_port).unwrap_err();
     assert!(
-        matches!(err, netleash::netns::Error::Socket { .. }),
+        matches!(
+            err,
+            netleash::enforcer::Error::ProxySocket {
+                source: netleash::netns::Error::Socket { .. },
+                ..
+            }
+        ),
         "{err}"
     );
     assert!(err.to_string().contains(&ns.name), "{err}");
