@@ -18,9 +18,10 @@
 //!
 //! Run as root: `cargo bench --bench apply`. Optional: `-- --quick` for fewer
 //! rounds, `-- --elements N` for one size (10, 1000 or 10000), `-- --profile
-//! N` for N back-to-back session applies of the typical policy and nothing
-//! else (to run under `perf record`), `-- --profile-one-shot N` the same
-//! with one-shot applies.
+//! N` for N back-to-back session applies of the typical policy (or of the
+//! size `--elements` names) and nothing else (to run under `perf record`),
+//! `-- --profile-one-shot N` the same with one-shot applies; add `--settle`
+//! to pause before each of them as the timed rounds do.
 //!
 //! The nft text is rendered from the model here, in the benchmark only
 //! (`ruleset::render::nft` is not part of this branch). Before timing, the
@@ -333,7 +334,8 @@ fn main() {
     let ns = Netns::new("netleash");
     let target = Target::Name(ns.0.clone());
     // `--profile N`: N session applies back to back; `--profile-one-shot N`:
-    // N one-shot applies (`kernel::apply`) back to back. Typical policy only.
+    // N one-shot applies (`kernel::apply`) back to back. The typical policy,
+    // or the size `--elements` names.
     for (flag, one_shot) in [("--profile", false), ("--profile-one-shot", true)] {
         let Some(rounds) = args
             .iter()
@@ -343,9 +345,11 @@ fn main() {
             continue;
         };
         let rounds: usize = rounds.parse().expect("--profile takes a number");
+        // `--settle`: a pause before each apply, as in the timed rounds.
+        let settle = args.iter().any(|a| a == "--settle");
         let models: Vec<Ruleset> = (0..2)
             .map(|variant| {
-                let (policy, options) = policy(10, variant);
+                let (policy, options) = policy(only.unwrap_or(10), variant);
                 ruleset::compile(&policy, &options)
             })
             .collect();
@@ -356,6 +360,9 @@ fn main() {
         let (mut wall, mut cpu): (Vec<Duration>, Vec<Duration>) = (0..rounds)
             .map(|round| {
                 let model = &models[round % 2];
+                if settle {
+                    std::thread::sleep(SETTLE);
+                }
                 let (_, wall, cpu) = if one_shot {
                     timed(|| kernel::apply(&target, model).expect("apply"))
                 } else {
@@ -365,8 +372,13 @@ fn main() {
             })
             .unzip();
         let kind = if one_shot { "one-shot" } else { "session" };
+        let pacing = if settle {
+            "each after a pause"
+        } else {
+            "back to back"
+        };
         println!(
-            "{rounds} {kind} applies back to back: median {} ms, CPU {} ms",
+            "{rounds} {kind} applies {pacing}: median {} ms, CPU {} ms",
             ms(median(&mut wall)),
             ms(median(&mut cpu))
         );
