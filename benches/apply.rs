@@ -21,7 +21,8 @@
 //! N` for N back-to-back session applies of the typical policy (or of the
 //! size `--elements` names) and nothing else (to run under `perf record`),
 //! `-- --profile-one-shot N` the same with one-shot applies; add `--settle`
-//! to pause before each of them as the timed rounds do.
+//! to pause before each of them as the timed rounds do. `-- --profile-fresh
+//! N` times N fresh applies the same way.
 //!
 //! The nft text is rendered from the model here, in the benchmark only
 //! (`ruleset::render::nft` is not part of this branch). Before timing, the
@@ -336,6 +337,32 @@ fn main() {
     // `--profile N`: N session applies back to back; `--profile-one-shot N`:
     // N one-shot applies (`kernel::apply`) back to back. The typical policy,
     // or the size `--elements` names.
+    // `--profile-fresh N`: N one-shot applies, each into a network namespace
+    // created just before (untimed) and deleted after.
+    if let Some(rounds) = args
+        .iter()
+        .position(|a| a == "--profile-fresh")
+        .and_then(|i| args.get(i + 1))
+    {
+        let rounds: usize = rounds.parse().expect("--profile-fresh takes a number");
+        let (policy, options) = policy(only.unwrap_or(10), 0);
+        let model = ruleset::compile(&policy, &options);
+        let (mut wall, mut cpu): (Vec<Duration>, Vec<Duration>) = (0..rounds)
+            .map(|round| {
+                let fresh = Netns::fresh(round);
+                let target = Target::Name(fresh.0.clone());
+                std::thread::sleep(SETTLE);
+                let (_, wall, cpu) = timed(|| kernel::apply(&target, &model).expect("apply"));
+                (wall, cpu)
+            })
+            .unzip();
+        println!(
+            "{rounds} fresh applies: median {} ms, CPU {} ms",
+            ms(median(&mut wall)),
+            ms(median(&mut cpu))
+        );
+        return;
+    }
     for (flag, one_shot) in [("--profile", false), ("--profile-one-shot", true)] {
         let Some(rounds) = args
             .iter()

@@ -156,6 +156,65 @@ pub fn run_in<T: Send>(target: &Target, f: impl FnOnce() -> T + Send) -> Result<
     })?
 }
 
+/// Run `work` on a new thread inside `target`'s network namespace, like
+/// [`run_in`], and return the first of its two results as soon as `work`
+/// returns; the second (what the work leaves behind, e.g. a socket) is then
+/// dropped on that thread, without the caller waiting for it. One thread for
+/// both the work and its clean-up, for work whose clean-up blocks: closing a
+/// netfilter socket shortly after a commit waits for an RCU grace period
+/// (see `kernel::Session::close_in_background`).
+///
+/// A panic in `work` is caught on the thread and returned as
+/// [`Error::Panicked`]. The thread is detached: if the process exits first,
+/// the kernel closes what it still holds.
+pub fn run_in_then_drop<T, L>(
+    target: &Target,
+    work: impl FnOnce() -> (T, L) + Send + 'static,
+) -> Result<T, Error>
+where
+    T: Send + 'static,
+    L: 'static,
+{
+    let (path, file) = open(target)?;
+    // A caller already in the namespace (see [`enter_for_good`]) needs no
+    // setns, which may need a capability it has dropped.
+    let file = (!is_callers_namespace(&file)).then_some(file);
+    let (answer, answered) = mpsc::sync_channel::<Result<T, Error>>(1);
+    let thread_path = path.clone();
+    std::thread::Builder::new()
+        .name("netleash-netns".into())
+        .spawn(move || {
+            if let Some(file) = file
+                && let Err(err) = enter(file, thread_path.clone())
+            {
+                let _ = answer.send(Err(err));
+                return;
+            }
+            match std::panic::catch_unwind(std::panic::AssertUnwindSafe(work)) {
+                Ok((result, leftover)) => {
+                    let _ = answer.send(Ok(result));
+                    drop(leftover);
+                }
+                Err(panic) => {
+                    let _ = answer.send(Err(Error::Panicked {
+                        path: thread_path,
+                        message: panic_message(&panic),
+                    }));
+                }
+            }
+        })
+        .map_err(|source| Error::Spawn {
+            path: path.clone(),
+            source,
+        })?;
+    answered.recv().unwrap_or_else(|_| {
+        Err(Error::Panicked {
+            path,
+            message: "the thread ended without an answer".into(),
+        })
+    })
+}
+
 /// Run `f` on the calling thread inside `target`'s network namespace, then
 /// move the thread back into its own: no thread is started, so this costs
 /// two `setns` calls (microseconds) instead of a thread's start and end.
@@ -395,6 +454,8 @@ fn new_socket(family: IpAddr, kind: SocketKind, mark: Option<u32>) -> io::Result
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     #[test]
@@ -448,6 +509,39 @@ mod tests {
         let worker = run_in(&target, || (std::thread::current().id(), own_namespace())).unwrap();
         assert_ne!(worker.0, caller);
         assert_eq!(worker.1, theirs);
+        // Work with a clean-up: answered before the clean-up ends. The
+        // leftover's drop waits for the caller to have the answer; if the
+        // call waited for the drop instead, the drop times out and says so.
+        struct Leftover(mpsc::Receiver<()>, mpsc::Sender<((u64, u64), bool)>);
+        impl Drop for Leftover {
+            fn drop(&mut self) {
+                let answered_first = self.0.recv_timeout(Duration::from_secs(5)).is_ok();
+                self.1.send((own_namespace(), answered_first)).unwrap();
+            }
+        }
+        let (go_tx, go_rx) = mpsc::channel();
+        let (dropped_tx, dropped_rx) = mpsc::channel();
+        let answer = run_in_then_drop(&target, move || {
+            (
+                (std::thread::current().id(), own_namespace()),
+                Leftover(go_rx, dropped_tx),
+            )
+        })
+        .unwrap();
+        assert_ne!(answer.0, caller);
+        assert_eq!(answer.1, theirs);
+        go_tx.send(()).unwrap();
+        let (dropped_in, answered_first) = dropped_rx.recv().expect("the leftover is dropped");
+        assert!(answered_first, "the caller waited for the clean-up");
+        assert_eq!(
+            dropped_in, theirs,
+            "the leftover was not dropped in the namespace"
+        );
+        let err = run_in_then_drop(&target, || -> ((), ()) { panic!("cleaning up") }).unwrap_err();
+        assert!(
+            matches!(&err, Error::Panicked { message, .. } if message == "cleaning up"),
+            "{err}"
+        );
         // A visit: on the calling thread, which then is back home.
         let home = own_namespace();
         let visited = visit(&target, || (std::thread::current().id(), own_namespace())).unwrap();

@@ -5,7 +5,8 @@
 //! network namespace (by a thread that enters it, [`netns::run_in`]); a
 //! socket stays in the namespace it was created in, so the session then
 //! works from any thread without entering the namespace again. The free
-//! functions open a session for one call.
+//! functions work in a session of their own, on one thread that enters the
+//! namespace, answers, and then closes the socket without the caller waiting.
 //!
 //! - [`apply`] puts a new generation of the `inet netleash` table in force
 //!   atomically for packets, verifies what the kernel then holds against the
@@ -931,44 +932,49 @@ fn reuse_candidates(ruleset: &Ruleset) -> ElementPlan {
     plan
 }
 
+/// Run `work` in a session of its own in `target`, on one thread that
+/// enters the namespace, opens the socket, does the work, answers, and then
+/// closes the socket without the caller waiting (see
+/// [`Session::close_in_background`] for why closing can take milliseconds).
+fn in_own_session<T: Send + 'static>(
+    target: &netns::Target,
+    work: impl FnOnce(&mut Session) -> Result<T, Error> + Send + 'static,
+) -> Result<T, Error> {
+    netns::run_in_then_drop(target, move || match Session::open_here() {
+        Ok(mut session) => {
+            let result = work(&mut session);
+            (result, Some(session))
+        }
+        Err(err) => (Err(err), None),
+    })?
+}
+
 /// Put `ruleset` in force in `target`: [`Session::apply`] in a session of its own.
 pub fn apply(target: &netns::Target, ruleset: &Ruleset) -> Result<ApplyReport, Error> {
-    let mut session = Session::open(target)?;
-    let result = session.apply(ruleset);
-    session.close_in_background();
-    result
+    let ruleset = ruleset.clone();
+    in_own_session(target, move |session| session.apply(&ruleset))
 }
 
 /// [`Session::plan`] in a session of its own (`apply --dry-run`).
 pub fn plan(target: &netns::Target, ruleset: &Ruleset) -> Result<Plan, Error> {
-    let mut session = Session::open(target)?;
-    let result = session.plan(ruleset);
-    session.close_in_background();
-    result
+    let ruleset = ruleset.clone();
+    in_own_session(target, move |session| session.plan(&ruleset))
 }
 
 /// Delete the `inet netleash` table in `target`. Returns whether it existed.
 pub fn remove(target: &netns::Target) -> Result<bool, Error> {
-    let mut session = Session::open(target)?;
-    let result = session.remove();
-    session.close_in_background();
-    result
+    in_own_session(target, Session::remove)
 }
 
 /// The table in `target` as the kernel holds it, or `None` if there is none.
 pub fn status(target: &netns::Target) -> Result<Option<TableStatus>, Error> {
-    let mut session = Session::open(target)?;
-    let result = session.status();
-    session.close_in_background();
-    result
+    in_own_session(target, Session::status)
 }
 
 /// [`Session::update_elements`] in a session of its own.
 pub fn update_elements(target: &netns::Target, updates: &[SetUpdate]) -> Result<(), Error> {
-    let mut session = Session::open(target)?;
-    let result = session.update_elements(updates);
-    session.close_in_background();
-    result
+    let updates = updates.to_vec();
+    in_own_session(target, move |session| session.update_elements(&updates))
 }
 
 /// Against the real kernel, in a network namespace of their own: what the
