@@ -3,7 +3,9 @@
 //! flags, concatenated keys and their field description, set elements with
 //! interval ends, range ends and timeouts, element messages with add/create/
 //! destroy semantics, the `meta`/`payload`/`lookup`/`log` expressions with
-//! explicit registers, and the parsers used to read the table back.
+//! explicit registers, and the dump requests. The kernel's answers are parsed
+//! without libnftnl, by `kernel::attributes`; libnftnl's parsers stay here for
+//! its tests only.
 //!
 //! Every object here owns one libnftnl allocation and frees it on drop. All
 //! netlink messages are written into buffers of at least
