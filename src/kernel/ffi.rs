@@ -3,7 +3,9 @@
 //! flags, concatenated keys and their field description, set elements with
 //! interval ends, range ends and timeouts, element messages with add/create/
 //! destroy semantics, the `meta`/`payload`/`lookup`/`log` expressions with
-//! explicit registers, and the parsers used to read the table back.
+//! explicit registers, and the dump requests. The kernel's answers are parsed
+//! without libnftnl, by `kernel::attributes`; libnftnl's parsers stay here for
+//! its tests only.
 //!
 //! Every object here owns one libnftnl allocation and frees it on drop. All
 //! netlink messages are written into buffers of at least
@@ -830,336 +832,292 @@ pub fn write_request(buf: &mut [u8], request: Request<'_>, table: &CStr, seq: u3
 }
 
 // ---------------------------------------------------------------------------
-// Parsers for the kernel's answers
+// libnftnl's parsers for the kernel's answers, kept for the tests
 // ---------------------------------------------------------------------------
 
-/// A whole netlink message from a receive buffer, checked to be safe to hand
-/// to libnftnl's parsers.
-fn message_header(message: &[u8]) -> Option<*const libc::nlmsghdr> {
-    let nlh = message.as_ptr().cast::<libc::nlmsghdr>();
-    if message.len() < size_of::<libc::nlmsghdr>() || !nlh.is_aligned() {
-        return None;
+/// Objects the kernel's answers are parsed into (by [`super::attributes`]),
+/// under the names other modules know them by.
+pub use super::attributes::{ParsedSet, Reference};
+
+/// libnftnl's parsers, which read the kernel's answers before
+/// [`super::attributes`] did: the tests parse real kernel messages with both
+/// and check that the results are the same.
+#[cfg(test)]
+pub mod nftnl_parsers {
+    use super::*;
+    use crate::kernel::attributes::{ParsedChain, ParsedExpr, ParsedRule, ParsedTable};
+
+    /// A whole netlink message from a receive buffer, checked to be safe to hand
+    /// to libnftnl's parsers.
+    fn message_header(message: &[u8]) -> Option<*const libc::nlmsghdr> {
+        let nlh = message.as_ptr().cast::<libc::nlmsghdr>();
+        if message.len() < size_of::<libc::nlmsghdr>() || !nlh.is_aligned() {
+            return None;
+        }
+        // SAFETY: `message` is aligned and holds at least a header (checked above).
+        let len = unsafe { (*nlh).nlmsg_len } as usize;
+        (len >= size_of::<libc::nlmsghdr>() && len <= message.len()).then_some(nlh)
     }
-    // SAFETY: `message` is aligned and holds at least a header (checked above).
-    let len = unsafe { (*nlh).nlmsg_len } as usize;
-    (len >= size_of::<libc::nlmsghdr>() && len <= message.len()).then_some(nlh)
-}
 
-/// # Safety
-/// `ptr` must be NULL or point to a NUL-terminated string.
-unsafe fn owned_str(ptr: *const c_char) -> String {
-    if ptr.is_null() {
-        return String::new();
+    /// # Safety
+    /// `ptr` must be NULL or point to a NUL-terminated string.
+    unsafe fn owned_str(ptr: *const c_char) -> String {
+        if ptr.is_null() {
+            return String::new();
+        }
+        // SAFETY: non-NULL and NUL-terminated by the function contract.
+        unsafe { CStr::from_ptr(ptr) }
+            .to_string_lossy()
+            .into_owned()
     }
-    // SAFETY: non-NULL and NUL-terminated by the function contract.
-    unsafe { CStr::from_ptr(ptr) }
-        .to_string_lossy()
-        .into_owned()
-}
 
-/// # Safety
-/// `ptr` must be NULL or point to `len` readable bytes.
-unsafe fn owned_bytes(ptr: *const c_void, len: u32) -> Vec<u8> {
-    if ptr.is_null() {
-        return Vec::new();
+    /// # Safety
+    /// `ptr` must be NULL or point to `len` readable bytes.
+    unsafe fn owned_bytes(ptr: *const c_void, len: u32) -> Vec<u8> {
+        if ptr.is_null() {
+            return Vec::new();
+        }
+        // SAFETY: `ptr` points to `len` readable bytes by the function contract.
+        unsafe { std::slice::from_raw_parts(ptr.cast::<u8>(), len as usize) }.to_vec()
     }
-    // SAFETY: `ptr` points to `len` readable bytes by the function contract.
-    unsafe { std::slice::from_raw_parts(ptr.cast::<u8>(), len as usize) }.to_vec()
-}
 
-/// `NFT_MSG_NEWGEN`: the generation id.
-pub fn parse_generation(message: &[u8]) -> Option<u32> {
-    let nlh = message_header(message)?;
-    // SAFETY: `nlh` is a complete, aligned message (checked); the gen object is
-    // allocated, filled by the parser and freed here.
-    unsafe {
-        let object = allocated(sys::nftnl_gen_alloc()).as_ptr();
-        let ok = sys::nftnl_gen_nlmsg_parse(nlh, object) >= 0
-            && sys::nftnl_gen_is_set(object, sys::NFTNL_GEN_ID as u16);
-        let id = sys::nftnl_gen_get_u32(object, sys::NFTNL_GEN_ID as u16);
-        sys::nftnl_gen_free(object);
-        ok.then_some(id)
+    /// `NFT_MSG_NEWGEN`: the generation id.
+    pub fn parse_generation(message: &[u8]) -> Option<u32> {
+        let nlh = message_header(message)?;
+        // SAFETY: `nlh` is a complete, aligned message (checked); the gen object is
+        // allocated, filled by the parser and freed here.
+        unsafe {
+            let object = allocated(sys::nftnl_gen_alloc()).as_ptr();
+            let ok = sys::nftnl_gen_nlmsg_parse(nlh, object) >= 0
+                && sys::nftnl_gen_is_set(object, sys::NFTNL_GEN_ID as u16);
+            let id = sys::nftnl_gen_get_u32(object, sys::NFTNL_GEN_ID as u16);
+            sys::nftnl_gen_free(object);
+            ok.then_some(id)
+        }
     }
-}
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ParsedTable {
-    pub name: String,
-    pub family: u32,
-    pub userdata: Vec<u8>,
-}
+    pub fn parse_table(message: &[u8]) -> Option<ParsedTable> {
+        let nlh = message_header(message)?;
+        // SAFETY: `nlh` is a complete, aligned message (checked); getters return
+        // pointers into the table object, copied before it is freed.
+        unsafe {
+            let object = allocated(sys::nftnl_table_alloc()).as_ptr();
+            let parsed = (sys::nftnl_table_nlmsg_parse(nlh, object) >= 0).then(|| {
+                let mut len = 0u32;
+                let data = if sys::nftnl_table_is_set(object, sys::NFTNL_TABLE_USERDATA as u16) {
+                    sys::nftnl_table_get_data(object, sys::NFTNL_TABLE_USERDATA as u16, &mut len)
+                } else {
+                    std::ptr::null()
+                };
+                ParsedTable {
+                    name: owned_str(sys::nftnl_table_get_str(
+                        object,
+                        sys::NFTNL_TABLE_NAME as u16,
+                    )),
+                    family: sys::nftnl_table_get_u32(object, sys::NFTNL_TABLE_FAMILY as u16),
+                    userdata: owned_bytes(data, len),
+                }
+            });
+            sys::nftnl_table_free(object);
+            parsed
+        }
+    }
 
-pub fn parse_table(message: &[u8]) -> Option<ParsedTable> {
-    let nlh = message_header(message)?;
-    // SAFETY: `nlh` is a complete, aligned message (checked); getters return
-    // pointers into the table object, copied before it is freed.
-    unsafe {
-        let object = allocated(sys::nftnl_table_alloc()).as_ptr();
-        let parsed = (sys::nftnl_table_nlmsg_parse(nlh, object) >= 0).then(|| {
+    pub fn parse_set(message: &[u8]) -> Option<ParsedSet> {
+        let nlh = message_header(message)?;
+        // SAFETY: `nlh` is a complete, aligned message (checked); strings are copied
+        // before the set object is freed.
+        unsafe {
+            let object = allocated(sys::nftnl_set_alloc()).as_ptr();
+            let parsed = (sys::nftnl_set_nlmsg_parse(nlh, object) >= 0).then(|| ParsedSet {
+                table: owned_str(sys::nftnl_set_get_str(object, sys::NFTNL_SET_TABLE as u16)),
+                name: owned_str(sys::nftnl_set_get_str(object, sys::NFTNL_SET_NAME as u16)),
+                family: sys::nftnl_set_get_u32(object, sys::NFTNL_SET_FAMILY as u16),
+                flags: sys::nftnl_set_get_u32(object, sys::NFTNL_SET_FLAGS as u16),
+                key_type: sys::nftnl_set_get_u32(object, sys::NFTNL_SET_KEY_TYPE as u16),
+                key_len: sys::nftnl_set_get_u32(object, sys::NFTNL_SET_KEY_LEN as u16),
+            });
+            sys::nftnl_set_free(object);
+            parsed
+        }
+    }
+
+    /// One `NFT_MSG_NEWSETELEM` message of an element dump: the set name and its elements.
+    pub fn parse_elements(message: &[u8]) -> Option<(String, Vec<RawElement>)> {
+        let nlh = message_header(message)?;
+        unsafe extern "C" fn collect(
+            elem: *mut sys::nftnl_set_elem,
+            data: *mut c_void,
+        ) -> libc::c_int {
+            // SAFETY: `data` is the `Vec<RawElement>` passed to nftnl_set_elem_foreach
+            // below, alive and exclusively borrowed for the duration of the call; `elem`
+            // is a valid element of the parsed set; data getters return pointers into it.
+            unsafe {
+                let out = &mut *data.cast::<Vec<RawElement>>();
+                let bytes = |attr: u32| -> Option<Vec<u8>> {
+                    if !sys::nftnl_set_elem_is_set(elem, attr as u16) {
+                        return None;
+                    }
+                    let mut len = 0u32;
+                    let ptr = sys::nftnl_set_elem_get(elem, attr as u16, &mut len);
+                    Some(owned_bytes(ptr, len))
+                };
+                let u64_attr = |attr: u32| {
+                    sys::nftnl_set_elem_is_set(elem, attr as u16)
+                        .then(|| sys::nftnl_set_elem_get_u64(elem, attr as u16))
+                };
+                let flags = if sys::nftnl_set_elem_is_set(elem, sys::NFTNL_SET_ELEM_FLAGS as u16) {
+                    sys::nftnl_set_elem_get_u32(elem, sys::NFTNL_SET_ELEM_FLAGS as u16)
+                } else {
+                    0
+                };
+                out.push(RawElement {
+                    key: bytes(sys::NFTNL_SET_ELEM_KEY).unwrap_or_default(),
+                    key_end: bytes(sys::NFTNL_SET_ELEM_KEY_END),
+                    interval_end: flags & libc::NFT_SET_ELEM_INTERVAL_END as u32 != 0,
+                    timeout_ms: u64_attr(sys::NFTNL_SET_ELEM_TIMEOUT),
+                    expiration_ms: u64_attr(sys::NFTNL_SET_ELEM_EXPIRATION),
+                });
+            }
+            0
+        }
+        let mut elements: Vec<RawElement> = Vec::new();
+        // SAFETY: `nlh` is a complete, aligned message (checked); the set object is
+        // allocated, filled by the parser, walked with `collect` (which only touches
+        // `elements`, passed as its data pointer) and freed here.
+        unsafe {
+            let object = allocated(sys::nftnl_set_alloc()).as_ptr();
+            let ok = sys::nftnl_set_elems_nlmsg_parse(nlh, object) >= 0;
+            let name = owned_str(sys::nftnl_set_get_str(object, sys::NFTNL_SET_NAME as u16));
+            if ok {
+                sys::nftnl_set_elem_foreach(
+                    object,
+                    Some(collect),
+                    (&mut elements as *mut Vec<RawElement>).cast(),
+                );
+            }
+            sys::nftnl_set_free(object);
+            ok.then_some((name, elements))
+        }
+    }
+
+    pub fn parse_chain(message: &[u8]) -> Option<ParsedChain> {
+        let nlh = message_header(message)?;
+        // SAFETY: `nlh` is a complete, aligned message (checked); strings are copied
+        // before the chain object is freed.
+        unsafe {
+            let object = allocated(sys::nftnl_chain_alloc()).as_ptr();
+            let is_set = |attr: u32| sys::nftnl_chain_is_set(object, attr as u16);
+            let parsed = (sys::nftnl_chain_nlmsg_parse(nlh, object) >= 0).then(|| ParsedChain {
+                table: owned_str(sys::nftnl_chain_get_str(
+                    object,
+                    sys::NFTNL_CHAIN_TABLE as u16,
+                )),
+                name: owned_str(sys::nftnl_chain_get_str(
+                    object,
+                    sys::NFTNL_CHAIN_NAME as u16,
+                )),
+                family: sys::nftnl_chain_get_u32(object, sys::NFTNL_CHAIN_FAMILY as u16),
+                hook: is_set(sys::NFTNL_CHAIN_HOOKNUM)
+                    .then(|| sys::nftnl_chain_get_u32(object, sys::NFTNL_CHAIN_HOOKNUM as u16)),
+                priority: is_set(sys::NFTNL_CHAIN_PRIO)
+                    .then(|| sys::nftnl_chain_get_s32(object, sys::NFTNL_CHAIN_PRIO as u16)),
+                policy: is_set(sys::NFTNL_CHAIN_POLICY)
+                    .then(|| sys::nftnl_chain_get_u32(object, sys::NFTNL_CHAIN_POLICY as u16)),
+                chain_type: is_set(sys::NFTNL_CHAIN_TYPE).then(|| {
+                    owned_str(sys::nftnl_chain_get_str(
+                        object,
+                        sys::NFTNL_CHAIN_TYPE as u16,
+                    ))
+                }),
+                userdata: if is_set(sys::NFTNL_CHAIN_USERDATA) {
+                    let mut len = 0u32;
+                    let data = sys::nftnl_chain_get_data(
+                        object,
+                        sys::NFTNL_CHAIN_USERDATA as u16,
+                        &mut len,
+                    );
+                    owned_bytes(data, len)
+                } else {
+                    Vec::new()
+                },
+            });
+            sys::nftnl_chain_free(object);
+            parsed
+        }
+    }
+
+    pub fn parse_rule(message: &[u8]) -> Option<ParsedRule> {
+        let nlh = message_header(message)?;
+        // SAFETY: `nlh` is a complete, aligned message (checked); strings and user data
+        // are copied, and the expression iterator is destroyed, before the rule is freed.
+        unsafe {
+            let object = allocated(sys::nftnl_rule_alloc()).as_ptr();
+            if sys::nftnl_rule_nlmsg_parse(nlh, object) < 0 {
+                sys::nftnl_rule_free(object);
+                return None;
+            }
             let mut len = 0u32;
-            let data = if sys::nftnl_table_is_set(object, sys::NFTNL_TABLE_USERDATA as u16) {
-                sys::nftnl_table_get_data(object, sys::NFTNL_TABLE_USERDATA as u16, &mut len)
+            let data = if sys::nftnl_rule_is_set(object, sys::NFTNL_RULE_USERDATA as u16) {
+                sys::nftnl_rule_get_data(object, sys::NFTNL_RULE_USERDATA as u16, &mut len)
             } else {
                 std::ptr::null()
             };
-            ParsedTable {
-                name: owned_str(sys::nftnl_table_get_str(
-                    object,
-                    sys::NFTNL_TABLE_NAME as u16,
-                )),
-                family: sys::nftnl_table_get_u32(object, sys::NFTNL_TABLE_FAMILY as u16),
-                userdata: owned_bytes(data, len),
+            let mut expressions = Vec::new();
+            let iter = allocated(sys::nftnl_expr_iter_create(object)).as_ptr();
+            let mut expr = sys::nftnl_expr_iter_next(iter);
+            while !expr.is_null() {
+                let name = owned_str(sys::nftnl_expr_get_str(expr, sys::NFTNL_EXPR_NAME as u16));
+                let counter = (name == "counter").then(|| {
+                    (
+                        sys::nftnl_expr_get_u64(expr, sys::NFTNL_EXPR_CTR_PACKETS as u16),
+                        sys::nftnl_expr_get_u64(expr, sys::NFTNL_EXPR_CTR_BYTES as u16),
+                    )
+                });
+                let attr = |attr: u32| sys::nftnl_expr_is_set(expr, attr as u16);
+                let text = |attr: u32| owned_str(sys::nftnl_expr_get_str(expr, attr as u16));
+                let reference = match name.as_str() {
+                    "lookup" if attr(sys::NFTNL_EXPR_LOOKUP_SET) => {
+                        Some(Reference::Set(text(sys::NFTNL_EXPR_LOOKUP_SET)))
+                    }
+                    "immediate" if attr(sys::NFTNL_EXPR_IMM_CHAIN) => {
+                        let chain = text(sys::NFTNL_EXPR_IMM_CHAIN);
+                        let verdict =
+                            sys::nftnl_expr_get_u32(expr, sys::NFTNL_EXPR_IMM_VERDICT as u16)
+                                as i32;
+                        Some(if verdict == libc::NFT_GOTO {
+                            Reference::Goto(chain)
+                        } else {
+                            Reference::Jump(chain)
+                        })
+                    }
+                    _ => None,
+                };
+                expressions.push(ParsedExpr {
+                    name,
+                    counter,
+                    reference,
+                });
+                expr = sys::nftnl_expr_iter_next(iter);
             }
-        });
-        sys::nftnl_table_free(object);
-        parsed
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ParsedSet {
-    pub table: String,
-    pub name: String,
-    pub family: u32,
-    pub flags: u32,
-    pub key_type: u32,
-    pub key_len: u32,
-}
-
-pub fn parse_set(message: &[u8]) -> Option<ParsedSet> {
-    let nlh = message_header(message)?;
-    // SAFETY: `nlh` is a complete, aligned message (checked); strings are copied
-    // before the set object is freed.
-    unsafe {
-        let object = allocated(sys::nftnl_set_alloc()).as_ptr();
-        let parsed = (sys::nftnl_set_nlmsg_parse(nlh, object) >= 0).then(|| ParsedSet {
-            table: owned_str(sys::nftnl_set_get_str(object, sys::NFTNL_SET_TABLE as u16)),
-            name: owned_str(sys::nftnl_set_get_str(object, sys::NFTNL_SET_NAME as u16)),
-            family: sys::nftnl_set_get_u32(object, sys::NFTNL_SET_FAMILY as u16),
-            flags: sys::nftnl_set_get_u32(object, sys::NFTNL_SET_FLAGS as u16),
-            key_type: sys::nftnl_set_get_u32(object, sys::NFTNL_SET_KEY_TYPE as u16),
-            key_len: sys::nftnl_set_get_u32(object, sys::NFTNL_SET_KEY_LEN as u16),
-        });
-        sys::nftnl_set_free(object);
-        parsed
-    }
-}
-
-/// One `NFT_MSG_NEWSETELEM` message of an element dump: the set name and its elements.
-pub fn parse_elements(message: &[u8]) -> Option<(String, Vec<RawElement>)> {
-    let nlh = message_header(message)?;
-    unsafe extern "C" fn collect(elem: *mut sys::nftnl_set_elem, data: *mut c_void) -> libc::c_int {
-        // SAFETY: `data` is the `Vec<RawElement>` passed to nftnl_set_elem_foreach
-        // below, alive and exclusively borrowed for the duration of the call; `elem`
-        // is a valid element of the parsed set; data getters return pointers into it.
-        unsafe {
-            let out = &mut *data.cast::<Vec<RawElement>>();
-            let bytes = |attr: u32| -> Option<Vec<u8>> {
-                if !sys::nftnl_set_elem_is_set(elem, attr as u16) {
-                    return None;
-                }
-                let mut len = 0u32;
-                let ptr = sys::nftnl_set_elem_get(elem, attr as u16, &mut len);
-                Some(owned_bytes(ptr, len))
-            };
-            let u64_attr = |attr: u32| {
-                sys::nftnl_set_elem_is_set(elem, attr as u16)
-                    .then(|| sys::nftnl_set_elem_get_u64(elem, attr as u16))
-            };
-            let flags = if sys::nftnl_set_elem_is_set(elem, sys::NFTNL_SET_ELEM_FLAGS as u16) {
-                sys::nftnl_set_elem_get_u32(elem, sys::NFTNL_SET_ELEM_FLAGS as u16)
-            } else {
-                0
-            };
-            out.push(RawElement {
-                key: bytes(sys::NFTNL_SET_ELEM_KEY).unwrap_or_default(),
-                key_end: bytes(sys::NFTNL_SET_ELEM_KEY_END),
-                interval_end: flags & libc::NFT_SET_ELEM_INTERVAL_END as u32 != 0,
-                timeout_ms: u64_attr(sys::NFTNL_SET_ELEM_TIMEOUT),
-                expiration_ms: u64_attr(sys::NFTNL_SET_ELEM_EXPIRATION),
-            });
-        }
-        0
-    }
-    let mut elements: Vec<RawElement> = Vec::new();
-    // SAFETY: `nlh` is a complete, aligned message (checked); the set object is
-    // allocated, filled by the parser, walked with `collect` (which only touches
-    // `elements`, passed as its data pointer) and freed here.
-    unsafe {
-        let object = allocated(sys::nftnl_set_alloc()).as_ptr();
-        let ok = sys::nftnl_set_elems_nlmsg_parse(nlh, object) >= 0;
-        let name = owned_str(sys::nftnl_set_get_str(object, sys::NFTNL_SET_NAME as u16));
-        if ok {
-            sys::nftnl_set_elem_foreach(
-                object,
-                Some(collect),
-                (&mut elements as *mut Vec<RawElement>).cast(),
-            );
-        }
-        sys::nftnl_set_free(object);
-        ok.then_some((name, elements))
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ParsedChain {
-    pub table: String,
-    pub name: String,
-    pub family: u32,
-    /// `NF_INET_*` hook number of a base chain.
-    pub hook: Option<u32>,
-    pub priority: Option<i32>,
-    /// `NF_ACCEPT` / `NF_DROP`.
-    pub policy: Option<u32>,
-    pub chain_type: Option<String>,
-    /// The chain's user data (its comment), empty if it has none.
-    pub userdata: Vec<u8>,
-}
-
-pub fn parse_chain(message: &[u8]) -> Option<ParsedChain> {
-    let nlh = message_header(message)?;
-    // SAFETY: `nlh` is a complete, aligned message (checked); strings are copied
-    // before the chain object is freed.
-    unsafe {
-        let object = allocated(sys::nftnl_chain_alloc()).as_ptr();
-        let is_set = |attr: u32| sys::nftnl_chain_is_set(object, attr as u16);
-        let parsed = (sys::nftnl_chain_nlmsg_parse(nlh, object) >= 0).then(|| ParsedChain {
-            table: owned_str(sys::nftnl_chain_get_str(
-                object,
-                sys::NFTNL_CHAIN_TABLE as u16,
-            )),
-            name: owned_str(sys::nftnl_chain_get_str(
-                object,
-                sys::NFTNL_CHAIN_NAME as u16,
-            )),
-            family: sys::nftnl_chain_get_u32(object, sys::NFTNL_CHAIN_FAMILY as u16),
-            hook: is_set(sys::NFTNL_CHAIN_HOOKNUM)
-                .then(|| sys::nftnl_chain_get_u32(object, sys::NFTNL_CHAIN_HOOKNUM as u16)),
-            priority: is_set(sys::NFTNL_CHAIN_PRIO)
-                .then(|| sys::nftnl_chain_get_s32(object, sys::NFTNL_CHAIN_PRIO as u16)),
-            policy: is_set(sys::NFTNL_CHAIN_POLICY)
-                .then(|| sys::nftnl_chain_get_u32(object, sys::NFTNL_CHAIN_POLICY as u16)),
-            chain_type: is_set(sys::NFTNL_CHAIN_TYPE).then(|| {
-                owned_str(sys::nftnl_chain_get_str(
+            sys::nftnl_expr_iter_destroy(iter);
+            let parsed = ParsedRule {
+                table: owned_str(sys::nftnl_rule_get_str(
                     object,
-                    sys::NFTNL_CHAIN_TYPE as u16,
-                ))
-            }),
-            userdata: if is_set(sys::NFTNL_CHAIN_USERDATA) {
-                let mut len = 0u32;
-                let data =
-                    sys::nftnl_chain_get_data(object, sys::NFTNL_CHAIN_USERDATA as u16, &mut len);
-                owned_bytes(data, len)
-            } else {
-                Vec::new()
-            },
-        });
-        sys::nftnl_chain_free(object);
-        parsed
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ParsedExpr {
-    /// The expression's kernel name (`meta`, `cmp`, `lookup`, `counter`, ...).
-    pub name: String,
-    /// `(packets, bytes)` of a `counter` expression.
-    pub counter: Option<(u64, u64)>,
-    /// What the expression refers to by name: the set of a `lookup`, the
-    /// target chain of an `immediate` jump or goto.
-    pub reference: Option<Reference>,
-}
-
-/// A reference by name from an expression to another object of the table.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Reference {
-    /// `lookup` in the named set (anonymous sets are named `__set<N>`).
-    Set(String),
-    /// `jump CHAIN` (`NFT_JUMP`).
-    Jump(String),
-    /// `goto CHAIN` (`NFT_GOTO`).
-    Goto(String),
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ParsedRule {
-    pub table: String,
-    pub chain: String,
-    pub family: u32,
-    pub handle: u64,
-    pub userdata: Vec<u8>,
-    pub expressions: Vec<ParsedExpr>,
-}
-
-pub fn parse_rule(message: &[u8]) -> Option<ParsedRule> {
-    let nlh = message_header(message)?;
-    // SAFETY: `nlh` is a complete, aligned message (checked); strings and user data
-    // are copied, and the expression iterator is destroyed, before the rule is freed.
-    unsafe {
-        let object = allocated(sys::nftnl_rule_alloc()).as_ptr();
-        if sys::nftnl_rule_nlmsg_parse(nlh, object) < 0 {
-            sys::nftnl_rule_free(object);
-            return None;
-        }
-        let mut len = 0u32;
-        let data = if sys::nftnl_rule_is_set(object, sys::NFTNL_RULE_USERDATA as u16) {
-            sys::nftnl_rule_get_data(object, sys::NFTNL_RULE_USERDATA as u16, &mut len)
-        } else {
-            std::ptr::null()
-        };
-        let mut expressions = Vec::new();
-        let iter = allocated(sys::nftnl_expr_iter_create(object)).as_ptr();
-        let mut expr = sys::nftnl_expr_iter_next(iter);
-        while !expr.is_null() {
-            let name = owned_str(sys::nftnl_expr_get_str(expr, sys::NFTNL_EXPR_NAME as u16));
-            let counter = (name == "counter").then(|| {
-                (
-                    sys::nftnl_expr_get_u64(expr, sys::NFTNL_EXPR_CTR_PACKETS as u16),
-                    sys::nftnl_expr_get_u64(expr, sys::NFTNL_EXPR_CTR_BYTES as u16),
-                )
-            });
-            let attr = |attr: u32| sys::nftnl_expr_is_set(expr, attr as u16);
-            let text = |attr: u32| owned_str(sys::nftnl_expr_get_str(expr, attr as u16));
-            let reference = match name.as_str() {
-                "lookup" if attr(sys::NFTNL_EXPR_LOOKUP_SET) => {
-                    Some(Reference::Set(text(sys::NFTNL_EXPR_LOOKUP_SET)))
-                }
-                "immediate" if attr(sys::NFTNL_EXPR_IMM_CHAIN) => {
-                    let chain = text(sys::NFTNL_EXPR_IMM_CHAIN);
-                    let verdict =
-                        sys::nftnl_expr_get_u32(expr, sys::NFTNL_EXPR_IMM_VERDICT as u16) as i32;
-                    Some(if verdict == libc::NFT_GOTO {
-                        Reference::Goto(chain)
-                    } else {
-                        Reference::Jump(chain)
-                    })
-                }
-                _ => None,
+                    sys::NFTNL_RULE_TABLE as u16,
+                )),
+                chain: owned_str(sys::nftnl_rule_get_str(
+                    object,
+                    sys::NFTNL_RULE_CHAIN as u16,
+                )),
+                family: sys::nftnl_rule_get_u32(object, sys::NFTNL_RULE_FAMILY as u16),
+                handle: sys::nftnl_rule_get_u64(object, sys::NFTNL_RULE_HANDLE as u16),
+                userdata: owned_bytes(data, len),
+                expressions,
             };
-            expressions.push(ParsedExpr {
-                name,
-                counter,
-                reference,
-            });
-            expr = sys::nftnl_expr_iter_next(iter);
+            sys::nftnl_rule_free(object);
+            Some(parsed)
         }
-        sys::nftnl_expr_iter_destroy(iter);
-        let parsed = ParsedRule {
-            table: owned_str(sys::nftnl_rule_get_str(
-                object,
-                sys::NFTNL_RULE_TABLE as u16,
-            )),
-            chain: owned_str(sys::nftnl_rule_get_str(
-                object,
-                sys::NFTNL_RULE_CHAIN as u16,
-            )),
-            family: sys::nftnl_rule_get_u32(object, sys::NFTNL_RULE_FAMILY as u16),
-            handle: sys::nftnl_rule_get_u64(object, sys::NFTNL_RULE_HANDLE as u16),
-            userdata: owned_bytes(data, len),
-            expressions,
-        };
-        sys::nftnl_rule_free(object);
-        Some(parsed)
     }
 }
 

@@ -25,6 +25,7 @@
 //! them: it subscribes to the nflog group the `deny` chain logs to and parses
 //! the denied packets (the sidecar's denied-connection log).
 
+mod attributes;
 mod batch;
 mod elements;
 mod ffi;

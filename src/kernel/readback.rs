@@ -1,5 +1,5 @@
 //! Read the `inet netleash` table back from the kernel (netlink dumps parsed
-//! by libnftnl) and compare it with the model.
+//! by `attributes`) and compare it with the model.
 //!
 //! A read is consistent: the ruleset generation id is read before and after
 //! the dumps, and the read is repeated if anything committed in between
@@ -19,8 +19,9 @@ use std::fmt;
 
 use serde::Serialize;
 
+use super::attributes::{self, ParsedExpr, ParsedSet, Reference};
 use super::elements::{self, describe_raw};
-use super::ffi::{self, ParsedExpr, ParsedSet, RawElement, Reference, Request};
+use super::ffi::{self, RawElement, Request};
 use super::generation;
 use super::netlink::{Echo, Netlink};
 use super::{Error, batch, table_name};
@@ -110,7 +111,7 @@ pub struct KernelChain {
 
 impl KernelChain {
     /// A chain as listed, under its kernel name, its rules not read yet.
-    fn listed(chain: ffi::ParsedChain) -> KernelChain {
+    fn listed(chain: attributes::ParsedChain) -> KernelChain {
         let comment = ffi::udata_find(
             &chain.userdata,
             nftnl::nftnl_sys::NFTNL_UDATA_CHAIN_COMMENT as u8,
@@ -237,7 +238,7 @@ pub fn generation_id(netlink: &mut Netlink) -> Result<u32, Error> {
     let mut id = None;
     let table = table_name();
     let answer = netlink.dump(Request::Generation, &table, &mut |message| {
-        id = Some(ffi::parse_generation(message).ok_or_else(|| malformed("generation"))?);
+        id = Some(attributes::parse_generation(message).ok_or_else(|| malformed("generation"))?);
         Ok(())
     })?;
     answer.map_err(|errno| Error::Dump {
@@ -253,7 +254,7 @@ pub fn read_sets(netlink: &mut Netlink) -> Result<Vec<ParsedSet>, Error> {
     let table = table_name();
     let mut sets = Vec::new();
     let answer = netlink.dump(Request::Sets, &table, &mut |message| {
-        let set = ffi::parse_set(message).ok_or_else(|| malformed("set"))?;
+        let set = attributes::parse_set(message).ok_or_else(|| malformed("set"))?;
         if set.table == TABLE_NAME
             && set.family == libc::NFPROTO_INET as u32
             && set.flags & libc::NFT_SET_ANONYMOUS as u32 == 0
@@ -346,7 +347,8 @@ pub fn read_elements(netlink: &mut Netlink, set: &mut KernelSet) -> Result<bool,
     let name = std::ffi::CString::new(set.kernel_name.clone()).map_err(|_| malformed("set"))?;
     let mut elements = Vec::new();
     let answer = netlink.dump(Request::Elements(&name), &table, &mut |message| {
-        let (_, parsed) = ffi::parse_elements(message).ok_or_else(|| malformed("set element"))?;
+        let (_, parsed) =
+            attributes::parse_elements(message).ok_or_else(|| malformed("set element"))?;
         elements.extend(parsed);
         Ok(())
     })?;
@@ -373,7 +375,7 @@ fn read_table_once(netlink: &mut Netlink) -> Result<Option<(RawTable, bool)>, Er
     let table = table_name();
     let mut parsed_table = None;
     let answer = netlink.dump(Request::Table, &table, &mut |message| {
-        parsed_table = Some(ffi::parse_table(message).ok_or_else(|| malformed("table"))?);
+        parsed_table = Some(attributes::parse_table(message).ok_or_else(|| malformed("table"))?);
         Ok(())
     })?;
     match answer {
@@ -403,7 +405,7 @@ fn read_table_once(netlink: &mut Netlink) -> Result<Option<(RawTable, bool)>, Er
 
     let mut chains = Vec::new();
     let answer = netlink.dump(Request::Chains, &table, &mut |message| {
-        let chain = ffi::parse_chain(message).ok_or_else(|| malformed("chain"))?;
+        let chain = attributes::parse_chain(message).ok_or_else(|| malformed("chain"))?;
         if chain.table == TABLE_NAME && chain.family == libc::NFPROTO_INET as u32 {
             chains.push(KernelChain::listed(chain));
         }
@@ -425,7 +427,7 @@ fn read_table_once(netlink: &mut Netlink) -> Result<Option<(RawTable, bool)>, Er
     if generations.len() <= 1 {
         let mut stray = None;
         let answer = netlink.dump(Request::Rules, &table, &mut |message| {
-            let rule = ffi::parse_rule(message).ok_or_else(|| malformed("rule"))?;
+            let rule = attributes::parse_rule(message).ok_or_else(|| malformed("rule"))?;
             let chain = chains.iter_mut().find(|c| {
                 rule.table == TABLE_NAME
                     && rule.family == libc::NFPROTO_INET as u32
@@ -458,7 +460,7 @@ fn read_table_once(netlink: &mut Netlink) -> Result<Option<(RawTable, bool)>, Er
             std::ffi::CString::new(chain.kernel_name.clone()).map_err(|_| malformed("chain"))?;
         let mut stray = false;
         let answer = netlink.dump(Request::ChainRules(&name), &table, &mut |message| {
-            let rule = ffi::parse_rule(message).ok_or_else(|| malformed("rule"))?;
+            let rule = attributes::parse_rule(message).ok_or_else(|| malformed("rule"))?;
             if rule.table != TABLE_NAME
                 || rule.family != libc::NFPROTO_INET as u32
                 || rule.chain != chain.kernel_name
@@ -554,7 +556,7 @@ pub fn compose(before: Option<&KernelTable>, echoes: &[&Echo]) -> Option<KernelT
             // The table itself: created (there was none before) or unchanged.
             libc::NFT_MSG_NEWTABLE | libc::NFT_MSG_NEWGEN => {}
             libc::NFT_MSG_NEWCHAIN => {
-                let chain = ffi::parse_chain(message)?;
+                let chain = attributes::parse_chain(message)?;
                 if !ours(&chain.table, chain.family) {
                     return None;
                 }
@@ -575,12 +577,12 @@ pub fn compose(before: Option<&KernelTable>, echoes: &[&Echo]) -> Option<KernelT
                 }
             }
             libc::NFT_MSG_DELCHAIN => {
-                let chain = ffi::parse_chain(message)?;
+                let chain = attributes::parse_chain(message)?;
                 raw.chains.retain(|c| c.kernel_name != chain.name);
                 rules_known.remove(&chain.name);
             }
             libc::NFT_MSG_NEWRULE | libc::NFT_MSG_DELRULE => {
-                let rule = ffi::parse_rule(message)?;
+                let rule = attributes::parse_rule(message)?;
                 if !ours(&rule.table, rule.family) {
                     return None;
                 }
@@ -600,7 +602,7 @@ pub fn compose(before: Option<&KernelTable>, echoes: &[&Echo]) -> Option<KernelT
                 }
             }
             libc::NFT_MSG_NEWSET => {
-                let set = ffi::parse_set(message)?;
+                let set = attributes::parse_set(message)?;
                 if !ours(&set.table, set.family) {
                     return None;
                 }
@@ -616,11 +618,11 @@ pub fn compose(before: Option<&KernelTable>, echoes: &[&Echo]) -> Option<KernelT
                 raw.sets.push(KernelSet::listed(set));
             }
             libc::NFT_MSG_DELSET => {
-                let set = ffi::parse_set(message)?;
+                let set = attributes::parse_set(message)?;
                 raw.sets.retain(|s| s.kernel_name != set.name);
             }
             libc::NFT_MSG_NEWSETELEM => {
-                let (name, elements) = ffi::parse_elements(message)?;
+                let (name, elements) = attributes::parse_elements(message)?;
                 match raw.sets.iter_mut().find(|s| s.kernel_name == name) {
                     Some(set) if set.elements_read => set.elements.extend(elements),
                     // Elements of a set whose elements are not compared (a
@@ -642,7 +644,7 @@ pub fn compose(before: Option<&KernelTable>, echoes: &[&Echo]) -> Option<KernelT
 }
 
 /// A rule as read, with its comment as its id.
-fn kernel_rule(rule: ffi::ParsedRule) -> KernelRule {
+fn kernel_rule(rule: attributes::ParsedRule) -> KernelRule {
     KernelRule {
         id: ffi::udata_find(
             &rule.userdata,
