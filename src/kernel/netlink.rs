@@ -225,10 +225,59 @@ pub enum Commit {
 /// few reads, and every dump datagram fits: each is read with one `recv`
 /// ([`receive_whole`]; one that did not fit would be an error, never a cut
 /// message). The answers to `Request::Table` and `Request::Generation` are
-/// single messages of at most `NLMSG_GOODSIZE`. Allocated per dump and freed after it:
-/// a sandbox's session spends nearly all its life waiting between small
-/// transactions.
+/// single messages of at most `NLMSG_GOODSIZE`. Not one per session (a
+/// sandbox's session spends nearly all its life waiting between small
+/// transactions, and an agent holds hundreds of sessions): dumps borrow one
+/// from [`DUMP_BUFFERS`].
 const DUMP_BUFFER_LEN: usize = 1 << 17;
+
+/// The dump buffers not in use, shared by every session of the process
+/// ([`DUMP_BUFFERS`]). A buffer of [`DUMP_BUFFER_LEN`] is above glibc's mmap
+/// threshold (128 KiB), so allocating one per dump maps, faults in and
+/// unmaps fresh pages each time, and an apply runs about ten dumps. At most
+/// `kept` buffers are kept. Their contents need no clearing: only the bytes
+/// a `recv` wrote are ever read.
+struct DumpBuffers {
+    kept: usize,
+    idle: std::sync::Mutex<Vec<AlignedBuffer>>,
+}
+
+/// As many as dumps that run at once, in practice: one per thread that
+/// applies (an agent's concurrent Puts).
+static DUMP_BUFFERS: DumpBuffers = DumpBuffers::new(4);
+
+impl DumpBuffers {
+    const fn new(kept: usize) -> DumpBuffers {
+        DumpBuffers {
+            kept,
+            idle: std::sync::Mutex::new(Vec::new()),
+        }
+    }
+
+    fn idle(&self) -> std::sync::MutexGuard<'_, Vec<AlignedBuffer>> {
+        // A panic while the lock was held cannot leave the list inconsistent.
+        self.idle
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn take(&self) -> AlignedBuffer {
+        let kept = self.idle().pop();
+        kept.unwrap_or_else(|| AlignedBuffer::zeroed(DUMP_BUFFER_LEN))
+    }
+
+    /// Keep `buffer` for the next dump, unless enough are kept already, or
+    /// it is not of the dump size.
+    fn give_back(&self, buffer: AlignedBuffer) {
+        if buffer.len() != DUMP_BUFFER_LEN {
+            return;
+        }
+        let mut idle = self.idle();
+        if idle.len() < self.kept {
+            idle.push(buffer);
+        }
+    }
+}
 
 /// First size of the buffer acknowledgements are read into. With
 /// `NETLINK_CAP_ACK` an acknowledgement carries no copy of the request, only
@@ -689,11 +738,25 @@ impl Netlink {
         table: &CStr,
         each: &mut dyn FnMut(&[u8]) -> Result<(), Error>,
     ) -> Result<Result<bool, i32>, Error> {
+        let mut buffer = DUMP_BUFFERS.take();
+        let result = self.dump_with(&mut buffer, request, table, each);
+        DUMP_BUFFERS.give_back(buffer);
+        result
+    }
+
+    /// [`Netlink::dump`] in `buffer` (of [`DUMP_BUFFER_LEN`]).
+    fn dump_with(
+        &mut self,
+        buffer: &mut AlignedBuffer,
+        request: Request<'_>,
+        table: &CStr,
+        each: &mut dyn FnMut(&[u8]) -> Result<(), Error>,
+    ) -> Result<Result<bool, i32>, Error> {
         self.seq = self.seq.wrapping_add(1);
         let seq = self.seq;
-        // The request is written into the buffer the answers then overwrite;
-        // both go with it when the dump returns.
-        let mut buffer = AlignedBuffer::zeroed(DUMP_BUFFER_LEN);
+        // The request is written into the buffer the answers then overwrite
+        // (libmnl writes every header and padding byte of it, so what an
+        // earlier dump left there does not matter).
         let len = ffi::write_request(buffer.bytes_mut(), request, table, seq);
         self.socket
             .send(&buffer.bytes()[..len])
@@ -702,7 +765,7 @@ impl Netlink {
         let mut interrupted = false;
         let fd = self.socket.as_raw_fd();
         loop {
-            let n = match receive_whole(fd, &mut buffer, 0) {
+            let n = match receive_whole(fd, buffer, 0) {
                 Ok(n) => n,
                 Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
                 Err(err) => return Err(Error::Receive(err)),
@@ -840,6 +903,29 @@ fn without_batch_end(page: &[u8]) -> Result<&[u8], Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dump_buffers_are_reused_and_at_most_so_many_kept() {
+        let buffers = DumpBuffers::new(2);
+        let taken: Vec<AlignedBuffer> = (0..3).map(|_| buffers.take()).collect();
+        assert!(taken.iter().all(|b| b.len() == DUMP_BUFFER_LEN));
+        for buffer in taken {
+            buffers.give_back(buffer);
+        }
+        let kept: Vec<*const u64> = buffers.idle().iter().map(|b| b.words.as_ptr()).collect();
+        assert_eq!(kept.len(), 2, "kept more or fewer than the limit");
+        // What is taken next is a kept buffer (a live one, so not a new
+        // allocation at a reused address).
+        let next = buffers.take();
+        assert!(
+            kept.contains(&next.words.as_ptr()),
+            "a kept buffer was not reused"
+        );
+        assert_eq!(buffers.idle().len(), 1);
+        // A buffer of another size (an acknowledgement's) is not kept.
+        buffers.give_back(AlignedBuffer::zeroed(ACK_BUFFER_LEN));
+        assert_eq!(buffers.idle().len(), 1);
+    }
 
     fn header(len: u32, kind: u16, flags: u16, seq: u32) -> Vec<u8> {
         let mut bytes = Vec::new();
