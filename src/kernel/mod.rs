@@ -374,7 +374,10 @@ impl Session {
     /// with `expected`. The elements of the sets the transactions created are
     /// not echoed: they are read, and the reading counts only if the ruleset
     /// generation id is still the one the last transaction left (no commit
-    /// since, so they are what the transaction created). `None` if an echo
+    /// since, so they are what the transaction created). So are the
+    /// elements of the sets changed in place (`edited`, by kernel name):
+    /// element changes are not echoed, and what the kernel made of them is
+    /// read, never taken from the edit. `None` if an echo
     /// was lost or does not tell the whole policy in force, or something
     /// committed since: the caller then reads the table.
     fn compose_and_compare(
@@ -383,6 +386,7 @@ impl Session {
         genid: u32,
         before: Option<&KernelTable>,
         echoes: &[Option<Echo>],
+        edited: &[&str],
     ) -> Result<Option<(u32, KernelTable, Vec<Difference>)>, Error> {
         // Generation id 0 is "no check": the chain of ids proves nothing then.
         if genid == 0 {
@@ -407,7 +411,8 @@ impl Session {
             if skip.contains(&set.name) {
                 set.elements.clear();
                 set.elements_read = false;
-            } else if !set.elements_read {
+            } else if !set.elements_read || edited.contains(&set.kernel_name.as_str()) {
+                set.verified_as = None;
                 if readback::read_elements(&mut self.netlink, set)? {
                     return Ok(None);
                 }
@@ -476,7 +481,7 @@ impl Session {
         // Created onto no table (the transaction carried the id of the
         // reading that found none): the echo is the whole table.
         let composed = match method {
-            Method::Create => self.compose_and_compare(expected, genid, None, &[echo])?,
+            Method::Create => self.compose_and_compare(expected, genid, None, &[echo], &[])?,
             _ => None,
         };
         let (genid, table, differences) = match composed {
@@ -527,11 +532,13 @@ impl Session {
         // Verified from the echo of stage and swap when nothing else
         // committed in between (the swap carried the id the stage left).
         let composed = if swapped_at == staged_at {
+            let edited: Vec<&str> = swap.edited_sets().collect();
             self.compose_and_compare(
                 expected,
                 snapshot.genid,
                 snapshot.table.as_ref(),
                 &[stage_echo, swap_echo],
+                &edited,
             )?
         } else {
             None
@@ -580,7 +587,8 @@ impl Session {
         let mut plan = compared_elements(expected);
         // The sets kept from the previous generation hold what was read
         // before the stage (which carried that reading's generation id), and
-        // neither the stage nor the swap changes them. If nothing else
+        // neither the stage nor the swap changes them, but for the sets the
+        // swap changes in place, which are read. If nothing else
         // committed in between (the table is read at the id right after
         // the swap), that is what they still hold; otherwise they are read.
         if swapped_at == staged_at
@@ -590,7 +598,9 @@ impl Session {
                 .sets
                 .iter()
                 .filter(|set| {
-                    set.elements_read && swap.reuse.values().any(|k| *k == set.kernel_name)
+                    set.elements_read
+                        && swap.reuse.values().any(|k| *k == set.kernel_name)
+                        && swap.edited_sets().all(|k| k != set.kernel_name)
                 })
                 .map(|set| (set.kernel_name.clone(), set.elements.clone()))
                 .collect();
@@ -611,7 +621,7 @@ impl Session {
         mut genid: u32,
     ) -> Result<(u32, Option<Echo>), Error> {
         for _ in 0..ATTEMPTS {
-            let mut transaction = batch::swap(ruleset, swap.to, &swap.tighten)?;
+            let mut transaction = batch::swap(ruleset, swap)?;
             // Carried elements go into the (persistent) DNS sets with the
             // swap: hash set elements are generation-masked like rules, so
             // packets see them together with the new generation.
@@ -704,7 +714,7 @@ impl Session {
                 genid = next_genid(genid);
             }
             session.commit_at(
-                batch::swap_back(&swap.previous, &staged(ruleset, swap))?,
+                batch::swap_back(ruleset, swap, &staged(ruleset, swap))?,
                 genid,
             )
         };
@@ -1020,13 +1030,22 @@ mod tests {
     }
 
     fn compile(mode: Mode, nets: &[&str]) -> Ruleset {
-        let rules = nets
+        let entries: Vec<(String, Ports)> = nets
             .iter()
-            .map(|net| HostRule {
+            .map(|net| (net.to_string(), Ports::Any))
+            .collect();
+        compile_entries(mode, &entries)
+    }
+
+    /// A policy that allows `entries` (a net and its ports each).
+    fn compile_entries(mode: Mode, entries: &[(String, Ports)]) -> Ruleset {
+        let rules = entries
+            .iter()
+            .map(|(net, ports)| HostRule {
                 target: Target::Net(net.parse().unwrap()),
-                ports: Ports::Any,
+                ports: ports.clone(),
                 sources: [Source::AllowedHosts].into(),
-                entry: net.to_string(),
+                entry: net.clone(),
             })
             .collect();
         let policy = Policy {
@@ -1310,6 +1329,129 @@ mod tests {
         let status = session.status().unwrap().unwrap();
         assert_eq!(status.generation, Some(1));
         assert!(status.leftovers.is_empty(), "{:?}", status.leftovers);
+        assert_in_force(&mut session, &a);
+        session.close_in_background();
+    }
+
+    /// A limited policy with large static sets of each backend: single
+    /// IPv4 and IPv6 addresses and IPv4 ranges on any port (interval sets,
+    /// rbtree), and IPv4 ranges on tcp/443 (a concatenated interval set,
+    /// pipapo). `large(0, false)` is the base; `moved` replaces that many
+    /// entries of each of those sets by others, and `bridged` adds a range
+    /// that touches two of the base's (it merges with the one below into a
+    /// /29 and ends where the one above starts).
+    fn large(moved: u32, bridged: bool) -> Ruleset {
+        let https = Ports::only([(crate::policy::Proto::Tcp, 443)]);
+        let mut entries: Vec<(String, Ports)> = Vec::new();
+        for i in 0..30u32 {
+            let (v4, v6, ranged) = if i < moved {
+                (9, "2001:db8:9", 9)
+            } else {
+                (1, "2001:db8:1", 0)
+            };
+            entries.push((format!("10.{v4}.0.{}/32", i * 2), Ports::Any));
+            entries.push((format!("{v6}::{:x}/128", i * 2), Ports::Any));
+            entries.push((format!("11.{ranged}.{i}.0/30"), https.clone()));
+        }
+        entries.push(("10.2.0.0/30".into(), Ports::Any));
+        entries.push(("10.2.0.8/30".into(), Ports::Any));
+        if bridged {
+            entries.push(("10.2.0.4/30".into(), Ports::Any));
+        }
+        compile_entries(Mode::Limited, &entries)
+    }
+
+    /// The model names of the sets `large` changes, each with at least 30 elements.
+    const LARGE_SETS: [&str; 3] = ["allow_v4", "allow_v6", "allow_v4_ports"];
+
+    #[test]
+    fn a_set_changed_in_a_few_elements_is_changed_in_place() {
+        let ns = Netns::new("inplace");
+        let (a, b) = (large(0, false), large(1, true));
+        for set in LARGE_SETS {
+            let (was, will) = (a.set(set).unwrap(), b.set(set).unwrap());
+            assert!(
+                was.elements.len() >= 30 && was.elements != will.elements,
+                "{set}"
+            );
+        }
+        let mut session = Session::open(&ns.target()).unwrap();
+        session.apply(&a).unwrap();
+        for (model, to) in [(&b, 2), (&a, 3), (&b, 4)] {
+            let report = session.apply(model).unwrap();
+            assert_eq!(report.method, Method::Swap { from: to - 1, to });
+            assert_eq!(session.verified_from, Some(VerifiedFrom::Echo));
+            // The same kernel sets, with the model's elements (as read back
+            // in full), and the unchanged blocklist kept as it was.
+            for set in LARGE_SETS.into_iter().chain(["blocklist_v4"]) {
+                assert_eq!(kernel_set(&mut session, set), format!("{set}.g1"));
+            }
+            assert_in_force(&mut session, model);
+            assert_echo_matches_dump(&mut session);
+            let status = session.status().unwrap().unwrap();
+            assert!(status.leftovers.is_empty(), "{:?}", status.leftovers);
+        }
+        // A one-shot apply knows no verified elements: it creates them again.
+        apply(&ns.target(), &a).unwrap();
+        for set in LARGE_SETS {
+            assert_eq!(kernel_set(&mut session, set), format!("{set}.g5"));
+        }
+        assert_in_force(&mut session, &a);
+        session.close_in_background();
+    }
+
+    #[test]
+    fn a_set_changed_in_many_elements_is_created_again() {
+        let ns = Netns::new("manychanged");
+        // 16 of 30 entries moved: more elements change than stay.
+        let (a, b) = (large(0, false), large(16, false));
+        let mut session = Session::open(&ns.target()).unwrap();
+        session.apply(&a).unwrap();
+        session.apply(&b).unwrap();
+        for set in LARGE_SETS {
+            assert_eq!(kernel_set(&mut session, set), format!("{set}.g2"));
+        }
+        assert_eq!(kernel_set(&mut session, "blocklist_v4"), "blocklist_v4.g1");
+        assert_in_force(&mut session, &b);
+        session.close_in_background();
+    }
+
+    #[test]
+    fn a_rollback_gives_a_set_changed_in_place_its_elements_back() {
+        let ns = Netns::new("inplaceback");
+        let (a, b) = (large(0, false), large(1, true));
+        let mut session = Session::open(&ns.target()).unwrap();
+        session.apply(&a).unwrap();
+        session.apply(&b).unwrap();
+        // Generation 3 changes the sets of `b` into those of `a` in place,
+        // but is verified against `b`: it must not stay, and neither must
+        // the changed elements.
+        let err = session.apply_verified(&a, &b, &[]).unwrap_err();
+        assert_eq!(session.verified_from, Some(VerifiedFrom::Echo));
+        let (differences, rollback) = verify_error(err);
+        for set in LARGE_SETS {
+            assert!(
+                differences
+                    .iter()
+                    .any(|d| matches!(d, Difference::SetElements { set: s, .. } if s == set)),
+                "{set}: {differences:?}"
+            );
+        }
+        assert!(
+            rollback.contains("generation 2) was put back in force and generation 3 deleted"),
+            "{rollback}"
+        );
+        let status = session.status().unwrap().unwrap();
+        assert_eq!(status.generation, Some(2));
+        assert!(status.leftovers.is_empty(), "{:?}", status.leftovers);
+        for set in LARGE_SETS {
+            assert_eq!(kernel_set(&mut session, set), format!("{set}.g1"));
+        }
+        // Every element of `b` is back, and none of `a`'s that `b` lacks.
+        assert_in_force(&mut session, &b);
+        // The session forgot the table; the next apply reads it and swaps.
+        let report = session.apply(&a).unwrap();
+        assert_eq!(report.method, Method::Swap { from: 2, to: 3 });
         assert_in_force(&mut session, &a);
         session.close_in_background();
     }
