@@ -95,13 +95,13 @@
 //! a whole once, with a warning; from then on re-applies swap generations.
 
 use std::borrow::Cow;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::ffi::CStr;
 
 use super::readback::{KernelChain, KernelSet, KernelTable};
 use super::{elements, ffi};
 use crate::ruleset::{
-    Action, Chain, ChainKind, ChainPolicy, Element, Hook, Rule, Ruleset, Set, SetRole,
+    Action, Chain, ChainKind, ChainPolicy, Element, Hook, Rule, Ruleset, Set, SetKey, SetRole,
 };
 
 /// Separates a model name from its generation number in kernel names.
@@ -326,8 +326,16 @@ pub struct SetEdit {
 /// it has the same key and flags, and fewer elements change than stay. A set
 /// changed more than that is created again (creating costs an insertion per
 /// element, an edit one per change; both read every element back to verify).
-/// A model that lists an element twice is never edited: creating it fails,
-/// and so must changing a set into it.
+///
+/// A concatenated interval set (pipapo) is edited only when it loses no
+/// element: `nft_pipapo_remove` finds an element by testing the set's rules
+/// one by one against the lookup table, so one removal costs about as much as
+/// creating the whole set (measured at 5,000 elements, kernel 6.18: 13 ms
+/// either way), while an addition costs what it costs in a created set.
+///
+/// Both model sets must list their elements strictly sorted (the compiler
+/// sorts and merges them): a model that lists an element twice is never
+/// edited, since creating it fails, and so must changing a set into it.
 pub fn in_place_edit(set: &Set, kernel: &KernelSet) -> Option<SetEdit> {
     let held = kernel
         .verified_as
@@ -341,25 +349,31 @@ pub fn in_place_edit(set: &Set, kernel: &KernelSet) -> Option<SetEdit> {
     if !same_shape {
         return None;
     }
-    // Elements compare as the kernel holds them: a range by its first address.
-    let normal = |element: &Element| match *element {
-        Element::Addr(net) => Element::Addr(net.trunc()),
-        Element::AddrProtoPort(net, proto, port) => {
-            Element::AddrProtoPort(net.trunc(), proto, port)
+    let strictly_sorted = |elements: &[Element]| elements.windows(2).all(|w| w[0] < w[1]);
+    if !strictly_sorted(&held.elements) || !strictly_sorted(&set.elements) {
+        return None;
+    }
+    let (mut remove, mut add) = (Vec::new(), Vec::new());
+    let (mut was, mut will) = (
+        held.elements.iter().peekable(),
+        set.elements.iter().peekable(),
+    );
+    loop {
+        match (was.peek(), will.peek()) {
+            (None, None) => break,
+            (Some(old), Some(new)) if old == new => {
+                was.next();
+                will.next();
+            }
+            (Some(old), Some(new)) if old < new => remove.extend(was.next()),
+            (Some(_), None) => remove.extend(was.next()),
+            (_, Some(_)) => add.extend(will.next()),
         }
-    };
-    let distinct = |elements: &[Element]| -> Option<BTreeSet<Element>> {
-        let unique: BTreeSet<Element> = elements.iter().map(normal).collect();
-        (unique.len() == elements.len()).then_some(unique)
-    };
-    let (was, will) = (distinct(&held.elements)?, distinct(&set.elements)?);
-    // The elements of `from` that `other` lacks, in `from`'s order.
-    let lacking = |from: &Set, other: &BTreeSet<Element>| -> Vec<Element> {
-        let mut elements = from.elements.clone();
-        elements.retain(|e| !other.contains(&normal(e)));
-        elements
-    };
-    let (remove, add) = (lacking(held, &will), lacking(set, &was));
+    }
+    let pipapo = set.interval && matches!(set.key, SetKey::AddrProtoPort(_));
+    if pipapo && !remove.is_empty() {
+        return None;
+    }
     let kept = held.elements.len() - remove.len();
     (remove.len() + add.len() < kept).then_some(SetEdit { remove, add })
 }
@@ -703,6 +717,37 @@ mod tests {
             ..kernel
         };
         assert_eq!(in_place_edit(&one, &unverified), None);
+    }
+
+    #[test]
+    fn a_concatenated_interval_set_is_edited_in_place_only_when_it_loses_nothing() {
+        let ported = |nets: &[&str]| Set {
+            name: "allow_v4_ports".into(),
+            key: SetKey::AddrProtoPort(crate::ruleset::Family::V4),
+            elements: nets
+                .iter()
+                .map(|n| Element::AddrProtoPort(n.parse().unwrap(), crate::policy::Proto::Tcp, 443))
+                .collect(),
+            ..allow_set(&[])
+        };
+        let held = ported(&["10.0.0.0/30", "10.0.1.0/30", "10.0.2.0/30", "10.0.3.0/30"]);
+        let kernel = KernelSet {
+            verified_as: Some(held.clone()),
+            ..verified(&allow_set(&[]))
+        };
+        let added = ported(&[
+            "10.0.0.0/30",
+            "10.0.1.0/30",
+            "10.0.2.0/30",
+            "10.0.3.0/30",
+            "10.0.9.0/30",
+        ]);
+        assert_eq!(
+            in_place_edit(&added, &kernel).map(|edit| (edit.remove.len(), edit.add.len())),
+            Some((0, 1))
+        );
+        let replaced = ported(&["10.0.0.0/30", "10.0.1.0/30", "10.0.2.0/30", "10.0.9.0/30"]);
+        assert_eq!(in_place_edit(&replaced, &kernel), None);
     }
 
     #[test]

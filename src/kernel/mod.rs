@@ -374,10 +374,7 @@ impl Session {
     /// with `expected`. The elements of the sets the transactions created are
     /// not echoed: they are read, and the reading counts only if the ruleset
     /// generation id is still the one the last transaction left (no commit
-    /// since, so they are what the transaction created). So are the
-    /// elements of the sets changed in place (`edited`, by kernel name):
-    /// element changes are not echoed, and what the kernel made of them is
-    /// read, never taken from the edit. `None` if an echo
+    /// since, so they are what the transaction created). `None` if an echo
     /// was lost or does not tell the whole policy in force, or something
     /// committed since: the caller then reads the table.
     fn compose_and_compare(
@@ -386,7 +383,6 @@ impl Session {
         genid: u32,
         before: Option<&KernelTable>,
         echoes: &[Option<Echo>],
-        edited: &[&str],
     ) -> Result<Option<(u32, KernelTable, Vec<Difference>)>, Error> {
         // Generation id 0 is "no check": the chain of ids proves nothing then.
         if genid == 0 {
@@ -411,8 +407,7 @@ impl Session {
             if skip.contains(&set.name) {
                 set.elements.clear();
                 set.elements_read = false;
-            } else if !set.elements_read || edited.contains(&set.kernel_name.as_str()) {
-                set.verified_as = None;
+            } else if !set.elements_read {
                 if readback::read_elements(&mut self.netlink, set)? {
                     return Ok(None);
                 }
@@ -481,7 +476,7 @@ impl Session {
         // Created onto no table (the transaction carried the id of the
         // reading that found none): the echo is the whole table.
         let composed = match method {
-            Method::Create => self.compose_and_compare(expected, genid, None, &[echo], &[])?,
+            Method::Create => self.compose_and_compare(expected, genid, None, &[echo])?,
             _ => None,
         };
         let (genid, table, differences) = match composed {
@@ -531,14 +526,25 @@ impl Session {
         let (swapped_at, swap_echo) = self.swap_in(ruleset, &swap, carried, staged_at)?;
         // Verified from the echo of stage and swap when nothing else
         // committed in between (the swap carried the id the stage left).
+        // The elements of the sets changed in place are unknown until read:
+        // element changes are not echoed, and what the kernel made of the
+        // edit is read back, never taken from the edit.
+        let mut snapshot = snapshot;
+        if let Some(before) = &mut snapshot.table {
+            for set in &mut before.sets {
+                if swap.edited_sets().any(|edited| edited == set.kernel_name) {
+                    set.elements = Vec::new();
+                    set.elements_read = false;
+                    set.verified_as = None;
+                }
+            }
+        }
         let composed = if swapped_at == staged_at {
-            let edited: Vec<&str> = swap.edited_sets().collect();
             self.compose_and_compare(
                 expected,
                 snapshot.genid,
                 snapshot.table.as_ref(),
                 &[stage_echo, swap_echo],
-                &edited,
             )?
         } else {
             None
@@ -587,8 +593,9 @@ impl Session {
         let mut plan = compared_elements(expected);
         // The sets kept from the previous generation hold what was read
         // before the stage (which carried that reading's generation id), and
-        // neither the stage nor the swap changes them, but for the sets the
-        // swap changes in place, which are read. If nothing else
+        // neither the stage nor the swap changes them (the sets the swap
+        // changed in place are not among them: their elements are not
+        // known any more, see `apply_swap`). If nothing else
         // committed in between (the table is read at the id right after
         // the swap), that is what they still hold; otherwise they are read.
         if swapped_at == staged_at
@@ -598,9 +605,7 @@ impl Session {
                 .sets
                 .iter()
                 .filter(|set| {
-                    set.elements_read
-                        && swap.reuse.values().any(|k| *k == set.kernel_name)
-                        && swap.edited_sets().all(|k| k != set.kernel_name)
+                    set.elements_read && swap.reuse.values().any(|k| *k == set.kernel_name)
                 })
                 .map(|set| (set.kernel_name.clone(), set.elements.clone()))
                 .collect();
@@ -1336,27 +1341,28 @@ mod tests {
     /// A limited policy with large static sets of each backend: single
     /// IPv4 and IPv6 addresses and IPv4 ranges on any port (interval sets,
     /// rbtree), and IPv4 ranges on tcp/443 (a concatenated interval set,
-    /// pipapo). `large(0, false)` is the base; `moved` replaces that many
-    /// entries of each of those sets by others, and `bridged` adds a range
-    /// that touches two of the base's (it merges with the one below into a
-    /// /29 and ends where the one above starts).
-    fn large(moved: u32, bridged: bool) -> Ruleset {
+    /// pipapo). `large(0, false)` is the base. `moved` replaces that many of
+    /// its single addresses of each family by others. `added` adds a range
+    /// on tcp/443 and one that touches two ranges of the base (it merges
+    /// with the one below into a /29 and ends where the one above starts).
+    fn large(moved: u32, added: bool) -> Ruleset {
         let https = Ports::only([(crate::policy::Proto::Tcp, 443)]);
         let mut entries: Vec<(String, Ports)> = Vec::new();
         for i in 0..30u32 {
-            let (v4, v6, ranged) = if i < moved {
-                (9, "2001:db8:9", 9)
+            let (v4, v6) = if i < moved {
+                (9, "2001:db8:9")
             } else {
-                (1, "2001:db8:1", 0)
+                (1, "2001:db8:1")
             };
             entries.push((format!("10.{v4}.0.{}/32", i * 2), Ports::Any));
             entries.push((format!("{v6}::{:x}/128", i * 2), Ports::Any));
-            entries.push((format!("11.{ranged}.{i}.0/30"), https.clone()));
+            entries.push((format!("11.0.{i}.0/30"), https.clone()));
         }
         entries.push(("10.2.0.0/30".into(), Ports::Any));
         entries.push(("10.2.0.8/30".into(), Ports::Any));
-        if bridged {
+        if added {
             entries.push(("10.2.0.4/30".into(), Ports::Any));
+            entries.push(("11.9.0.0/30".into(), https.clone()));
         }
         compile_entries(Mode::Limited, &entries)
     }
@@ -1377,15 +1383,22 @@ mod tests {
         }
         let mut session = Session::open(&ns.target()).unwrap();
         session.apply(&a).unwrap();
-        for (model, to) in [(&b, 2), (&a, 3), (&b, 4)] {
+        // The kernel generation of allow_v4_ports after each swap: a
+        // concatenated interval set is changed in place only when it loses
+        // no element (see `generation::in_place_edit`).
+        for (model, to, ports) in [(&b, 2, 1), (&a, 3, 3), (&b, 4, 3)] {
             let report = session.apply(model).unwrap();
             assert_eq!(report.method, Method::Swap { from: to - 1, to });
             assert_eq!(session.verified_from, Some(VerifiedFrom::Echo));
             // The same kernel sets, with the model's elements (as read back
             // in full), and the unchanged blocklist kept as it was.
-            for set in LARGE_SETS.into_iter().chain(["blocklist_v4"]) {
+            for set in ["allow_v4", "allow_v6", "blocklist_v4"] {
                 assert_eq!(kernel_set(&mut session, set), format!("{set}.g1"));
             }
+            assert_eq!(
+                kernel_set(&mut session, "allow_v4_ports"),
+                format!("allow_v4_ports.g{ports}")
+            );
             assert_in_force(&mut session, model);
             assert_echo_matches_dump(&mut session);
             let status = session.status().unwrap().unwrap();
@@ -1403,30 +1416,31 @@ mod tests {
     #[test]
     fn a_set_changed_in_many_elements_is_created_again() {
         let ns = Netns::new("manychanged");
-        // 16 of 30 entries moved: more elements change than stay.
+        // 16 of 30 addresses moved: more elements change than stay.
         let (a, b) = (large(0, false), large(16, false));
         let mut session = Session::open(&ns.target()).unwrap();
         session.apply(&a).unwrap();
         session.apply(&b).unwrap();
-        for set in LARGE_SETS {
+        for set in ["allow_v4", "allow_v6"] {
             assert_eq!(kernel_set(&mut session, set), format!("{set}.g2"));
         }
-        assert_eq!(kernel_set(&mut session, "blocklist_v4"), "blocklist_v4.g1");
+        for set in ["allow_v4_ports", "blocklist_v4"] {
+            assert_eq!(kernel_set(&mut session, set), format!("{set}.g1"));
+        }
         assert_in_force(&mut session, &b);
         session.close_in_background();
     }
 
     #[test]
-    fn a_rollback_gives_a_set_changed_in_place_its_elements_back() {
+    fn a_rollback_gives_the_sets_changed_in_place_their_elements_back() {
         let ns = Netns::new("inplaceback");
         let (a, b) = (large(0, false), large(1, true));
         let mut session = Session::open(&ns.target()).unwrap();
         session.apply(&a).unwrap();
-        session.apply(&b).unwrap();
-        // Generation 3 changes the sets of `b` into those of `a` in place,
-        // but is verified against `b`: it must not stay, and neither must
+        // Generation 2 changes the sets of `a` into those of `b` in place,
+        // but is verified against `a`: it must not stay, and neither must
         // the changed elements.
-        let err = session.apply_verified(&a, &b, &[]).unwrap_err();
+        let err = session.apply_verified(&b, &a, &[]).unwrap_err();
         assert_eq!(session.verified_from, Some(VerifiedFrom::Echo));
         let (differences, rollback) = verify_error(err);
         for set in LARGE_SETS {
@@ -1438,21 +1452,21 @@ mod tests {
             );
         }
         assert!(
-            rollback.contains("generation 2) was put back in force and generation 3 deleted"),
+            rollback.contains("generation 1) was put back in force and generation 2 deleted"),
             "{rollback}"
         );
         let status = session.status().unwrap().unwrap();
-        assert_eq!(status.generation, Some(2));
+        assert_eq!(status.generation, Some(1));
         assert!(status.leftovers.is_empty(), "{:?}", status.leftovers);
         for set in LARGE_SETS {
             assert_eq!(kernel_set(&mut session, set), format!("{set}.g1"));
         }
-        // Every element of `b` is back, and none of `a`'s that `b` lacks.
-        assert_in_force(&mut session, &b);
-        // The session forgot the table; the next apply reads it and swaps.
-        let report = session.apply(&a).unwrap();
-        assert_eq!(report.method, Method::Swap { from: 2, to: 3 });
+        // Every element of `a` is back, and none of `b`'s that `a` lacks.
         assert_in_force(&mut session, &a);
+        // The session forgot the table; the next apply reads it and swaps.
+        let report = session.apply(&b).unwrap();
+        assert_eq!(report.method, Method::Swap { from: 1, to: 2 });
+        assert_in_force(&mut session, &b);
         session.close_in_background();
     }
 
