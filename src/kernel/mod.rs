@@ -524,8 +524,6 @@ impl Session {
         // apply that staged a generation of the same number meanwhile.)
         let staged_at = next_genid(snapshot.genid);
         let (swapped_at, swap_echo) = self.swap_in(ruleset, &swap, carried, staged_at)?;
-        // Verified from the echo of stage and swap when nothing else
-        // committed in between (the swap carried the id the stage left).
         // The elements of the sets changed in place are unknown until read:
         // element changes are not echoed, and what the kernel made of the
         // edit is read back, never taken from the edit.
@@ -539,6 +537,8 @@ impl Session {
                 }
             }
         }
+        // Verified from the echo of stage and swap when nothing else
+        // committed in between (the swap carried the id the stage left).
         let composed = if swapped_at == staged_at {
             self.compose_and_compare(
                 expected,
