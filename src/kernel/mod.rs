@@ -240,9 +240,11 @@ pub struct Session {
     /// The table after this session's last apply, as its verification read
     /// it (the sets in force with their elements), and the ruleset generation
     /// id that goes with it, so the next apply plans without reading the
-    /// table first, and keeps the sets that it does not change. Its transactions carry that id: if anything
-    /// else committed since, the kernel refuses them and the apply reads the
-    /// table and starts over.
+    /// table first, keeps the sets that it does not change, and changes in
+    /// place those it changes in a few elements (`generation::in_place_edit`,
+    /// from the model set each was verified to hold). Its transactions carry
+    /// that id: if anything else committed since, the kernel refuses them and
+    /// the apply reads the table and starts over.
     known: Option<Snapshot>,
     /// How the last apply's verification got the table it compared.
     verified_from: Option<VerifiedFrom>,
