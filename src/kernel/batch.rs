@@ -14,7 +14,7 @@ use std::ffi::CString;
 use nftnl::expr::{Bitwise, Cmp, CmpOp, Conntrack, Counter, IcmpCode, RejectionType, Verdict};
 use nftnl::{MsgType, ProtoFamily};
 
-use super::elements::{self, datatype};
+use super::elements::{self, SetChange, SetUpdate, datatype};
 use super::ffi::{self, BaseHook, ChainMsg, ElementOp, SetDefinition, SetMsg, TableMsg};
 use super::generation::{self, Deletions, EntryRule, Naming, Swap};
 use super::netlink::{Object, Transaction};
@@ -670,11 +670,18 @@ impl<'a> Builder<'a> {
         self.add_rules(false)
     }
 
-    /// Each base chain's rules replaced by the model's, then the policies that become drop.
-    fn add_swap(&mut self, tighten: &[String]) -> Result<(), Error> {
+    /// The element changes of the sets `swap` changes in place, each base
+    /// chain's rules replaced by the model's, then the policies that become drop.
+    fn add_swap(&mut self, swap: &Swap) -> Result<(), Error> {
+        add_set_edits(
+            &mut self.transaction,
+            self.ruleset,
+            swap,
+            Direction::Forward,
+        )?;
         self.flush_base_chains()?;
         self.add_rules(true)?;
-        self.add_base_chains(|name| tighten.iter().any(|c| c == name))
+        self.add_base_chains(|name| swap.tighten.iter().any(|c| c == name))
     }
 
     /// The table, its base chains, every set, and generation `generation`
@@ -733,12 +740,80 @@ pub fn stage(ruleset: &Ruleset, swap: &Swap) -> Result<Transaction, Error> {
     Ok(builder.transaction)
 }
 
-/// The swap transaction: each base chain's rules replaced by the model's
-/// (a jump into generation `to`), and the policies that become drop.
-pub fn swap(ruleset: &Ruleset, to: u32, tighten: &[String]) -> Result<Transaction, Error> {
-    let mut builder = Builder::new(ruleset, to);
-    builder.add_swap(tighten)?;
+/// The swap transaction of `swap`: the element changes of the sets it
+/// changes in place, each base chain's rules replaced by the model's (a jump
+/// into generation `swap.to`), and the policies that become drop.
+pub fn swap(ruleset: &Ruleset, swap: &Swap) -> Result<Transaction, Error> {
+    let mut builder = Builder::for_swap(ruleset, swap);
+    builder.add_swap(swap)?;
     Ok(builder.transaction)
+}
+
+/// Whether [`add_set_edits`] makes the edits of a swap or undoes them.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Direction {
+    Forward,
+    Undo,
+}
+
+/// The element changes of the sets `swap` changes in place (`swap.edit`),
+/// or (`Undo`) the changes that give them their previous elements back.
+/// Every removal comes before every addition: an interval set's backend
+/// refuses an addition that overlaps an element still active in the next
+/// generation (`-EEXIST` or `-ENOTEMPTY` from `nft_rbtree_insert` and
+/// `nft_pipapo_insert`), and a removed element is inactive in it from its
+/// removal on. Each element is encoded as it is
+/// created ([`elements::encode`]): an rbtree range with its end element
+/// (without it the range runs to the top of the address space, fail open),
+/// a pipapo range with its key end. Removals are `DESTROYSETELEM` and
+/// additions keep an existing element, so the transaction does not depend
+/// on what the kernel holds beyond the ruleset generation id it carries:
+/// the verification reads the changed sets back and compares them.
+fn add_set_edits(
+    transaction: &mut Transaction,
+    ruleset: &Ruleset,
+    swap: &Swap,
+    direction: Direction,
+) -> Result<(), Error> {
+    for removals in [true, false] {
+        for (name, edit) in &swap.edit {
+            let (Some(set), Some(kernel_name)) = (ruleset.set(name), swap.reuse.get(name)) else {
+                return Err(Error::NoSuchSet {
+                    set: name.clone(),
+                    known: ruleset.sets.iter().map(|s| s.name.clone()).collect(),
+                });
+            };
+            let elements = match (removals, direction) {
+                (true, Direction::Forward) | (false, Direction::Undo) => &edit.remove,
+                (false, Direction::Forward) | (true, Direction::Undo) => &edit.add,
+            };
+            if elements.is_empty() {
+                continue;
+            }
+            let elements = elements.clone();
+            let change = if removals {
+                SetChange::Delete { elements }
+            } else {
+                SetChange::Add {
+                    elements,
+                    timeout: None,
+                }
+            };
+            let update = SetUpdate {
+                set: name.clone(),
+                change,
+            };
+            elements::add_update(
+                transaction,
+                kernel_name,
+                &update,
+                set.key,
+                set.interval,
+                set.timeout,
+            )?;
+        }
+    }
+    Ok(())
 }
 
 /// Stage, swap and cleanup of `swap` as one transaction, for the kernel to
@@ -750,7 +825,7 @@ pub fn swap_check(
 ) -> Result<Transaction, Error> {
     let mut builder = Builder::for_swap(ruleset, swap);
     builder.add_stage(swap)?;
-    builder.add_swap(&swap.tighten)?;
+    builder.add_swap(swap)?;
     add_deletions(&mut builder.transaction, deletions)?;
     Ok(builder.transaction)
 }
@@ -767,14 +842,21 @@ pub fn policies(previous: &[EntryRule]) -> Result<Transaction, Error> {
     Ok(transaction)
 }
 
-/// The rollback transaction: each base chain jumps into the generation it
-/// jumped into before (with its previous policy), and `deletions` (the
+/// The rollback transaction of `swap`: each base chain jumps into the
+/// generation it jumped into before (with its previous policy), the sets the
+/// swap changed in place get their previous elements back (with the jump,
+/// so the previous rules see them as they were), and `deletions` (the
 /// generation that failed verification) are deleted.
-pub fn swap_back(previous: &[EntryRule], deletions: &Deletions) -> Result<Transaction, Error> {
+pub fn swap_back(
+    ruleset: &Ruleset,
+    swap: &Swap,
+    deletions: &Deletions,
+) -> Result<Transaction, Error> {
     let table = table_name();
     let nftnl_table = nftnl::Table::new(&table, ProtoFamily::Inet);
     let mut transaction = Transaction::new();
-    for entry in previous {
+    add_set_edits(&mut transaction, ruleset, swap, Direction::Undo)?;
+    for entry in &swap.previous {
         let handle = nftnl::Chain::new(cstring(&entry.chain)?, &nftnl_table);
         transaction.add(
             &nftnl::Rule::new(&handle),
@@ -962,6 +1044,7 @@ mod tests {
             previous: vec![],
             from_digest: None,
             reuse: BTreeMap::new(),
+            edit: BTreeMap::new(),
         }
     }
 
@@ -989,7 +1072,7 @@ mod tests {
     #[test]
     fn the_swap_replaces_the_base_chain_rules_and_tightens_after() {
         let ruleset = crate::ruleset::compile(&policy(), &CompileOptions::default());
-        let transaction = swap(&ruleset, 5, &["output".to_string()]).unwrap();
+        let transaction = swap(&ruleset, &swap_to(5, &[])).unwrap();
         assert_eq!(
             transaction.objects(),
             [
@@ -1006,6 +1089,49 @@ mod tests {
                 Object::Chain("output".into()),
             ]
         );
+    }
+
+    #[test]
+    fn the_swap_removes_every_edited_element_before_it_adds_any() {
+        let with_blocklist = Policy {
+            blocklist: vec![crate::policy::BlockEntry {
+                net: "169.254.0.0/16".parse().unwrap(),
+                reason: "link-local".into(),
+            }],
+            ..policy()
+        };
+        let ruleset = crate::ruleset::compile(&with_blocklist, &CompileOptions::default());
+        let mut edited = swap_to(5, &[]);
+        let element = |net: &str| crate::ruleset::Element::Addr(net.parse().unwrap());
+        for (set, kernel) in [
+            ("allow_v4", "allow_v4.g2"),
+            ("blocklist_v4", "blocklist_v4.g3"),
+        ] {
+            edited.reuse.insert(set.into(), kernel.into());
+            edited.edit.insert(
+                set.into(),
+                generation::SetEdit {
+                    remove: vec![element("192.0.2.0/24")],
+                    add: vec![element("203.0.113.0/24")],
+                },
+            );
+        }
+        let elements = |set: &str| Object::Elements(set.into());
+        let transaction = swap(&ruleset, &edited).unwrap();
+        assert_eq!(
+            transaction.objects()[..5],
+            [
+                elements("allow_v4"),
+                elements("blocklist_v4"),
+                elements("allow_v4"),
+                elements("blocklist_v4"),
+                Object::Flush("output".into()),
+            ]
+        );
+        // The rollback undoes them in the same order (its removals are the
+        // swap's additions), first thing.
+        let back = swap_back(&ruleset, &edited, &Deletions::default()).unwrap();
+        assert_eq!(back.objects(), &transaction.objects()[..4]);
     }
 
     #[test]

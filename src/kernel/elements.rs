@@ -388,7 +388,6 @@ fn update_transaction(
     sets: &[super::ffi::ParsedSet],
     updates: &[SetUpdate],
 ) -> Result<Transaction, Error> {
-    let table = table_name();
     let mut transaction = Transaction::new();
     for update in updates {
         let kernel = kernel_set_name(netlink, sets, &update.set)?
@@ -408,17 +407,40 @@ fn update_transaction(
                 known: generation::model_names(sets.iter().map(|s| s.name.as_str())),
             });
         };
-        let name = CString::new(kernel_name).map_err(|_| Error::InvalidName {
-            name: update.set.clone(),
-        })?;
-        let mut message = SetMsg::existing(&table, &name);
-        let (encoded, op) = encode_update(update, set.key, set.interval, set.timeout)?;
-        for raw in &encoded {
-            message.push(raw);
-        }
-        transaction.add_elements(&message, op, Object::Elements(update.set.clone()));
+        add_update(
+            &mut transaction,
+            &kernel_name,
+            update,
+            set.key,
+            set.interval,
+            set.timeout,
+        )?;
     }
     Ok(transaction)
+}
+
+/// Add `update` to `transaction`, as the element messages of the set named
+/// `kernel_name` in the kernel, whose key is `key` and whose interval and
+/// timeout flags are `interval` and `timeout_flag` (see [`encode_update`]:
+/// an interval element goes with its end, a concatenated range with its key end).
+pub(super) fn add_update(
+    transaction: &mut Transaction,
+    kernel_name: &str,
+    update: &SetUpdate,
+    key: SetKey,
+    interval: bool,
+    timeout_flag: bool,
+) -> Result<(), Error> {
+    let name = CString::new(kernel_name).map_err(|_| Error::InvalidName {
+        name: kernel_name.to_string(),
+    })?;
+    let (encoded, op) = encode_update(update, key, interval, timeout_flag)?;
+    let mut message = SetMsg::existing(&table_name(), &name);
+    for raw in &encoded {
+        message.push(raw);
+    }
+    transaction.add_elements(&message, op, Object::Elements(update.set.clone()));
+    Ok(())
 }
 
 /// Times an [`ElementWriter`] re-reads the sets and tries again after the

@@ -16,18 +16,16 @@
 //! the kernel never loses an element at all.
 
 use std::collections::BTreeMap;
-use std::ffi::CString;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::Duration;
 
 use ipnet::IpNet;
 
-use super::elements::{self, SetUpdate, encode_update};
-use super::ffi::SetMsg;
+use super::elements::{self, SetUpdate};
 use super::generation;
-use super::netlink::{Object, Transaction};
+use super::netlink::Transaction;
 use super::readback::{self, Detail};
-use super::{ApplyReport, Error, Session, table_name};
+use super::{ApplyReport, Error, Session};
 use crate::policy::Proto;
 use crate::ruleset::{Element, Ruleset};
 
@@ -107,7 +105,6 @@ pub(super) fn add_carried(
     generation: u32,
     carried: &[SetUpdate],
 ) -> Result<(), Error> {
-    let table = table_name();
     let naming = generation::Naming::new(ruleset, generation);
     for update in carried {
         let Some(set) = ruleset.set(&update.set) else {
@@ -116,16 +113,14 @@ pub(super) fn add_carried(
                 known: ruleset.sets.iter().map(|s| s.name.clone()).collect(),
             });
         };
-        let kernel_name = naming.set(&update.set);
-        let name = CString::new(kernel_name.as_str()).map_err(|_| Error::InvalidName {
-            name: kernel_name.clone(),
-        })?;
-        let (encoded, op) = encode_update(update, set.key, set.interval, set.timeout)?;
-        let mut message = SetMsg::existing(&table, &name);
-        for raw in &encoded {
-            message.push(raw);
-        }
-        transaction.add_elements(&message, op, Object::Elements(update.set.clone()));
+        elements::add_update(
+            transaction,
+            &naming.set(&update.set),
+            update,
+            set.key,
+            set.interval,
+            set.timeout,
+        )?;
     }
     Ok(())
 }

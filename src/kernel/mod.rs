@@ -242,9 +242,11 @@ pub struct Session {
     /// The table after this session's last apply, as its verification read
     /// it (the sets in force with their elements), and the ruleset generation
     /// id that goes with it, so the next apply plans without reading the
-    /// table first, and keeps the sets that it does not change. Its transactions carry that id: if anything
-    /// else committed since, the kernel refuses them and the apply reads the
-    /// table and starts over.
+    /// table first, keeps the sets that it does not change, and changes in
+    /// place those it changes in a few elements (`generation::in_place_edit`,
+    /// from the model set each was verified to hold). Its transactions carry
+    /// that id: if anything else committed since, the kernel refuses them and
+    /// the apply reads the table and starts over.
     known: Option<Snapshot>,
     /// How the last apply's verification got the table it compared.
     verified_from: Option<VerifiedFrom>,
@@ -526,6 +528,19 @@ impl Session {
         // apply that staged a generation of the same number meanwhile.)
         let staged_at = next_genid(snapshot.genid);
         let (swapped_at, swap_echo) = self.swap_in(ruleset, &swap, carried, staged_at)?;
+        // The elements of the sets changed in place are unknown until read:
+        // element changes are not echoed, and what the kernel made of the
+        // edit is read back, never taken from the edit.
+        let mut snapshot = snapshot;
+        if let Some(before) = &mut snapshot.table {
+            for set in &mut before.sets {
+                if swap.edited_sets().any(|edited| edited == set.kernel_name) {
+                    set.elements = Vec::new();
+                    set.elements_read = false;
+                    set.verified_as = None;
+                }
+            }
+        }
         // Verified from the echo of stage and swap when nothing else
         // committed in between (the swap carried the id the stage left).
         let composed = if swapped_at == staged_at {
@@ -582,7 +597,9 @@ impl Session {
         let mut plan = compared_elements(expected);
         // The sets kept from the previous generation hold what was read
         // before the stage (which carried that reading's generation id), and
-        // neither the stage nor the swap changes them. If nothing else
+        // neither the stage nor the swap changes them (the sets the swap
+        // changed in place are not among them: their elements are not
+        // known any more, see `apply_swap`). If nothing else
         // committed in between (the table is read at the id right after
         // the swap), that is what they still hold; otherwise they are read.
         if swapped_at == staged_at
@@ -613,7 +630,7 @@ impl Session {
         mut genid: u32,
     ) -> Result<(u32, Option<Echo>), Error> {
         for _ in 0..ATTEMPTS {
-            let mut transaction = batch::swap(ruleset, swap.to, &swap.tighten)?;
+            let mut transaction = batch::swap(ruleset, swap)?;
             // Carried elements go into the (persistent) DNS sets with the
             // swap: hash set elements are generation-masked like rules, so
             // packets see them together with the new generation.
@@ -706,7 +723,7 @@ impl Session {
                 genid = next_genid(genid);
             }
             session.commit_at(
-                batch::swap_back(&swap.previous, &staged(ruleset, swap))?,
+                batch::swap_back(ruleset, swap, &staged(ruleset, swap))?,
                 genid,
             )
         };
@@ -1027,13 +1044,22 @@ mod tests {
     }
 
     fn compile(mode: Mode, nets: &[&str]) -> Ruleset {
-        let rules = nets
+        let entries: Vec<(String, Ports)> = nets
             .iter()
-            .map(|net| HostRule {
+            .map(|net| (net.to_string(), Ports::Any))
+            .collect();
+        compile_entries(mode, &entries)
+    }
+
+    /// A policy that allows `entries` (a net and its ports each).
+    fn compile_entries(mode: Mode, entries: &[(String, Ports)]) -> Ruleset {
+        let rules = entries
+            .iter()
+            .map(|(net, ports)| HostRule {
                 target: Target::Net(net.parse().unwrap()),
-                ports: Ports::Any,
+                ports: ports.clone(),
                 sources: [Source::AllowedHosts].into(),
-                entry: net.to_string(),
+                entry: net.clone(),
             })
             .collect();
         let policy = Policy {
@@ -1318,6 +1344,138 @@ mod tests {
         assert_eq!(status.generation, Some(1));
         assert!(status.leftovers.is_empty(), "{:?}", status.leftovers);
         assert_in_force(&mut session, &a);
+        session.close_in_background();
+    }
+
+    /// A limited policy with large static sets of each backend: single
+    /// IPv4 and IPv6 addresses and IPv4 ranges on any port (interval sets,
+    /// rbtree), and IPv4 ranges on tcp/443 (a concatenated interval set,
+    /// pipapo). `large(0, false)` is the base. `moved` replaces that many of
+    /// its single addresses of each family by others. `added` adds a range
+    /// on tcp/443 and one that touches two ranges of the base (it merges
+    /// with the one below into a /29 and ends where the one above starts).
+    fn large(moved: u32, added: bool) -> Ruleset {
+        let https = Ports::only([(crate::policy::Proto::Tcp, 443)]);
+        let mut entries: Vec<(String, Ports)> = Vec::new();
+        for i in 0..30u32 {
+            let (v4, v6) = if i < moved {
+                (9, "2001:db8:9")
+            } else {
+                (1, "2001:db8:1")
+            };
+            entries.push((format!("10.{v4}.0.{}/32", i * 2), Ports::Any));
+            entries.push((format!("{v6}::{:x}/128", i * 2), Ports::Any));
+            entries.push((format!("11.0.{i}.0/30"), https.clone()));
+        }
+        entries.push(("10.2.0.0/30".into(), Ports::Any));
+        entries.push(("10.2.0.8/30".into(), Ports::Any));
+        if added {
+            entries.push(("10.2.0.4/30".into(), Ports::Any));
+            entries.push(("11.9.0.0/30".into(), https.clone()));
+        }
+        compile_entries(Mode::Limited, &entries)
+    }
+
+    /// The model names of the sets `large` changes, each with at least 30 elements.
+    const LARGE_SETS: [&str; 3] = ["allow_v4", "allow_v6", "allow_v4_ports"];
+
+    #[test]
+    fn a_set_changed_in_a_few_elements_is_changed_in_place() {
+        let ns = Netns::new("inplace");
+        let (a, b) = (large(0, false), large(1, true));
+        for set in LARGE_SETS {
+            let (was, will) = (a.set(set).unwrap(), b.set(set).unwrap());
+            assert!(
+                was.elements.len() >= 30 && was.elements != will.elements,
+                "{set}"
+            );
+        }
+        let mut session = Session::open(&ns.target()).unwrap();
+        session.apply(&a).unwrap();
+        // The kernel generation of allow_v4_ports after each swap: a
+        // concatenated interval set is changed in place only when it loses
+        // no element (see `generation::in_place_edit`).
+        for (model, to, ports) in [(&b, 2, 1), (&a, 3, 3), (&b, 4, 3)] {
+            let report = session.apply(model).unwrap();
+            assert_eq!(report.method, Method::Swap { from: to - 1, to });
+            assert_eq!(session.verified_from, Some(VerifiedFrom::Echo));
+            // The same kernel sets, with the model's elements (as read back
+            // in full), and the unchanged blocklist kept as it was.
+            for set in ["allow_v4", "allow_v6", "blocklist_v4"] {
+                assert_eq!(kernel_set(&mut session, set), format!("{set}.g1"));
+            }
+            assert_eq!(
+                kernel_set(&mut session, "allow_v4_ports"),
+                format!("allow_v4_ports.g{ports}")
+            );
+            assert_in_force(&mut session, model);
+            assert_echo_matches_dump(&mut session);
+            let status = session.status().unwrap().unwrap();
+            assert!(status.leftovers.is_empty(), "{:?}", status.leftovers);
+        }
+        // A one-shot apply knows no verified elements: it creates them again.
+        apply(&ns.target(), &a).unwrap();
+        for set in LARGE_SETS {
+            assert_eq!(kernel_set(&mut session, set), format!("{set}.g5"));
+        }
+        assert_in_force(&mut session, &a);
+        session.close_in_background();
+    }
+
+    #[test]
+    fn a_set_changed_in_many_elements_is_created_again() {
+        let ns = Netns::new("manychanged");
+        // 16 of 30 addresses moved: more elements change than stay.
+        let (a, b) = (large(0, false), large(16, false));
+        let mut session = Session::open(&ns.target()).unwrap();
+        session.apply(&a).unwrap();
+        session.apply(&b).unwrap();
+        for set in ["allow_v4", "allow_v6"] {
+            assert_eq!(kernel_set(&mut session, set), format!("{set}.g2"));
+        }
+        for set in ["allow_v4_ports", "blocklist_v4"] {
+            assert_eq!(kernel_set(&mut session, set), format!("{set}.g1"));
+        }
+        assert_in_force(&mut session, &b);
+        session.close_in_background();
+    }
+
+    #[test]
+    fn a_rollback_gives_the_sets_changed_in_place_their_elements_back() {
+        let ns = Netns::new("inplaceback");
+        let (a, b) = (large(0, false), large(1, true));
+        let mut session = Session::open(&ns.target()).unwrap();
+        session.apply(&a).unwrap();
+        // Generation 2 changes the sets of `a` into those of `b` in place,
+        // but is verified against `a`: it must not stay, and neither must
+        // the changed elements.
+        let err = session.apply_verified(&b, &a, &[]).unwrap_err();
+        assert_eq!(session.verified_from, Some(VerifiedFrom::Echo));
+        let (differences, rollback) = verify_error(err);
+        for set in LARGE_SETS {
+            assert!(
+                differences
+                    .iter()
+                    .any(|d| matches!(d, Difference::SetElements { set: s, .. } if s == set)),
+                "{set}: {differences:?}"
+            );
+        }
+        assert!(
+            rollback.contains("generation 1) was put back in force and generation 2 deleted"),
+            "{rollback}"
+        );
+        let status = session.status().unwrap().unwrap();
+        assert_eq!(status.generation, Some(1));
+        assert!(status.leftovers.is_empty(), "{:?}", status.leftovers);
+        for set in LARGE_SETS {
+            assert_eq!(kernel_set(&mut session, set), format!("{set}.g1"));
+        }
+        // Every element of `a` is back, and none of `b`'s that `a` lacks.
+        assert_in_force(&mut session, &a);
+        // The session forgot the table; the next apply reads it and swaps.
+        let report = session.apply(&b).unwrap();
+        assert_eq!(report.method, Method::Swap { from: 1, to: 2 });
+        assert_in_force(&mut session, &b);
         session.close_in_background();
     }
 

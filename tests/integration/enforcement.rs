@@ -155,8 +155,14 @@ fn reapply_is_atomic() {
             );
         }
     });
+    assert_no_wrong_verdict("reapply_is_atomic", probes, &wrong, REAPPLIES);
+}
+
+/// What `support::probe_while` found during `reapplies` re-applies of test
+/// `test`: no wrong verdict, in at least as many probes as re-applies.
+fn assert_no_wrong_verdict(test: &str, probes: u64, wrong: &[String], reapplies: usize) {
     eprintln!(
-        "reapply_is_atomic: {probes} probes, {} wrong verdicts during {REAPPLIES} re-applies",
+        "{test}: {probes} probes, {} wrong verdicts during {reapplies} re-applies",
         wrong.len()
     );
     assert!(
@@ -167,9 +173,121 @@ fn reapply_is_atomic() {
     );
     // The loop must have overlapped the re-applies for the test to mean anything.
     assert!(
-        probes >= REAPPLIES as u64,
-        "only {probes} probes during {REAPPLIES} re-applies"
+        probes >= reapplies as u64,
+        "only {probes} probes during {reapplies} re-applies"
     );
+}
+
+/// The session re-apply pair: large static sets (200 single addresses of
+/// each family on any port, 200 ranges on tcp/443, never contacted) around
+/// the addresses probed. Variant 1 replaces one address of each family and
+/// adds 203.0.113.20 on tcp/443, so a session changes `allow_v4` and
+/// `allow_v6` in place at every re-apply, and `allow_v4_ports` in place on
+/// the way to variant 1 (an addition only; the way back, a removal, creates
+/// it again). Both allow 198.51.100.10 and 2001:db8:100::10 on any port and
+/// 203.0.113.5 on tcp/443; neither allows 198.51.100.11.
+fn in_place_pair(variant: usize) -> netleash::ruleset::Ruleset {
+    use netleash::policy::{BlockEntry, CompileOptions, Dialect, HostRule, Mode, Policy, Ports};
+    use netleash::policy::{Proto, Source, Target};
+    let https = || Ports::only([(Proto::Tcp, 443)]);
+    let mut entries = vec![
+        ("198.51.100.10/32".to_string(), Ports::Any),
+        ("2001:db8:100::10/128".to_string(), Ports::Any),
+        ("203.0.113.5/32".to_string(), https()),
+    ];
+    for i in 0..200u32 {
+        let moved = variant == 1 && i == 0;
+        let (v4, v6) = if moved {
+            (78, "fd77:1")
+        } else {
+            (77, "fd77:0")
+        };
+        // Every other address, so that the compiler cannot merge them.
+        entries.push((
+            format!("10.{v4}.{}.{}/32", i / 100, i % 100 * 2),
+            Ports::Any,
+        ));
+        entries.push((format!("{v6}::{:x}/128", i * 2), Ports::Any));
+        entries.push((format!("10.88.{i}.0/30"), https()));
+    }
+    if variant == 1 {
+        entries.push(("203.0.113.20/32".to_string(), https()));
+    }
+    let rules = entries
+        .into_iter()
+        .map(|(net, ports)| HostRule {
+            target: Target::Net(net.parse().expect("a net")),
+            ports,
+            sources: [Source::AllowedHosts].into(),
+            entry: net,
+        })
+        .collect();
+    let policy = Policy {
+        mode: Mode::Limited,
+        dialect: Dialect::Limited,
+        rules,
+        blocklist: vec![BlockEntry {
+            net: "169.254.0.0/16".parse().expect("a net"),
+            reason: "link-local".into(),
+        }],
+        warnings: vec![],
+    };
+    netleash::ruleset::compile(&policy, &CompileOptions::default())
+}
+
+/// A long-lived session (the agent's path) that re-applies policies whose
+/// sets differ in a few elements changes those sets in place, in the swap
+/// transaction: an element both policies hold (in a set being changed)
+/// must match throughout, and an address neither allows must be rejected
+/// throughout.
+#[test]
+fn a_session_reapply_that_changes_sets_in_place_is_atomic() {
+    const REAPPLIES: usize = 1000;
+    let bed = support::testbed();
+    let models = [in_place_pair(0), in_place_pair(1)];
+    let target = netleash::netns::Target::Name(bed.sandbox().to_string());
+    let mut session = netleash::kernel::Session::open(&target).expect("open a session");
+    session.apply(&models[0]).expect("first apply");
+    let expectations = [
+        (addr("198.51.100.10"), true),
+        (addr("2001:db8:100::10"), true),
+        (addr("203.0.113.5"), true),
+        (addr("198.51.100.11"), false),
+    ];
+    let (probes, wrong) = support::probe_while(&bed, &expectations, 443, || {
+        for round in 0..REAPPLIES {
+            let report = session
+                .apply(&models[(round + 1) % 2])
+                .unwrap_or_else(|err| {
+                    panic!("re-apply {round}: {}", netleash::cli::render_error(&err))
+                });
+            assert!(
+                matches!(report.method, netleash::kernel::Method::Swap { .. }),
+                "re-apply {round}: {:?}",
+                report.method
+            );
+        }
+    });
+    assert_no_wrong_verdict(
+        "a_session_reapply_that_changes_sets_in_place_is_atomic",
+        probes,
+        &wrong,
+        REAPPLIES,
+    );
+    // The sets were changed in place all along: generation 1's, still in
+    // force, with all their elements.
+    let table = netleash_table(bed.sandbox()).expect("the table is in place");
+    for (set, elements) in [("allow_v4", 201), ("allow_v6", 201)] {
+        assert_eq!(
+            models[0].set(set).expect("the set").elements.len(),
+            elements
+        );
+        assert!(
+            table.contains(&format!("set {set}.g1 ")),
+            "{set} was created again: {table}"
+        );
+    }
+    session.close_in_background();
 }
 
 #[test]
