@@ -319,10 +319,17 @@ impl Swap {
 /// in order. An rbtree range is its start and its end element in the same
 /// list, so a range is never left without its end (which would open it to
 /// the top of the address space).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SetEdit {
     pub remove: Vec<RawElement>,
     pub add: Vec<RawElement>,
+}
+
+impl SetEdit {
+    /// Whether the set already holds exactly the model set.
+    pub fn is_empty(&self) -> bool {
+        self.remove.is_empty() && self.add.is_empty()
+    }
 }
 
 /// The edit that turns `kernel`, a static set in force whose elements were
@@ -330,7 +337,8 @@ pub struct SetEdit {
 /// the same key and flags, and fewer elements change than stay (ranges count
 /// once). A set changed more than that is created again (creating costs an
 /// insertion per element, an edit one per change; both read every element
-/// back to verify).
+/// back to verify). An empty edit means the set holds exactly the model set
+/// (the same definition, the same elements one for one) and is kept as it is.
 ///
 /// What the set holds is known in one of two ways:
 /// - a session knows the model set `kernel` was verified to hold
@@ -354,8 +362,13 @@ pub struct SetEdit {
 /// and merges them): a model that lists an element twice is never edited,
 /// since creating it fails, and so must changing a set into it.
 pub fn in_place_edit(set: &Set, kernel: &KernelSet) -> Result<Option<SetEdit>, super::Error> {
-    let strictly_sorted = |elements: &[Element]| elements.windows(2).all(|w| w[0] < w[1]);
-    if !kernel.elements_read || persistent_set(set) || !strictly_sorted(&set.elements) {
+    if !kernel.elements_read || persistent_set(set) {
+        return Ok(None);
+    }
+    if kernel.verified_as.as_ref() == Some(set) {
+        return Ok(Some(SetEdit::default()));
+    }
+    if !set.elements.windows(2).all(|w| w[0] < w[1]) {
         return Ok(None);
     }
     let change = match &kernel.verified_as {
@@ -370,6 +383,9 @@ pub fn in_place_edit(set: &Set, kernel: &KernelSet) -> Result<Option<SetEdit>, s
     else {
         return Ok(None);
     };
+    if edit.is_empty() {
+        return Ok(Some(edit));
+    }
     let pipapo = set.interval && matches!(set.key, SetKey::AddrProtoPort(_));
     if pipapo && !edit.remove.is_empty() {
         return Ok(None);
@@ -645,11 +661,13 @@ pub fn approach(model: &Ruleset, table: Option<&KernelTable>) -> Result<Approach
         let Some(kernel) = table.sets.iter().find(|k| k.name == set.name) else {
             continue;
         };
-        if super::readback::holds_exactly(set, kernel)? {
+        // Kept as it is if it holds the model set exactly, kept and
+        // changed in place if it holds a few elements more or fewer.
+        if let Some(change) = in_place_edit(set, kernel)? {
             reuse.insert(set.name.clone(), kernel.kernel_name.clone());
-        } else if let Some(change) = in_place_edit(set, kernel)? {
-            reuse.insert(set.name.clone(), kernel.kernel_name.clone());
-            edit.insert(set.name.clone(), change);
+            if !change.is_empty() {
+                edit.insert(set.name.clone(), change);
+            }
         }
     }
     let mut create = Vec::new();
@@ -843,13 +861,8 @@ mod tests {
             // One replaced: two changes, three stay. Each range goes with
             // its end element.
             let one = allow_set(&["10.0.0.1/32", "10.0.0.2/32", "10.0.0.3/32", "10.0.0.9/32"]);
-            // (Sorted: a read set loses its elements in the order read.)
-            let sorted = |mut edit: SetEdit| {
-                edit.remove.sort();
-                edit
-            };
             assert_eq!(
-                edit(&one, &kernel).map(sorted),
+                edit(&one, &kernel),
                 Some(SetEdit {
                     remove: encoded(&one, &["10.0.0.4/32"]),
                     add: encoded(&one, &["10.0.0.9/32"]),
@@ -865,6 +878,14 @@ mod tests {
             let mut single = one.clone();
             single.interval = false;
             assert_eq!(edit(&single, &kernel), None);
+            // Unchanged, also when empty: kept as it is.
+            assert_eq!(edit(&held, &kernel), Some(SetEdit::default()));
+            let empty = allow_set(&[]);
+            let empty_kernel = KernelSet {
+                verified_as: kernel.verified_as.as_ref().map(|_| empty.clone()),
+                ..read(&empty)
+            };
+            assert_eq!(edit(&empty, &empty_kernel), Some(SetEdit::default()));
             // Elements not read: unknown.
             let unread = KernelSet {
                 elements_read: false,
@@ -904,8 +925,9 @@ mod tests {
             "10.0.4.0/32",
         ]);
         let change = edit(&grown, &kernel).expect("three changes, four stay");
+        // In ascending order (a range's start before its end), whatever the
+        // order read.
         let mut gone = encoded(&held, &["10.0.0.0/30"]);
-        gone.reverse();
         gone.push(stray);
         assert_eq!(change.remove, gone);
         assert_eq!(change.add, encoded(&grown, &["10.0.0.0/29"]));
