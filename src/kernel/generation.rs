@@ -26,10 +26,11 @@
 //!
 //! 1. *stage*: create generation M (sets with their elements, chains, rules)
 //!    and any persistent set the new model adds. Nothing jumps to it yet.
-//!    A static set that generation N holds exactly (`Swap::reuse`) is not
-//!    created again: M's rules look up N's set under its name (`allow_v4.g3`
-//!    from `egress.g7`), and the read-back strips any generation up to the
-//!    one in force from a set's name.
+//!    A static set that generation N holds exactly (`Swap::reuse`: as a
+//!    session's last verification found it, or as read before the stage) is
+//!    not created again: M's rules look up N's set under its name
+//!    (`allow_v4.g3` from `egress.g7`), and the read-back strips any
+//!    generation up to the one in force from a set's name.
 //!    This must be its own transaction: a set backend makes the elements of a
 //!    new set visible only when it commits the set (pipapo swaps in its new
 //!    lookup table in `nft_set_commit_update`), which runs after the
@@ -49,14 +50,20 @@
 //!    elements back in the same transaction, and deletes generation M.
 //!
 //! A set changed in place saves the kernel an insertion per element (for a
-//! large allowlist, most of an apply): when the session knows the model set
-//! the set in force was verified to hold, and fewer elements change than stay
-//! ([`in_place_edit`]), generation M keeps N's set, and the swap transaction
-//! removes the elements the model dropped, then adds the new ones (removals
-//! first: an interval set refuses an addition that overlaps an element still
-//! active in the next generation; an rbtree range always goes with its end
-//! element, whose absence would open the range to the top of the address
-//! space). What packets see follows from `nf_tables_commit`, which first
+//! large allowlist, most of an apply): when the elements the set in force
+//! holds are known, and fewer elements change than stay ([`in_place_edit`]),
+//! generation M keeps N's set, and the swap transaction removes the elements
+//! the model dropped, then adds the new ones (removals first: an interval set
+//! refuses an addition that overlaps an element still active in the next
+//! generation; an rbtree range always goes with its end element, whose
+//! absence would open the range to the top of the address space). The
+//! elements are known either from a session's last verification (the model
+//! set each set was verified to hold) or, in an apply without that memory (a
+//! one-shot `netleash apply`), from reading every static set's elements
+//! before the stage: the edit is then decided in the kernel's encoding, and
+//! removes exactly what was read and the model does not have, also elements
+//! the model cannot express (another program's). What packets see follows
+//! from `nf_tables_commit`, which first
 //! flips the generation cursor and then runs each set's
 //! `nft_set_commit_update`:
 //!
@@ -509,10 +516,10 @@ fn edit_from_read(set: &Set, kernel: &KernelSet) -> Result<Option<Change>, super
         })
         .collect();
     // In the order the model encodes them (ascending, a range's start before
-    // its end), not the order read (an rbtree dump lists them descending):
-    // measured on Linux 6.18, removing an end element before its start in
-    // the same message left the end in the set, without an error (a
-    // DESTROYSETELEM), which the verification then found.
+    // its end), not the order read: removed in the order an rbtree dump
+    // lists them (descending, each end before its start), the end elements
+    // stayed in the set on Linux 6.18, without an error (DESTROYSETELEM),
+    // and the verification found them.
     remove.sort();
     Ok(Some(Change {
         kept,

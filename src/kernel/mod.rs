@@ -246,7 +246,9 @@ pub struct Session {
     /// place those it changes in a few elements (`generation::in_place_edit`,
     /// from the model set each was verified to hold). Its transactions carry
     /// that id: if anything else committed since, the kernel refuses them and
-    /// the apply reads the table and starts over.
+    /// the apply reads the table and starts over. Without it (a new session,
+    /// e.g. a one-shot [`apply`]) the apply reads the table with the elements
+    /// of every static set, and keeps and changes in place from those.
     known: Option<Snapshot>,
     /// How the last apply's verification got the table it compared.
     verified_from: Option<VerifiedFrom>,
@@ -913,7 +915,13 @@ fn staged(ruleset: &Ruleset, swap: &Swap) -> Deletions {
 
 /// The elements a reading for `ruleset` needs: those of every set in force
 /// but the DNS-derived ones, whose elements are learned at run time and not
-/// compared (see [`readback::differences`]).
+/// compared (see [`readback::differences`]). An apply without memory of the
+/// table reads them before the stage too, for every static set whatever its
+/// size: a set read costs a dump, and one kept or changed in place saves
+/// the kernel an insertion per element it keeps (measured with the apply
+/// benchmark, two policies two entries apart: at 10,005 elements a one-shot
+/// apply took 37 ms instead of 41 ms when it created them again; at 1,005
+/// elements, as much either way).
 fn compared_elements(ruleset: &Ruleset) -> ElementPlan {
     ElementPlan {
         read: true,
