@@ -14,7 +14,7 @@ use std::ffi::CString;
 use nftnl::expr::{Bitwise, Cmp, CmpOp, Conntrack, Counter, IcmpCode, RejectionType, Verdict};
 use nftnl::{MsgType, ProtoFamily};
 
-use super::elements::{self, SetChange, SetUpdate, datatype};
+use super::elements::{self, datatype};
 use super::ffi::{self, BaseHook, ChainMsg, ElementOp, SetDefinition, SetMsg, TableMsg};
 use super::generation::{self, Deletions, EntryRule, Naming, Swap};
 use super::netlink::{Object, Transaction};
@@ -673,12 +673,7 @@ impl<'a> Builder<'a> {
     /// The element changes of the sets `swap` changes in place, each base
     /// chain's rules replaced by the model's, then the policies that become drop.
     fn add_swap(&mut self, swap: &Swap) -> Result<(), Error> {
-        add_set_edits(
-            &mut self.transaction,
-            self.ruleset,
-            swap,
-            Direction::Forward,
-        )?;
+        add_set_edits(&mut self.transaction, swap, Direction::Forward)?;
         self.flush_base_chains()?;
         self.add_rules(true)?;
         self.add_base_chains(|name| swap.tighten.iter().any(|c| c == name))
@@ -762,55 +757,41 @@ enum Direction {
 /// refuses an addition that overlaps an element still active in the next
 /// generation (`-EEXIST` or `-ENOTEMPTY` from `nft_rbtree_insert` and
 /// `nft_pipapo_insert`), and a removed element is inactive in it from its
-/// removal on. Each element is encoded as it is
-/// created ([`elements::encode`]): an rbtree range with its end element
-/// (without it the range runs to the top of the address space, fail open),
-/// a pipapo range with its key end. Removals are `DESTROYSETELEM` and
-/// additions keep an existing element, so the transaction does not depend
-/// on what the kernel holds beyond the ruleset generation id it carries:
-/// the verification reads the changed sets back and compares them.
+/// removal on. The elements are in the kernel's encoding
+/// ([`generation::SetEdit`]): an rbtree range with its end element (without
+/// it the range runs to the top of the address space, fail open), a pipapo
+/// range with its key end. Removals are `DESTROYSETELEM` and additions keep
+/// an existing element, so the transaction does not depend on what the
+/// kernel holds beyond the ruleset generation id it carries: the
+/// verification reads the changed sets back and compares them.
 fn add_set_edits(
     transaction: &mut Transaction,
-    ruleset: &Ruleset,
     swap: &Swap,
     direction: Direction,
 ) -> Result<(), Error> {
+    let table = table_name();
     for removals in [true, false] {
         for (name, edit) in &swap.edit {
-            let (Some(set), Some(kernel_name)) = (ruleset.set(name), swap.reuse.get(name)) else {
+            let Some(kernel_name) = swap.reuse.get(name) else {
                 return Err(Error::NoSuchSet {
                     set: name.clone(),
-                    known: ruleset.sets.iter().map(|s| s.name.clone()).collect(),
+                    known: swap.reuse.keys().cloned().collect(),
                 });
             };
-            let elements = match (removals, direction) {
-                (true, Direction::Forward) | (false, Direction::Undo) => &edit.remove,
-                (false, Direction::Forward) | (true, Direction::Undo) => &edit.add,
+            let (elements, op) = match (removals, direction) {
+                (true, Direction::Forward) => (&edit.remove, ElementOp::Destroy),
+                (true, Direction::Undo) => (&edit.add, ElementOp::Destroy),
+                (false, Direction::Forward) => (&edit.add, ElementOp::Add),
+                (false, Direction::Undo) => (&edit.remove, ElementOp::Add),
             };
             if elements.is_empty() {
                 continue;
             }
-            let elements = elements.clone();
-            let change = if removals {
-                SetChange::Delete { elements }
-            } else {
-                SetChange::Add {
-                    elements,
-                    timeout: None,
-                }
-            };
-            let update = SetUpdate {
-                set: name.clone(),
-                change,
-            };
-            elements::add_update(
-                transaction,
-                kernel_name,
-                &update,
-                set.key,
-                set.interval,
-                set.timeout,
-            )?;
+            let mut message = SetMsg::existing(&table, &cstring(kernel_name)?);
+            for element in elements {
+                message.push(element);
+            }
+            transaction.add_elements(&message, op, Object::Elements(name.clone()));
         }
     }
     Ok(())
@@ -847,15 +828,11 @@ pub fn policies(previous: &[EntryRule]) -> Result<Transaction, Error> {
 /// swap changed in place get their previous elements back (with the jump,
 /// so the previous rules see them as they were), and `deletions` (the
 /// generation that failed verification) are deleted.
-pub fn swap_back(
-    ruleset: &Ruleset,
-    swap: &Swap,
-    deletions: &Deletions,
-) -> Result<Transaction, Error> {
+pub fn swap_back(swap: &Swap, deletions: &Deletions) -> Result<Transaction, Error> {
     let table = table_name();
     let nftnl_table = nftnl::Table::new(&table, ProtoFamily::Inet);
     let mut transaction = Transaction::new();
-    add_set_edits(&mut transaction, ruleset, swap, Direction::Undo)?;
+    add_set_edits(&mut transaction, swap, Direction::Undo)?;
     for entry in &swap.previous {
         let handle = nftnl::Chain::new(cstring(&entry.chain)?, &nftnl_table);
         transaction.add(
@@ -1102,7 +1079,12 @@ mod tests {
         };
         let ruleset = crate::ruleset::compile(&with_blocklist, &CompileOptions::default());
         let mut edited = swap_to(5, &[]);
-        let element = |net: &str| crate::ruleset::Element::Addr(net.parse().unwrap());
+        // A range in the kernel's encoding: its start and its end element.
+        let element = |net: &str| {
+            let key = crate::ruleset::SetKey::Addr(Family::V4);
+            let net = crate::ruleset::Element::Addr(net.parse().unwrap());
+            elements::encode("allow_v4", key, true, &net).unwrap()
+        };
         for (set, kernel) in [
             ("allow_v4", "allow_v4.g2"),
             ("blocklist_v4", "blocklist_v4.g3"),
@@ -1111,8 +1093,8 @@ mod tests {
             edited.edit.insert(
                 set.into(),
                 generation::SetEdit {
-                    remove: vec![element("192.0.2.0/24")],
-                    add: vec![element("203.0.113.0/24")],
+                    remove: element("192.0.2.0/24"),
+                    add: element("203.0.113.0/24"),
                 },
             );
         }
@@ -1130,7 +1112,7 @@ mod tests {
         );
         // The rollback undoes them in the same order (its removals are the
         // swap's additions), first thing.
-        let back = swap_back(&ruleset, &edited, &Deletions::default()).unwrap();
+        let back = swap_back(&edited, &Deletions::default()).unwrap();
         assert_eq!(back.objects(), &transaction.objects()[..4]);
     }
 

@@ -1085,27 +1085,6 @@ fn element_sets(
     Ok((want.into_iter().collect(), have.into_iter().collect()))
 }
 
-/// Whether kernel set `kernel` holds exactly model set `set`: the same
-/// definition and the same elements, one for one (a model that lists an
-/// element twice never matches: creating it would fail, and so must using
-/// it). A set whose elements were not read never does.
-pub fn holds_exactly(set: &crate::ruleset::Set, kernel: &KernelSet) -> Result<bool, Error> {
-    if !kernel.elements_read {
-        return Ok(false);
-    }
-    if let Some(verified) = &kernel.verified_as {
-        return Ok(verified == set);
-    }
-    let definition = elements::set_definition(set, 0)?;
-    if set_shape(definition.flags, definition.key_type, definition.key_len)
-        != set_shape(kernel.flags, kernel.key_type, kernel.key_len)
-    {
-        return Ok(false);
-    }
-    let (want, have) = element_lists(set, kernel)?;
-    Ok(want == have)
-}
-
 /// Record on each static set of `table` the model set of `model` it was
 /// just verified to hold exactly (`differences(model, table)` was empty).
 pub fn mark_verified(table: &mut KernelTable, model: &Ruleset) {
