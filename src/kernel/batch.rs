@@ -760,10 +760,11 @@ enum Direction {
 /// removal on. The elements are in the kernel's encoding
 /// ([`generation::SetEdit`]): an rbtree range with its end element (without
 /// it the range runs to the top of the address space, fail open), a pipapo
-/// range with its key end. Removals are `DESTROYSETELEM` and additions keep
-/// an existing element, so the transaction does not depend on what the
-/// kernel holds beyond the ruleset generation id it carries: the
-/// verification reads the changed sets back and compares them.
+/// range with its key end. Removals are `DELSETELEM`: each element removed
+/// is one the set holds at the ruleset generation id the transaction
+/// carries, and one that is not there fails the transaction (`ENOENT`)
+/// instead of passing unnoticed. Additions keep an existing element. The
+/// verification then reads the changed sets back and compares them.
 fn add_set_edits(
     transaction: &mut Transaction,
     swap: &Swap,
@@ -778,9 +779,12 @@ fn add_set_edits(
                     known: swap.reuse.keys().cloned().collect(),
                 });
             };
+            // Deletes, not destroys: they fail on an absent element instead
+            // of passing over it, and every kernel has them (destroy needs
+            // Linux 6.3).
             let (elements, op) = match (removals, direction) {
-                (true, Direction::Forward) => (&edit.remove, ElementOp::Destroy),
-                (true, Direction::Undo) => (&edit.add, ElementOp::Destroy),
+                (true, Direction::Forward) => (&edit.remove, ElementOp::Delete),
+                (true, Direction::Undo) => (&edit.add, ElementOp::Delete),
                 (false, Direction::Forward) => (&edit.add, ElementOp::Add),
                 (false, Direction::Undo) => (&edit.remove, ElementOp::Add),
             };

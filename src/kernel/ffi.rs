@@ -54,6 +54,9 @@ pub enum ElementOp {
     Add,
     /// `NFT_MSG_DESTROYSETELEM`: remove the elements, absent ones are not an error.
     Destroy,
+    /// `NFT_MSG_DELSETELEM`: remove the elements; an absent one is an error
+    /// (`ENOENT`) and the whole transaction is dropped. Every kernel has it.
+    Delete,
 }
 
 /// Abort like `nftnl` itself does when libnftnl cannot allocate a few bytes:
@@ -495,6 +498,7 @@ unsafe impl NlMsg for ElementMessages<'_> {
                 libc::NLM_F_CREATE | libc::NLM_F_ACK,
             ),
             ElementOp::Destroy => (NFT_MSG_DESTROYSETELEM, libc::NLM_F_ACK),
+            ElementOp::Delete => (libc::NFT_MSG_DELSETELEM as u16, libc::NLM_F_ACK),
         };
         // SAFETY: the NlMsg contract gives a buffer of nft_nlmsg_maxsize() bytes; the
         // iterator is valid and its set outlives it (borrowed by `self`).

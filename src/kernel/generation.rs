@@ -518,8 +518,9 @@ fn edit_from_read(set: &Set, kernel: &KernelSet) -> Result<Option<Change>, super
     // In the order the model encodes them (ascending, a range's start before
     // its end), not the order read: removed in the order an rbtree dump
     // lists them (descending, each end before its start), the end elements
-    // stayed in the set on Linux 6.18, without an error (DESTROYSETELEM),
-    // and the verification found them.
+    // stayed in the set on Linux 6.18 when removed with DESTROYSETELEM, which
+    // passes over an element it does not find, and the verification found
+    // them. (Removals are DELSETELEM now, which would fail instead.)
     remove.sort();
     Ok(Some(Change {
         kept,
