@@ -76,6 +76,9 @@ pub struct Transaction {
     generation: Option<u32>,
     /// Whether its messages carry `NLM_F_ECHO` (see [`Transaction::echoed`]).
     echo: bool,
+    /// The indexes in `objects` of `NFT_MSG_DESTROYSETELEM` messages, which
+    /// kernels before 6.3 do not know (see [`kernel_too_old_hint`]).
+    destroys: BTreeSet<usize>,
 }
 
 impl Default for Transaction {
@@ -91,6 +94,7 @@ impl Transaction {
             objects: Vec::new(),
             generation: None,
             echo: false,
+            destroys: BTreeSet::new(),
         }
     }
 
@@ -129,6 +133,9 @@ impl Transaction {
     pub fn add_elements(&mut self, set: &SetMsg, op: ElementOp, object: Object) {
         let messages = set.element_messages(op);
         while messages.has_more() {
+            if op == ElementOp::Destroy {
+                self.destroys.insert(self.objects.len());
+            }
             self.add_message(&messages, MsgType::Add, object.clone(), false);
         }
     }
@@ -503,6 +510,7 @@ impl Netlink {
             objects,
             generation,
             echo,
+            destroys,
         } = transaction;
         let batch: FinalizedBatch = batch.finalize();
         let seqs = batch.sequence_numbers();
@@ -586,13 +594,22 @@ impl Netlink {
         }
         if let Some(first) = failures.first() {
             let others: BTreeSet<String> = failures[1..].iter().map(|a| describe(a.seq)).collect();
+            let destroy = first.seq >= first_object_seq
+                && destroys.contains(&((first.seq - first_object_seq) as usize));
+            let hint = if destroy {
+                kernel_too_old_hint(-first.error, &kernel_release())
+            } else {
+                None
+            };
             return Err(Error::Rejected {
                 object: describe(first.seq),
                 detail: first
                     .message
                     .clone()
+                    .into_iter()
+                    .chain(hint)
                     .map(|m| format!(" ({m})"))
-                    .unwrap_or_default(),
+                    .collect(),
                 also: if others.is_empty() {
                     String::new()
                 } else {
@@ -803,6 +820,33 @@ impl Netlink {
     }
 }
 
+/// What to say when the kernel refuses an `NFT_MSG_DESTROYSETELEM` message
+/// with `errno`: kernels before 6.3 do not know that message type, and
+/// nfnetlink answers a type it has no handler for with `EINVAL`
+/// (`nfnetlink_rcv_batch`). `release` is the running kernel's, as
+/// `uname -r` prints it.
+fn kernel_too_old_hint(errno: i32, release: &str) -> Option<String> {
+    let mut numbers = release
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|part| part.parse::<u32>().ok());
+    let (Some(Some(major)), Some(Some(minor))) = (numbers.next(), numbers.next()) else {
+        return None;
+    };
+    (errno == libc::EINVAL && (major, minor) < (6, 3)).then(|| {
+        format!(
+            "this kernel, Linux {release}, is older than 6.3, which netleash needs to remove \
+             learned addresses (NFT_MSG_DESTROYSETELEM); run it on Linux 6.3 or later"
+        )
+    })
+}
+
+/// The running kernel's release, as `uname -r` prints it, or "" if unknown.
+fn kernel_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|release| release.trim().to_string())
+        .unwrap_or_default()
+}
+
 /// The fields of an `nlmsghdr` this module needs, read without unsafe code.
 struct Header {
     len: u32,
@@ -903,6 +947,48 @@ fn without_batch_end(page: &[u8]) -> Result<&[u8], Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_refused_destroy_on_a_kernel_before_6_3_says_so() {
+        let hint = kernel_too_old_hint(libc::EINVAL, "6.1.0-18-amd64").expect("6.1 is too old");
+        assert_eq!(
+            hint,
+            "this kernel, Linux 6.1.0-18-amd64, is older than 6.3, which netleash needs to remove \
+             learned addresses (NFT_MSG_DESTROYSETELEM); run it on Linux 6.3 or later"
+        );
+        assert!(kernel_too_old_hint(libc::EINVAL, "5.15.0-91-generic").is_some());
+        // A kernel that knows the message, another error, or no release.
+        assert_eq!(kernel_too_old_hint(libc::EINVAL, "6.3.0"), None);
+        assert_eq!(kernel_too_old_hint(libc::EINVAL, "6.18.44-fc-v782"), None);
+        assert_eq!(kernel_too_old_hint(libc::ENOENT, "6.1.0"), None);
+        assert_eq!(kernel_too_old_hint(libc::EINVAL, ""), None);
+        assert_eq!(kernel_too_old_hint(libc::EINVAL, "six"), None);
+    }
+
+    #[test]
+    fn destroy_messages_are_known_by_their_place_in_the_transaction() {
+        let table = std::ffi::CString::new("netleash").unwrap();
+        let set = std::ffi::CString::new("dns_v4").unwrap();
+        let mut transaction = Transaction::new();
+        let mut message = SetMsg::existing(&table, &set);
+        message.push(&ffi::RawElement {
+            key: vec![192, 0, 2, 1],
+            key_end: None,
+            interval_end: false,
+            timeout_ms: None,
+            expiration_ms: None,
+        });
+        transaction.add_elements(&message, ElementOp::Add, Object::Elements("dns_v4".into()));
+        transaction.add_elements(
+            &message,
+            ElementOp::Destroy,
+            Object::Elements("dns_v4".into()),
+        );
+        assert_eq!(
+            transaction.destroys.iter().copied().collect::<Vec<_>>(),
+            vec![1]
+        );
+    }
 
     #[test]
     fn dump_buffers_are_reused_and_at_most_so_many_kept() {
