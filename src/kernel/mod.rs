@@ -1373,17 +1373,69 @@ mod tests {
     /// The model names of the sets `large` changes, each with at least 30 elements.
     const LARGE_SETS: [&str; 3] = ["allow_v4", "allow_v6", "allow_v4_ports"];
 
+    /// Each large set of `a` holds at least `at_least` elements, and `b`'s
+    /// differs from it.
+    fn assert_large_sets_differ(a: &Ruleset, b: &Ruleset, at_least: usize) {
+        for set in LARGE_SETS {
+            let (was, will) = (a.set(set).unwrap(), b.set(set).unwrap());
+            assert!(
+                was.elements.len() >= at_least && was.elements != will.elements,
+                "{set}"
+            );
+        }
+    }
+
+    /// After applies that changed the sets in place: the allowlists and the
+    /// blocklist are still generation 1's kernel sets, `allow_v4_ports` is
+    /// generation `ports`'s (created again whenever it lost an element),
+    /// they hold `model`'s elements (read back in full), and nothing is left
+    /// behind.
+    fn assert_changed_in_place(session: &mut Session, model: &Ruleset, ports: u32) {
+        for set in ["allow_v4", "allow_v6", "blocklist_v4"] {
+            assert_eq!(kernel_set(session, set), format!("{set}.g1"));
+        }
+        assert_eq!(
+            kernel_set(session, "allow_v4_ports"),
+            format!("allow_v4_ports.g{ports}")
+        );
+        assert_in_force(session, model);
+        let status = session.status().unwrap().unwrap();
+        assert!(status.leftovers.is_empty(), "{:?}", status.leftovers);
+    }
+
+    /// `err` is the failed verification of an apply from generation 1 (`a`)
+    /// to 2, which changed the large sets in place: generation 1 is back in
+    /// force with its own kernel sets and elements, and generation 2 is gone.
+    fn assert_rolled_back_to(session: &mut Session, err: Error, a: &Ruleset) {
+        assert_eq!(session.verified_from, Some(VerifiedFrom::Echo));
+        let (differences, rollback) = verify_error(err);
+        for set in LARGE_SETS {
+            assert!(
+                differences
+                    .iter()
+                    .any(|d| matches!(d, Difference::SetElements { set: s, .. } if s == set)),
+                "{set}: {differences:?}"
+            );
+        }
+        assert!(
+            rollback.contains("generation 1) was put back in force and generation 2 deleted"),
+            "{rollback}"
+        );
+        let status = session.status().unwrap().unwrap();
+        assert_eq!(status.generation, Some(1));
+        assert!(status.leftovers.is_empty(), "{:?}", status.leftovers);
+        for set in LARGE_SETS {
+            assert_eq!(kernel_set(session, set), format!("{set}.g1"));
+        }
+        // Every element of `a` is back, and none that `a` lacks.
+        assert_in_force(session, a);
+    }
+
     #[test]
     fn a_set_changed_in_a_few_elements_is_changed_in_place() {
         let ns = Netns::new("inplace");
         let (a, b) = (large(0, false), large(1, true));
-        for set in LARGE_SETS {
-            let (was, will) = (a.set(set).unwrap(), b.set(set).unwrap());
-            assert!(
-                was.elements.len() >= 30 && was.elements != will.elements,
-                "{set}"
-            );
-        }
+        assert_large_sets_differ(&a, &b, 30);
         let mut session = Session::open(&ns.target()).unwrap();
         session.apply(&a).unwrap();
         // The kernel generation of allow_v4_ports after each swap: a
@@ -1393,32 +1445,14 @@ mod tests {
             let report = session.apply(model).unwrap();
             assert_eq!(report.method, Method::Swap { from: to - 1, to });
             assert_eq!(session.verified_from, Some(VerifiedFrom::Echo));
-            // The same kernel sets, with the model's elements (as read back
-            // in full), and the unchanged blocklist kept as it was.
-            for set in ["allow_v4", "allow_v6", "blocklist_v4"] {
-                assert_eq!(kernel_set(&mut session, set), format!("{set}.g1"));
-            }
-            assert_eq!(
-                kernel_set(&mut session, "allow_v4_ports"),
-                format!("allow_v4_ports.g{ports}")
-            );
-            assert_in_force(&mut session, model);
             assert_echo_matches_dump(&mut session);
-            let status = session.status().unwrap().unwrap();
-            assert!(status.leftovers.is_empty(), "{:?}", status.leftovers);
+            assert_changed_in_place(&mut session, model, ports);
         }
         // A one-shot apply knows no verified elements, and decides from the
         // elements it reads: the same edits, and the concatenated interval
         // set, which loses an element, is created again.
         apply(&ns.target(), &a).unwrap();
-        for set in ["allow_v4", "allow_v6", "blocklist_v4"] {
-            assert_eq!(kernel_set(&mut session, set), format!("{set}.g1"));
-        }
-        assert_eq!(
-            kernel_set(&mut session, "allow_v4_ports"),
-            "allow_v4_ports.g5"
-        );
-        assert_in_force(&mut session, &a);
+        assert_changed_in_place(&mut session, &a, 5);
         session.close_in_background();
     }
 
@@ -1426,13 +1460,7 @@ mod tests {
     fn a_one_shot_apply_changes_a_large_set_in_a_few_elements_in_place() {
         let ns = Netns::new("oneshotedit");
         let (a, b) = (large_of(100, 0, false), large_of(100, 1, true));
-        for set in LARGE_SETS {
-            let (was, will) = (a.set(set).unwrap(), b.set(set).unwrap());
-            assert!(
-                was.elements.len() >= 100 && was.elements != will.elements,
-                "{set}"
-            );
-        }
+        assert_large_sets_differ(&a, &b, 100);
         assert_eq!(apply(&ns.target(), &a).unwrap().method, Method::Create);
         // Another program adds an address to the allowlist in force: the
         // model does not have it, and the edit removes it as read.
@@ -1454,26 +1482,12 @@ mod tests {
             assert_eq!(one_shot.verified_from, Some(VerifiedFrom::Echo));
             assert_echo_matches_dump(&mut one_shot);
             one_shot.close_in_background();
-            // The same kernel sets, holding the model's elements (as read
-            // back in full), and nothing left behind.
-            for set in ["allow_v4", "allow_v6", "blocklist_v4"] {
-                assert_eq!(kernel_set(&mut observer, set), format!("{set}.g1"));
-            }
-            assert_eq!(
-                kernel_set(&mut observer, "allow_v4_ports"),
-                format!("allow_v4_ports.g{ports}")
-            );
-            assert_in_force(&mut observer, model);
-            let status = observer.status().unwrap().unwrap();
-            assert!(status.leftovers.is_empty(), "{:?}", status.leftovers);
+            assert_changed_in_place(&mut observer, model, ports);
         }
         // Through `kernel::apply` as well.
         let report = apply(&ns.target(), &a).unwrap();
         assert_eq!(report.method, Method::Swap { from: 4, to: 5 });
-        for set in ["allow_v4", "allow_v6"] {
-            assert_eq!(kernel_set(&mut observer, set), format!("{set}.g1"));
-        }
-        assert_in_force(&mut observer, &a);
+        assert_changed_in_place(&mut observer, &a, 5);
         observer.close_in_background();
     }
 
@@ -1487,27 +1501,7 @@ mod tests {
         // neither generation 2 nor the changed elements may stay.
         let mut session = Session::open(&ns.target()).unwrap();
         let err = session.apply_verified(&b, &a, &[]).unwrap_err();
-        assert_eq!(session.verified_from, Some(VerifiedFrom::Echo));
-        let (differences, rollback) = verify_error(err);
-        for set in LARGE_SETS {
-            assert!(
-                differences
-                    .iter()
-                    .any(|d| matches!(d, Difference::SetElements { set: s, .. } if s == set)),
-                "{set}: {differences:?}"
-            );
-        }
-        assert!(
-            rollback.contains("generation 1) was put back in force and generation 2 deleted"),
-            "{rollback}"
-        );
-        let status = session.status().unwrap().unwrap();
-        assert_eq!(status.generation, Some(1));
-        assert!(status.leftovers.is_empty(), "{:?}", status.leftovers);
-        for set in LARGE_SETS {
-            assert_eq!(kernel_set(&mut session, set), format!("{set}.g1"));
-        }
-        assert_in_force(&mut session, &a);
+        assert_rolled_back_to(&mut session, err, &a);
         session.close_in_background();
     }
 
@@ -1539,28 +1533,7 @@ mod tests {
         // but is verified against `a`: it must not stay, and neither must
         // the changed elements.
         let err = session.apply_verified(&b, &a, &[]).unwrap_err();
-        assert_eq!(session.verified_from, Some(VerifiedFrom::Echo));
-        let (differences, rollback) = verify_error(err);
-        for set in LARGE_SETS {
-            assert!(
-                differences
-                    .iter()
-                    .any(|d| matches!(d, Difference::SetElements { set: s, .. } if s == set)),
-                "{set}: {differences:?}"
-            );
-        }
-        assert!(
-            rollback.contains("generation 1) was put back in force and generation 2 deleted"),
-            "{rollback}"
-        );
-        let status = session.status().unwrap().unwrap();
-        assert_eq!(status.generation, Some(1));
-        assert!(status.leftovers.is_empty(), "{:?}", status.leftovers);
-        for set in LARGE_SETS {
-            assert_eq!(kernel_set(&mut session, set), format!("{set}.g1"));
-        }
-        // Every element of `a` is back, and none of `b`'s that `a` lacks.
-        assert_in_force(&mut session, &a);
+        assert_rolled_back_to(&mut session, err, &a);
         // The session forgot the table; the next apply reads it and swaps.
         let report = session.apply(&b).unwrap();
         assert_eq!(report.method, Method::Swap { from: 1, to: 2 });
