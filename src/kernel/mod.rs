@@ -854,12 +854,10 @@ impl Session {
     /// waits until the kernel has freed what the commit replaced: nf_tables'
     /// NETLINK_URELEASE handler takes the namespace's commit mutex and flushes
     /// the pending destroy work, one RCU grace period (about 10 ms here).
-    /// Nothing here depends on that wait, so a helper thread does it.
+    /// Nothing here depends on that wait, so another thread does it
+    /// ([`netns::drop_in_background`]).
     pub fn close_in_background(self) {
-        // If no thread can be started, the closure (and the session) is dropped here instead.
-        let _ = std::thread::Builder::new()
-            .name("netleash-close".into())
-            .spawn(move || drop(self));
+        netns::drop_in_background(self);
     }
 }
 
@@ -935,15 +933,16 @@ fn compared_elements(ruleset: &Ruleset) -> ElementPlan {
     }
 }
 
-/// Run `work` in a session of its own in `target`, on one thread that
-/// enters the namespace, opens the socket, does the work, answers, and then
-/// closes the socket without the caller waiting (see
-/// [`Session::close_in_background`] for why closing can take milliseconds).
-fn in_own_session<T: Send + 'static>(
+/// Run `work` in a session of its own in `target`: the calling thread
+/// enters the namespace, opens the socket, does the work and goes back (a
+/// [`netns::visit_then_drop`]); the socket is closed on another thread
+/// without the caller waiting (see [`Session::close_in_background`] for why
+/// closing can take milliseconds).
+fn in_own_session<T>(
     target: &netns::Target,
-    work: impl FnOnce(&mut Session) -> Result<T, Error> + Send + 'static,
+    work: impl FnOnce(&mut Session) -> Result<T, Error>,
 ) -> Result<T, Error> {
-    netns::run_in_then_drop(target, move || match Session::open_here() {
+    netns::visit_then_drop(target, move || match Session::open_here() {
         Ok(mut session) => {
             let result = work(&mut session);
             (result, Some(session))
@@ -954,14 +953,12 @@ fn in_own_session<T: Send + 'static>(
 
 /// Put `ruleset` in force in `target`: [`Session::apply`] in a session of its own.
 pub fn apply(target: &netns::Target, ruleset: &Ruleset) -> Result<ApplyReport, Error> {
-    let ruleset = ruleset.clone();
-    in_own_session(target, move |session| session.apply(&ruleset))
+    in_own_session(target, |session| session.apply(ruleset))
 }
 
 /// [`Session::plan`] in a session of its own (`apply --dry-run`).
 pub fn plan(target: &netns::Target, ruleset: &Ruleset) -> Result<Plan, Error> {
-    let ruleset = ruleset.clone();
-    in_own_session(target, move |session| session.plan(&ruleset))
+    in_own_session(target, |session| session.plan(ruleset))
 }
 
 /// Delete the `inet netleash` table in `target`. Returns whether it existed.
@@ -976,8 +973,7 @@ pub fn status(target: &netns::Target) -> Result<Option<TableStatus>, Error> {
 
 /// [`Session::update_elements`] in a session of its own.
 pub fn update_elements(target: &netns::Target, updates: &[SetUpdate]) -> Result<(), Error> {
-    let updates = updates.to_vec();
-    in_own_session(target, move |session| session.update_elements(&updates))
+    in_own_session(target, |session| session.update_elements(updates))
 }
 
 /// Against the real kernel, in a network namespace of their own: what the
