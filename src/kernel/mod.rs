@@ -5,8 +5,9 @@
 //! network namespace (by a thread that enters it, [`netns::run_in`]); a
 //! socket stays in the namespace it was created in, so the session then
 //! works from any thread without entering the namespace again. The free
-//! functions work in a session of their own, on one thread that enters the
-//! namespace, answers, and then closes the socket without the caller waiting.
+//! functions work in a session of their own: the calling thread enters the
+//! namespace, does the work and goes back ([`netns::visit_then_drop`]), and
+//! another thread closes the socket without the caller waiting.
 //!
 //! - [`apply`] puts a new generation of the `inet netleash` table in force
 //!   atomically for packets, verifies what the kernel then holds against the
