@@ -211,12 +211,17 @@ fn check_answers_allowed_or_blocked_with_the_deciding_rule() {
         (
             "[2001:db8::7]:8443/udp",
             0,
-            "accepted on 8443/udp by rule allow-static-v6-ports",
+            "accepted on 8443/udp by rule allow-static-v6-udp-8443",
         ),
         (
             "2001:db8::7",
             0,
-            "accepted on 8443/tcp, 8443/udp by rule allow-static-v6-ports",
+            "accepted on 8443/tcp by rule allow-static-v6-tcp-8443",
+        ),
+        (
+            "2001:db8::7",
+            0,
+            "accepted on 8443/udp by rule allow-static-v6-udp-8443",
         ),
     ];
     for (to, code, expected) in cases {
