@@ -158,7 +158,11 @@ pub fn compile(policy: &Policy, options: &CompileOptions) -> Ruleset {
 
     let mut chains = vec![
         deny_chain(options.nflog_group),
-        egress_chain(limited, proxy, &nets.by_port.keys().copied().collect::<Vec<_>>()),
+        egress_chain(
+            limited,
+            proxy,
+            &nets.by_port.keys().copied().collect::<Vec<_>>(),
+        ),
         base_chain("output", Hook::Output, limited),
         base_chain("forward", Hook::Forward, limited),
     ];
@@ -1035,7 +1039,10 @@ mod tests {
             .iter()
             .filter(|s| s.role == SetRole::StaticAllow)
             .map(|s| {
-                assert_eq!((s.key, s.interval, s.timeout), (SetKey::Addr(s.key.family()), true, false));
+                assert_eq!(
+                    (s.key, s.interval, s.timeout),
+                    (SetKey::Addr(s.key.family()), true, false)
+                );
                 let elements = s.elements.iter().map(|e| e.net().to_string()).collect();
                 (s.name.as_str(), elements)
             })

@@ -172,7 +172,7 @@ fn explain_shows_warnings_once_in_its_report() {
 #[test]
 fn check_answers_allowed_or_blocked_with_the_deciding_rule() {
     let (_dir, policy) = policy_file(POLICY);
-    let cases: [(&str, i32, &str); 9] = [
+    let cases: [(&str, i32, &str); 10] = [
         (
             "api.example.com:443",
             0,
