@@ -2,9 +2,9 @@
 //! verification, cleanup) against `nft -f` with the same ruleset, side by
 //! side in one run, at 10, 1,000 and 10,000 set elements. Both a session
 //! and a one-shot apply keep the sets a policy change touches in a few
-//! elements and change them in place in the swap (a concatenated interval
-//! set only if it loses no element, so here `allow_v4_ports`, which loses
-//! one, is created again); a session knows the sets' elements from its last
+//! elements and change them in place in the swap (here `allow_v4` and
+//! `allow_v4_tcp_443`, address interval sets, each of which loses one
+//! element and gains one); a session knows the sets' elements from its last
 //! verification, a one-shot apply reads them first. Each runs in a network
 //! namespace this benchmark creates and deletes (one for a netleash session,
 //! one for one-shot netleash applies, one for nft, so that every netleash

@@ -312,7 +312,7 @@ pub fn report(
     (format!("{verdict}: {what} ({ports})\n{body}"), allowed)
 }
 
-/// One line per decider, e.g. `accepted on 443/tcp by rule allow-static-v4-ports: ...`;
+/// One line per decider, e.g. `accepted on 443/tcp by rule allow-static-v4-tcp-443: ...`;
 /// deciders that differ only by address family share a line.
 fn write_groups(out: &mut String, evaluation: &Evaluation<'_>, indent: &str) {
     let families: BTreeSet<Family> = evaluation.outcomes.iter().map(|o| o.family).collect();

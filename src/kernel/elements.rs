@@ -688,7 +688,7 @@ mod tests {
     fn concatenated_ranges_carry_an_inclusive_key_end() {
         let element = Element::AddrProtoPort(net("10.0.0.0/24"), Proto::Tcp, 443);
         let encoded = encode(
-            "allow_v4_ports",
+            "concatenated_v4",
             SetKey::AddrProtoPort(Family::V4),
             true,
             &element,
@@ -735,7 +735,7 @@ mod tests {
     #[test]
     fn concatenated_definitions_describe_their_fields() {
         let set = Set {
-            name: "allow_v6_ports".into(),
+            name: "concatenated_v6".into(),
             key: SetKey::AddrProtoPort(Family::V6),
             role: SetRole::StaticAllow,
             interval: true,

@@ -364,6 +364,8 @@ impl SetEdit {
 /// one by one against the lookup table, so one removal costs about as much as
 /// creating the whole set (measured at 5,000 elements, kernel 6.18: 13 ms
 /// either way), while an addition costs what it costs in a created set.
+/// (The compiler no longer emits such a set: addresses allowed on a port get
+/// an address set per protocol and port, an rbtree. A model may still hold one.)
 ///
 /// The model set must list its elements strictly sorted (the compiler sorts
 /// and merges them): a model that lists an element twice is never edited,
@@ -791,8 +793,11 @@ mod tests {
 
     #[test]
     fn generation_names_split_back_into_model_names() {
-        assert_eq!(name("allow_v4_ports", 12), "allow_v4_ports.g12");
-        assert_eq!(split("allow_v4_ports.g12"), Some(("allow_v4_ports", 12)));
+        assert_eq!(name("allow_v4_tcp_443", 12), "allow_v4_tcp_443.g12");
+        assert_eq!(
+            split("allow_v4_tcp_443.g12"),
+            Some(("allow_v4_tcp_443", 12))
+        );
         assert_eq!(split("egress.g1"), Some(("egress", 1)));
         for plain in [
             "egress",
@@ -950,7 +955,7 @@ mod tests {
     #[test]
     fn a_concatenated_interval_set_is_edited_in_place_only_when_it_loses_nothing() {
         let ported = |nets: &[&str]| Set {
-            name: "allow_v4_ports".into(),
+            name: "concatenated_v4".into(),
             key: SetKey::AddrProtoPort(crate::ruleset::Family::V4),
             elements: nets
                 .iter()

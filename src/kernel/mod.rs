@@ -1330,9 +1330,10 @@ mod tests {
     }
 
     /// A limited policy with large static sets of each backend: single
-    /// IPv4 and IPv6 addresses and IPv4 ranges on any port (interval sets,
-    /// rbtree), and IPv4 ranges on tcp/443 (a concatenated interval set,
-    /// pipapo). `large(0, false)` is the base. `moved` replaces that many of
+    /// IPv4 and IPv6 addresses and IPv4 ranges on any port, and IPv4 ranges
+    /// on tcp/443 (interval sets, rbtree), and the same ranges on tcp/443
+    /// in a concatenated interval set (pipapo, [`with_concatenated_twin`]).
+    /// `large(0, false)` is the base. `moved` replaces that many of
     /// its single addresses of each family by others. `added` adds a range
     /// on tcp/443 and one that touches two ranges of the base (it merges
     /// with the one below into a /29 and ends where the one above starts).
@@ -1364,11 +1365,59 @@ mod tests {
             entries.push(("10.2.0.4/30".into(), Ports::Any));
             entries.push(("11.9.0.0/30".into(), https.clone()));
         }
-        compile_entries(Mode::Limited, &entries)
+        with_concatenated_twin(compile_entries(Mode::Limited, &entries))
+    }
+
+    /// The concatenated interval set of [`with_concatenated_twin`].
+    const CONCATENATED: &str = "concatenated_v4";
+
+    /// `model` with a concatenated interval set (`address . protocol .
+    /// port`, pipapo in the kernel) that holds the ranges of
+    /// `allow_v4_tcp_443` on tcp/443, and an allow rule that looks it up.
+    /// The compiler gives ranges on a port an address set of their own (an
+    /// rbtree), but the kernel module still applies, edits and verifies any
+    /// model, and a pipapo set is edited by its own rule
+    /// (`generation::in_place_edit`).
+    fn with_concatenated_twin(mut model: Ruleset) -> Ruleset {
+        use crate::ruleset::{Action, Element, Family, Match, Rule, Set, SetKey, SetRole};
+        let elements = model
+            .set("allow_v4_tcp_443")
+            .unwrap()
+            .elements
+            .iter()
+            .map(|e| Element::AddrProtoPort(e.net(), crate::policy::Proto::Tcp, 443))
+            .collect();
+        model.sets.push(Set {
+            name: CONCATENATED.into(),
+            key: SetKey::AddrProtoPort(Family::V4),
+            role: SetRole::StaticAllow,
+            interval: true,
+            timeout: false,
+            elements,
+        });
+        let egress = model
+            .chains
+            .iter_mut()
+            .find(|c| c.name == "egress")
+            .unwrap();
+        let default_deny = egress.rules.len() - 1;
+        egress.rules.insert(
+            default_deny,
+            Rule {
+                id: "allow-concatenated-v4".into(),
+                description: "IPv4 ranges on tcp/443, in a concatenated interval set".into(),
+                matches: vec![Match::DaddrProtoPortInSet {
+                    family: Family::V4,
+                    set: CONCATENATED.into(),
+                }],
+                actions: vec![Action::Counter, Action::Accept],
+            },
+        );
+        model
     }
 
     /// The model names of the sets `large` changes, each with at least 30 elements.
-    const LARGE_SETS: [&str; 3] = ["allow_v4", "allow_v6", "allow_v4_ports"];
+    const LARGE_SETS: [&str; 4] = ["allow_v4", "allow_v6", "allow_v4_tcp_443", CONCATENATED];
 
     /// Each large set of `a` holds at least `at_least` elements, and `b`'s
     /// differs from it.
@@ -1382,18 +1431,18 @@ mod tests {
         }
     }
 
-    /// After applies that changed the sets in place: the allowlists and the
-    /// blocklist are still generation 1's kernel sets, `allow_v4_ports` is
-    /// generation `ports`'s (created again whenever it lost an element),
-    /// they hold `model`'s elements (read back in full), and nothing is left
-    /// behind.
+    /// After applies that changed the sets in place: the allowlists (the
+    /// one on tcp/443 too) and the blocklist are still generation 1's
+    /// kernel sets, the concatenated one is generation `ports`'s (created
+    /// again whenever it lost an element), they hold `model`'s elements
+    /// (read back in full), and nothing is left behind.
     fn assert_changed_in_place(session: &mut Session, model: &Ruleset, ports: u32) {
-        for set in ["allow_v4", "allow_v6", "blocklist_v4"] {
+        for set in ["allow_v4", "allow_v6", "allow_v4_tcp_443", "blocklist_v4"] {
             assert_eq!(kernel_set(session, set), format!("{set}.g1"));
         }
         assert_eq!(
-            kernel_set(session, "allow_v4_ports"),
-            format!("allow_v4_ports.g{ports}")
+            kernel_set(session, CONCATENATED),
+            format!("{CONCATENATED}.g{ports}")
         );
         assert_in_force(session, model);
         let status = session.status().unwrap().unwrap();
@@ -1435,7 +1484,7 @@ mod tests {
         assert_large_sets_differ(&a, &b, 30);
         let mut session = Session::open(&ns.target()).unwrap();
         session.apply(&a).unwrap();
-        // The kernel generation of allow_v4_ports after each swap: a
+        // The kernel generation of the concatenated set after each swap: a
         // concatenated interval set is changed in place only when it loses
         // no element (see `generation::in_place_edit`).
         for (model, to, ports) in [(&b, 2, 1), (&a, 3, 3), (&b, 4, 3)] {
@@ -1468,8 +1517,8 @@ mod tests {
             .expect("run nft");
         assert!(status.success());
         // Each apply a session of its own, without memory of the table. The
-        // kernel generation of allow_v4_ports after each: changed in place
-        // only when it loses no element.
+        // kernel generation of the concatenated set after each: changed in
+        // place only when it loses no element.
         let mut observer = Session::open(&ns.target()).unwrap();
         for (model, to, ports) in [(&b, 2, 1), (&a, 3, 3), (&b, 4, 3)] {
             let mut one_shot = Session::open(&ns.target()).unwrap();
@@ -1513,7 +1562,7 @@ mod tests {
         for set in ["allow_v4", "allow_v6"] {
             assert_eq!(kernel_set(&mut session, set), format!("{set}.g2"));
         }
-        for set in ["allow_v4_ports", "blocklist_v4"] {
+        for set in ["allow_v4_tcp_443", CONCATENATED, "blocklist_v4"] {
             assert_eq!(kernel_set(&mut session, set), format!("{set}.g1"));
         }
         assert_in_force(&mut session, &b);

@@ -13,7 +13,8 @@
 //! 4. established/related traffic is accepted (its first packet passed 1–3 and 5–8);
 //! 5. DNS (53) goes only to the configured resolvers; DNS and DNS over TLS
 //!    (853, RFC 7858) to anything else is denied even if the address is allowed;
-//! 6. static allow sets (literals, CIDRs), then DNS-derived sets;
+//! 6. static allow sets (literals, CIDRs: any port, then one address set per
+//!    protocol and port, `PortSet`), then DNS-derived sets;
 //! 7. everything else is denied: counted, logged to nflog and rejected.
 //!
 //! In unrestricted mode the chain holds steps 1–3 and the base chains accept.
@@ -157,7 +158,11 @@ pub fn compile(policy: &Policy, options: &CompileOptions) -> Ruleset {
 
     let mut chains = vec![
         deny_chain(options.nflog_group),
-        egress_chain(limited, proxy),
+        egress_chain(
+            limited,
+            proxy,
+            &nets.by_port.keys().copied().collect::<Vec<_>>(),
+        ),
         base_chain("output", Hook::Output, limited),
         base_chain("forward", Hook::Forward, limited),
     ];
@@ -199,6 +204,72 @@ impl AllowedNets {
     }
 }
 
+/// The static allow set and rule of the address literals and CIDRs of one
+/// family allowed on one protocol and port: set `allow_v4_tcp_443`, looked
+/// up by rule `allow-static-v4-tcp-443`
+/// (`meta l4proto tcp th dport 443 ip daddr @allow_v4_tcp_443`).
+///
+/// One address set per protocol and port, not one set keyed
+/// `address . protocol . port`: in the kernel an interval set with a
+/// concatenated key is a pipapo set, which is expensive to change. Creating
+/// one, even of five elements, costs `pipapo_resize`; removing one element
+/// of 5,000 costs about 13 ms (`nft_pipapo_remove` tests the set's rules one
+/// by one), so an apply creates such a set again instead of changing it in
+/// place (`kernel::generation::in_place_edit`). An interval set of addresses
+/// is an rbtree: cheap to create, and changed in place when a few of its
+/// elements change.
+///
+/// The price is a set and a rule per family for each distinct protocol and
+/// port, and a new connection that no earlier rule accepted walks one such
+/// rule per port. That is accepted, with no threshold above which the
+/// concatenated set would come back (two layouts, two sets of tests, for a
+/// case no policy writer meets): ports come only from address entries
+/// (`ADDR:PORT`, a URL; the grammar gives a CIDR no port), each names one
+/// port (TCP and UDP, or TCP for `http://`), so a policy has as many ports
+/// as its writer named, a few in practice. A rule of another protocol
+/// stops at its first compare (`meta l4proto`), one of another port at its
+/// second (`th dport`), before any lookup, and only a connection's first
+/// packets walk them (step 4 accepts the rest): a hundred ports cost a new
+/// connection a few hundred register compares. A set of a few elements is
+/// one small message more per apply; the pipapo set cost every apply.
+#[derive(Debug, Clone, Copy)]
+struct PortSet {
+    family: Family,
+    proto: Proto,
+    port: u16,
+}
+
+impl PortSet {
+    fn new(family: Family, proto: Proto, port: u16) -> PortSet {
+        PortSet {
+            family,
+            proto,
+            port,
+        }
+    }
+
+    fn set_name(&self) -> String {
+        let PortSet {
+            family,
+            proto,
+            port,
+        } = self;
+        format!(
+            "{}_{proto}_{port}",
+            set_name(SetRole::StaticAllow, *family, false)
+        )
+    }
+
+    fn rule_id(&self) -> String {
+        let PortSet {
+            family,
+            proto,
+            port,
+        } = self;
+        format!("allow-static-{}-{proto}-{port}", family_tag(*family))
+    }
+}
+
 fn limited_sets(nets: &AllowedNets, options: &CompileOptions) -> Vec<Set> {
     let AllowedNets { any_port, by_port } = nets;
     let mut sets = Vec::new();
@@ -236,23 +307,22 @@ fn limited_sets(nets: &AllowedNets, options: &CompileOptions) -> Vec<Set> {
                 .collect(),
         });
 
-        let mut ported: Vec<Element> = Vec::new();
+        // One address set per protocol and port (see `PortSet`); the one of
+        // a port no net of this family is allowed on is empty, and left out
+        // with its rule.
         for ((proto, port), nets) in by_port {
-            ported.extend(
-                aggregate(family, nets)
+            sets.push(Set {
+                name: PortSet::new(family, *proto, *port).set_name(),
+                key: SetKey::Addr(family),
+                role: SetRole::StaticAllow,
+                interval: true,
+                timeout: false,
+                elements: aggregate(family, nets)
                     .into_iter()
-                    .map(|net| Element::AddrProtoPort(net, *proto, *port)),
-            );
+                    .map(Element::Addr)
+                    .collect(),
+            });
         }
-        ported.sort();
-        sets.push(Set {
-            name: set_name(SetRole::StaticAllow, family, true),
-            key: SetKey::AddrProtoPort(family),
-            role: SetRole::StaticAllow,
-            interval: true,
-            timeout: false,
-            elements: ported,
-        });
 
         for ported in [false, true] {
             sets.push(Set {
@@ -278,7 +348,8 @@ fn limited_sets(nets: &AllowedNets, options: &CompileOptions) -> Vec<Set> {
 /// inverted set lookup, for which that would not be true; `looked_up_set`
 /// lists every match). So the ruleset decides every packet as before, and the
 /// kernel creates fewer objects in every generation (a names-only policy has
-/// all four `allow_*` sets empty; an IPv4-only one its IPv6 sets).
+/// every `allow_*` set empty; an IPv4-only one its IPv6 sets; a port that
+/// only addresses of one family are allowed on, its set of the other).
 ///
 /// The DNS-derived sets stay, empty or not: the DNS layer writes into them
 /// at run time, and they keep what it learned across re-applies.
@@ -371,7 +442,9 @@ fn allow_actions() -> Vec<Action> {
     vec![Action::Counter, Action::Accept]
 }
 
-fn egress_chain(limited: bool, proxy: Option<&ProxyOptions>) -> Chain {
+/// `ports`: every protocol and port some address literal or CIDR is allowed
+/// on, sorted (a rule each, per family; `PortSet`).
+fn egress_chain(limited: bool, proxy: Option<&ProxyOptions>, ports: &[(Proto, u16)]) -> Chain {
     let mut rules = vec![Rule {
         id: "loopback".into(),
         description: "traffic to the sandbox's own loopback interface".into(),
@@ -462,37 +535,53 @@ fn egress_chain(limited: bool, proxy: Option<&ProxyOptions>) -> Chain {
         ],
         actions: deny_actions(),
     });
-    for role in [SetRole::StaticAllow, SetRole::DnsAllow] {
-        let kind = if role == SetRole::StaticAllow {
-            "static"
-        } else {
-            "dns"
-        };
-        for family in FAMILIES {
-            let what = if role == SetRole::StaticAllow {
-                "address literals and CIDRs"
-            } else {
-                "addresses learned from DNS answers for allowed names"
-            };
+    for family in FAMILIES {
+        rules.push(Rule {
+            id: format!("allow-static-{}", family_tag(family)),
+            description: "address literals and CIDRs, any port".into(),
+            matches: vec![Match::DaddrInSet {
+                family,
+                set: set_name(SetRole::StaticAllow, family, false),
+            }],
+            actions: allow_actions(),
+        });
+        for &(proto, port) in ports {
+            let port_set = PortSet::new(family, proto, port);
             rules.push(Rule {
-                id: format!("allow-{kind}-{}", family_tag(family)),
-                description: format!("{what}, any port"),
-                matches: vec![Match::DaddrInSet {
-                    family,
-                    set: set_name(role, family, false),
-                }],
-                actions: allow_actions(),
-            });
-            rules.push(Rule {
-                id: format!("allow-{kind}-{}-ports", family_tag(family)),
-                description: format!("{what}, on their allowed protocol and port"),
-                matches: vec![Match::DaddrProtoPortInSet {
-                    family,
-                    set: set_name(role, family, true),
-                }],
+                id: port_set.rule_id(),
+                description: format!("address literals and CIDRs allowed on {port}/{proto}"),
+                matches: vec![
+                    Match::L4ProtoIn(vec![proto]),
+                    Match::DportIn(vec![port]),
+                    Match::DaddrInSet {
+                        family,
+                        set: port_set.set_name(),
+                    },
+                ],
                 actions: allow_actions(),
             });
         }
+    }
+    for family in FAMILIES {
+        let what = "addresses learned from DNS answers for allowed names";
+        rules.push(Rule {
+            id: format!("allow-dns-{}", family_tag(family)),
+            description: format!("{what}, any port"),
+            matches: vec![Match::DaddrInSet {
+                family,
+                set: set_name(SetRole::DnsAllow, family, false),
+            }],
+            actions: allow_actions(),
+        });
+        rules.push(Rule {
+            id: format!("allow-dns-{}-ports", family_tag(family)),
+            description: format!("{what}, on their allowed protocol and port"),
+            matches: vec![Match::DaddrProtoPortInSet {
+                family,
+                set: set_name(SetRole::DnsAllow, family, true),
+            }],
+            actions: allow_actions(),
+        });
     }
     rules.push(Rule {
         id: "default-deny".into(),
@@ -671,7 +760,7 @@ impl RulesetDigest {
         let mut hash = Sha256::new();
         // The layout version: bump it whenever the compiler's output for the
         // same policy changes, so a table from an older netleash never looks current.
-        hash.update(b"netleash ruleset v2\0");
+        hash.update(b"netleash ruleset v3\0");
         hash.update([match mode {
             Mode::Unrestricted => 0u8,
             Mode::Limited => 1,
@@ -921,6 +1010,87 @@ mod tests {
                 assert!(ruleset.set(set).is_some(), "{} looks up {set}", rule.id);
             }
         }
+    }
+
+    /// Addresses and CIDRs restricted to ports get one address interval set
+    /// per family, protocol and port (an rbtree in the kernel, never a
+    /// concatenated pipapo set), looked up by a rule that checks the
+    /// protocol and port first; a port no address of a family is allowed on
+    /// has no set or rule in that family. Sets and rules come in the order
+    /// of (protocol, port), whatever the order of the policy.
+    #[test]
+    fn ported_nets_get_one_address_set_per_protocol_and_port() {
+        let rule = |net: &str, ports: &[(Proto, u16)]| HostRule {
+            target: Target::Net(net.parse().unwrap()),
+            ports: Ports::only(ports.iter().copied()),
+            sources: [crate::policy::Source::AllowedHosts].into(),
+            entry: net.into(),
+        };
+        let policy = Policy {
+            rules: vec![
+                rule("198.51.100.0/25", &[(Proto::Udp, 443), (Proto::Tcp, 443)]),
+                rule("198.51.100.128/25", &[(Proto::Tcp, 443)]),
+                rule("2001:db8::7/128", &[(Proto::Tcp, 22)]),
+                rule("192.0.2.7/32", &[(Proto::Tcp, 22)]),
+            ],
+            ..empty(Mode::Limited)
+        };
+        let ruleset = compile(&policy, &CompileOptions::default());
+        let allow: Vec<(&str, Vec<String>)> = ruleset
+            .sets
+            .iter()
+            .filter(|s| s.role == SetRole::StaticAllow)
+            .map(|s| {
+                assert_eq!(
+                    (s.key, s.interval, s.timeout),
+                    (SetKey::Addr(s.key.family()), true, false)
+                );
+                let elements = s.elements.iter().map(|e| e.net().to_string()).collect();
+                (s.name.as_str(), elements)
+            })
+            .collect();
+        assert_eq!(
+            allow,
+            [
+                ("allow_v4_tcp_22", vec!["192.0.2.7/32".to_string()]),
+                // The two halves merge into one range.
+                ("allow_v4_tcp_443", vec!["198.51.100.0/24".to_string()]),
+                ("allow_v4_udp_443", vec!["198.51.100.0/25".to_string()]),
+                ("allow_v6_tcp_22", vec!["2001:db8::7/128".to_string()]),
+            ]
+        );
+        let egress = ruleset.chain(EGRESS_CHAIN).unwrap();
+        let allowing: Vec<&Rule> = egress
+            .rules
+            .iter()
+            .filter(|r| r.id.starts_with("allow-static-"))
+            .collect();
+        let ids: Vec<&str> = allowing.iter().map(|r| r.id.as_str()).collect();
+        assert_eq!(
+            ids,
+            [
+                "allow-static-v4-tcp-22",
+                "allow-static-v4-tcp-443",
+                "allow-static-v4-udp-443",
+                "allow-static-v6-tcp-22"
+            ]
+        );
+        assert_eq!(
+            allowing[2].matches,
+            [
+                Match::L4ProtoIn(vec![Proto::Udp]),
+                Match::DportIn(vec![443]),
+                Match::DaddrInSet {
+                    family: Family::V4,
+                    set: "allow_v4_udp_443".into()
+                }
+            ]
+        );
+        assert!(allowing.iter().all(|r| r.actions == allow_actions()));
+        // After the DNS rules, before the DNS-derived sets' rules.
+        let position = |id: &str| egress.rules.iter().position(|r| r.id == id).unwrap();
+        assert!(position("dns-other") < position("allow-static-v4-tcp-22"));
+        assert!(position("allow-static-v6-tcp-22") < position("allow-dns-v4"));
     }
 
     /// Neighbour discovery talks to link-local addresses (RFC 4861 §4), so it

@@ -205,7 +205,7 @@ pub enum Action {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rule {
-    /// Stable, unique id (e.g. `blocklist-v4`, `allow-static-v6-ports`); rendered
+    /// Stable, unique id (e.g. `blocklist-v4`, `allow-static-v6-tcp-443`); rendered
     /// as the rule's comment.
     pub id: String,
     /// One line for humans: what this rule does and why.

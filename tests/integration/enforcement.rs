@@ -92,6 +92,82 @@ fn ports_are_enforced() {
     assert_rejected(&bed, "2001:db8:100::10", 8443);
 }
 
+/// Ranges restricted to ports (built in code: the policy grammar takes a
+/// port on a single address only, and a range from a platform's own rules
+/// is the same model), on two protocols and three ports, each port's
+/// addresses in a set of their own: every address of a range is reachable
+/// on its port and protocol, and rejected at once on the others.
+#[test]
+fn ports_of_ranges_are_enforced_per_protocol_and_port() {
+    use netleash::policy::{CompileOptions, Dialect, HostRule, Mode, Policy, Ports, Proto};
+    use netleash::policy::{Source, Target};
+    let bed = support::testbed();
+    let entries = [
+        (
+            "198.51.100.0/28",
+            Ports::only([(Proto::Tcp, 80), (Proto::Udp, 443)]),
+        ),
+        ("203.0.113.0/27", Ports::only([(Proto::Tcp, 8443)])),
+        ("2001:db8:100::/120", Ports::only([(Proto::Tcp, 443)])),
+    ];
+    let policy = Policy {
+        mode: Mode::Limited,
+        dialect: Dialect::Limited,
+        rules: entries
+            .into_iter()
+            .map(|(net, ports)| HostRule {
+                target: Target::Net(net.parse().expect("a net")),
+                ports,
+                sources: [Source::AllowedHosts].into(),
+                entry: net.into(),
+            })
+            .collect(),
+        blocklist: vec![],
+        warnings: vec![],
+    };
+    let model = netleash::ruleset::compile(&policy, &CompileOptions::default());
+    let port_sets: Vec<&str> = model
+        .sets
+        .iter()
+        .map(|s| s.name.as_str())
+        .filter(|name| name.starts_with("allow_"))
+        .collect();
+    assert_eq!(
+        port_sets,
+        [
+            "allow_v4_tcp_80",
+            "allow_v4_tcp_8443",
+            "allow_v4_udp_443",
+            "allow_v6_tcp_443"
+        ]
+    );
+    let target = netleash::netns::Target::Name(bed.sandbox().to_string());
+    netleash::kernel::apply(&target, &model)
+        .unwrap_or_else(|err| panic!("apply: {}", netleash::cli::render_error(&err)));
+
+    // 198.51.100.0/28: tcp/80 and udp/443 only.
+    for ip in ["198.51.100.10", "198.51.100.11"] {
+        assert_reachable(&bed, ip, 80);
+        assert_rejected(&bed, ip, 443);
+        assert_rejected(&bed, ip, 8443);
+        support::assert_udp_echoed(&bed, ip, UDP_ECHO_PORT);
+    }
+    // 203.0.113.0/27: tcp/8443 only.
+    for ip in ["203.0.113.5", "203.0.113.20"] {
+        assert_reachable(&bed, ip, 8443);
+        assert_rejected(&bed, ip, 80);
+        assert_rejected(&bed, ip, 443);
+        support::assert_udp_rejected(&bed, ip, UDP_ECHO_PORT);
+    }
+    // 2001:db8:100::/120: tcp/443 only, not udp/443.
+    for ip in ["2001:db8:100::10", "2001:db8:100::11"] {
+        assert_reachable(&bed, ip, 443);
+        assert_rejected(&bed, ip, 80);
+        assert_rejected(&bed, ip, 8443);
+        support::assert_udp_rejected(&bed, ip, UDP_ECHO_PORT);
+    }
+}
+
 #[test]
 fn the_blocklist_wins_over_an_allow() {
     let (bed, _dir) = support::enforced("metadata.json", ALLOWS_METADATA);
@@ -181,11 +257,11 @@ fn assert_no_wrong_verdict(test: &str, probes: u64, wrong: &[String], reapplies:
 /// The session re-apply pair: large static sets (200 single addresses of
 /// each family on any port, 200 ranges on tcp/443, never contacted) around
 /// the addresses probed. Variant 1 replaces one address of each family and
-/// adds 203.0.113.20 on tcp/443, so a session changes `allow_v4` and
-/// `allow_v6` in place at every re-apply, and `allow_v4_ports` in place on
-/// the way to variant 1 (an addition only; the way back, a removal, creates
-/// it again). Both allow 198.51.100.10 and 2001:db8:100::10 on any port and
-/// 203.0.113.5 on tcp/443; neither allows 198.51.100.11.
+/// adds 203.0.113.20 on tcp/443, so a session changes `allow_v4`, `allow_v6`
+/// and `allow_v4_tcp_443` (an address interval set, as every port's set) in
+/// place at every re-apply, both ways. Both allow 198.51.100.10 and
+/// 2001:db8:100::10 on any port and 203.0.113.5 on tcp/443; neither allows
+/// 198.51.100.11.
 fn in_place_pair(variant: usize) -> netleash::ruleset::Ruleset {
     use netleash::policy::{BlockEntry, CompileOptions, Dialect, HostRule, Mode, Policy, Ports};
     use netleash::policy::{Proto, Source, Target};
@@ -277,7 +353,11 @@ fn a_session_reapply_that_changes_sets_in_place_is_atomic() {
     // The sets were changed in place all along: generation 1's, still in
     // force, with all their elements.
     let table = netleash_table(bed.sandbox()).expect("the table is in place");
-    for (set, elements) in [("allow_v4", 201), ("allow_v6", 201)] {
+    for (set, elements) in [
+        ("allow_v4", 201),
+        ("allow_v6", 201),
+        ("allow_v4_tcp_443", 201),
+    ] {
         assert_eq!(
             models[0].set(set).expect("the set").elements.len(),
             elements

@@ -19,7 +19,9 @@ use netleash::policy::{
     BlockEntry, CompileOptions, Dialect, HostRule, Mode, Policy, PortSpec, Ports, Proto, Source,
     Target as Dest,
 };
-use netleash::ruleset::{self, Element, Ruleset};
+use netleash::ruleset::{
+    self, Action, Element, Family, Match, Rule, Ruleset, Set, SetKey, SetRole,
+};
 use serde_json::Value;
 
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
@@ -183,6 +185,62 @@ fn typical() -> Ruleset {
     ruleset::compile(&policy(Mode::Limited, rules), &options())
 }
 
+/// `model` with, per family, a concatenated interval set (`address .
+/// protocol . port`, pipapo in the kernel), `concatenated_v4` / `_v6`, that
+/// holds what the model's port sets hold (`allow_v4_tcp_443`'s ranges, on
+/// tcp/443), and an allow rule that looks it up, before `default-deny`. The
+/// compiler emits no such set any more, but the kernel module applies and
+/// verifies any model, and its encoding of a concatenated range (one
+/// element, with an inclusive key end) must read back as the range.
+fn with_concatenated_twin(mut model: Ruleset) -> Ruleset {
+    let egress = model.chain("egress").unwrap().clone();
+    for family in [Family::V4, Family::V6] {
+        let mut elements = Vec::new();
+        for rule in &egress.rules {
+            if let [
+                Match::L4ProtoIn(protos),
+                Match::DportIn(ports),
+                Match::DaddrInSet { family: of, set },
+            ] = rule.matches.as_slice()
+                && *of == family
+            {
+                let nets = model.set(set).unwrap().elements.iter().map(Element::net);
+                elements.extend(nets.map(|net| Element::AddrProtoPort(net, protos[0], ports[0])));
+            }
+        }
+        if elements.is_empty() {
+            continue;
+        }
+        elements.sort();
+        let tag = if family == Family::V4 { "v4" } else { "v6" };
+        let name = format!("concatenated_{tag}");
+        model.sets.push(Set {
+            name: name.clone(),
+            key: SetKey::AddrProtoPort(family),
+            role: SetRole::StaticAllow,
+            interval: true,
+            timeout: false,
+            elements,
+        });
+        let egress = model
+            .chains
+            .iter_mut()
+            .find(|c| c.name == "egress")
+            .unwrap();
+        let default_deny = egress.rules.len() - 1;
+        egress.rules.insert(
+            default_deny,
+            Rule {
+                id: format!("allow-concatenated-{tag}"),
+                description: "the port sets' addresses, in a concatenated interval set".into(),
+                matches: vec![Match::DaddrProtoPortInSet { family, set: name }],
+                actions: vec![Action::Counter, Action::Accept],
+            },
+        );
+    }
+    model
+}
+
 fn other() -> Ruleset {
     ruleset::compile(
         &policy(
@@ -308,9 +366,11 @@ fn apply_reads_back_what_the_model_says() {
         counted(CountedVerdict::Allowed),
         BTreeSet::from([
             "allow-static-v4",
-            "allow-static-v4-ports",
+            "allow-static-v4-tcp-80",
+            "allow-static-v4-tcp-443",
+            "allow-static-v4-udp-443",
             "allow-static-v6",
-            "allow-static-v6-ports",
+            "allow-static-v6-tcp-443",
             "allow-dns-v4",
             "allow-dns-v4-ports",
             "allow-dns-v6",
@@ -339,16 +399,18 @@ fn apply_reads_back_what_the_model_says() {
         elements_json(&listing, "blocklist_v4"),
         vec![prefix("100.64.0.0", 10), prefix("169.254.0.0", 16)]
     );
-    let ported = elements_json(&listing, "allow_v4_ports");
-    assert!(
-        ported.contains(&serde_json::json!({"concat": ["203.0.113.7", "tcp", 443]})),
-        "{ported:?}"
-    );
-    assert!(
-        ported.contains(&serde_json::json!({"concat": [prefix("203.0.113.64", 26), "udp", 443]})),
-        "{ported:?}"
-    );
-    assert_eq!(ported.len(), 3);
+    // The addresses allowed on a port, one address set per protocol and port.
+    for (set, elements) in [
+        ("allow_v4_tcp_80", vec![prefix("203.0.113.64", 26)]),
+        (
+            "allow_v4_tcp_443",
+            vec![Value::String("203.0.113.7".into())],
+        ),
+        ("allow_v4_udp_443", vec![prefix("203.0.113.64", 26)]),
+        ("allow_v6_tcp_443", vec![prefix("2001:db8:1::", 64)]),
+    ] {
+        assert_eq!(elements_json(&listing, set), elements, "{set}");
+    }
     let resolvers = elements_json(&listing, "resolvers_v4_ports");
     assert_eq!(resolvers.len(), 2, "{resolvers:?}");
     for chain in &model.chains {
@@ -367,7 +429,7 @@ fn apply_reads_back_what_the_model_says() {
     );
     assert!(
         text.contains(
-            "ip daddr . meta l4proto . th dport @allow_v4_ports.g1 counter packets 0 bytes 0 accept"
+            "udp dport 443 ip daddr @allow_v4_udp_443.g1 counter packets 0 bytes 0 accept"
         ),
         "{text}"
     );
@@ -389,6 +451,37 @@ fn apply_reads_back_what_the_model_says() {
     );
 }
 
+/// A range in a concatenated interval set (pipapo) is one element with an
+/// inclusive key end: nft reads it back as the prefix it is, not as a range
+/// that runs further (fail open), and the rule reads the concatenation.
+#[test]
+fn a_concatenated_range_reads_back_as_its_range() {
+    let ns = Netns::new("concat");
+    let model = with_concatenated_twin(typical());
+    kernel::apply(&ns.target(), &model).expect("apply");
+    let listing = ns.nft_json().unwrap();
+    let ported = elements_json(&listing, "concatenated_v4");
+    assert_eq!(
+        ported,
+        [
+            serde_json::json!({"concat": ["203.0.113.7", "tcp", 443]}),
+            serde_json::json!({"concat": [prefix("203.0.113.64", 26), "tcp", 80]}),
+            serde_json::json!({"concat": [prefix("203.0.113.64", 26), "udp", 443]}),
+        ]
+    );
+    assert_eq!(
+        elements_json(&listing, "concatenated_v6"),
+        [serde_json::json!({"concat": [prefix("2001:db8:1::", 64), "tcp", 443]})]
+    );
+    let text = ns.nft_text();
+    assert!(
+        text.contains(
+            "ip daddr . meta l4proto . th dport @concatenated_v4.g1 counter packets 0 bytes 0 accept"
+        ),
+        "{text}"
+    );
+}
+
 #[test]
 fn reapply_replaces_the_table_each_time() {
     let ns = Netns::new("reapply");
@@ -399,22 +492,21 @@ fn reapply_replaces_the_table_each_time() {
         let status = kernel::status(&ns.target()).unwrap().unwrap();
         assert_eq!(status.digest.as_deref(), Some(model.digest.as_str()));
         let listing = ns.nft_json().unwrap();
-        let expected: Vec<Value> = model
-            .set("allow_v4_ports")
-            .unwrap()
-            .elements
-            .iter()
-            .map(|e| match e {
-                Element::AddrProtoPort(n, proto, port) if n.prefix_len() == 32 => {
-                    serde_json::json!({"concat": [n.addr().to_string(), proto.to_string(), port]})
-                }
-                Element::AddrProtoPort(n, proto, port) => serde_json::json!({
-                    "concat": [prefix(&n.network().to_string(), n.prefix_len()), proto.to_string(), port]
-                }),
-                Element::Addr(_) => unreachable!(),
-            })
-            .collect();
-        assert_eq!(elements_json(&listing, "allow_v4_ports"), expected);
+        let allow_sets = model.sets.iter().filter(|s| s.role == SetRole::StaticAllow);
+        for set in allow_sets {
+            let expected: Vec<Value> = set
+                .elements
+                .iter()
+                .map(|e| match e {
+                    Element::Addr(n) if n.prefix_len() == n.max_prefix_len() => {
+                        Value::String(n.addr().to_string())
+                    }
+                    Element::Addr(n) => prefix(&n.network().to_string(), n.prefix_len()),
+                    Element::AddrProtoPort(..) => unreachable!("{}: {e:?}", set.name),
+                })
+                .collect();
+            assert_eq!(elements_json(&listing, &set.name), expected, "{}", set.name);
+        }
     }
 }
 
@@ -505,11 +597,12 @@ fn each_reapply_swaps_in_a_generation_and_leaves_exactly_one() {
         if model.digest == b.digest
             && previous.is_some_and(|p: &ruleset::Ruleset| p.digest == a.digest)
         {
-            let allow = sets
-                .iter()
-                .find(|(name, _)| name == "allow_v4_ports")
-                .unwrap();
-            assert_eq!(allow.1, generation, "{}", ns.nft_text());
+            // `allow_v4` lost its one range and gained another; `a` has
+            // no set for tcp/22.
+            for set in ["allow_v4", "allow_v4_tcp_22"] {
+                let allow = sets.iter().find(|(name, _)| name == set).unwrap();
+                assert_eq!(allow.1, generation, "{set}: {}", ns.nft_text());
+            }
         }
         previous = Some(model);
         let expected = if model.mode == Mode::Limited {
@@ -1004,8 +1097,10 @@ fn remove_deletes_the_table_and_absent_is_not_an_error() {
     ));
 }
 
-/// 10,000 static elements: 5,000 single IPv4 addresses (any port, rbtree with
-/// an end element each) and 5,000 IPv4 /30s on tcp/443 (pipapo).
+/// 10,000 static elements: 5,000 single IPv4 addresses (any port) and 5,000
+/// IPv4 /30s on tcp/443, each in an interval set (rbtree, with an end element
+/// each); plus the /30s once more in a concatenated interval set (pipapo,
+/// [`with_concatenated_twin`]).
 fn large(elements: usize) -> Ruleset {
     let mut rules = Vec::new();
     for i in 0..elements {
@@ -1023,7 +1118,7 @@ fn large(elements: usize) -> Ruleset {
             rules.push(allow(&format!("{addr}/30"), &[(Proto::Tcp, 443)]));
         }
     }
-    ruleset::compile(&policy(Mode::Limited, rules), &options())
+    with_concatenated_twin(ruleset::compile(&policy(Mode::Limited, rules), &options()))
 }
 
 #[test]
@@ -1035,12 +1130,15 @@ fn ten_thousand_elements_apply_and_read_back() {
     let report = kernel::apply(&ns.target(), &model).expect("apply 10,000 elements");
     assert_eq!(report.elements, elements);
     let status = kernel::status(&ns.target()).unwrap().unwrap();
-    assert_eq!(count(&ns, "allow_v4"), 5_000);
-    assert_eq!(count(&ns, "allow_v4_ports"), 5_000);
+    let sets = ["allow_v4", "allow_v4_tcp_443", "concatenated_v4"];
+    for set in sets {
+        assert_eq!(count(&ns, set), 5_000, "{set}");
+    }
     assert_eq!(status.digest.as_deref(), Some(model.digest.as_str()));
     let listing = ns.nft_json().unwrap();
-    assert_eq!(elements_json(&listing, "allow_v4").len(), 5_000);
-    assert_eq!(elements_json(&listing, "allow_v4_ports").len(), 5_000);
+    for set in sets {
+        assert_eq!(elements_json(&listing, set).len(), 5_000, "{set}");
+    }
     // and once more, replacing 10,000 elements with 10,000
     kernel::apply(&ns.target(), &model).expect("re-apply");
 }
@@ -1158,9 +1256,9 @@ fn cli_status_remove_and_a_refused_apply() {
         .as_array()
         .unwrap()
         .iter()
-        .find(|s| s["name"] == "allow_v4_ports")
+        .find(|s| s["name"] == "allow_v4_tcp_443")
         .unwrap();
-    assert_eq!(allow["elements"], 3);
+    assert_eq!(allow["elements"], 1);
     let denied: Vec<&str> = json["counters"]
         .as_array()
         .unwrap()
@@ -1179,7 +1277,7 @@ fn cli_status_remove_and_a_refused_apply() {
             .iter()
             .filter(|c| c["verdict"] == "allowed")
             .count(),
-        8,
+        10,
         "{json:#}"
     );
 

@@ -311,7 +311,7 @@ mod tests {
 
     fn set(elements: Vec<Element>) -> Set {
         Set {
-            name: "allow_v4_ports".into(),
+            name: "concatenated_v4".into(),
             key: SetKey::AddrProtoPort(Family::V4),
             role: SetRole::StaticAllow,
             interval: true,
@@ -328,7 +328,7 @@ mod tests {
         write_set(&mut out, &set(vec![one, host]));
         assert_eq!(
             out,
-            "\tset allow_v4_ports {\n\t\ttype ipv4_addr . inet_proto . inet_service\n\t\tflags interval\n\
+            "\tset concatenated_v4 {\n\t\ttype ipv4_addr . inet_proto . inet_service\n\t\tflags interval\n\
              \t\telements = { 10.0.0.0/8 . tcp . 443, 198.51.100.7 . udp . 443 }\n\t}\n"
         );
 
