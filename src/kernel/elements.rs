@@ -291,11 +291,13 @@ pub fn describe_raw(element: &RawElement) -> String {
 /// iterator will rewind back to the beginning"), so elements it had already
 /// passed are listed again.
 pub fn logical_count(elements: &[RawElement]) -> usize {
-    let keys: std::collections::BTreeSet<(&[u8], Option<&[u8]>)> = elements
+    let mut keys: Vec<(&[u8], Option<&[u8]>)> = elements
         .iter()
         .filter(|e| !e.interval_end)
         .map(|e| (e.key.as_slice(), e.key_end.as_deref()))
         .collect();
+    keys.sort_unstable();
+    keys.dedup();
     keys.len()
 }
 

@@ -985,12 +985,13 @@ pub fn differences(model: &Ruleset, kernel: &KernelTable) -> Result<Vec<Differen
         if set.role == SetRole::DnsAllow {
             continue;
         }
-        let (want, have) = element_sets(set, ks)?;
-        if want != have {
+        let model_elements = elements::encode_all(set)?;
+        if let Some((only_model, only_kernel)) = element_differences(&model_elements, &ks.elements)
+        {
             found.push(Difference::SetElements {
                 set: set.name.clone(),
-                only_model: want.difference(&have).map(describe_raw).collect(),
-                only_kernel: have.difference(&want).map(describe_raw).collect(),
+                only_model,
+                only_kernel,
             });
         }
     }
@@ -1057,32 +1058,58 @@ pub fn differences(model: &Ruleset, kernel: &KernelTable) -> Result<Vec<Differen
     Ok(found)
 }
 
-/// The elements of model set `set` and of kernel set `kernel`, as the
-/// comparison sees them: keys, ends and interval-end flags (timeouts change
-/// with time), sorted, duplicates kept.
-fn element_lists(
-    set: &crate::ruleset::Set,
-    kernel: &KernelSet,
-) -> Result<(Vec<RawElement>, Vec<RawElement>), Error> {
-    let strip = |e: &RawElement| RawElement {
-        timeout_ms: None,
-        expiration_ms: None,
-        ..e.clone()
-    };
-    let mut want: Vec<RawElement> = elements::encode_all(set)?.iter().map(strip).collect();
-    let mut have: Vec<RawElement> = kernel.elements.iter().map(strip).collect();
-    want.sort();
-    have.sort();
-    Ok((want, have))
+/// What the comparison sees of an element: its key, end and interval-end
+/// flag (its timeout and expiration change with time).
+type Compared<'a> = (&'a [u8], Option<&'a [u8]>, bool);
+
+fn compared(element: &RawElement) -> Compared<'_> {
+    (
+        &element.key,
+        element.key_end.as_deref(),
+        element.interval_end,
+    )
 }
 
-/// [`element_lists`] as sets, for [`differences`].
-fn element_sets(
-    set: &crate::ruleset::Set,
-    kernel: &KernelSet,
-) -> Result<(BTreeSet<RawElement>, BTreeSet<RawElement>), Error> {
-    let (want, have) = element_lists(set, kernel)?;
-    Ok((want.into_iter().collect(), have.into_iter().collect()))
+/// An element as [`describe_raw`] needs it, from what the comparison saw.
+fn uncompared((key, key_end, interval_end): Compared<'_>) -> RawElement {
+    RawElement {
+        key: key.to_vec(),
+        key_end: key_end.map(<[u8]>::to_vec),
+        interval_end,
+        timeout_ms: None,
+        expiration_ms: None,
+    }
+}
+
+/// How the elements `model` encodes to differ from those of `kernel`, as
+/// (elements only the model has, elements only the kernel has), each sorted
+/// and described, or `None` if they are the same set. Equal sorted lists are
+/// the common case and cost no allocation per element; only lists that
+/// differ are compared as sets (a duplicate alone is no difference).
+fn element_differences(
+    model: &[RawElement],
+    kernel: &[RawElement],
+) -> Option<(Vec<String>, Vec<String>)> {
+    let mut want: Vec<Compared<'_>> = model.iter().map(compared).collect();
+    let mut have: Vec<Compared<'_>> = kernel.iter().map(compared).collect();
+    want.sort_unstable();
+    have.sort_unstable();
+    if want == have {
+        return None;
+    }
+    let want: BTreeSet<Compared<'_>> = want.into_iter().collect();
+    let have: BTreeSet<Compared<'_>> = have.into_iter().collect();
+    if want == have {
+        return None;
+    }
+    let describe = |only: std::collections::btree_set::Difference<'_, Compared<'_>>| {
+        only.map(|element| describe_raw(&uncompared(*element)))
+            .collect()
+    };
+    Some((
+        describe(want.difference(&have)),
+        describe(have.difference(&want)),
+    ))
 }
 
 /// Record on each static set of `table` the model set of `model` it was
@@ -1244,6 +1271,41 @@ impl TableStatus {
 mod tests {
     use super::*;
     use crate::policy::{CompileOptions, Dialect, Mode, Policy};
+
+    /// Element lists compare as sets: order, timeouts and duplicates are no
+    /// difference; a missing or extra element, or one that differs only in
+    /// its interval-end flag, is, and each side's extras are described.
+    #[test]
+    fn element_differences_compare_as_sets_and_describe_each_side() {
+        let element = |key: [u8; 4], interval_end: bool, timeout_ms: Option<u64>| RawElement {
+            key: key.to_vec(),
+            key_end: None,
+            interval_end,
+            timeout_ms,
+            expiration_ms: timeout_ms,
+        };
+        let a = element([10, 0, 0, 1], false, None);
+        let b = element([10, 0, 0, 2], true, None);
+        let c = element([10, 0, 0, 3], false, None);
+        let timed_b = element([10, 0, 0, 2], true, Some(5_000));
+        assert_eq!(
+            element_differences(&[a.clone(), b.clone()], &[timed_b, a.clone()]),
+            None
+        );
+        assert_eq!(
+            element_differences(&[a.clone(), b.clone()], &[b.clone(), a.clone(), a.clone()]),
+            None
+        );
+        let (only_model, only_kernel) =
+            element_differences(&[a.clone(), b.clone()], &[a.clone(), c.clone()]).unwrap();
+        assert_eq!(only_model, vec![describe_raw(&b)]);
+        assert_eq!(only_kernel, vec![describe_raw(&c)]);
+        let not_an_end = element([10, 0, 0, 2], false, None);
+        let (only_model, only_kernel) =
+            element_differences(&[a.clone(), b.clone()], &[a, not_an_end.clone()]).unwrap();
+        assert_eq!(only_model, vec![describe_raw(&b)]);
+        assert_eq!(only_kernel, vec![describe_raw(&not_an_end)]);
+    }
 
     fn ruleset() -> Ruleset {
         let policy = Policy {
