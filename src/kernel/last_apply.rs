@@ -67,8 +67,7 @@
 //! without telling netleash, so the directory is bounded: when a write
 //! creates a new file and the directory then holds more than [`MAX_FILES`],
 //! the older half (lowest cookies: cookies grow with each new namespace) is
-//! deleted. A table with more than [`MAX_ELEMENTS`] elements is not kept
-//! (see there).
+//! deleted. A file larger than [`MAX_BYTES`] is not written (see there).
 
 use std::fs;
 use std::io::{self, Write};
@@ -101,11 +100,19 @@ const VERSION: &str = env!("CARGO_PKG_VERSION");
 /// older half. A file is a few kilobytes for a typical policy.
 pub const MAX_FILES: usize = 512;
 
-/// Most set elements (of the sets whose elements are kept) a kept table may
-/// have. Measured on the apply benchmark's policies (release profile): at
-/// about 10,000 elements, loading the file takes about X ms against Y ms
-/// for reading the table from the kernel. TODO measured below.
-pub const MAX_ELEMENTS: usize = 100_000;
+/// Largest file written; a larger table is read by the next apply instead.
+/// Recalling is quicker than reading at every size measured (apply
+/// benchmark, release profile, one-shot applies: 42 ms → 34.5 ms at 10,005
+/// elements, whose file is 320 KiB and loads in about 2 ms; 6.0 → 5.4 ms at
+/// 1,005; a typical policy's file is 2.7 KiB), so the bound is for the
+/// directory's size, which is memory on tmpfs: at most [`MAX_FILES`] files
+/// of this size (typical: [`MAX_FILES`] × 3 KiB).
+pub const MAX_BYTES: usize = 384 * 1024;
+
+/// The fewest bytes an element takes in a file (a length and four key
+/// bytes, three flags): a table with more elements than `MAX_BYTES` over
+/// this is not even encoded.
+const MIN_ELEMENT_BYTES: usize = 8;
 
 /// `SO_NETNS_COOKIE` (include/uapi/asm-generic/socket.h; the same on x86
 /// and arm): the cookie of the socket's network namespace, a u64.
@@ -215,17 +222,18 @@ fn boot_id() -> Result<String, Error> {
         .map_err(|kind| Error::BootId(kind.into()))
 }
 
-/// The first line of a file: what it was written for, and the checksum of
-/// the rest (the table).
+/// The start of a file: what it was written for, and the checksum of the
+/// rest (the table).
 #[derive(Debug, Serialize, Deserialize)]
 struct Header {
+    /// First: see [`parse`].
     format: u32,
     netleash: String,
     boot_id: String,
     netns_cookie: u64,
     genid: u32,
-    /// SHA-256 of the body (everything after the header's newline), in hex.
-    sha256: String,
+    /// SHA-256 of the table (everything after the header).
+    sha256: [u8; 32],
 }
 
 /// The directory of the files.
@@ -299,7 +307,7 @@ impl Store {
             return Ok(());
         };
         let elements: usize = table.sets.iter().map(|s| s.elements.len()).sum();
-        if elements > MAX_ELEMENTS {
+        if elements > MAX_BYTES / MIN_ELEMENT_BYTES {
             self.forget(identity);
             return Ok(());
         }
@@ -307,6 +315,10 @@ impl Store {
             path: path.clone(),
             reason: err.to_string(),
         })?;
+        if bytes.len() > MAX_BYTES {
+            self.forget(identity);
+            return Ok(());
+        }
         self.make_dir()?;
         let temporary = self.dir.join(format!(
             ".{:016x}.{}.tmp",
@@ -321,6 +333,15 @@ impl Store {
                 .mode(0o600)
                 .open(&temporary)?;
             file.write_all(&bytes)?;
+            // Not renamed over the old file: ext4 flushes a file renamed over
+            // another (`auto_da_alloc`, Documentation/admin-guide/ext4.rst),
+            // which made the write 0.2–0.5 ms instead of 40 µs where /run
+            // is not tmpfs. A reader in between finds no file and reads the
+            // table.
+            match fs::remove_file(&path) {
+                Err(err) if err.kind() != io::ErrorKind::NotFound => return Err(err),
+                _ => {}
+            }
             fs::rename(&temporary, &path)
         };
         if let Err(source) = write() {
@@ -346,6 +367,10 @@ impl Store {
     /// Create the directory (and its parents) root-only if missing, and
     /// check that it is root's alone.
     fn make_dir(&self) -> Result<(), Error> {
+        match self.check_dir() {
+            Err(Error::Directory { source, .. }) if source.kind() == io::ErrorKind::NotFound => {}
+            checked => return checked,
+        }
         if let Err(source) = fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
@@ -400,19 +425,19 @@ impl Store {
     }
 }
 
-/// The file for `table` at generation id `genid` in `identity`.
-fn render(identity: &Identity, genid: u32, table: &KernelTable) -> serde_json::Result<Vec<u8>> {
-    let body = serde_json::to_vec(table)?;
+/// The file for `table` at generation id `genid` in `identity`: the
+/// header, then the table, both in postcard's binary form.
+fn render(identity: &Identity, genid: u32, table: &KernelTable) -> postcard::Result<Vec<u8>> {
+    let body = postcard::to_stdvec(table)?;
     let header = Header {
         format: FORMAT,
         netleash: VERSION.into(),
         boot_id: identity.boot_id.clone(),
         netns_cookie: identity.cookie,
         genid,
-        sha256: hex::encode(Sha256::digest(&body)),
+        sha256: Sha256::digest(&body).into(),
     };
-    let mut bytes = serde_json::to_vec(&header)?;
-    bytes.push(b'\n');
+    let mut bytes = postcard::to_stdvec(&header)?;
     bytes.extend_from_slice(&body);
     Ok(bytes)
 }
@@ -428,17 +453,21 @@ fn parse(path: &Path, bytes: &[u8], identity: &Identity) -> Result<Snapshot, Err
         path: path.to_path_buf(),
         what,
     };
-    let newline = bytes
-        .iter()
-        .position(|b| *b == b'\n')
-        .ok_or_else(|| invalid("no header line".into()))?;
-    let (header, body) = (&bytes[..newline], &bytes[newline + 1..]);
-    let header: Header =
-        serde_json::from_slice(header).map_err(|err| invalid(format!("header: {err}")))?;
-    if header.format != FORMAT || header.netleash != VERSION {
+    // The format number comes first, so that a file of another format is
+    // told apart before its header is read as this format's.
+    let (format, _) =
+        postcard::take_from_bytes::<u32>(bytes).map_err(|err| invalid(format!("header: {err}")))?;
+    if format != FORMAT {
         return Err(other(format!(
-            "in format {} by netleash {} (this is format {FORMAT}, netleash {VERSION})",
-            header.format, header.netleash
+            "in format {format} (this is format {FORMAT})"
+        )));
+    }
+    let (header, body) = postcard::take_from_bytes::<Header>(bytes)
+        .map_err(|err| invalid(format!("header: {err}")))?;
+    if header.netleash != VERSION {
+        return Err(other(format!(
+            "by netleash {} (this is netleash {VERSION})",
+            header.netleash
         )));
     }
     if header.boot_id != identity.boot_id {
@@ -453,87 +482,47 @@ fn parse(path: &Path, bytes: &[u8], identity: &Identity) -> Result<Snapshot, Err
     if header.genid == 0 {
         return Err(invalid("generation id 0 (\"no check\")".into()));
     }
-    if hex::encode(Sha256::digest(body)) != header.sha256 {
-        return Err(invalid("the body does not match its checksum".into()));
+    if <[u8; 32]>::from(Sha256::digest(body)) != header.sha256 {
+        return Err(invalid("the table does not match its checksum".into()));
     }
     let table: KernelTable =
-        serde_json::from_slice(body).map_err(|err| invalid(format!("body: {err}")))?;
+        postcard::from_bytes(body).map_err(|err| invalid(format!("table: {err}")))?;
     Ok(Snapshot {
         genid: header.genid,
         table: Some(table),
     })
 }
 
-/// A set element as one short string: the key in hex, then `-` and the
-/// key's end in hex for a concatenated range, `!` for the end of an rbtree
-/// range, `t` and the timeout, `x` and the time left, in milliseconds. About
-/// a fifth of the size of serde's field-by-field form, and quicker to load.
+/// A set element as a tuple, without field names: key, key end, interval
+/// end flag, timeout, time left. (`RawElement` lives in `ffi`, which knows
+/// nothing of files.)
+type ElementFields = (Vec<u8>, Option<Vec<u8>>, bool, Option<u64>, Option<u64>);
+
 impl Serialize for RawElement {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        let mut text = hex::encode(&self.key);
-        if let Some(end) = &self.key_end {
-            text.push('-');
-            text.push_str(&hex::encode(end));
-        }
-        if self.interval_end {
-            text.push('!');
-        }
-        if let Some(timeout) = self.timeout_ms {
-            text.push_str(&format!("t{timeout}"));
-        }
-        if let Some(expiration) = self.expiration_ms {
-            text.push_str(&format!("x{expiration}"));
-        }
-        serializer.serialize_str(&text)
+        (
+            &self.key,
+            &self.key_end,
+            self.interval_end,
+            self.timeout_ms,
+            self.expiration_ms,
+        )
+            .serialize(serializer)
     }
 }
 
 impl<'de> Deserialize<'de> for RawElement {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let text = <std::borrow::Cow<'de, str>>::deserialize(deserializer)?;
-        parse_element(&text).ok_or_else(|| {
-            serde::de::Error::custom(format!("{text:?} is not a set element of this format"))
+        let (key, key_end, interval_end, timeout_ms, expiration_ms) =
+            ElementFields::deserialize(deserializer)?;
+        Ok(RawElement {
+            key,
+            key_end,
+            interval_end,
+            timeout_ms,
+            expiration_ms,
         })
     }
-}
-
-fn parse_element(text: &str) -> Option<RawElement> {
-    // The hex parts end where the first marker (`-`, `!`, `t`, `x`) starts.
-    let markers = |c: char| matches!(c, '-' | '!' | 't' | 'x');
-    let (key, mut rest) = text.split_at(text.find(markers).unwrap_or(text.len()));
-    let mut element = RawElement {
-        key: hex::decode(key).ok()?,
-        key_end: None,
-        interval_end: false,
-        timeout_ms: None,
-        expiration_ms: None,
-    };
-    if let Some(after) = rest.strip_prefix('-') {
-        let end = after.find(markers).unwrap_or(after.len());
-        element.key_end = Some(hex::decode(&after[..end]).ok()?);
-        rest = &after[end..];
-    }
-    if let Some(after) = rest.strip_prefix('!') {
-        element.interval_end = true;
-        rest = after;
-    }
-    let number = |after: &str| -> Option<(u64, usize)> {
-        let end = after
-            .find(|c: char| !c.is_ascii_digit())
-            .unwrap_or(after.len());
-        Some((after[..end].parse().ok()?, end))
-    };
-    if let Some(after) = rest.strip_prefix('t') {
-        let (timeout, end) = number(after)?;
-        element.timeout_ms = Some(timeout);
-        rest = &after[end..];
-    }
-    if let Some(after) = rest.strip_prefix('x') {
-        let (expiration, end) = number(after)?;
-        element.expiration_ms = Some(expiration);
-        rest = &after[end..];
-    }
-    rest.is_empty().then_some(element)
 }
 
 /// Writes still under way after their apply answered (see [`Pending`]),
@@ -737,7 +726,7 @@ mod tests {
     }
 
     #[test]
-    fn elements_round_trip_in_their_short_form() {
+    fn elements_round_trip() {
         let cases = [
             RawElement {
                 key: vec![10, 0, 0, 1],
@@ -762,24 +751,22 @@ mod tests {
             },
         ];
         for element in cases {
-            let text = serde_json::to_string(&element).unwrap();
-            let back: RawElement = serde_json::from_str(&text).unwrap();
-            assert_eq!(back, element, "{text}");
+            let bytes = postcard::to_stdvec(&element).unwrap();
+            let back: RawElement = postcard::from_bytes(&bytes).unwrap();
+            assert_eq!(back, element);
         }
+        // An IPv4 range's end: one length byte, four key bytes, three flags.
+        let end = RawElement {
+            key: vec![10, 0, 0, 4],
+            key_end: None,
+            interval_end: true,
+            timeout_ms: None,
+            expiration_ms: None,
+        };
         assert_eq!(
-            serde_json::to_string(&RawElement {
-                key: vec![10, 0, 0, 4],
-                key_end: None,
-                interval_end: true,
-                timeout_ms: None,
-                expiration_ms: None,
-            })
-            .unwrap(),
-            "\"0a000004!\""
+            postcard::to_stdvec(&end).unwrap(),
+            [4, 10, 0, 0, 4, 0, 1, 0, 0]
         );
-        for bad in ["0a0", "zz", "0a!!", "0at", "0ax1t2", "0a-0b-0c", "0a?"] {
-            assert!(parse_element(bad).is_none(), "{bad}");
-        }
     }
 
     /// Write a file for `identity` at `genid`, as a writer of `format`
@@ -790,8 +777,7 @@ mod tests {
             .mode(0o700)
             .create(&store.dir)
             .unwrap();
-        let mut bytes = serde_json::to_vec(&header).unwrap();
-        bytes.push(b'\n');
+        let mut bytes = postcard::to_stdvec(&header).unwrap();
         bytes.extend_from_slice(body);
         fs::write(store.file(identity), bytes).unwrap();
     }
@@ -803,7 +789,7 @@ mod tests {
             boot_id: identity().boot_id,
             netns_cookie: identity().cookie,
             genid: 77,
-            sha256: hex::encode(Sha256::digest(body)),
+            sha256: Sha256::digest(body).into(),
         }
     }
 
@@ -819,7 +805,7 @@ mod tests {
     #[test]
     fn a_file_of_another_version_boot_or_namespace_is_not_used_and_removed() {
         let (_dir, store) = store();
-        let body = serde_json::to_vec(&table(3)).unwrap();
+        let body = postcard::to_stdvec(&table(3)).unwrap();
         // The good one is used (so what follows fails for its one difference).
         write_raw(&store, &identity(), header(&body), &body);
         assert_eq!(store.recall(&identity()).unwrap(), Some(snapshot(3)));
@@ -870,32 +856,32 @@ mod tests {
         let (_dir, store) = store();
         store.keep(&identity(), &snapshot(10), true).unwrap();
         let whole = fs::read(store.file(&identity())).unwrap();
-        let newline = whole.iter().position(|b| *b == b'\n').unwrap();
-        // Cut in the body, cut in the header, one element's byte changed.
+        let body_len = postcard::to_stdvec(&table(10)).unwrap().len();
+        let header_len = whole.len() - body_len;
+        // Cut in the table, cut in the header, one byte of an element changed.
         let cut_body = whole[..whole.len() - 7].to_vec();
-        let cut_header = whole[..newline / 2].to_vec();
+        let cut_header = whole[..header_len / 2].to_vec();
         let mut flipped = whole.clone();
-        let at = newline
-            + 1
-            + flipped[newline + 1..]
-                .windows(8)
-                .position(|w| w == b"0a000004")
+        let at = header_len
+            + whole[header_len..]
+                .windows(5)
+                .position(|w| w == [4, 10, 0, 0, 4])
                 .unwrap();
-        flipped[at + 7] = b'5';
+        flipped[at + 4] = 5;
         for (bytes, why) in [
             (cut_body, "checksum"),
-            (cut_header, "no header line"),
+            (cut_header, "header"),
             (flipped, "checksum"),
-            (b"{}\n{}".to_vec(), "header"),
+            (vec![], "header"),
         ] {
             fs::write(store.file(&identity()), &bytes).unwrap();
             let err = store.recall(&identity()).unwrap_err();
-            assert!(err.to_string().contains(why), "{err}");
+            assert!(err.to_string().contains(why), "{why}: {err}");
             assert!(!store.file(&identity()).exists());
         }
         // A body with a valid checksum that is not a table is refused too.
-        let body = b"{\"digest\":1}";
-        assert_refused(&store, header(body), body, "body");
+        let body = [1, 200, 200, 200, 200, 200];
+        assert_refused(&store, header(&body), &body, "table:");
     }
 
     #[test]
@@ -932,6 +918,25 @@ mod tests {
     }
 
     #[test]
+    fn a_table_whose_file_would_exceed_max_bytes_is_not_kept() {
+        let (_dir, store) = store();
+        // 15,000 ranges (30,000 elements, about 270 KiB) are kept.
+        store.keep(&identity(), &snapshot(15_000), true).unwrap();
+        let size = fs::metadata(store.file(&identity())).unwrap().len() as usize;
+        assert!(size > MAX_BYTES / 2 && size <= MAX_BYTES, "{size}");
+        assert_eq!(store.recall(&identity()).unwrap(), Some(snapshot(15_000)));
+        // 23,000 ranges encode to more than MAX_BYTES: the old file goes too.
+        assert!(2 * 23_000 <= MAX_BYTES / MIN_ELEMENT_BYTES);
+        store.keep(&identity(), &snapshot(23_000), false).unwrap();
+        assert!(!store.file(&identity()).exists());
+        // 25,000 ranges are more elements than MAX_BYTES can hold: not encoded.
+        assert!(2 * 25_000 > MAX_BYTES / MIN_ELEMENT_BYTES);
+        store.keep(&identity(), &snapshot(15_000), true).unwrap();
+        store.keep(&identity(), &snapshot(25_000), false).unwrap();
+        assert!(!store.file(&identity()).exists());
+    }
+
+    #[test]
     fn the_directory_keeps_at_most_max_files_and_the_newest_namespaces() {
         let (_dir, store) = store();
         let small = snapshot(0);
@@ -960,7 +965,7 @@ mod tests {
     }
 
     #[test]
-    fn the_namespace_cookie_tells_namespaces_apart() {
+    fn the_identity_of_a_namespace_is_the_same_each_time() {
         let here = Identity::here().expect("SO_NETNS_COOKIE (Linux 5.14)");
         assert_eq!(Identity::here().unwrap(), here);
         assert_eq!(here.boot_id.len(), 36, "{}", here.boot_id);

@@ -1004,9 +1004,13 @@ impl Drop for AfterApply {
 /// The file is written after the answer, on the namespace's thread, before
 /// it closes the socket: the caller does not wait for it, and a process
 /// that exits right after (`netleash apply`) waits for it at exit (see
-/// [`last_apply::Pending`]). Measured with the apply benchmark, typical
-/// policy (release profile): writing before the answer made the one-shot
-/// apply's median TODO ms slower; after it, TODO.
+/// [`last_apply::Pending`]). Measured in the apply benchmark's one-shot
+/// applies (pause before each, fast bench build): the write takes about
+/// 0.09 ms for a typical policy (a 2.7 KiB file on tmpfs: encoding,
+/// checksum, create, rename), 0.25 ms at 1,005 elements and 1.6 ms at
+/// 10,005, which before the answer would add 7 % to a typical one-shot
+/// apply (about 1.2 ms); after it, the caller does not wait, and the
+/// `netleash apply` process exits as late as if it had written first.
 pub fn apply(target: &netns::Target, ruleset: &Ruleset) -> Result<ApplyReport, Error> {
     let ruleset = ruleset.clone();
     netns::run_in_then_drop(target, move || {
