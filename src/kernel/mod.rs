@@ -1058,7 +1058,17 @@ pub fn apply(target: &netns::Target, ruleset: &Ruleset) -> Result<ApplyReport, E
             result = session.apply(&ruleset);
         }
         let keep = match &result {
-            Ok(_) => session.known.take().map(|known| (known, !existed)),
+            Ok(report) => {
+                tracing::debug!(
+                    "table inet {TABLE_NAME} was {} before the apply",
+                    match report.table_known {
+                        TableKnown::LastApply => "recalled from the last apply's file",
+                        TableKnown::Session => "remembered by the session",
+                        TableKnown::Read => "read from the kernel",
+                    }
+                );
+                session.known.take().map(|known| (known, !existed))
+            }
             Err(_) => None,
         };
         let file = identity.map(|identity| last_apply::Pending::new(store, identity, keep));
