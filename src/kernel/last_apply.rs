@@ -320,10 +320,13 @@ impl Store {
             return Ok(());
         }
         self.make_dir()?;
+        // Unique to this write: two applies in one namespace may write at once.
+        static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let temporary = self.dir.join(format!(
-            ".{:016x}.{}.tmp",
+            ".{:016x}.{}.{}.tmp",
             identity.cookie,
-            std::process::id()
+            std::process::id(),
+            WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
         ));
         let write = || -> io::Result<()> {
             let mut file = fs::OpenOptions::new()
@@ -948,7 +951,7 @@ mod tests {
             store.keep(&of(cookie), &small, true).unwrap();
         }
         // A stray temporary file of a writer that died.
-        fs::write(store.dir.join(".0000000000000003.99.tmp"), b"x").unwrap();
+        fs::write(store.dir.join(".0000000000000003.99.0.tmp"), b"x").unwrap();
         let count = || fs::read_dir(&store.dir).unwrap().count();
         assert_eq!(count(), MAX_FILES + 1);
         // Rewriting a namespace's file does not prune.

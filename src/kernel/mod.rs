@@ -21,7 +21,9 @@
 //! Modules: `generation` decides how a policy replaces the one in force,
 //! `batch` builds the transactions, `elements` encodes set elements,
 //! `readback` reads and compares, `netlink` is the socket, and `ffi` is the
-//! only place that calls libnftnl directly. `nflog` is apart from all of
+//! only place that calls libnftnl directly. `last_apply` keeps what a
+//! one-shot apply verified in a file, for the next one-shot apply in the
+//! same namespace to plan from. `nflog` is apart from all of
 //! them: it subscribes to the nflog group the `deny` chain logs to and parses
 //! the denied packets (the sidecar's denied-connection log).
 
@@ -263,7 +265,8 @@ pub struct Session {
     /// from the model set each was verified to hold). Its transactions carry
     /// that id: if anything else committed since, the kernel refuses them and
     /// the apply reads the table and starts over. Without it (a new session,
-    /// e.g. a one-shot [`apply`]) the apply reads the table with the elements
+    /// or a one-shot [`apply`] without a usable [`last_apply`] file, from
+    /// which it recalls this) the apply reads the table with the elements
     /// of every static set, and keeps and changes in place from those.
     known: Option<Snapshot>,
     /// How the last apply's verification got the table it compared.
