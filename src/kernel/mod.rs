@@ -1894,6 +1894,31 @@ mod tests {
     }
 
     #[test]
+    fn a_failed_one_shot_apply_removes_the_file() {
+        let ns = Netns::new("lastfailed");
+        let a = compile(Mode::Limited, &["198.51.100.0/24"]);
+        apply(&ns.target(), &a).unwrap();
+        assert!(last_apply_file(&ns).1.is_some());
+        // A set that lists an element twice: the kernel rejects its creation.
+        let mut broken = compile(Mode::Limited, &["203.0.113.0/24"]);
+        let allow = broken
+            .sets
+            .iter_mut()
+            .find(|s| s.name == "allow_v4")
+            .unwrap();
+        allow.elements.push(allow.elements[0]);
+        let err = apply(&ns.target(), &broken).unwrap_err();
+        assert!(err.kernel_errno().is_some(), "{err}");
+        assert_eq!(last_apply_file(&ns).1, None);
+        // The next apply reads the table, which is still `a`'s.
+        let mut observer = Session::open(&ns.target()).unwrap();
+        assert_in_force(&mut observer, &a);
+        let report = apply(&ns.target(), &a).unwrap();
+        assert_eq!((report.table_known, report.restarts), (TableKnown::Read, 0));
+        observer.close_in_background();
+    }
+
+    #[test]
     fn a_transaction_built_at_an_old_generation_id_is_refused_and_changes_nothing() {
         let ns = Netns::new("genid");
         let a = compile(Mode::Limited, &["198.51.100.0/24"]);
