@@ -11,33 +11,39 @@
 //! ruleset generation id (`NFT_MSG_GETGEN`) it was valid at. It is only ever
 //! used as `Session::known` is: every transaction planned from it carries
 //! that id in its batch begin message (`NFNLA_BATCH_GENID`, see
-//! `netlink::Transaction::expect_generation`), and the kernel compares it
-//! with the namespace's current id before it looks at any message of the
-//! batch (`nfnetlink_rcv_batch`: `if (genid && ss->get_ssid &&
-//! genid != ss->get_ssid(net))` → `-ERESTART`, nothing processed). That id is
-//! nf_tables' per-namespace `nft_pernet(net)->base_seq`, which every commit
-//! in the namespace increments (`nf_tables_commit`: `while (++base_seq == 0)`),
-//! whatever it changes and whoever commits it (`nft`, another netleash, a
-//! DNS element update). So if anything changed the ruleset since the
-//! snapshot was taken, the kernel refuses the first transaction built from
-//! it (`Error::RulesetChanged`), nothing changes, and the apply reads the
-//! table and starts over, as it does today. If the kernel accepts it, the
-//! ruleset is exactly the one the snapshot describes, and the apply then
-//! verifies what it committed as a session does (from the kernel's echo
-//! composed with the snapshot, or by reading).
+//! `netlink::Transaction::expect_generation`), and the kernel checks it
+//! before it looks at any message of the batch: `nfnetlink_rcv_batch` calls
+//! `nf_tables_valid_genid`, which takes the namespace's commit mutex and
+//! accepts only `genid == 0 || nft_net->base_seq == genid`, else the batch
+//! is answered `-ERESTART` and nothing of it is processed; an accepted batch
+//! keeps the mutex until it commits or aborts, so nothing commits between
+//! the check and the batch. `base_seq` is nf_tables' per-namespace ruleset
+//! generation (`nft_pernet(net)->base_seq`, what `NFT_MSG_GETGEN` answers),
+//! and every commit in the namespace increments it (`nf_tables_commit`:
+//! `while (++base_seq == 0)`), whatever it changes and whoever commits it
+//! (`nft`, another netleash, a DNS element update). So if anything changed
+//! the ruleset since the snapshot was taken, the kernel refuses the first
+//! transaction built from it (`Error::RulesetChanged`), nothing changes, and
+//! the apply reads the table and starts over, as without a file. If the
+//! kernel accepts it, the ruleset is the one the snapshot describes, and the
+//! apply then verifies what it committed as a session does (from the
+//! kernel's echo composed with the snapshot, or by reading). (Elements that
+//! time out are the only change without a commit: only the DNS-derived sets
+//! have timeouts, and their elements are never part of a snapshot.)
 //!
 //! What makes a file describe *this* namespace's ruleset at that id:
 //! - the namespace: its cookie (`SO_NETNS_COOKIE`, Linux 5.14), a 64-bit
-//!   number the kernel gives each network namespace from a global counter and
-//!   never gives another one until reboot (`net_alloc_cookie`), names the file
-//!   and is checked in it; generation ids of different namespaces are
-//!   unrelated, so a file of another namespace must never be used;
+//!   number the kernel gives each network namespace from a global counter
+//!   when it sets it up (net/core/net_namespace.c), so never to another one
+//!   until reboot, names the file and is checked in it; generation ids of
+//!   different namespaces are unrelated (each starts over), so a file of
+//!   another namespace must never be used;
 //! - the boot: `/proc/sys/kernel/random/boot_id`, since cookies start over at
 //!   every boot (the default directory is on tmpfs and empty after a reboot
 //!   anyway, but an overridden one may not be);
 //! - the program: a format number and the netleash version, since another
 //!   version may read or mean the table differently;
-//! - an id that is not 0: 0 tells the kernel "no check" (`genid &&` above),
+//! - an id that is not 0: 0 tells the kernel "no check" (`genid == 0 ||`),
 //!   so such a snapshot is never written nor used;
 //! - a SHA-256 of the body in the header: a file damaged on disk is not used.
 //!
@@ -47,20 +53,24 @@
 //! checked on every use: a directory another user owns, or others can
 //! write, is not used), i.e. someone who could change the ruleset directly.
 //! Verification compares what the kernel echoed of this apply's own
-//! transactions composed with the snapshot, so it catches a false snapshot
-//! only where the echo contradicts it (a rule deleted that the snapshot does
-//! not have, an object created that it already has: the apply then reads the
-//! table); a set kept from a false snapshot is believed. A transaction the
-//! kernel rejects, or a verification that fails, after planning from a file
-//! makes the one-shot apply forget the file and try once more from a
-//! reading (`super::apply`).
+//! transactions, composed with the snapshot, so a false snapshot is caught
+//! only where the kernel or the echo contradicts it: a transaction that
+//! deletes an object or element the kernel does not hold, or creates one it
+//! already holds, is rejected (the kernel test
+//! `a_false_file_at_the_current_generation_id_fails_the_transaction_and_the_apply_reads`),
+//! and an echo that does not fit the snapshot makes the apply read the
+//! table. What the transactions do not touch (a set kept as it is, rules the
+//! swap leaves alone) is believed, as a session believes its own memory. A
+//! transaction the kernel rejects, or a verification that fails, after
+//! planning from a file makes the one-shot apply try once more from a
+//! reading (`super::apply`), and a failed apply removes the file.
 //!
 //! # The files
 //!
 //! One file per namespace, named by its cookie, in [`DEFAULT_DIR`] (tmpfs:
 //! gone at reboot), or the directory [`DIR_VARIABLE`] names. A file is
 //! written to a temporary name and renamed (atomic), so a reader sees the
-//! previous file or the new one, never a part. Reading, parsing or writing
+//! new file, the previous one or none, never a part. Reading, parsing or writing
 //! never fails an apply: a failure is logged at debug level and the apply
 //! reads the table instead. A file that cannot be used (corrupt, truncated,
 //! of another version, boot or namespace) is removed. Namespaces come and go
