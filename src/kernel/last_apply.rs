@@ -7,7 +7,7 @@
 //!
 //! # Why a remembered table is safe to plan from
 //!
-//! A file holds a [`Snapshot`]: the table as an apply verified it, and the
+//! A file holds a `readback::Snapshot`: the table as an apply verified it, and the
 //! ruleset generation id (`NFT_MSG_GETGEN`) it was valid at. It is only ever
 //! used as `Session::known` is: every transaction planned from it carries
 //! that id in its batch begin message (`NFNLA_BATCH_GENID`, see
