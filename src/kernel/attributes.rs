@@ -135,7 +135,7 @@ pub struct ParsedChain {
     pub userdata: Vec<u8>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ParsedExpr {
     /// The expression's kernel name (`meta`, `cmp`, `lookup`, `counter`, ...).
     pub name: String,
@@ -147,7 +147,7 @@ pub struct ParsedExpr {
 }
 
 /// A reference by name from an expression to another object of the table.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Reference {
     /// `lookup` in the named set (anonymous sets are named `__set<N>`).
     Set(String),

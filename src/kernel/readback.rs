@@ -30,7 +30,7 @@ use crate::ruleset::{ChainKind, Ruleset, SetRole, TABLE_NAME};
 /// How often a read is retried when the ruleset changes under it.
 const READ_ATTEMPTS: usize = 5;
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct KernelSet {
     /// The model name (for a leftover, the kernel name).
     pub name: String,
@@ -76,7 +76,7 @@ impl KernelSet {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct KernelRule {
     /// The rule's comment: netleash's rule id.
     pub id: Option<String>,
@@ -94,7 +94,7 @@ impl KernelRule {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct KernelChain {
     /// The model name (for a leftover, the kernel name).
     pub name: String,
@@ -131,7 +131,7 @@ impl KernelChain {
 }
 
 /// The table as the kernel holds it. Anonymous sets are left out: they belong to their rules.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct KernelTable {
     /// The digest of the policy in force: the comment of the chain the base
     /// chains jump into, or, for a table not written in generations, the
@@ -188,7 +188,7 @@ impl KernelTable {
 }
 
 /// A consistent reading of the table and the ruleset generation id it was read at.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct Snapshot {
     /// The ruleset generation id (`NFT_MSG_GETGEN`) the reading is valid for.
     pub genid: u32,

@@ -23,7 +23,9 @@ use crate::policy::{Mode, Ports, Proto, Source, Target};
 pub const TABLE_NAME: &str = "netleash";
 
 /// Address family of a set key or an address match.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 pub enum Family {
     V4,
     V6,
@@ -39,7 +41,7 @@ impl Family {
 }
 
 /// The key type of a set.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum SetKey {
     /// `ipv4_addr` / `ipv6_addr`.
     Addr(Family),
@@ -56,7 +58,7 @@ impl SetKey {
 }
 
 /// What a set is for; decides how `check` and the DNS layer treat it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum SetRole {
     /// Safety blocklist (static, interval).
     Blocklist,
@@ -70,7 +72,9 @@ pub enum SetRole {
 
 /// One element of a set. In an interval set an `IpNet` is a range; elsewhere
 /// it is always a single address.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 pub enum Element {
     Addr(IpNet),
     AddrProtoPort(IpNet, Proto, u16),
@@ -84,7 +88,7 @@ impl Element {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Set {
     pub name: String,
     pub key: SetKey,

@@ -17,6 +17,7 @@ mod fixtures;
 mod golden;
 mod harness;
 mod kernel;
+mod last_apply;
 mod nft_check;
 mod oci;
 mod podman;
