@@ -11,6 +11,7 @@ use crate::ruleset::{self, Ruleset, TABLE_NAME};
 /// Compile POLICY and put it in force in the `inet netleash` table of the namespace,
 /// atomically for packets (a new generation is staged, then swapped in), then read it back
 /// and verify it. On any error the rules in force before stay in force.
+/// (The help text is on `Command::Apply`.)
 #[derive(Debug, clap::Args)]
 pub struct Args {
     #[command(flatten)]

@@ -68,6 +68,16 @@ pub enum Command {
     Explain(explain::Args),
     Check(check::Args),
     /// Enforce a policy in a sandbox's network namespace (atomic, verified).
+    ///
+    /// Compiles POLICY and puts it in force in the `inet netleash` table of the namespace,
+    /// atomically for packets (a new generation is staged, then swapped in), then reads it
+    /// back and verifies it. On any error the rules in force before stay in force.
+    ///
+    /// What the apply verified is kept in /run/netleash/last-apply/ (root only; the variable
+    /// NETLEASH_LAST_APPLY_DIR names another directory), so that the next apply in the same
+    /// namespace plans without reading the table first. The kernel refuses a plan made from a
+    /// file that anything changed since (the ruleset's generation id), and the apply then
+    /// reads the table.
     Apply(apply::Args),
     /// Show what netleash enforces in a network namespace.
     Status(status::Args),
