@@ -461,11 +461,8 @@ impl<'a> Builder<'a> {
             for element in elements::encode_all(set)? {
                 message.push(&element);
             }
-            self.transaction.add_elements(
-                &message,
-                ElementOp::Create,
-                Object::Elements(set.name.clone()),
-            );
+            self.transaction
+                .add_new_set_elements(&message, Object::Elements(set.name.clone()));
         }
         Ok(())
     }

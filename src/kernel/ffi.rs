@@ -377,6 +377,11 @@ impl SetMsg {
     }
 
     /// Append an element to the set's element list (sent by [`SetMsg::element_messages`]).
+    /// Elements pushed so far.
+    pub fn element_count(&self) -> usize {
+        self.elements
+    }
+
     pub fn push(&mut self, element: &RawElement) {
         // SAFETY: nftnl_set_elem_alloc returns a fresh element or NULL (handled by `allocated`).
         let elem = allocated(unsafe { sys::nftnl_set_elem_alloc() }).as_ptr();

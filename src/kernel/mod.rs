@@ -435,7 +435,7 @@ impl Session {
         else {
             return Ok(None);
         };
-        let Some(mut table) = readback::compose(before, &echoes) else {
+        let Some((mut table, echoed)) = readback::compose(before, &echoes) else {
             return Ok(None);
         };
         // Elements that a reading would not read (the DNS-derived sets') are
@@ -455,10 +455,29 @@ impl Session {
                 read = true;
             }
         }
+        let mut differences = readback::differences(expected, &table)?;
+        // A new set whose echoed elements are not the model's is dumped, and
+        // what the dump finds is what counts: the echo spared a dump only
+        // where it showed what was expected.
+        let mut redo = false;
+        for set in &mut table.sets {
+            let differs = differences.iter().any(
+                |d| matches!(d, Difference::SetElements { set: name, .. } if *name == set.name),
+            );
+            if differs && echoed.contains(&set.kernel_name) {
+                if readback::read_elements(&mut self.netlink, set)? {
+                    return Ok(None);
+                }
+                read = true;
+                redo = true;
+            }
+        }
+        if redo {
+            differences = readback::differences(expected, &table)?;
+        }
         if read && readback::generation_id(&mut self.netlink)? != after {
             return Ok(None);
         }
-        let differences = readback::differences(expected, &table)?;
         Ok(Some((after, table, differences)))
     }
 
@@ -1121,6 +1140,7 @@ mod tests {
 
     use super::*;
     use crate::policy::{CompileOptions, Dialect, HostRule, Mode, Policy, Ports, Source, Target};
+    use crate::ruleset::SetRole;
 
     static COUNTER: AtomicUsize = AtomicUsize::new(0);
 
@@ -1242,8 +1262,15 @@ mod tests {
             .unwrap();
 
         // Generation 2 holds `b`, but is verified against `a`: it must not stay.
+        let dumps = session.netlink.element_dumps;
         let err = session.apply_verified(&b, &a, &[]).unwrap_err();
         assert_eq!(session.verified_from, Some(VerifiedFrom::Echo));
+        // The new allow set's echoed elements are not `a`'s, so it was dumped
+        // and the dump decided (see `compose_and_compare`).
+        assert!(
+            session.netlink.element_dumps > dumps,
+            "a new set whose echo differs from the model was not dumped"
+        );
         let rollback = rollback_text(err);
         assert!(
             rollback.contains("generation 1) was put back in force and generation 2 deleted"),
@@ -1309,6 +1336,16 @@ mod tests {
         let report = session.apply(&a).unwrap();
         assert_eq!(report.method, Method::Create);
         assert_eq!(session.verified_from, Some(VerifiedFrom::Echo));
+        // The new sets are small: their elements were echoed, not dumped.
+        assert!(
+            a.sets
+                .iter()
+                .any(|s| s.role != SetRole::DnsAllow && !s.elements.is_empty())
+        );
+        assert_eq!(
+            session.netlink.element_dumps, 0,
+            "a new small set was dumped"
+        );
         assert_echo_matches_dump(&mut session);
         // Swaps with a remembered table, a base chain policy loosened, then tightened.
         for (model, to) in [(&b, 2), (&open, 3), (&a, 4)] {

@@ -127,9 +127,9 @@ impl Transaction {
 
     /// Add all element messages of `set` (as many as its elements need).
     /// They are never echoed: the kernel would build one notification per
-    /// element (at 10,000 elements, more work than dumping them), and
-    /// `readback::compose` does not use them (the elements of the sets a
-    /// transaction creates are dumped).
+    /// element (at 10,000 elements, more work than dumping them), and the
+    /// elements of a set changed in place are read back, never taken from
+    /// the change (see [`Transaction::add_new_set_elements`] for a new set's).
     pub fn add_elements(&mut self, set: &SetMsg, op: ElementOp, object: Object) {
         let messages = set.element_messages(op);
         while messages.has_more() {
@@ -137,6 +137,21 @@ impl Transaction {
                 self.destroys.insert(self.objects.len());
             }
             self.add_message(&messages, MsgType::Add, object.clone(), false);
+        }
+    }
+
+    /// Add the elements of `set`, a named set this transaction creates, with
+    /// `ElementOp::Create`. In an echoed transaction they are echoed when the
+    /// set has at most [`ECHOED_NEW_ELEMENTS_MAX`] elements: the kernel then
+    /// notifies each element it commits (`nf_tables_setelem_notify`, one
+    /// message each, encoded like a dump's), and the verification takes the
+    /// new set's elements from the echo instead of dumping the set (see
+    /// `readback::compose`). A larger set's elements are not echoed.
+    pub fn add_new_set_elements(&mut self, set: &SetMsg, object: Object) {
+        let echo = self.echo && set.element_count() <= ECHOED_NEW_ELEMENTS_MAX;
+        let messages = set.element_messages(ElementOp::Create);
+        while messages.has_more() {
+            self.add_message(&messages, MsgType::Add, object.clone(), echo);
         }
     }
 
@@ -166,14 +181,22 @@ pub struct Echo {
 
 impl Echo {
     /// The echoed messages, in the order the kernel sent them, each a whole
-    /// netlink message aligned for libnftnl's parsers.
+    /// netlink message aligned for libnftnl's parsers: those numbered as the
+    /// transaction's object messages, and the element notifications, which
+    /// the kernel numbers 0 (`nf_tables_setelem_notify` fills them with
+    /// sequence number 0). A seq-0 message can only be this transaction's
+    /// echo: the socket joins no multicast group, and whatever was queued
+    /// before the transaction was sent is dropped first
+    /// (`Netlink::discard_pending`).
     pub fn messages(&self) -> impl Iterator<Item = &[u8]> {
         self.datagrams.iter().flat_map(move |(buffer, len)| {
             mnl::NlMessages::new(&buffer.bytes()[..*len])
                 .filter_map(Result::ok)
                 .filter(move |message| {
                     Header::read(message).is_some_and(|h| {
-                        self.seqs.contains(&h.seq)
+                        let element =
+                            h.seq == 0 && i32::from(h.kind & 0xff) == libc::NFT_MSG_NEWSETELEM;
+                        (self.seqs.contains(&h.seq) || element)
                             && !matches!(i32::from(h.kind), libc::NLMSG_ERROR | libc::NLMSG_DONE)
                     })
                 })
@@ -395,6 +418,14 @@ fn receive_whole(fd: i32, buffer: &mut AlignedBuffer, flags: i32) -> io::Result<
 const MIN_SOCKET_RECEIVE_BUFFER: usize = 4 << 20;
 /// Bytes of receive buffer accounted per acknowledgement (skb truesize of a small message).
 const RECEIVE_BUFFER_PER_ACK: usize = 2048;
+/// The most elements of a new set that an echoed transaction has the kernel
+/// echo ([`Transaction::add_new_set_elements`]). Below it, an element's
+/// notification (a few hundred bytes of skb, parsed here) costs less than
+/// dumping the set afterwards (a request, two reads, and a generation id
+/// check after all dumps); far above it, the notifications cost more than
+/// the dump.
+const ECHOED_NEW_ELEMENTS_MAX: usize = 64;
+
 /// Bytes of receive buffer accounted per byte of an echoed batch: an echoed
 /// object is about as long as its message (the kernel adds its handle), and
 /// notifications are packed into skbs of `NLMSG_GOODSIZE` whose truesize is
@@ -411,6 +442,9 @@ pub struct Netlink {
     receive_buffer: usize,
     /// The send buffer size last set (0: the kernel's default).
     send_buffer: usize,
+    /// How many dumps of a set's elements this socket ran (tests check that
+    /// the elements of new small sets come from the echo instead).
+    pub element_dumps: usize,
 }
 
 /// One acknowledgement (`NLMSG_ERROR`) from the kernel.
@@ -482,6 +516,7 @@ impl Netlink {
             seq: 1 << 30,
             receive_buffer: MIN_SOCKET_RECEIVE_BUFFER,
             send_buffer: 0,
+            element_dumps: 0,
         })
     }
 
@@ -755,6 +790,9 @@ impl Netlink {
         table: &CStr,
         each: &mut dyn FnMut(&[u8]) -> Result<(), Error>,
     ) -> Result<Result<bool, i32>, Error> {
+        if matches!(request, Request::Elements(_)) {
+            self.element_dumps += 1;
+        }
         let mut buffer = DUMP_BUFFERS.take();
         let result = self.dump_with(&mut buffer, request, table, each);
         DUMP_BUFFERS.give_back(buffer);

@@ -520,10 +520,24 @@ fn read_table_once(netlink: &mut Netlink) -> Result<Option<(RawTable, bool)>, Er
 /// table instead: a chain reached whose rules `before` did not read (a
 /// leftover of another generation), a change to an object `before` does
 /// not know, an echo it cannot parse, a table not written in generations.
-/// The elements of the sets created are not echoed: those sets come back
-/// with `elements_read` false, for the caller to read.
-pub fn compose(before: Option<&KernelTable>, echoes: &[&Echo]) -> Option<KernelTable> {
+///
+/// A set the transactions created holds the elements echoed for it, if any
+/// were: the kernel notifies every element it commits into a set when the
+/// element message asked for an echo (`nf_tables_setelem_notify`), which
+/// `netlink::Transaction::add_new_set_elements` does for small sets. Such a
+/// set comes back with `elements_read` true, and its name in the second
+/// result, so that the caller can dump it after all should it not hold what
+/// the model says. A created set with no element echoed (a large one, or an
+/// empty one) comes back with `elements_read` false, for the caller to read.
+pub fn compose(
+    before: Option<&KernelTable>,
+    echoes: &[&Echo],
+) -> Option<(KernelTable, BTreeSet<String>)> {
     let mut raw = RawTable::default();
+    // Sets created by these transactions, and those of them whose elements
+    // were echoed.
+    let mut created: BTreeSet<String> = BTreeSet::new();
+    let mut echoed: BTreeSet<String> = BTreeSet::new();
     // Chains whose every rule is known: read in `before`, or created in the echo.
     let mut rules_known: BTreeSet<String> = BTreeSet::new();
     if let Some(before) = before {
@@ -612,18 +626,25 @@ pub fn compose(before: Option<&KernelTable>, echoes: &[&Echo]) -> Option<KernelT
                 if raw.sets.iter().any(|s| s.kernel_name == set.name) {
                     return None;
                 }
-                // The kernel (6.18) echoes no element added to a set
-                // created in the same transaction, so a new set's elements
-                // are unknown here (`elements_read` false: the caller reads them).
+                // Its elements are known only if they are echoed (below).
+                created.insert(set.name.clone());
                 raw.sets.push(KernelSet::listed(set));
             }
             libc::NFT_MSG_DELSET => {
                 let set = attributes::parse_set(message)?;
+                created.remove(&set.name);
+                echoed.remove(&set.name);
                 raw.sets.retain(|s| s.kernel_name != set.name);
             }
             libc::NFT_MSG_NEWSETELEM => {
                 let (name, elements) = attributes::parse_elements(message)?;
                 match raw.sets.iter_mut().find(|s| s.kernel_name == name) {
+                    // A new set starts empty: it holds what is echoed for it.
+                    Some(set) if created.contains(&name) => {
+                        set.elements.extend(elements);
+                        set.elements_read = true;
+                        echoed.insert(name);
+                    }
                     Some(set) if set.elements_read => set.elements.extend(elements),
                     // Elements of a set whose elements are not compared (a
                     // DNS-derived set), or of an anonymous set.
@@ -640,7 +661,7 @@ pub fn compose(before: Option<&KernelTable>, echoes: &[&Echo]) -> Option<KernelT
         .chains
         .iter()
         .all(|c| rules_known.contains(&c.kernel_name))
-        .then_some(table)
+        .then_some((table, echoed))
 }
 
 /// A rule as read, with its comment as its id.
