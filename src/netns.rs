@@ -200,57 +200,81 @@ pub fn visit_then_drop<T, L: Send + 'static>(
 /// would otherwise hold a queue of open sockets.
 const DROPS_QUEUED_AT_MOST: usize = 8;
 
-/// The process's background dropper: one thread, started at the first use,
-/// that drops what it is sent, and the number of values sent and not yet dropped.
-struct Dropper {
+/// A lane of background drops: one thread, started at the first use, that
+/// drops what it is sent in order, and the number of values sent and not
+/// yet dropped. Separate lanes keep quick drops (a file written) from
+/// waiting behind slow ones (a socket closed).
+pub struct BackgroundDropper {
+    name: &'static str,
+    lane: std::sync::OnceLock<Option<DropLane>>,
+}
+
+struct DropLane {
     queue: mpsc::Sender<Box<dyn Send>>,
     queued: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
 
-static DROPPER: std::sync::OnceLock<Option<Dropper>> = std::sync::OnceLock::new();
+/// The lane that closes sockets ([`drop_in_background`]).
+static SOCKETS: BackgroundDropper = BackgroundDropper::new("netleash-drop");
 
-/// Drop `value` on another thread, without the caller waiting: the process's
-/// background dropper, or, when it has [`DROPS_QUEUED_AT_MOST`] values
-/// waiting already, a thread of its own. If no thread can be started, `value`
-/// is dropped here. The threads are detached: if the process exits first,
-/// the kernel closes what they still hold.
-pub fn drop_in_background<L: Send + 'static>(value: L) {
-    use std::sync::atomic::Ordering;
-    let dropper = DROPPER.get_or_init(|| {
-        let (queue, values) = mpsc::channel::<Box<dyn Send>>();
-        let queued = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let done = queued.clone();
-        std::thread::Builder::new()
-            .name("netleash-drop".into())
-            .spawn(move || {
-                for value in values {
-                    drop(value);
-                    done.fetch_sub(1, Ordering::Release);
-                }
-            })
-            .ok()
-            .map(|_| Dropper { queue, queued })
-    });
-    let value = match dropper {
-        Some(dropper) if dropper.queued.fetch_add(1, Ordering::AcqRel) < DROPS_QUEUED_AT_MOST => {
-            match dropper.queue.send(Box::new(value)) {
-                Ok(()) => return,
-                Err(mpsc::SendError(value)) => {
-                    dropper.queued.fetch_sub(1, Ordering::Release);
-                    value
+impl BackgroundDropper {
+    /// A lane whose thread is named `name`.
+    pub const fn new(name: &'static str) -> BackgroundDropper {
+        BackgroundDropper {
+            name,
+            lane: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// Drop `value` on another thread, without the caller waiting: this
+    /// lane's thread, or, when it has [`DROPS_QUEUED_AT_MOST`] values
+    /// waiting already, a thread of its own. If no thread can be started,
+    /// `value` is dropped here. The threads are detached: if the process
+    /// exits first, the kernel closes what they still hold.
+    pub fn drop<L: Send + 'static>(&self, value: L) {
+        use std::sync::atomic::Ordering;
+        let lane = self.lane.get_or_init(|| {
+            let (queue, values) = mpsc::channel::<Box<dyn Send>>();
+            let queued = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+            let done = queued.clone();
+            std::thread::Builder::new()
+                .name(self.name.into())
+                .spawn(move || {
+                    for value in values {
+                        drop(value);
+                        done.fetch_sub(1, Ordering::Release);
+                    }
+                })
+                .ok()
+                .map(|_| DropLane { queue, queued })
+        });
+        let value = match lane {
+            Some(lane) if lane.queued.fetch_add(1, Ordering::AcqRel) < DROPS_QUEUED_AT_MOST => {
+                match lane.queue.send(Box::new(value)) {
+                    Ok(()) => return,
+                    Err(mpsc::SendError(value)) => {
+                        lane.queued.fetch_sub(1, Ordering::Release);
+                        value
+                    }
                 }
             }
-        }
-        Some(dropper) => {
-            dropper.queued.fetch_sub(1, Ordering::Release);
-            Box::new(value)
-        }
-        None => Box::new(value),
-    };
-    // Busy or gone: a thread of its own, or (none can be started) right here.
-    let _ = std::thread::Builder::new()
-        .name("netleash-drop".into())
-        .spawn(move || drop(value));
+            Some(lane) => {
+                lane.queued.fetch_sub(1, Ordering::Release);
+                Box::new(value)
+            }
+            None => Box::new(value),
+        };
+        // Busy or gone: a thread of its own, or (none can be started) right here.
+        let _ = std::thread::Builder::new()
+            .name(self.name.into())
+            .spawn(move || drop(value));
+    }
+}
+
+/// Drop `value` (a socket, or what holds one) on the process's socket lane
+/// (see [`BackgroundDropper::drop`]), without the caller waiting.
+pub fn drop_in_background<L: Send + 'static>(value: L) {
+    SOCKETS.drop(value);
 }
 
 /// Run `f` on the calling thread inside `target`'s network namespace, then

@@ -605,6 +605,16 @@ impl Pending {
         }
     }
 
+    /// Write (or remove) the file on the process's file lane, a thread of
+    /// its own: not behind the sockets that one-shot applies leave to close
+    /// (`netns::drop_in_background`), whose closes can each wait an RCU
+    /// grace period, so that the next apply in the namespace finds the file.
+    pub fn write_in_background(self) {
+        static FILES: crate::netns::BackgroundDropper =
+            crate::netns::BackgroundDropper::new("netleash-file");
+        FILES.drop(self);
+    }
+
     fn finish(&mut self) {
         let outcome = match self.keep.take() {
             Some((snapshot, new)) => self.store.keep(&self.identity, &snapshot, new),

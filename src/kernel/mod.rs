@@ -1003,30 +1003,15 @@ fn in_own_session<T>(
     })?
 }
 
-/// What a one-shot apply leaves for after its answer, dropped in this order:
-/// the namespace's file written (or removed), then the socket closed (which
-/// may wait for the kernel, see [`Session::close_in_background`]).
-struct AfterApply {
-    file: Option<last_apply::Pending>,
-    session: Option<Session>,
-}
-
-impl Drop for AfterApply {
-    fn drop(&mut self) {
-        drop(self.file.take());
-        drop(self.session.take());
-    }
-}
-
 /// Put `ruleset` in force in `target`: [`Session::apply`] in a session of
 /// its own, which plans from what the previous verified apply in that
 /// namespace left (see [`last_apply`]) instead of reading the table, and
 /// leaves what it verified for the next.
 ///
-/// The file is written after the answer, on the thread that then closes the
-/// socket ([`netns::drop_in_background`]): the caller does not wait for it,
-/// and a process that exits right after (`netleash apply`) waits for it at
-/// exit (see [`last_apply::Pending`]). Measured in the apply benchmark's one-shot
+/// The file is written on a thread of its own ([`last_apply::Pending::write_in_background`],
+/// apart from the one that closes sockets, whose closes can wait for the
+/// kernel): the caller does not wait for it, and a process that exits right
+/// after (`netleash apply`) waits for it at exit (see [`last_apply::Pending`]). Measured in the apply benchmark's one-shot
 /// applies (pause before each, fast bench build): the write takes about
 /// 0.09 ms for a typical policy (a 2.7 KiB file on tmpfs: encoding,
 /// checksum, create, rename), 0.25 ms at 1,005 elements and 1.6 ms at
@@ -1037,13 +1022,7 @@ pub fn apply(target: &netns::Target, ruleset: &Ruleset) -> Result<ApplyReport, E
     netns::visit_then_drop(target, || {
         let mut session = match Session::open_here() {
             Ok(session) => session,
-            Err(err) => {
-                let after = AfterApply {
-                    file: None,
-                    session: None,
-                };
-                return (Err(err), after);
-            }
+            Err(err) => return (Err(err), None),
         };
         let store = last_apply::Store::configured();
         let identity = last_apply::Identity::here()
@@ -1051,6 +1030,10 @@ pub fn apply(target: &netns::Target, ruleset: &Ruleset) -> Result<ApplyReport, E
             .ok();
         let mut existed = false;
         if let Some(identity) = &identity {
+            // A file an earlier apply of this process is still writing (a
+            // fraction of a millisecond, on its own thread) is waited for,
+            // so that back-to-back applies find it; never for long.
+            last_apply::wait_for_writes(std::time::Duration::from_millis(100));
             match store.recall(identity) {
                 Ok(recalled) => {
                     existed = recalled.is_some();
@@ -1092,12 +1075,10 @@ pub fn apply(target: &netns::Target, ruleset: &Ruleset) -> Result<ApplyReport, E
             }
             Err(_) => None,
         };
-        let file = identity.map(|identity| last_apply::Pending::new(store, identity, keep));
-        let after = AfterApply {
-            file,
-            session: Some(session),
-        };
-        (result, after)
+        if let Some(identity) = identity {
+            last_apply::Pending::new(store, identity, keep).write_in_background();
+        }
+        (result, Some(session))
     })?
 }
 
