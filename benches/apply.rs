@@ -5,7 +5,8 @@
 //! elements and change them in place in the swap (here `allow_v4` and
 //! `allow_v4_tcp_443`, address interval sets, each of which loses one
 //! element and gains one); a session knows the sets' elements from its last
-//! verification, a one-shot apply reads them first. Each runs in a network
+//! verification, a one-shot apply from the file the previous one-shot apply
+//! in its namespace left (`kernel::last_apply`; it reads them without one). Each runs in a network
 //! namespace this benchmark creates and deletes (one for a netleash session,
 //! one for one-shot netleash applies, one for nft, so that every netleash
 //! round is a swap from its own previous generation, with the session's

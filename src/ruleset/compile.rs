@@ -185,6 +185,11 @@ pub fn compile(policy: &Policy, options: &CompileOptions) -> Ruleset {
 #[derive(Default)]
 struct AllowedNets {
     any_port: Vec<IpNet>,
+    /// Single addresses allowed on a protocol and port (`ADDR:PORT`, a URL):
+    /// the `allow_v4_ports` / `allow_v6_ports` hash sets.
+    host_ports: BTreeSet<(IpNet, Proto, u16)>,
+    /// Ranges allowed on a protocol and port: one interval set per family,
+    /// protocol and port (see `PortSet`).
     by_port: BTreeMap<(Proto, u16), Vec<IpNet>>,
 }
 
@@ -193,24 +198,33 @@ impl AllowedNets {
         match ports {
             Ports::Any => self.any_port.push(net),
             Ports::Only(specs) => {
+                let net = net.trunc();
                 for spec in specs {
-                    self.by_port
-                        .entry((spec.proto, spec.port))
-                        .or_default()
-                        .push(net);
+                    if net.prefix_len() == net.max_prefix_len() {
+                        self.host_ports.insert((net, spec.proto, spec.port));
+                    } else {
+                        self.by_port
+                            .entry((spec.proto, spec.port))
+                            .or_default()
+                            .push(net);
+                    }
                 }
             }
         }
     }
 }
 
-/// The static allow set and rule of the address literals and CIDRs of one
-/// family allowed on one protocol and port: set `allow_v4_tcp_443`, looked
-/// up by rule `allow-static-v4-tcp-443`
-/// (`meta l4proto tcp th dport 443 ip daddr @allow_v4_tcp_443`).
+/// The static allow set and rule of the CIDRs of one family allowed on one
+/// protocol and port: set `allow_v4_tcp_443`, looked up by rule
+/// `allow-static-v4-tcp-443`
+/// (`meta l4proto tcp th dport 443 ip daddr @allow_v4_tcp_443`). Single
+/// addresses allowed on ports, the only ones the policy grammar gives
+/// (`ADDR:PORT`, a URL), go instead into one hash set per family keyed
+/// `address . protocol . port` (`allow_v4_ports`, no interval flag): one set
+/// and one rule however many ports, cheap to create and to change in place.
 ///
-/// One address set per protocol and port, not one set keyed
-/// `address . protocol . port`: in the kernel an interval set with a
+/// One address set per protocol and port for ranges, not one interval set
+/// keyed `address . protocol . port`: in the kernel an interval set with a
 /// concatenated key is a pipapo set, which is expensive to change. Creating
 /// one, even of five elements, costs `pipapo_resize`; removing one element
 /// of 5,000 costs about 13 ms (`nft_pipapo_remove` tests the set's rules one
@@ -271,7 +285,11 @@ impl PortSet {
 }
 
 fn limited_sets(nets: &AllowedNets, options: &CompileOptions) -> Vec<Set> {
-    let AllowedNets { any_port, by_port } = nets;
+    let AllowedNets {
+        any_port,
+        host_ports,
+        by_port,
+    } = nets;
     let mut sets = Vec::new();
     for family in FAMILIES {
         let mut resolvers: BTreeSet<Element> = BTreeSet::new();
@@ -307,9 +325,23 @@ fn limited_sets(nets: &AllowedNets, options: &CompileOptions) -> Vec<Set> {
                 .collect(),
         });
 
-        // One address set per protocol and port (see `PortSet`); the one of
-        // a port no net of this family is allowed on is empty, and left out
-        // with its rule.
+        // Single addresses on their ports: one hash set (see `PortSet`).
+        sets.push(Set {
+            name: set_name(SetRole::StaticAllow, family, true),
+            key: SetKey::AddrProtoPort(family),
+            role: SetRole::StaticAllow,
+            interval: false,
+            timeout: false,
+            elements: host_ports
+                .iter()
+                .filter(|(net, _, _)| Family::of(&net.addr()) == family)
+                .map(|&(net, proto, port)| Element::AddrProtoPort(net, proto, port))
+                .collect(),
+        });
+
+        // Ranges: one address set per protocol and port (see `PortSet`);
+        // the one of a port no range of this family is allowed on is empty,
+        // and left out with its rule.
         for ((proto, port), nets) in by_port {
             sets.push(Set {
                 name: PortSet::new(family, *proto, *port).set_name(),
@@ -545,11 +577,20 @@ fn egress_chain(limited: bool, proxy: Option<&ProxyOptions>, ports: &[(Proto, u1
             }],
             actions: allow_actions(),
         });
+        rules.push(Rule {
+            id: format!("allow-static-{}-ports", family_tag(family)),
+            description: "address literals, on their allowed protocol and port".into(),
+            matches: vec![Match::DaddrProtoPortInSet {
+                family,
+                set: set_name(SetRole::StaticAllow, family, true),
+            }],
+            actions: allow_actions(),
+        });
         for &(proto, port) in ports {
             let port_set = PortSet::new(family, proto, port);
             rules.push(Rule {
                 id: port_set.rule_id(),
-                description: format!("address literals and CIDRs allowed on {port}/{proto}"),
+                description: format!("CIDRs allowed on {port}/{proto}"),
                 matches: vec![
                     Match::L4ProtoIn(vec![proto]),
                     Match::DportIn(vec![port]),
@@ -760,7 +801,7 @@ impl RulesetDigest {
         let mut hash = Sha256::new();
         // The layout version: bump it whenever the compiler's output for the
         // same policy changes, so a table from an older netleash never looks current.
-        hash.update(b"netleash ruleset v3\0");
+        hash.update(b"netleash ruleset v4\0");
         hash.update([match mode {
             Mode::Unrestricted => 0u8,
             Mode::Limited => 1,
@@ -1012,14 +1053,15 @@ mod tests {
         }
     }
 
-    /// Addresses and CIDRs restricted to ports get one address interval set
-    /// per family, protocol and port (an rbtree in the kernel, never a
-    /// concatenated pipapo set), looked up by a rule that checks the
-    /// protocol and port first; a port no address of a family is allowed on
-    /// has no set or rule in that family. Sets and rules come in the order
-    /// of (protocol, port), whatever the order of the policy.
+    /// Single addresses restricted to ports share one hash set per family
+    /// keyed address . protocol . port; CIDRs restricted to ports get one
+    /// address interval set per family, protocol and port (an rbtree in the
+    /// kernel, never a concatenated pipapo set), looked up by a rule that
+    /// checks the protocol and port first; a port no range of a family is
+    /// allowed on has no set or rule in that family. Sets and rules come in
+    /// the order of (protocol, port), whatever the order of the policy.
     #[test]
-    fn ported_nets_get_one_address_set_per_protocol_and_port() {
+    fn ported_addresses_share_a_hash_set_and_ranges_get_a_set_per_port() {
         let rule = |net: &str, ports: &[(Proto, u16)]| HostRule {
             target: Target::Net(net.parse().unwrap()),
             ports: Ports::only(ports.iter().copied()),
@@ -1036,10 +1078,31 @@ mod tests {
             ..empty(Mode::Limited)
         };
         let ruleset = compile(&policy, &CompileOptions::default());
+        // Single addresses on ports: one hash set per family, keyed
+        // address . protocol . port.
+        for (name, family, elements) in [
+            ("allow_v4_ports", Family::V4, "192.0.2.7/32 tcp 22"),
+            ("allow_v6_ports", Family::V6, "2001:db8::7/128 tcp 22"),
+        ] {
+            let set = ruleset.set(name).unwrap();
+            assert_eq!(
+                (set.key, set.interval, set.timeout),
+                (SetKey::AddrProtoPort(family), false, false)
+            );
+            let listed: Vec<String> = set
+                .elements
+                .iter()
+                .map(|e| match e {
+                    Element::AddrProtoPort(net, proto, port) => format!("{net} {proto} {port}"),
+                    Element::Addr(net) => net.to_string(),
+                })
+                .collect();
+            assert_eq!(listed, [elements]);
+        }
         let allow: Vec<(&str, Vec<String>)> = ruleset
             .sets
             .iter()
-            .filter(|s| s.role == SetRole::StaticAllow)
+            .filter(|s| s.role == SetRole::StaticAllow && !s.name.ends_with("_ports"))
             .map(|s| {
                 assert_eq!(
                     (s.key, s.interval, s.timeout),
@@ -1052,11 +1115,9 @@ mod tests {
         assert_eq!(
             allow,
             [
-                ("allow_v4_tcp_22", vec!["192.0.2.7/32".to_string()]),
                 // The two halves merge into one range.
                 ("allow_v4_tcp_443", vec!["198.51.100.0/24".to_string()]),
                 ("allow_v4_udp_443", vec!["198.51.100.0/25".to_string()]),
-                ("allow_v6_tcp_22", vec!["2001:db8::7/128".to_string()]),
             ]
         );
         let egress = ruleset.chain(EGRESS_CHAIN).unwrap();
@@ -1069,10 +1130,10 @@ mod tests {
         assert_eq!(
             ids,
             [
-                "allow-static-v4-tcp-22",
+                "allow-static-v4-ports",
                 "allow-static-v4-tcp-443",
                 "allow-static-v4-udp-443",
-                "allow-static-v6-tcp-22"
+                "allow-static-v6-ports",
             ]
         );
         assert_eq!(
@@ -1089,8 +1150,8 @@ mod tests {
         assert!(allowing.iter().all(|r| r.actions == allow_actions()));
         // After the DNS rules, before the DNS-derived sets' rules.
         let position = |id: &str| egress.rules.iter().position(|r| r.id == id).unwrap();
-        assert!(position("dns-other") < position("allow-static-v4-tcp-22"));
-        assert!(position("allow-static-v6-tcp-22") < position("allow-dns-v4"));
+        assert!(position("dns-other") < position("allow-static-v4-ports"));
+        assert!(position("allow-static-v6-ports") < position("allow-dns-v4"));
     }
 
     /// Neighbour discovery talks to link-local addresses (RFC 4861 §4), so it

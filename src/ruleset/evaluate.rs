@@ -769,7 +769,7 @@ pub(crate) mod tests {
             (
                 addr_probe("198.51.100.7", Proto::Tcp, Some(443)),
                 &none,
-                "allow-static-v4-tcp-443",
+                "allow-static-v4-ports",
                 true,
             ),
             (
@@ -781,13 +781,13 @@ pub(crate) mod tests {
             (
                 addr_probe("2001:db8:2::7", Proto::Udp, Some(443)),
                 &none,
-                "allow-static-v6-udp-443",
+                "allow-static-v6-ports",
                 true,
             ),
             (
                 addr_probe("2001:db8:2::7", Proto::Tcp, Some(443)),
                 &none,
-                "allow-static-v6-tcp-443",
+                "allow-static-v6-ports",
                 true,
             ),
             (

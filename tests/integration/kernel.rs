@@ -366,8 +366,8 @@ fn apply_reads_back_what_the_model_says() {
         counted(CountedVerdict::Allowed),
         BTreeSet::from([
             "allow-static-v4",
+            "allow-static-v4-ports",
             "allow-static-v4-tcp-80",
-            "allow-static-v4-tcp-443",
             "allow-static-v4-udp-443",
             "allow-static-v6",
             "allow-static-v6-tcp-443",
@@ -399,13 +399,15 @@ fn apply_reads_back_what_the_model_says() {
         elements_json(&listing, "blocklist_v4"),
         vec![prefix("100.64.0.0", 10), prefix("169.254.0.0", 16)]
     );
-    // The addresses allowed on a port, one address set per protocol and port.
+    // A single address allowed on a port: the family's hash set, keyed
+    // address . protocol . port.
+    assert_eq!(
+        elements_json(&listing, "allow_v4_ports"),
+        vec![serde_json::json!({"concat": ["203.0.113.7", "tcp", 443]})]
+    );
+    // The ranges allowed on a port, one address set per protocol and port.
     for (set, elements) in [
         ("allow_v4_tcp_80", vec![prefix("203.0.113.64", 26)]),
-        (
-            "allow_v4_tcp_443",
-            vec![Value::String("203.0.113.7".into())],
-        ),
         ("allow_v4_udp_443", vec![prefix("203.0.113.64", 26)]),
         ("allow_v6_tcp_443", vec![prefix("2001:db8:1::", 64)]),
     ] {
@@ -464,7 +466,6 @@ fn a_concatenated_range_reads_back_as_its_range() {
     assert_eq!(
         ported,
         [
-            serde_json::json!({"concat": ["203.0.113.7", "tcp", 443]}),
             serde_json::json!({"concat": [prefix("203.0.113.64", 26), "tcp", 80]}),
             serde_json::json!({"concat": [prefix("203.0.113.64", 26), "udp", 443]}),
         ]
@@ -502,7 +503,9 @@ fn reapply_replaces_the_table_each_time() {
                         Value::String(n.addr().to_string())
                     }
                     Element::Addr(n) => prefix(&n.network().to_string(), n.prefix_len()),
-                    Element::AddrProtoPort(..) => unreachable!("{}: {e:?}", set.name),
+                    Element::AddrProtoPort(n, proto, port) => {
+                        serde_json::json!({"concat": [n.addr().to_string(), proto.to_string(), port]})
+                    }
                 })
                 .collect();
             assert_eq!(elements_json(&listing, &set.name), expected, "{}", set.name);
@@ -1256,7 +1259,7 @@ fn cli_status_remove_and_a_refused_apply() {
         .as_array()
         .unwrap()
         .iter()
-        .find(|s| s["name"] == "allow_v4_tcp_443")
+        .find(|s| s["name"] == "allow_v4_ports")
         .unwrap();
     assert_eq!(allow["elements"], 1);
     let denied: Vec<&str> = json["counters"]
