@@ -175,30 +175,37 @@ pub struct Identity {
 
 impl Identity {
     /// The identity of the calling thread's network namespace (a socket is
-    /// created in the namespace of the thread that creates it).
+    /// created in the namespace of the thread that creates it), from a
+    /// throwaway socket.
     pub fn here() -> Result<Identity, Error> {
+        // SAFETY: socket has no memory preconditions; the descriptor it
+        // returns is owned by the OwnedFd below and closed once.
+        let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+        if fd < 0 {
+            return Err(Error::Cookie(io::Error::last_os_error()));
+        }
+        // SAFETY: `fd` is a fresh descriptor nothing else owns.
+        let socket = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        Identity::of_socket(std::os::fd::AsFd::as_fd(&socket))
+    }
+
+    /// The identity of the network namespace `socket` was created in (one
+    /// system call: a one-shot apply asks its own netlink socket).
+    pub fn of_socket(socket: std::os::fd::BorrowedFd<'_>) -> Result<Identity, Error> {
         Ok(Identity {
-            cookie: namespace_cookie().map_err(Error::Cookie)?,
+            cookie: namespace_cookie(socket).map_err(Error::Cookie)?,
             boot_id: boot_id()?,
         })
     }
 }
 
-/// The cookie of the calling thread's network namespace, from a throwaway
-/// socket created in it (three system calls, microseconds).
-fn namespace_cookie() -> io::Result<u64> {
-    // SAFETY: socket has no memory preconditions; the descriptor it returns
-    // is owned by the OwnedFd below and closed once.
-    let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `fd` is a fresh descriptor nothing else owns.
-    let socket = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+/// The cookie of the network namespace `socket` was created in.
+fn namespace_cookie(socket: std::os::fd::BorrowedFd<'_>) -> io::Result<u64> {
     let mut cookie: u64 = 0;
     let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-    // SAFETY: `cookie` is a writable u64 and `len` says so; the kernel
-    // writes at most `len` bytes and updates `len`.
+    // SAFETY: `socket` is a live descriptor for the call; `cookie` is a
+    // writable u64 and `len` says so; the kernel writes at most `len` bytes
+    // and updates `len`.
     let rc = unsafe {
         libc::getsockopt(
             std::os::fd::AsRawFd::as_raw_fd(&socket),

@@ -1025,7 +1025,7 @@ pub fn apply(target: &netns::Target, ruleset: &Ruleset) -> Result<ApplyReport, E
             Err(err) => return (Err(err), None),
         };
         let store = last_apply::Store::configured();
-        let identity = last_apply::Identity::here()
+        let identity = last_apply::Identity::of_socket(session.netlink.socket_fd())
             .inspect_err(|err| tracing::debug!("the table is read, not recalled: {err}"))
             .ok();
         let mut existed = false;
@@ -1093,7 +1093,7 @@ pub fn remove(target: &netns::Target) -> Result<bool, Error> {
     in_own_session(target, |session| {
         // Before the table: a file left behind would only be refused by the
         // kernel (the removal moves the generation id on), but it is garbage.
-        match last_apply::Identity::here() {
+        match last_apply::Identity::of_socket(session.netlink.socket_fd()) {
             Ok(identity) => last_apply::Store::configured().forget(&identity),
             Err(err) => tracing::debug!("cannot tell which last apply file to remove: {err}"),
         }
@@ -1157,6 +1157,20 @@ mod tests {
     impl Drop for Netns {
         fn drop(&mut self) {
             let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+        }
+    }
+
+    /// An address learned into `dns_v4`, as the DNS layer writes it: a
+    /// commit that changes no policy.
+    fn learned_dns_v4() -> SetUpdate {
+        SetUpdate {
+            set: "dns_v4".into(),
+            change: SetChange::Add {
+                elements: vec![crate::ruleset::Element::Addr(
+                    "192.0.2.7/32".parse().unwrap(),
+                )],
+                timeout: None,
+            },
         }
     }
 
@@ -1230,17 +1244,7 @@ mod tests {
         let b = compile(Mode::Limited, &["203.0.113.0/24"]);
         let mut session = Session::open(&ns.target()).unwrap();
         session.apply(&a).unwrap();
-        session
-            .update_elements(&[SetUpdate {
-                set: "dns_v4".into(),
-                change: SetChange::Add {
-                    elements: vec![crate::ruleset::Element::Addr(
-                        "192.0.2.7/32".parse().unwrap(),
-                    )],
-                    timeout: None,
-                },
-            }])
-            .unwrap();
+        session.update_elements(&[learned_dns_v4()]).unwrap();
 
         // Generation 2 holds `b`, but is verified against `a`: it must not stay.
         let dumps = session.netlink.element_dumps;
@@ -1890,19 +1894,7 @@ mod tests {
         let mut observer = Session::open(&ns.target()).unwrap();
         assert_changed_in_place(&mut observer, &b, 1);
         // Also after a DNS element update through netleash.
-        update_elements(
-            &ns.target(),
-            &[SetUpdate {
-                set: "dns_v4".into(),
-                change: SetChange::Add {
-                    elements: vec![crate::ruleset::Element::Addr(
-                        "192.0.2.7/32".parse().unwrap(),
-                    )],
-                    timeout: None,
-                },
-            }],
-        )
-        .unwrap();
+        update_elements(&ns.target(), &[learned_dns_v4()]).unwrap();
         let report = apply(&ns.target(), &a).unwrap();
         assert_eq!((report.table_known, report.restarts), (TableKnown::Read, 1));
         assert_changed_in_place(&mut observer, &a, 3);
@@ -1990,17 +1982,7 @@ mod tests {
         session.apply(&a).unwrap();
         let read_at = readback::generation_id(&mut session.netlink).unwrap();
         // Any commit in between (here an element update) moves the generation id on.
-        session
-            .update_elements(&[SetUpdate {
-                set: "dns_v4".into(),
-                change: SetChange::Add {
-                    elements: vec![crate::ruleset::Element::Addr(
-                        "192.0.2.7/32".parse().unwrap(),
-                    )],
-                    timeout: None,
-                },
-            }])
-            .unwrap();
+        session.update_elements(&[learned_dns_v4()]).unwrap();
         assert_ne!(
             readback::generation_id(&mut session.netlink).unwrap(),
             read_at

@@ -520,6 +520,14 @@ impl Netlink {
         })
     }
 
+    /// The socket, for questions about it rather than netfilter (e.g. its
+    /// network namespace's cookie).
+    pub fn socket_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        // SAFETY: the descriptor is the live socket `self` owns, and the
+        // borrow ends before `self` can close it.
+        unsafe { std::os::fd::BorrowedFd::borrow_raw(self.socket.as_raw_fd()) }
+    }
+
     /// Send `transaction` as one batch and wait for the kernel's verdict.
     /// On any error the kernel has aborted the whole transaction.
     pub fn commit(&mut self, transaction: Transaction) -> Result<(), Error> {
