@@ -289,13 +289,15 @@ pub fn drop_in_background<L: Send + 'static>(value: L) {
 /// sockets of whatever it runs next there.
 pub fn visit<T>(target: &Target, f: impl FnOnce() -> T) -> Result<T, Error> {
     let (path, file) = open(target)?;
-    if is_callers_namespace(&file) {
-        return Ok(f());
-    }
-    let home = File::open("/proc/thread-self/ns/net").map_err(|source| Error::Open {
-        path: PathBuf::from("/proc/thread-self/ns/net"),
+    // The thread's own namespace is opened once, both to compare it with the
+    // target and to come back to (one procfs path walk, not two).
+    let home = File::open(OWN_NAMESPACE).map_err(|source| Error::Open {
+        path: PathBuf::from(OWN_NAMESPACE),
         source,
     })?;
+    if same_namespace(&file, &home) {
+        return Ok(f());
+    }
     // setns either moves the thread or fails leaving it where it was.
     enter(file, path)?;
     let _back = GoBack(home);
@@ -333,12 +335,19 @@ pub fn enter_for_good(target: &Target) -> Result<(), Error> {
 /// namespace files name the same namespace exactly when their device and
 /// inode numbers are equal (namespaces(7), "The /proc/[pid]/ns/ directory").
 fn is_callers_namespace(file: &File) -> bool {
+    File::open(OWN_NAMESPACE).is_ok_and(|own| same_namespace(file, &own))
+}
+
+/// The calling thread's own network namespace (`proc_pid_ns(5)`).
+const OWN_NAMESPACE: &str = "/proc/thread-self/ns/net";
+
+/// Whether two open namespace files name the same namespace: exactly when
+/// their device and inode numbers are equal (namespaces(7), "The
+/// /proc/[pid]/ns/ directory"). Two `fstat` calls, no path walk.
+fn same_namespace(a: &File, b: &File) -> bool {
     use std::os::unix::fs::MetadataExt as _;
-    match (
-        file.metadata(),
-        std::fs::metadata("/proc/thread-self/ns/net"),
-    ) {
-        (Ok(target), Ok(own)) => (target.dev(), target.ino()) == (own.dev(), own.ino()),
+    match (a.metadata(), b.metadata()) {
+        (Ok(a), Ok(b)) => (a.dev(), a.ino()) == (b.dev(), b.ino()),
         _ => false,
     }
 }
