@@ -272,9 +272,206 @@ impl BackgroundDropper {
 }
 
 /// Drop `value` (a socket, or what holds one) on the process's socket lane
-/// (see [`BackgroundDropper::drop`]), without the caller waiting.
+/// (see [`BackgroundDropper::drop`]), without the caller waiting. In a
+/// process that called [`close_sockets_after_exit`], `value` is kept instead,
+/// and its sockets are closed by a child after the process has exited.
 pub fn drop_in_background<L: Send + 'static>(value: L) {
+    use std::sync::atomic::Ordering;
+    if CLOSE_AFTER_EXIT.load(Ordering::Acquire) {
+        KEPT_UNTIL_EXIT
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .push(Box::new(value));
+        return;
+    }
     SOCKETS.drop(value);
+}
+
+/// Set by [`close_sockets_after_exit`].
+static CLOSE_AFTER_EXIT: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// What [`drop_in_background`] keeps in a process that closes its sockets
+/// after exit. A static is never dropped: the values stay open until exit.
+static KEPT_UNTIL_EXIT: std::sync::Mutex<Vec<Box<dyn Send>>> = std::sync::Mutex::new(Vec::new());
+
+/// `NETLINK_NETFILTER` (linux/netlink.h): the protocol of nf_tables sockets.
+const NETLINK_NETFILTER: libc::c_int = 12;
+
+/// For a short-lived command that changes nf_tables (`netleash apply`,
+/// `remove`, the standalone hook): make its nf_tables sockets close after it
+/// has exited, so that its caller does not wait for the kernel's clean-up.
+///
+/// Closing a `NETLINK_NETFILTER` socket (its `NETLINK_URELEASE` notifier,
+/// `nft_rcv_nl_event`) flushes nf_tables' destroy work whenever the
+/// (system-wide) destroy list is not empty: one RCU grace period, 10–30 ms
+/// here, after any commit that deleted or replaced something, in any
+/// namespace. A process's exit closes its sockets before its parent learns
+/// of the exit, so a re-apply through the command line took about 25 ms
+/// where the apply itself took 1 ms (and `nft -f` waits the same way).
+///
+/// From this call on, [`drop_in_background`] keeps what it is given until
+/// exit (or [`close_kept_now`]), and an exit handler first closes every
+/// descriptor of the process but its nf_tables sockets (so a caller reading
+/// the command's output sees its end at once, and a runtime waiting for a
+/// hook's pipes is not held up), then starts a child that inherits the
+/// sockets and nothing else, waits until the process has exited (the end of
+/// a pipe whose write end the process holds), and exits, closing the
+/// sockets. The rules are committed and verified before any of this: only
+/// the kernel's freeing of what they replaced is left to the child.
+/// Measured (`cargo bench --bench command`): a re-apply through the command
+/// line went from 23.7–28.0 ms to 5.0 ms, against 16.6–20.0 ms for `nft -f`.
+pub fn close_sockets_after_exit() {
+    use std::sync::atomic::Ordering;
+    static AT_EXIT: std::sync::Once = std::sync::Once::new();
+    AT_EXIT.call_once(|| {
+        // SAFETY: atexit stores a plain function pointer; the handler takes
+        // no arguments and does not unwind (see `hand_sockets_over`).
+        if unsafe { libc::atexit(hand_sockets_over_at_exit) } == 0 {
+            CLOSE_AFTER_EXIT.store(true, Ordering::Release);
+        }
+    });
+}
+
+/// Close, here and now, what [`drop_in_background`] kept until exit: for a
+/// command whose kernel work left the kernel nothing to free (a table
+/// created, nothing replaced), so that closing its sockets waits for
+/// nothing of its own, and handing them over would only cost the exit a
+/// child. Closing still waits if another process's commit left the kernel
+/// something to free a moment ago.
+pub fn close_kept_now() {
+    let kept = std::mem::take(
+        &mut *KEPT_UNTIL_EXIT
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()),
+    );
+    drop(kept);
+}
+
+extern "C" fn hand_sockets_over_at_exit() {
+    // Never unwind out of an exit handler: a panic here would abort.
+    let _ = std::panic::catch_unwind(hand_sockets_over);
+}
+
+/// The exit handler of [`close_sockets_after_exit`]. Runs after the exit
+/// handlers registered later (atexit(3) runs them in reverse order), e.g.
+/// the last-apply file writes that `netleash apply` waits for, and after
+/// Rust has flushed standard output (when `main` returned, or in
+/// `std::process::exit`): the process has nothing left to write.
+fn hand_sockets_over() {
+    let kept = KEPT_UNTIL_EXIT
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    if kept.is_empty() {
+        return;
+    }
+    // The process closes everything but its nf_tables sockets first, so the
+    // child inherits nothing else: no standard output a caller is reading
+    // to its end, no pipe a runtime waits on.
+    let Ok(entries) = std::fs::read_dir("/proc/self/fd") else {
+        return;
+    };
+    let descriptors: Vec<libc::c_int> = entries
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    for fd in descriptors {
+        if !is_netfilter_socket(fd) {
+            // SAFETY: the process is exiting and has written all it had to
+            // (see above); a descriptor that is already closed (the
+            // listing's own) fails with EBADF.
+            unsafe { libc::close(fd) };
+        }
+    }
+    // The child reads `alive` until the process has exited: the process
+    // holds its write end until then.
+    let mut alive = [0 as libc::c_int; 2];
+    // SAFETY: pipe2 writes two descriptors into the array it is given.
+    if unsafe { libc::pipe2(alive.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return;
+    }
+    let [read_end, write_end] = alive;
+    // The child shares the process's memory (CLONE_VM, as posix_spawn's
+    // child does) instead of copying it: no page tables to copy, no
+    // copy-on-write faults while the process exits, and the memory is
+    // unmapped by the child, later. It gets a copy of the descriptor table
+    // (no CLONE_FILES), which by now holds the sockets and the pipe only,
+    // and is a process of its own (no CLONE_THREAD): the process's exit
+    // does not end it. It runs `linger` on a stack of its own that is
+    // never freed, and touches nothing else of the process's memory but
+    // the two descriptors, which are leaked for it (`Box::leak`).
+    const STACK: usize = 64 * 1024;
+    // SAFETY: a fresh anonymous mapping; its address is checked below.
+    let stack = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            STACK,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_STACK,
+            -1,
+            0,
+        )
+    };
+    if stack == libc::MAP_FAILED {
+        // No child: the process closes its sockets itself as it exits.
+        return;
+    }
+    let ends: &'static [libc::c_int; 2] = Box::leak(Box::new([read_end, write_end]));
+    // SAFETY: `linger` only makes system calls (close, read, exit) on the
+    // leaked descriptors, on the stack mapped above (whose top is passed:
+    // stacks grow down on every architecture Linux runs netleash on).
+    let child = unsafe {
+        libc::clone(
+            linger,
+            stack.cast::<u8>().add(STACK).cast(),
+            libc::CLONE_VM | libc::SIGCHLD,
+            std::ptr::from_ref(ends).cast_mut().cast(),
+        )
+    };
+    if child > 0 {
+        // SAFETY: the process's copy of the read end; the write end stays
+        // open until the process exits.
+        unsafe { libc::close(read_end) };
+    }
+}
+
+/// The child of [`hand_sockets_over`]: waits until the process has exited
+/// (end of file on the pipe, whose write end only the process holds once
+/// the child has closed its own copy), then exits, and the kernel closes
+/// the sockets it holds.
+extern "C" fn linger(ends: *mut libc::c_void) -> libc::c_int {
+    // SAFETY: `ends` is the leaked `[read end, write end]` of
+    // `hand_sockets_over`, never freed.
+    let [read_end, write_end] = unsafe { *ends.cast::<[libc::c_int; 2]>() };
+    // SAFETY: closes the child's copy of the write end.
+    unsafe { libc::close(write_end) };
+    let mut byte = 0u8;
+    // SAFETY: reads at most one byte into `byte`, on the child's stack. Any
+    // end (end of file, or an error) ends the wait.
+    while unsafe { libc::read(read_end, (&raw mut byte).cast(), 1) } > 0 {}
+    // SAFETY: ends the child at once (no exit handlers: they are the
+    // process's, and it is running them or has run them).
+    unsafe { libc::_exit(0) }
+}
+
+/// Whether `fd` is an nf_tables (`NETLINK_NETFILTER`) socket.
+fn is_netfilter_socket(fd: libc::c_int) -> bool {
+    let option = |name| {
+        let mut value: libc::c_int = 0;
+        let mut length = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: getsockopt writes at most `length` bytes into `value`; a
+        // descriptor that is no socket fails with ENOTSOCK.
+        let result = unsafe {
+            libc::getsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                name,
+                (&raw mut value).cast(),
+                &raw mut length,
+            )
+        };
+        (result == 0).then_some(value)
+    };
+    option(libc::SO_DOMAIN) == Some(libc::AF_NETLINK)
+        && option(libc::SO_PROTOCOL) == Some(NETLINK_NETFILTER)
 }
 
 /// Run `f` on the calling thread inside `target`'s network namespace, then

@@ -33,10 +33,18 @@ pub fn run(args: Args) -> Result<u8, Error> {
     let mut out = std::io::stdout().lock();
     if args.dry_run {
         let plan = kernel::plan(&target, &ruleset)?;
+        // Nothing was committed: closing the socket waits for nothing of ours.
+        crate::netns::close_kept_now();
         write_plan(&mut out, &target, &ruleset, &plan).map_err(Error::Output)?;
         return Ok(EXIT_OK);
     }
     let report = kernel::apply(&target, &ruleset)?;
+    if report.method == kernel::Method::Create {
+        // Nothing was replaced: closing the socket waits for nothing of
+        // ours, so it is closed here rather than handed over at exit
+        // (`netns::close_sockets_after_exit`, which `main` arranged).
+        crate::netns::close_kept_now();
+    }
     writeln!(
         out,
         "applied policy {} to the {target}: {} sets with {} elements, {} rules; {}",

@@ -302,14 +302,22 @@ fn enforce_directly(
     // This process does nothing else before it exits, so its one thread
     // enters the container's namespace itself (the host's was refused above)
     // and the kernel session opens there without a thread of its own; and it
-    // is a session of its own rather than `kernel::apply`, whose background
-    // close would start another thread: the socket is closed at exit.
+    // is a session of its own rather than `kernel::apply`. If the apply
+    // replaced a table, its socket is closed after the hook has exited
+    // (`netns::close_sockets_after_exit`): the runtime does not wait for
+    // the kernel to free what was replaced.
     let target = Target::Path(netns.to_path_buf());
     crate::netns::enter_for_good(&target)
         .map_err(|source| enforce_error(kernel::Error::from(source)))?;
     let mut session = kernel::Session::open(&target).map_err(enforce_error)?;
     let report = session.apply(&ruleset).map_err(enforce_error)?;
-    drop(session);
+    if report.method == kernel::Method::Create {
+        // A new container's namespace: nothing was replaced, so closing
+        // waits for nothing of this hook's.
+        drop(session);
+    } else {
+        crate::netns::drop_in_background(session);
+    }
     tracing::info!(
         container = %state.id,
         digest = %report.digest,

@@ -186,6 +186,7 @@ fn parse_hook_only(argv: impl IntoIterator<Item = OsString>) -> Option<HookOnly>
 pub fn main() -> ExitCode {
     if let Some(hook) = parse_hook_only(std::env::args_os()) {
         init_tracing(hook.log.as_deref().unwrap_or("warn"), hook.log_json);
+        crate::netns::close_sockets_after_exit();
         return exit(hook::run(hook.args));
     }
     let cli = Cli::parse();
@@ -197,6 +198,14 @@ pub fn main() -> ExitCode {
         _ => ("warn", cli.log_json),
     };
     init_tracing(cli.log.as_deref().unwrap_or(default_log), json);
+    // One kernel operation, then exit: the caller need not wait for the
+    // kernel to free what it replaced (see `netns::close_sockets_after_exit`).
+    if matches!(
+        cli.command,
+        Command::Apply(_) | Command::Remove(_) | Command::Hook(_)
+    ) {
+        crate::netns::close_sockets_after_exit();
+    }
     let result = match cli.command {
         Command::Compile(args) => compile::run(args),
         Command::Explain(args) => explain::run(args),

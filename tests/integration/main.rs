@@ -8,6 +8,7 @@
 mod agent;
 mod bad_input;
 mod cli;
+mod command_exit;
 mod demo;
 mod deploy;
 mod dns;
