@@ -78,6 +78,11 @@ pub enum Command {
     /// namespace plans without reading the table first. The kernel refuses a plan made from a
     /// file that anything changed since (the ruleset's generation id), and the apply then
     /// reads the table.
+    ///
+    /// The command exits as soon as the policy is verified. When it replaced something, the
+    /// kernel frees the replaced objects a moment later (one RCU grace period, 10–30 ms), and a
+    /// process closing its nf_tables socket waits for that: a short-lived child `netleash`
+    /// process holds the socket until then, after this command has exited.
     Apply(apply::Args),
     /// Show what netleash enforces in a network namespace.
     Status(status::Args),
