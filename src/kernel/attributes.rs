@@ -69,10 +69,69 @@ const NFTA_COUNTER_PACKETS: usize = 2;
 const NFTA_COUNTER_MAX: usize = 3;
 
 const NFTA_LOOKUP_SET: usize = 1;
+const NFTA_LOOKUP_SREG: usize = 2;
+const NFTA_LOOKUP_DREG: usize = 3;
+const NFTA_LOOKUP_FLAGS: usize = 5;
 const NFTA_LOOKUP_MAX: usize = 5;
 
+const NFTA_IMMEDIATE_DREG: usize = 1;
 const NFTA_IMMEDIATE_DATA: usize = 2;
 const NFTA_IMMEDIATE_MAX: usize = 2;
+
+const NFTA_META_DREG: usize = 1;
+const NFTA_META_KEY: usize = 2;
+const NFTA_META_SREG: usize = 3;
+const NFTA_META_MAX: usize = 3;
+
+const NFTA_PAYLOAD_DREG: usize = 1;
+const NFTA_PAYLOAD_BASE: usize = 2;
+const NFTA_PAYLOAD_OFFSET: usize = 3;
+const NFTA_PAYLOAD_LEN: usize = 4;
+const NFTA_PAYLOAD_SREG: usize = 5;
+const NFTA_PAYLOAD_CSUM_TYPE: usize = 6;
+const NFTA_PAYLOAD_CSUM_OFFSET: usize = 7;
+const NFTA_PAYLOAD_CSUM_FLAGS: usize = 8;
+const NFTA_PAYLOAD_MAX: usize = 8;
+
+const NFTA_CMP_SREG: usize = 1;
+const NFTA_CMP_OP: usize = 2;
+const NFTA_CMP_DATA: usize = 3;
+const NFTA_CMP_MAX: usize = 3;
+
+const NFTA_BITWISE_SREG: usize = 1;
+const NFTA_BITWISE_DREG: usize = 2;
+const NFTA_BITWISE_LEN: usize = 3;
+const NFTA_BITWISE_MASK: usize = 4;
+const NFTA_BITWISE_XOR: usize = 5;
+const NFTA_BITWISE_OP: usize = 6;
+const NFTA_BITWISE_DATA: usize = 7;
+/// `NFTA_BITWISE_SREG2` (Linux 6.13): the second operand register of the
+/// boolean operations between two registers.
+const NFTA_BITWISE_SREG2: usize = 8;
+const NFTA_BITWISE_MAX: usize = 8;
+
+const NFTA_CT_DREG: usize = 1;
+const NFTA_CT_KEY: usize = 2;
+const NFTA_CT_DIRECTION: usize = 3;
+const NFTA_CT_SREG: usize = 4;
+const NFTA_CT_MAX: usize = 4;
+
+const NFTA_LOG_GROUP: usize = 1;
+const NFTA_LOG_PREFIX: usize = 2;
+const NFTA_LOG_SNAPLEN: usize = 3;
+const NFTA_LOG_QTHRESHOLD: usize = 4;
+const NFTA_LOG_LEVEL: usize = 5;
+const NFTA_LOG_FLAGS: usize = 6;
+const NFTA_LOG_MAX: usize = 6;
+
+const NFTA_REJECT_TYPE: usize = 1;
+const NFTA_REJECT_ICMP_CODE: usize = 2;
+const NFTA_REJECT_MAX: usize = 2;
+
+const NFTA_REDIR_REG_PROTO_MIN: usize = 1;
+const NFTA_REDIR_REG_PROTO_MAX: usize = 2;
+const NFTA_REDIR_FLAGS: usize = 3;
+const NFTA_REDIR_MAX: usize = 3;
 
 const NFTA_DATA_VALUE: usize = 1;
 const NFTA_DATA_VERDICT: usize = 2;
@@ -144,6 +203,95 @@ pub struct ParsedExpr {
     /// What the expression refers to by name: the set of a `lookup`, the
     /// target chain of an `immediate` jump or goto.
     pub reference: Option<Reference>,
+    /// Every other attribute that decides what the expression matches or
+    /// does (see [`ExprData`]).
+    pub data: ExprData,
+}
+
+/// The attributes of an expression's `NFTA_EXPR_DATA` that decide what it
+/// matches or does, as the kernel dumps them (`nft_*_dump` in
+/// net/netfilter/), registers as numbered in the message. An optional
+/// attribute the kernel leaves out when it is 0 reads as 0. A counter's
+/// counts (in [`ParsedExpr::counter`]) and the name a lookup or a verdict
+/// refers to (in [`ParsedExpr::reference`]) are not repeated here.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum ExprData {
+    /// An expression without other attributes (`counter`), or one this
+    /// program never writes, whose attributes are not decoded.
+    #[default]
+    Opaque,
+    /// `meta`: load `key` into `dreg`, or (`sreg`) set it.
+    Meta {
+        key: u32,
+        dreg: Option<u32>,
+        sreg: Option<u32>,
+    },
+    /// `payload`: load `len` bytes at `offset` of header `base` into
+    /// `dreg`, or (`sreg`, with a checksum update) write them.
+    Payload {
+        base: u32,
+        offset: u32,
+        len: u32,
+        dreg: Option<u32>,
+        sreg: Option<u32>,
+        csum_type: u32,
+        csum_offset: u32,
+        csum_flags: u32,
+    },
+    /// `cmp`: compare `sreg` with `data` by `op` (`NFT_CMP_*`).
+    Cmp { sreg: u32, op: u32, data: Vec<u8> },
+    /// `bitwise`: `dreg = (sreg & mask) ^ xor` over `len` bytes for
+    /// `op` 0 (`NFT_BITWISE_MASK_XOR`); the shifts and boolean operations
+    /// take `data` or `sreg2`.
+    Bitwise {
+        sreg: u32,
+        dreg: u32,
+        len: u32,
+        op: u32,
+        mask: Vec<u8>,
+        xor: Vec<u8>,
+        data: Vec<u8>,
+        sreg2: Option<u32>,
+    },
+    /// `ct`: load `key` (of `direction`) into `dreg`, or (`sreg`) set it.
+    Ct {
+        key: u32,
+        dreg: Option<u32>,
+        sreg: Option<u32>,
+        direction: Option<u8>,
+    },
+    /// `lookup`: `sreg` in the set, inverted if `flags` has
+    /// `NFT_LOOKUP_F_INV` ("not in set"); `dreg` for a map.
+    Lookup {
+        sreg: u32,
+        dreg: Option<u32>,
+        flags: u32,
+    },
+    /// `log`: to nflog `group` (`NF_LOG_TYPE_ULOG`) or syslog at `level`
+    /// (`NF_LOG_TYPE_LOG`).
+    Log {
+        group: Option<u16>,
+        prefix: Option<String>,
+        snaplen: u32,
+        qthreshold: u16,
+        level: Option<u32>,
+        flags: u32,
+    },
+    /// `reject`: `kind` is `NFT_REJECT_*`; `code` comes with the ICMP kinds.
+    Reject { kind: u32, code: Option<u8> },
+    /// `immediate`: a value into `dreg`, or a verdict (`dreg` is
+    /// `NFT_REG_VERDICT`) with its code (`NF_ACCEPT`, `NFT_JUMP`, ...).
+    Immediate {
+        dreg: u32,
+        value: Option<Vec<u8>>,
+        verdict: Option<i32>,
+    },
+    /// `redir`: the port range from registers, and `NF_NAT_RANGE_*` flags.
+    Redir {
+        proto_min: Option<u32>,
+        proto_max: Option<u32>,
+        flags: u32,
+    },
 }
 
 /// A reference by name from an expression to another object of the table.
@@ -386,66 +534,190 @@ pub fn parse_rule(bytes: &[u8]) -> Option<ParsedRule> {
     })
 }
 
-/// One `NFTA_LIST_ELEM` of `NFTA_RULE_EXPRESSIONS`: its name, and of its
-/// `NFTA_EXPR_DATA` only what the read-back uses (the data of other
-/// expressions is not decoded).
+/// One `NFTA_LIST_ELEM` of `NFTA_RULE_EXPRESSIONS`: its name, and the
+/// attributes of its `NFTA_EXPR_DATA` for every expression this program
+/// writes (the data of others is not decoded: it never equals a model's).
 fn expression(bytes: &[u8]) -> Option<ParsedExpr> {
     let expression = by_type::<{ NFTA_EXPR_MAX + 1 }>(bytes)?;
     let name = string(expression[NFTA_EXPR_NAME]?)?;
     let data = expression[NFTA_EXPR_DATA].unwrap_or_default();
     let mut counter = None;
     let mut reference = None;
-    match name.as_str() {
+    let parsed = match name.as_str() {
         "counter" => {
             let attributes = by_type::<{ NFTA_COUNTER_MAX + 1 }>(data)?;
             let number = |kind| optional(attributes[kind], be64).map(Option::unwrap_or_default);
             counter = Some((number(NFTA_COUNTER_PACKETS)?, number(NFTA_COUNTER_BYTES)?));
+            ExprData::Opaque
         }
         "lookup" => {
             let attributes = by_type::<{ NFTA_LOOKUP_MAX + 1 }>(data)?;
             reference = optional(attributes[NFTA_LOOKUP_SET], string)?.map(Reference::Set);
+            ExprData::Lookup {
+                sreg: zero_if_absent(attributes[NFTA_LOOKUP_SREG], be32)?,
+                dreg: optional(attributes[NFTA_LOOKUP_DREG], be32)?,
+                flags: zero_if_absent(attributes[NFTA_LOOKUP_FLAGS], be32)?,
+            }
         }
         "immediate" => {
             let attributes = by_type::<{ NFTA_IMMEDIATE_MAX + 1 }>(data)?;
-            reference = optional(attributes[NFTA_IMMEDIATE_DATA], immediate_target)?.flatten();
+            let (value, verdict) =
+                optional(attributes[NFTA_IMMEDIATE_DATA], immediate_data)?.unwrap_or_default();
+            reference = verdict.as_ref().and_then(|(_, target)| target.clone());
+            ExprData::Immediate {
+                dreg: zero_if_absent(attributes[NFTA_IMMEDIATE_DREG], be32)?,
+                value,
+                verdict: verdict.map(|(code, _)| code),
+            }
         }
-        _ => {}
-    }
+        "meta" => {
+            let attributes = by_type::<{ NFTA_META_MAX + 1 }>(data)?;
+            ExprData::Meta {
+                key: zero_if_absent(attributes[NFTA_META_KEY], be32)?,
+                dreg: optional(attributes[NFTA_META_DREG], be32)?,
+                sreg: optional(attributes[NFTA_META_SREG], be32)?,
+            }
+        }
+        "payload" => {
+            let attributes = by_type::<{ NFTA_PAYLOAD_MAX + 1 }>(data)?;
+            let number = |kind: usize| zero_if_absent(attributes[kind], be32);
+            ExprData::Payload {
+                base: number(NFTA_PAYLOAD_BASE)?,
+                offset: number(NFTA_PAYLOAD_OFFSET)?,
+                len: number(NFTA_PAYLOAD_LEN)?,
+                dreg: optional(attributes[NFTA_PAYLOAD_DREG], be32)?,
+                sreg: optional(attributes[NFTA_PAYLOAD_SREG], be32)?,
+                csum_type: number(NFTA_PAYLOAD_CSUM_TYPE)?,
+                csum_offset: number(NFTA_PAYLOAD_CSUM_OFFSET)?,
+                csum_flags: number(NFTA_PAYLOAD_CSUM_FLAGS)?,
+            }
+        }
+        "cmp" => {
+            let attributes = by_type::<{ NFTA_CMP_MAX + 1 }>(data)?;
+            ExprData::Cmp {
+                sreg: zero_if_absent(attributes[NFTA_CMP_SREG], be32)?,
+                op: zero_if_absent(attributes[NFTA_CMP_OP], be32)?,
+                data: value_data(attributes[NFTA_CMP_DATA])?,
+            }
+        }
+        "bitwise" => {
+            let attributes = by_type::<{ NFTA_BITWISE_MAX + 1 }>(data)?;
+            let number = |kind: usize| zero_if_absent(attributes[kind], be32);
+            ExprData::Bitwise {
+                sreg: number(NFTA_BITWISE_SREG)?,
+                dreg: number(NFTA_BITWISE_DREG)?,
+                len: number(NFTA_BITWISE_LEN)?,
+                op: number(NFTA_BITWISE_OP)?,
+                mask: value_data(attributes[NFTA_BITWISE_MASK])?,
+                xor: value_data(attributes[NFTA_BITWISE_XOR])?,
+                data: value_data(attributes[NFTA_BITWISE_DATA])?,
+                sreg2: optional(attributes[NFTA_BITWISE_SREG2], be32)?,
+            }
+        }
+        "ct" => {
+            let attributes = by_type::<{ NFTA_CT_MAX + 1 }>(data)?;
+            ExprData::Ct {
+                key: zero_if_absent(attributes[NFTA_CT_KEY], be32)?,
+                dreg: optional(attributes[NFTA_CT_DREG], be32)?,
+                sreg: optional(attributes[NFTA_CT_SREG], be32)?,
+                direction: optional(attributes[NFTA_CT_DIRECTION], u8_exact)?,
+            }
+        }
+        "log" => {
+            let attributes = by_type::<{ NFTA_LOG_MAX + 1 }>(data)?;
+            ExprData::Log {
+                group: optional(attributes[NFTA_LOG_GROUP], be16)?,
+                prefix: optional(attributes[NFTA_LOG_PREFIX], string)?,
+                snaplen: zero_if_absent(attributes[NFTA_LOG_SNAPLEN], be32)?,
+                qthreshold: zero_if_absent(attributes[NFTA_LOG_QTHRESHOLD], be16)?,
+                level: optional(attributes[NFTA_LOG_LEVEL], be32)?,
+                flags: zero_if_absent(attributes[NFTA_LOG_FLAGS], be32)?,
+            }
+        }
+        "reject" => {
+            let attributes = by_type::<{ NFTA_REJECT_MAX + 1 }>(data)?;
+            ExprData::Reject {
+                kind: zero_if_absent(attributes[NFTA_REJECT_TYPE], be32)?,
+                code: optional(attributes[NFTA_REJECT_ICMP_CODE], u8_exact)?,
+            }
+        }
+        "redir" => {
+            let attributes = by_type::<{ NFTA_REDIR_MAX + 1 }>(data)?;
+            ExprData::Redir {
+                proto_min: optional(attributes[NFTA_REDIR_REG_PROTO_MIN], be32)?,
+                proto_max: optional(attributes[NFTA_REDIR_REG_PROTO_MAX], be32)?,
+                flags: zero_if_absent(attributes[NFTA_REDIR_FLAGS], be32)?,
+            }
+        }
+        _ => ExprData::Opaque,
+    };
     Some(ParsedExpr {
         name,
         counter,
         reference,
+        data: parsed,
     })
 }
 
-/// The chain an `NFTA_IMMEDIATE_DATA` jumps or goes to, if it is such a
-/// verdict. As libnftnl: a verdict without a code, an unknown code, a jump
-/// or goto without a chain, or a value that is empty or longer than any
-/// register, is malformed.
-fn immediate_target(bytes: &[u8]) -> Option<Option<Reference>> {
-    let data = by_type::<{ NFTA_DATA_MAX + 1 }>(bytes)?;
-    if let Some(value) = data[NFTA_DATA_VALUE]
-        && !(1..=DATA_VALUE_MAXLEN).contains(&value.len())
-    {
-        return None;
+/// An optional number attribute that reads as 0 when absent, `None` when malformed.
+fn zero_if_absent<T: Default>(
+    attribute: Option<&[u8]>,
+    read: impl FnOnce(&[u8]) -> Option<T>,
+) -> Option<T> {
+    optional(attribute, read).map(Option::unwrap_or_default)
+}
+
+/// A big-endian u16 attribute of exactly 2 bytes.
+fn be16(payload: &[u8]) -> Option<u16> {
+    Some(u16::from_be_bytes(payload.try_into().ok()?))
+}
+
+/// A u8 attribute of exactly 1 byte.
+fn u8_exact(payload: &[u8]) -> Option<u8> {
+    match payload {
+        [byte] => Some(*byte),
+        _ => None,
     }
+}
+
+/// The value of an optional `NFTA_DATA_*` nest of a value (`cmp` data,
+/// `bitwise` mask): empty when absent; a verdict or malformed value is
+/// malformed.
+fn value_data(attribute: Option<&[u8]>) -> Option<Vec<u8>> {
+    Some(optional(attribute, data_value)?.flatten().unwrap_or_default())
+}
+
+/// A verdict code, and the chain of a jump or goto.
+type ImmediateVerdict = (i32, Option<Reference>);
+
+/// The `NFTA_IMMEDIATE_DATA` nest: its value, and its verdict with the
+/// chain a jump or goto refers to. As libnftnl: a verdict without a code,
+/// an unknown code, a jump or goto without a chain, or a value that is
+/// empty or longer than any register, is malformed.
+fn immediate_data(bytes: &[u8]) -> Option<(Option<Vec<u8>>, Option<ImmediateVerdict>)> {
+    let data = by_type::<{ NFTA_DATA_MAX + 1 }>(bytes)?;
+    let value = match data[NFTA_DATA_VALUE] {
+        Some(value) if !(1..=DATA_VALUE_MAXLEN).contains(&value.len()) => return None,
+        value => value.map(<[u8]>::to_vec),
+    };
     let Some(verdict) = data[NFTA_DATA_VERDICT] else {
-        return Some(None);
+        return Some((value, None));
     };
     let verdict = by_type::<{ NFTA_VERDICT_MAX + 1 }>(verdict)?;
     let code = be32(verdict[NFTA_VERDICT_CODE]?)? as i32;
     let chain = || string(verdict[NFTA_VERDICT_CHAIN]?);
-    match code {
-        libc::NFT_JUMP => Some(Some(Reference::Jump(chain()?))),
-        libc::NFT_GOTO => Some(Some(Reference::Goto(chain()?))),
+    let target = match code {
+        libc::NFT_JUMP => Some(Reference::Jump(chain()?)),
+        libc::NFT_GOTO => Some(Reference::Goto(chain()?)),
         libc::NF_ACCEPT
         | libc::NF_DROP
         | libc::NF_QUEUE
         | libc::NFT_CONTINUE
         | libc::NFT_BREAK
-        | libc::NFT_RETURN => Some(None),
-        _ => None,
-    }
+        | libc::NFT_RETURN => None,
+        _ => return None,
+    };
+    Some((value, Some((code, target))))
 }
 
 /// Test builds keep a copy of every message parsed on the thread while
@@ -897,14 +1169,22 @@ table inet other {
     fn a_rule_message_gives_every_field_the_read_back_uses() {
         let (message, _) = rule_message();
         let parsed = parse_rule(&message).expect("a rule");
-        let plain = |name: &str| ParsedExpr {
+        let plain = |name: &str, data| ParsedExpr {
             name: name.into(),
             counter: None,
             reference: None,
+            data,
         };
-        let immediate = |reference| ParsedExpr {
-            reference: Some(reference),
-            ..plain("immediate")
+        let immediate = |code, reference| ParsedExpr {
+            reference,
+            ..plain(
+                "immediate",
+                ExprData::Immediate {
+                    dreg: 0,
+                    value: None,
+                    verdict: Some(code),
+                },
+            )
         };
         let expected = ParsedRule {
             table: "netleash".into(),
@@ -913,18 +1193,37 @@ table inet other {
             handle: 42,
             userdata: vec![0, 3, b'i', b'd', 0],
             expressions: vec![
-                plain("payload"),
+                plain(
+                    "payload",
+                    ExprData::Payload {
+                        base: 0,
+                        offset: 0,
+                        len: 0,
+                        dreg: Some(1),
+                        sreg: None,
+                        csum_type: 0,
+                        csum_offset: 0,
+                        csum_flags: 0,
+                    },
+                ),
                 ParsedExpr {
                     reference: Some(Reference::Set("allow_v4.g1".into())),
-                    ..plain("lookup")
+                    ..plain(
+                        "lookup",
+                        ExprData::Lookup {
+                            sreg: 1,
+                            dreg: None,
+                            flags: 0,
+                        },
+                    )
                 },
                 ParsedExpr {
                     counter: Some((3, 180)),
-                    ..plain("counter")
+                    ..plain("counter", ExprData::Opaque)
                 },
-                immediate(Reference::Jump("deny.g1".into())),
-                immediate(Reference::Goto("elsewhere".into())),
-                plain("immediate"),
+                immediate(libc::NFT_JUMP, Some(Reference::Jump("deny.g1".into()))),
+                immediate(libc::NFT_GOTO, Some(Reference::Goto("elsewhere".into()))),
+                immediate(libc::NF_ACCEPT, None),
             ],
         };
         assert_eq!(parsed, expected);

@@ -24,7 +24,7 @@ use super::elements::{self, describe_raw};
 use super::ffi::{self, RawElement, Request};
 use super::generation;
 use super::netlink::{Echo, Netlink};
-use super::{Error, batch, table_name};
+use super::{Error, batch, expressions, table_name};
 use crate::ruleset::{ChainKind, Ruleset, SetRole, TABLE_NAME};
 
 /// How often a read is retried when the ruleset changes under it.
@@ -166,23 +166,6 @@ impl KernelTable {
         match (generation::split(kernel_name), self.generation) {
             (Some((model, of)), Some(in_force)) if of <= in_force => model,
             _ => kernel_name,
-        }
-    }
-
-    /// An expression as the read-back compares it: its kernel name, and
-    /// for a named set lookup or a jump, what it refers to (by model name).
-    pub fn expression_label(&self, expr: &ParsedExpr) -> String {
-        match &expr.reference {
-            Some(Reference::Set(set)) if !set.starts_with("__set") => {
-                format!("{} @{}", expr.name, self.set_model_name(set))
-            }
-            Some(Reference::Jump(chain)) => {
-                format!("{} jump {}", expr.name, self.model_name(chain))
-            }
-            Some(Reference::Goto(chain)) => {
-                format!("{} goto {}", expr.name, self.model_name(chain))
-            }
-            _ => expr.name.clone(),
         }
     }
 }
@@ -795,6 +778,9 @@ pub enum Difference {
         kernel: Vec<String>,
         model: Vec<String>,
     },
+    /// A rule whose expressions differ: the kernel's and the model's, in
+    /// nft's `--debug=netlink` notation, those at the positions where they
+    /// differ (`#N` first), or all if their numbers differ.
     RuleExpressions {
         chain: String,
         rule: String,
@@ -894,8 +880,8 @@ impl fmt::Display for Difference {
             } => write!(
                 f,
                 "rule {rule:?} in chain {chain:?} has expressions [{}] in the kernel, [{}] in the policy",
-                kernel.join(" "),
-                model.join(" ")
+                kernel.join("; "),
+                model.join("; ")
             ),
         }
     }
@@ -1055,13 +1041,10 @@ pub fn differences(model: &Ruleset, kernel: &KernelTable) -> Result<Vec<Differen
             continue;
         }
         for (rule, kr) in chain.rules.iter().zip(&kc.rules) {
-            let want: Vec<String> = batch::expression_labels(rule);
-            let have: Vec<String> = kr
-                .expressions
-                .iter()
-                .map(|e| kernel.expression_label(e))
-                .collect();
-            if want != have {
+            let want = batch::plan_rule(rule);
+            if !expressions::same_rule(kernel, &kr.expressions, &want) {
+                let (have, want) =
+                    expressions::describe_differences(kernel, &kr.expressions, &want);
                 found.push(Difference::RuleExpressions {
                     chain: chain.name.clone(),
                     rule: rule.id.clone(),
@@ -1393,21 +1376,21 @@ mod tests {
                             handle: i as u64,
                             expressions: batch::plan_rule(r)
                                 .iter()
-                                .map(|e| ParsedExpr {
-                                    name: e.kernel_name().into(),
-                                    counter: None,
-                                    reference: match e {
-                                        batch::Expr::Lookup { set, .. } => {
-                                            Some(Reference::Set(set_name(set)))
+                                .map(|e| {
+                                    let mut expr = expressions::expected(e);
+                                    expr.reference = match expr.reference {
+                                        Some(Reference::Set(set)) if set.starts_with("__set") => {
+                                            Some(Reference::Set(set))
                                         }
-                                        batch::Expr::LookupAnonymous(_) => {
-                                            Some(Reference::Set("__set0".into()))
+                                        Some(Reference::Set(set)) => {
+                                            Some(Reference::Set(set_name(&set)))
                                         }
-                                        batch::Expr::Jump(chain) => {
-                                            Some(Reference::Jump(chain_name(chain)))
+                                        Some(Reference::Jump(chain)) => {
+                                            Some(Reference::Jump(chain_name(&chain)))
                                         }
-                                        _ => None,
-                                    },
+                                        other => other,
+                                    };
+                                    expr
                                 })
                                 .collect(),
                         })
@@ -1535,7 +1518,7 @@ mod tests {
                 Difference::MissingSet(set),
                 Difference::RuleExpressions { rule, kernel, .. },
             ] if set == "blocklist_v4" && rule == "blocklist-v4"
-                && kernel.contains(&"lookup @blocklist_v6".to_string())),
+                && kernel == &["#3 lookup reg 1 @blocklist_v6"]),
             "{found:?}"
         );
     }

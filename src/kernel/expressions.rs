@@ -1,0 +1,678 @@
+//! A rule's expressions as the verification compares them: each expression
+//! the kernel holds ([`ParsedExpr`], every attribute that decides what it
+//! matches or does) against the expression the model plans for it
+//! ([`Expr`], see `batch::plan_rule`), attribute by attribute.
+//!
+//! The comparison is exact up to what the kernel adds or normalises when it
+//! dumps an expression (net/netfilter/nft_*.c, `*_dump`):
+//! - registers are numbered in 32-bit slots inside the kernel
+//!   (`nft_parse_register`) and dumped under the 16-byte name when they
+//!   start one (`nft_dump_register`): `NFT_REG32_04` comes back as
+//!   `NFT_REG_2`. Registers compare by slot.
+//! - a counter's counts change with traffic: a counter compares by kind.
+//! - a lookup's flags are dumped as 0 when not inverted, or left out; both
+//!   read as 0.
+//! - a reject's ICMP code is dumped only for the ICMP kinds
+//!   (`nft_reject_dump`).
+//! - `redir` with only a minimum port register gets that register as its
+//!   maximum too (`nft_redir_init`).
+//!
+//! Comparing costs no allocation; descriptions (nft's `--debug=netlink`
+//! notation, names as the model names them) are made only for a rule that
+//! differs.
+
+use std::fmt::Write as _;
+
+use super::attributes::{ExprData, ParsedExpr, Reference};
+use super::batch::{Expr, NF_NAT_RANGE_PROTO_SPECIFIED};
+use super::readback::KernelTable;
+use crate::ruleset::RejectKind;
+
+/// The 32-bit slot a register number names, as the kernel stores it
+/// (`nft_parse_register`): `NFT_REG_VERDICT`..`NFT_REG_4` are 16-byte
+/// registers of four slots each, `NFT_REG32_00`..`NFT_REG32_15` single
+/// slots from the first 16-byte register on. `None` for no register.
+fn slot(register: u32) -> Option<u32> {
+    const REG32_00: u32 = libc::NFT_REG32_00 as u32;
+    const REG32_15: u32 = libc::NFT_REG32_15 as u32;
+    match register {
+        0..=4 => Some(register * 4),
+        REG32_00..=REG32_15 => Some(register - REG32_00 + 4),
+        _ => None,
+    }
+}
+
+/// Whether two register numbers name the same register.
+fn same_register(kernel: u32, model: u32) -> bool {
+    slot(kernel).is_some() && slot(kernel) == slot(model)
+}
+
+fn same_optional_register(kernel: Option<u32>, model: Option<u32>) -> bool {
+    match (kernel, model) {
+        (Some(kernel), Some(model)) => same_register(kernel, model),
+        (None, None) => true,
+        _ => false,
+    }
+}
+
+/// Whether `kernel`, as the table in force holds it, is exactly `model`.
+/// References compare by model name (`table` maps kernel names).
+pub fn same(table: &KernelTable, kernel: &ParsedExpr, model: &Expr) -> bool {
+    if kernel.name != model.kernel_name() {
+        return false;
+    }
+    let reg_1 = libc::NFT_REG_1 as u32;
+    let no_reference = kernel.reference.is_none();
+    match (model, &kernel.data) {
+        (Expr::Meta { key, dreg }, ExprData::Meta { key: k, dreg: d, sreg }) => {
+            no_reference && k == key && same_optional_register(*d, Some(*dreg)) && sreg.is_none()
+        }
+        (
+            Expr::Payload {
+                base,
+                offset,
+                len,
+                dreg,
+            },
+            ExprData::Payload {
+                base: b,
+                offset: o,
+                len: l,
+                dreg: d,
+                sreg,
+                csum_type,
+                csum_offset,
+                csum_flags,
+            },
+        ) => {
+            no_reference
+                && (b, o, l) == (base, offset, len)
+                && same_optional_register(*d, Some(*dreg))
+                && sreg.is_none()
+                && (*csum_type, *csum_offset, *csum_flags) == (0, 0, 0)
+        }
+        (Expr::CmpEq(value) | Expr::CmpNeq(value), ExprData::Cmp { sreg, op, data }) => {
+            let want = match model {
+                Expr::CmpEq(_) => libc::NFT_CMP_EQ,
+                _ => libc::NFT_CMP_NEQ,
+            } as u32;
+            no_reference && same_register(*sreg, reg_1) && *op == want && data == value
+        }
+        (
+            Expr::Bitwise { mask, xor },
+            ExprData::Bitwise {
+                sreg,
+                dreg,
+                len,
+                op,
+                mask: m,
+                xor: x,
+                data,
+                sreg2,
+            },
+        ) => {
+            no_reference
+                && same_register(*sreg, reg_1)
+                && same_register(*dreg, reg_1)
+                && *len as usize == mask.len()
+                // NFT_BITWISE_MASK_XOR (formerly NFT_BITWISE_BOOL).
+                && *op == 0
+                && m == mask
+                && x == xor
+                && data.is_empty()
+                && sreg2.is_none()
+        }
+        (
+            Expr::CtState,
+            ExprData::Ct {
+                key,
+                dreg,
+                sreg,
+                direction,
+            },
+        ) => {
+            no_reference
+                && *key == libc::NFT_CT_STATE as u32
+                && same_optional_register(*dreg, Some(reg_1))
+                && sreg.is_none()
+                && direction.is_none()
+        }
+        (
+            Expr::CtSet { key, sreg },
+            ExprData::Ct {
+                key: k,
+                dreg,
+                sreg: s,
+                direction,
+            },
+        ) => {
+            no_reference
+                && k == key
+                && same_optional_register(*s, Some(*sreg))
+                && dreg.is_none()
+                && direction.is_none()
+        }
+        (Expr::Lookup { set, sreg }, ExprData::Lookup { sreg: s, dreg, flags }) => {
+            matches!(&kernel.reference, Some(Reference::Set(name))
+                if !anonymous(name) && table.set_model_name(name) == set)
+                && same_register(*s, *sreg)
+                && dreg.is_none()
+                && *flags == 0
+        }
+        (Expr::LookupAnonymous(_), ExprData::Lookup { sreg, dreg, flags }) => {
+            matches!(&kernel.reference, Some(Reference::Set(name)) if anonymous(name))
+                && same_register(*sreg, reg_1)
+                && dreg.is_none()
+                && *flags == 0
+        }
+        // The counts change with traffic.
+        (Expr::Counter, ExprData::Opaque) => no_reference,
+        (
+            Expr::Log { group, prefix },
+            ExprData::Log {
+                group: g,
+                prefix: p,
+                snaplen,
+                qthreshold,
+                level,
+                flags,
+            },
+        ) => {
+            no_reference
+                && *g == Some(*group)
+                && p.as_deref() == Some(prefix.as_str())
+                && (*snaplen, *qthreshold, *flags) == (0, 0, 0)
+                && level.is_none()
+        }
+        (Expr::Reject(reject), ExprData::Reject { kind, code }) => {
+            no_reference && (*kind, *code) == reject_attributes(*reject)
+        }
+        (
+            Expr::Accept | Expr::Drop | Expr::Jump(_),
+            ExprData::Immediate {
+                dreg,
+                value: None,
+                verdict: Some(verdict),
+            },
+        ) => {
+            let target_matches = match (model, &kernel.reference) {
+                (Expr::Jump(chain), Some(Reference::Jump(target))) => {
+                    table.model_name(target) == chain
+                }
+                (Expr::Jump(_), _) => false,
+                (_, reference) => reference.is_none(),
+            };
+            same_register(*dreg, libc::NFT_REG_VERDICT as u32)
+                && *verdict == verdict_code(model)
+                && target_matches
+        }
+        (
+            Expr::Immediate { dreg, data },
+            ExprData::Immediate {
+                dreg: d,
+                value: Some(value),
+                verdict: None,
+            },
+        ) => no_reference && same_register(*d, *dreg) && value == data,
+        (
+            Expr::Redirect { sreg },
+            ExprData::Redir {
+                proto_min,
+                proto_max,
+                flags,
+            },
+        ) => {
+            no_reference
+                && same_optional_register(*proto_min, Some(*sreg))
+                && proto_max.is_none_or(|max| same_register(max, *sreg))
+                && *flags == NF_NAT_RANGE_PROTO_SPECIFIED
+        }
+        _ => false,
+    }
+}
+
+/// Whether the kernel's expressions of a rule are exactly the model's.
+pub fn same_rule(table: &KernelTable, kernel: &[ParsedExpr], model: &[Expr]) -> bool {
+    kernel.len() == model.len()
+        && kernel
+            .iter()
+            .zip(model)
+            .all(|(kernel, model)| same(table, kernel, model))
+}
+
+/// An anonymous set's kernel name (`__set%d`, `nf_tables_set_alloc_name`).
+fn anonymous(name: &str) -> bool {
+    name.starts_with("__set")
+}
+
+/// `NFTA_REJECT_TYPE` and the `NFTA_REJECT_ICMP_CODE` the kernel dumps for
+/// a reject: in an inet table, TCP reset, or ICMPX unreachable with the
+/// admin-prohibited code (ICMP type 3 code 13, ICMPv6 type 1 code 1).
+fn reject_attributes(kind: RejectKind) -> (u32, Option<u8>) {
+    match kind {
+        RejectKind::TcpReset => (libc::NFT_REJECT_TCP_RST as u32, None),
+        RejectKind::IcmpxAdminProhibited => (
+            libc::NFT_REJECT_ICMPX_UNREACH as u32,
+            Some(libc::NFT_REJECT_ICMPX_ADMIN_PROHIBITED as u8),
+        ),
+    }
+}
+
+fn verdict_code(model: &Expr) -> i32 {
+    match model {
+        Expr::Accept => libc::NF_ACCEPT,
+        Expr::Drop => libc::NF_DROP,
+        _ => libc::NFT_JUMP,
+    }
+}
+
+/// The kernel's and the model's expressions of a rule that differ, each
+/// described: the expressions at the positions where they differ, marked
+/// with their position (`#3 cmp eq reg 1 0x01bc`), or all of them if the
+/// rule has another number of expressions.
+pub fn describe_differences(
+    table: &KernelTable,
+    kernel: &[ParsedExpr],
+    model: &[Expr],
+) -> (Vec<String>, Vec<String>) {
+    if kernel.len() != model.len() {
+        return (
+            kernel.iter().map(|e| describe_kernel(table, e)).collect(),
+            model.iter().map(describe_model).collect(),
+        );
+    }
+    kernel
+        .iter()
+        .zip(model)
+        .enumerate()
+        .filter(|(_, (k, m))| !same(table, k, m))
+        .map(|(at, (k, m))| {
+            (
+                format!("#{at} {}", describe_kernel(table, k)),
+                format!("#{at} {}", describe_model(m)),
+            )
+        })
+        .unzip()
+}
+
+/// A model expression as the kernel would hold it, with model names.
+pub fn expected(model: &Expr) -> ParsedExpr {
+    let reg_1 = libc::NFT_REG_1 as u32;
+    let mut reference = None;
+    let data = match model {
+        Expr::Meta { key, dreg } => ExprData::Meta {
+            key: *key,
+            dreg: Some(*dreg),
+            sreg: None,
+        },
+        Expr::Payload {
+            base,
+            offset,
+            len,
+            dreg,
+        } => ExprData::Payload {
+            base: *base,
+            offset: *offset,
+            len: *len,
+            dreg: Some(*dreg),
+            sreg: None,
+            csum_type: 0,
+            csum_offset: 0,
+            csum_flags: 0,
+        },
+        Expr::CmpEq(value) | Expr::CmpNeq(value) => ExprData::Cmp {
+            sreg: reg_1,
+            op: if matches!(model, Expr::CmpEq(_)) {
+                libc::NFT_CMP_EQ
+            } else {
+                libc::NFT_CMP_NEQ
+            } as u32,
+            data: value.clone(),
+        },
+        Expr::Bitwise { mask, xor } => ExprData::Bitwise {
+            sreg: reg_1,
+            dreg: reg_1,
+            len: mask.len() as u32,
+            op: 0,
+            mask: mask.clone(),
+            xor: xor.clone(),
+            data: Vec::new(),
+            sreg2: None,
+        },
+        Expr::CtState => ExprData::Ct {
+            key: libc::NFT_CT_STATE as u32,
+            dreg: Some(reg_1),
+            sreg: None,
+            direction: None,
+        },
+        Expr::CtSet { key, sreg } => ExprData::Ct {
+            key: *key,
+            dreg: None,
+            sreg: Some(*sreg),
+            direction: None,
+        },
+        Expr::Lookup { set, sreg } => {
+            reference = Some(Reference::Set(set.clone()));
+            ExprData::Lookup {
+                sreg: *sreg,
+                dreg: None,
+                flags: 0,
+            }
+        }
+        Expr::LookupAnonymous(_) => {
+            reference = Some(Reference::Set("__set0".into()));
+            ExprData::Lookup {
+                sreg: reg_1,
+                dreg: None,
+                flags: 0,
+            }
+        }
+        Expr::Counter => ExprData::Opaque,
+        Expr::Log { group, prefix } => ExprData::Log {
+            group: Some(*group),
+            prefix: Some(prefix.clone()),
+            snaplen: 0,
+            qthreshold: 0,
+            level: None,
+            flags: 0,
+        },
+        Expr::Reject(kind) => {
+            let (kind, code) = reject_attributes(*kind);
+            ExprData::Reject { kind, code }
+        }
+        Expr::Accept | Expr::Drop | Expr::Jump(_) => {
+            if let Expr::Jump(chain) = model {
+                reference = Some(Reference::Jump(chain.clone()));
+            }
+            ExprData::Immediate {
+                dreg: libc::NFT_REG_VERDICT as u32,
+                value: None,
+                verdict: Some(verdict_code(model)),
+            }
+        }
+        Expr::Immediate { dreg, data } => ExprData::Immediate {
+            dreg: *dreg,
+            value: Some(data.clone()),
+            verdict: None,
+        },
+        Expr::Redirect { sreg } => ExprData::Redir {
+            proto_min: Some(*sreg),
+            proto_max: None,
+            flags: NF_NAT_RANGE_PROTO_SPECIFIED,
+        },
+    };
+    ParsedExpr {
+        name: model.kernel_name().to_string(),
+        counter: matches!(model, Expr::Counter).then_some((0, 0)),
+        reference,
+        data,
+    }
+}
+
+/// A model expression in nft's `--debug=netlink` notation.
+pub fn describe_model(model: &Expr) -> String {
+    let mut text = describe(&expected(model), |name| name.to_string());
+    if let Expr::LookupAnonymous(set) = model {
+        text = format!("lookup reg 1 {}", describe_keys(&set.keys));
+    }
+    text
+}
+
+/// A kernel expression in nft's `--debug=netlink` notation, with model names.
+pub fn describe_kernel(table: &KernelTable, kernel: &ParsedExpr) -> String {
+    describe(kernel, |name| match kernel.reference {
+        Some(Reference::Set(_)) => table.set_model_name(name).to_string(),
+        _ => table.model_name(name).to_string(),
+    })
+}
+
+/// Keys as `{ 0x0035, 0x0355 }`.
+pub fn describe_keys(keys: &[Vec<u8>]) -> String {
+    let keys: Vec<String> = keys.iter().map(|k| hex(k)).collect();
+    format!("{{ {} }}", keys.join(", "))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    let mut text = String::from("0x");
+    for byte in bytes {
+        let _ = write!(text, "{byte:02x}");
+    }
+    text
+}
+
+fn meta_key(key: u32) -> String {
+    match key as i32 {
+        libc::NFT_META_MARK => "mark".into(),
+        libc::NFT_META_OIF => "oif".into(),
+        libc::NFT_META_NFPROTO => "nfproto".into(),
+        libc::NFT_META_L4PROTO => "l4proto".into(),
+        _ => format!("key {key}"),
+    }
+}
+
+fn ct_key(key: u32) -> String {
+    match key as i32 {
+        libc::NFT_CT_STATE => "state".into(),
+        libc::NFT_CT_ZONE => "zone".into(),
+        _ => format!("key {key}"),
+    }
+}
+
+fn payload_base(base: u32) -> String {
+    match base as i32 {
+        libc::NFT_PAYLOAD_LL_HEADER => "link".into(),
+        libc::NFT_PAYLOAD_NETWORK_HEADER => "network".into(),
+        libc::NFT_PAYLOAD_TRANSPORT_HEADER => "transport".into(),
+        _ => format!("base {base}"),
+    }
+}
+
+fn verdict_name(code: i32) -> String {
+    match code {
+        libc::NF_ACCEPT => "accept".into(),
+        libc::NF_DROP => "drop".into(),
+        libc::NFT_JUMP => "jump".into(),
+        libc::NFT_GOTO => "goto".into(),
+        libc::NFT_RETURN => "return".into(),
+        libc::NFT_CONTINUE => "continue".into(),
+        libc::NFT_BREAK => "break".into(),
+        other => format!("verdict {other}"),
+    }
+}
+
+/// `reg N`, and what is unusual about a register (a 32-bit one).
+fn register(register: u32) -> String {
+    match register {
+        0..=4 => format!("reg {register}"),
+        other => format!("reg32 {}", other.wrapping_sub(libc::NFT_REG32_00 as u32)),
+    }
+}
+
+fn describe(expr: &ParsedExpr, name: impl Fn(&str) -> String) -> String {
+    let reference = match &expr.reference {
+        Some(Reference::Set(set)) => format!("@{}", name(set)),
+        Some(Reference::Jump(chain) | Reference::Goto(chain)) => name(chain),
+        None => String::new(),
+    };
+    let optional = |reg: Option<u32>| reg.map_or("no register".to_string(), register);
+    match &expr.data {
+        ExprData::Opaque if expr.name == "counter" => "counter".into(),
+        ExprData::Opaque => format!("{} (not compared)", expr.name),
+        ExprData::Meta { key, dreg, sreg } => match sreg {
+            Some(sreg) => format!("meta set {} with {}", meta_key(*key), register(*sreg)),
+            None => format!("meta load {} => {}", meta_key(*key), optional(*dreg)),
+        },
+        ExprData::Payload {
+            base,
+            offset,
+            len,
+            dreg,
+            sreg,
+            csum_type,
+            csum_offset,
+            csum_flags,
+        } => {
+            let mut text = match sreg {
+                Some(sreg) => format!(
+                    "payload write {} => {len}b @ {} header + {offset} csum_type {csum_type} \
+                     csum_off {csum_offset} csum_flags {csum_flags:#x}",
+                    register(*sreg),
+                    payload_base(*base)
+                ),
+                None => format!(
+                    "payload load {len}b @ {} header + {offset} => {}",
+                    payload_base(*base),
+                    optional(*dreg)
+                ),
+            };
+            if sreg.is_none() && (*csum_type, *csum_offset, *csum_flags) != (0, 0, 0) {
+                let _ = write!(
+                    text,
+                    " csum_type {csum_type} csum_off {csum_offset} csum_flags {csum_flags:#x}"
+                );
+            }
+            text
+        }
+        ExprData::Cmp { sreg, op, data } => {
+            let op = match *op as i32 {
+                libc::NFT_CMP_EQ => "eq".to_string(),
+                libc::NFT_CMP_NEQ => "neq".to_string(),
+                libc::NFT_CMP_LT => "lt".to_string(),
+                libc::NFT_CMP_LTE => "lte".to_string(),
+                libc::NFT_CMP_GT => "gt".to_string(),
+                libc::NFT_CMP_GTE => "gte".to_string(),
+                other => format!("op {other}"),
+            };
+            format!("cmp {op} {} {}", register(*sreg), hex(data))
+        }
+        ExprData::Bitwise {
+            sreg,
+            dreg,
+            len,
+            op,
+            mask,
+            xor,
+            data,
+            sreg2,
+        } => {
+            let mut text = format!(
+                "bitwise {} = ({} & {}) ^ {} len {len}",
+                register(*dreg),
+                register(*sreg),
+                hex(mask),
+                hex(xor)
+            );
+            if *op != 0 || !data.is_empty() || sreg2.is_some() {
+                let _ = write!(text, " op {op} data {}", hex(data));
+                if let Some(sreg2) = sreg2 {
+                    let _ = write!(text, " with {}", register(*sreg2));
+                }
+            }
+            text
+        }
+        ExprData::Ct {
+            key,
+            dreg,
+            sreg,
+            direction,
+        } => {
+            let direction = direction.map_or(String::new(), |d| format!(" direction {d}"));
+            match sreg {
+                Some(sreg) => format!(
+                    "ct set {}{direction} with {}",
+                    ct_key(*key),
+                    register(*sreg)
+                ),
+                None => format!("ct load {}{direction} => {}", ct_key(*key), optional(*dreg)),
+            }
+        }
+        ExprData::Lookup { sreg, dreg, flags } => {
+            let inverted = if flags & libc::NFT_LOOKUP_F_INV as u32 != 0 {
+                "!"
+            } else {
+                ""
+            };
+            let mut text = format!("lookup {} {inverted}{reference}", register(*sreg));
+            if let Some(dreg) = dreg {
+                let _ = write!(text, " => {}", register(*dreg));
+            }
+            let other = flags & !(libc::NFT_LOOKUP_F_INV as u32);
+            if other != 0 {
+                let _ = write!(text, " flags {other:#x}");
+            }
+            text
+        }
+        ExprData::Log {
+            group,
+            prefix,
+            snaplen,
+            qthreshold,
+            level,
+            flags,
+        } => {
+            let mut text = String::from("log");
+            if let Some(prefix) = prefix {
+                let _ = write!(text, " prefix {prefix:?}");
+            }
+            if let Some(group) = group {
+                let _ = write!(text, " group {group}");
+            }
+            if let Some(level) = level {
+                let _ = write!(text, " level {level}");
+            }
+            for (what, value) in [
+                ("snaplen", *snaplen),
+                ("qthreshold", u32::from(*qthreshold)),
+                ("flags", *flags),
+            ] {
+                if value != 0 {
+                    let _ = write!(text, " {what} {value}");
+                }
+            }
+            text
+        }
+        ExprData::Reject { kind, code } => {
+            let kind = match *kind as i32 {
+                libc::NFT_REJECT_TCP_RST => "tcp reset".to_string(),
+                libc::NFT_REJECT_ICMP_UNREACH => "icmp".to_string(),
+                libc::NFT_REJECT_ICMPX_UNREACH => "icmpx".to_string(),
+                other => format!("type {other}"),
+            };
+            match code {
+                Some(code) => format!("reject {kind} code {code}"),
+                None => format!("reject {kind}"),
+            }
+        }
+        ExprData::Immediate {
+            dreg,
+            value,
+            verdict,
+        } => {
+            let mut text = match (verdict, value) {
+                (Some(code), _) if reference.is_empty() => verdict_name(*code),
+                (Some(code), _) => format!("{} {reference}", verdict_name(*code)),
+                (None, Some(value)) => format!("immediate {} {}", register(*dreg), hex(value)),
+                (None, None) => format!("immediate {} (no data)", register(*dreg)),
+            };
+            if verdict.is_some() && *dreg != libc::NFT_REG_VERDICT as u32 {
+                let _ = write!(text, " into {}", register(*dreg));
+            }
+            text
+        }
+        ExprData::Redir {
+            proto_min,
+            proto_max,
+            flags,
+        } => {
+            let mut text = String::from("redir");
+            if let Some(min) = proto_min {
+                let _ = write!(text, " proto_min {}", register(*min));
+            }
+            if let Some(max) = proto_max.filter(|max| Some(*max) != *proto_min) {
+                let _ = write!(text, " proto_max {}", register(max));
+            }
+            let _ = write!(text, " flags {flags:#x}");
+            text
+        }
+    }
+}
