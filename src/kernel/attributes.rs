@@ -684,7 +684,11 @@ fn u8_exact(payload: &[u8]) -> Option<u8> {
 /// `bitwise` mask): empty when absent; a verdict or malformed value is
 /// malformed.
 fn value_data(attribute: Option<&[u8]>) -> Option<Vec<u8>> {
-    Some(optional(attribute, data_value)?.flatten().unwrap_or_default())
+    Some(
+        optional(attribute, data_value)?
+            .flatten()
+            .unwrap_or_default(),
+    )
 }
 
 /// A verdict code, and the chain of a jump or goto.

@@ -64,9 +64,14 @@ pub fn same(table: &KernelTable, kernel: &ParsedExpr, model: &Expr) -> bool {
     let reg_1 = libc::NFT_REG_1 as u32;
     let no_reference = kernel.reference.is_none();
     match (model, &kernel.data) {
-        (Expr::Meta { key, dreg }, ExprData::Meta { key: k, dreg: d, sreg }) => {
-            no_reference && k == key && same_optional_register(*d, Some(*dreg)) && sreg.is_none()
-        }
+        (
+            Expr::Meta { key, dreg },
+            ExprData::Meta {
+                key: k,
+                dreg: d,
+                sreg,
+            },
+        ) => no_reference && k == key && same_optional_register(*d, Some(*dreg)) && sreg.is_none(),
         (
             Expr::Payload {
                 base,
@@ -152,7 +157,14 @@ pub fn same(table: &KernelTable, kernel: &ParsedExpr, model: &Expr) -> bool {
                 && dreg.is_none()
                 && direction.is_none()
         }
-        (Expr::Lookup { set, sreg }, ExprData::Lookup { sreg: s, dreg, flags }) => {
+        (
+            Expr::Lookup { set, sreg },
+            ExprData::Lookup {
+                sreg: s,
+                dreg,
+                flags,
+            },
+        ) => {
             matches!(&kernel.reference, Some(Reference::Set(name))
                 if !anonymous(name) && table.set_model_name(name) == set)
                 && same_register(*s, *sreg)
@@ -443,6 +455,7 @@ fn hex(bytes: &[u8]) -> String {
 fn meta_key(key: u32) -> String {
     match key as i32 {
         libc::NFT_META_MARK => "mark".into(),
+        libc::NFT_META_IIF => "iif".into(),
         libc::NFT_META_OIF => "oif".into(),
         libc::NFT_META_NFPROTO => "nfproto".into(),
         libc::NFT_META_L4PROTO => "l4proto".into(),

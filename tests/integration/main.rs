@@ -25,3 +25,4 @@ mod policies;
 mod runc;
 mod sidecar;
 mod support;
+mod verification;
