@@ -266,6 +266,10 @@ pub enum ExprData {
         sreg: u32,
         dreg: Option<u32>,
         flags: u32,
+        /// What the anonymous set looked up holds, once the read-back has
+        /// read it (a rule message names the set, `__set%d`, and nothing
+        /// more); `None` as parsed, and for a named set.
+        anonymous: Option<AnonymousContents>,
     },
     /// `log`: to nflog `group` (`NF_LOG_TYPE_ULOG`) or syslog at `level`
     /// (`NF_LOG_TYPE_LOG`).
@@ -292,6 +296,17 @@ pub enum ExprData {
         proto_max: Option<u32>,
         flags: u32,
     },
+}
+
+/// An anonymous set (`{ 53, 853 }` in nft), as read with the rule that
+/// looks it up: it belongs to that rule, and its kernel name changes with
+/// every rule that creates one.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct AnonymousContents {
+    pub flags: u32,
+    pub key_type: u32,
+    pub key_len: u32,
+    pub elements: Vec<RawElement>,
 }
 
 /// A reference by name from an expression to another object of the table.
@@ -557,6 +572,7 @@ fn expression(bytes: &[u8]) -> Option<ParsedExpr> {
                 sreg: zero_if_absent(attributes[NFTA_LOOKUP_SREG], be32)?,
                 dreg: optional(attributes[NFTA_LOOKUP_DREG], be32)?,
                 flags: zero_if_absent(attributes[NFTA_LOOKUP_FLAGS], be32)?,
+                anonymous: None,
             }
         }
         "immediate" => {
@@ -1218,6 +1234,7 @@ table inet other {
                             sreg: 1,
                             dreg: None,
                             flags: 0,
+                            anonymous: None,
                         },
                     )
                 },

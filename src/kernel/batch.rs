@@ -598,8 +598,8 @@ impl<'a> Builder<'a> {
                         expiration_ms: None,
                     });
                 }
-                self.transaction
-                    .add_elements(&message, ElementOp::Create, object);
+                // Echoed, for the verification (`readback::compose`).
+                self.transaction.add_new_set_elements(&message, object);
                 rule.add_expr(&ffi::Lookup {
                     sreg: REG_1,
                     set: definition.name,

@@ -23,8 +23,9 @@
 
 use std::fmt::Write as _;
 
-use super::attributes::{ExprData, ParsedExpr, Reference};
-use super::batch::{Expr, NF_NAT_RANGE_PROTO_SPECIFIED};
+use super::attributes::{AnonymousContents, ExprData, ParsedExpr, Reference};
+use super::batch::{AnonymousSet, Expr, NF_NAT_RANGE_PROTO_SPECIFIED};
+use super::ffi::RawElement;
 use super::readback::KernelTable;
 use crate::ruleset::RejectKind;
 
@@ -163,19 +164,29 @@ pub fn same(table: &KernelTable, kernel: &ParsedExpr, model: &Expr) -> bool {
                 sreg: s,
                 dreg,
                 flags,
+                anonymous: None,
             },
         ) => {
             matches!(&kernel.reference, Some(Reference::Set(name))
-                if !anonymous(name) && table.set_model_name(name) == set)
+                if !anonymous_name(name) && table.set_model_name(name) == set)
                 && same_register(*s, *sreg)
                 && dreg.is_none()
                 && *flags == 0
         }
-        (Expr::LookupAnonymous(_), ExprData::Lookup { sreg, dreg, flags }) => {
-            matches!(&kernel.reference, Some(Reference::Set(name)) if anonymous(name))
+        (
+            Expr::LookupAnonymous(set),
+            ExprData::Lookup {
+                sreg,
+                dreg,
+                flags,
+                anonymous: Some(contents),
+            },
+        ) => {
+            matches!(&kernel.reference, Some(Reference::Set(name)) if anonymous_name(name))
                 && same_register(*sreg, reg_1)
                 && dreg.is_none()
                 && *flags == 0
+                && same_contents(contents, set)
         }
         // The counts change with traffic.
         (Expr::Counter, ExprData::Opaque) => no_reference,
@@ -243,6 +254,31 @@ pub fn same(table: &KernelTable, kernel: &ParsedExpr, model: &Expr) -> bool {
     }
 }
 
+/// `NFTA_SET_FLAGS` of the anonymous sets `batch` creates.
+const ANONYMOUS_SET_FLAGS: u32 = (libc::NFT_SET_ANONYMOUS | libc::NFT_SET_CONSTANT) as u32;
+
+/// Whether an anonymous set holds exactly the model's keys, single keys
+/// (no range, no timeout), with the model's key type and length.
+fn same_contents(kernel: &AnonymousContents, model: &AnonymousSet) -> bool {
+    let single = |e: &RawElement| {
+        e.key_end.is_none()
+            && !e.interval_end
+            && e.timeout_ms.is_none()
+            && e.expiration_ms.is_none()
+    };
+    (kernel.flags, kernel.key_type, kernel.key_len)
+        == (ANONYMOUS_SET_FLAGS, model.key_type, model.key_len)
+        && kernel.elements.len() == model.keys.len()
+        && kernel
+            .elements
+            .iter()
+            .all(|e| single(e) && model.keys.contains(&e.key))
+        && model
+            .keys
+            .iter()
+            .all(|key| kernel.elements.iter().any(|e| e.key == *key))
+}
+
 /// Whether the kernel's expressions of a rule are exactly the model's.
 pub fn same_rule(table: &KernelTable, kernel: &[ParsedExpr], model: &[Expr]) -> bool {
     kernel.len() == model.len()
@@ -253,7 +289,7 @@ pub fn same_rule(table: &KernelTable, kernel: &[ParsedExpr], model: &[Expr]) -> 
 }
 
 /// An anonymous set's kernel name (`__set%d`, `nf_tables_set_alloc_name`).
-fn anonymous(name: &str) -> bool {
+fn anonymous_name(name: &str) -> bool {
     name.starts_with("__set")
 }
 
@@ -369,14 +405,28 @@ pub fn expected(model: &Expr) -> ParsedExpr {
                 sreg: *sreg,
                 dreg: None,
                 flags: 0,
+                anonymous: None,
             }
         }
-        Expr::LookupAnonymous(_) => {
+        Expr::LookupAnonymous(set) => {
             reference = Some(Reference::Set("__set0".into()));
+            let key = |key: &Vec<u8>| RawElement {
+                key: key.clone(),
+                key_end: None,
+                interval_end: false,
+                timeout_ms: None,
+                expiration_ms: None,
+            };
             ExprData::Lookup {
                 sreg: reg_1,
                 dreg: None,
                 flags: 0,
+                anonymous: Some(AnonymousContents {
+                    flags: ANONYMOUS_SET_FLAGS,
+                    key_type: set.key_type,
+                    key_len: set.key_len,
+                    elements: set.keys.iter().map(key).collect(),
+                }),
             }
         }
         Expr::Counter => ExprData::Opaque,
@@ -423,11 +473,7 @@ pub fn expected(model: &Expr) -> ParsedExpr {
 
 /// A model expression in nft's `--debug=netlink` notation.
 pub fn describe_model(model: &Expr) -> String {
-    let mut text = describe(&expected(model), |name| name.to_string());
-    if let Expr::LookupAnonymous(set) = model {
-        text = format!("lookup reg 1 {}", describe_keys(&set.keys));
-    }
-    text
+    describe(&expected(model), |name| name.to_string())
 }
 
 /// A kernel expression in nft's `--debug=netlink` notation, with model names.
@@ -438,10 +484,34 @@ pub fn describe_kernel(table: &KernelTable, kernel: &ParsedExpr) -> String {
     })
 }
 
-/// Keys as `{ 0x0035, 0x0355 }`.
-pub fn describe_keys(keys: &[Vec<u8>]) -> String {
-    let keys: Vec<String> = keys.iter().map(|k| hex(k)).collect();
-    format!("{{ {} }}", keys.join(", "))
+/// An anonymous set's elements as `{ 0x0035, 0x0355 }`, sorted, and its
+/// definition if it is not what `batch` creates.
+fn describe_contents(contents: &AnonymousContents) -> String {
+    let mut keys: Vec<String> = contents
+        .elements
+        .iter()
+        .map(|e| {
+            let mut text = hex(&e.key);
+            if let Some(end) = &e.key_end {
+                let _ = write!(text, "-{}", hex(end));
+            }
+            if e.interval_end {
+                text.push_str(" (interval end)");
+            }
+            text
+        })
+        .collect();
+    keys.sort();
+    let mut text = format!("{{ {} }}", keys.join(", "));
+    if contents.flags != ANONYMOUS_SET_FLAGS {
+        let _ = write!(text, " flags {:#x}", contents.flags);
+    }
+    let _ = write!(
+        text,
+        " (key type {} of {} bytes)",
+        contents.key_type, contents.key_len
+    );
+    text
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -599,13 +669,27 @@ fn describe(expr: &ParsedExpr, name: impl Fn(&str) -> String) -> String {
                 None => format!("ct load {}{direction} => {}", ct_key(*key), optional(*dreg)),
             }
         }
-        ExprData::Lookup { sreg, dreg, flags } => {
+        ExprData::Lookup {
+            sreg,
+            dreg,
+            flags,
+            anonymous,
+        } => {
             let inverted = if flags & libc::NFT_LOOKUP_F_INV as u32 != 0 {
                 "!"
             } else {
                 ""
             };
-            let mut text = format!("lookup {} {inverted}{reference}", register(*sreg));
+            // An anonymous set by what it holds: its name changes with every
+            // rule that creates one.
+            let set = match (anonymous, &expr.reference) {
+                (Some(contents), _) => describe_contents(contents),
+                (None, Some(Reference::Set(name))) if anonymous_name(name) => {
+                    format!("{reference} (elements not read)")
+                }
+                _ => reference.clone(),
+            };
+            let mut text = format!("lookup {} {inverted}{set}", register(*sreg));
             if let Some(dreg) = dreg {
                 let _ = write!(text, " => {}", register(*dreg));
             }

@@ -1082,6 +1082,7 @@ pub mod nftnl_parsers {
                     sreg: u32_or_0(sys::NFTNL_EXPR_LOOKUP_SREG),
                     dreg: u32_of(sys::NFTNL_EXPR_LOOKUP_DREG),
                     flags: u32_or_0(sys::NFTNL_EXPR_LOOKUP_FLAGS),
+                    anonymous: None,
                 },
                 "immediate" => ExprData::Immediate {
                     dreg: u32_or_0(sys::NFTNL_EXPR_IMM_DREG),

@@ -726,6 +726,7 @@ mod tests {
                             sreg: 1,
                             dreg: None,
                             flags: 0,
+                            anonymous: None,
                         },
                     }],
                 }],

@@ -68,6 +68,23 @@ const TAMPERINGS: &[Tampering] = &[
         kernel: &["#7 cmp eq reg 1 0x041e"],
         model: &["#7 cmp eq reg 1 0x041d"],
     },
+    // Another port in an anonymous set.
+    Tampering {
+        chain: "egress",
+        rule: "dns-other",
+        text: "meta l4proto { tcp, udp } th dport { 53, 854 } counter jump deny{g}",
+        kernel: &["#3 lookup reg 1 { 0x0035, 0x0356 } (key type 13 of 2 bytes)"],
+        model: &["#3 lookup reg 1 { 0x0035, 0x0355 } (key type 13 of 2 bytes)"],
+    },
+    // One more ICMPv6 type let through.
+    Tampering {
+        chain: "egress",
+        rule: "icmpv6-neighbour-discovery",
+        text: "icmpv6 type { nd-router-solicit, nd-neighbor-solicit, nd-neighbor-advert, \
+               mld2-listener-report, echo-request } accept",
+        kernel: &["#5 lookup reg 1 { 0x80, 0x85, 0x87, 0x88, 0x8f } (key type 29 of 1 bytes)"],
+        model: &["#5 lookup reg 1 { 0x85, 0x87, 0x88, 0x8f } (key type 29 of 1 bytes)"],
+    },
     // Another address.
     Tampering {
         chain: "egress",
