@@ -773,3 +773,386 @@ fn describe(expr: &ParsedExpr, name: impl Fn(&str) -> String) -> String {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernel::batch::AnonymousSet;
+
+    /// A table in no generation: kernel names are model names.
+    fn table() -> KernelTable {
+        KernelTable {
+            digest: None,
+            generation: None,
+            sets: Vec::new(),
+            chains: Vec::new(),
+            leftover_sets: Vec::new(),
+            leftover_chains: Vec::new(),
+        }
+    }
+
+    const REG_1: u32 = libc::NFT_REG_1 as u32;
+
+    fn reg32(n: u32) -> u32 {
+        libc::NFT_REG32_00 as u32 + n
+    }
+
+    /// One of each kind of expression the compiler plans.
+    fn models() -> Vec<Expr> {
+        vec![
+            Expr::Meta {
+                key: libc::NFT_META_L4PROTO as u32,
+                dreg: reg32(4),
+            },
+            Expr::Payload {
+                base: libc::NFT_PAYLOAD_NETWORK_HEADER as u32,
+                offset: 16,
+                len: 4,
+                dreg: REG_1,
+            },
+            Expr::CmpEq(vec![1, 187]),
+            Expr::CmpNeq(vec![0x6c, 0x6e, 0, 0]),
+            Expr::Bitwise {
+                mask: 6u32.to_ne_bytes().to_vec(),
+                xor: 0u32.to_ne_bytes().to_vec(),
+            },
+            Expr::CtState,
+            Expr::Lookup {
+                set: "allow_v4".into(),
+                sreg: REG_1,
+            },
+            Expr::LookupAnonymous(AnonymousSet {
+                key_type: 13,
+                key_len: 2,
+                keys: vec![vec![0, 53], vec![3, 85]],
+            }),
+            Expr::Counter,
+            Expr::Log {
+                group: 4711,
+                prefix: "netleash deny ".into(),
+            },
+            Expr::Reject(RejectKind::TcpReset),
+            Expr::Reject(RejectKind::IcmpxAdminProhibited),
+            Expr::Accept,
+            Expr::Drop,
+            Expr::Jump("deny".into()),
+            Expr::Immediate {
+                dreg: REG_1,
+                data: vec![4, 29],
+            },
+            Expr::Redirect { sreg: REG_1 },
+            Expr::CtSet {
+                key: libc::NFT_CT_ZONE as u32,
+                sreg: REG_1,
+            },
+        ]
+    }
+
+    #[test]
+    fn registers_compare_by_the_slot_the_kernel_stores() {
+        // nft_dump_register: a 32-bit register that starts a 16-byte one is
+        // dumped under the 16-byte name.
+        assert!(same_register(libc::NFT_REG_1 as u32, reg32(0)));
+        assert!(same_register(libc::NFT_REG_2 as u32, reg32(4)));
+        assert!(same_register(reg32(1), reg32(1)));
+        assert!(!same_register(libc::NFT_REG_1 as u32, reg32(1)));
+        assert!(!same_register(
+            libc::NFT_REG_2 as u32,
+            libc::NFT_REG_1 as u32
+        ));
+        assert!(!same_register(99, 99), "not a register");
+        // The kernel's form of a load into 32-bit register 4.
+        let mut kernel = expected(&models()[0]);
+        let ExprData::Meta { dreg, .. } = &mut kernel.data else {
+            unreachable!()
+        };
+        *dreg = Some(libc::NFT_REG_2 as u32);
+        assert!(same(&table(), &kernel, &models()[0]));
+    }
+
+    #[test]
+    fn every_model_expression_is_its_expected_form_and_no_other() {
+        let table = table();
+        let models = models();
+        for (i, model) in models.iter().enumerate() {
+            for (j, other) in models.iter().enumerate() {
+                assert_eq!(
+                    same(&table, &expected(other), model),
+                    i == j,
+                    "{model:?} against the expected form of {other:?}"
+                );
+            }
+        }
+    }
+
+    /// What the kernel adds or normalises is no difference.
+    #[test]
+    fn what_the_kernel_normalises_is_no_difference() {
+        let table = table();
+        // Counts.
+        let counter = ParsedExpr {
+            counter: Some((7, 420)),
+            ..expected(&Expr::Counter)
+        };
+        assert!(same(&table, &counter, &Expr::Counter));
+        // A redirect's maximum register, set to its minimum.
+        let redirect = Expr::Redirect { sreg: REG_1 };
+        let mut kernel = expected(&redirect);
+        let ExprData::Redir { proto_max, .. } = &mut kernel.data else {
+            unreachable!()
+        };
+        *proto_max = Some(REG_1);
+        assert!(same(&table, &kernel, &redirect));
+        // An anonymous set's elements in another order, under another name.
+        let anonymous = &models()[7];
+        let mut kernel = expected(anonymous);
+        kernel.reference = Some(Reference::Set("__set17".into()));
+        let ExprData::Lookup {
+            anonymous: Some(contents),
+            ..
+        } = &mut kernel.data
+        else {
+            unreachable!()
+        };
+        contents.elements.reverse();
+        assert!(same(&table, &kernel, anonymous));
+    }
+
+    /// Every attribute that changes what a rule matches or does is a difference.
+    #[test]
+    fn each_changed_attribute_is_a_difference() {
+        let table = table();
+        let models = models();
+        let model = |kind: &str| {
+            models
+                .iter()
+                .find(|m| format!("{m:?}").starts_with(kind))
+                .unwrap()
+                .clone()
+        };
+        type Change = fn(&mut ParsedExpr);
+        let cases: Vec<(Expr, &str, Change)> = vec![
+            (model("Meta"), "meta key", |e| {
+                if let ExprData::Meta { key, .. } = &mut e.data {
+                    *key = libc::NFT_META_IIF as u32;
+                }
+            }),
+            (model("Meta"), "meta set", |e| {
+                if let ExprData::Meta { dreg, sreg, .. } = &mut e.data {
+                    (*dreg, *sreg) = (None, Some(REG_1));
+                }
+            }),
+            (model("Payload"), "payload offset", |e| {
+                if let ExprData::Payload { offset, .. } = &mut e.data {
+                    *offset = 12;
+                }
+            }),
+            (model("Payload"), "payload base", |e| {
+                if let ExprData::Payload { base, .. } = &mut e.data {
+                    *base = libc::NFT_PAYLOAD_TRANSPORT_HEADER as u32;
+                }
+            }),
+            (model("Payload"), "payload checksum", |e| {
+                if let ExprData::Payload { csum_flags, .. } = &mut e.data {
+                    *csum_flags = 1;
+                }
+            }),
+            (model("CmpEq"), "cmp value", |e| {
+                if let ExprData::Cmp { data, .. } = &mut e.data {
+                    data[1] = 188;
+                }
+            }),
+            (model("CmpEq"), "cmp op", |e| {
+                if let ExprData::Cmp { op, .. } = &mut e.data {
+                    *op = libc::NFT_CMP_GTE as u32;
+                }
+            }),
+            (model("CmpEq"), "cmp register", |e| {
+                if let ExprData::Cmp { sreg, .. } = &mut e.data {
+                    *sreg = libc::NFT_REG_2 as u32;
+                }
+            }),
+            (model("Bitwise"), "bitwise mask", |e| {
+                if let ExprData::Bitwise { mask, .. } = &mut e.data {
+                    mask[0] = 2;
+                }
+            }),
+            (model("Bitwise"), "bitwise op", |e| {
+                if let ExprData::Bitwise { op, .. } = &mut e.data {
+                    *op = 1;
+                }
+            }),
+            (model("CtState"), "ct key", |e| {
+                if let ExprData::Ct { key, .. } = &mut e.data {
+                    *key = libc::NFT_CT_MARK as u32;
+                }
+            }),
+            (model("CtState"), "ct direction", |e| {
+                if let ExprData::Ct { direction, .. } = &mut e.data {
+                    *direction = Some(0);
+                }
+            }),
+            (model("Lookup"), "not in set", |e| {
+                if let ExprData::Lookup { flags, .. } = &mut e.data {
+                    *flags = libc::NFT_LOOKUP_F_INV as u32;
+                }
+            }),
+            (model("Lookup"), "a map", |e| {
+                if let ExprData::Lookup { dreg, .. } = &mut e.data {
+                    *dreg = Some(REG_1);
+                }
+            }),
+            (model("Lookup"), "another set", |e| {
+                e.reference = Some(Reference::Set("allow_v6".into()));
+            }),
+            (model("LookupAnonymous"), "another key", |e| {
+                if let ExprData::Lookup {
+                    anonymous: Some(contents),
+                    ..
+                } = &mut e.data
+                {
+                    contents.elements[1].key = vec![3, 86];
+                }
+            }),
+            (model("LookupAnonymous"), "one key more", |e| {
+                if let ExprData::Lookup {
+                    anonymous: Some(contents),
+                    ..
+                } = &mut e.data
+                {
+                    let mut extra = contents.elements[0].clone();
+                    extra.key = vec![0, 22];
+                    contents.elements.push(extra);
+                }
+            }),
+            (model("LookupAnonymous"), "an interval set", |e| {
+                if let ExprData::Lookup {
+                    anonymous: Some(contents),
+                    ..
+                } = &mut e.data
+                {
+                    contents.flags |= libc::NFT_SET_INTERVAL as u32;
+                }
+            }),
+            (model("LookupAnonymous"), "contents not read", |e| {
+                if let ExprData::Lookup { anonymous, .. } = &mut e.data {
+                    *anonymous = None;
+                }
+            }),
+            (model("LookupAnonymous"), "inverted", |e| {
+                if let ExprData::Lookup { flags, .. } = &mut e.data {
+                    *flags = libc::NFT_LOOKUP_F_INV as u32;
+                }
+            }),
+            (model("Log"), "log group", |e| {
+                if let ExprData::Log { group, .. } = &mut e.data {
+                    *group = Some(4712);
+                }
+            }),
+            (model("Log"), "log prefix", |e| {
+                if let ExprData::Log { prefix, .. } = &mut e.data {
+                    *prefix = Some("other ".into());
+                }
+            }),
+            (model("Log"), "syslog", |e| {
+                if let ExprData::Log { group, level, .. } = &mut e.data {
+                    (*group, *level) = (None, Some(4));
+                }
+            }),
+            (model("Reject(TcpReset"), "reject kind", |e| {
+                if let ExprData::Reject { kind, .. } = &mut e.data {
+                    *kind = libc::NFT_REJECT_ICMPX_UNREACH as u32;
+                }
+            }),
+            (model("Reject(Icmpx"), "reject code", |e| {
+                if let ExprData::Reject { code, .. } = &mut e.data {
+                    *code = Some(libc::NFT_REJECT_ICMPX_PORT_UNREACH as u8);
+                }
+            }),
+            (model("Accept"), "drop", |e| {
+                if let ExprData::Immediate { verdict, .. } = &mut e.data {
+                    *verdict = Some(libc::NF_DROP);
+                }
+            }),
+            (model("Jump"), "goto", |e| {
+                if let ExprData::Immediate { verdict, .. } = &mut e.data {
+                    *verdict = Some(libc::NFT_GOTO);
+                }
+                e.reference = Some(Reference::Goto("deny".into()));
+            }),
+            (model("Jump"), "another chain", |e| {
+                e.reference = Some(Reference::Jump("egress".into()));
+            }),
+            (model("Immediate"), "another value", |e| {
+                if let ExprData::Immediate { value, .. } = &mut e.data {
+                    *value = Some(vec![4, 30]);
+                }
+            }),
+            (model("Redirect"), "redirect flags", |e| {
+                if let ExprData::Redir { flags, .. } = &mut e.data {
+                    *flags = 0;
+                }
+            }),
+            (model("CtSet"), "ct set key", |e| {
+                if let ExprData::Ct { key, .. } = &mut e.data {
+                    *key = libc::NFT_CT_MARK as u32;
+                }
+            }),
+            (model("Counter"), "another expression", |e| {
+                e.name = "quota".into();
+            }),
+        ];
+        for (model, what, change) in cases {
+            let mut kernel = expected(&model);
+            let before = kernel.clone();
+            change(&mut kernel);
+            assert_ne!(kernel, before, "{what}: the change changes nothing");
+            assert!(!same(&table, &kernel, &model), "{what} is no difference");
+            let (have, want) =
+                describe_differences(&table, std::slice::from_ref(&kernel), &[model]);
+            assert_eq!((have.len(), want.len()), (1, 1), "{what}");
+            assert_ne!(have, want, "{what}: both sides read the same");
+        }
+    }
+
+    #[test]
+    fn descriptions_read_like_nft_debug_output() {
+        let table = table();
+        let mut inverted = expected(&models()[6]);
+        if let ExprData::Lookup { flags, .. } = &mut inverted.data {
+            *flags = libc::NFT_LOOKUP_F_INV as u32;
+        }
+        assert_eq!(
+            describe_kernel(&table, &inverted),
+            "lookup reg 1 !@allow_v4"
+        );
+        let described: Vec<String> = models().iter().map(describe_model).collect();
+        assert_eq!(
+            described,
+            [
+                "meta load l4proto => reg32 4",
+                "payload load 4b @ network header + 16 => reg 1",
+                "cmp eq reg 1 0x01bb",
+                "cmp neq reg 1 0x6c6e0000",
+                "bitwise reg 1 = (reg 1 & 0x06000000) ^ 0x00000000 len 4",
+                "ct load state => reg 1",
+                "lookup reg 1 @allow_v4",
+                "lookup reg 1 { 0x0035, 0x0355 } (key type 13 of 2 bytes)",
+                "counter",
+                "log prefix \"netleash deny \" group 4711",
+                "reject tcp reset",
+                "reject icmpx code 3",
+                "accept",
+                "drop",
+                "jump deny",
+                "immediate reg 1 0x041d",
+                "redir proto_min reg 1 flags 0x2",
+                "ct set zone with reg 1",
+            ]
+        );
+        // Rules with another number of expressions show all of them.
+        let (have, want) = describe_differences(&table, &[expected(&Expr::Accept)], &models());
+        assert_eq!(have, ["accept"]);
+        assert_eq!(want.len(), models().len());
+    }
+}
