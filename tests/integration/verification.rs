@@ -261,6 +261,15 @@ fn a_value_changed_behind_netleashs_back_is_reported_exactly_and_repaired() {
             model: tampering.model.iter().map(|s| s.to_string()).collect(),
         };
         assert_eq!(found, vec![expected], "after {:?}", tampering.text);
+        // What `apply --dry-run` and a failed verification print.
+        if tampering.text.contains("!= @") {
+            assert_eq!(
+                found[0].to_string(),
+                "rule \"blocklist-v4\" in chain \"egress\" has expressions \
+                 [#3 lookup reg 1 !@blocklist_v4] in the kernel, \
+                 [#3 lookup reg 1 @blocklist_v4] in the policy"
+            );
+        }
         // The next apply puts the model back in force (a new generation),
         // and verifies it.
         kernel::apply(&ns.target(), &model).expect("re-apply");
