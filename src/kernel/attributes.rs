@@ -240,19 +240,9 @@ pub enum ExprData {
     },
     /// `cmp`: compare `sreg` with `data` by `op` (`NFT_CMP_*`).
     Cmp { sreg: u32, op: u32, data: Vec<u8> },
-    /// `bitwise`: `dreg = (sreg & mask) ^ xor` over `len` bytes for
-    /// `op` 0 (`NFT_BITWISE_MASK_XOR`); the shifts and boolean operations
-    /// take `data` or `sreg2`.
-    Bitwise {
-        sreg: u32,
-        dreg: u32,
-        len: u32,
-        op: u32,
-        mask: Vec<u8>,
-        xor: Vec<u8>,
-        data: Vec<u8>,
-        sreg2: Option<u32>,
-    },
+    /// `bitwise` (boxed: the largest kind, and one of the rarest, which
+    /// would make every expression larger).
+    Bitwise(Box<BitwiseData>),
     /// `ct`: load `key` (of `direction`) into `dreg`, or (`sreg`) set it.
     Ct {
         key: u32,
@@ -269,7 +259,7 @@ pub enum ExprData {
         /// What the anonymous set looked up holds, once the read-back has
         /// read it (a rule message names the set, `__set%d`, and nothing
         /// more); `None` as parsed, and for a named set.
-        anonymous: Option<AnonymousContents>,
+        anonymous: Option<Box<AnonymousContents>>,
     },
     /// `log`: to nflog `group` (`NF_LOG_TYPE_ULOG`) or syslog at `level`
     /// (`NF_LOG_TYPE_LOG`).
@@ -296,6 +286,21 @@ pub enum ExprData {
         proto_max: Option<u32>,
         flags: u32,
     },
+}
+
+/// `bitwise`: `dreg = (sreg & mask) ^ xor` over `len` bytes for `op` 0
+/// (`NFT_BITWISE_MASK_XOR`); the shifts and boolean operations take `data`
+/// or `sreg2`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct BitwiseData {
+    pub sreg: u32,
+    pub dreg: u32,
+    pub len: u32,
+    pub op: u32,
+    pub mask: Vec<u8>,
+    pub xor: Vec<u8>,
+    pub data: Vec<u8>,
+    pub sreg2: Option<u32>,
 }
 
 /// An anonymous set (`{ 53, 853 }` in nft), as read with the rule that
@@ -430,12 +435,16 @@ fn be64(payload: &[u8]) -> Option<u64> {
 /// The elements of an `NFTA_*` list attribute (each an `NFTA_LIST_ELEM`;
 /// another type is malformed, as in libnftnl), parsed with `each`.
 fn list<'a, T>(bytes: &'a [u8], mut each: impl FnMut(&'a [u8]) -> Option<T>) -> Option<Vec<T>> {
-    Attributes::new(bytes)
-        .map(|attribute| match attribute? {
-            (NFTA_LIST_ELEM, element) => each(element),
-            _ => None,
-        })
-        .collect()
+    // Sized first (walking the headers costs little): the items are large
+    // (a `ParsedExpr` is ~180 bytes), and growing the vector moves them.
+    let mut items = Vec::with_capacity(Attributes::new(bytes).count());
+    for attribute in Attributes::new(bytes) {
+        match attribute? {
+            (NFTA_LIST_ELEM, element) => items.push(each(element)?),
+            _ => return None,
+        }
+    }
+    Some(items)
 }
 
 /// `NFT_MSG_NEWGEN`: the generation id.
@@ -619,7 +628,7 @@ fn expression(bytes: &[u8]) -> Option<ParsedExpr> {
         "bitwise" => {
             let attributes = by_type::<{ NFTA_BITWISE_MAX + 1 }>(data)?;
             let number = |kind: usize| zero_if_absent(attributes[kind], be32);
-            ExprData::Bitwise {
+            ExprData::Bitwise(Box::new(BitwiseData {
                 sreg: number(NFTA_BITWISE_SREG)?,
                 dreg: number(NFTA_BITWISE_DREG)?,
                 len: number(NFTA_BITWISE_LEN)?,
@@ -628,7 +637,7 @@ fn expression(bytes: &[u8]) -> Option<ParsedExpr> {
                 xor: value_data(attributes[NFTA_BITWISE_XOR])?,
                 data: value_data(attributes[NFTA_BITWISE_DATA])?,
                 sreg2: optional(attributes[NFTA_BITWISE_SREG2], be32)?,
-            }
+            }))
         }
         "ct" => {
             let attributes = by_type::<{ NFTA_CT_MAX + 1 }>(data)?;
@@ -1415,7 +1424,7 @@ table inet other {
                         value_nest(NFTA_BITWISE_XOR, &[0, 0, 0, 0]),
                     ],
                 ),
-                ExprData::Bitwise {
+                ExprData::Bitwise(Box::new(BitwiseData {
                     sreg: reg1,
                     dreg: reg1,
                     len: 4,
@@ -1424,7 +1433,7 @@ table inet other {
                     xor: vec![0; 4],
                     data: vec![],
                     sreg2: None,
-                },
+                })),
                 None,
             ),
             (

@@ -23,7 +23,7 @@
 
 use std::fmt::Write as _;
 
-use super::attributes::{AnonymousContents, ExprData, ParsedExpr, Reference};
+use super::attributes::{AnonymousContents, BitwiseData, ExprData, ParsedExpr, Reference};
 use super::batch::{AnonymousSet, Expr, NF_NAT_RANGE_PROTO_SPECIFIED};
 use super::ffi::RawElement;
 use super::readback::KernelTable;
@@ -104,9 +104,8 @@ pub fn same(table: &KernelTable, kernel: &ParsedExpr, model: &Expr) -> bool {
             } as u32;
             no_reference && same_register(*sreg, reg_1) && *op == want && data == value
         }
-        (
-            Expr::Bitwise { mask, xor },
-            ExprData::Bitwise {
+        (Expr::Bitwise { mask, xor }, ExprData::Bitwise(bitwise)) => {
+            let BitwiseData {
                 sreg,
                 dreg,
                 len,
@@ -115,8 +114,7 @@ pub fn same(table: &KernelTable, kernel: &ParsedExpr, model: &Expr) -> bool {
                 xor: x,
                 data,
                 sreg2,
-            },
-        ) => {
+            } = &**bitwise;
             no_reference
                 && same_register(*sreg, reg_1)
                 && same_register(*dreg, reg_1)
@@ -377,7 +375,7 @@ pub fn expected(model: &Expr) -> ParsedExpr {
             } as u32,
             data: value.clone(),
         },
-        Expr::Bitwise { mask, xor } => ExprData::Bitwise {
+        Expr::Bitwise { mask, xor } => ExprData::Bitwise(Box::new(BitwiseData {
             sreg: reg_1,
             dreg: reg_1,
             len: mask.len() as u32,
@@ -386,7 +384,7 @@ pub fn expected(model: &Expr) -> ParsedExpr {
             xor: xor.clone(),
             data: Vec::new(),
             sreg2: None,
-        },
+        })),
         Expr::CtState => ExprData::Ct {
             key: libc::NFT_CT_STATE as u32,
             dreg: Some(reg_1),
@@ -421,12 +419,12 @@ pub fn expected(model: &Expr) -> ParsedExpr {
                 sreg: reg_1,
                 dreg: None,
                 flags: 0,
-                anonymous: Some(AnonymousContents {
+                anonymous: Some(Box::new(AnonymousContents {
                     flags: ANONYMOUS_SET_FLAGS,
                     key_type: set.key_type,
                     key_len: set.key_len,
                     elements: set.keys.iter().map(key).collect(),
-                }),
+                })),
             }
         }
         Expr::Counter => ExprData::Opaque,
@@ -628,16 +626,17 @@ fn describe(expr: &ParsedExpr, name: impl Fn(&str) -> String) -> String {
             };
             format!("cmp {op} {} {}", register(*sreg), hex(data))
         }
-        ExprData::Bitwise {
-            sreg,
-            dreg,
-            len,
-            op,
-            mask,
-            xor,
-            data,
-            sreg2,
-        } => {
+        ExprData::Bitwise(bitwise) => {
+            let BitwiseData {
+                sreg,
+                dreg,
+                len,
+                op,
+                mask,
+                xor,
+                data,
+                sreg2,
+            } = &**bitwise;
             let mut text = format!(
                 "bitwise {} = ({} & {}) ^ {} len {len}",
                 register(*dreg),
@@ -973,13 +972,13 @@ mod tests {
                 }
             }),
             (model("Bitwise"), "bitwise mask", |e| {
-                if let ExprData::Bitwise { mask, .. } = &mut e.data {
-                    mask[0] = 2;
+                if let ExprData::Bitwise(bitwise) = &mut e.data {
+                    bitwise.mask[0] = 2;
                 }
             }),
             (model("Bitwise"), "bitwise op", |e| {
-                if let ExprData::Bitwise { op, .. } = &mut e.data {
-                    *op = 1;
+                if let ExprData::Bitwise(bitwise) = &mut e.data {
+                    bitwise.op = 1;
                 }
             }),
             (model("CtState"), "ct key", |e| {

@@ -854,7 +854,9 @@ pub use super::attributes::{ParsedSet, Reference};
 #[cfg(test)]
 pub mod nftnl_parsers {
     use super::*;
-    use crate::kernel::attributes::{ExprData, ParsedChain, ParsedExpr, ParsedRule, ParsedTable};
+    use crate::kernel::attributes::{
+        BitwiseData, ExprData, ParsedChain, ParsedExpr, ParsedRule, ParsedTable,
+    };
 
     /// A whole netlink message from a receive buffer, checked to be safe to hand
     /// to libnftnl's parsers.
@@ -1109,7 +1111,7 @@ pub mod nftnl_parsers {
                     op: u32_or_0(sys::NFTNL_EXPR_CMP_OP),
                     data: bytes_or_empty(sys::NFTNL_EXPR_CMP_DATA),
                 },
-                "bitwise" => ExprData::Bitwise {
+                "bitwise" => ExprData::Bitwise(Box::new(BitwiseData {
                     sreg: u32_or_0(sys::NFTNL_EXPR_BITWISE_SREG),
                     dreg: u32_or_0(sys::NFTNL_EXPR_BITWISE_DREG),
                     len: u32_or_0(sys::NFTNL_EXPR_BITWISE_LEN),
@@ -1119,7 +1121,7 @@ pub mod nftnl_parsers {
                     data: bytes_or_empty(sys::NFTNL_EXPR_BITWISE_DATA),
                     // libnftnl 1.2.4 predates NFTA_BITWISE_SREG2 (Linux 6.13).
                     sreg2: None,
-                },
+                })),
                 "ct" => ExprData::Ct {
                     key: u32_or_0(sys::NFTNL_EXPR_CT_KEY),
                     dreg: u32_of(sys::NFTNL_EXPR_CT_DREG),

@@ -400,12 +400,12 @@ fn attach_anonymous(table: &mut KernelTable, anonymous: &[KernelSet]) -> bool {
                 // In key order: an echo and a dump list them in other orders.
                 let mut elements = set.elements.clone();
                 elements.sort_unstable();
-                *slot = Some(AnonymousContents {
+                *slot = Some(Box::new(AnonymousContents {
                     flags: set.flags,
                     key_type: set.key_type,
                     key_len: set.key_len,
                     elements,
-                })
+                }))
             }
             None => complete = false,
         }
