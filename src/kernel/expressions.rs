@@ -578,7 +578,7 @@ fn describe(expr: &ParsedExpr, name: impl Fn(&str) -> String) -> String {
     let optional = |reg: Option<u32>| reg.map_or("no register".to_string(), register);
     match &expr.data {
         ExprData::Opaque if expr.name == "counter" => "counter".into(),
-        ExprData::Opaque => format!("{} (not compared)", expr.name),
+        ExprData::Opaque => format!("{} (attributes not decoded)", expr.name),
         ExprData::Meta { key, dreg, sreg } => match sreg {
             Some(sreg) => format!("meta set {} with {}", meta_key(*key), register(*sreg)),
             None => format!("meta load {} => {}", meta_key(*key), optional(*dreg)),
