@@ -69,10 +69,69 @@ const NFTA_COUNTER_PACKETS: usize = 2;
 const NFTA_COUNTER_MAX: usize = 3;
 
 const NFTA_LOOKUP_SET: usize = 1;
+const NFTA_LOOKUP_SREG: usize = 2;
+const NFTA_LOOKUP_DREG: usize = 3;
+const NFTA_LOOKUP_FLAGS: usize = 5;
 const NFTA_LOOKUP_MAX: usize = 5;
 
+const NFTA_IMMEDIATE_DREG: usize = 1;
 const NFTA_IMMEDIATE_DATA: usize = 2;
 const NFTA_IMMEDIATE_MAX: usize = 2;
+
+const NFTA_META_DREG: usize = 1;
+const NFTA_META_KEY: usize = 2;
+const NFTA_META_SREG: usize = 3;
+const NFTA_META_MAX: usize = 3;
+
+const NFTA_PAYLOAD_DREG: usize = 1;
+const NFTA_PAYLOAD_BASE: usize = 2;
+const NFTA_PAYLOAD_OFFSET: usize = 3;
+const NFTA_PAYLOAD_LEN: usize = 4;
+const NFTA_PAYLOAD_SREG: usize = 5;
+const NFTA_PAYLOAD_CSUM_TYPE: usize = 6;
+const NFTA_PAYLOAD_CSUM_OFFSET: usize = 7;
+const NFTA_PAYLOAD_CSUM_FLAGS: usize = 8;
+const NFTA_PAYLOAD_MAX: usize = 8;
+
+const NFTA_CMP_SREG: usize = 1;
+const NFTA_CMP_OP: usize = 2;
+const NFTA_CMP_DATA: usize = 3;
+const NFTA_CMP_MAX: usize = 3;
+
+const NFTA_BITWISE_SREG: usize = 1;
+const NFTA_BITWISE_DREG: usize = 2;
+const NFTA_BITWISE_LEN: usize = 3;
+const NFTA_BITWISE_MASK: usize = 4;
+const NFTA_BITWISE_XOR: usize = 5;
+const NFTA_BITWISE_OP: usize = 6;
+const NFTA_BITWISE_DATA: usize = 7;
+/// `NFTA_BITWISE_SREG2` (Linux 6.13): the second operand register of the
+/// boolean operations between two registers.
+const NFTA_BITWISE_SREG2: usize = 8;
+const NFTA_BITWISE_MAX: usize = 8;
+
+const NFTA_CT_DREG: usize = 1;
+const NFTA_CT_KEY: usize = 2;
+const NFTA_CT_DIRECTION: usize = 3;
+const NFTA_CT_SREG: usize = 4;
+const NFTA_CT_MAX: usize = 4;
+
+const NFTA_LOG_GROUP: usize = 1;
+const NFTA_LOG_PREFIX: usize = 2;
+const NFTA_LOG_SNAPLEN: usize = 3;
+const NFTA_LOG_QTHRESHOLD: usize = 4;
+const NFTA_LOG_LEVEL: usize = 5;
+const NFTA_LOG_FLAGS: usize = 6;
+const NFTA_LOG_MAX: usize = 6;
+
+const NFTA_REJECT_TYPE: usize = 1;
+const NFTA_REJECT_ICMP_CODE: usize = 2;
+const NFTA_REJECT_MAX: usize = 2;
+
+const NFTA_REDIR_REG_PROTO_MIN: usize = 1;
+const NFTA_REDIR_REG_PROTO_MAX: usize = 2;
+const NFTA_REDIR_FLAGS: usize = 3;
+const NFTA_REDIR_MAX: usize = 3;
 
 const NFTA_DATA_VALUE: usize = 1;
 const NFTA_DATA_VERDICT: usize = 2;
@@ -144,6 +203,115 @@ pub struct ParsedExpr {
     /// What the expression refers to by name: the set of a `lookup`, the
     /// target chain of an `immediate` jump or goto.
     pub reference: Option<Reference>,
+    /// Every other attribute that decides what the expression matches or
+    /// does (see [`ExprData`]).
+    pub data: ExprData,
+}
+
+/// The attributes of an expression's `NFTA_EXPR_DATA` that decide what it
+/// matches or does, as the kernel dumps them (`nft_*_dump` in
+/// net/netfilter/), registers as numbered in the message. An optional
+/// attribute the kernel leaves out when it is 0 reads as 0. A counter's
+/// counts (in [`ParsedExpr::counter`]) and the name a lookup or a verdict
+/// refers to (in [`ParsedExpr::reference`]) are not repeated here.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum ExprData {
+    /// An expression without other attributes (`counter`), or one this
+    /// program never writes, whose attributes are not decoded.
+    #[default]
+    Opaque,
+    /// `meta`: load `key` into `dreg`, or (`sreg`) set it.
+    Meta {
+        key: u32,
+        dreg: Option<u32>,
+        sreg: Option<u32>,
+    },
+    /// `payload`: load `len` bytes at `offset` of header `base` into
+    /// `dreg`, or (`sreg`, with a checksum update) write them.
+    Payload {
+        base: u32,
+        offset: u32,
+        len: u32,
+        dreg: Option<u32>,
+        sreg: Option<u32>,
+        csum_type: u32,
+        csum_offset: u32,
+        csum_flags: u32,
+    },
+    /// `cmp`: compare `sreg` with `data` by `op` (`NFT_CMP_*`).
+    Cmp { sreg: u32, op: u32, data: Vec<u8> },
+    /// `bitwise` (boxed: the largest kind, and one of the rarest, which
+    /// would make every expression larger).
+    Bitwise(Box<BitwiseData>),
+    /// `ct`: load `key` (of `direction`) into `dreg`, or (`sreg`) set it.
+    Ct {
+        key: u32,
+        dreg: Option<u32>,
+        sreg: Option<u32>,
+        direction: Option<u8>,
+    },
+    /// `lookup`: `sreg` in the set, inverted if `flags` has
+    /// `NFT_LOOKUP_F_INV` ("not in set"); `dreg` for a map.
+    Lookup {
+        sreg: u32,
+        dreg: Option<u32>,
+        flags: u32,
+        /// What the anonymous set looked up holds, once the read-back has
+        /// read it (a rule message names the set, `__set%d`, and nothing
+        /// more); `None` as parsed, and for a named set.
+        anonymous: Option<Box<AnonymousContents>>,
+    },
+    /// `log`: to nflog `group` (`NF_LOG_TYPE_ULOG`) or syslog at `level`
+    /// (`NF_LOG_TYPE_LOG`).
+    Log {
+        group: Option<u16>,
+        prefix: Option<String>,
+        snaplen: u32,
+        qthreshold: u16,
+        level: Option<u32>,
+        flags: u32,
+    },
+    /// `reject`: `kind` is `NFT_REJECT_*`; `code` comes with the ICMP kinds.
+    Reject { kind: u32, code: Option<u8> },
+    /// `immediate`: a value into `dreg`, or a verdict (`dreg` is
+    /// `NFT_REG_VERDICT`) with its code (`NF_ACCEPT`, `NFT_JUMP`, ...).
+    Immediate {
+        dreg: u32,
+        value: Option<Vec<u8>>,
+        verdict: Option<i32>,
+    },
+    /// `redir`: the port range from registers, and `NF_NAT_RANGE_*` flags.
+    Redir {
+        proto_min: Option<u32>,
+        proto_max: Option<u32>,
+        flags: u32,
+    },
+}
+
+/// `bitwise`: `dreg = (sreg & mask) ^ xor` over `len` bytes for `op` 0
+/// (`NFT_BITWISE_MASK_XOR`); the shifts and boolean operations take `data`
+/// or `sreg2`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct BitwiseData {
+    pub sreg: u32,
+    pub dreg: u32,
+    pub len: u32,
+    pub op: u32,
+    pub mask: Vec<u8>,
+    pub xor: Vec<u8>,
+    pub data: Vec<u8>,
+    pub sreg2: Option<u32>,
+}
+
+/// An anonymous set (`{ 53, 853 }` in nft), as read with the rule that
+/// looks it up: it belongs to that rule, and its kernel name changes with
+/// every rule that creates one.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct AnonymousContents {
+    pub flags: u32,
+    pub key_type: u32,
+    pub key_len: u32,
+    pub elements: Vec<RawElement>,
 }
 
 /// A reference by name from an expression to another object of the table.
@@ -267,12 +435,16 @@ fn be64(payload: &[u8]) -> Option<u64> {
 /// The elements of an `NFTA_*` list attribute (each an `NFTA_LIST_ELEM`;
 /// another type is malformed, as in libnftnl), parsed with `each`.
 fn list<'a, T>(bytes: &'a [u8], mut each: impl FnMut(&'a [u8]) -> Option<T>) -> Option<Vec<T>> {
-    Attributes::new(bytes)
-        .map(|attribute| match attribute? {
-            (NFTA_LIST_ELEM, element) => each(element),
-            _ => None,
-        })
-        .collect()
+    // Sized first (walking the headers costs little): the items are large
+    // (a `ParsedExpr` is ~180 bytes), and growing the vector moves them.
+    let mut items = Vec::with_capacity(Attributes::new(bytes).count());
+    for attribute in Attributes::new(bytes) {
+        match attribute? {
+            (NFTA_LIST_ELEM, element) => items.push(each(element)?),
+            _ => return None,
+        }
+    }
+    Some(items)
 }
 
 /// `NFT_MSG_NEWGEN`: the generation id.
@@ -386,66 +558,195 @@ pub fn parse_rule(bytes: &[u8]) -> Option<ParsedRule> {
     })
 }
 
-/// One `NFTA_LIST_ELEM` of `NFTA_RULE_EXPRESSIONS`: its name, and of its
-/// `NFTA_EXPR_DATA` only what the read-back uses (the data of other
-/// expressions is not decoded).
+/// One `NFTA_LIST_ELEM` of `NFTA_RULE_EXPRESSIONS`: its name, and the
+/// attributes of its `NFTA_EXPR_DATA` for every expression this program
+/// writes (the data of others is not decoded: it never equals a model's).
 fn expression(bytes: &[u8]) -> Option<ParsedExpr> {
     let expression = by_type::<{ NFTA_EXPR_MAX + 1 }>(bytes)?;
     let name = string(expression[NFTA_EXPR_NAME]?)?;
     let data = expression[NFTA_EXPR_DATA].unwrap_or_default();
     let mut counter = None;
     let mut reference = None;
-    match name.as_str() {
+    let parsed = match name.as_str() {
         "counter" => {
             let attributes = by_type::<{ NFTA_COUNTER_MAX + 1 }>(data)?;
             let number = |kind| optional(attributes[kind], be64).map(Option::unwrap_or_default);
             counter = Some((number(NFTA_COUNTER_PACKETS)?, number(NFTA_COUNTER_BYTES)?));
+            ExprData::Opaque
         }
         "lookup" => {
             let attributes = by_type::<{ NFTA_LOOKUP_MAX + 1 }>(data)?;
             reference = optional(attributes[NFTA_LOOKUP_SET], string)?.map(Reference::Set);
+            ExprData::Lookup {
+                sreg: zero_if_absent(attributes[NFTA_LOOKUP_SREG], be32)?,
+                dreg: optional(attributes[NFTA_LOOKUP_DREG], be32)?,
+                flags: zero_if_absent(attributes[NFTA_LOOKUP_FLAGS], be32)?,
+                anonymous: None,
+            }
         }
         "immediate" => {
             let attributes = by_type::<{ NFTA_IMMEDIATE_MAX + 1 }>(data)?;
-            reference = optional(attributes[NFTA_IMMEDIATE_DATA], immediate_target)?.flatten();
+            let (value, verdict) =
+                optional(attributes[NFTA_IMMEDIATE_DATA], immediate_data)?.unwrap_or_default();
+            reference = verdict.as_ref().and_then(|(_, target)| target.clone());
+            ExprData::Immediate {
+                dreg: zero_if_absent(attributes[NFTA_IMMEDIATE_DREG], be32)?,
+                value,
+                verdict: verdict.map(|(code, _)| code),
+            }
         }
-        _ => {}
-    }
+        "meta" => {
+            let attributes = by_type::<{ NFTA_META_MAX + 1 }>(data)?;
+            ExprData::Meta {
+                key: zero_if_absent(attributes[NFTA_META_KEY], be32)?,
+                dreg: optional(attributes[NFTA_META_DREG], be32)?,
+                sreg: optional(attributes[NFTA_META_SREG], be32)?,
+            }
+        }
+        "payload" => {
+            let attributes = by_type::<{ NFTA_PAYLOAD_MAX + 1 }>(data)?;
+            let number = |kind: usize| zero_if_absent(attributes[kind], be32);
+            ExprData::Payload {
+                base: number(NFTA_PAYLOAD_BASE)?,
+                offset: number(NFTA_PAYLOAD_OFFSET)?,
+                len: number(NFTA_PAYLOAD_LEN)?,
+                dreg: optional(attributes[NFTA_PAYLOAD_DREG], be32)?,
+                sreg: optional(attributes[NFTA_PAYLOAD_SREG], be32)?,
+                csum_type: number(NFTA_PAYLOAD_CSUM_TYPE)?,
+                csum_offset: number(NFTA_PAYLOAD_CSUM_OFFSET)?,
+                csum_flags: number(NFTA_PAYLOAD_CSUM_FLAGS)?,
+            }
+        }
+        "cmp" => {
+            let attributes = by_type::<{ NFTA_CMP_MAX + 1 }>(data)?;
+            ExprData::Cmp {
+                sreg: zero_if_absent(attributes[NFTA_CMP_SREG], be32)?,
+                op: zero_if_absent(attributes[NFTA_CMP_OP], be32)?,
+                data: value_data(attributes[NFTA_CMP_DATA])?,
+            }
+        }
+        "bitwise" => {
+            let attributes = by_type::<{ NFTA_BITWISE_MAX + 1 }>(data)?;
+            let number = |kind: usize| zero_if_absent(attributes[kind], be32);
+            ExprData::Bitwise(Box::new(BitwiseData {
+                sreg: number(NFTA_BITWISE_SREG)?,
+                dreg: number(NFTA_BITWISE_DREG)?,
+                len: number(NFTA_BITWISE_LEN)?,
+                op: number(NFTA_BITWISE_OP)?,
+                mask: value_data(attributes[NFTA_BITWISE_MASK])?,
+                xor: value_data(attributes[NFTA_BITWISE_XOR])?,
+                data: value_data(attributes[NFTA_BITWISE_DATA])?,
+                sreg2: optional(attributes[NFTA_BITWISE_SREG2], be32)?,
+            }))
+        }
+        "ct" => {
+            let attributes = by_type::<{ NFTA_CT_MAX + 1 }>(data)?;
+            ExprData::Ct {
+                key: zero_if_absent(attributes[NFTA_CT_KEY], be32)?,
+                dreg: optional(attributes[NFTA_CT_DREG], be32)?,
+                sreg: optional(attributes[NFTA_CT_SREG], be32)?,
+                direction: optional(attributes[NFTA_CT_DIRECTION], u8_exact)?,
+            }
+        }
+        "log" => {
+            let attributes = by_type::<{ NFTA_LOG_MAX + 1 }>(data)?;
+            ExprData::Log {
+                group: optional(attributes[NFTA_LOG_GROUP], be16)?,
+                prefix: optional(attributes[NFTA_LOG_PREFIX], string)?,
+                snaplen: zero_if_absent(attributes[NFTA_LOG_SNAPLEN], be32)?,
+                qthreshold: zero_if_absent(attributes[NFTA_LOG_QTHRESHOLD], be16)?,
+                level: optional(attributes[NFTA_LOG_LEVEL], be32)?,
+                flags: zero_if_absent(attributes[NFTA_LOG_FLAGS], be32)?,
+            }
+        }
+        "reject" => {
+            let attributes = by_type::<{ NFTA_REJECT_MAX + 1 }>(data)?;
+            ExprData::Reject {
+                kind: zero_if_absent(attributes[NFTA_REJECT_TYPE], be32)?,
+                code: optional(attributes[NFTA_REJECT_ICMP_CODE], u8_exact)?,
+            }
+        }
+        "redir" => {
+            let attributes = by_type::<{ NFTA_REDIR_MAX + 1 }>(data)?;
+            ExprData::Redir {
+                proto_min: optional(attributes[NFTA_REDIR_REG_PROTO_MIN], be32)?,
+                proto_max: optional(attributes[NFTA_REDIR_REG_PROTO_MAX], be32)?,
+                flags: zero_if_absent(attributes[NFTA_REDIR_FLAGS], be32)?,
+            }
+        }
+        _ => ExprData::Opaque,
+    };
     Some(ParsedExpr {
         name,
         counter,
         reference,
+        data: parsed,
     })
 }
 
-/// The chain an `NFTA_IMMEDIATE_DATA` jumps or goes to, if it is such a
-/// verdict. As libnftnl: a verdict without a code, an unknown code, a jump
-/// or goto without a chain, or a value that is empty or longer than any
-/// register, is malformed.
-fn immediate_target(bytes: &[u8]) -> Option<Option<Reference>> {
-    let data = by_type::<{ NFTA_DATA_MAX + 1 }>(bytes)?;
-    if let Some(value) = data[NFTA_DATA_VALUE]
-        && !(1..=DATA_VALUE_MAXLEN).contains(&value.len())
-    {
-        return None;
+/// An optional number attribute that reads as 0 when absent, `None` when malformed.
+fn zero_if_absent<T: Default>(
+    attribute: Option<&[u8]>,
+    read: impl FnOnce(&[u8]) -> Option<T>,
+) -> Option<T> {
+    optional(attribute, read).map(Option::unwrap_or_default)
+}
+
+/// A big-endian u16 attribute of exactly 2 bytes.
+fn be16(payload: &[u8]) -> Option<u16> {
+    Some(u16::from_be_bytes(payload.try_into().ok()?))
+}
+
+/// A u8 attribute of exactly 1 byte.
+fn u8_exact(payload: &[u8]) -> Option<u8> {
+    match payload {
+        [byte] => Some(*byte),
+        _ => None,
     }
+}
+
+/// The value of an optional `NFTA_DATA_*` nest of a value (`cmp` data,
+/// `bitwise` mask): empty when absent; a verdict or malformed value is
+/// malformed.
+fn value_data(attribute: Option<&[u8]>) -> Option<Vec<u8>> {
+    Some(
+        optional(attribute, data_value)?
+            .flatten()
+            .unwrap_or_default(),
+    )
+}
+
+/// A verdict code, and the chain of a jump or goto.
+type ImmediateVerdict = (i32, Option<Reference>);
+
+/// The `NFTA_IMMEDIATE_DATA` nest: its value, and its verdict with the
+/// chain a jump or goto refers to. As libnftnl: a verdict without a code,
+/// an unknown code, a jump or goto without a chain, or a value that is
+/// empty or longer than any register, is malformed.
+fn immediate_data(bytes: &[u8]) -> Option<(Option<Vec<u8>>, Option<ImmediateVerdict>)> {
+    let data = by_type::<{ NFTA_DATA_MAX + 1 }>(bytes)?;
+    let value = match data[NFTA_DATA_VALUE] {
+        Some(value) if !(1..=DATA_VALUE_MAXLEN).contains(&value.len()) => return None,
+        value => value.map(<[u8]>::to_vec),
+    };
     let Some(verdict) = data[NFTA_DATA_VERDICT] else {
-        return Some(None);
+        return Some((value, None));
     };
     let verdict = by_type::<{ NFTA_VERDICT_MAX + 1 }>(verdict)?;
     let code = be32(verdict[NFTA_VERDICT_CODE]?)? as i32;
     let chain = || string(verdict[NFTA_VERDICT_CHAIN]?);
-    match code {
-        libc::NFT_JUMP => Some(Some(Reference::Jump(chain()?))),
-        libc::NFT_GOTO => Some(Some(Reference::Goto(chain()?))),
+    let target = match code {
+        libc::NFT_JUMP => Some(Reference::Jump(chain()?)),
+        libc::NFT_GOTO => Some(Reference::Goto(chain()?)),
         libc::NF_ACCEPT
         | libc::NF_DROP
         | libc::NF_QUEUE
         | libc::NFT_CONTINUE
         | libc::NFT_BREAK
-        | libc::NFT_RETURN => Some(None),
-        _ => None,
-    }
+        | libc::NFT_RETURN => None,
+        _ => return None,
+    };
+    Some((value, Some((code, target))))
 }
 
 /// Test builds keep a copy of every message parsed on the thread while
@@ -583,6 +884,21 @@ mod tests {
                     saw("deleted rule");
                 }
                 for expression in &parsed.expressions {
+                    saw(&format!("expression {}", expression.name));
+                    match &expression.data {
+                        ExprData::Lookup { flags, .. } if flags & 1 != 0 => saw("inverted lookup"),
+                        ExprData::Log { level: Some(_), .. } => saw("syslog"),
+                        ExprData::Log { group: Some(_), .. } => saw("nflog"),
+                        ExprData::Meta { sreg: Some(_), .. } => saw("meta set"),
+                        ExprData::Ct { sreg: Some(_), .. } => saw("ct set"),
+                        ExprData::Ct {
+                            direction: Some(_), ..
+                        } => saw("ct direction"),
+                        ExprData::Payload { sreg: Some(_), .. } => saw("payload write"),
+                        ExprData::Reject { code: Some(_), .. } => saw("reject code"),
+                        ExprData::Immediate { value: Some(_), .. } => saw("immediate value"),
+                        _ => {}
+                    }
                     match (&expression.counter, &expression.reference) {
                         (Some((0, 0)), _) => saw("zero counter"),
                         (Some(_), _) => saw("counter"),
@@ -684,7 +1000,9 @@ mod tests {
 
     /// A table the compiler would not make, written by nft: gotos, counters
     /// with counts, a rule without user data, a negative base chain
-    /// priority, elements with an expiration, and a table comment.
+    /// priority, elements with an expiration, a table comment, an inverted
+    /// lookup, a syslog log, meta and ct set, a ct load with a direction,
+    /// and a payload write with a checksum update.
     const OTHER_TABLE: &str = r#"
 table inet other {
     comment "not netleash's"
@@ -711,6 +1029,11 @@ table inet other {
         ip daddr @ranges counter packets 1 bytes 60 goto target
         ip daddr . tcp dport @services jump target comment "with user data"
         ip daddr { 192.0.2.77, 192.0.2.78 } drop
+        ip saddr != @ranges log prefix "other " level warn flags all drop
+        meta mark set 0x1
+        ct mark set 0x2
+        ct original ip saddr 10.0.0.1 accept
+        tcp dport 80 tcp dport set 8080
         return
     }
 }
@@ -897,14 +1220,22 @@ table inet other {
     fn a_rule_message_gives_every_field_the_read_back_uses() {
         let (message, _) = rule_message();
         let parsed = parse_rule(&message).expect("a rule");
-        let plain = |name: &str| ParsedExpr {
+        let plain = |name: &str, data| ParsedExpr {
             name: name.into(),
             counter: None,
             reference: None,
+            data,
         };
-        let immediate = |reference| ParsedExpr {
-            reference: Some(reference),
-            ..plain("immediate")
+        let immediate = |code, reference| ParsedExpr {
+            reference,
+            ..plain(
+                "immediate",
+                ExprData::Immediate {
+                    dreg: 0,
+                    value: None,
+                    verdict: Some(code),
+                },
+            )
         };
         let expected = ParsedRule {
             table: "netleash".into(),
@@ -913,18 +1244,38 @@ table inet other {
             handle: 42,
             userdata: vec![0, 3, b'i', b'd', 0],
             expressions: vec![
-                plain("payload"),
+                plain(
+                    "payload",
+                    ExprData::Payload {
+                        base: 0,
+                        offset: 0,
+                        len: 0,
+                        dreg: Some(1),
+                        sreg: None,
+                        csum_type: 0,
+                        csum_offset: 0,
+                        csum_flags: 0,
+                    },
+                ),
                 ParsedExpr {
                     reference: Some(Reference::Set("allow_v4.g1".into())),
-                    ..plain("lookup")
+                    ..plain(
+                        "lookup",
+                        ExprData::Lookup {
+                            sreg: 1,
+                            dreg: None,
+                            flags: 0,
+                            anonymous: None,
+                        },
+                    )
                 },
                 ParsedExpr {
                     counter: Some((3, 180)),
-                    ..plain("counter")
+                    ..plain("counter", ExprData::Opaque)
                 },
-                immediate(Reference::Jump("deny.g1".into())),
-                immediate(Reference::Goto("elsewhere".into())),
-                plain("immediate"),
+                immediate(libc::NFT_JUMP, Some(Reference::Jump("deny.g1".into()))),
+                immediate(libc::NFT_GOTO, Some(Reference::Goto("elsewhere".into()))),
+                immediate(libc::NF_ACCEPT, None),
             ],
         };
         assert_eq!(parsed, expected);
@@ -935,6 +1286,373 @@ table inet other {
             seen.contains("goto") && seen.contains("counter"),
             "{seen:?}"
         );
+    }
+
+    /// A rule message holding `expressions`.
+    fn rule_with(expressions: &[Vec<u8>]) -> Vec<u8> {
+        nft_message(
+            libc::NFT_MSG_NEWRULE,
+            &[
+                text(NFTA_RULE_TABLE, "netleash"),
+                text(NFTA_RULE_CHAIN, "egress.g1"),
+                attribute(NFTA_RULE_HANDLE, &7u64.to_be_bytes()),
+                nested(NFTA_RULE_EXPRESSIONS, expressions),
+            ],
+        )
+        .0
+    }
+
+    fn be32_attribute(kind: usize, value: u32) -> Vec<u8> {
+        attribute(kind, &value.to_be_bytes())
+    }
+
+    fn value_nest(kind: usize, value: &[u8]) -> Vec<u8> {
+        nested(kind, &[attribute(NFTA_DATA_VALUE, value)])
+    }
+
+    /// Every attribute of every kind of expression netleash writes, and of
+    /// the kinds nft writes when it changes them (a payload write, meta and
+    /// ct set, syslog), parsed as the kernel dumps them, and as libnftnl
+    /// parses them.
+    #[test]
+    fn every_attribute_of_every_expression_netleash_writes_is_parsed() {
+        let reg1 = libc::NFT_REG_1 as u32;
+        let reg32_4 = libc::NFT_REG32_00 as u32 + 4;
+        let cases: Vec<(Vec<u8>, ExprData, Option<Reference>)> = vec![
+            (
+                expression(
+                    "meta",
+                    &[
+                        be32_attribute(NFTA_META_KEY, libc::NFT_META_L4PROTO as u32),
+                        be32_attribute(NFTA_META_DREG, reg32_4),
+                    ],
+                ),
+                ExprData::Meta {
+                    key: libc::NFT_META_L4PROTO as u32,
+                    dreg: Some(reg32_4),
+                    sreg: None,
+                },
+                None,
+            ),
+            (
+                expression(
+                    "meta",
+                    &[
+                        be32_attribute(NFTA_META_KEY, libc::NFT_META_MARK as u32),
+                        be32_attribute(NFTA_META_SREG, reg1),
+                    ],
+                ),
+                ExprData::Meta {
+                    key: libc::NFT_META_MARK as u32,
+                    dreg: None,
+                    sreg: Some(reg1),
+                },
+                None,
+            ),
+            (
+                expression(
+                    "payload",
+                    &[
+                        be32_attribute(NFTA_PAYLOAD_DREG, reg1),
+                        be32_attribute(NFTA_PAYLOAD_BASE, 1),
+                        be32_attribute(NFTA_PAYLOAD_OFFSET, 16),
+                        be32_attribute(NFTA_PAYLOAD_LEN, 4),
+                    ],
+                ),
+                ExprData::Payload {
+                    base: 1,
+                    offset: 16,
+                    len: 4,
+                    dreg: Some(reg1),
+                    sreg: None,
+                    csum_type: 0,
+                    csum_offset: 0,
+                    csum_flags: 0,
+                },
+                None,
+            ),
+            (
+                expression(
+                    "payload",
+                    &[
+                        be32_attribute(NFTA_PAYLOAD_SREG, reg1),
+                        be32_attribute(NFTA_PAYLOAD_BASE, 2),
+                        be32_attribute(NFTA_PAYLOAD_OFFSET, 2),
+                        be32_attribute(NFTA_PAYLOAD_LEN, 2),
+                        be32_attribute(NFTA_PAYLOAD_CSUM_TYPE, 1),
+                        be32_attribute(NFTA_PAYLOAD_CSUM_OFFSET, 16),
+                        be32_attribute(NFTA_PAYLOAD_CSUM_FLAGS, 1),
+                    ],
+                ),
+                ExprData::Payload {
+                    base: 2,
+                    offset: 2,
+                    len: 2,
+                    dreg: None,
+                    sreg: Some(reg1),
+                    csum_type: 1,
+                    csum_offset: 16,
+                    csum_flags: 1,
+                },
+                None,
+            ),
+            (
+                expression(
+                    "cmp",
+                    &[
+                        be32_attribute(NFTA_CMP_SREG, reg1),
+                        be32_attribute(NFTA_CMP_OP, libc::NFT_CMP_NEQ as u32),
+                        value_nest(NFTA_CMP_DATA, &[1, 187]),
+                    ],
+                ),
+                ExprData::Cmp {
+                    sreg: reg1,
+                    op: libc::NFT_CMP_NEQ as u32,
+                    data: vec![1, 187],
+                },
+                None,
+            ),
+            (
+                expression(
+                    "bitwise",
+                    &[
+                        be32_attribute(NFTA_BITWISE_SREG, reg1),
+                        be32_attribute(NFTA_BITWISE_DREG, reg1),
+                        be32_attribute(NFTA_BITWISE_LEN, 4),
+                        be32_attribute(NFTA_BITWISE_OP, 0),
+                        value_nest(NFTA_BITWISE_MASK, &[6, 0, 0, 0]),
+                        value_nest(NFTA_BITWISE_XOR, &[0, 0, 0, 0]),
+                    ],
+                ),
+                ExprData::Bitwise(Box::new(BitwiseData {
+                    sreg: reg1,
+                    dreg: reg1,
+                    len: 4,
+                    op: 0,
+                    mask: vec![6, 0, 0, 0],
+                    xor: vec![0; 4],
+                    data: vec![],
+                    sreg2: None,
+                })),
+                None,
+            ),
+            (
+                expression(
+                    "ct",
+                    &[
+                        be32_attribute(NFTA_CT_KEY, libc::NFT_CT_SRC as u32),
+                        be32_attribute(NFTA_CT_DREG, reg1),
+                        attribute(NFTA_CT_DIRECTION, &[1]),
+                    ],
+                ),
+                ExprData::Ct {
+                    key: libc::NFT_CT_SRC as u32,
+                    dreg: Some(reg1),
+                    sreg: None,
+                    direction: Some(1),
+                },
+                None,
+            ),
+            (
+                expression(
+                    "ct",
+                    &[
+                        be32_attribute(NFTA_CT_KEY, libc::NFT_CT_ZONE as u32),
+                        be32_attribute(NFTA_CT_SREG, reg1),
+                    ],
+                ),
+                ExprData::Ct {
+                    key: libc::NFT_CT_ZONE as u32,
+                    dreg: None,
+                    sreg: Some(reg1),
+                    direction: None,
+                },
+                None,
+            ),
+            (
+                expression(
+                    "lookup",
+                    &[
+                        text(NFTA_LOOKUP_SET, "allow_v4.g1"),
+                        be32_attribute(NFTA_LOOKUP_SREG, reg1),
+                        be32_attribute(NFTA_LOOKUP_FLAGS, libc::NFT_LOOKUP_F_INV as u32),
+                    ],
+                ),
+                ExprData::Lookup {
+                    sreg: reg1,
+                    dreg: None,
+                    flags: libc::NFT_LOOKUP_F_INV as u32,
+                    anonymous: None,
+                },
+                Some(Reference::Set("allow_v4.g1".into())),
+            ),
+            (
+                expression(
+                    "log",
+                    &[
+                        text(NFTA_LOG_PREFIX, "netleash deny "),
+                        attribute(NFTA_LOG_GROUP, &4711u16.to_be_bytes()),
+                        be32_attribute(NFTA_LOG_SNAPLEN, 64),
+                        attribute(NFTA_LOG_QTHRESHOLD, &2u16.to_be_bytes()),
+                    ],
+                ),
+                ExprData::Log {
+                    group: Some(4711),
+                    prefix: Some("netleash deny ".into()),
+                    snaplen: 64,
+                    qthreshold: 2,
+                    level: None,
+                    flags: 0,
+                },
+                None,
+            ),
+            (
+                expression(
+                    "log",
+                    &[
+                        be32_attribute(NFTA_LOG_LEVEL, 4),
+                        be32_attribute(NFTA_LOG_FLAGS, 1),
+                    ],
+                ),
+                ExprData::Log {
+                    group: None,
+                    prefix: None,
+                    snaplen: 0,
+                    qthreshold: 0,
+                    level: Some(4),
+                    flags: 1,
+                },
+                None,
+            ),
+            (
+                expression(
+                    "reject",
+                    &[
+                        be32_attribute(NFTA_REJECT_TYPE, libc::NFT_REJECT_ICMPX_UNREACH as u32),
+                        attribute(NFTA_REJECT_ICMP_CODE, &[3]),
+                    ],
+                ),
+                ExprData::Reject {
+                    kind: libc::NFT_REJECT_ICMPX_UNREACH as u32,
+                    code: Some(3),
+                },
+                None,
+            ),
+            (
+                expression(
+                    "reject",
+                    &[be32_attribute(
+                        NFTA_REJECT_TYPE,
+                        libc::NFT_REJECT_TCP_RST as u32,
+                    )],
+                ),
+                ExprData::Reject {
+                    kind: libc::NFT_REJECT_TCP_RST as u32,
+                    code: None,
+                },
+                None,
+            ),
+            (
+                expression(
+                    "immediate",
+                    &[
+                        be32_attribute(NFTA_IMMEDIATE_DREG, reg1),
+                        value_nest(NFTA_IMMEDIATE_DATA, &[4, 29]),
+                    ],
+                ),
+                ExprData::Immediate {
+                    dreg: reg1,
+                    value: Some(vec![4, 29]),
+                    verdict: None,
+                },
+                None,
+            ),
+            (
+                verdict(libc::NF_DROP, ""),
+                ExprData::Immediate {
+                    dreg: 0,
+                    value: None,
+                    verdict: Some(libc::NF_DROP),
+                },
+                None,
+            ),
+            (
+                expression(
+                    "redir",
+                    &[
+                        be32_attribute(NFTA_REDIR_REG_PROTO_MIN, reg1),
+                        be32_attribute(NFTA_REDIR_REG_PROTO_MAX, reg1),
+                        be32_attribute(NFTA_REDIR_FLAGS, 2),
+                    ],
+                ),
+                ExprData::Redir {
+                    proto_min: Some(reg1),
+                    proto_max: Some(reg1),
+                    flags: 2,
+                },
+                None,
+            ),
+            // An expression netleash never writes: its name, nothing more.
+            (
+                expression("fib", &[be32_attribute(1, reg1)]),
+                ExprData::Opaque,
+                None,
+            ),
+        ];
+        let messages: Vec<&Vec<u8>> = cases.iter().map(|(bytes, _, _)| bytes).collect();
+        for (bytes, data, reference) in &cases {
+            let name = string(&bytes[8..]).unwrap();
+            let message = rule_with(std::slice::from_ref(bytes));
+            let parsed = parse_rule(&message).expect("a rule");
+            let expected = ParsedExpr {
+                name,
+                counter: None,
+                reference: reference.clone(),
+                data: data.clone(),
+            };
+            assert_eq!(parsed.expressions, [expected]);
+            // libnftnl reads the same.
+            cross_check(&message, &mut BTreeSet::new());
+        }
+        // All in one rule, in order.
+        let all: Vec<Vec<u8>> = messages.into_iter().cloned().collect();
+        let parsed = parse_rule(&rule_with(&all)).expect("a rule");
+        assert_eq!(parsed.expressions.len(), cases.len());
+    }
+
+    /// An attribute of the wrong size, or a verdict of an unknown code, is malformed.
+    #[test]
+    fn expression_attributes_of_the_wrong_size_are_malformed() {
+        let reg1 = libc::NFT_REG_1 as u32;
+        let malformed = [
+            expression("cmp", &[attribute(NFTA_CMP_OP, &[0, 0])]),
+            expression("cmp", &[value_nest(NFTA_CMP_DATA, &[0; 65])]),
+            expression("ct", &[attribute(NFTA_CT_DIRECTION, &[0, 0, 0, 1])]),
+            expression("log", &[be32_attribute(NFTA_LOG_GROUP, 4711)]),
+            expression("reject", &[be32_attribute(NFTA_REJECT_ICMP_CODE, 3)]),
+            expression("lookup", &[attribute(NFTA_LOOKUP_FLAGS, &[1])]),
+            expression("meta", &[attribute(NFTA_META_KEY, &[0; 8])]),
+            expression(
+                "immediate",
+                &[nested(
+                    NFTA_IMMEDIATE_DATA,
+                    &[nested(
+                        NFTA_DATA_VERDICT,
+                        &[be32_attribute(NFTA_VERDICT_CODE, 7)],
+                    )],
+                )],
+            ),
+            expression("redir", &[attribute(NFTA_REDIR_FLAGS, &[2])]),
+            expression(
+                "payload",
+                &[attribute(NFTA_PAYLOAD_DREG, &reg1.to_be_bytes()[..2])],
+            ),
+        ];
+        // (libnftnl exits the process on these: "nf_tables kernel ABI is broken".)
+        for bytes in &malformed {
+            let message = rule_with(std::slice::from_ref(bytes));
+            assert_eq!(parse_rule(&message), None, "{bytes:?}");
+        }
     }
 
     #[test]
@@ -1147,6 +1865,26 @@ table inet other {
             "lookup",
             "jump",
             "goto",
+            "inverted lookup",
+            "syslog",
+            "nflog",
+            "meta set",
+            "ct set",
+            "ct direction",
+            "payload write",
+            "reject code",
+            "immediate value",
+            "expression meta",
+            "expression payload",
+            "expression cmp",
+            "expression bitwise",
+            "expression ct",
+            "expression lookup",
+            "expression counter",
+            "expression log",
+            "expression reject",
+            "expression immediate",
+            "expression redir",
             "interval set",
             "concatenated set",
             "timeout set",

@@ -382,21 +382,7 @@ fn plan_proxy_action(action: &Action, plan: &mut Vec<Expr>) {
 }
 
 /// `NF_NAT_RANGE_PROTO_SPECIFIED` (include/uapi/linux/netfilter/nf_nat.h).
-const NF_NAT_RANGE_PROTO_SPECIFIED: u32 = 1 << 1;
-
-/// A rule's expressions as the read-back compares them: the kernel name of
-/// each, with the set a named lookup refers to and the chain a jump goes to
-/// (model names; see `KernelTable::expression_label`).
-pub fn expression_labels(rule: &Rule) -> Vec<String> {
-    plan_rule(rule)
-        .iter()
-        .map(|expr| match expr {
-            Expr::Lookup { set, .. } => format!("{} @{set}", expr.kernel_name()),
-            Expr::Jump(chain) => format!("{} jump {chain}", expr.kernel_name()),
-            _ => expr.kernel_name().to_string(),
-        })
-        .collect()
-}
+pub(super) const NF_NAT_RANGE_PROTO_SPECIFIED: u32 = 1 << 1;
 
 fn cstring(text: &str) -> Result<CString, Error> {
     CString::new(text).map_err(|_| Error::InvalidName {
@@ -612,8 +598,8 @@ impl<'a> Builder<'a> {
                         expiration_ms: None,
                     });
                 }
-                self.transaction
-                    .add_elements(&message, ElementOp::Create, object);
+                // Echoed, for the verification (`readback::compose`).
+                self.transaction.add_new_set_elements(&message, object);
                 rule.add_expr(&ffi::Lookup {
                     sreg: REG_1,
                     set: definition.name,

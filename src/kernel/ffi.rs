@@ -854,7 +854,9 @@ pub use super::attributes::{ParsedSet, Reference};
 #[cfg(test)]
 pub mod nftnl_parsers {
     use super::*;
-    use crate::kernel::attributes::{ParsedChain, ParsedExpr, ParsedRule, ParsedTable};
+    use crate::kernel::attributes::{
+        BitwiseData, ExprData, ParsedChain, ParsedExpr, ParsedRule, ParsedTable,
+    };
 
     /// A whole netlink message from a receive buffer, checked to be safe to hand
     /// to libnftnl's parsers.
@@ -1056,6 +1058,103 @@ pub mod nftnl_parsers {
         }
     }
 
+    /// What libnftnl read of the attributes of an expression named `name`
+    /// (its counts and references aside), as `attributes` reads them.
+    ///
+    /// # Safety
+    /// `expr` must be a valid expression of a parsed rule.
+    unsafe fn expression_data(expr: *mut sys::nftnl_expr, name: &str) -> ExprData {
+        // SAFETY: `expr` is valid (function contract); getters of a set
+        // attribute return pointers into it, copied here.
+        unsafe {
+            let set = |attr: u32| sys::nftnl_expr_is_set(expr, attr as u16);
+            let u32_of = |attr: u32| set(attr).then(|| sys::nftnl_expr_get_u32(expr, attr as u16));
+            let u32_or_0 = |attr: u32| u32_of(attr).unwrap_or_default();
+            let u16_of = |attr: u32| set(attr).then(|| sys::nftnl_expr_get_u16(expr, attr as u16));
+            let u8_of = |attr: u32| set(attr).then(|| sys::nftnl_expr_get_u8(expr, attr as u16));
+            let bytes = |attr: u32| {
+                set(attr).then(|| {
+                    let mut len = 0u32;
+                    owned_bytes(sys::nftnl_expr_get(expr, attr as u16, &mut len), len)
+                })
+            };
+            let bytes_or_empty = |attr: u32| bytes(attr).unwrap_or_default();
+            match name {
+                "lookup" => ExprData::Lookup {
+                    sreg: u32_or_0(sys::NFTNL_EXPR_LOOKUP_SREG),
+                    dreg: u32_of(sys::NFTNL_EXPR_LOOKUP_DREG),
+                    flags: u32_or_0(sys::NFTNL_EXPR_LOOKUP_FLAGS),
+                    anonymous: None,
+                },
+                "immediate" => ExprData::Immediate {
+                    dreg: u32_or_0(sys::NFTNL_EXPR_IMM_DREG),
+                    value: bytes(sys::NFTNL_EXPR_IMM_DATA),
+                    verdict: u32_of(sys::NFTNL_EXPR_IMM_VERDICT).map(|v| v as i32),
+                },
+                "meta" => ExprData::Meta {
+                    key: u32_or_0(sys::NFTNL_EXPR_META_KEY),
+                    dreg: u32_of(sys::NFTNL_EXPR_META_DREG),
+                    sreg: u32_of(sys::NFTNL_EXPR_META_SREG),
+                },
+                "payload" => ExprData::Payload {
+                    base: u32_or_0(sys::NFTNL_EXPR_PAYLOAD_BASE),
+                    offset: u32_or_0(sys::NFTNL_EXPR_PAYLOAD_OFFSET),
+                    len: u32_or_0(sys::NFTNL_EXPR_PAYLOAD_LEN),
+                    dreg: u32_of(sys::NFTNL_EXPR_PAYLOAD_DREG),
+                    sreg: u32_of(sys::NFTNL_EXPR_PAYLOAD_SREG),
+                    csum_type: u32_or_0(sys::NFTNL_EXPR_PAYLOAD_CSUM_TYPE),
+                    csum_offset: u32_or_0(sys::NFTNL_EXPR_PAYLOAD_CSUM_OFFSET),
+                    csum_flags: u32_or_0(sys::NFTNL_EXPR_PAYLOAD_FLAGS),
+                },
+                "cmp" => ExprData::Cmp {
+                    sreg: u32_or_0(sys::NFTNL_EXPR_CMP_SREG),
+                    op: u32_or_0(sys::NFTNL_EXPR_CMP_OP),
+                    data: bytes_or_empty(sys::NFTNL_EXPR_CMP_DATA),
+                },
+                "bitwise" => ExprData::Bitwise(Box::new(BitwiseData {
+                    sreg: u32_or_0(sys::NFTNL_EXPR_BITWISE_SREG),
+                    dreg: u32_or_0(sys::NFTNL_EXPR_BITWISE_DREG),
+                    len: u32_or_0(sys::NFTNL_EXPR_BITWISE_LEN),
+                    op: u32_or_0(sys::NFTNL_EXPR_BITWISE_OP),
+                    mask: bytes_or_empty(sys::NFTNL_EXPR_BITWISE_MASK),
+                    xor: bytes_or_empty(sys::NFTNL_EXPR_BITWISE_XOR),
+                    data: bytes_or_empty(sys::NFTNL_EXPR_BITWISE_DATA),
+                    // libnftnl 1.2.4 predates NFTA_BITWISE_SREG2 (Linux 6.13).
+                    sreg2: None,
+                })),
+                "ct" => ExprData::Ct {
+                    key: u32_or_0(sys::NFTNL_EXPR_CT_KEY),
+                    dreg: u32_of(sys::NFTNL_EXPR_CT_DREG),
+                    sreg: u32_of(sys::NFTNL_EXPR_CT_SREG),
+                    direction: u8_of(sys::NFTNL_EXPR_CT_DIR),
+                },
+                "log" => ExprData::Log {
+                    group: u16_of(sys::NFTNL_EXPR_LOG_GROUP),
+                    prefix: set(sys::NFTNL_EXPR_LOG_PREFIX).then(|| {
+                        owned_str(sys::nftnl_expr_get_str(
+                            expr,
+                            sys::NFTNL_EXPR_LOG_PREFIX as u16,
+                        ))
+                    }),
+                    snaplen: u32_or_0(sys::NFTNL_EXPR_LOG_SNAPLEN),
+                    qthreshold: u16_of(sys::NFTNL_EXPR_LOG_QTHRESHOLD).unwrap_or_default(),
+                    level: u32_of(sys::NFTNL_EXPR_LOG_LEVEL),
+                    flags: u32_or_0(sys::NFTNL_EXPR_LOG_FLAGS),
+                },
+                "reject" => ExprData::Reject {
+                    kind: u32_or_0(sys::NFTNL_EXPR_REJECT_TYPE),
+                    code: u8_of(sys::NFTNL_EXPR_REJECT_CODE),
+                },
+                "redir" => ExprData::Redir {
+                    proto_min: u32_of(sys::NFTNL_EXPR_REDIR_REG_PROTO_MIN),
+                    proto_max: u32_of(sys::NFTNL_EXPR_REDIR_REG_PROTO_MAX),
+                    flags: u32_or_0(sys::NFTNL_EXPR_REDIR_FLAGS),
+                },
+                _ => ExprData::Opaque,
+            }
+        }
+    }
+
     pub fn parse_rule(message: &[u8]) -> Option<ParsedRule> {
         let nlh = message_header(message)?;
         // SAFETY: `nlh` is a complete, aligned message (checked); strings and user data
@@ -1102,10 +1201,12 @@ pub mod nftnl_parsers {
                     }
                     _ => None,
                 };
+                let data = expression_data(expr, &name);
                 expressions.push(ParsedExpr {
                     name,
                     counter,
                     reference,
+                    data,
                 });
                 expr = sys::nftnl_expr_iter_next(iter);
             }

@@ -101,7 +101,7 @@ pub const DIR_VARIABLE: &str = "NETLEASH_LAST_APPLY_DIR";
 pub const DEFAULT_DIR: &str = "/run/netleash/last-apply";
 
 /// The file format; a file of another format is removed, not read.
-const FORMAT: u32 = 1;
+const FORMAT: u32 = 2;
 
 /// The netleash version that writes and reads the files.
 const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -650,7 +650,7 @@ impl Drop for Pending {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernel::attributes::{ParsedExpr, Reference};
+    use crate::kernel::attributes::{ExprData, ParsedExpr, Reference};
     use crate::kernel::readback::{KernelChain, KernelRule, KernelSet};
 
     fn identity() -> Identity {
@@ -722,6 +722,12 @@ mod tests {
                         name: "lookup".into(),
                         counter: Some((1, 2)),
                         reference: Some(Reference::Set("allow_v4.g2".into())),
+                        data: ExprData::Lookup {
+                            sreg: 1,
+                            dreg: None,
+                            flags: 0,
+                            anonymous: None,
+                        },
                     }],
                 }],
             }],

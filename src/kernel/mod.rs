@@ -31,6 +31,7 @@
 mod attributes;
 mod batch;
 mod elements;
+mod expressions;
 mod ffi;
 mod generation;
 pub mod last_apply;

@@ -19,12 +19,12 @@ use std::fmt;
 
 use serde::Serialize;
 
-use super::attributes::{self, ParsedExpr, ParsedSet, Reference};
+use super::attributes::{self, AnonymousContents, ExprData, ParsedExpr, ParsedSet, Reference};
 use super::elements::{self, describe_raw};
 use super::ffi::{self, RawElement, Request};
 use super::generation;
 use super::netlink::{Echo, Netlink};
-use super::{Error, batch, table_name};
+use super::{Error, batch, expressions, table_name};
 use crate::ruleset::{ChainKind, Ruleset, SetRole, TABLE_NAME};
 
 /// How often a read is retried when the ruleset changes under it.
@@ -168,23 +168,6 @@ impl KernelTable {
             _ => kernel_name,
         }
     }
-
-    /// An expression as the read-back compares it: its kernel name, and
-    /// for a named set lookup or a jump, what it refers to (by model name).
-    pub fn expression_label(&self, expr: &ParsedExpr) -> String {
-        match &expr.reference {
-            Some(Reference::Set(set)) if !set.starts_with("__set") => {
-                format!("{} @{}", expr.name, self.set_model_name(set))
-            }
-            Some(Reference::Jump(chain)) => {
-                format!("{} jump {}", expr.name, self.model_name(chain))
-            }
-            Some(Reference::Goto(chain)) => {
-                format!("{} goto {}", expr.name, self.model_name(chain))
-            }
-            _ => expr.name.clone(),
-        }
-    }
 }
 
 /// A consistent reading of the table and the ruleset generation id it was read at.
@@ -251,20 +234,28 @@ pub fn generation_id(netlink: &mut Netlink) -> Result<u32, Error> {
 /// The named sets of the table (without elements), by kernel name. Fails
 /// with `NoTable` if the table is absent.
 pub fn read_sets(netlink: &mut Netlink) -> Result<Vec<ParsedSet>, Error> {
+    Ok(read_all_sets(netlink)?.0)
+}
+
+/// The named sets and the anonymous sets of the table (without elements),
+/// by kernel name. Fails with `NoTable` if the table is absent.
+fn read_all_sets(netlink: &mut Netlink) -> Result<(Vec<ParsedSet>, Vec<ParsedSet>), Error> {
     let table = table_name();
     let mut sets = Vec::new();
+    let mut anonymous = Vec::new();
     let answer = netlink.dump(Request::Sets, &table, &mut |message| {
         let set = attributes::parse_set(message).ok_or_else(|| malformed("set"))?;
-        if set.table == TABLE_NAME
-            && set.family == libc::NFPROTO_INET as u32
-            && set.flags & libc::NFT_SET_ANONYMOUS as u32 == 0
-        {
-            sets.push(set);
+        if set.table == TABLE_NAME && set.family == libc::NFPROTO_INET as u32 {
+            if set.flags & libc::NFT_SET_ANONYMOUS as u32 == 0 {
+                sets.push(set);
+            } else {
+                anonymous.push(set);
+            }
         }
         Ok(())
     })?;
     match answer {
-        Ok(_) => Ok(sets),
+        Ok(_) => Ok((sets, anonymous)),
         Err(libc::ENOENT) => Err(Error::NoTable),
         Err(errno) => Err(Error::Dump {
             what: "the sets",
@@ -304,8 +295,14 @@ fn read(netlink: &mut Netlink, plan: &ElementPlan, confirm: Confirm) -> Result<S
     for _ in 0..READ_ATTEMPTS {
         let before = generation_id(netlink)?;
         let (table, interrupted) = match read_table_once(netlink)? {
-            Some((raw, mut interrupted)) => {
+            Some((mut raw, mut interrupted)) => {
+                let mut anonymous = std::mem::take(&mut raw.anonymous);
                 let mut table = in_force(raw);
+                // A reading to change the table is not compared with a
+                // model: the new generation's rules bring their own sets.
+                if plan.read && confirm == Confirm::Yes {
+                    interrupted |= read_anonymous(netlink, &mut table, &mut anonymous)?;
+                }
                 let known_now = plan.known_at == Some(before);
                 for set in table.sets.iter_mut().filter(|_| plan.read) {
                     if plan.skip.contains(&set.name) {
@@ -339,6 +336,81 @@ struct RawTable {
     comment: Option<String>,
     sets: Vec<KernelSet>,
     chains: Vec<KernelChain>,
+    /// The anonymous sets, their elements not read (see [`attach_anonymous`]).
+    anonymous: Vec<KernelSet>,
+}
+
+/// Read the elements of the anonymous sets among `anonymous` that the rules
+/// of `table` look up, and attach them to those lookups. Returns whether a
+/// dump was interrupted; a lookup of an anonymous set that is not listed
+/// (created since the sets were listed) is an interruption too.
+fn read_anonymous(
+    netlink: &mut Netlink,
+    table: &mut KernelTable,
+    anonymous: &mut [KernelSet],
+) -> Result<bool, Error> {
+    let mut interrupted = false;
+    for set in anonymous.iter_mut() {
+        if looks_up(table, &set.kernel_name) {
+            interrupted |= read_elements(netlink, set)?;
+            set.elements_read = true;
+        }
+    }
+    Ok(interrupted | !attach_anonymous(table, anonymous))
+}
+
+/// Whether a rule of `table` looks up set `name`.
+fn looks_up(table: &KernelTable, name: &str) -> bool {
+    table
+        .chains
+        .iter()
+        .flat_map(|c| &c.rules)
+        .flat_map(|r| &r.expressions)
+        .any(|e| matches!(&e.reference, Some(Reference::Set(set)) if set == name))
+}
+
+/// Attach to each lookup of an anonymous set in `table` what the set holds,
+/// from `anonymous` (sets whose elements were read). Returns whether every
+/// such lookup got its set's contents.
+fn attach_anonymous(table: &mut KernelTable, anonymous: &[KernelSet]) -> bool {
+    let mut complete = true;
+    for expr in table
+        .chains
+        .iter_mut()
+        .flat_map(|c| &mut c.rules)
+        .flat_map(|r| &mut r.expressions)
+    {
+        let (
+            Some(Reference::Set(name)),
+            ExprData::Lookup {
+                anonymous: slot, ..
+            },
+        ) = (&expr.reference, &mut expr.data)
+        else {
+            continue;
+        };
+        if !name.starts_with("__set") || slot.is_some() {
+            continue;
+        }
+        match anonymous
+            .iter()
+            .find(|s| s.kernel_name == *name && s.elements_read)
+        {
+            Some(set) => {
+                // In key order: an echo and a dump list them in other orders.
+                let mut elements = set.elements.clone();
+                elements.sort_unstable();
+                *slot = Some(Box::new(AnonymousContents {
+                    flags: set.flags,
+                    key_type: set.key_type,
+                    key_len: set.key_len,
+                    elements,
+                }))
+            }
+            None => complete = false,
+        }
+    }
+    complete
 }
 
 /// Read the elements of `set` into it. Returns whether the dump was interrupted.
@@ -395,13 +467,14 @@ fn read_table_once(netlink: &mut Netlink) -> Result<Option<(RawTable, bool)>, Er
     )
     .map(ffi::udata_string);
     let mut interrupted = false;
-    let sets = match read_sets(netlink) {
+    let (sets, anonymous) = match read_all_sets(netlink) {
         Ok(sets) => sets,
         // The table was deleted since it was read: read again.
         Err(Error::NoTable) => return Ok(Some((RawTable::default(), true))),
         Err(err) => return Err(err),
     };
     let sets = sets.into_iter().map(KernelSet::listed).collect();
+    let anonymous = anonymous.into_iter().map(KernelSet::listed).collect();
 
     let mut chains = Vec::new();
     let answer = netlink.dump(Request::Chains, &table, &mut |message| {
@@ -446,6 +519,7 @@ fn read_table_once(netlink: &mut Netlink) -> Result<Option<(RawTable, bool)>, Er
                 comment,
                 sets,
                 chains,
+                anonymous,
             },
             interrupted,
         )));
@@ -494,6 +568,7 @@ fn read_table_once(netlink: &mut Netlink) -> Result<Option<(RawTable, bool)>, Er
             comment,
             sets,
             chains,
+            anonymous,
         },
         interrupted,
     )))
@@ -621,6 +696,11 @@ pub fn compose(
                     return None;
                 }
                 if set.flags & libc::NFT_SET_ANONYMOUS as u32 != 0 {
+                    // Its elements follow (`batch` has them echoed): it
+                    // starts empty.
+                    let mut set = KernelSet::listed(set);
+                    set.elements_read = true;
+                    raw.anonymous.push(set);
                     continue;
                 }
                 if raw.sets.iter().any(|s| s.kernel_name == set.name) {
@@ -647,21 +727,28 @@ pub fn compose(
                     }
                     Some(set) if set.elements_read => set.elements.extend(elements),
                     // Elements of a set whose elements are not compared (a
-                    // DNS-derived set), or of an anonymous set.
+                    // DNS-derived set).
                     Some(_) => {}
-                    None if name.starts_with("__set") => {}
-                    None => return None,
+                    None => match raw.anonymous.iter_mut().find(|s| s.kernel_name == name) {
+                        Some(set) => set.elements.extend(elements),
+                        None => return None,
+                    },
                 }
             }
             _ => return None,
         }
     }
-    let table = in_force(raw);
-    table
-        .chains
-        .iter()
-        .all(|c| rules_known.contains(&c.kernel_name))
-        .then_some((table, echoed))
+    let anonymous = std::mem::take(&mut raw.anonymous);
+    let mut table = in_force(raw);
+    // A lookup of an anonymous set that this echo did not create (or whose
+    // elements it did not show) cannot be verified from it.
+    let complete = attach_anonymous(&mut table, &anonymous);
+    (complete
+        && table
+            .chains
+            .iter()
+            .all(|c| rules_known.contains(&c.kernel_name)))
+    .then_some((table, echoed))
 }
 
 /// A rule as read, with its comment as its id.
@@ -696,6 +783,7 @@ fn in_force(raw: RawTable) -> KernelTable {
         comment,
         sets,
         chains,
+        anonymous: _,
     } = raw;
     let bases: Vec<&KernelChain> = chains.iter().filter(|c| c.hook.is_some()).collect();
     let entries: Vec<&str> = bases.iter().flat_map(|c| chain_references(c)).collect();
@@ -795,6 +883,9 @@ pub enum Difference {
         kernel: Vec<String>,
         model: Vec<String>,
     },
+    /// A rule whose expressions differ: the kernel's and the model's, in
+    /// nft's `--debug=netlink` notation, those at the positions where they
+    /// differ (`#N` first), or all if their numbers differ.
     RuleExpressions {
         chain: String,
         rule: String,
@@ -894,8 +985,8 @@ impl fmt::Display for Difference {
             } => write!(
                 f,
                 "rule {rule:?} in chain {chain:?} has expressions [{}] in the kernel, [{}] in the policy",
-                kernel.join(" "),
-                model.join(" ")
+                kernel.join("; "),
+                model.join("; ")
             ),
         }
     }
@@ -1055,13 +1146,10 @@ pub fn differences(model: &Ruleset, kernel: &KernelTable) -> Result<Vec<Differen
             continue;
         }
         for (rule, kr) in chain.rules.iter().zip(&kc.rules) {
-            let want: Vec<String> = batch::expression_labels(rule);
-            let have: Vec<String> = kr
-                .expressions
-                .iter()
-                .map(|e| kernel.expression_label(e))
-                .collect();
-            if want != have {
+            let want = batch::plan_rule(rule);
+            if !expressions::same_rule(kernel, &kr.expressions, &want) {
+                let (have, want) =
+                    expressions::describe_differences(kernel, &kr.expressions, &want);
                 found.push(Difference::RuleExpressions {
                     chain: chain.name.clone(),
                     rule: rule.id.clone(),
@@ -1354,6 +1442,7 @@ mod tests {
         let set_name = |name: &str| naming.as_ref().map_or(name.to_string(), |n| n.set(name));
         let chain_name = |name: &str| naming.as_ref().map_or(name.to_string(), |n| n.chain(name));
         RawTable {
+            anonymous: Vec::new(),
             comment: generation.is_none().then(|| model.digest.clone()),
             sets: model
                 .sets
@@ -1393,21 +1482,21 @@ mod tests {
                             handle: i as u64,
                             expressions: batch::plan_rule(r)
                                 .iter()
-                                .map(|e| ParsedExpr {
-                                    name: e.kernel_name().into(),
-                                    counter: None,
-                                    reference: match e {
-                                        batch::Expr::Lookup { set, .. } => {
-                                            Some(Reference::Set(set_name(set)))
+                                .map(|e| {
+                                    let mut expr = expressions::expected(e);
+                                    expr.reference = match expr.reference {
+                                        Some(Reference::Set(set)) if set.starts_with("__set") => {
+                                            Some(Reference::Set(set))
                                         }
-                                        batch::Expr::LookupAnonymous(_) => {
-                                            Some(Reference::Set("__set0".into()))
+                                        Some(Reference::Set(set)) => {
+                                            Some(Reference::Set(set_name(&set)))
                                         }
-                                        batch::Expr::Jump(chain) => {
-                                            Some(Reference::Jump(chain_name(chain)))
+                                        Some(Reference::Jump(chain)) => {
+                                            Some(Reference::Jump(chain_name(&chain)))
                                         }
-                                        _ => None,
-                                    },
+                                        other => other,
+                                    };
+                                    expr
                                 })
                                 .collect(),
                         })
@@ -1535,7 +1624,7 @@ mod tests {
                 Difference::MissingSet(set),
                 Difference::RuleExpressions { rule, kernel, .. },
             ] if set == "blocklist_v4" && rule == "blocklist-v4"
-                && kernel.contains(&"lookup @blocklist_v6".to_string())),
+                && kernel == &["#3 lookup reg 1 @blocklist_v6"]),
             "{found:?}"
         );
     }

@@ -44,12 +44,12 @@ fn run(program: &str, args: &[&str]) -> Output {
 }
 
 /// A network namespace that exists for one test and is deleted on drop.
-struct Netns {
+pub(super) struct Netns {
     name: String,
 }
 
 impl Netns {
-    fn new(tag: &str) -> Netns {
+    pub(super) fn new(tag: &str) -> Netns {
         require_root();
         let name = format!(
             "nlk-{tag}-{}-{}",
@@ -65,11 +65,11 @@ impl Netns {
         Netns { name }
     }
 
-    fn target(&self) -> Target {
+    pub(super) fn target(&self) -> Target {
         Target::Name(self.name.clone())
     }
 
-    fn nft(&self, args: &[&str]) -> Output {
+    pub(super) fn nft(&self, args: &[&str]) -> Output {
         let mut full = vec!["netns", "exec", &self.name, "nft"];
         full.extend_from_slice(args);
         run("ip", &full)

@@ -26,3 +26,4 @@ mod policies;
 mod runc;
 mod sidecar;
 mod support;
+mod verification;
