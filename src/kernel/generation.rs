@@ -270,8 +270,11 @@ pub struct EntryRule {
     /// The base chain.
     pub chain: String,
     pub hook: ffi::BaseHook,
-    /// The rule's comment (its id).
+    /// The rule's id (the first word of its comment).
     pub id: Option<String>,
+    /// The policy digest its comment carries after the id (see
+    /// [`entry_comment`]); `None` for a rule an earlier netleash wrote.
+    pub digest: Option<String>,
     /// The kernel name of the chain it jumps to.
     pub target: String,
 }
@@ -291,8 +294,11 @@ pub struct Swap {
     pub tighten: Vec<String>,
     /// The base chains' rules and hooks as they are, for a rollback.
     pub previous: Vec<EntryRule>,
-    /// The digest of generation `from` (its chains' comment).
-    pub from_digest: Option<String>,
+    /// The comment of generation `from`'s chains: its shape digest
+    /// ([`shape`]), or for a generation an earlier netleash staged, the
+    /// digest of the policy it was staged for. It tells generation `from`
+    /// apart from another of the same number (see `kernel::generation_is_there`).
+    pub from_comment: Option<String>,
     /// Static sets of the model that the generation in force already holds
     /// exactly (same definition, same elements, as read back with the
     /// ruleset generation id the stage carries): model name → kernel name.
@@ -370,12 +376,40 @@ impl SetEdit {
 /// The model set must list its elements strictly sorted (the compiler sorts
 /// and merges them): a model that lists an element twice is never edited,
 /// since creating it fails, and so must changing a set into it.
+#[cfg(test)]
 pub fn in_place_edit(set: &Set, kernel: &KernelSet) -> Result<Option<SetEdit>, super::Error> {
+    Ok(set_change(set, kernel)?
+        .filter(kept_in_swap)
+        .map(|change| change.edit))
+}
+
+/// Whether a swap keeps a set that `change` turns into the model's (see
+/// [`in_place_edit`], which [`approach`] applies through this).
+fn kept_in_swap(change: &Change) -> bool {
+    change.edit.is_empty() || change.changed < change.kept
+}
+
+/// More element changes than stay that an edit in place of the whole
+/// generation ([`Approach::Edit`]) still makes, per set: its alternative is
+/// not creating one set again but staging a whole generation (every rule,
+/// an insertion per element of each set created, and a cleanup
+/// transaction), which costs more than this many element changes. 64 is
+/// more than a typical policy's allowlist holds, so any change to one is an
+/// edit.
+const EDIT_SLACK: usize = 64;
+
+/// The change that turns `kernel` into model set `set` in place, whatever
+/// its size, if it can be made in place at all (see [`in_place_edit`]).
+fn set_change(set: &Set, kernel: &KernelSet) -> Result<Option<Change>, super::Error> {
     if !kernel.elements_read || persistent_set(set) {
         return Ok(None);
     }
     if kernel.verified_as.as_ref() == Some(set) {
-        return Ok(Some(SetEdit::default()));
+        return Ok(Some(Change {
+            edit: SetEdit::default(),
+            kept: set.elements.len(),
+            changed: 0,
+        }));
     }
     if !set.elements.windows(2).all(|w| w[0] < w[1]) {
         return Ok(None);
@@ -384,22 +418,14 @@ pub fn in_place_edit(set: &Set, kernel: &KernelSet) -> Result<Option<SetEdit>, s
         Some(held) => edit_from_verified(set, held)?,
         None => edit_from_read(set, kernel)?,
     };
-    let Some(Change {
-        edit,
-        kept,
-        changed,
-    }) = change
-    else {
+    let Some(change) = change else {
         return Ok(None);
     };
-    if edit.is_empty() {
-        return Ok(Some(edit));
-    }
     let pipapo = set.interval && matches!(set.key, SetKey::AddrProtoPort(_));
-    if pipapo && !edit.remove.is_empty() {
+    if pipapo && !change.edit.remove.is_empty() {
         return Ok(None);
     }
-    Ok((changed < kept).then_some(edit))
+    Ok(Some(change))
 }
 
 /// An edit, with the number of model elements it keeps and the number it
@@ -541,6 +567,13 @@ pub enum Approach {
         reason: String,
     },
     Swap(Swap),
+    /// The model differs from the generation in force only in the elements
+    /// of static sets and in its digest: one transaction changes those
+    /// sets in place and replaces the entry rules (with the new digest),
+    /// see the module docs. A [`Swap`] with `to == from`: every static set
+    /// is kept (`reuse`), `edit` holds the element changes, and nothing is
+    /// created, loosened or tightened.
+    Edit(Swap),
 }
 
 /// The highest generation number any object of the table carries.
@@ -643,6 +676,7 @@ pub fn approach(model: &Ruleset, table: Option<&KernelTable>) -> Result<Approach
                 chain_type: chain_type(base.kind),
             },
             id: rule.id.clone(),
+            digest: rule.digest.clone(),
             target,
         });
     }
@@ -666,17 +700,30 @@ pub fn approach(model: &Ruleset, table: Option<&KernelTable>) -> Result<Approach
         ));
     }
 
+    // For a swap: kept as it is if it holds the model set exactly, kept and
+    // changed in place if it holds a few elements more or fewer
+    // ([`in_place_edit`]). For an edit of the generation in force: changed
+    // in place up to `EDIT_SLACK` changes more than stay.
     let (mut reuse, mut edit) = (BTreeMap::new(), BTreeMap::new());
+    let (mut edit_reuse, mut edit_edit) = (BTreeMap::new(), BTreeMap::new());
     for set in model.sets.iter().filter(|s| !persistent_set(s)) {
         let Some(kernel) = table.sets.iter().find(|k| k.name == set.name) else {
             continue;
         };
-        // Kept as it is if it holds the model set exactly, kept and
-        // changed in place if it holds a few elements more or fewer.
-        if let Some(change) = in_place_edit(set, kernel)? {
+        let Some(change) = set_change(set, kernel)? else {
+            continue;
+        };
+        let for_swap = kept_in_swap(&change);
+        if change.changed <= change.kept + EDIT_SLACK {
+            edit_reuse.insert(set.name.clone(), kernel.kernel_name.clone());
+            if !change.edit.is_empty() {
+                edit_edit.insert(set.name.clone(), change.edit.clone());
+            }
+        }
+        if for_swap {
             reuse.insert(set.name.clone(), kernel.kernel_name.clone());
-            if !change.is_empty() {
-                edit.insert(set.name.clone(), change);
+            if !change.edit.is_empty() {
+                edit.insert(set.name.clone(), change.edit);
             }
         }
     }
@@ -701,17 +748,144 @@ pub fn approach(model: &Ruleset, table: Option<&KernelTable>) -> Result<Approach
     let Some(to) = highest_generation(table).checked_add(1) else {
         return replace("its generation numbers are exhausted".into());
     };
-    Ok(Approach::Swap(Swap {
+    let swap = Swap {
         from,
         to,
         create,
         loosen,
         tighten,
         previous,
-        from_digest: table.digest.clone(),
+        from_comment: table.shape.clone(),
         reuse,
         edit,
-    }))
+    };
+    let in_place = Swap {
+        to: from,
+        reuse: edit_reuse,
+        edit: edit_edit,
+        ..swap.clone()
+    };
+    if let Some(reason) = why_not_edit(model, table, &in_place)? {
+        tracing::debug!("generation {from} is swapped, not edited in place: {reason}");
+        return Ok(Approach::Swap(swap));
+    }
+    Ok(Approach::Edit(in_place))
+}
+
+/// Why `swap` (planned by [`approach`] from `table`) cannot be an edit in
+/// place of the generation in force, or `None` if it can: the generation
+/// in force was staged for a model of the same shape ([`shape`]: the same
+/// chains, rules, set definitions, base chain policies and persistent sets),
+/// nothing else is in the table (no leftovers, no set or chain the model
+/// lacks), and what differs from the model is at most the policy digest and
+/// the elements of static sets that [`in_place_edit`] changes in place.
+///
+/// The shape digest is needed because the comparison with the kernel
+/// ([`readback::differences`](super::readback::differences)) compares each
+/// rule by its id and by the kinds and references of its expressions, not
+/// by their data (a port number, a mark): two models of the same shape have
+/// rules that are equal in every byte, and the table's rules are those the
+/// generation was staged with, as its last verification found them (or as
+/// read, in an apply without memory of the table).
+fn why_not_edit(
+    model: &Ruleset,
+    table: &KernelTable,
+    swap: &Swap,
+) -> Result<Option<String>, super::Error> {
+    if table.shape.as_deref() != Some(shape(model).as_str()) {
+        return Ok(Some(
+            "its rules, chains or set definitions differ from the policy's".into(),
+        ));
+    }
+    if !swap.loosen.is_empty() || !swap.tighten.is_empty() {
+        return Ok(Some("a base chain policy changes".into()));
+    }
+    if !swap.create.is_empty() {
+        return Ok(Some("a DNS-derived set is missing".into()));
+    }
+    if !table.leftover_chains.is_empty() || !table.leftover_sets.is_empty() {
+        return Ok(Some(
+            "what is left of earlier generations is to be deleted".into(),
+        ));
+    }
+    if let Some(set) = model
+        .sets
+        .iter()
+        .find(|s| !persistent_set(s) && !swap.reuse.contains_key(&s.name))
+    {
+        return Ok(Some(format!(
+            "set {:?} changes in more elements than stay, or is created again",
+            set.name
+        )));
+    }
+    let differences = super::readback::differences(model, table)?;
+    let editable = |difference: &super::Difference| match difference {
+        super::Difference::Digest { .. } => true,
+        super::Difference::SetElements { set, .. } => swap.reuse.contains_key(set),
+        _ => false,
+    };
+    Ok(differences
+        .iter()
+        .find(|d| !editable(d))
+        .map(|d| format!("the table in force differs in more than elements: {d}")))
+}
+
+/// The comment prefix of a generation's shape digest.
+pub const SHAPE_PREFIX: &str = "shape ";
+
+/// The shape digest of `ruleset` (in its [`entry_form`]), which its
+/// generation's chains carry as their comment: `shape sha256:HEX` over
+/// everything the kernel gets of it but the elements of its static sets
+/// (chains and their rules, every set's definition, the persistent sets,
+/// the base chains' hooks and policies), and over the netleash version that
+/// lays it out. Two models with the same shape digest put the same rules,
+/// byte for byte, into the kernel, so one can replace the other by changing
+/// set elements alone ([`Approach::Edit`]). The encoding is the models'
+/// `Debug` text, which prints every field: a change of that text between
+/// versions can only make a digest differ (a swap instead of an edit),
+/// never make two shapes equal.
+pub fn shape(ruleset: &Ruleset) -> String {
+    use sha2::{Digest, Sha256};
+    let sets: Vec<Cow<'_, Set>> = ruleset
+        .sets
+        .iter()
+        .map(|set| {
+            if persistent_set(set) {
+                Cow::Borrowed(set)
+            } else {
+                Cow::Owned(Set {
+                    elements: Vec::new(),
+                    ..set.clone()
+                })
+            }
+        })
+        .collect();
+    let mut hash = Sha256::new();
+    hash.update(b"netleash generation shape v1\0");
+    hash.update(env!("CARGO_PKG_VERSION").as_bytes());
+    hash.update(format!("\0{:?}\0{sets:?}\0{:?}", ruleset.mode, ruleset.chains).as_bytes());
+    format!("{SHAPE_PREFIX}sha256:{}", hex::encode(hash.finalize()))
+}
+
+/// The comment of a base chain's entry rule: the rule's id, a space, and
+/// the digest of the policy in force (`output-egress sha256:HEX`). The entry
+/// rules are replaced by every swap and every edit, so they, not the
+/// generation's chains (whose comment the kernel cannot change), say which
+/// policy is in force. Rule ids have no spaces.
+pub fn entry_comment(id: &str, digest: Option<&str>) -> String {
+    match digest {
+        Some(digest) => format!("{id} {digest}"),
+        None => id.to_string(),
+    }
+}
+
+/// A rule comment split into its id and the policy digest an entry rule
+/// carries after it (see [`entry_comment`]).
+pub fn split_entry_comment(comment: &str) -> (&str, Option<&str>) {
+    match comment.split_once(' ') {
+        Some((id, digest)) if digest.starts_with("sha256:") => (id, Some(digest)),
+        _ => (comment, None),
+    }
 }
 
 /// Kernel names of the objects a cleanup deletes: chains in the order to

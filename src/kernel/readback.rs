@@ -78,8 +78,11 @@ impl KernelSet {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct KernelRule {
-    /// The rule's comment: netleash's rule id.
+    /// The rule's comment up to its first space: netleash's rule id.
     pub id: Option<String>,
+    /// The policy digest a base chain's entry rule carries in its comment
+    /// after the id (see `generation::entry_comment`).
+    pub digest: Option<String>,
     pub handle: u64,
     /// The expressions; their references carry kernel names.
     pub expressions: Vec<ParsedExpr>,
@@ -133,10 +136,16 @@ impl KernelChain {
 /// The table as the kernel holds it. Anonymous sets are left out: they belong to their rules.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct KernelTable {
-    /// The digest of the policy in force: the comment of the chain the base
-    /// chains jump into, or, for a table not written in generations, the
-    /// table's comment.
+    /// The digest of the policy in force: the digest the base chains'
+    /// entry rules carry (all must agree; see `generation::entry_comment`);
+    /// for a table an earlier netleash wrote in generations, whose entry
+    /// rules carry none, the comment of the chain they jump into; for a
+    /// table not written in generations, the table's comment.
     pub digest: Option<String>,
+    /// The comment the chains of the generation in force carry (all must
+    /// agree): its shape digest (`generation::shape`), or for a generation
+    /// an earlier netleash staged, the digest of the policy it was staged for.
+    pub shape: Option<String>,
     /// The generation in force, if the base chains jump into one.
     pub generation: Option<u32>,
     /// The sets the base chains reach, in the kernel's order.
@@ -664,14 +673,21 @@ pub fn compose(
         .then_some((table, echoed))
 }
 
-/// A rule as read, with its comment as its id.
+/// A rule as read, with its comment as its id (and digest, see
+/// `generation::split_entry_comment`).
 fn kernel_rule(rule: attributes::ParsedRule) -> KernelRule {
+    let comment = ffi::udata_find(
+        &rule.userdata,
+        nftnl::nftnl_sys::NFTNL_UDATA_RULE_COMMENT as u8,
+    )
+    .map(ffi::udata_string);
+    let (id, digest) = match comment.as_deref().map(generation::split_entry_comment) {
+        Some((id, digest)) => (Some(id.to_string()), digest.map(str::to_string)),
+        None => (None, None),
+    };
     KernelRule {
-        id: ffi::udata_find(
-            &rule.userdata,
-            nftnl::nftnl_sys::NFTNL_UDATA_RULE_COMMENT as u8,
-        )
-        .map(ffi::udata_string),
+        id,
+        digest,
         handle: rule.handle,
         expressions: rule.expressions,
     }
@@ -729,16 +745,39 @@ fn in_force(raw: RawTable) -> KernelTable {
             _ => None,
         })
         .collect();
-    let digest = match generation {
-        Some(_) => entries
-            .first()
-            .and_then(|entry| chains.iter().find(|c| c.kernel_name == *entry))
-            .and_then(|c| c.comment.clone()),
-        None => comment,
+    // The comment of the generation's chains, if they all carry the same.
+    let comments: BTreeSet<Option<&str>> = chains
+        .iter()
+        .filter(|c| c.hook.is_none() && reached.contains(&c.kernel_name))
+        .map(|c| c.comment.as_deref())
+        .collect();
+    let shape = match comments.into_iter().collect::<Vec<_>>().as_slice() {
+        [Some(comment)] if generation.is_some() => Some(comment.to_string()),
+        _ => None,
+    };
+    let entry_digests: BTreeSet<Option<&str>> = bases
+        .iter()
+        .flat_map(|c| &c.rules)
+        .map(|r| r.digest.as_deref())
+        .collect();
+    let digest = match (
+        generation,
+        entry_digests.into_iter().collect::<Vec<_>>().as_slice(),
+    ) {
+        (None, _) => comment,
+        (Some(_), [Some(digest)]) => Some(digest.to_string()),
+        // Written by an earlier netleash, whose generation's chains carry
+        // the digest of the policy in force.
+        (Some(_), [None]) => shape
+            .clone()
+            .filter(|comment| !comment.starts_with(generation::SHAPE_PREFIX)),
+        // Entry rules that disagree: no digest is in force.
+        _ => None,
     };
 
     let mut table = KernelTable {
         digest,
+        shape,
         generation,
         sets: Vec::new(),
         chains: Vec::new(),
@@ -1383,13 +1422,15 @@ mod tests {
                     policy: c.base.map(|b| generation::policy_number(b.policy)),
                     chain_type: c.base.map(|b| chain_type_name(b.kind).to_string()),
                     comment: (generation.is_some() && c.base.is_none())
-                        .then(|| model.digest.clone()),
+                        .then(|| generation::shape(model)),
                     rules: c
                         .rules
                         .iter()
                         .enumerate()
                         .map(|(i, r)| KernelRule {
                             id: Some(r.id.clone()),
+                            digest: (generation.is_some() && c.base.is_some())
+                                .then(|| model.digest.clone()),
                             handle: i as u64,
                             expressions: batch::plan_rule(r)
                                 .iter()
