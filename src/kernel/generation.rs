@@ -21,8 +21,13 @@
 //!   suffix cannot be confused with a model name, and nft accepts and prints
 //!   such names.
 //!
-//! Each base chain holds exactly one rule, a jump into the generation in
-//! force. Changing the policy from generation N to M takes three transactions:
+//! Each base chain holds exactly one rule, its *entry rule*, a jump into the
+//! generation in force, whose comment is the rule id and the digest of the
+//! policy in force ([`entry_comment`]): the kernel cannot change a chain's or
+//! table's comment in place, but every change of policy replaces the entry
+//! rules. The generation's chains carry its *shape digest* ([`shape`]), fixed
+//! when it is staged. Changing the policy from generation N to M takes three
+//! transactions:
 //!
 //! 1. *stage*: create generation M (sets with their elements, chains, rules)
 //!    and any persistent set the new model adds. Nothing jumps to it yet.
@@ -97,9 +102,32 @@
 //! refuse it cleanly (`ERESTART`) instead of applying it to a table that is no
 //! longer what was read.
 //!
-//! A table in any other shape (written by an earlier netleash that replaced
-//! the whole table, by nft, or half changed by another program) is replaced as
-//! a whole once, with a warning; from then on re-applies swap generations.
+//! **Edits in place.** A policy that differs from the one in force only in the
+//! elements of static sets (and its digest) is put in force without a new
+//! generation ([`Approach::Edit`], decided by [`approach`], see
+//! [`why_not_edit`]): one transaction, carrying the ruleset generation id like
+//! every other, removes and adds those sets' elements (removals first, as in a
+//! swap) and replaces each entry rule by a jump into the same generation that
+//! carries the new digest. No chain, rule or set is created, nothing is left
+//! to clean up, and the generation's rules keep their counters. What packets
+//! see is the argument above for sets changed in place in the swap
+//! transaction, with nothing else changing: the entry rules are replaced by
+//! generation-masked rule changes (each packet sees the old or the new one,
+//! and both jump into the same chains); hash and rbtree elements removed and
+//! added are generation-masked, so they stop and start matching exactly when
+//! the cursor flips; pipapo additions become visible a moment after it (fail
+//! closed), and a pipapo set that would lose an element is never edited (a
+//! swap creates it again). The verification is a swap's, and a difference is
+//! undone by one transaction: the element changes reversed and the previous
+//! entry rules (so the previous digest) put back.
+//!
+//! A table an earlier netleash wrote in generations has the policy digest as
+//! its generation's chains' comment and entry rules with their id alone: its
+//! digest is read from the chains, its shape is unknown, so its next apply
+//! swaps (once). A table in any other shape (written by an earlier netleash
+//! that replaced the whole table, by nft, or half changed by another program)
+//! is replaced as a whole once, with a warning; from then on re-applies swap
+//! generations or edit them in place.
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
