@@ -846,15 +846,13 @@ fn why_not_edit(
             set.name
         )));
     }
-    let differences = super::readback::differences(model, table)?;
-    let editable = |difference: &super::Difference| match difference {
-        super::Difference::Digest { .. } => true,
-        super::Difference::SetElements { set, .. } => swap.reuse.contains_key(set),
-        _ => false,
-    };
+    // The elements of every static set were compared above (each is in
+    // `swap.reuse`, its change computed by `set_change`); the rest is
+    // compared here, without encoding every element again.
+    let differences = super::readback::differences_but_elements(model, table)?;
     Ok(differences
         .iter()
-        .find(|d| !editable(d))
+        .find(|d| !matches!(d, super::Difference::Digest { .. }))
         .map(|d| format!("the table in force differs in more than elements: {d}")))
 }
 
@@ -882,8 +880,12 @@ pub fn shape(ruleset: &Ruleset) -> String {
                 Cow::Borrowed(set)
             } else {
                 Cow::Owned(Set {
+                    name: set.name.clone(),
+                    key: set.key,
+                    role: set.role,
+                    interval: set.interval,
+                    timeout: set.timeout,
                     elements: Vec::new(),
-                    ..set.clone()
                 })
             }
         })

@@ -1008,6 +1008,32 @@ pub fn policy_name(policy: u32) -> &'static str {
 /// refer to the same sets and chains. Leftovers are not compared: nothing
 /// reaches them.
 pub fn differences(model: &Ruleset, kernel: &KernelTable) -> Result<Vec<Difference>, Error> {
+    compare(model, kernel, Elements::Compared)
+}
+
+/// [`differences`] without comparing any set's elements: how the table in
+/// force differs from the model in everything else (to decide an edit in
+/// place, whose element changes are computed set by set, see
+/// `generation::approach`).
+pub fn differences_but_elements(
+    model: &Ruleset,
+    kernel: &KernelTable,
+) -> Result<Vec<Difference>, Error> {
+    compare(model, kernel, Elements::Skipped)
+}
+
+/// Whether [`compare`] compares the static sets' elements.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Elements {
+    Compared,
+    Skipped,
+}
+
+fn compare(
+    model: &Ruleset,
+    kernel: &KernelTable,
+    elements: Elements,
+) -> Result<Vec<Difference>, Error> {
     let mut found = Vec::new();
     if kernel.digest.as_deref() != Some(model.digest.as_str()) {
         found.push(Difference::Digest {
@@ -1042,7 +1068,7 @@ pub fn differences(model: &Ruleset, kernel: &KernelTable) -> Result<Vec<Differen
         }
         // The DNS-derived sets are filled at run time and keep what they
         // learned across a re-apply: only their definition is the model's.
-        if set.role == SetRole::DnsAllow {
+        if set.role == SetRole::DnsAllow || elements == Elements::Skipped {
             continue;
         }
         let model_elements = elements::encode_all(set)?;

@@ -880,6 +880,12 @@ fn a_change_in_elements_only_edits_the_generation_in_force_and_keeps_its_counter
         (report.generation, report.digest.as_str()),
         (1, plus.digest.as_str())
     );
+    // Planned from the file the creating apply left (counted packets do
+    // not change the ruleset generation id).
+    assert_eq!(
+        (report.table_known, report.restarts),
+        (kernel::TableKnown::LastApply, 0)
+    );
     let listing = ns.nft_json().unwrap();
     assert_eq!(
         generation_rules(&listing),
