@@ -1488,6 +1488,114 @@ mod tests {
         in_force(raw_mirror(model, Some(3)))
     }
 
+    /// `model` with one more blocklist entry per family: other elements, the
+    /// same rules.
+    fn with_more_blocked(model: &Ruleset) -> Ruleset {
+        let mut more = model.clone();
+        for set in more
+            .sets
+            .iter_mut()
+            .filter(|s| s.name.starts_with("blocklist_"))
+        {
+            let net = if set.name.ends_with("v4") {
+                "192.0.2.0/24"
+            } else {
+                "2001:db8::/32"
+            };
+            set.elements
+                .push(crate::ruleset::Element::Addr(net.parse().unwrap()));
+            set.elements.sort();
+        }
+        more.digest = "sha256:more".into();
+        more
+    }
+
+    #[test]
+    fn only_a_change_in_elements_is_an_edit_in_place() {
+        use generation::Approach;
+        let model = ruleset();
+        let table = mirror(&model);
+        assert_eq!(table.shape, Some(generation::shape(&model)));
+        // The same policy: an edit of generation 3 that changes nothing.
+        let Approach::Edit(same) = generation::approach(&model, Some(&table)).unwrap() else {
+            panic!("the same policy is not an edit");
+        };
+        assert_eq!((same.from, same.to), (3, 3));
+        assert!(same.edit.is_empty());
+        assert_eq!(
+            same.previous[0].digest.as_deref(),
+            Some(model.digest.as_str())
+        );
+        // Other elements: an edit of both blocklists, kept under their names.
+        let more = with_more_blocked(&model);
+        assert_eq!(generation::shape(&more), generation::shape(&model));
+        let Approach::Edit(edit) = generation::approach(&more, Some(&table)).unwrap() else {
+            panic!("a change in elements alone is not an edit");
+        };
+        assert_eq!(
+            edit.edit.keys().collect::<Vec<_>>(),
+            ["blocklist_v4", "blocklist_v6"]
+        );
+        assert_eq!(edit.reuse["blocklist_v4"], "blocklist_v4.g3");
+        // Another rule: a swap to generation 4.
+        let mut other_rule = more.clone();
+        let rule = other_rule
+            .chains
+            .iter_mut()
+            .flat_map(|c| c.rules.iter_mut())
+            .find(|r| r.actions.contains(&crate::ruleset::Action::Counter))
+            .expect("a counting rule");
+        rule.actions
+            .retain(|a| *a != crate::ruleset::Action::Counter);
+        assert_ne!(generation::shape(&other_rule), generation::shape(&model));
+        assert!(matches!(
+            generation::approach(&other_rule, Some(&table)).unwrap(),
+            Approach::Swap(swap) if (swap.from, swap.to) == (3, 4)
+        ));
+        // A leftover to delete: a swap, whose cleanup deletes it.
+        let mut raw = raw_mirror(&model, Some(3));
+        raw.chains.extend(
+            raw_mirror(&model, Some(2))
+                .chains
+                .into_iter()
+                .filter(|c| c.hook.is_none()),
+        );
+        assert!(matches!(
+            generation::approach(&more, Some(&in_force(raw))).unwrap(),
+            Approach::Swap(_)
+        ));
+    }
+
+    #[test]
+    fn a_table_with_the_digest_on_its_chains_is_read_and_swapped() {
+        // As an earlier netleash wrote it: the digest as the generation's
+        // chains' comment, entry rules with their id alone.
+        let model = ruleset();
+        let mut raw = raw_mirror(&model, Some(3));
+        for chain in &mut raw.chains {
+            if chain.hook.is_none() {
+                chain.comment = Some(model.digest.clone());
+            }
+            for rule in &mut chain.rules {
+                rule.digest = None;
+            }
+        }
+        let table = in_force(raw);
+        assert_eq!(table.digest.as_deref(), Some(model.digest.as_str()));
+        assert_eq!(differences(&model, &table).unwrap(), vec![]);
+        // Its shape is unknown: even the same policy swaps (once).
+        let approach = generation::approach(&model, Some(&table)).unwrap();
+        let generation::Approach::Swap(swap) = approach else {
+            panic!("{approach:?}");
+        };
+        assert_eq!(swap.from_comment.as_deref(), Some(model.digest.as_str()));
+        // Entry rules that disagree: no digest is in force.
+        let mut raw = raw_mirror(&model, Some(3));
+        let entry = raw.chains.iter_mut().find(|c| c.hook.is_some()).unwrap();
+        entry.rules[0].digest = Some("sha256:other".into());
+        assert_eq!(in_force(raw).digest, None);
+    }
+
     #[test]
     fn the_policy_in_force_is_read_by_model_name_and_older_generations_are_leftovers() {
         let model = ruleset();
