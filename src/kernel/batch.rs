@@ -1029,6 +1029,7 @@ mod tests {
             tighten: vec!["output".into()],
             previous: vec![],
             from_comment: None,
+            from_digest: None,
             reuse: BTreeMap::new(),
             edit: BTreeMap::new(),
         }

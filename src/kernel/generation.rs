@@ -327,6 +327,13 @@ pub struct Swap {
     /// digest of the policy it was staged for. It tells generation `from`
     /// apart from another of the same number (see `kernel::generation_is_there`).
     pub from_comment: Option<String>,
+    /// The digest of the policy in force when the swap was planned. An edit
+    /// in place changes the elements of generation `from`'s sets without
+    /// changing its number, but always with another digest (or the same
+    /// policy again): a swap retried after another commit goes on only while
+    /// this digest is still in force, so that the sets it keeps from `from`
+    /// still hold what it planned with.
+    pub from_digest: Option<String>,
     /// Static sets of the model that the generation in force already holds
     /// exactly (same definition, same elements, as read back with the
     /// ruleset generation id the stage carries): model name → kernel name.
@@ -784,6 +791,7 @@ pub fn approach(model: &Ruleset, table: Option<&KernelTable>) -> Result<Approach
         tighten,
         previous,
         from_comment: table.shape.clone(),
+        from_digest: table.digest.clone(),
         reuse,
         edit,
     };

@@ -750,8 +750,7 @@ impl Session {
     /// transaction (the same generation-masked changes as the edit, in
     /// reverse). Returns what happened, for the verification error.
     fn roll_back_edit(&mut self, ruleset: &Ruleset, edit: &Swap, mut genid: u32) -> String {
-        let previous = edit.previous.first().and_then(|e| e.digest.clone());
-        let previous = previous.as_deref().unwrap_or("(no digest)");
+        let previous = edit.from_digest.as_deref().unwrap_or("(no digest)");
         let mut outcome = Err(Error::Unstable { attempts: ATTEMPTS });
         for _ in 0..ATTEMPTS {
             outcome = batch::swap_back(edit, &Deletions::default())
@@ -853,8 +852,11 @@ impl Session {
                 other => return other.map(|echo| (genid, echo)),
             }
             let now = readback::read_table(&mut self.netlink, Detail::Shape)?;
+            // Still generation `from` with the policy planned from (not
+            // edited in place since), and the staged generation complete.
             let intact = now.table.as_ref().is_some_and(|table| {
                 table.generation == Some(swap.from)
+                    && table.digest == swap.from_digest
                     && generation_is_there(
                         table,
                         ruleset,
@@ -957,8 +959,11 @@ impl Session {
                     break;
                 }
             };
+            // Still this apply's generation and policy (not edited in place
+            // by another apply since), and the previous generation complete.
             let intact = now.table.as_ref().is_some_and(|table| {
                 table.generation == Some(swap.to)
+                    && table.digest.as_deref() == Some(ruleset.digest.as_str())
                     && generation_is_there(table, ruleset, swap.from, swap.from_comment.as_deref())
             });
             if !intact {

@@ -1060,10 +1060,12 @@ fn a_session_that_missed_a_change_starts_over_instead_of_applying_stale_plans() 
 #[test]
 fn concurrent_appliers_fail_cleanly_and_never_leave_a_broken_table() {
     let ns = Netns::new("race");
-    let (a, b) = (typical(), other());
+    // `a` and `plus` differ in elements alone (edits in place between
+    // them), `b` in rules (swaps).
+    let (a, b, plus) = (typical(), other(), typical_plus());
     kernel::apply(&ns.target(), &a).unwrap();
     let errors = std::thread::scope(|scope| {
-        let workers: Vec<_> = [&a, &b]
+        let workers: Vec<_> = [&a, &b, &plus]
             .into_iter()
             .map(|model| {
                 let target = ns.target();
@@ -1104,10 +1106,10 @@ fn concurrent_appliers_fail_cleanly_and_never_leave_a_broken_table() {
         );
     }
     let status = kernel::status(&ns.target()).unwrap().unwrap();
-    let model = [&a, &b]
+    let model = [&a, &b, &plus]
         .into_iter()
         .find(|m| status.digest.as_deref() == Some(m.digest.as_str()))
-        .expect("one of the two policies is in force");
+        .expect("one of the three policies is in force");
     let plan = kernel::plan(&ns.target(), model).unwrap();
     assert_eq!(plan.differences, vec![], "the policy in force is complete");
     // Whatever a lost race left behind, the next apply deletes.
