@@ -468,9 +468,10 @@ impl<'a> Builder<'a> {
     }
 
     /// Create the generation's regular chains, each with the generation's
-    /// shape digest as its comment (`generation::shape`).
+    /// comment (`generation::generation_comment`: its shape digest and the
+    /// policy it is staged for).
     fn add_regular_chains(&mut self) -> Result<(), Error> {
-        let digest = cstring(&generation::shape(self.ruleset))?;
+        let digest = cstring(&generation::generation_comment(self.ruleset))?;
         for chain in self.ruleset.chains.iter().filter(|c| c.base.is_none()) {
             let name = cstring(&self.naming.chain(&chain.name))?;
             let message = ChainMsg::new(&self.table, &name, None, Some(&digest));

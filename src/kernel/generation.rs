@@ -790,7 +790,7 @@ pub fn approach(model: &Ruleset, table: Option<&KernelTable>) -> Result<Approach
         loosen,
         tighten,
         previous,
-        from_comment: table.shape.clone(),
+        from_comment: table.generation_comment.clone(),
         from_digest: table.digest.clone(),
         reuse,
         edit,
@@ -828,7 +828,8 @@ fn why_not_edit(
     table: &KernelTable,
     swap: &Swap,
 ) -> Result<Option<String>, super::Error> {
-    if table.shape.as_deref() != Some(shape(model).as_str()) {
+    let in_force = table.generation_comment.as_deref().and_then(comment_shape);
+    if in_force != Some(shape(model).as_str()) {
         return Ok(Some(
             "its rules, chains or set definitions differ from the policy's".into(),
         ));
@@ -866,6 +867,37 @@ fn why_not_edit(
 
 /// The comment prefix of a generation's shape digest.
 pub const SHAPE_PREFIX: &str = "shape ";
+
+/// What separates the shape digest from the staged policy's tag in a
+/// generation's comment ([`generation_comment`]).
+const STAGED: &str = " staged ";
+
+/// The comment of the chains of `ruleset`'s generation: its shape digest
+/// ([`shape`]) and, after ` staged `, the first 16 hex digits of the digest of
+/// the policy it was staged for (`shape sha256:… staged sha256:0123…`, 108
+/// bytes: nft reads back comments of up to 128). The shape decides whether a
+/// policy can be put in force by an edit in place; the tag tells apart two
+/// generations of the same number and shape that two concurrent applies
+/// staged for different policies (one staged after a third apply's cleanup
+/// deleted the other's), so that a swap never goes into another apply's
+/// generation (see `kernel::generation_is_there`). It is fixed when the
+/// generation is staged: after an edit in place the policy in force is the
+/// one its entry rules name, not the one it was staged for.
+pub fn generation_comment(ruleset: &Ruleset) -> String {
+    let digest = &ruleset.digest;
+    let tag = digest.get(..digest.find(':').map_or(0, |colon| colon + 1) + 16);
+    format!("{}{STAGED}{}", shape(ruleset), tag.unwrap_or(digest))
+}
+
+/// The shape digest in a generation's comment, if it has one (a generation
+/// an earlier netleash staged carries the policy digest instead).
+pub fn comment_shape(comment: &str) -> Option<&str> {
+    comment.starts_with(SHAPE_PREFIX).then(|| {
+        comment
+            .split_once(STAGED)
+            .map_or(comment, |(shape, _)| shape)
+    })
+}
 
 /// The shape digest of `ruleset` (in its [`entry_form`]), which its
 /// generation's chains carry as their comment: `shape sha256:HEX` over
@@ -1200,6 +1232,35 @@ mod tests {
             );
             assert_eq!(edit(&replaced, &kernel), None);
         }
+    }
+
+    #[test]
+    fn a_generation_comment_carries_the_shape_and_the_staged_policy() {
+        let mut model = Ruleset {
+            mode: crate::policy::Mode::Limited,
+            digest: format!("sha256:{}", "ab".repeat(32)),
+            sets: vec![allow_set(&["10.0.0.1/32"])],
+            chains: vec![],
+            names: vec![],
+        };
+        let comment = generation_comment(&model);
+        assert_eq!(
+            comment,
+            format!("{} staged sha256:{}", shape(&model), "ab".repeat(8))
+        );
+        assert!(
+            comment.len() <= 128,
+            "nft reads back comments of up to 128 bytes"
+        );
+        assert_eq!(comment_shape(&comment), Some(shape(&model).as_str()));
+        // An earlier netleash's comment, the policy digest: no shape.
+        assert_eq!(comment_shape(&model.digest), None);
+        // Other elements, the same shape; another set definition, another.
+        let same = shape(&model);
+        model.sets[0] = allow_set(&["10.0.0.2/32"]);
+        assert_eq!(shape(&model), same);
+        model.sets[0].interval = false;
+        assert_ne!(shape(&model), same);
     }
 
     #[test]

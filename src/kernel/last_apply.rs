@@ -687,7 +687,7 @@ mod tests {
             .collect();
         KernelTable {
             digest: Some("sha256:abc".into()),
-            shape: Some("shape sha256:def".into()),
+            generation_comment: Some("shape sha256:def staged sha256:abc".into()),
             generation: Some(3),
             sets: vec![KernelSet {
                 name: "allow_v4".into(),

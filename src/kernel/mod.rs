@@ -861,7 +861,7 @@ impl Session {
                         table,
                         ruleset,
                         swap.to,
-                        Some(&generation::shape(ruleset)),
+                        Some(&generation::generation_comment(ruleset)),
                     )
             });
             if !intact {
@@ -1097,13 +1097,13 @@ fn staged_chains(ruleset: &Ruleset, generation: u32) -> Vec<String> {
 }
 
 /// Whether every regular chain of generation `generation` is among the
-/// leftovers of `table`, each with `comment` as its comment (the shape
-/// digest it was staged with, `generation::shape`, or what an earlier
-/// netleash wrote there). Generation numbers alone do not identify a
-/// generation: two concurrent applies can stage the same number one after
-/// the other, after one deleted the other's. (Two generations of the same
-/// shape and number differ at most in their sets' elements, which the
-/// verification that follows compares.)
+/// leftovers of `table`, each with `comment` as its comment (what it was
+/// staged with, `generation::generation_comment`: its shape and the policy
+/// it was staged for; or what an earlier netleash wrote there). Generation
+/// numbers alone do not identify a generation: two concurrent applies can
+/// stage the same number one after the other, after a third deleted the
+/// first one's as a leftover, and the shape alone does not tell apart two
+/// policies that differ in elements.
 fn generation_is_there(
     table: &KernelTable,
     ruleset: &Ruleset,

@@ -143,9 +143,10 @@ pub struct KernelTable {
     /// table not written in generations, the table's comment.
     pub digest: Option<String>,
     /// The comment the chains of the generation in force carry (all must
-    /// agree): its shape digest (`generation::shape`), or for a generation
-    /// an earlier netleash staged, the digest of the policy it was staged for.
-    pub shape: Option<String>,
+    /// agree): its shape digest and the policy it was staged for
+    /// (`generation::generation_comment`), or for a generation an earlier
+    /// netleash staged, the digest of the policy it was staged for.
+    pub generation_comment: Option<String>,
     /// The generation in force, if the base chains jump into one.
     pub generation: Option<u32>,
     /// The sets the base chains reach, in the kernel's order.
@@ -751,7 +752,7 @@ fn in_force(raw: RawTable) -> KernelTable {
         .filter(|c| c.hook.is_none() && reached.contains(&c.kernel_name))
         .map(|c| c.comment.as_deref())
         .collect();
-    let shape = match comments.into_iter().collect::<Vec<_>>().as_slice() {
+    let generation_comment = match comments.into_iter().collect::<Vec<_>>().as_slice() {
         [Some(comment)] if generation.is_some() => Some(comment.to_string()),
         _ => None,
     };
@@ -768,7 +769,7 @@ fn in_force(raw: RawTable) -> KernelTable {
         (Some(_), [Some(digest)]) => Some(digest.to_string()),
         // Written by an earlier netleash, whose generation's chains carry
         // the digest of the policy in force.
-        (Some(_), [None]) => shape
+        (Some(_), [None]) => generation_comment
             .clone()
             .filter(|comment| !comment.starts_with(generation::SHAPE_PREFIX)),
         // Entry rules that disagree: no digest is in force.
@@ -777,7 +778,7 @@ fn in_force(raw: RawTable) -> KernelTable {
 
     let mut table = KernelTable {
         digest,
-        shape,
+        generation_comment,
         generation,
         sets: Vec::new(),
         chains: Vec::new(),
@@ -1448,7 +1449,7 @@ mod tests {
                     policy: c.base.map(|b| generation::policy_number(b.policy)),
                     chain_type: c.base.map(|b| chain_type_name(b.kind).to_string()),
                     comment: (generation.is_some() && c.base.is_none())
-                        .then(|| generation::shape(model)),
+                        .then(|| generation::generation_comment(model)),
                     rules: c
                         .rules
                         .iter()
@@ -1515,7 +1516,10 @@ mod tests {
         use generation::Approach;
         let model = ruleset();
         let table = mirror(&model);
-        assert_eq!(table.shape, Some(generation::shape(&model)));
+        assert_eq!(
+            table.generation_comment,
+            Some(generation::generation_comment(&model))
+        );
         // The same policy: an edit of generation 3 that changes nothing.
         let Approach::Edit(same) = generation::approach(&model, Some(&table)).unwrap() else {
             panic!("the same policy is not an edit");

@@ -455,11 +455,15 @@ fn apply_reads_back_what_the_model_says() {
         )),
         "{text}"
     );
-    // The generation's chains carry its shape digest.
+    // The generation's chains carry its shape digest and the policy it was
+    // staged for.
+    let staged = &model.digest[..7 + 16];
     assert!(
-        regex::Regex::new(r#"chain egress\.g1 \{\s+comment "shape sha256:[0-9a-f]{64}""#)
-            .unwrap()
-            .is_match(&text),
+        regex::Regex::new(&format!(
+            r#"chain egress\.g1 \{{\s+comment "shape sha256:[0-9a-f]{{64}} staged {staged}""#
+        ))
+        .unwrap()
+        .is_match(&text),
         "{text}"
     );
     assert!(
@@ -981,7 +985,9 @@ fn a_change_in_elements_only_edits_the_generation_in_force_and_keeps_its_counter
 /// digest as the comment of the generation's chains, and entry rules whose
 /// comment is their id alone.
 fn as_an_earlier_netleash_wrote_it(text: &str, digest: &str) -> String {
-    let shape = regex::Regex::new(r#"comment "shape sha256:[0-9a-f]{64}""#).unwrap();
+    let shape =
+        regex::Regex::new(r#"comment "shape sha256:[0-9a-f]{64} staged sha256:[0-9a-f]{16}""#)
+            .unwrap();
     let entry = regex::Regex::new(r#"comment "([a-z-]+) sha256:[0-9a-f]{64}""#).unwrap();
     let text = shape.replace_all(text, format!("comment \"{digest}\"").as_str());
     entry.replace_all(&text, "comment \"$1\"").into_owned()
