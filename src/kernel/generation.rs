@@ -25,8 +25,9 @@
 //! generation in force, whose comment is the rule id and the digest of the
 //! policy in force ([`entry_comment`]): the kernel cannot change a chain's or
 //! table's comment in place, but every change of policy replaces the entry
-//! rules. The generation's chains carry its *shape digest* ([`shape`]), fixed
-//! when it is staged. Changing the policy from generation N to M takes three
+//! rules. The generation's chains carry its *shape digest* ([`shape`]) and a
+//! tag of the policy it was staged for ([`generation_comment`]), fixed when it
+//! is staged. Changing the policy from generation N to M takes three
 //! transactions:
 //!
 //! 1. *stage*: create generation M (sets with their elements, chains, rules)
@@ -322,9 +323,9 @@ pub struct Swap {
     pub tighten: Vec<String>,
     /// The base chains' rules and hooks as they are, for a rollback.
     pub previous: Vec<EntryRule>,
-    /// The comment of generation `from`'s chains: its shape digest
-    /// ([`shape`]), or for a generation an earlier netleash staged, the
-    /// digest of the policy it was staged for. It tells generation `from`
+    /// The comment of generation `from`'s chains ([`generation_comment`]),
+    /// or for a generation an earlier netleash staged, the digest of the
+    /// policy it was staged for. It tells generation `from`
     /// apart from another of the same number (see `kernel::generation_is_there`).
     pub from_comment: Option<String>,
     /// The digest of the policy in force when the swap was planned. An edit
@@ -814,7 +815,8 @@ pub fn approach(model: &Ruleset, table: Option<&KernelTable>) -> Result<Approach
 /// chains, rules, set definitions, base chain policies and persistent sets),
 /// nothing else is in the table (no leftovers, no set or chain the model
 /// lacks), and what differs from the model is at most the policy digest and
-/// the elements of static sets that [`in_place_edit`] changes in place.
+/// the elements of static sets that can be changed in place (`set_change`,
+/// with at most [`EDIT_SLACK`] changes more than stay).
 ///
 /// The shape digest is needed because the comparison with the kernel
 /// ([`readback::differences`](super::readback::differences)) compares each
@@ -900,7 +902,8 @@ pub fn comment_shape(comment: &str) -> Option<&str> {
 }
 
 /// The shape digest of `ruleset` (in its [`entry_form`]), which its
-/// generation's chains carry as their comment: `shape sha256:HEX` over
+/// generation's chains carry in their comment ([`generation_comment`]):
+/// `shape sha256:HEX` over
 /// everything the kernel gets of it but the elements of its static sets
 /// (chains and their rules, every set's definition, the persistent sets,
 /// the base chains' hooks and policies), and over the netleash version that
