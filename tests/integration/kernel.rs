@@ -1561,6 +1561,65 @@ fn netleash(args: &[&str]) -> Output {
     run(env!("CARGO_BIN_EXE_netleash"), args)
 }
 
+/// `netleash apply` and `apply --dry-run` say when a policy change is an
+/// edit in place, and what it changes.
+#[test]
+fn cli_apply_and_dry_run_name_an_edit_in_place() {
+    let ns = Netns::new("cliedit");
+    let dir = tempfile::tempdir().unwrap();
+    let policy = |name: &str, hosts: &str| {
+        let path = dir.path().join(name);
+        let text = format!(r#"{{"type": "limited", "allowed_hosts": [{hosts}]}}"#);
+        std::fs::write(&path, text).unwrap();
+        path.to_str().unwrap().to_string()
+    };
+    let first = policy("first.json", r#""198.51.100.10", "203.0.113.0/28""#);
+    let second = policy(
+        "second.json",
+        r#""198.51.100.10", "198.51.100.12", "203.0.113.0/28""#,
+    );
+    let apply = |policy: &str, dry_run: bool| {
+        let mut args = vec![
+            "apply",
+            policy,
+            "--netns",
+            &ns.name,
+            "--resolver",
+            "192.0.2.53",
+        ];
+        if dry_run {
+            args.push("--dry-run");
+        }
+        let out = netleash(&args);
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    assert!(apply(&first, false).contains("created the table"));
+    let plan = apply(&second, true);
+    assert!(
+        plan.contains(
+            "apply would edit generation 1 in place: 1 element(s) added, 0 removed, one \
+             transaction, rules and their counters kept"
+        ),
+        "{plan}"
+    );
+    let applied = apply(&second, false);
+    assert!(
+        applied.contains(
+            "edited generation 1 in place (1 element(s) added, 0 removed; rules and counters kept)"
+        ),
+        "{applied}"
+    );
+    let again = apply(&second, true);
+    assert!(
+        again.contains(
+            "is already in force: apply would put an identical one in force (in place: rules \
+             and their counters are kept)"
+        ),
+        "{again}"
+    );
+}
+
 #[test]
 fn cli_status_remove_and_a_refused_apply() {
     let ns = Netns::new("cli");
