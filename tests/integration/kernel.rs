@@ -973,6 +973,21 @@ fn a_change_in_elements_only_edits_the_generation_in_force_and_keeps_its_counter
         before,
         "still the same rules and counters"
     );
+    // The file an edit leaves is as good as a swap's: the next one-shot
+    // edit plans from it.
+    let report = kernel::apply(&ns.target(), &plus).unwrap();
+    assert_eq!(
+        (report.method, report.restarts, report.table_known),
+        (
+            kernel::Method::Edit {
+                generation: 1,
+                added: 1,
+                removed: 0
+            },
+            0,
+            kernel::TableKnown::LastApply
+        )
+    );
 
     // A change in the rules (another port set) still swaps generations,
     // and the counters of the new generation start at zero.
