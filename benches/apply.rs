@@ -1,17 +1,26 @@
-//! Apply latency: netleash (a generation swap: stage, swap, read-back and
-//! verification, cleanup) against `nft -f` with the same ruleset, side by
-//! side in one run, at 10, 1,000 and 10,000 set elements. Both a session
-//! and a one-shot apply keep the sets a policy change touches in a few
-//! elements and change them in place in the swap (here `allow_v4` and
-//! `allow_v4_tcp_443`, address interval sets, each of which loses one
-//! element and gains one); a session knows the sets' elements from its last
-//! verification, a one-shot apply from the file the previous one-shot apply
-//! in its namespace left (`kernel::last_apply`; it reads them without one). Each runs in a network
-//! namespace this benchmark creates and deletes (one for a netleash session,
-//! one for one-shot netleash applies, one for nft, so that every netleash
-//! round is a swap from its own previous generation, with the session's
-//! memory of the table intact). Every timed apply puts in force the other of
-//! two policies that differ in two entries: a policy change.
+//! Apply latency: netleash against `nft -f` with the same ruleset, side by
+//! side in one run, at 10, 1,000 and 10,000 set elements. Every timed apply
+//! puts in force the other of two policies: a policy change.
+//!
+//! - *session* and *one-shot* (the `edit` columns) alternate two policies that
+//!   differ in two entries alone, one of each half (`allow_v4` and
+//!   `allow_v4_tcp_443` each lose one element and gain one): the rules are
+//!   the same, so each apply is an edit in place of the generation in force
+//!   (`kernel::Method::Edit`: one transaction that changes the elements and
+//!   the entry rules' digest, then verification). A session knows the sets'
+//!   elements from its last verification, a one-shot apply from the file the
+//!   previous one-shot apply in its namespace left (`kernel::last_apply`; it
+//!   reads them without one).
+//! - *swap session* and *swap one-shot* alternate the first of these policies
+//!   with the second plus one entry on another port (tcp/8443: a set and a
+//!   rule more), so each apply must stage a generation and swap it in
+//!   (`kernel::Method::Swap`: stage, swap, verification, cleanup), with the
+//!   sets that change in a few elements kept and edited in the swap.
+//!
+//! Each kind runs in a network namespace this benchmark creates and deletes
+//! (one each for the session, one-shot, swap session, swap one-shot and nft
+//! applies), so that every round changes its own previous policy, with the
+//! session's memory of the table intact.
 //!
 //! A fourth kind of apply, *fresh*, is the one-shot apply into a network
 //! namespace created just before (untimed) and holding no table: what
@@ -27,7 +36,8 @@
 //! N` for N back-to-back session applies of the typical policy (or of the
 //! size `--elements` names) and nothing else (to run under `perf record`),
 //! `-- --profile-one-shot N` the same with one-shot applies; add `--settle`
-//! to pause before each of them as the timed rounds do. `-- --profile-fresh
+//! to pause before each of them as the timed rounds do, and `--swap` to
+//! alternate the swap pair instead of the edit pair. `-- --profile-fresh
 //! N` times N fresh applies the same way.
 //!
 //! The nft text is rendered from the model here, in the benchmark only
@@ -134,6 +144,39 @@ fn policy(elements: usize, variant: usize) -> (Policy, CompileOptions) {
         proxy: None,
     };
     (policy, options)
+}
+
+/// The second policy of the swap pair: `policy(elements, 1)` and one entry
+/// allowed on tcp/8443, which no other entry has: a set and a rule more than
+/// `policy(elements, 0)`, so changing one into the other swaps generations.
+fn policy_with_another_rule(elements: usize) -> (Policy, CompileOptions) {
+    let (mut policy, options) = policy(elements, 1);
+    let net: IpNet = "12.0.0.0/30".parse().unwrap();
+    policy.rules.push(HostRule {
+        target: Dest::Net(net),
+        ports: Ports::Only(
+            [PortSpec {
+                proto: Proto::Tcp,
+                port: 8443,
+            }]
+            .into(),
+        ),
+        sources: [Source::AllowedHosts].into(),
+        entry: net.to_string(),
+    });
+    policy.rules.sort_by(|a, b| a.target.cmp(&b.target));
+    (policy, options)
+}
+
+/// The edit pair (`swap == false`) or the swap pair of models at `elements`.
+fn pair(elements: usize, swap: bool) -> [Ruleset; 2] {
+    let compile = |(policy, options): (Policy, CompileOptions)| ruleset::compile(&policy, &options);
+    let second = if swap {
+        policy_with_another_rule(elements)
+    } else {
+        policy(elements, 1)
+    };
+    [compile(policy(elements, 0)), compile(second)]
 }
 
 fn element_text(element: &Element) -> String {
@@ -380,12 +423,7 @@ fn main() {
         let rounds: usize = rounds.parse().expect("--profile takes a number");
         // `--settle`: a pause before each apply, as in the timed rounds.
         let settle = args.iter().any(|a| a == "--settle");
-        let models: Vec<Ruleset> = (0..2)
-            .map(|variant| {
-                let (policy, options) = policy(only.unwrap_or(10), variant);
-                ruleset::compile(&policy, &options)
-            })
-            .collect();
+        let models = pair(only.unwrap_or(10), args.iter().any(|a| a == "--swap"));
         let mut session = kernel::Session::open(&target).expect("open a session");
         if one_shot {
             kernel::apply(&target, &models[1]).expect("apply");
@@ -426,6 +464,10 @@ fn main() {
     let one_shot_target = Target::Name(one_shot_ns.0.clone());
     let nft_ns = Netns::new("nft");
     let nft_target = Target::Name(nft_ns.0.clone());
+    let swap_ns = Netns::new("swap");
+    let swap_target = Target::Name(swap_ns.0.clone());
+    let swap_one_shot_ns = Netns::new("swaponeshot");
+    let swap_one_shot_target = Target::Name(swap_one_shot_ns.0.clone());
     let dir = std::env::temp_dir().join(format!("netleash-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
 
@@ -434,17 +476,22 @@ fn main() {
         ns.0, one_shot_ns.0, nft_ns.0
     );
     println!(
-        "  session:  kernel::Session::apply on an open session (a long-lived agent's path): a generation swap, \
-         changed sets edited in place"
+        "  session:  kernel::Session::apply on an open session (a long-lived agent's path), policies two elements \
+         apart: an edit in place"
     );
     println!(
-        "  one-shot: kernel::apply (thread, namespace entry, socket and table read per call): a generation swap"
+        "  one-shot: kernel::apply (thread, namespace entry, socket, last apply file per call), the same: an edit \
+         in place"
+    );
+    println!(
+        "  swap:     session / one-shot with policies that also differ in a rule (a set on tcp/8443): a \
+         generation swap"
     );
     println!(
         "  nft -f:   nft spawned inside its namespace, replacing the table (add, delete, add)"
     );
     println!(
-        "  rounds of these three are interleaved, each {} ms after the previous one;",
+        "  rounds of these five are interleaved, each {} ms after the previous one;",
         SETTLE.as_millis()
     );
     println!(
@@ -453,19 +500,25 @@ fn main() {
     println!(
         "  fresh:    kernel::apply into a namespace created just before, with no table (creates it)"
     );
-    println!("  cpu:      median user+system CPU time of the session / one-shot / fresh applies");
     println!(
-        "{:>8} {:>6} | {:>17} | {:>17} | {:>17} | {:>11} {:>12} | {:>17} | {:>17} | {:>23}",
+        "  cpu:      median user+system CPU time of the session / one-shot / fresh applies (edit) and the \
+         session / one-shot swaps"
+    );
+    println!(
+        "{:>8} {:>6} | {:>17} | {:>17} | {:>17} | {:>17} | {:>17} | {:>11} {:>12} | {:>17} | {:>17} | {:>23} | {:>15}",
         "elements",
         "rounds",
-        "session",
-        "one-shot",
+        "session (edit)",
+        "one-shot (edit)",
+        "swap session",
+        "swap one-shot",
         "nft -f",
         "session/nft",
         "one-shot/nft",
         "back-to-back",
         "fresh",
-        "cpu session/1-shot/fresh"
+        "cpu session/1-shot/fresh",
+        "cpu swap s/1-s"
     );
     for (elements, rounds) in [(10, 200), (1_000, 100), (10_000, 30)] {
         if only.is_some_and(|n| n != elements) {
@@ -499,18 +552,31 @@ fn main() {
             scripts.push(script);
         }
         assert_ne!(models[0].digest, models[1].digest);
+        let swaps = pair(elements, true);
+        assert_eq!(swaps[0], models[0]);
         std::thread::sleep(SETTLE);
         let model = |round: usize| &models[round % 2];
+        let swap_model = |round: usize| &swaps[round % 2];
         let script = |round: usize| &scripts[round % 2];
 
         let mut session = kernel::Session::open(&target).expect("open a session");
+        let mut swap_session = kernel::Session::open(&swap_target).expect("open a session");
         // Untimed: the first apply creates the table (or swaps from the previous size).
         session.apply(model(1)).expect("netleash apply");
         kernel::apply(&one_shot_target, model(1)).expect("netleash apply");
+        swap_session.apply(swap_model(1)).expect("netleash apply");
+        kernel::apply(&swap_one_shot_target, swap_model(1)).expect("netleash apply");
+        let edited = |report: kernel::ApplyReport| {
+            assert!(
+                matches!(report.method, kernel::Method::Edit { .. }),
+                "a timed apply of the edit pair must be an edit in place: {:?}",
+                report.method
+            );
+        };
         let swapped = |report: kernel::ApplyReport| {
             assert!(
                 matches!(report.method, kernel::Method::Swap { .. }),
-                "a timed apply must be a generation swap: {:?}",
+                "a timed apply of the swap pair must be a generation swap: {:?}",
                 report.method
             );
         };
@@ -519,24 +585,37 @@ fn main() {
             let start = Instant::now();
             let report = session.apply(model(round)).expect("netleash apply");
             back_to_back.push(start.elapsed());
-            swapped(report);
+            edited(report);
         }
 
         let (mut settled, mut one_shot, mut nft) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut swap_settled, mut swap_one_shot) = (Vec::new(), Vec::new());
         let mut fresh = Vec::new();
         let (mut settled_cpu, mut one_shot_cpu, mut fresh_cpu) =
             (Vec::new(), Vec::new(), Vec::new());
+        let (mut swap_settled_cpu, mut swap_one_shot_cpu) = (Vec::new(), Vec::new());
         for round in 0..rounds {
             // The session continues its alternation from the back-to-back rounds.
             std::thread::sleep(SETTLE);
             let (report, wall, cpu) = timed(|| session.apply(model(rounds + round)));
             settled.push(wall);
             settled_cpu.push(cpu);
-            swapped(report.expect("netleash apply"));
+            edited(report.expect("netleash apply"));
             std::thread::sleep(SETTLE);
             let (report, wall, cpu) = timed(|| kernel::apply(&one_shot_target, model(round)));
             one_shot.push(wall);
             one_shot_cpu.push(cpu);
+            edited(report.expect("netleash apply"));
+            std::thread::sleep(SETTLE);
+            let (report, wall, cpu) = timed(|| swap_session.apply(swap_model(round)));
+            swap_settled.push(wall);
+            swap_settled_cpu.push(cpu);
+            swapped(report.expect("netleash apply"));
+            std::thread::sleep(SETTLE);
+            let (report, wall, cpu) =
+                timed(|| kernel::apply(&swap_one_shot_target, swap_model(round)));
+            swap_one_shot.push(wall);
+            swap_one_shot_cpu.push(cpu);
             swapped(report.expect("netleash apply"));
             std::thread::sleep(SETTLE);
             let start = Instant::now();
@@ -556,6 +635,7 @@ fn main() {
             );
         }
         drop(session);
+        drop(swap_session);
         let stats = |samples: &mut Vec<Duration>| {
             let p50 = median(samples);
             (
@@ -571,11 +651,18 @@ fn main() {
             ms(median(&mut one_shot_cpu)),
             ms(median(&mut fresh_cpu))
         );
+        let swap_cpu = format!(
+            "{} / {}",
+            ms(median(&mut swap_settled_cpu)),
+            ms(median(&mut swap_one_shot_cpu))
+        );
+        let (_, swap_session) = stats(&mut swap_settled);
+        let (_, swap_one_shot) = stats(&mut swap_one_shot);
         let (session_p50, session) = stats(&mut settled);
         let (one_shot_p50, one_shot) = stats(&mut one_shot);
         let (nft_p50, nft) = stats(&mut nft);
         println!(
-            "{:>8} {:>6} | {session:>17} | {one_shot:>17} | {nft:>17} | {:>10.3}x {:>11.3}x | {back_to_back:>17} | {fresh:>17} | {cpu:>23}",
+            "{:>8} {:>6} | {session:>17} | {one_shot:>17} | {swap_session:>17} | {swap_one_shot:>17} | {nft:>17} | {:>10.3}x {:>11.3}x | {back_to_back:>17} | {fresh:>17} | {cpu:>23} | {swap_cpu:>15}",
             model(0)
                 .sets
                 .iter()

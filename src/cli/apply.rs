@@ -9,8 +9,9 @@ use crate::kernel::{self, Plan};
 use crate::ruleset::{self, Ruleset, TABLE_NAME};
 
 /// Compile POLICY and put it in force in the `inet netleash` table of the namespace,
-/// atomically for packets (a new generation is staged, then swapped in), then read it back
-/// and verify it. On any error the rules in force before stay in force.
+/// atomically for packets (a new generation is staged, then swapped in; or, when only set
+/// elements change, the generation in force is edited in place), then read it back and
+/// verify it. On any error the rules in force before stay in force.
 /// (The help text is on `Command::Apply`.)
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -73,8 +74,12 @@ fn write_plan(
         )?,
         Some(_) if plan.differences.is_empty() => writeln!(
             out,
-            "policy {} is already in force: apply would put an identical one in force (counters restart)",
-            ruleset.digest
+            "policy {} is already in force: apply would put an identical one in force ({})",
+            ruleset.digest,
+            match plan.method {
+                kernel::Method::Edit { .. } => "in place: rules and their counters are kept",
+                _ => "counters restart",
+            }
         )?,
         Some(current) => {
             writeln!(
@@ -93,6 +98,15 @@ fn write_plan(
         kernel::Method::Swap { from, to } => writeln!(
             out,
             "apply would stage generation {to} and swap it in for generation {from}"
+        )?,
+        kernel::Method::Edit {
+            generation,
+            added,
+            removed,
+        } => writeln!(
+            out,
+            "apply would edit generation {generation} in place: {added} element(s) added, {removed} \
+             removed, one transaction, rules and their counters kept"
         )?,
         kernel::Method::Replace { reason } => writeln!(
             out,

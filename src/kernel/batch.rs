@@ -453,9 +453,11 @@ impl<'a> Builder<'a> {
         Ok(())
     }
 
-    /// Create the generation's regular chains, each with the policy digest as its comment.
+    /// Create the generation's regular chains, each with the generation's
+    /// comment (`generation::generation_comment`: its shape digest and the
+    /// policy it is staged for).
     fn add_regular_chains(&mut self) -> Result<(), Error> {
-        let digest = cstring(&self.ruleset.digest)?;
+        let digest = cstring(&generation::generation_comment(self.ruleset))?;
         for chain in self.ruleset.chains.iter().filter(|c| c.base.is_none()) {
             let name = cstring(&self.naming.chain(&chain.name))?;
             let message = ChainMsg::new(&self.table, &name, None, Some(&digest));
@@ -497,7 +499,10 @@ impl<'a> Builder<'a> {
                 for expr in plan_rule(rule) {
                     self.add_expr(&mut nft_rule, &expr, chain, rule)?;
                 }
-                set_rule_comment(&mut nft_rule, &rule.id)?;
+                // A base chain's rule (its entry rule, a jump into the
+                // generation) also says which policy is in force.
+                let digest = base.then_some(ruleset.digest.as_str());
+                set_rule_comment(&mut nft_rule, &generation::entry_comment(&rule.id, digest))?;
                 self.transaction.add(
                     &nft_rule,
                     MsgType::Add,
@@ -720,7 +725,10 @@ pub fn stage(ruleset: &Ruleset, swap: &Swap) -> Result<Transaction, Error> {
 
 /// The swap transaction of `swap`: the element changes of the sets it
 /// changes in place, each base chain's rules replaced by the model's (a jump
-/// into generation `swap.to`), and the policies that become drop.
+/// into generation `swap.to`, with the model's digest), and the policies
+/// that become drop. For an edit in place (`Approach::Edit`, `swap.to ==
+/// swap.from`) this is the whole edit: the element changes, and entry rules
+/// that jump into the same generation with the new digest.
 pub fn swap(ruleset: &Ruleset, swap: &Swap) -> Result<Transaction, Error> {
     let mut builder = Builder::for_swap(ruleset, swap);
     builder.add_swap(swap)?;
@@ -833,7 +841,8 @@ pub fn swap_back(swap: &Swap, deletions: &Deletions) -> Result<Transaction, Erro
         });
         let id = entry.id.clone().unwrap_or_default();
         if !id.is_empty() {
-            set_rule_comment(&mut rule, &id)?;
+            let comment = generation::entry_comment(&id, entry.digest.as_deref());
+            set_rule_comment(&mut rule, &comment)?;
         }
         transaction.add(
             &rule,
@@ -1006,6 +1015,7 @@ mod tests {
             loosen: vec![],
             tighten: vec!["output".into()],
             previous: vec![],
+            from_comment: None,
             from_digest: None,
             reuse: BTreeMap::new(),
             edit: BTreeMap::new(),

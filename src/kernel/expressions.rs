@@ -783,6 +783,7 @@ mod tests {
         KernelTable {
             digest: None,
             generation: None,
+            generation_comment: None,
             sets: Vec::new(),
             chains: Vec::new(),
             leftover_sets: Vec::new(),

@@ -21,8 +21,14 @@
 //!   suffix cannot be confused with a model name, and nft accepts and prints
 //!   such names.
 //!
-//! Each base chain holds exactly one rule, a jump into the generation in
-//! force. Changing the policy from generation N to M takes three transactions:
+//! Each base chain holds exactly one rule, its *entry rule*, a jump into the
+//! generation in force, whose comment is the rule id and the digest of the
+//! policy in force ([`entry_comment`]): the kernel cannot change a chain's or
+//! table's comment in place, but every change of policy replaces the entry
+//! rules. The generation's chains carry its *shape digest* ([`shape`]) and a
+//! tag of the policy it was staged for ([`generation_comment`]), fixed when it
+//! is staged. Changing the policy from generation N to M takes three
+//! transactions:
 //!
 //! 1. *stage*: create generation M (sets with their elements, chains, rules)
 //!    and any persistent set the new model adds. Nothing jumps to it yet.
@@ -97,9 +103,32 @@
 //! refuse it cleanly (`ERESTART`) instead of applying it to a table that is no
 //! longer what was read.
 //!
-//! A table in any other shape (written by an earlier netleash that replaced
-//! the whole table, by nft, or half changed by another program) is replaced as
-//! a whole once, with a warning; from then on re-applies swap generations.
+//! **Edits in place.** A policy that differs from the one in force only in the
+//! elements of static sets (and its digest) is put in force without a new
+//! generation ([`Approach::Edit`], decided by [`approach`], see
+//! [`why_not_edit`]): one transaction, carrying the ruleset generation id like
+//! every other, removes and adds those sets' elements (removals first, as in a
+//! swap) and replaces each entry rule by a jump into the same generation that
+//! carries the new digest. No chain, rule or set is created, nothing is left
+//! to clean up, and the generation's rules keep their counters. What packets
+//! see is the argument above for sets changed in place in the swap
+//! transaction, with nothing else changing: the entry rules are replaced by
+//! generation-masked rule changes (each packet sees the old or the new one,
+//! and both jump into the same chains); hash and rbtree elements removed and
+//! added are generation-masked, so they stop and start matching exactly when
+//! the cursor flips; pipapo additions become visible a moment after it (fail
+//! closed), and a pipapo set that would lose an element is never edited (a
+//! swap creates it again). The verification is a swap's, and a difference is
+//! undone by one transaction: the element changes reversed and the previous
+//! entry rules (so the previous digest) put back.
+//!
+//! A table an earlier netleash wrote in generations has the policy digest as
+//! its generation's chains' comment and entry rules with their id alone: its
+//! digest is read from the chains, its shape is unknown, so its next apply
+//! swaps (once). A table in any other shape (written by an earlier netleash
+//! that replaced the whole table, by nft, or half changed by another program)
+//! is replaced as a whole once, with a warning; from then on re-applies swap
+//! generations or edit them in place.
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
@@ -270,8 +299,11 @@ pub struct EntryRule {
     /// The base chain.
     pub chain: String,
     pub hook: ffi::BaseHook,
-    /// The rule's comment (its id).
+    /// The rule's id (the first word of its comment).
     pub id: Option<String>,
+    /// The policy digest its comment carries after the id (see
+    /// [`entry_comment`]); `None` for a rule an earlier netleash wrote.
+    pub digest: Option<String>,
     /// The kernel name of the chain it jumps to.
     pub target: String,
 }
@@ -291,7 +323,17 @@ pub struct Swap {
     pub tighten: Vec<String>,
     /// The base chains' rules and hooks as they are, for a rollback.
     pub previous: Vec<EntryRule>,
-    /// The digest of generation `from` (its chains' comment).
+    /// The comment of generation `from`'s chains ([`generation_comment`]),
+    /// or for a generation an earlier netleash staged, the digest of the
+    /// policy it was staged for. It tells generation `from`
+    /// apart from another of the same number (see `kernel::generation_is_there`).
+    pub from_comment: Option<String>,
+    /// The digest of the policy in force when the swap was planned. An edit
+    /// in place changes the elements of generation `from`'s sets without
+    /// changing its number, but always with another digest (or the same
+    /// policy again): a swap retried after another commit goes on only while
+    /// this digest is still in force, so that the sets it keeps from `from`
+    /// still hold what it planned with.
     pub from_digest: Option<String>,
     /// Static sets of the model that the generation in force already holds
     /// exactly (same definition, same elements, as read back with the
@@ -370,12 +412,40 @@ impl SetEdit {
 /// The model set must list its elements strictly sorted (the compiler sorts
 /// and merges them): a model that lists an element twice is never edited,
 /// since creating it fails, and so must changing a set into it.
+#[cfg(test)]
 pub fn in_place_edit(set: &Set, kernel: &KernelSet) -> Result<Option<SetEdit>, super::Error> {
+    Ok(set_change(set, kernel)?
+        .filter(kept_in_swap)
+        .map(|change| change.edit))
+}
+
+/// Whether a swap keeps a set that `change` turns into the model's (see
+/// [`in_place_edit`], which [`approach`] applies through this).
+fn kept_in_swap(change: &Change) -> bool {
+    change.edit.is_empty() || change.changed < change.kept
+}
+
+/// More element changes than stay that an edit in place of the whole
+/// generation ([`Approach::Edit`]) still makes, per set: its alternative is
+/// not creating one set again but staging a whole generation (every rule,
+/// an insertion per element of each set created, and a cleanup
+/// transaction), which costs more than this many element changes. 64 is
+/// more than a typical policy's allowlist holds, so any change to one is an
+/// edit.
+const EDIT_SLACK: usize = 64;
+
+/// The change that turns `kernel` into model set `set` in place, whatever
+/// its size, if it can be made in place at all (see [`in_place_edit`]).
+fn set_change(set: &Set, kernel: &KernelSet) -> Result<Option<Change>, super::Error> {
     if !kernel.elements_read || persistent_set(set) {
         return Ok(None);
     }
     if kernel.verified_as.as_ref() == Some(set) {
-        return Ok(Some(SetEdit::default()));
+        return Ok(Some(Change {
+            edit: SetEdit::default(),
+            kept: set.elements.len(),
+            changed: 0,
+        }));
     }
     if !set.elements.windows(2).all(|w| w[0] < w[1]) {
         return Ok(None);
@@ -384,22 +454,14 @@ pub fn in_place_edit(set: &Set, kernel: &KernelSet) -> Result<Option<SetEdit>, s
         Some(held) => edit_from_verified(set, held)?,
         None => edit_from_read(set, kernel)?,
     };
-    let Some(Change {
-        edit,
-        kept,
-        changed,
-    }) = change
-    else {
+    let Some(change) = change else {
         return Ok(None);
     };
-    if edit.is_empty() {
-        return Ok(Some(edit));
-    }
     let pipapo = set.interval && matches!(set.key, SetKey::AddrProtoPort(_));
-    if pipapo && !edit.remove.is_empty() {
+    if pipapo && !change.edit.remove.is_empty() {
         return Ok(None);
     }
-    Ok((changed < kept).then_some(edit))
+    Ok(Some(change))
 }
 
 /// An edit, with the number of model elements it keeps and the number it
@@ -541,6 +603,13 @@ pub enum Approach {
         reason: String,
     },
     Swap(Swap),
+    /// The model differs from the generation in force only in the elements
+    /// of static sets and in its digest: one transaction changes those
+    /// sets in place and replaces the entry rules (with the new digest),
+    /// see the module docs. A [`Swap`] with `to == from`: every static set
+    /// is kept (`reuse`), `edit` holds the element changes, and nothing is
+    /// created, loosened or tightened.
+    Edit(Swap),
 }
 
 /// The highest generation number any object of the table carries.
@@ -643,6 +712,7 @@ pub fn approach(model: &Ruleset, table: Option<&KernelTable>) -> Result<Approach
                 chain_type: chain_type(base.kind),
             },
             id: rule.id.clone(),
+            digest: rule.digest.clone(),
             target,
         });
     }
@@ -666,17 +736,30 @@ pub fn approach(model: &Ruleset, table: Option<&KernelTable>) -> Result<Approach
         ));
     }
 
+    // For a swap: kept as it is if it holds the model set exactly, kept and
+    // changed in place if it holds a few elements more or fewer
+    // ([`in_place_edit`]). For an edit of the generation in force: changed
+    // in place up to `EDIT_SLACK` changes more than stay.
     let (mut reuse, mut edit) = (BTreeMap::new(), BTreeMap::new());
+    let (mut edit_reuse, mut edit_edit) = (BTreeMap::new(), BTreeMap::new());
     for set in model.sets.iter().filter(|s| !persistent_set(s)) {
         let Some(kernel) = table.sets.iter().find(|k| k.name == set.name) else {
             continue;
         };
-        // Kept as it is if it holds the model set exactly, kept and
-        // changed in place if it holds a few elements more or fewer.
-        if let Some(change) = in_place_edit(set, kernel)? {
+        let Some(change) = set_change(set, kernel)? else {
+            continue;
+        };
+        let for_swap = kept_in_swap(&change);
+        if change.changed <= change.kept + EDIT_SLACK {
+            edit_reuse.insert(set.name.clone(), kernel.kernel_name.clone());
+            if !change.edit.is_empty() {
+                edit_edit.insert(set.name.clone(), change.edit.clone());
+            }
+        }
+        if for_swap {
             reuse.insert(set.name.clone(), kernel.kernel_name.clone());
-            if !change.is_empty() {
-                edit.insert(set.name.clone(), change);
+            if !change.edit.is_empty() {
+                edit.insert(set.name.clone(), change.edit);
             }
         }
     }
@@ -701,17 +784,181 @@ pub fn approach(model: &Ruleset, table: Option<&KernelTable>) -> Result<Approach
     let Some(to) = highest_generation(table).checked_add(1) else {
         return replace("its generation numbers are exhausted".into());
     };
-    Ok(Approach::Swap(Swap {
+    let swap = Swap {
         from,
         to,
         create,
         loosen,
         tighten,
         previous,
+        from_comment: table.generation_comment.clone(),
         from_digest: table.digest.clone(),
         reuse,
         edit,
-    }))
+    };
+    let in_place = Swap {
+        to: from,
+        reuse: edit_reuse,
+        edit: edit_edit,
+        ..swap.clone()
+    };
+    if let Some(reason) = why_not_edit(model, table, &in_place)? {
+        tracing::debug!("generation {from} is swapped, not edited in place: {reason}");
+        return Ok(Approach::Swap(swap));
+    }
+    Ok(Approach::Edit(in_place))
+}
+
+/// Why `swap` (planned by [`approach`] from `table`) cannot be an edit in
+/// place of the generation in force, or `None` if it can: the generation
+/// in force was staged for a model of the same shape ([`shape`]: the same
+/// chains, rules, set definitions, base chain policies and persistent sets),
+/// nothing else is in the table (no leftovers, no set or chain the model
+/// lacks), and what differs from the model is at most the policy digest and
+/// the elements of static sets that can be changed in place (`set_change`,
+/// with at most [`EDIT_SLACK`] changes more than stay).
+///
+/// The shape digest is needed because the comparison with the kernel
+/// ([`readback::differences`](super::readback::differences)) compares each
+/// rule by its id and by the kinds and references of its expressions, not
+/// by their data (a port number, a mark): two models of the same shape have
+/// rules that are equal in every byte, and the table's rules are those the
+/// generation was staged with, as its last verification found them (or as
+/// read, in an apply without memory of the table).
+fn why_not_edit(
+    model: &Ruleset,
+    table: &KernelTable,
+    swap: &Swap,
+) -> Result<Option<String>, super::Error> {
+    let in_force = table.generation_comment.as_deref().and_then(comment_shape);
+    if in_force != Some(shape(model).as_str()) {
+        return Ok(Some(
+            "its rules, chains or set definitions differ from the policy's".into(),
+        ));
+    }
+    if !swap.loosen.is_empty() || !swap.tighten.is_empty() {
+        return Ok(Some("a base chain policy changes".into()));
+    }
+    if !swap.create.is_empty() {
+        return Ok(Some("a DNS-derived set is missing".into()));
+    }
+    if !table.leftover_chains.is_empty() || !table.leftover_sets.is_empty() {
+        return Ok(Some(
+            "what is left of earlier generations is to be deleted".into(),
+        ));
+    }
+    if let Some(set) = model
+        .sets
+        .iter()
+        .find(|s| !persistent_set(s) && !swap.reuse.contains_key(&s.name))
+    {
+        return Ok(Some(format!(
+            "set {:?} changes in more elements than stay, or is created again",
+            set.name
+        )));
+    }
+    // The elements of every static set were compared above (each is in
+    // `swap.reuse`, its change computed by `set_change`); the rest is
+    // compared here, without encoding every element again.
+    let differences = super::readback::differences_but_elements(model, table)?;
+    Ok(differences
+        .iter()
+        .find(|d| !matches!(d, super::Difference::Digest { .. }))
+        .map(|d| format!("the table in force differs in more than elements: {d}")))
+}
+
+/// The comment prefix of a generation's shape digest.
+pub const SHAPE_PREFIX: &str = "shape ";
+
+/// What separates the shape digest from the staged policy's tag in a
+/// generation's comment ([`generation_comment`]).
+const STAGED: &str = " staged ";
+
+/// The comment of the chains of `ruleset`'s generation: its shape digest
+/// ([`shape`]) and, after ` staged `, the first 16 hex digits of the digest of
+/// the policy it was staged for (`shape sha256:… staged sha256:0123…`, 108
+/// bytes: nft reads back comments of up to 128). The shape decides whether a
+/// policy can be put in force by an edit in place; the tag tells apart two
+/// generations of the same number and shape that two concurrent applies
+/// staged for different policies (one staged after a third apply's cleanup
+/// deleted the other's), so that a swap never goes into another apply's
+/// generation (see `kernel::generation_is_there`). It is fixed when the
+/// generation is staged: after an edit in place the policy in force is the
+/// one its entry rules name, not the one it was staged for.
+pub fn generation_comment(ruleset: &Ruleset) -> String {
+    let digest = &ruleset.digest;
+    let tag = digest.get(..digest.find(':').map_or(0, |colon| colon + 1) + 16);
+    format!("{}{STAGED}{}", shape(ruleset), tag.unwrap_or(digest))
+}
+
+/// The shape digest in a generation's comment, if it has one (a generation
+/// an earlier netleash staged carries the policy digest instead).
+pub fn comment_shape(comment: &str) -> Option<&str> {
+    comment.starts_with(SHAPE_PREFIX).then(|| {
+        comment
+            .split_once(STAGED)
+            .map_or(comment, |(shape, _)| shape)
+    })
+}
+
+/// The shape digest of `ruleset` (in its [`entry_form`]), which its
+/// generation's chains carry in their comment ([`generation_comment`]):
+/// `shape sha256:HEX` over
+/// everything the kernel gets of it but the elements of its static sets
+/// (chains and their rules, every set's definition, the persistent sets,
+/// the base chains' hooks and policies), and over the netleash version that
+/// lays it out. Two models with the same shape digest put the same rules,
+/// byte for byte, into the kernel, so one can replace the other by changing
+/// set elements alone ([`Approach::Edit`]). The encoding is the models'
+/// `Debug` text, which prints every field: a change of that text between
+/// versions can only make a digest differ (a swap instead of an edit),
+/// never make two shapes equal.
+pub fn shape(ruleset: &Ruleset) -> String {
+    use sha2::{Digest, Sha256};
+    let sets: Vec<Cow<'_, Set>> = ruleset
+        .sets
+        .iter()
+        .map(|set| {
+            if persistent_set(set) {
+                Cow::Borrowed(set)
+            } else {
+                Cow::Owned(Set {
+                    name: set.name.clone(),
+                    key: set.key,
+                    role: set.role,
+                    interval: set.interval,
+                    timeout: set.timeout,
+                    elements: Vec::new(),
+                })
+            }
+        })
+        .collect();
+    let mut hash = Sha256::new();
+    hash.update(b"netleash generation shape v1\0");
+    hash.update(env!("CARGO_PKG_VERSION").as_bytes());
+    hash.update(format!("\0{:?}\0{sets:?}\0{:?}", ruleset.mode, ruleset.chains).as_bytes());
+    format!("{SHAPE_PREFIX}sha256:{}", hex::encode(hash.finalize()))
+}
+
+/// The comment of a base chain's entry rule: the rule's id, a space, and
+/// the digest of the policy in force (`output-egress sha256:HEX`). The entry
+/// rules are replaced by every swap and every edit, so they, not the
+/// generation's chains (whose comment the kernel cannot change), say which
+/// policy is in force. Rule ids have no spaces.
+pub fn entry_comment(id: &str, digest: Option<&str>) -> String {
+    match digest {
+        Some(digest) => format!("{id} {digest}"),
+        None => id.to_string(),
+    }
+}
+
+/// A rule comment split into its id and the policy digest an entry rule
+/// carries after it (see [`entry_comment`]).
+pub fn split_entry_comment(comment: &str) -> (&str, Option<&str>) {
+    match comment.split_once(' ') {
+        Some((id, digest)) if digest.starts_with("sha256:") => (id, Some(digest)),
+        _ => (comment, None),
+    }
 }
 
 /// Kernel names of the objects a cleanup deletes: chains in the order to
@@ -988,6 +1235,35 @@ mod tests {
             );
             assert_eq!(edit(&replaced, &kernel), None);
         }
+    }
+
+    #[test]
+    fn a_generation_comment_carries_the_shape_and_the_staged_policy() {
+        let mut model = Ruleset {
+            mode: crate::policy::Mode::Limited,
+            digest: format!("sha256:{}", "ab".repeat(32)),
+            sets: vec![allow_set(&["10.0.0.1/32"])],
+            chains: vec![],
+            names: vec![],
+        };
+        let comment = generation_comment(&model);
+        assert_eq!(
+            comment,
+            format!("{} staged sha256:{}", shape(&model), "ab".repeat(8))
+        );
+        assert!(
+            comment.len() <= 128,
+            "nft reads back comments of up to 128 bytes"
+        );
+        assert_eq!(comment_shape(&comment), Some(shape(&model).as_str()));
+        // An earlier netleash's comment, the policy digest: no shape.
+        assert_eq!(comment_shape(&model.digest), None);
+        // Other elements, the same shape; another set definition, another.
+        let same = shape(&model);
+        model.sets[0] = allow_set(&["10.0.0.2/32"]);
+        assert_eq!(shape(&model), same);
+        model.sets[0].interval = false;
+        assert_ne!(shape(&model), same);
     }
 
     #[test]

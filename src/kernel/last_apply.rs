@@ -101,7 +101,10 @@ pub const DIR_VARIABLE: &str = "NETLEASH_LAST_APPLY_DIR";
 pub const DEFAULT_DIR: &str = "/run/netleash/last-apply";
 
 /// The file format; a file of another format is removed, not read.
-const FORMAT: u32 = 2;
+/// Format 2: rule expressions with every attribute and the anonymous sets'
+/// elements. Format 3: entry rules carry the policy digest and a table its
+/// generation's shape digest (an edit in place keeps the generation).
+const FORMAT: u32 = 3;
 
 /// The netleash version that writes and reads the files.
 const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -685,6 +688,7 @@ mod tests {
             .collect();
         KernelTable {
             digest: Some("sha256:abc".into()),
+            generation_comment: Some("shape sha256:def staged sha256:abc".into()),
             generation: Some(3),
             sets: vec![KernelSet {
                 name: "allow_v4".into(),
@@ -717,6 +721,7 @@ mod tests {
                 comment: Some("sha256:abc".into()),
                 rules: vec![KernelRule {
                     id: Some("allow-1".into()),
+                    digest: None,
                     handle: 42,
                     expressions: vec![ParsedExpr {
                         name: "lookup".into(),

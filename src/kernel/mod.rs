@@ -177,6 +177,32 @@ pub enum Method {
     Replace { reason: String },
     /// Generation `to` is staged and swapped in for generation `from`.
     Swap { from: u32, to: u32 },
+    /// Generation `generation` stays in force and is edited in place, in
+    /// one transaction: the policy differs from it only in the elements of
+    /// static sets (`removed` and `added` elements, ranges counted once)
+    /// and in its digest (see [`generation`]). Its rules keep their counters.
+    Edit {
+        generation: u32,
+        added: usize,
+        removed: usize,
+    },
+}
+
+impl Method {
+    /// The method of `edit`, an `Approach::Edit`.
+    fn edit_of(edit: &Swap) -> Method {
+        let count = |elements: fn(&generation::SetEdit) -> &Vec<ffi::RawElement>| {
+            edit.edit
+                .values()
+                .map(|change| elements::logical_count(elements(change)))
+                .sum()
+        };
+        Method::Edit {
+            generation: edit.to,
+            added: count(|change| &change.add),
+            removed: count(|change| &change.remove),
+        }
+    }
 }
 
 impl std::fmt::Display for Method {
@@ -188,6 +214,15 @@ impl std::fmt::Display for Method {
                 "replaced the table as a whole (generation 1), because {reason}"
             ),
             Method::Swap { from, to } => write!(f, "swapped generation {from} for {to}"),
+            Method::Edit {
+                generation,
+                added,
+                removed,
+            } => write!(
+                f,
+                "edited generation {generation} in place ({added} element(s) added, {removed} \
+                 removed; rules and counters kept)"
+            ),
         }
     }
 }
@@ -366,6 +401,7 @@ impl Session {
                     )
                 }
                 Approach::Swap(swap) => self.apply_swap(ruleset, expected, carried, snapshot, swap),
+                Approach::Edit(edit) => self.apply_edit(ruleset, expected, carried, snapshot, edit),
             };
             match outcome {
                 Ok(mut report) => {
@@ -483,19 +519,21 @@ impl Session {
     }
 
     /// Read the table and compare the policy in force with `expected`, which
-    /// this apply just put in force as generation `generation`. If another
-    /// generation is in force, another apply came after this one: this one
-    /// is superseded, and starts over (`RulesetChanged`) rather than rolling
-    /// the other one back.
+    /// this apply just put in force as generation `generation`, its entry
+    /// rules carrying `digest`. If another generation is in force, or
+    /// another digest (another apply edited the generation in place), another
+    /// apply came after this one: this one is superseded, and starts over
+    /// (`RulesetChanged`) rather than rolling the other one back.
     fn read_and_compare(
         &mut self,
         expected: &Ruleset,
         generation: u32,
+        digest: &str,
         plan: &ElementPlan,
     ) -> Result<(u32, KernelTable, Vec<Difference>), Error> {
         let snapshot = readback::read_table_with(&mut self.netlink, plan)?;
         let table = snapshot.table.ok_or(Error::MissingAfterApply)?;
-        if table.generation != Some(generation) {
+        if table.generation != Some(generation) || table.digest.as_deref() != Some(digest) {
             return Err(Error::RulesetChanged);
         }
         let differences = readback::differences(expected, &table)?;
@@ -547,7 +585,7 @@ impl Session {
             }
             None => {
                 self.verified_from = Some(VerifiedFrom::Read);
-                self.read_and_compare(expected, 1, &compared_elements(expected))?
+                self.read_and_compare(expected, 1, &ruleset.digest, &compared_elements(expected))?
             }
         };
         if !differences.is_empty() {
@@ -617,7 +655,8 @@ impl Session {
             }
             None => {
                 self.verified_from = Some(VerifiedFrom::Read);
-                self.read_after_swap(expected, &snapshot, &swap, staged_at, swapped_at)?
+                let written = (swap.to, ruleset.digest.as_str());
+                self.read_after_swap(expected, &snapshot, &swap, written, staged_at, swapped_at)?
             }
         };
         if !differences.is_empty() {
@@ -641,6 +680,122 @@ impl Session {
         Ok(report)
     }
 
+    /// Edit generation `edit.to` (`== edit.from`, an `Approach::Edit`) in
+    /// place: one transaction that changes the elements of the sets in
+    /// `edit.edit` and replaces each base chain's entry rule by one that
+    /// jumps into the same generation and carries the digest of `ruleset`
+    /// (see [`generation`]). Then verify, as after a swap (from the echo
+    /// composed with the table before, or by reading); on a difference, undo
+    /// the element changes and put the previous entry rules (the previous
+    /// digest) back, in one transaction.
+    fn apply_edit(
+        &mut self,
+        ruleset: &Ruleset,
+        expected: &Ruleset,
+        carried: &[SetUpdate],
+        snapshot: Snapshot,
+        edit: Swap,
+    ) -> Result<ApplyReport, Error> {
+        let mut transaction = batch::swap(ruleset, &edit)?;
+        // Carried DNS elements go in with the edit, as with a swap.
+        learned::add_carried(&mut transaction, ruleset, edit.to, carried)?;
+        let echo = self.commit_echoed_at(transaction, snapshot.genid)?;
+        // What the kernel made of the element changes is read back (they
+        // are not echoed), never taken from the edit.
+        let mut snapshot = snapshot;
+        if let Some(before) = &mut snapshot.table {
+            for set in &mut before.sets {
+                if edit.edited_sets().any(|edited| edited == set.kernel_name) {
+                    set.elements = Vec::new();
+                    set.elements_read = false;
+                    set.verified_as = None;
+                }
+            }
+        }
+        let composed =
+            self.compose_and_compare(expected, snapshot.genid, snapshot.table.as_ref(), &[echo])?;
+        let (genid, table, differences) = match composed {
+            Some(composed) => {
+                self.verified_from = Some(VerifiedFrom::Echo);
+                composed
+            }
+            None => {
+                self.verified_from = Some(VerifiedFrom::Read);
+                let edited_at = snapshot.genid;
+                let written = (edit.to, ruleset.digest.as_str());
+                self.read_after_swap(expected, &snapshot, &edit, written, edited_at, edited_at)?
+            }
+        };
+        if !differences.is_empty() {
+            let rollback = self.roll_back_edit(ruleset, &edit, genid);
+            return Err(Error::Verify {
+                differences,
+                rollback,
+            });
+        }
+        let report = Session::report(&table, edit.to, Method::edit_of(&edit));
+        let mut table = table;
+        readback::mark_verified(&mut table, expected);
+        // Nothing to clean up: the edit created nothing, and an edit is
+        // only planned over a table without leftovers.
+        self.known = Some(Snapshot {
+            genid,
+            table: Some(table),
+        });
+        Ok(report)
+    }
+
+    /// Undo the edit in place `edit` of generation `edit.to`, which put
+    /// `ruleset`'s digest in force: give the edited sets their previous
+    /// elements and the entry rules their previous digest back, in one
+    /// transaction (the same generation-masked changes as the edit, in
+    /// reverse). Returns what happened, for the verification error.
+    fn roll_back_edit(&mut self, ruleset: &Ruleset, edit: &Swap, mut genid: u32) -> String {
+        let previous = edit.from_digest.as_deref().unwrap_or("(no digest)");
+        let mut outcome = Err(Error::Unstable { attempts: ATTEMPTS });
+        for _ in 0..ATTEMPTS {
+            outcome = batch::swap_back(edit, &Deletions::default())
+                .and_then(|transaction| self.commit_at(transaction, genid));
+            if !matches!(outcome, Err(Error::RulesetChanged)) {
+                break;
+            }
+            // Something else committed: undo only while this edit is still
+            // what is in force.
+            let now = match readback::read_table(&mut self.netlink, Detail::Shape) {
+                Ok(now) => now,
+                Err(err) => {
+                    outcome = Err(err);
+                    break;
+                }
+            };
+            let intact = now.table.as_ref().is_some_and(|table| {
+                table.generation == Some(edit.to)
+                    && table.digest.as_deref() == Some(ruleset.digest.as_str())
+            });
+            if !intact {
+                self.known = None;
+                return format!(
+                    "another program changed the table meanwhile, so it is left as it is now \
+                     (this apply had edited generation {} in place)",
+                    edit.to
+                );
+            }
+            genid = now.genid;
+        }
+        self.known = None;
+        match outcome {
+            Ok(()) => format!(
+                "the previous policy ({previous}) was put back in force: generation {} got its \
+                 previous set elements back",
+                edit.to
+            ),
+            Err(err) => format!(
+                "undoing the edit of generation {} failed too, so it stays in force as edited: {err}",
+                edit.to
+            ),
+        }
+    }
+
     /// Read the table after the swap to `swap.to` (when its echo cannot be
     /// used) and compare it with `expected`.
     fn read_after_swap(
@@ -648,6 +803,7 @@ impl Session {
         expected: &Ruleset,
         snapshot: &Snapshot,
         swap: &Swap,
+        (generation, digest): (u32, &str),
         staged_at: u32,
         swapped_at: u32,
     ) -> Result<(u32, KernelTable, Vec<Difference>), Error> {
@@ -672,7 +828,7 @@ impl Session {
                 .collect();
             plan.known_at = Some(next_genid(swapped_at));
         }
-        self.read_and_compare(expected, swap.to, &plan)
+        self.read_and_compare(expected, generation, digest, &plan)
     }
 
     /// The swap transaction, retried while only other changes (e.g. DNS set
@@ -697,9 +853,17 @@ impl Session {
                 other => return other.map(|echo| (genid, echo)),
             }
             let now = readback::read_table(&mut self.netlink, Detail::Shape)?;
+            // Still generation `from` with the policy planned from (not
+            // edited in place since), and the staged generation complete.
             let intact = now.table.as_ref().is_some_and(|table| {
                 table.generation == Some(swap.from)
-                    && generation_is_there(table, ruleset, swap.to, Some(&ruleset.digest))
+                    && table.digest == swap.from_digest
+                    && generation_is_there(
+                        table,
+                        ruleset,
+                        swap.to,
+                        Some(&generation::generation_comment(ruleset)),
+                    )
             });
             if !intact {
                 return Err(Error::RulesetChanged);
@@ -796,9 +960,12 @@ impl Session {
                     break;
                 }
             };
+            // Still this apply's generation and policy (not edited in place
+            // by another apply since), and the previous generation complete.
             let intact = now.table.as_ref().is_some_and(|table| {
                 table.generation == Some(swap.to)
-                    && generation_is_there(table, ruleset, swap.from, swap.from_digest.as_deref())
+                    && table.digest.as_deref() == Some(ruleset.digest.as_str())
+                    && generation_is_there(table, ruleset, swap.from, swap.from_comment.as_deref())
             });
             if !intact {
                 self.known = None;
@@ -841,6 +1008,7 @@ impl Session {
                 Approach::Replace { reason } => {
                     (batch::replace_table(ruleset)?, Method::Replace { reason })
                 }
+                Approach::Edit(edit) => (batch::swap(ruleset, &edit)?, Method::edit_of(&edit)),
                 Approach::Swap(swap) => {
                     let table = table.expect("a swap is only planned over a table");
                     let deletions = Deletions::after_swap(table, ruleset, &swap);
@@ -930,20 +1098,24 @@ fn staged_chains(ruleset: &Ruleset, generation: u32) -> Vec<String> {
 }
 
 /// Whether every regular chain of generation `generation` is among the
-/// leftovers of `table`, each with `digest` as its comment. Generation
+/// leftovers of `table`, each with `comment` as its comment (what it was
+/// staged with, `generation::generation_comment`: its shape and the policy
+/// it was staged for; or what an earlier netleash wrote there). Generation
 /// numbers alone do not identify a generation: two concurrent applies can
-/// stage the same number one after the other, after one deleted the other's.
+/// stage the same number one after the other, after a third deleted the
+/// first one's as a leftover, and the shape alone does not tell apart two
+/// policies that differ in elements.
 fn generation_is_there(
     table: &KernelTable,
     ruleset: &Ruleset,
     generation: u32,
-    digest: Option<&str>,
+    comment: Option<&str>,
 ) -> bool {
     staged_chains(ruleset, generation).iter().all(|name| {
         table
             .leftover_chains
             .iter()
-            .any(|c| c.kernel_name == *name && c.comment.as_deref() == digest)
+            .any(|c| c.kernel_name == *name && c.comment.as_deref() == comment)
     })
 }
 
@@ -1242,7 +1414,9 @@ mod tests {
     fn a_failed_verification_puts_the_previous_generation_back() {
         let ns = Netns::new("rollback");
         let a = compile(Mode::Limited, &["198.51.100.0/24"]);
-        let b = compile(Mode::Limited, &["203.0.113.0/24"]);
+        // It allows IPv6 too: another rule, so a generation swap (policies
+        // that differ in elements alone are an edit in place).
+        let b = compile(Mode::Limited, &["203.0.113.0/24", "2001:db8::/32"]);
         let mut session = Session::open(&ns.target()).unwrap();
         session.apply(&a).unwrap();
         session.update_elements(&[learned_dns_v4()]).unwrap();
@@ -1430,7 +1604,9 @@ mod tests {
     fn an_unchanged_set_is_kept_and_a_changed_one_created_again() {
         let ns = Netns::new("reuse");
         let a = compile(Mode::Limited, &["198.51.100.0/24"]);
-        let b = compile(Mode::Limited, &["203.0.113.0/24"]);
+        // It allows IPv6 too: another rule, so a generation swap (policies
+        // that differ in elements alone are an edit in place).
+        let b = compile(Mode::Limited, &["203.0.113.0/24", "2001:db8::/32"]);
         let mut session = Session::open(&ns.target()).unwrap();
         session.apply(&a).unwrap();
         let report = session.apply(&b).unwrap();
@@ -1573,6 +1749,22 @@ mod tests {
         model
     }
 
+    /// `model` with a rule that differs from [`with_concatenated_twin`]'s: its
+    /// lookup in the concatenated set counts no packets. Two policies that
+    /// differ in a rule (as well as in elements) are a generation swap, not
+    /// an edit in place of the generation in force.
+    fn with_other_rule(mut model: Ruleset) -> Ruleset {
+        let rule = model
+            .chains
+            .iter_mut()
+            .flat_map(|c| c.rules.iter_mut())
+            .find(|r| r.id == "allow-concatenated-v4")
+            .unwrap();
+        rule.actions
+            .retain(|a| *a != crate::ruleset::Action::Counter);
+        model
+    }
+
     /// The model names of the sets `large` changes, each with at least 30 elements.
     const LARGE_SETS: [&str; 4] = ["allow_v4", "allow_v6", "allow_v4_tcp_443", CONCATENATED];
 
@@ -1637,7 +1829,7 @@ mod tests {
     #[test]
     fn a_set_changed_in_a_few_elements_is_changed_in_place() {
         let ns = Netns::new("inplace");
-        let (a, b) = (large(0, false), large(1, true));
+        let (a, b) = (large(0, false), with_other_rule(large(1, true)));
         assert_large_sets_differ(&a, &b, 30);
         let mut session = Session::open(&ns.target()).unwrap();
         session.apply(&a).unwrap();
@@ -1659,10 +1851,232 @@ mod tests {
         session.close_in_background();
     }
 
+    /// A chain's kernel name, its rules' handles and their counters (packets, bytes).
+    type ChainRules = (String, Vec<u64>, Vec<(u64, u64)>);
+
+    /// The rules of the generation chains in force, by chain.
+    fn generation_rules(session: &mut Session) -> Vec<ChainRules> {
+        let table = readback::read_table(&mut session.netlink, Detail::Shape)
+            .unwrap()
+            .table
+            .unwrap();
+        table
+            .chains
+            .iter()
+            .filter(|c| c.hook.is_none())
+            .map(|c| {
+                let handles = c.rules.iter().map(|r| r.handle).collect();
+                let counters = c
+                    .rules
+                    .iter()
+                    .flat_map(|r| &r.expressions)
+                    .filter_map(|e| e.counter)
+                    .collect();
+                (c.kernel_name.clone(), handles, counters)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn an_element_only_change_edits_the_generation_in_force_in_one_transaction() {
+        let ns = Netns::new("edit");
+        // `b` moves an address of each family and adds two ranges; `c`
+        // only moves the addresses: element changes alone, each way.
+        let (a, b, c) = (large(0, false), large(1, true), large(1, false));
+        assert_large_sets_differ(&a, &b, 30);
+        let mut session = Session::open(&ns.target()).unwrap();
+        session.apply(&a).unwrap();
+        let rules = generation_rules(&mut session);
+        let genid = readback::generation_id(&mut session.netlink).unwrap();
+        let report = session.apply(&b).unwrap();
+        // allow_v4: 10.1.0.0 and 10.2.0.0/30 out, 10.9.0.0 and 10.2.0.0/29
+        // in; allow_v6: one out, one in; 11.9.0.0/30 into allow_v4_tcp_443
+        // and the concatenated set.
+        assert_eq!(
+            report.method,
+            Method::Edit {
+                generation: 1,
+                added: 5,
+                removed: 3
+            }
+        );
+        assert_eq!(
+            readback::generation_id(&mut session.netlink).unwrap(),
+            next_genid(genid),
+            "an edit is one transaction"
+        );
+        assert_eq!(session.verified_from, Some(VerifiedFrom::Echo));
+        assert_echo_matches_dump(&mut session);
+        assert_eq!(report.digest, b.digest);
+        assert_changed_in_place(&mut session, &b, 1);
+        assert_eq!(
+            generation_rules(&mut session),
+            rules,
+            "the generation's rules, their handles and counters are kept"
+        );
+        // The concatenated set would lose an element: a swap.
+        let report = session.apply(&a).unwrap();
+        assert_eq!(report.method, Method::Swap { from: 1, to: 2 });
+        for (model, known) in [(&c, TableKnown::Session), (&a, TableKnown::Session)] {
+            let report = session.apply(model).unwrap();
+            assert_eq!(
+                (report.method, report.table_known),
+                (
+                    Method::Edit {
+                        generation: 2,
+                        added: 2,
+                        removed: 2
+                    },
+                    known
+                )
+            );
+            assert_echo_matches_dump(&mut session);
+            assert_changed_in_place(&mut session, model, 2);
+        }
+        // An apply without memory of the table decides the same from what it reads.
+        let mut other = Session::open(&ns.target()).unwrap();
+        let report = other.apply(&c).unwrap();
+        assert_eq!(
+            (report.method, report.table_known),
+            (
+                Method::Edit {
+                    generation: 2,
+                    added: 2,
+                    removed: 2
+                },
+                TableKnown::Read
+            )
+        );
+        assert_echo_matches_dump(&mut other);
+        other.close_in_background();
+        // The policy in force again: an edit that changes nothing but the
+        // entry rules, one transaction.
+        let genid = readback::generation_id(&mut session.netlink).unwrap();
+        let report = session.apply(&c).unwrap();
+        assert_eq!(
+            report.method,
+            Method::Edit {
+                generation: 2,
+                added: 0,
+                removed: 0
+            }
+        );
+        assert_eq!(
+            readback::generation_id(&mut session.netlink).unwrap(),
+            next_genid(genid)
+        );
+        assert_changed_in_place(&mut session, &c, 2);
+        session.close_in_background();
+    }
+
+    #[test]
+    fn a_failed_verification_of_an_edit_gives_back_the_elements_and_the_digest() {
+        let ns = Netns::new("editback");
+        let (a, b) = (large(0, false), large(1, false));
+        apply(&ns.target(), &a).unwrap();
+        // With and without memory of the table.
+        for remembered in [true, false] {
+            let mut session = Session::open(&ns.target()).unwrap();
+            if remembered {
+                assert_eq!(
+                    session.apply(&a).unwrap().method,
+                    Method::Edit {
+                        generation: 1,
+                        added: 0,
+                        removed: 0
+                    }
+                );
+            }
+            // The edit puts `b`'s elements and digest in force, but is
+            // verified against `a`: neither may stay.
+            let err = session.apply_verified(&b, &a, &[]).unwrap_err();
+            assert_eq!(session.verified_from, Some(VerifiedFrom::Echo));
+            let (differences, rollback) = verify_error(err);
+            assert!(
+                differences.contains(&Difference::Digest {
+                    kernel: Some(b.digest.clone()),
+                    model: a.digest.clone()
+                }),
+                "{differences:?}"
+            );
+            for set in ["allow_v4", "allow_v6"] {
+                assert!(
+                    differences
+                        .iter()
+                        .any(|d| matches!(d, Difference::SetElements { set: s, .. } if s == set)),
+                    "{set}: {differences:?}"
+                );
+            }
+            assert!(
+                rollback.contains(&format!(
+                    "the previous policy ({}) was put back in force: generation 1 got its previous \
+                     set elements back",
+                    a.digest
+                )),
+                "{rollback}"
+            );
+            let status = session.status().unwrap().unwrap();
+            assert_eq!(
+                (status.generation, status.digest.as_deref()),
+                (Some(1), Some(a.digest.as_str()))
+            );
+            assert_changed_in_place(&mut session, &a, 1);
+            session.close_in_background();
+        }
+        // The next apply reads the table and edits it.
+        let mut session = Session::open(&ns.target()).unwrap();
+        let report = session.apply(&b).unwrap();
+        assert!(
+            matches!(report.method, Method::Edit { generation: 1, .. }),
+            "{:?}",
+            report.method
+        );
+        assert_changed_in_place(&mut session, &b, 1);
+        session.close_in_background();
+    }
+
+    #[test]
+    fn a_stale_edit_is_refused_by_the_kernel_and_planned_again() {
+        let ns = Netns::new("editstale");
+        let (a, b) = (large(0, false), large(1, false));
+        let mut session = Session::open(&ns.target()).unwrap();
+        session.apply(&a).unwrap();
+        // Another program adds an address to a set the session knows.
+        nft(
+            &ns,
+            &[
+                "add",
+                "element",
+                "inet",
+                TABLE_NAME,
+                "allow_v4.g1",
+                "{ 192.0.2.1 }",
+            ],
+        );
+        // The edit planned from the session's memory carries its generation
+        // id: the kernel refuses it, and the apply reads the table and edits
+        // again, removing the address no policy has.
+        let report = session.apply(&b).unwrap();
+        assert_eq!((report.restarts, report.table_known), (1, TableKnown::Read));
+        assert_eq!(
+            report.method,
+            Method::Edit {
+                generation: 1,
+                added: 2,
+                removed: 3
+            }
+        );
+        assert_changed_in_place(&mut session, &b, 1);
+        session.close_in_background();
+    }
+
     #[test]
     fn a_one_shot_apply_changes_a_large_set_in_a_few_elements_in_place() {
         let ns = Netns::new("oneshotedit");
-        let (a, b) = (large_of(100, 0, false), large_of(100, 1, true));
+        let (a, b) = (
+            large_of(100, 0, false),
+            with_other_rule(large_of(100, 1, true)),
+        );
         assert_large_sets_differ(&a, &b, 100);
         assert_eq!(apply(&ns.target(), &a).unwrap().method, Method::Create);
         // Another program adds an address to the allowlist in force: the
@@ -1697,7 +2111,10 @@ mod tests {
     #[test]
     fn a_one_shot_rollback_gives_the_sets_changed_in_place_their_elements_back() {
         let ns = Netns::new("oneshotback");
-        let (a, b) = (large_of(100, 0, false), large_of(100, 1, true));
+        let (a, b) = (
+            large_of(100, 0, false),
+            with_other_rule(large_of(100, 1, true)),
+        );
         apply(&ns.target(), &a).unwrap();
         // A session without memory changes the sets of `a` into those of `b`
         // in place, decided from what it read, but verifies against `a`:
@@ -1712,7 +2129,7 @@ mod tests {
     fn a_set_changed_in_many_elements_is_created_again() {
         let ns = Netns::new("manychanged");
         // 16 of 30 addresses moved: more elements change than stay.
-        let (a, b) = (large(0, false), large(16, false));
+        let (a, b) = (large(0, false), with_other_rule(large(16, false)));
         let mut session = Session::open(&ns.target()).unwrap();
         session.apply(&a).unwrap();
         session.apply(&b).unwrap();
@@ -1729,7 +2146,7 @@ mod tests {
     #[test]
     fn a_rollback_gives_the_sets_changed_in_place_their_elements_back() {
         let ns = Netns::new("inplaceback");
-        let (a, b) = (large(0, false), large(1, true));
+        let (a, b) = (large(0, false), with_other_rule(large(1, true)));
         let mut session = Session::open(&ns.target()).unwrap();
         session.apply(&a).unwrap();
         // Generation 2 changes the sets of `a` into those of `b` in place,
@@ -1748,7 +2165,9 @@ mod tests {
     fn a_set_changed_by_another_program_is_not_kept() {
         let ns = Netns::new("tampered");
         let a = compile(Mode::Limited, &["198.51.100.0/24"]);
-        let b = compile(Mode::Limited, &["203.0.113.0/24"]);
+        // It allows IPv6 too: another rule, so a generation swap (policies
+        // that differ in elements alone are an edit in place).
+        let b = compile(Mode::Limited, &["203.0.113.0/24", "2001:db8::/32"]);
         let mut session = Session::open(&ns.target()).unwrap();
         session.apply(&a).unwrap();
         let status = Command::new("ip")
@@ -1822,7 +2241,7 @@ mod tests {
     fn a_one_shot_apply_plans_from_the_table_the_previous_one_verified() {
         let ns = Netns::new("lastapply");
         let other = Netns::new("lastapplyother");
-        let (a, b) = (large(0, false), large(1, true));
+        let (a, b) = (large(0, false), with_other_rule(large(1, true)));
         let report = apply(&ns.target(), &a).unwrap();
         assert_eq!(
             (report.method, report.table_known),
@@ -1872,7 +2291,7 @@ mod tests {
     #[test]
     fn a_file_made_stale_by_another_commit_is_refused_by_the_kernel() {
         let ns = Netns::new("laststale");
-        let (a, b) = (large(0, false), large(1, true));
+        let (a, b) = (large(0, false), with_other_rule(large(1, true)));
         apply(&ns.target(), &a).unwrap();
         assert!(last_apply_file(&ns).1.is_some());
         // Another program adds an element to a set the file says it knows.
@@ -1912,7 +2331,7 @@ mod tests {
     #[test]
     fn a_false_file_at_the_current_generation_id_fails_the_transaction_and_the_apply_reads() {
         let ns = Netns::new("lastfalse");
-        let (a, b) = (large(0, false), large(1, true));
+        let (a, b) = (large(0, false), with_other_rule(large(1, true)));
         apply(&ns.target(), &a).unwrap();
         let (identity, file) = last_apply_file(&ns);
         let mut file = file.unwrap();

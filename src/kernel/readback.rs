@@ -78,8 +78,11 @@ impl KernelSet {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct KernelRule {
-    /// The rule's comment: netleash's rule id.
+    /// The rule's comment up to its first space: netleash's rule id.
     pub id: Option<String>,
+    /// The policy digest a base chain's entry rule carries in its comment
+    /// after the id (see `generation::entry_comment`).
+    pub digest: Option<String>,
     pub handle: u64,
     /// The expressions; their references carry kernel names.
     pub expressions: Vec<ParsedExpr>,
@@ -133,10 +136,17 @@ impl KernelChain {
 /// The table as the kernel holds it. Anonymous sets are left out: they belong to their rules.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct KernelTable {
-    /// The digest of the policy in force: the comment of the chain the base
-    /// chains jump into, or, for a table not written in generations, the
-    /// table's comment.
+    /// The digest of the policy in force: the digest the base chains'
+    /// entry rules carry (all must agree; see `generation::entry_comment`);
+    /// for a table an earlier netleash wrote in generations, whose entry
+    /// rules carry none, the comment of the chain they jump into; for a
+    /// table not written in generations, the table's comment.
     pub digest: Option<String>,
+    /// The comment the chains of the generation in force carry (all must
+    /// agree): its shape digest and the policy it was staged for
+    /// (`generation::generation_comment`), or for a generation an earlier
+    /// netleash staged, the digest of the policy it was staged for.
+    pub generation_comment: Option<String>,
     /// The generation in force, if the base chains jump into one.
     pub generation: Option<u32>,
     /// The sets the base chains reach, in the kernel's order.
@@ -298,9 +308,11 @@ fn read(netlink: &mut Netlink, plan: &ElementPlan, confirm: Confirm) -> Result<S
             Some((mut raw, mut interrupted)) => {
                 let mut anonymous = std::mem::take(&mut raw.anonymous);
                 let mut table = in_force(raw);
-                // A reading to change the table is not compared with a
-                // model: the new generation's rules bring their own sets.
-                if plan.read && confirm == Confirm::Yes {
+                // A reading that reads elements is compared with a model,
+                // also one to change the table: whether a change can be an
+                // edit in place depends on every rule being the model's,
+                // the contents of its anonymous sets included.
+                if plan.read {
                     interrupted |= read_anonymous(netlink, &mut table, &mut anonymous)?;
                 }
                 let known_now = plan.known_at == Some(before);
@@ -751,14 +763,21 @@ pub fn compose(
     .then_some((table, echoed))
 }
 
-/// A rule as read, with its comment as its id.
+/// A rule as read, with its comment as its id (and digest, see
+/// `generation::split_entry_comment`).
 fn kernel_rule(rule: attributes::ParsedRule) -> KernelRule {
+    let comment = ffi::udata_find(
+        &rule.userdata,
+        nftnl::nftnl_sys::NFTNL_UDATA_RULE_COMMENT as u8,
+    )
+    .map(ffi::udata_string);
+    let (id, digest) = match comment.as_deref().map(generation::split_entry_comment) {
+        Some((id, digest)) => (Some(id.to_string()), digest.map(str::to_string)),
+        None => (None, None),
+    };
     KernelRule {
-        id: ffi::udata_find(
-            &rule.userdata,
-            nftnl::nftnl_sys::NFTNL_UDATA_RULE_COMMENT as u8,
-        )
-        .map(ffi::udata_string),
+        id,
+        digest,
         handle: rule.handle,
         expressions: rule.expressions,
     }
@@ -817,16 +836,39 @@ fn in_force(raw: RawTable) -> KernelTable {
             _ => None,
         })
         .collect();
-    let digest = match generation {
-        Some(_) => entries
-            .first()
-            .and_then(|entry| chains.iter().find(|c| c.kernel_name == *entry))
-            .and_then(|c| c.comment.clone()),
-        None => comment,
+    // The comment of the generation's chains, if they all carry the same.
+    let comments: BTreeSet<Option<&str>> = chains
+        .iter()
+        .filter(|c| c.hook.is_none() && reached.contains(&c.kernel_name))
+        .map(|c| c.comment.as_deref())
+        .collect();
+    let generation_comment = match comments.into_iter().collect::<Vec<_>>().as_slice() {
+        [Some(comment)] if generation.is_some() => Some(comment.to_string()),
+        _ => None,
+    };
+    let entry_digests: BTreeSet<Option<&str>> = bases
+        .iter()
+        .flat_map(|c| &c.rules)
+        .map(|r| r.digest.as_deref())
+        .collect();
+    let digest = match (
+        generation,
+        entry_digests.into_iter().collect::<Vec<_>>().as_slice(),
+    ) {
+        (None, _) => comment,
+        (Some(_), [Some(digest)]) => Some(digest.to_string()),
+        // Written by an earlier netleash, whose generation's chains carry
+        // the digest of the policy in force.
+        (Some(_), [None]) => generation_comment
+            .clone()
+            .filter(|comment| !comment.starts_with(generation::SHAPE_PREFIX)),
+        // Entry rules that disagree: no digest is in force.
+        _ => None,
     };
 
     let mut table = KernelTable {
         digest,
+        generation_comment,
         generation,
         sets: Vec::new(),
         chains: Vec::new(),
@@ -1060,6 +1102,32 @@ pub fn policy_name(policy: u32) -> &'static str {
 /// refer to the same sets and chains. Leftovers are not compared: nothing
 /// reaches them.
 pub fn differences(model: &Ruleset, kernel: &KernelTable) -> Result<Vec<Difference>, Error> {
+    compare(model, kernel, Elements::Compared)
+}
+
+/// [`differences`] without comparing any set's elements: how the table in
+/// force differs from the model in everything else (to decide an edit in
+/// place, whose element changes are computed set by set, see
+/// `generation::approach`).
+pub fn differences_but_elements(
+    model: &Ruleset,
+    kernel: &KernelTable,
+) -> Result<Vec<Difference>, Error> {
+    compare(model, kernel, Elements::Skipped)
+}
+
+/// Whether [`compare`] compares the static sets' elements.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Elements {
+    Compared,
+    Skipped,
+}
+
+fn compare(
+    model: &Ruleset,
+    kernel: &KernelTable,
+    elements: Elements,
+) -> Result<Vec<Difference>, Error> {
     let mut found = Vec::new();
     if kernel.digest.as_deref() != Some(model.digest.as_str()) {
         found.push(Difference::Digest {
@@ -1094,7 +1162,7 @@ pub fn differences(model: &Ruleset, kernel: &KernelTable) -> Result<Vec<Differen
         }
         // The DNS-derived sets are filled at run time and keep what they
         // learned across a re-apply: only their definition is the model's.
-        if set.role == SetRole::DnsAllow {
+        if set.role == SetRole::DnsAllow || elements == Elements::Skipped {
             continue;
         }
         let model_elements = elements::encode_all(set)?;
@@ -1472,13 +1540,15 @@ mod tests {
                     policy: c.base.map(|b| generation::policy_number(b.policy)),
                     chain_type: c.base.map(|b| chain_type_name(b.kind).to_string()),
                     comment: (generation.is_some() && c.base.is_none())
-                        .then(|| model.digest.clone()),
+                        .then(|| generation::generation_comment(model)),
                     rules: c
                         .rules
                         .iter()
                         .enumerate()
                         .map(|(i, r)| KernelRule {
                             id: Some(r.id.clone()),
+                            digest: (generation.is_some() && c.base.is_some())
+                                .then(|| model.digest.clone()),
                             handle: i as u64,
                             expressions: batch::plan_rule(r)
                                 .iter()
@@ -1508,6 +1578,117 @@ mod tests {
 
     fn mirror(model: &Ruleset) -> KernelTable {
         in_force(raw_mirror(model, Some(3)))
+    }
+
+    /// `model` with one more blocklist entry per family: other elements, the
+    /// same rules.
+    fn with_more_blocked(model: &Ruleset) -> Ruleset {
+        let mut more = model.clone();
+        for set in more
+            .sets
+            .iter_mut()
+            .filter(|s| s.name.starts_with("blocklist_"))
+        {
+            let net = if set.name.ends_with("v4") {
+                "192.0.2.0/24"
+            } else {
+                "2001:db8::/32"
+            };
+            set.elements
+                .push(crate::ruleset::Element::Addr(net.parse().unwrap()));
+            set.elements.sort();
+        }
+        more.digest = "sha256:more".into();
+        more
+    }
+
+    #[test]
+    fn only_a_change_in_elements_is_an_edit_in_place() {
+        use generation::Approach;
+        let model = ruleset();
+        let table = mirror(&model);
+        assert_eq!(
+            table.generation_comment,
+            Some(generation::generation_comment(&model))
+        );
+        // The same policy: an edit of generation 3 that changes nothing.
+        let Approach::Edit(same) = generation::approach(&model, Some(&table)).unwrap() else {
+            panic!("the same policy is not an edit");
+        };
+        assert_eq!((same.from, same.to), (3, 3));
+        assert!(same.edit.is_empty());
+        assert_eq!(
+            same.previous[0].digest.as_deref(),
+            Some(model.digest.as_str())
+        );
+        // Other elements: an edit of both blocklists, kept under their names.
+        let more = with_more_blocked(&model);
+        assert_eq!(generation::shape(&more), generation::shape(&model));
+        let Approach::Edit(edit) = generation::approach(&more, Some(&table)).unwrap() else {
+            panic!("a change in elements alone is not an edit");
+        };
+        assert_eq!(
+            edit.edit.keys().collect::<Vec<_>>(),
+            ["blocklist_v4", "blocklist_v6"]
+        );
+        assert_eq!(edit.reuse["blocklist_v4"], "blocklist_v4.g3");
+        // Another rule: a swap to generation 4.
+        let mut other_rule = more.clone();
+        let rule = other_rule
+            .chains
+            .iter_mut()
+            .flat_map(|c| c.rules.iter_mut())
+            .find(|r| r.actions.contains(&crate::ruleset::Action::Counter))
+            .expect("a counting rule");
+        rule.actions
+            .retain(|a| *a != crate::ruleset::Action::Counter);
+        assert_ne!(generation::shape(&other_rule), generation::shape(&model));
+        assert!(matches!(
+            generation::approach(&other_rule, Some(&table)).unwrap(),
+            Approach::Swap(swap) if (swap.from, swap.to) == (3, 4)
+        ));
+        // A leftover to delete: a swap, whose cleanup deletes it.
+        let mut raw = raw_mirror(&model, Some(3));
+        raw.chains.extend(
+            raw_mirror(&model, Some(2))
+                .chains
+                .into_iter()
+                .filter(|c| c.hook.is_none()),
+        );
+        assert!(matches!(
+            generation::approach(&more, Some(&in_force(raw))).unwrap(),
+            Approach::Swap(_)
+        ));
+    }
+
+    #[test]
+    fn a_table_with_the_digest_on_its_chains_is_read_and_swapped() {
+        // As an earlier netleash wrote it: the digest as the generation's
+        // chains' comment, entry rules with their id alone.
+        let model = ruleset();
+        let mut raw = raw_mirror(&model, Some(3));
+        for chain in &mut raw.chains {
+            if chain.hook.is_none() {
+                chain.comment = Some(model.digest.clone());
+            }
+            for rule in &mut chain.rules {
+                rule.digest = None;
+            }
+        }
+        let table = in_force(raw);
+        assert_eq!(table.digest.as_deref(), Some(model.digest.as_str()));
+        assert_eq!(differences(&model, &table).unwrap(), vec![]);
+        // Its shape is unknown: even the same policy swaps (once).
+        let approach = generation::approach(&model, Some(&table)).unwrap();
+        let generation::Approach::Swap(swap) = approach else {
+            panic!("{approach:?}");
+        };
+        assert_eq!(swap.from_comment.as_deref(), Some(model.digest.as_str()));
+        // Entry rules that disagree: no digest is in force.
+        let mut raw = raw_mirror(&model, Some(3));
+        let entry = raw.chains.iter_mut().find(|c| c.hook.is_some()).unwrap();
+        entry.rules[0].digest = Some("sha256:other".into());
+        assert_eq!(in_force(raw).digest, None);
     }
 
     #[test]

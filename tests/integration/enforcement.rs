@@ -21,6 +21,14 @@ const UNRESTRICTED: &str = r#"{"type": "unrestricted"}"#;
 const REAPPLY_FIRST: &str = r#"{"type": "limited", "allowed_hosts": ["198.51.100.10", "203.0.113.0/28", "2001:db8:100::10"]}"#;
 const REAPPLY_SECOND: &str =
     r#"{"type": "limited", "allowed_hosts": ["https://198.51.100.10", "[2001:db8:100::11]:443"]}"#;
+/// The edit pair: the same rules, different elements. Both allow
+/// 198.51.100.10, 203.0.113.0/28 and 2001:db8:100::10 on any port; the
+/// first also 198.51.100.9 (next to 198.51.100.10), the second 198.51.100.12
+/// and 2001:db8:100::12 (next to the rejected 198.51.100.11 and
+/// 2001:db8:100::11). Each re-apply edits `allow_v4` and `allow_v6` in place
+/// around the probed addresses.
+const EDIT_FIRST: &str = r#"{"type": "limited", "allowed_hosts": ["198.51.100.10", "198.51.100.9", "203.0.113.0/28", "2001:db8:100::10"]}"#;
+const EDIT_SECOND: &str = r#"{"type": "limited", "allowed_hosts": ["198.51.100.10", "198.51.100.12", "203.0.113.0/28", "2001:db8:100::10", "2001:db8:100::12"]}"#;
 /// Policies `apply` must refuse, as (file name, text).
 const INVALID: [(&str, &str); 3] = [
     (
@@ -41,7 +49,14 @@ const INVALID: [(&str, &str); 3] = [
 fn the_policies_used_here_load_as_assumed() {
     use netleash::policy::{self, Expansions, Mode};
     let load = |text| policy::load(text, "test", &Expansions::default());
-    for text in [LIMITED, ALLOWS_METADATA, REAPPLY_FIRST, REAPPLY_SECOND] {
+    for text in [
+        LIMITED,
+        ALLOWS_METADATA,
+        REAPPLY_FIRST,
+        REAPPLY_SECOND,
+        EDIT_FIRST,
+        EDIT_SECOND,
+    ] {
         let loaded = load(text)
             .unwrap_or_else(|err| panic!("{text}: {}", netleash::cli::render_error(&err)));
         assert_eq!(loaded.mode, Mode::Limited, "{text}");
@@ -207,6 +222,8 @@ fn unrestricted_blocks_only_the_blocklist() {
 /// While 500 re-applies alternate between two policies that agree on the
 /// probed destinations, a connection loop in the sandbox must never see the
 /// other verdict: not an open moment (no table), not a closed one (half a table).
+/// The two policies differ in their rules, so each re-apply swaps generations
+/// (see [`reapply_in_place_is_atomic`] for edits in place).
 #[test]
 fn reapply_is_atomic() {
     const REAPPLIES: usize = 500;
@@ -229,9 +246,59 @@ fn reapply_is_atomic() {
                 "re-apply {round} failed: {}",
                 describe(&output)
             );
+            assert!(
+                String::from_utf8_lossy(&output.stdout).contains("swapped generation"),
+                "re-apply {round} did not swap generations: {}",
+                describe(&output)
+            );
         }
     });
     assert_no_wrong_verdict("reapply_is_atomic", probes, &wrong, REAPPLIES);
+}
+
+/// [`reapply_is_atomic`] with two policies that differ in elements alone:
+/// each of the 500 one-shot re-applies edits the generation in force in
+/// place (one transaction that changes `allow_v4` and `allow_v6` and the
+/// entry rules' digest), and the connection loop must never see another
+/// verdict for the addresses both policies allow, or deny.
+#[test]
+fn reapply_in_place_is_atomic() {
+    const REAPPLIES: usize = 500;
+    let bed = support::testbed();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let first = write_policy(dir.path(), "first.json", EDIT_FIRST);
+    let second = write_policy(dir.path(), "second.json", EDIT_SECOND);
+    apply_ok(&bed, &first);
+    let expectations = [
+        (addr("198.51.100.10"), true),
+        (addr("203.0.113.5"), true),
+        (addr("2001:db8:100::10"), true),
+        (addr("198.51.100.11"), false),
+        (addr("203.0.113.20"), false),
+        (addr("2001:db8:100::11"), false),
+    ];
+    let (probes, wrong) = support::probe_while(&bed, &expectations, 443, || {
+        for round in 0..REAPPLIES {
+            let policy = if round % 2 == 0 { &second } else { &first };
+            let output = apply(&bed, policy);
+            assert!(
+                output.status.success(),
+                "re-apply {round} failed: {}",
+                describe(&output)
+            );
+            assert!(
+                String::from_utf8_lossy(&output.stdout).contains("edited generation 1 in place"),
+                "re-apply {round} was not an edit in place: {}",
+                describe(&output)
+            );
+        }
+    });
+    assert_no_wrong_verdict("reapply_in_place_is_atomic", probes, &wrong, REAPPLIES);
+    let table = netleash_table(bed.sandbox()).expect("the table is in place");
+    assert!(
+        table.contains("set allow_v4.g1 ") && table.contains("jump egress.g1 "),
+        "generation 1 stayed in force: {table}"
+    );
 }
 
 /// What `support::probe_while` found during `reapplies` re-applies of test
@@ -312,10 +379,10 @@ fn in_place_pair(variant: usize) -> netleash::ruleset::Ruleset {
 }
 
 /// A long-lived session (the agent's path) that re-applies policies whose
-/// sets differ in a few elements changes those sets in place, in the swap
-/// transaction: an element both policies hold (in a set being changed)
-/// must match throughout, and an address neither allows must be rejected
-/// throughout.
+/// sets differ in a few elements edits the generation in force in place
+/// (one transaction changes those sets): an element both policies hold (in a
+/// set being changed) must match throughout, and an address neither allows
+/// must be rejected throughout.
 #[test]
 fn a_session_reapply_that_changes_sets_in_place_is_atomic() {
     const REAPPLIES: usize = 1000;
@@ -338,7 +405,10 @@ fn a_session_reapply_that_changes_sets_in_place_is_atomic() {
                     panic!("re-apply {round}: {}", netleash::cli::render_error(&err))
                 });
             assert!(
-                matches!(report.method, netleash::kernel::Method::Swap { .. }),
+                matches!(
+                    report.method,
+                    netleash::kernel::Method::Edit { generation: 1, .. }
+                ),
                 "re-apply {round}: {:?}",
                 report.method
             );

@@ -185,6 +185,20 @@ fn typical() -> Ruleset {
     ruleset::compile(&policy(Mode::Limited, rules), &options())
 }
 
+/// [`typical`] with one more range allowed on any port: it differs from
+/// `typical` only in the elements of `allow_v4`.
+fn typical_plus() -> Ruleset {
+    let rules = vec![
+        allow("192.0.2.0/24", &[]),
+        allow("198.51.100.0/24", &[]),
+        allow("203.0.113.7/32", &[(Proto::Tcp, 443)]),
+        allow("203.0.113.64/26", &[(Proto::Tcp, 80), (Proto::Udp, 443)]),
+        allow("2001:db8:1::/64", &[(Proto::Tcp, 443)]),
+        allow("2001:db8:2::5/128", &[]),
+    ];
+    ruleset::compile(&policy(Mode::Limited, rules), &options())
+}
+
 /// `model` with, per family, a concatenated interval set (`address .
 /// protocol . port`, pipapo in the kernel), `concatenated_v4` / `_v6`, that
 /// holds what the model's port sets hold (`allow_v4_tcp_443`'s ranges, on
@@ -415,8 +429,17 @@ fn apply_reads_back_what_the_model_says() {
     }
     let resolvers = elements_json(&listing, "resolvers_v4_ports");
     assert_eq!(resolvers.len(), 2, "{resolvers:?}");
+    // Each rule's comment is its id; a base chain's entry rule also says
+    // which policy is in force.
     for chain in &model.chains {
-        let ids: Vec<String> = chain.rules.iter().map(|r| r.id.clone()).collect();
+        let ids: Vec<String> = chain
+            .rules
+            .iter()
+            .map(|r| match chain.base {
+                Some(_) => format!("{} {}", r.id, model.digest),
+                None => r.id.clone(),
+            })
+            .collect();
         assert_eq!(
             rule_comments(&listing, &chain.name),
             ids,
@@ -426,7 +449,21 @@ fn apply_reads_back_what_the_model_says() {
     }
     let text = ns.nft_text();
     assert!(
-        text.contains(&format!("comment \"{}\"", model.digest)),
+        text.contains(&format!(
+            "jump egress.g1 comment \"output-egress {}\"",
+            model.digest
+        )),
+        "{text}"
+    );
+    // The generation's chains carry its shape digest and the policy it was
+    // staged for.
+    let staged = &model.digest[..7 + 16];
+    assert!(
+        regex::Regex::new(&format!(
+            r#"chain egress\.g1 \{{\s+comment "shape sha256:[0-9a-f]{{64}} staged {staged}""#
+        ))
+        .unwrap()
+        .is_match(&text),
         "{text}"
     );
     assert!(
@@ -565,9 +602,21 @@ fn each_reapply_swaps_in_a_generation_and_leaves_exactly_one() {
         (1, &kernel::Method::Create)
     );
     let mut generation = 1;
-    let mut previous = None;
+    let mut previous: Option<&ruleset::Ruleset> = Some(&a);
     for model in [&a, &b, &open, &a, &open, &b] {
         let report = kernel::apply(&ns.target(), model).expect("re-apply");
+        if previous.is_some_and(|p| p.digest == model.digest) {
+            // The policy in force again: an edit in place that changes no element.
+            assert_eq!(
+                report.method,
+                kernel::Method::Edit {
+                    generation,
+                    added: 0,
+                    removed: 0
+                }
+            );
+            continue;
+        }
         assert_eq!(
             report.method,
             kernel::Method::Swap {
@@ -728,9 +777,276 @@ fn a_table_in_the_old_layout_is_replaced_once_then_generations_swap() {
     assert_eq!(generations, BTreeSet::from([1]));
     assert_eq!(persistent, limited_persistent());
     assert_eq!(
-        kernel::apply(&ns.target(), &model).unwrap().method,
+        kernel::apply(&ns.target(), &other()).unwrap().method,
         kernel::Method::Swap { from: 1, to: 2 }
     );
+}
+
+/// Give the namespace a default route through a veth pair whose both ends
+/// are in it (and the far end has no address, so it drops what it gets), so
+/// that packets to any address reach the output hook; nothing leaves the
+/// namespace.
+fn route_into_nothing(ns: &Netns) {
+    for args in [
+        &[
+            "link", "add", "nothing0", "type", "veth", "peer", "name", "nothing1",
+        ][..],
+        &["addr", "add", "10.99.0.1/24", "dev", "nothing0"],
+        &["link", "set", "nothing0", "up"],
+        &["link", "set", "nothing1", "up"],
+        &["route", "add", "default", "dev", "nothing0"],
+    ] {
+        let out = run("ip", &[&["-n", ns.name.as_str()][..], args].concat());
+        assert!(out.status.success(), "ip {args:?}: {out:?}");
+    }
+}
+
+/// Send one UDP datagram from inside the namespace to `to`, port 9.
+fn send_udp(ns: &Netns, to: &str) {
+    let to: std::net::SocketAddr = format!("{to}:9").parse().unwrap();
+    netleash::netns::run_in(&ns.target(), move || {
+        let socket = std::net::UdpSocket::bind("0.0.0.0:0").expect("a UDP socket");
+        // A rejected datagram may fail to send (EPERM): it still passed the rules.
+        let _ = socket.send_to(b"probe", to);
+    })
+    .expect("enter the namespace");
+}
+
+/// A rule's chain, handle and counter `(packets, bytes)`, if it counts.
+type ListedRule = (String, u64, Option<(u64, u64)>);
+
+/// The rules of the generation chains (not the base chains), from nft's listing.
+fn generation_rules(listing: &Value) -> Vec<ListedRule> {
+    items(listing, "rule")
+        .into_iter()
+        .filter(|rule| rule["chain"].as_str().unwrap().contains(".g"))
+        .map(|rule| {
+            let counter = rule["expr"].as_array().unwrap().iter().find_map(|e| {
+                e.get("counter")
+                    .map(|c| (c["packets"].as_u64().unwrap(), c["bytes"].as_u64().unwrap()))
+            });
+            (
+                rule["chain"].as_str().unwrap().to_string(),
+                rule["handle"].as_u64().unwrap(),
+                counter,
+            )
+        })
+        .collect()
+}
+
+/// The denied counter of `netleash status`: packets the deny rules counted.
+fn denied_packets(ns: &Netns) -> u64 {
+    kernel::status(&ns.target())
+        .unwrap()
+        .unwrap()
+        .counters
+        .iter()
+        .filter(|c| c.verdict == kernel::CountedVerdict::Denied)
+        .map(|c| c.packets)
+        .sum()
+}
+
+#[test]
+fn a_change_in_elements_only_edits_the_generation_in_force_and_keeps_its_counters() {
+    let ns = Netns::new("edit");
+    route_into_nothing(&ns);
+    let (a, plus) = (typical(), typical_plus());
+    assert_eq!(
+        kernel::apply(&ns.target(), &a).unwrap().method,
+        kernel::Method::Create
+    );
+    // One packet allowed (198.51.100.0/24 on any port), one denied.
+    send_udp(&ns, "198.51.100.5");
+    send_udp(&ns, "203.0.113.200");
+    let before = generation_rules(&ns.nft_json().unwrap());
+    assert!(
+        before
+            .iter()
+            .filter(|(_, _, c)| c.is_some_and(|(p, _)| p > 0))
+            .count()
+            >= 2,
+        "the probes were counted: {before:?}"
+    );
+    let denied = denied_packets(&ns);
+    assert!(denied >= 1, "the denied probe was counted");
+
+    // Another host allowed: one element added, in place.
+    let report = kernel::apply(&ns.target(), &plus).unwrap();
+    assert_eq!(
+        report.method,
+        kernel::Method::Edit {
+            generation: 1,
+            added: 1,
+            removed: 0
+        }
+    );
+    assert_eq!(
+        (report.generation, report.digest.as_str()),
+        (1, plus.digest.as_str())
+    );
+    // Planned from the file the creating apply left (counted packets do
+    // not change the ruleset generation id).
+    assert_eq!(
+        (report.table_known, report.restarts),
+        (kernel::TableKnown::LastApply, 0)
+    );
+    let listing = ns.nft_json().unwrap();
+    assert_eq!(
+        generation_rules(&listing),
+        before,
+        "the generation's rules keep their handles and counters"
+    );
+    assert_eq!(
+        denied_packets(&ns),
+        denied,
+        "status's denied counter is kept"
+    );
+    assert_eq!(
+        elements_json(&listing, "allow_v4"),
+        vec![prefix("192.0.2.0", 24), prefix("198.51.100.0", 24)]
+    );
+    let (generations, sets, _) = generations_listed(&listing);
+    assert_eq!(generations, BTreeSet::from([1]));
+    assert!(sets.iter().all(|(_, g)| *g == 1), "{}", ns.nft_text());
+    let text = ns.nft_text();
+    assert!(
+        text.contains(&format!(
+            "jump egress.g1 comment \"output-egress {}\"",
+            plus.digest
+        )),
+        "{text}"
+    );
+    // Read from scratch: the digest in force is the new policy's, and a
+    // session without memory finds nothing to change but edits (and
+    // verifies) all the same.
+    let status = kernel::status(&ns.target()).unwrap().unwrap();
+    assert_eq!(
+        (status.generation, status.digest.as_deref()),
+        (Some(1), Some(plus.digest.as_str()))
+    );
+    let mut session = kernel::Session::open(&ns.target()).unwrap();
+    let report = session.apply(&plus).unwrap();
+    assert_eq!(
+        (report.method, report.table_known),
+        (
+            kernel::Method::Edit {
+                generation: 1,
+                added: 0,
+                removed: 0
+            },
+            kernel::TableKnown::Read
+        )
+    );
+    session.close_in_background();
+
+    // Another program adds an element behind the one-shot applies' backs:
+    // the edit planned from the last apply file is refused by the kernel,
+    // and planned again from a reading, which removes that element too.
+    let out = ns.nft(&[
+        "add",
+        "element",
+        "inet",
+        "netleash",
+        "allow_v4.g1",
+        "{ 10.0.0.1 }",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let report = kernel::apply(&ns.target(), &a).unwrap();
+    assert_eq!(
+        (report.method, report.restarts, report.table_known),
+        (
+            kernel::Method::Edit {
+                generation: 1,
+                added: 0,
+                removed: 2
+            },
+            1,
+            kernel::TableKnown::Read
+        )
+    );
+    assert_eq!(
+        elements_json(&ns.nft_json().unwrap(), "allow_v4"),
+        vec![prefix("198.51.100.0", 24)]
+    );
+    assert_eq!(
+        generation_rules(&ns.nft_json().unwrap()),
+        before,
+        "still the same rules and counters"
+    );
+    // The file an edit leaves is as good as a swap's: the next one-shot
+    // edit plans from it.
+    let report = kernel::apply(&ns.target(), &plus).unwrap();
+    assert_eq!(
+        (report.method, report.restarts, report.table_known),
+        (
+            kernel::Method::Edit {
+                generation: 1,
+                added: 1,
+                removed: 0
+            },
+            0,
+            kernel::TableKnown::LastApply
+        )
+    );
+
+    // A change in the rules (another port set) still swaps generations,
+    // and the counters of the new generation start at zero.
+    let report = kernel::apply(&ns.target(), &other()).unwrap();
+    assert_eq!(report.method, kernel::Method::Swap { from: 1, to: 2 });
+    assert_eq!(denied_packets(&ns), 0);
+}
+
+/// The nft text of the table as an earlier netleash wrote it: the policy
+/// digest as the comment of the generation's chains, and entry rules whose
+/// comment is their id alone.
+fn as_an_earlier_netleash_wrote_it(text: &str, digest: &str) -> String {
+    let shape =
+        regex::Regex::new(r#"comment "shape sha256:[0-9a-f]{64} staged sha256:[0-9a-f]{16}""#)
+            .unwrap();
+    let entry = regex::Regex::new(r#"comment "([a-z-]+) sha256:[0-9a-f]{64}""#).unwrap();
+    let text = shape.replace_all(text, format!("comment \"{digest}\"").as_str());
+    entry.replace_all(&text, "comment \"$1\"").into_owned()
+}
+
+#[test]
+fn a_table_with_the_digest_on_its_chains_is_read_and_swapped_once_then_edited() {
+    let ns = Netns::new("olddigest");
+    let (a, plus) = (typical(), typical_plus());
+    kernel::apply(&ns.target(), &a).unwrap();
+    let old = as_an_earlier_netleash_wrote_it(&ns.nft_text(), &a.digest);
+    assert!(
+        !old.contains("shape sha256:") && !old.contains("egress sha256:"),
+        "{old}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("old.nft");
+    std::fs::write(&file, format!("delete table inet netleash\n{old}")).unwrap();
+    let out = ns.nft(&["-f", file.to_str().unwrap()]);
+    assert!(out.status.success(), "{out:?}\n{old}");
+    // The digest in force is read from the chains.
+    let status = kernel::status(&ns.target()).unwrap().unwrap();
+    assert_eq!(
+        (status.generation, status.digest.as_deref()),
+        (Some(1), Some(a.digest.as_str()))
+    );
+    // Its shape is unknown, so even an element change swaps, once (a
+    // one-shot apply without a last apply file for this table reads it).
+    let mut session = kernel::Session::open(&ns.target()).unwrap();
+    let report = session.apply(&plus).unwrap();
+    assert_eq!(report.method, kernel::Method::Swap { from: 1, to: 2 });
+    session.close_in_background();
+    let report = kernel::apply(&ns.target(), &a).unwrap();
+    assert_eq!(
+        report.method,
+        kernel::Method::Edit {
+            generation: 2,
+            added: 0,
+            removed: 1
+        }
+    );
+    let status = kernel::status(&ns.target()).unwrap().unwrap();
+    assert_eq!(status.digest.as_deref(), Some(a.digest.as_str()));
+    assert!(status.leftovers.is_empty(), "{:?}", status.leftovers);
 }
 
 #[test]
@@ -765,10 +1081,12 @@ fn a_session_that_missed_a_change_starts_over_instead_of_applying_stale_plans() 
 #[test]
 fn concurrent_appliers_fail_cleanly_and_never_leave_a_broken_table() {
     let ns = Netns::new("race");
-    let (a, b) = (typical(), other());
+    // `a` and `plus` differ in elements alone (edits in place between
+    // them), `b` in rules (swaps).
+    let (a, b, plus) = (typical(), other(), typical_plus());
     kernel::apply(&ns.target(), &a).unwrap();
     let errors = std::thread::scope(|scope| {
-        let workers: Vec<_> = [&a, &b]
+        let workers: Vec<_> = [&a, &b, &plus]
             .into_iter()
             .map(|model| {
                 let target = ns.target();
@@ -809,10 +1127,10 @@ fn concurrent_appliers_fail_cleanly_and_never_leave_a_broken_table() {
         );
     }
     let status = kernel::status(&ns.target()).unwrap().unwrap();
-    let model = [&a, &b]
+    let model = [&a, &b, &plus]
         .into_iter()
         .find(|m| status.digest.as_deref() == Some(m.digest.as_str()))
-        .expect("one of the two policies is in force");
+        .expect("one of the three policies is in force");
     let plan = kernel::plan(&ns.target(), model).unwrap();
     assert_eq!(plan.differences, vec![], "the policy in force is complete");
     // Whatever a lost race left behind, the next apply deletes.
@@ -905,7 +1223,25 @@ fn dry_run_reports_differences_and_changes_nothing() {
     );
     assert!(same.differences.is_empty(), "{:?}", same.differences);
 
+    // Elements alone change: the kernel checks the edit in place.
+    let edit = kernel::plan(&ns.target(), &typical_plus()).unwrap();
+    assert_eq!(
+        edit.method,
+        kernel::Method::Edit {
+            generation: 1,
+            added: 1,
+            removed: 0
+        }
+    );
+    assert!(
+        edit.differences.iter().any(|d| d
+            .to_string()
+            .starts_with("set \"allow_v4\": 2 element(s) missing")),
+        "{:?}",
+        edit.differences
+    );
     let changed = kernel::plan(&ns.target(), &b).unwrap();
+    assert_eq!(changed.method, kernel::Method::Swap { from: 1, to: 2 });
     let text: Vec<String> = changed
         .differences
         .iter()
@@ -1238,6 +1574,65 @@ fn unrestricted_mode_has_only_the_blocklist() {
 
 fn netleash(args: &[&str]) -> Output {
     run(env!("CARGO_BIN_EXE_netleash"), args)
+}
+
+/// `netleash apply` and `apply --dry-run` say when a policy change is an
+/// edit in place, and what it changes.
+#[test]
+fn cli_apply_and_dry_run_name_an_edit_in_place() {
+    let ns = Netns::new("cliedit");
+    let dir = tempfile::tempdir().unwrap();
+    let policy = |name: &str, hosts: &str| {
+        let path = dir.path().join(name);
+        let text = format!(r#"{{"type": "limited", "allowed_hosts": [{hosts}]}}"#);
+        std::fs::write(&path, text).unwrap();
+        path.to_str().unwrap().to_string()
+    };
+    let first = policy("first.json", r#""198.51.100.10", "203.0.113.0/28""#);
+    let second = policy(
+        "second.json",
+        r#""198.51.100.10", "198.51.100.12", "203.0.113.0/28""#,
+    );
+    let apply = |policy: &str, dry_run: bool| {
+        let mut args = vec![
+            "apply",
+            policy,
+            "--netns",
+            &ns.name,
+            "--resolver",
+            "192.0.2.53",
+        ];
+        if dry_run {
+            args.push("--dry-run");
+        }
+        let out = netleash(&args);
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    assert!(apply(&first, false).contains("created the table"));
+    let plan = apply(&second, true);
+    assert!(
+        plan.contains(
+            "apply would edit generation 1 in place: 1 element(s) added, 0 removed, one \
+             transaction, rules and their counters kept"
+        ),
+        "{plan}"
+    );
+    let applied = apply(&second, false);
+    assert!(
+        applied.contains(
+            "edited generation 1 in place (1 element(s) added, 0 removed; rules and counters kept)"
+        ),
+        "{applied}"
+    );
+    let again = apply(&second, true);
+    assert!(
+        again.contains(
+            "is already in force: apply would put an identical one in force (in place: rules \
+             and their counters are kept)"
+        ),
+        "{again}"
+    );
 }
 
 #[test]
