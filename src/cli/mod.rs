@@ -70,8 +70,10 @@ pub enum Command {
     /// Enforce a policy in a sandbox's network namespace (atomic, verified).
     ///
     /// Compiles POLICY and puts it in force in the `inet netleash` table of the namespace,
-    /// atomically for packets (a new generation is staged, then swapped in), then reads it
-    /// back and verifies it. On any error the rules in force before stay in force.
+    /// atomically for packets, then reads it back and verifies it. A change of addresses only
+    /// edits the sets in force in one transaction (the rules and their counters stay); any
+    /// other change stages a new generation of rules, then swaps it in. On any error the rules
+    /// in force before stay in force.
     ///
     /// What the apply verified is kept in /run/netleash/last-apply/ (root only; the variable
     /// NETLEASH_LAST_APPLY_DIR names another directory), so that the next apply in the same

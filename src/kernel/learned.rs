@@ -60,8 +60,9 @@ impl Session {
     }
 
     /// [`Session::apply`], with `carried` element additions to the new
-    /// policy's sets in the transaction that puts it in force (the swap, or
-    /// the transaction that creates or replaces the table): packets see the
+    /// policy's sets in the transaction that puts it in force (the swap, the
+    /// edit in place, or the transaction that creates or replaces the
+    /// table): packets see the
     /// old policy with its elements, or the new one with the carried
     /// elements, never the new one without them. The DNS-derived sets are
     /// persistent across a swap, so for them the carried additions refresh
