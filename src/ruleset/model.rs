@@ -88,7 +88,7 @@ impl Element {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct Set {
     pub name: String,
     pub key: SetKey,
@@ -103,7 +103,7 @@ pub struct Set {
 }
 
 /// Netfilter hook of a base chain.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Hook {
     Output,
     Forward,
@@ -112,14 +112,14 @@ pub enum Hook {
 }
 
 /// Verdict used as a base chain's policy.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ChainPolicy {
     Accept,
     Drop,
 }
 
 /// The type of a base chain.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ChainKind {
     /// `type filter`: accepts, rejects and drops.
     Filter,
@@ -131,7 +131,7 @@ pub enum ChainKind {
     Raw,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct BaseChain {
     pub kind: ChainKind,
     pub hook: Hook,
@@ -140,7 +140,7 @@ pub struct BaseChain {
     pub policy: ChainPolicy,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Chain {
     pub name: String,
     /// `None` for a regular chain that is only jumped to.
@@ -149,7 +149,7 @@ pub struct Chain {
 }
 
 /// A packet condition. All matches of a rule must hold.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Match {
     /// `oif "lo"`: the packet leaves through the loopback interface.
     OifLoopback,
@@ -177,7 +177,7 @@ pub enum Match {
 }
 
 /// How a denied packet is answered, so clients fail fast instead of hanging.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum RejectKind {
     /// `reject with tcp reset`; only after `L4ProtoIn([Tcp])`.
     TcpReset,
@@ -186,7 +186,7 @@ pub enum RejectKind {
 }
 
 /// A statement; a rule's statements run in order, the last one may be a verdict.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Action {
     /// An anonymous per-rule packet/byte counter.
     Counter,
@@ -207,7 +207,7 @@ pub enum Action {
     CtZoneSet(u16),
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Rule {
     /// Stable, unique id (e.g. `blocklist-v4`, `allow-static-v6-tcp-443`); rendered
     /// as the rule's comment.
