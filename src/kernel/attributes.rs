@@ -35,7 +35,7 @@ const DATA_VALUE_MAXLEN: usize = 64;
 
 // Attribute types of linux/netfilter/nf_tables.h (stable kernel ABI; the
 // libc crate does not carry them).
-const NFTA_LIST_ELEM: usize = 1;
+pub(super) const NFTA_LIST_ELEM: usize = 1;
 
 const NFTA_TABLE_NAME: usize = 1;
 const NFTA_TABLE_USERDATA: usize = 6;
@@ -53,56 +53,57 @@ const NFTA_HOOK_HOOKNUM: usize = 1;
 const NFTA_HOOK_PRIORITY: usize = 2;
 const NFTA_HOOK_MAX: usize = 4;
 
-const NFTA_RULE_TABLE: usize = 1;
-const NFTA_RULE_CHAIN: usize = 2;
+pub(super) const NFTA_RULE_TABLE: usize = 1;
+pub(super) const NFTA_RULE_CHAIN: usize = 2;
 const NFTA_RULE_HANDLE: usize = 3;
-const NFTA_RULE_EXPRESSIONS: usize = 4;
-const NFTA_RULE_USERDATA: usize = 7;
+pub(super) const NFTA_RULE_EXPRESSIONS: usize = 4;
+pub(super) const NFTA_RULE_USERDATA: usize = 7;
 const NFTA_RULE_MAX: usize = 11;
 
-const NFTA_EXPR_NAME: usize = 1;
-const NFTA_EXPR_DATA: usize = 2;
+pub(super) const NFTA_EXPR_NAME: usize = 1;
+pub(super) const NFTA_EXPR_DATA: usize = 2;
 const NFTA_EXPR_MAX: usize = 2;
 
 const NFTA_COUNTER_BYTES: usize = 1;
 const NFTA_COUNTER_PACKETS: usize = 2;
 const NFTA_COUNTER_MAX: usize = 3;
 
-const NFTA_LOOKUP_SET: usize = 1;
-const NFTA_LOOKUP_SREG: usize = 2;
+pub(super) const NFTA_LOOKUP_SET: usize = 1;
+pub(super) const NFTA_LOOKUP_SREG: usize = 2;
+pub(super) const NFTA_LOOKUP_SET_ID: usize = 4;
 const NFTA_LOOKUP_DREG: usize = 3;
 const NFTA_LOOKUP_FLAGS: usize = 5;
 const NFTA_LOOKUP_MAX: usize = 5;
 
-const NFTA_IMMEDIATE_DREG: usize = 1;
-const NFTA_IMMEDIATE_DATA: usize = 2;
+pub(super) const NFTA_IMMEDIATE_DREG: usize = 1;
+pub(super) const NFTA_IMMEDIATE_DATA: usize = 2;
 const NFTA_IMMEDIATE_MAX: usize = 2;
 
-const NFTA_META_DREG: usize = 1;
-const NFTA_META_KEY: usize = 2;
+pub(super) const NFTA_META_DREG: usize = 1;
+pub(super) const NFTA_META_KEY: usize = 2;
 const NFTA_META_SREG: usize = 3;
 const NFTA_META_MAX: usize = 3;
 
-const NFTA_PAYLOAD_DREG: usize = 1;
-const NFTA_PAYLOAD_BASE: usize = 2;
-const NFTA_PAYLOAD_OFFSET: usize = 3;
-const NFTA_PAYLOAD_LEN: usize = 4;
+pub(super) const NFTA_PAYLOAD_DREG: usize = 1;
+pub(super) const NFTA_PAYLOAD_BASE: usize = 2;
+pub(super) const NFTA_PAYLOAD_OFFSET: usize = 3;
+pub(super) const NFTA_PAYLOAD_LEN: usize = 4;
 const NFTA_PAYLOAD_SREG: usize = 5;
 const NFTA_PAYLOAD_CSUM_TYPE: usize = 6;
 const NFTA_PAYLOAD_CSUM_OFFSET: usize = 7;
 const NFTA_PAYLOAD_CSUM_FLAGS: usize = 8;
 const NFTA_PAYLOAD_MAX: usize = 8;
 
-const NFTA_CMP_SREG: usize = 1;
-const NFTA_CMP_OP: usize = 2;
-const NFTA_CMP_DATA: usize = 3;
+pub(super) const NFTA_CMP_SREG: usize = 1;
+pub(super) const NFTA_CMP_OP: usize = 2;
+pub(super) const NFTA_CMP_DATA: usize = 3;
 const NFTA_CMP_MAX: usize = 3;
 
-const NFTA_BITWISE_SREG: usize = 1;
-const NFTA_BITWISE_DREG: usize = 2;
-const NFTA_BITWISE_LEN: usize = 3;
-const NFTA_BITWISE_MASK: usize = 4;
-const NFTA_BITWISE_XOR: usize = 5;
+pub(super) const NFTA_BITWISE_SREG: usize = 1;
+pub(super) const NFTA_BITWISE_DREG: usize = 2;
+pub(super) const NFTA_BITWISE_LEN: usize = 3;
+pub(super) const NFTA_BITWISE_MASK: usize = 4;
+pub(super) const NFTA_BITWISE_XOR: usize = 5;
 const NFTA_BITWISE_OP: usize = 6;
 const NFTA_BITWISE_DATA: usize = 7;
 /// `NFTA_BITWISE_SREG2` (Linux 6.13): the second operand register of the
@@ -110,35 +111,35 @@ const NFTA_BITWISE_DATA: usize = 7;
 const NFTA_BITWISE_SREG2: usize = 8;
 const NFTA_BITWISE_MAX: usize = 8;
 
-const NFTA_CT_DREG: usize = 1;
-const NFTA_CT_KEY: usize = 2;
+pub(super) const NFTA_CT_DREG: usize = 1;
+pub(super) const NFTA_CT_KEY: usize = 2;
 const NFTA_CT_DIRECTION: usize = 3;
-const NFTA_CT_SREG: usize = 4;
+pub(super) const NFTA_CT_SREG: usize = 4;
 const NFTA_CT_MAX: usize = 4;
 
-const NFTA_LOG_GROUP: usize = 1;
-const NFTA_LOG_PREFIX: usize = 2;
+pub(super) const NFTA_LOG_GROUP: usize = 1;
+pub(super) const NFTA_LOG_PREFIX: usize = 2;
 const NFTA_LOG_SNAPLEN: usize = 3;
 const NFTA_LOG_QTHRESHOLD: usize = 4;
 const NFTA_LOG_LEVEL: usize = 5;
 const NFTA_LOG_FLAGS: usize = 6;
 const NFTA_LOG_MAX: usize = 6;
 
-const NFTA_REJECT_TYPE: usize = 1;
-const NFTA_REJECT_ICMP_CODE: usize = 2;
+pub(super) const NFTA_REJECT_TYPE: usize = 1;
+pub(super) const NFTA_REJECT_ICMP_CODE: usize = 2;
 const NFTA_REJECT_MAX: usize = 2;
 
-const NFTA_REDIR_REG_PROTO_MIN: usize = 1;
+pub(super) const NFTA_REDIR_REG_PROTO_MIN: usize = 1;
 const NFTA_REDIR_REG_PROTO_MAX: usize = 2;
-const NFTA_REDIR_FLAGS: usize = 3;
+pub(super) const NFTA_REDIR_FLAGS: usize = 3;
 const NFTA_REDIR_MAX: usize = 3;
 
-const NFTA_DATA_VALUE: usize = 1;
-const NFTA_DATA_VERDICT: usize = 2;
+pub(super) const NFTA_DATA_VALUE: usize = 1;
+pub(super) const NFTA_DATA_VERDICT: usize = 2;
 const NFTA_DATA_MAX: usize = 2;
 
-const NFTA_VERDICT_CODE: usize = 1;
-const NFTA_VERDICT_CHAIN: usize = 2;
+pub(super) const NFTA_VERDICT_CODE: usize = 1;
+pub(super) const NFTA_VERDICT_CHAIN: usize = 2;
 const NFTA_VERDICT_MAX: usize = 3;
 
 const NFTA_SET_TABLE: usize = 1;

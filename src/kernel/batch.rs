@@ -11,15 +11,17 @@
 use std::collections::BTreeMap;
 use std::ffi::CString;
 
-use nftnl::expr::{Bitwise, Cmp, CmpOp, Conntrack, Counter, IcmpCode, RejectionType, Verdict};
 use nftnl::{MsgType, ProtoFamily};
 
 use super::elements::{self, datatype};
 use super::ffi::{self, BaseHook, ChainMsg, ElementOp, SetDefinition, SetMsg, TableMsg};
 use super::generation::{self, Deletions, EntryRule, Naming, Swap};
 use super::netlink::{Object, Transaction};
+use super::rule_message::{KernelNames, References, RuleWriter};
 use super::{Error, table_name};
-use crate::ruleset::{Action, BaseChain, Family, Match, RejectKind, Rule, Ruleset, Set};
+use crate::ruleset::{
+    Action, BaseChain, Family, Match, RejectKind, Rule, Ruleset, Set, TABLE_NAME,
+};
 
 /// `NFT_REG_1`: the 16-byte register most expressions use.
 const REG_1: u32 = libc::NFT_REG_1 as u32;
@@ -489,22 +491,25 @@ impl<'a> Builder<'a> {
     /// Add the rules of the model chains that are base chains (`base`) or
     /// regular chains (`!base`), in model order.
     fn add_rules(&mut self, base: bool) -> Result<(), Error> {
-        // Rules go through the safe nftnl API, which needs table and chain handles.
-        let nftnl_table = nftnl::Table::new(&self.table, ProtoFamily::Inet);
         let ruleset = self.ruleset;
         for chain in ruleset.chains.iter().filter(|c| c.base.is_some() == base) {
-            let handle = nftnl::Chain::new(cstring(&self.naming.chain(&chain.name))?, &nftnl_table);
+            let chain_name = self.naming.chain(&chain.name);
             for rule in &chain.rules {
-                let mut nft_rule = nftnl::Rule::new(&handle);
-                for expr in plan_rule(rule) {
-                    self.add_expr(&mut nft_rule, &expr, chain, rule)?;
-                }
                 // A base chain's rule (its entry rule, a jump into the
                 // generation) also says which policy is in force.
                 let digest = base.then_some(ruleset.digest.as_str());
-                set_rule_comment(&mut nft_rule, &generation::entry_comment(&rule.id, digest))?;
+                let comment = generation::entry_comment(&rule.id, digest);
+                let mut message = RuleWriter::new(TABLE_NAME, &chain_name, Some(&comment))?;
+                let mut names = RuleNames {
+                    builder: self,
+                    chain,
+                    rule,
+                };
+                for expr in plan_rule(rule) {
+                    message.expression(&expr, &mut names)?;
+                }
                 self.transaction.add(
-                    &nft_rule,
+                    &message.finish()?,
                     MsgType::Add,
                     Object::Rule {
                         chain: chain.name.clone(),
@@ -525,123 +530,6 @@ impl<'a> Builder<'a> {
             let flush = nftnl::Rule::new(&handle);
             self.transaction
                 .add(&flush, MsgType::Del, Object::Flush(chain.name.clone()));
-        }
-        Ok(())
-    }
-
-    /// Add one planned expression to `rule`. An anonymous set is added to the
-    /// transaction first, with its elements, so the rule can refer to it.
-    fn add_expr(
-        &mut self,
-        rule: &mut nftnl::Rule<'_>,
-        expr: &Expr,
-        chain: &crate::ruleset::Chain,
-        model_rule: &Rule,
-    ) -> Result<(), Error> {
-        match expr {
-            Expr::Meta { key, dreg } => rule.add_expr(&ffi::MetaLoad {
-                key: *key,
-                dreg: *dreg,
-            }),
-            Expr::Payload {
-                base,
-                offset,
-                len,
-                dreg,
-            } => rule.add_expr(&ffi::PayloadLoad {
-                base: *base,
-                offset: *offset,
-                len: *len,
-                dreg: *dreg,
-            }),
-            Expr::CmpEq(data) => rule.add_expr(&Cmp::new(CmpOp::Eq, data.as_slice())),
-            Expr::CmpNeq(data) => rule.add_expr(&Cmp::new(CmpOp::Neq, data.as_slice())),
-            Expr::Bitwise { mask, xor } => {
-                rule.add_expr(&Bitwise::new(mask.as_slice(), xor.as_slice()))
-            }
-            Expr::CtState => rule.add_expr(&Conntrack::State),
-            Expr::Lookup { set, sreg } => {
-                if self.ruleset.set(set).is_none() {
-                    return Err(Error::UnknownSet {
-                        set: set.clone(),
-                        rule: model_rule.id.clone(),
-                    });
-                }
-                rule.add_expr(&ffi::Lookup {
-                    sreg: *sreg,
-                    set: cstring(&self.naming.set(set))?,
-                    // A set created earlier (a persistent one) is found by name.
-                    set_id: self.set_ids.get(set).copied(),
-                    invert: false,
-                })
-            }
-            Expr::LookupAnonymous(anonymous) => {
-                let set_id = self.next_set_id;
-                self.next_set_id += 1;
-                let definition = SetDefinition {
-                    // The kernel replaces %d with a free number (nf_tables_set_alloc_name).
-                    name: c"__set%d".to_owned(),
-                    id: set_id,
-                    flags: (libc::NFT_SET_ANONYMOUS | libc::NFT_SET_CONSTANT) as u32,
-                    key_type: anonymous.key_type,
-                    key_len: anonymous.key_len,
-                    field_lens: Vec::new(),
-                    key_byteorder: elements::BYTEORDER_BIG_ENDIAN,
-                };
-                let mut message = SetMsg::new(&self.table, &definition);
-                let object = Object::AnonymousSet {
-                    chain: chain.name.clone(),
-                    rule: model_rule.id.clone(),
-                };
-                self.transaction.add(&message, MsgType::Add, object.clone());
-                for key in &anonymous.keys {
-                    message.push(&ffi::RawElement {
-                        key: key.clone(),
-                        key_end: None,
-                        interval_end: false,
-                        timeout_ms: None,
-                        expiration_ms: None,
-                    });
-                }
-                // Echoed, for the verification (`readback::compose`).
-                self.transaction.add_new_set_elements(&message, object);
-                rule.add_expr(&ffi::Lookup {
-                    sreg: REG_1,
-                    set: definition.name,
-                    set_id: Some(set_id),
-                    invert: false,
-                })
-            }
-            Expr::Counter => rule.add_expr(&Counter),
-            Expr::Log { group, prefix } => rule.add_expr(&ffi::Log {
-                group: *group,
-                prefix: cstring(prefix)?,
-            }),
-            Expr::Reject(RejectKind::TcpReset) => {
-                rule.add_expr(&Verdict::Reject(RejectionType::TcpRst))
-            }
-            // In an inet table this is NFT_REJECT_ICMPX_UNREACH with the
-            // admin-prohibited code: ICMP type 3 code 13, or ICMPv6 type 1 code 1.
-            Expr::Reject(RejectKind::IcmpxAdminProhibited) => rule.add_expr(&Verdict::Reject(
-                RejectionType::Icmp(IcmpCode::AdminProhibited),
-            )),
-            Expr::Accept => rule.add_expr(&Verdict::Accept),
-            Expr::Drop => rule.add_expr(&Verdict::Drop),
-            Expr::Jump(target) => rule.add_expr(&Verdict::Jump {
-                chain: cstring(&self.naming.chain(target))?,
-            }),
-            Expr::Immediate { dreg, data } => rule.add_expr(&ffi::ImmediateData {
-                dreg: *dreg,
-                data: data.clone(),
-            }),
-            Expr::Redirect { sreg } => rule.add_expr(&ffi::Redirect {
-                sreg_proto_min: *sreg,
-                flags: NF_NAT_RANGE_PROTO_SPECIFIED,
-            }),
-            Expr::CtSet { key, sreg } => rule.add_expr(&ffi::CtSet {
-                key: *key,
-                sreg: *sreg,
-            }),
         }
         Ok(())
     }
@@ -678,11 +566,76 @@ impl<'a> Builder<'a> {
     }
 }
 
-fn set_rule_comment(rule: &mut nftnl::Rule<'_>, id: &str) -> Result<(), Error> {
-    rule.set_comment(cstring(id)?)
-        .map_err(|_| Error::InvalidName {
-            name: id.to_string(),
-        })
+/// What the rule `rule` of `chain` refers to, as `builder`'s transaction
+/// names it.
+struct RuleNames<'b, 'a> {
+    builder: &'b mut Builder<'a>,
+    chain: &'a crate::ruleset::Chain,
+    rule: &'a Rule,
+}
+
+impl References for RuleNames<'_, '_> {
+    /// A named set by its generation's name (with its transaction id when
+    /// the transaction creates it; a set created earlier, a persistent one,
+    /// is found by name). An anonymous set is added to the transaction
+    /// here, with its elements, before the rule that refers to it.
+    fn set(&mut self, lookup: &Expr) -> Result<(String, Option<u32>), Error> {
+        let builder = &mut *self.builder;
+        match lookup {
+            Expr::LookupAnonymous(anonymous) => {
+                let set_id = builder.next_set_id;
+                builder.next_set_id += 1;
+                let definition = SetDefinition {
+                    // The kernel replaces %d with a free number (nf_tables_set_alloc_name).
+                    name: c"__set%d".to_owned(),
+                    id: set_id,
+                    flags: (libc::NFT_SET_ANONYMOUS | libc::NFT_SET_CONSTANT) as u32,
+                    key_type: anonymous.key_type,
+                    key_len: anonymous.key_len,
+                    field_lens: Vec::new(),
+                    key_byteorder: elements::BYTEORDER_BIG_ENDIAN,
+                };
+                let mut message = SetMsg::new(&builder.table, &definition);
+                let object = Object::AnonymousSet {
+                    chain: self.chain.name.clone(),
+                    rule: self.rule.id.clone(),
+                };
+                builder
+                    .transaction
+                    .add(&message, MsgType::Add, object.clone());
+                for key in &anonymous.keys {
+                    message.push(&ffi::RawElement {
+                        key: key.clone(),
+                        key_end: None,
+                        interval_end: false,
+                        timeout_ms: None,
+                        expiration_ms: None,
+                    });
+                }
+                // Echoed, for the verification (`readback::compose`).
+                builder.transaction.add_new_set_elements(&message, object);
+                Ok(("__set%d".to_string(), Some(set_id)))
+            }
+            // A named set (or, from a writer gone wrong, no set at all).
+            lookup => {
+                let set = match lookup {
+                    Expr::Lookup { set, .. } => set.as_str(),
+                    other => other.kernel_name(),
+                };
+                if builder.ruleset.set(set).is_none() {
+                    return Err(Error::UnknownSet {
+                        set: set.to_string(),
+                        rule: self.rule.id.clone(),
+                    });
+                }
+                Ok((builder.naming.set(set), builder.set_ids.get(set).copied()))
+            }
+        }
+    }
+
+    fn chain(&self, chain: &str) -> String {
+        self.builder.naming.chain(chain)
+    }
 }
 
 /// The transaction that creates the table with `ruleset` as generation 1
@@ -835,17 +788,13 @@ pub fn swap_back(swap: &Swap, deletions: &Deletions) -> Result<Transaction, Erro
             MsgType::Del,
             Object::Flush(entry.chain.clone()),
         );
-        let mut rule = nftnl::Rule::new(&handle);
-        rule.add_expr(&Verdict::Jump {
-            chain: cstring(&entry.target)?,
-        });
         let id = entry.id.clone().unwrap_or_default();
-        if !id.is_empty() {
-            let comment = generation::entry_comment(&id, entry.digest.as_deref());
-            set_rule_comment(&mut rule, &comment)?;
-        }
+        let comment =
+            (!id.is_empty()).then(|| generation::entry_comment(&id, entry.digest.as_deref()));
+        let mut rule = RuleWriter::new(TABLE_NAME, &entry.chain, comment.as_deref())?;
+        rule.expression(&Expr::Jump(entry.target.clone()), &mut KernelNames)?;
         transaction.add(
-            &rule,
+            &rule.finish()?,
             MsgType::Add,
             Object::Rule {
                 chain: entry.chain.clone(),

@@ -294,7 +294,7 @@ fn anonymous_name(name: &str) -> bool {
 /// `NFTA_REJECT_TYPE` and the `NFTA_REJECT_ICMP_CODE` the kernel dumps for
 /// a reject: in an inet table, TCP reset, or ICMPX unreachable with the
 /// admin-prohibited code (ICMP type 3 code 13, ICMPv6 type 1 code 1).
-fn reject_attributes(kind: RejectKind) -> (u32, Option<u8>) {
+pub(super) fn reject_attributes(kind: RejectKind) -> (u32, Option<u8>) {
     match kind {
         RejectKind::TcpReset => (libc::NFT_REJECT_TCP_RST as u32, None),
         RejectKind::IcmpxAdminProhibited => (
@@ -304,7 +304,7 @@ fn reject_attributes(kind: RejectKind) -> (u32, Option<u8>) {
     }
 }
 
-fn verdict_code(model: &Expr) -> i32 {
+pub(super) fn verdict_code(model: &Expr) -> i32 {
     match model {
         Expr::Accept => libc::NF_ACCEPT,
         Expr::Drop => libc::NF_DROP,

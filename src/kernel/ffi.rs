@@ -2,10 +2,12 @@
 //! the safe `nftnl` API lacks: chains with user data (the digest comment), sets with
 //! flags, concatenated keys and their field description, set elements with
 //! interval ends, range ends and timeouts, element messages with add/create/
-//! destroy semantics, the `meta`/`payload`/`lookup`/`log` expressions with
-//! explicit registers, and the dump requests. The kernel's answers are parsed
-//! without libnftnl, by `kernel::attributes`; libnftnl's parsers stay here for
-//! its tests only.
+//! destroy semantics, and the dump requests; and the one copy of a rule
+//! message that `kernel::rule_message` wrote without libnftnl into the batch
+//! ([`RuleMsg`]). The kernel's answers are parsed without libnftnl, by
+//! `kernel::attributes`; libnftnl's parsers stay here for its tests only, and
+//! so do its expression objects, against which the rule messages are
+//! compared ([`reference`]).
 //!
 //! Every object here owns one libnftnl allocation and frees it on drop. All
 //! netlink messages are written into buffers of at least
@@ -15,7 +17,6 @@ use std::cell::Cell;
 use std::ffi::{CStr, CString, c_char, c_void};
 use std::ptr::NonNull;
 
-use nftnl::expr::Expression;
 use nftnl::nftnl_sys as sys;
 use nftnl::{MsgType, NlMsg, ProtoFamily};
 
@@ -560,174 +561,257 @@ unsafe impl<T: NlMsg> NlMsg for WithoutAck<'_, T> {
 }
 
 // ---------------------------------------------------------------------------
-// Expressions the safe API lacks (or only offers on register 1)
+// Rules
 // ---------------------------------------------------------------------------
 
-fn new_expr(name: &CStr) -> NonNull<sys::nftnl_expr> {
-    // SAFETY: `name` is a NUL-terminated expression name; NULL is handled by `allocated`.
-    allocated(unsafe { sys::nftnl_expr_alloc(name.as_ptr()) })
+/// A rule message's attributes (`NFTA_RULE_*`), written by
+/// `rule_message::RuleWriter`, at most 64 KiB of them.
+pub struct RuleMsg {
+    attributes: Vec<u8>,
 }
 
-/// `meta load KEY => reg DREG`.
-pub struct MetaLoad {
-    pub key: u32,
-    pub dreg: u32,
-}
-
-impl Expression for MetaLoad {
-    fn to_expr(&self, _rule: &nftnl::Rule) -> NonNull<sys::nftnl_expr> {
-        let expr = new_expr(c"meta");
-        // SAFETY: `expr` is a valid meta expression; integer setters copy their value.
-        unsafe {
-            sys::nftnl_expr_set_u32(expr.as_ptr(), sys::NFTNL_EXPR_META_KEY as u16, self.key);
-            sys::nftnl_expr_set_u32(expr.as_ptr(), sys::NFTNL_EXPR_META_DREG as u16, self.dreg);
-        }
-        expr
+impl RuleMsg {
+    /// `attributes` must fit in a message: at most `u16::MAX` bytes.
+    pub fn new(attributes: Vec<u8>) -> RuleMsg {
+        assert!(
+            attributes.len() <= usize::from(u16::MAX),
+            "a rule message's attributes fit a netlink attribute"
+        );
+        RuleMsg { attributes }
     }
 }
 
-/// `payload load LEN b @ BASE header + OFFSET => reg DREG`.
-pub struct PayloadLoad {
-    pub base: u32,
-    pub offset: u32,
-    pub len: u32,
-    pub dreg: u32,
-}
-
-impl Expression for PayloadLoad {
-    fn to_expr(&self, _rule: &nftnl::Rule) -> NonNull<sys::nftnl_expr> {
-        let expr = new_expr(c"payload");
-        // SAFETY: `expr` is a valid payload expression; integer setters copy their value.
+// SAFETY: writes a header and at most u16::MAX bytes of attributes, within
+// the nft_nlmsg_maxsize() bytes (u16::MAX plus a page) the contract gives.
+unsafe impl NlMsg for RuleMsg {
+    unsafe fn write(&self, buf: *mut c_void, seq: u32, msg_type: MsgType) {
+        // The flags nft and libnftnl send with a new rule: append it to the
+        // chain.
+        let (kind, flags) = match msg_type {
+            MsgType::Add => (
+                libc::NFT_MSG_NEWRULE,
+                libc::NLM_F_CREATE | libc::NLM_F_APPEND | libc::NLM_F_EXCL | libc::NLM_F_ACK,
+            ),
+            MsgType::Del => (libc::NFT_MSG_DELRULE, libc::NLM_F_ACK),
+        };
+        // SAFETY: `buf` holds nft_nlmsg_maxsize() bytes (the NlMsg contract):
+        // the header takes NLMSG_HDRLEN plus the 4-byte nfgenmsg, and the
+        // attributes (at most u16::MAX bytes, `RuleMsg::new`) go right
+        // after it, at the 4-byte aligned end of the message, without
+        // overlapping `self.attributes`, which is memory of our own.
         unsafe {
-            let raw = expr.as_ptr();
-            sys::nftnl_expr_set_u32(raw, sys::NFTNL_EXPR_PAYLOAD_BASE as u16, self.base);
-            sys::nftnl_expr_set_u32(raw, sys::NFTNL_EXPR_PAYLOAD_OFFSET as u16, self.offset);
-            sys::nftnl_expr_set_u32(raw, sys::NFTNL_EXPR_PAYLOAD_LEN as u16, self.len);
-            sys::nftnl_expr_set_u32(raw, sys::NFTNL_EXPR_PAYLOAD_DREG as u16, self.dreg);
+            let nlh = header(buf, kind as u16, INET, flags as u16, seq);
+            let end = (*nlh).nlmsg_len as usize;
+            std::ptr::copy_nonoverlapping(
+                self.attributes.as_ptr(),
+                nlh.cast::<u8>().add(end),
+                self.attributes.len(),
+            );
+            (*nlh).nlmsg_len += self.attributes.len() as u32;
         }
-        expr
     }
 }
 
-/// `lookup reg SREG set NAME` (with `NFT_LOOKUP_F_INV` for "not in set").
-pub struct Lookup {
-    pub sreg: u32,
-    pub set: CString,
-    /// The set's transaction id, for a set created in the same batch (an
-    /// existing set is found by name).
-    pub set_id: Option<u32>,
-    pub invert: bool,
-}
+// ---------------------------------------------------------------------------
+// The reference for rule messages
+// ---------------------------------------------------------------------------
 
-impl Expression for Lookup {
-    fn to_expr(&self, _rule: &nftnl::Rule) -> NonNull<sys::nftnl_expr> {
-        let expr = new_expr(c"lookup");
-        // SAFETY: `expr` is a valid lookup expression; the set name is NUL-terminated and copied.
+/// libnftnl expression objects for what nftnl's safe API lacks (or only
+/// offers on register 1), and the bytes of a message: the reference that
+/// `rule_message`'s tests compare the rules it writes against, byte for
+/// byte.
+#[cfg(test)]
+pub mod reference {
+    use super::*;
+    use nftnl::expr::Expression;
+
+    /// The bytes `message` writes as a new object with sequence number 1.
+    pub fn message_bytes(message: &impl NlMsg) -> Vec<u8> {
+        let size = nftnl::nft_nlmsg_maxsize() as usize;
+        // u64 words: a buffer aligned for an nlmsghdr.
+        let mut buffer = vec![0u64; size.div_ceil(8)];
+        let start = buffer.as_mut_ptr().cast::<u8>();
+        // SAFETY: `buffer` holds nft_nlmsg_maxsize() bytes, aligned for an
+        // nlmsghdr (the NlMsg contract); the message's length is read from
+        // the header it wrote and is within the buffer.
         unsafe {
-            let raw = expr.as_ptr();
-            sys::nftnl_expr_set_u32(raw, sys::NFTNL_EXPR_LOOKUP_SREG as u16, self.sreg);
-            sys::nftnl_expr_set_str(raw, sys::NFTNL_EXPR_LOOKUP_SET as u16, self.set.as_ptr());
-            if let Some(set_id) = self.set_id {
-                sys::nftnl_expr_set_u32(raw, sys::NFTNL_EXPR_LOOKUP_SET_ID as u16, set_id);
+            message.write(start.cast(), 1, MsgType::Add);
+            let length = (*start.cast::<libc::nlmsghdr>()).nlmsg_len as usize;
+            assert!(length <= size, "a message longer than its buffer");
+            std::slice::from_raw_parts(start, length).to_vec()
+        }
+    }
+
+    fn new_expr(name: &CStr) -> NonNull<sys::nftnl_expr> {
+        // SAFETY: `name` is a NUL-terminated expression name; NULL is handled by `allocated`.
+        allocated(unsafe { sys::nftnl_expr_alloc(name.as_ptr()) })
+    }
+
+    /// `meta load KEY => reg DREG`.
+    pub struct MetaLoad {
+        pub key: u32,
+        pub dreg: u32,
+    }
+
+    impl Expression for MetaLoad {
+        fn to_expr(&self, _rule: &nftnl::Rule) -> NonNull<sys::nftnl_expr> {
+            let expr = new_expr(c"meta");
+            // SAFETY: `expr` is a valid meta expression; integer setters copy their value.
+            unsafe {
+                sys::nftnl_expr_set_u32(expr.as_ptr(), sys::NFTNL_EXPR_META_KEY as u16, self.key);
+                sys::nftnl_expr_set_u32(expr.as_ptr(), sys::NFTNL_EXPR_META_DREG as u16, self.dreg);
             }
-            if self.invert {
-                sys::nftnl_expr_set_u32(
+            expr
+        }
+    }
+
+    /// `payload load LEN b @ BASE header + OFFSET => reg DREG`.
+    pub struct PayloadLoad {
+        pub base: u32,
+        pub offset: u32,
+        pub len: u32,
+        pub dreg: u32,
+    }
+
+    impl Expression for PayloadLoad {
+        fn to_expr(&self, _rule: &nftnl::Rule) -> NonNull<sys::nftnl_expr> {
+            let expr = new_expr(c"payload");
+            // SAFETY: `expr` is a valid payload expression; integer setters copy their value.
+            unsafe {
+                let raw = expr.as_ptr();
+                sys::nftnl_expr_set_u32(raw, sys::NFTNL_EXPR_PAYLOAD_BASE as u16, self.base);
+                sys::nftnl_expr_set_u32(raw, sys::NFTNL_EXPR_PAYLOAD_OFFSET as u16, self.offset);
+                sys::nftnl_expr_set_u32(raw, sys::NFTNL_EXPR_PAYLOAD_LEN as u16, self.len);
+                sys::nftnl_expr_set_u32(raw, sys::NFTNL_EXPR_PAYLOAD_DREG as u16, self.dreg);
+            }
+            expr
+        }
+    }
+
+    /// `lookup reg SREG set NAME` (with `NFT_LOOKUP_F_INV` for "not in set").
+    pub struct Lookup {
+        pub sreg: u32,
+        pub set: CString,
+        /// The set's transaction id, for a set created in the same batch (an
+        /// existing set is found by name).
+        pub set_id: Option<u32>,
+        pub invert: bool,
+    }
+
+    impl Expression for Lookup {
+        fn to_expr(&self, _rule: &nftnl::Rule) -> NonNull<sys::nftnl_expr> {
+            let expr = new_expr(c"lookup");
+            // SAFETY: `expr` is a valid lookup expression; the set name is NUL-terminated and copied.
+            unsafe {
+                let raw = expr.as_ptr();
+                sys::nftnl_expr_set_u32(raw, sys::NFTNL_EXPR_LOOKUP_SREG as u16, self.sreg);
+                sys::nftnl_expr_set_str(raw, sys::NFTNL_EXPR_LOOKUP_SET as u16, self.set.as_ptr());
+                if let Some(set_id) = self.set_id {
+                    sys::nftnl_expr_set_u32(raw, sys::NFTNL_EXPR_LOOKUP_SET_ID as u16, set_id);
+                }
+                if self.invert {
+                    sys::nftnl_expr_set_u32(
+                        raw,
+                        sys::NFTNL_EXPR_LOOKUP_FLAGS as u16,
+                        libc::NFT_LOOKUP_F_INV as u32,
+                    );
+                }
+            }
+            expr
+        }
+    }
+
+    /// `log group GROUP prefix PREFIX`: the packet goes to nflog group GROUP.
+    pub struct Log {
+        pub group: u16,
+        pub prefix: CString,
+    }
+
+    impl Expression for Log {
+        fn to_expr(&self, _rule: &nftnl::Rule) -> NonNull<sys::nftnl_expr> {
+            let expr = new_expr(c"log");
+            // SAFETY: `expr` is a valid log expression; the group is a u16 attribute in
+            // libnftnl (NFTNL_EXPR_LOG_GROUP) and the prefix is NUL-terminated and copied.
+            unsafe {
+                let raw = expr.as_ptr();
+                sys::nftnl_expr_set_u16(raw, sys::NFTNL_EXPR_LOG_GROUP as u16, self.group);
+                sys::nftnl_expr_set_str(
                     raw,
-                    sys::NFTNL_EXPR_LOOKUP_FLAGS as u16,
-                    libc::NFT_LOOKUP_F_INV as u32,
+                    sys::NFTNL_EXPR_LOG_PREFIX as u16,
+                    self.prefix.as_ptr(),
                 );
             }
+            expr
         }
-        expr
     }
-}
 
-/// `log group GROUP prefix PREFIX`: the packet goes to nflog group GROUP.
-pub struct Log {
-    pub group: u16,
-    pub prefix: CString,
-}
-
-impl Expression for Log {
-    fn to_expr(&self, _rule: &nftnl::Rule) -> NonNull<sys::nftnl_expr> {
-        let expr = new_expr(c"log");
-        // SAFETY: `expr` is a valid log expression; the group is a u16 attribute in
-        // libnftnl (NFTNL_EXPR_LOG_GROUP) and the prefix is NUL-terminated and copied.
-        unsafe {
-            let raw = expr.as_ptr();
-            sys::nftnl_expr_set_u16(raw, sys::NFTNL_EXPR_LOG_GROUP as u16, self.group);
-            sys::nftnl_expr_set_str(raw, sys::NFTNL_EXPR_LOG_PREFIX as u16, self.prefix.as_ptr());
-        }
-        expr
+    /// `immediate reg DREG DATA`: loads constant data into a register (the
+    /// verdict form is nftnl's `Verdict`).
+    pub struct ImmediateData {
+        pub dreg: u32,
+        pub data: Vec<u8>,
     }
-}
 
-/// `immediate reg DREG DATA`: loads constant data into a register (the
-/// verdict form is nftnl's `Verdict`).
-pub struct ImmediateData {
-    pub dreg: u32,
-    pub data: Vec<u8>,
-}
-
-impl Expression for ImmediateData {
-    fn to_expr(&self, _rule: &nftnl::Rule) -> NonNull<sys::nftnl_expr> {
-        let expr = new_expr(c"immediate");
-        // SAFETY: `expr` is a valid immediate expression; libnftnl copies the
-        // data (at most 16 bytes, one register; the caller passes 2).
-        unsafe {
-            let raw = expr.as_ptr();
-            sys::nftnl_expr_set_u32(raw, sys::NFTNL_EXPR_IMM_DREG as u16, self.dreg);
-            sys::nftnl_expr_set(
-                raw,
-                sys::NFTNL_EXPR_IMM_DATA as u16,
-                self.data.as_ptr().cast(),
-                self.data.len() as u32,
-            );
+    impl Expression for ImmediateData {
+        fn to_expr(&self, _rule: &nftnl::Rule) -> NonNull<sys::nftnl_expr> {
+            let expr = new_expr(c"immediate");
+            // SAFETY: `expr` is a valid immediate expression; libnftnl copies the
+            // data (at most 16 bytes, one register; the caller passes 2).
+            unsafe {
+                let raw = expr.as_ptr();
+                sys::nftnl_expr_set_u32(raw, sys::NFTNL_EXPR_IMM_DREG as u16, self.dreg);
+                sys::nftnl_expr_set(
+                    raw,
+                    sys::NFTNL_EXPR_IMM_DATA as u16,
+                    self.data.as_ptr().cast(),
+                    self.data.len() as u32,
+                );
+            }
+            expr
         }
-        expr
     }
-}
 
-/// `redir proto_min reg SREG flags FLAGS`: redirect to the port in SREG on
-/// the host itself (nft_redir).
-pub struct Redirect {
-    pub sreg_proto_min: u32,
-    pub flags: u32,
-}
-
-impl Expression for Redirect {
-    fn to_expr(&self, _rule: &nftnl::Rule) -> NonNull<sys::nftnl_expr> {
-        let expr = new_expr(c"redir");
-        // SAFETY: `expr` is a valid redir expression; integer setters copy their value.
-        unsafe {
-            let raw = expr.as_ptr();
-            sys::nftnl_expr_set_u32(
-                raw,
-                sys::NFTNL_EXPR_REDIR_REG_PROTO_MIN as u16,
-                self.sreg_proto_min,
-            );
-            sys::nftnl_expr_set_u32(raw, sys::NFTNL_EXPR_REDIR_FLAGS as u16, self.flags);
-        }
-        expr
+    /// `redir proto_min reg SREG flags FLAGS`: redirect to the port in SREG on
+    /// the host itself (nft_redir).
+    pub struct Redirect {
+        pub sreg_proto_min: u32,
+        pub flags: u32,
     }
-}
 
-/// `ct set KEY with reg SREG`: sets conntrack metadata (e.g. the zone) from a register.
-pub struct CtSet {
-    pub key: u32,
-    pub sreg: u32,
-}
-
-impl Expression for CtSet {
-    fn to_expr(&self, _rule: &nftnl::Rule) -> NonNull<sys::nftnl_expr> {
-        let expr = new_expr(c"ct");
-        // SAFETY: `expr` is a valid ct expression; integer setters copy their value.
-        unsafe {
-            let raw = expr.as_ptr();
-            sys::nftnl_expr_set_u32(raw, sys::NFTNL_EXPR_CT_KEY as u16, self.key);
-            sys::nftnl_expr_set_u32(raw, sys::NFTNL_EXPR_CT_SREG as u16, self.sreg);
+    impl Expression for Redirect {
+        fn to_expr(&self, _rule: &nftnl::Rule) -> NonNull<sys::nftnl_expr> {
+            let expr = new_expr(c"redir");
+            // SAFETY: `expr` is a valid redir expression; integer setters copy their value.
+            unsafe {
+                let raw = expr.as_ptr();
+                sys::nftnl_expr_set_u32(
+                    raw,
+                    sys::NFTNL_EXPR_REDIR_REG_PROTO_MIN as u16,
+                    self.sreg_proto_min,
+                );
+                sys::nftnl_expr_set_u32(raw, sys::NFTNL_EXPR_REDIR_FLAGS as u16, self.flags);
+            }
+            expr
         }
-        expr
+    }
+
+    /// `ct set KEY with reg SREG`: sets conntrack metadata (e.g. the zone) from a register.
+    pub struct CtSet {
+        pub key: u32,
+        pub sreg: u32,
+    }
+
+    impl Expression for CtSet {
+        fn to_expr(&self, _rule: &nftnl::Rule) -> NonNull<sys::nftnl_expr> {
+            let expr = new_expr(c"ct");
+            // SAFETY: `expr` is a valid ct expression; integer setters copy their value.
+            unsafe {
+                let raw = expr.as_ptr();
+                sys::nftnl_expr_set_u32(raw, sys::NFTNL_EXPR_CT_KEY as u16, self.key);
+                sys::nftnl_expr_set_u32(raw, sys::NFTNL_EXPR_CT_SREG as u16, self.sreg);
+            }
+            expr
+        }
     }
 }
 

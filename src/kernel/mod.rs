@@ -39,6 +39,7 @@ mod learned;
 mod netlink;
 pub mod nflog;
 mod readback;
+mod rule_message;
 
 use std::ffi::CString;
 use std::io;
@@ -121,6 +122,11 @@ pub enum Error {
     },
     #[error("{name:?} cannot be an nftables name: it contains a NUL byte or is too long")]
     InvalidName { name: String },
+    #[error(
+        "a rule of chain {chain:?} takes {bytes} bytes, more than one netlink attribute \
+         holds (65,535); split its matches over several rules"
+    )]
+    RuleTooLarge { chain: String, bytes: usize },
     #[error("cannot put {element} into set {set:?}: {reason}")]
     InvalidElement {
         set: String,
