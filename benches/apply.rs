@@ -59,7 +59,9 @@ use netleash::policy::{
 };
 use netleash::ruleset::{self, Action, Element, Family, Match, RejectKind, Ruleset, SetKey};
 
-struct Netns(String);
+#[path = "support/netns.rs"]
+mod support_netns;
+use support_netns::Netns;
 
 impl Netns {
     fn new(tag: &str) -> Netns {
@@ -75,21 +77,6 @@ impl Netns {
     /// A namespace for one fresh round, numbered `round`.
     fn fresh(round: usize) -> Netns {
         Netns::named(format!("nlbench-fresh-{}-{round}", std::process::id()))
-    }
-
-    fn named(name: String) -> Netns {
-        let status = Command::new("ip")
-            .args(["netns", "add", &name])
-            .status()
-            .expect("run ip");
-        assert!(status.success(), "ip netns add {name} failed");
-        Netns(name)
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
     }
 }
 
@@ -382,7 +369,7 @@ fn main() {
         .and_then(|i| args.get(i + 1))
         .map(|n| n.parse().expect("--elements takes a number"));
     let ns = Netns::new("netleash");
-    let target = Target::Name(ns.0.clone());
+    let target = ns.target();
     // `--profile N`: N session applies back to back; `--profile-one-shot N`:
     // N one-shot applies (`kernel::apply`) back to back. The typical policy,
     // or the size `--elements` names.
@@ -399,7 +386,7 @@ fn main() {
         let (mut wall, mut cpu): (Vec<Duration>, Vec<Duration>) = (0..rounds)
             .map(|round| {
                 let fresh = Netns::fresh(round);
-                let target = Target::Name(fresh.0.clone());
+                let target = fresh.target();
                 std::thread::sleep(SETTLE);
                 let (_, wall, cpu) = timed(|| kernel::apply(&target, &model).expect("apply"));
                 (wall, cpu)
@@ -461,13 +448,13 @@ fn main() {
     // refused stage and a read (which is what a session does when another
     // program changed the table, not what an agent's re-apply costs).
     let one_shot_ns = Netns::new("oneshot");
-    let one_shot_target = Target::Name(one_shot_ns.0.clone());
+    let one_shot_target = one_shot_ns.target();
     let nft_ns = Netns::new("nft");
-    let nft_target = Target::Name(nft_ns.0.clone());
+    let nft_target = nft_ns.target();
     let swap_ns = Netns::new("swap");
-    let swap_target = Target::Name(swap_ns.0.clone());
+    let swap_target = swap_ns.target();
     let swap_one_shot_ns = Netns::new("swaponeshot");
-    let swap_one_shot_target = Target::Name(swap_one_shot_ns.0.clone());
+    let swap_one_shot_target = swap_one_shot_ns.target();
     let dir = std::env::temp_dir().join(format!("netleash-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
 
@@ -622,7 +609,7 @@ fn main() {
             netns::run_nft(&nft_target, script(round));
             nft.push(start.elapsed());
             let fresh_ns = Netns::fresh(round);
-            let fresh_target = Target::Name(fresh_ns.0.clone());
+            let fresh_target = fresh_ns.target();
             std::thread::sleep(SETTLE);
             let (report, wall, cpu) = timed(|| kernel::apply(&fresh_target, model(round)));
             fresh.push(wall);

@@ -33,7 +33,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use netleash::netns::{self, Target};
+use netleash::netns;
 
 const FIRST: &str = r#"{"type": "limited", "allowed_hosts": [
     "https://api.example.com", "pypi.org", "198.51.100.10", "198.51.100.11:8443",
@@ -44,27 +44,13 @@ const SECOND: &str = r#"{"type": "limited", "allowed_hosts": [
 
 const SETTLE: Duration = Duration::from_millis(40);
 
-struct Netns(String);
+#[path = "support/netns.rs"]
+mod support_netns;
+use support_netns::Netns;
 
 impl Netns {
     fn new(tag: &str) -> Netns {
-        let name = format!("nlcmd-{tag}-{}", std::process::id());
-        let status = Command::new("ip")
-            .args(["netns", "add", &name])
-            .status()
-            .expect("run ip");
-        assert!(status.success(), "ip netns add {name} failed");
-        Netns(name)
-    }
-
-    fn target(&self) -> Target {
-        Target::Name(self.0.clone())
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+        Netns::named(format!("nlcmd-{tag}-{}", std::process::id()))
     }
 }
 

@@ -17,7 +17,7 @@ use super::elements::{self, datatype};
 use super::ffi::{self, BaseHook, ChainMsg, ElementOp, SetDefinition, SetMsg, TableMsg};
 use super::generation::{self, Deletions, EntryRule, Naming, Swap};
 use super::netlink::{Object, Transaction};
-use super::rule_message::{KernelNames, References, RuleWriter};
+use super::rule_message::{ANONYMOUS_SET_NAME, KernelNames, References, RuleWriter};
 use super::{Error, table_name};
 use crate::ruleset::{
     Action, BaseChain, Family, Match, RejectKind, Rule, Ruleset, Set, TABLE_NAME,
@@ -575,62 +575,55 @@ struct RuleNames<'b, 'a> {
 }
 
 impl References for RuleNames<'_, '_> {
-    /// A named set by its generation's name (with its transaction id when
-    /// the transaction creates it; a set created earlier, a persistent one,
-    /// is found by name). An anonymous set is added to the transaction
-    /// here, with its elements, before the rule that refers to it.
-    fn set(&mut self, lookup: &Expr) -> Result<(String, Option<u32>), Error> {
-        let builder = &mut *self.builder;
-        match lookup {
-            Expr::LookupAnonymous(anonymous) => {
-                let set_id = builder.next_set_id;
-                builder.next_set_id += 1;
-                let definition = SetDefinition {
-                    // The kernel replaces %d with a free number (nf_tables_set_alloc_name).
-                    name: c"__set%d".to_owned(),
-                    id: set_id,
-                    flags: (libc::NFT_SET_ANONYMOUS | libc::NFT_SET_CONSTANT) as u32,
-                    key_type: anonymous.key_type,
-                    key_len: anonymous.key_len,
-                    field_lens: Vec::new(),
-                    key_byteorder: elements::BYTEORDER_BIG_ENDIAN,
-                };
-                let mut message = SetMsg::new(&builder.table, &definition);
-                let object = Object::AnonymousSet {
-                    chain: self.chain.name.clone(),
-                    rule: self.rule.id.clone(),
-                };
-                builder
-                    .transaction
-                    .add(&message, MsgType::Add, object.clone());
-                for key in &anonymous.keys {
-                    message.push(&ffi::RawElement {
-                        key: key.clone(),
-                        key_end: None,
-                        interval_end: false,
-                        timeout_ms: None,
-                        expiration_ms: None,
-                    });
-                }
-                // Echoed, for the verification (`readback::compose`).
-                builder.transaction.add_new_set_elements(&message, object);
-                Ok(("__set%d".to_string(), Some(set_id)))
-            }
-            // A named set (or, from a writer gone wrong, no set at all).
-            lookup => {
-                let set = match lookup {
-                    Expr::Lookup { set, .. } => set.as_str(),
-                    other => other.kernel_name(),
-                };
-                if builder.ruleset.set(set).is_none() {
-                    return Err(Error::UnknownSet {
-                        set: set.to_string(),
-                        rule: self.rule.id.clone(),
-                    });
-                }
-                Ok((builder.naming.set(set), builder.set_ids.get(set).copied()))
-            }
+    /// A named set by its generation's name, with its transaction id when
+    /// the transaction creates it (a set created earlier, a persistent one,
+    /// is found by name).
+    fn named_set(&mut self, set: &str) -> Result<(String, Option<u32>), Error> {
+        let builder = &*self.builder;
+        if builder.ruleset.set(set).is_none() {
+            return Err(Error::UnknownSet {
+                set: set.to_string(),
+                rule: self.rule.id.clone(),
+            });
         }
+        Ok((builder.naming.set(set), builder.set_ids.get(set).copied()))
+    }
+
+    /// The set is added to the transaction here, with its elements, before
+    /// the rule that looks it up.
+    fn anonymous_set(&mut self, anonymous: &AnonymousSet) -> Result<u32, Error> {
+        let builder = &mut *self.builder;
+        let set_id = builder.next_set_id;
+        builder.next_set_id += 1;
+        let definition = SetDefinition {
+            name: cstring(ANONYMOUS_SET_NAME)?,
+            id: set_id,
+            flags: (libc::NFT_SET_ANONYMOUS | libc::NFT_SET_CONSTANT) as u32,
+            key_type: anonymous.key_type,
+            key_len: anonymous.key_len,
+            field_lens: Vec::new(),
+            key_byteorder: elements::BYTEORDER_BIG_ENDIAN,
+        };
+        let mut message = SetMsg::new(&builder.table, &definition);
+        let object = Object::AnonymousSet {
+            chain: self.chain.name.clone(),
+            rule: self.rule.id.clone(),
+        };
+        builder
+            .transaction
+            .add(&message, MsgType::Add, object.clone());
+        for key in &anonymous.keys {
+            message.push(&ffi::RawElement {
+                key: key.clone(),
+                key_end: None,
+                interval_end: false,
+                timeout_ms: None,
+                expiration_ms: None,
+            });
+        }
+        // Echoed, for the verification (`readback::compose`).
+        builder.transaction.add_new_set_elements(&message, object);
+        Ok(set_id)
     }
 
     fn chain(&self, chain: &str) -> String {

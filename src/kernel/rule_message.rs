@@ -19,12 +19,16 @@
 
 use super::Error;
 use super::attributes as nfta;
-use super::batch::Expr;
+use super::batch::{AnonymousSet, Expr};
 use super::expressions::{reject_attributes, verdict_code};
 use super::ffi::RuleMsg;
 
 /// `NLA_F_NESTED` (include/uapi/linux/netlink.h).
 const NLA_F_NESTED: u16 = 1 << 15;
+
+/// The name an anonymous set is created with: the kernel replaces `%d`
+/// with a free number (`nf_tables_set_alloc_name`).
+pub const ANONYMOUS_SET_NAME: &str = "__set%d";
 
 /// `NFTNL_UDATA_RULE_COMMENT` (libnftnl include/udata.h).
 const UDATA_RULE_COMMENT: u8 = 0;
@@ -37,10 +41,12 @@ const COMMENT_BUFFER: usize = 128;
 /// it: asked for by [`RuleWriter::expression`] as it writes a lookup or a
 /// jump.
 pub trait References {
-    /// The kernel name of the set `lookup` (an [`Expr::Lookup`] or
-    /// [`Expr::LookupAnonymous`]) looks up, and its id in the transaction
-    /// when the transaction creates it (`NFTA_LOOKUP_SET_ID`).
-    fn set(&mut self, lookup: &Expr) -> Result<(String, Option<u32>), Error>;
+    /// The kernel name of the set the model calls `set`, and its id in the
+    /// transaction when the transaction creates it (`NFTA_LOOKUP_SET_ID`).
+    fn named_set(&mut self, set: &str) -> Result<(String, Option<u32>), Error>;
+    /// The transaction id of the anonymous set holding `set`'s keys, which
+    /// the transaction creates (as `__set%d`) before the rule.
+    fn anonymous_set(&mut self, set: &AnonymousSet) -> Result<u32, Error>;
     /// The kernel name of the chain the model calls `chain`.
     fn chain(&self, chain: &str) -> String;
 }
@@ -53,14 +59,18 @@ struct Attributes {
 
 impl Attributes {
     fn put(&mut self, kind: usize, value: &[u8]) {
-        // A value never reaches 64 KiB: names, comments and a rule's data
-        // are bounded far below it (NFT_NAME_MAXLEN, NFT_USERDATA_MAXLEN,
-        // NFT_DATA_VALUE_MAXLEN).
-        let length = (4 + value.len()) as u16;
-        self.bytes.extend_from_slice(&length.to_ne_bytes());
-        self.bytes.extend_from_slice(&(kind as u16).to_ne_bytes());
+        self.header(kind, value.len());
         self.bytes.extend_from_slice(value);
         self.pad();
+    }
+
+    /// An attribute's header, for a value of `length` bytes. A length that
+    /// does not fit 16 bits is caught by [`RuleWriter::finish`], which
+    /// refuses a message whose whole length does not.
+    fn header(&mut self, kind: usize, length: usize) {
+        self.bytes
+            .extend_from_slice(&((4 + length) as u16).to_ne_bytes());
+        self.bytes.extend_from_slice(&(kind as u16).to_ne_bytes());
     }
 
     fn pad(&mut self) {
@@ -87,9 +97,7 @@ impl Attributes {
                 name: value.to_string(),
             });
         }
-        let length = (4 + value.len() + 1) as u16;
-        self.bytes.extend_from_slice(&length.to_ne_bytes());
-        self.bytes.extend_from_slice(&(kind as u16).to_ne_bytes());
+        self.header(kind, value.len() + 1);
         self.bytes.extend_from_slice(value.as_bytes());
         self.bytes.push(0);
         self.pad();
@@ -110,6 +118,17 @@ impl Attributes {
         self.bytes[start..start + 2].copy_from_slice(&length.to_ne_bytes());
     }
 
+    /// A lookup's attributes: `lookup reg SREG set NAME` (with the set's
+    /// transaction id when the transaction creates it).
+    fn put_lookup(&mut self, sreg: u32, set: &str, id: Option<u32>) -> Result<(), Error> {
+        self.put_u32(nfta::NFTA_LOOKUP_SREG, sreg);
+        self.put_str(nfta::NFTA_LOOKUP_SET, set)?;
+        if let Some(id) = id {
+            self.put_u32(nfta::NFTA_LOOKUP_SET_ID, id);
+        }
+        Ok(())
+    }
+
     /// `NFTA_*_DATA { NFTA_DATA_VALUE value }`.
     fn put_value(&mut self, kind: usize, value: &[u8]) {
         let data = self.start(kind);
@@ -118,14 +137,20 @@ impl Attributes {
     }
 }
 
-/// Names that are the kernel's already: a jump's target chain as given, no
-/// set (a rule written with them looks nothing up).
+/// Names that are the kernel's already: a set or a chain by the name given,
+/// in a transaction that creates neither (a jump back into the generation
+/// in force, `batch::swap_back`).
 pub struct KernelNames;
 
 impl References for KernelNames {
-    fn set(&mut self, lookup: &Expr) -> Result<(String, Option<u32>), Error> {
+    fn named_set(&mut self, set: &str) -> Result<(String, Option<u32>), Error> {
+        Ok((set.to_string(), None))
+    }
+
+    /// A transaction with kernel names only creates no set.
+    fn anonymous_set(&mut self, _: &AnonymousSet) -> Result<u32, Error> {
         Err(Error::InvalidName {
-            name: format!("{lookup:?}"),
+            name: ANONYMOUS_SET_NAME.into(),
         })
     }
 
@@ -224,17 +249,13 @@ impl RuleWriter {
                 out.put_u32(nfta::NFTA_CT_KEY, *key);
                 out.put_u32(nfta::NFTA_CT_SREG, *sreg);
             }
-            Expr::Lookup { .. } | Expr::LookupAnonymous(_) => {
-                let (name, id) = names.set(expr)?;
-                let sreg = match expr {
-                    Expr::Lookup { sreg, .. } => *sreg,
-                    _ => libc::NFT_REG_1 as u32,
-                };
-                out.put_u32(nfta::NFTA_LOOKUP_SREG, sreg);
-                out.put_str(nfta::NFTA_LOOKUP_SET, &name)?;
-                if let Some(id) = id {
-                    out.put_u32(nfta::NFTA_LOOKUP_SET_ID, id);
-                }
+            Expr::Lookup { set, sreg } => {
+                let (name, id) = names.named_set(set)?;
+                out.put_lookup(*sreg, &name, id)?;
+            }
+            Expr::LookupAnonymous(set) => {
+                let id = names.anonymous_set(set)?;
+                out.put_lookup(libc::NFT_REG_1 as u32, ANONYMOUS_SET_NAME, Some(id))?;
             }
             // A counter without counts: the kernel starts it at zero.
             Expr::Counter => {}
@@ -312,11 +333,12 @@ mod tests {
     struct GenerationNames;
 
     impl References for GenerationNames {
-        fn set(&mut self, lookup: &Expr) -> Result<(String, Option<u32>), Error> {
-            Ok(match lookup {
-                Expr::Lookup { set, .. } => (format!("{set}_g7"), Some(3)),
-                _ => ("__set%d".into(), Some(9)),
-            })
+        fn named_set(&mut self, set: &str) -> Result<(String, Option<u32>), Error> {
+            Ok((format!("{set}_g7"), Some(3)))
+        }
+
+        fn anonymous_set(&mut self, _: &AnonymousSet) -> Result<u32, Error> {
+            Ok(9)
         }
 
         fn chain(&self, chain: &str) -> String {
@@ -354,16 +376,21 @@ mod tests {
                     rule.add_expr(&Bitwise::new(mask.as_slice(), xor.as_slice()))
                 }
                 Expr::CtState => rule.add_expr(&Conntrack::State),
-                Expr::Lookup { .. } | Expr::LookupAnonymous(_) => {
-                    let (set, set_id) = names.set(expr).unwrap();
-                    let sreg = match expr {
-                        Expr::Lookup { sreg, .. } => *sreg,
-                        _ => libc::NFT_REG_1 as u32,
-                    };
+                Expr::Lookup { set, sreg } => {
+                    let (set, set_id) = names.named_set(set).unwrap();
                     rule.add_expr(&reference::Lookup {
-                        sreg,
+                        sreg: *sreg,
                         set: CString::new(set).unwrap(),
                         set_id,
+                        invert: false,
+                    })
+                }
+                Expr::LookupAnonymous(set) => {
+                    let set_id = names.anonymous_set(set).unwrap();
+                    rule.add_expr(&reference::Lookup {
+                        sreg: libc::NFT_REG_1 as u32,
+                        set: CString::new(ANONYMOUS_SET_NAME).unwrap(),
+                        set_id: Some(set_id),
                         invert: false,
                     })
                 }
