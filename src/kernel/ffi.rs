@@ -688,14 +688,13 @@ pub mod reference {
         }
     }
 
-    /// `lookup reg SREG set NAME` (with `NFT_LOOKUP_F_INV` for "not in set").
+    /// `lookup reg SREG set NAME`.
     pub struct Lookup {
         pub sreg: u32,
         pub set: CString,
         /// The set's transaction id, for a set created in the same batch (an
         /// existing set is found by name).
         pub set_id: Option<u32>,
-        pub invert: bool,
     }
 
     impl Expression for Lookup {
@@ -708,13 +707,6 @@ pub mod reference {
                 sys::nftnl_expr_set_str(raw, sys::NFTNL_EXPR_LOOKUP_SET as u16, self.set.as_ptr());
                 if let Some(set_id) = self.set_id {
                     sys::nftnl_expr_set_u32(raw, sys::NFTNL_EXPR_LOOKUP_SET_ID as u16, set_id);
-                }
-                if self.invert {
-                    sys::nftnl_expr_set_u32(
-                        raw,
-                        sys::NFTNL_EXPR_LOOKUP_FLAGS as u16,
-                        libc::NFT_LOOKUP_F_INV as u32,
-                    );
                 }
             }
             expr

@@ -382,7 +382,6 @@ mod tests {
                         sreg: *sreg,
                         set: CString::new(set).unwrap(),
                         set_id,
-                        invert: false,
                     })
                 }
                 Expr::LookupAnonymous(set) => {
@@ -391,7 +390,6 @@ mod tests {
                         sreg: libc::NFT_REG_1 as u32,
                         set: CString::new(ANONYMOUS_SET_NAME).unwrap(),
                         set_id: Some(set_id),
-                        invert: false,
                     })
                 }
                 Expr::Counter => rule.add_expr(&Counter),
