@@ -571,7 +571,7 @@ fn expression(bytes: &[u8]) -> Option<ParsedExpr> {
     let parsed = match name.as_str() {
         "counter" => {
             let attributes = by_type::<{ NFTA_COUNTER_MAX + 1 }>(data)?;
-            let number = |kind| optional(attributes[kind], be64).map(Option::unwrap_or_default);
+            let number = |kind| zero_if_absent(attributes[kind], be64);
             counter = Some((number(NFTA_COUNTER_PACKETS)?, number(NFTA_COUNTER_BYTES)?));
             ExprData::Opaque
         }

@@ -17,7 +17,9 @@ use super::elements::{self, datatype};
 use super::ffi::{self, BaseHook, ChainMsg, ElementOp, SetDefinition, SetMsg, TableMsg};
 use super::generation::{self, Deletions, EntryRule, Naming, Swap};
 use super::netlink::{Object, Transaction};
-use super::rule_message::{ANONYMOUS_SET_NAME, KernelNames, References, RuleWriter};
+use super::rule_message::{
+    ANONYMOUS_SET_FLAGS, ANONYMOUS_SET_NAME, KernelNames, References, RuleWriter,
+};
 use super::{Error, table_name};
 use crate::ruleset::{
     Action, BaseChain, Family, Match, RejectKind, Rule, Ruleset, Set, TABLE_NAME,
@@ -598,7 +600,7 @@ impl References for RuleNames<'_, '_> {
         let definition = SetDefinition {
             name: cstring(ANONYMOUS_SET_NAME)?,
             id: set_id,
-            flags: (libc::NFT_SET_ANONYMOUS | libc::NFT_SET_CONSTANT) as u32,
+            flags: ANONYMOUS_SET_FLAGS,
             key_type: anonymous.key_type,
             key_len: anonymous.key_len,
             field_lens: Vec::new(),

@@ -27,6 +27,7 @@ use super::attributes::{AnonymousContents, BitwiseData, ExprData, ParsedExpr, Re
 use super::batch::{AnonymousSet, Expr, NF_NAT_RANGE_PROTO_SPECIFIED};
 use super::ffi::RawElement;
 use super::readback::KernelTable;
+use super::rule_message::{ANONYMOUS_SET_FLAGS, is_anonymous_set};
 use crate::ruleset::RejectKind;
 
 /// The 32-bit slot a register number names, as the kernel stores it
@@ -98,11 +99,7 @@ pub fn same(table: &KernelTable, kernel: &ParsedExpr, model: &Expr) -> bool {
                 && (*csum_type, *csum_offset, *csum_flags) == (0, 0, 0)
         }
         (Expr::CmpEq(value) | Expr::CmpNeq(value), ExprData::Cmp { sreg, op, data }) => {
-            let want = match model {
-                Expr::CmpEq(_) => libc::NFT_CMP_EQ,
-                _ => libc::NFT_CMP_NEQ,
-            } as u32;
-            no_reference && same_register(*sreg, reg_1) && *op == want && data == value
+            no_reference && same_register(*sreg, reg_1) && *op == cmp_op(model) && data == value
         }
         (Expr::Bitwise { mask, xor }, ExprData::Bitwise(bitwise)) => {
             let BitwiseData {
@@ -166,7 +163,7 @@ pub fn same(table: &KernelTable, kernel: &ParsedExpr, model: &Expr) -> bool {
             },
         ) => {
             matches!(&kernel.reference, Some(Reference::Set(name))
-                if !anonymous_name(name) && table.set_model_name(name) == set)
+                if !is_anonymous_set(name) && table.set_model_name(name) == set)
                 && same_register(*s, *sreg)
                 && dreg.is_none()
                 && *flags == 0
@@ -180,7 +177,7 @@ pub fn same(table: &KernelTable, kernel: &ParsedExpr, model: &Expr) -> bool {
                 anonymous: Some(contents),
             },
         ) => {
-            matches!(&kernel.reference, Some(Reference::Set(name)) if anonymous_name(name))
+            matches!(&kernel.reference, Some(Reference::Set(name)) if is_anonymous_set(name))
                 && same_register(*sreg, reg_1)
                 && dreg.is_none()
                 && *flags == 0
@@ -252,9 +249,6 @@ pub fn same(table: &KernelTable, kernel: &ParsedExpr, model: &Expr) -> bool {
     }
 }
 
-/// `NFTA_SET_FLAGS` of the anonymous sets `batch` creates.
-const ANONYMOUS_SET_FLAGS: u32 = (libc::NFT_SET_ANONYMOUS | libc::NFT_SET_CONSTANT) as u32;
-
 /// Whether an anonymous set holds exactly the model's keys, single keys
 /// (no range, no timeout), with the model's key type and length.
 fn same_contents(kernel: &AnonymousContents, model: &AnonymousSet) -> bool {
@@ -286,11 +280,6 @@ pub fn same_rule(table: &KernelTable, kernel: &[ParsedExpr], model: &[Expr]) -> 
             .all(|(kernel, model)| same(table, kernel, model))
 }
 
-/// An anonymous set's kernel name (`__set%d`, `nf_tables_set_alloc_name`).
-fn anonymous_name(name: &str) -> bool {
-    name.starts_with("__set")
-}
-
 /// `NFTA_REJECT_TYPE` and the `NFTA_REJECT_ICMP_CODE` the kernel dumps for
 /// a reject: in an inet table, TCP reset, or ICMPX unreachable with the
 /// admin-prohibited code (ICMP type 3 code 13, ICMPv6 type 1 code 1).
@@ -301,6 +290,14 @@ pub(super) fn reject_attributes(kind: RejectKind) -> (u32, Option<u8>) {
             libc::NFT_REJECT_ICMPX_UNREACH as u32,
             Some(libc::NFT_REJECT_ICMPX_ADMIN_PROHIBITED as u8),
         ),
+    }
+}
+
+/// `NFTA_CMP_OP` of a compare: `==` or `!=`.
+pub(super) fn cmp_op(model: &Expr) -> u32 {
+    match model {
+        Expr::CmpNeq(_) => libc::NFT_CMP_NEQ as u32,
+        _ => libc::NFT_CMP_EQ as u32,
     }
 }
 
@@ -368,11 +365,7 @@ pub fn expected(model: &Expr) -> ParsedExpr {
         },
         Expr::CmpEq(value) | Expr::CmpNeq(value) => ExprData::Cmp {
             sreg: reg_1,
-            op: if matches!(model, Expr::CmpEq(_)) {
-                libc::NFT_CMP_EQ
-            } else {
-                libc::NFT_CMP_NEQ
-            } as u32,
+            op: cmp_op(model),
             data: value.clone(),
         },
         Expr::Bitwise { mask, xor } => ExprData::Bitwise(Box::new(BitwiseData {
@@ -513,11 +506,7 @@ fn describe_contents(contents: &AnonymousContents) -> String {
 }
 
 fn hex(bytes: &[u8]) -> String {
-    let mut text = String::from("0x");
-    for byte in bytes {
-        let _ = write!(text, "{byte:02x}");
-    }
-    text
+    format!("0x{}", hex::encode(bytes))
 }
 
 fn meta_key(key: u32) -> String {
@@ -683,7 +672,7 @@ fn describe(expr: &ParsedExpr, name: impl Fn(&str) -> String) -> String {
             // rule that creates one.
             let set = match (anonymous, &expr.reference) {
                 (Some(contents), _) => describe_contents(contents),
-                (None, Some(Reference::Set(name))) if anonymous_name(name) => {
+                (None, Some(Reference::Set(name))) if is_anonymous_set(name) => {
                     format!("{reference} (elements not read)")
                 }
                 _ => reference.clone(),

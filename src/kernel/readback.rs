@@ -24,6 +24,7 @@ use super::elements::{self, describe_raw};
 use super::ffi::{self, RawElement, Request};
 use super::generation;
 use super::netlink::{Echo, Netlink};
+use super::rule_message::is_anonymous_set;
 use super::{Error, batch, expressions, table_name};
 use crate::ruleset::{ChainKind, Ruleset, SetRole, TABLE_NAME};
 
@@ -401,7 +402,7 @@ fn attach_anonymous(table: &mut KernelTable, anonymous: &[KernelSet]) -> bool {
         else {
             continue;
         };
-        if !name.starts_with("__set") || slot.is_some() {
+        if !is_anonymous_set(name) || slot.is_some() {
             continue;
         }
         match anonymous
@@ -795,6 +796,13 @@ fn chain_references(chain: &KernelChain) -> impl Iterator<Item = &str> {
         })
 }
 
+/// The value every item of `items` has, if there is at least one and they
+/// all agree.
+fn unanimous<T: PartialEq>(mut items: impl Iterator<Item = T>) -> Option<T> {
+    let first = items.next()?;
+    items.all(|item| item == first).then_some(first)
+}
+
 /// Split a raw table into what its base chains reach (the policy in force,
 /// by model name) and the leftovers.
 fn in_force(raw: RawTable) -> KernelTable {
@@ -806,14 +814,12 @@ fn in_force(raw: RawTable) -> KernelTable {
     } = raw;
     let bases: Vec<&KernelChain> = chains.iter().filter(|c| c.hook.is_some()).collect();
     let entries: Vec<&str> = bases.iter().flat_map(|c| chain_references(c)).collect();
-    let entry_generations: BTreeSet<Option<u32>> = entries
-        .iter()
-        .map(|name| generation::split(name).map(|(_, g)| g))
-        .collect();
-    let generation = match entry_generations.into_iter().collect::<Vec<_>>().as_slice() {
-        [Some(generation)] => Some(*generation),
-        _ => None,
-    };
+    let generation = unanimous(
+        entries
+            .iter()
+            .map(|name| generation::split(name).map(|(_, g)| g)),
+    )
+    .flatten();
 
     let mut reached: BTreeSet<String> = bases.iter().map(|c| c.kernel_name.clone()).collect();
     let mut queue: Vec<String> = reached.iter().cloned().collect();
@@ -837,31 +843,29 @@ fn in_force(raw: RawTable) -> KernelTable {
         })
         .collect();
     // The comment of the generation's chains, if they all carry the same.
-    let comments: BTreeSet<Option<&str>> = chains
-        .iter()
-        .filter(|c| c.hook.is_none() && reached.contains(&c.kernel_name))
-        .map(|c| c.comment.as_deref())
-        .collect();
-    let generation_comment = match comments.into_iter().collect::<Vec<_>>().as_slice() {
-        [Some(comment)] if generation.is_some() => Some(comment.to_string()),
-        _ => None,
-    };
-    let entry_digests: BTreeSet<Option<&str>> = bases
-        .iter()
-        .flat_map(|c| &c.rules)
-        .map(|r| r.digest.as_deref())
-        .collect();
-    let digest = match (
-        generation,
-        entry_digests.into_iter().collect::<Vec<_>>().as_slice(),
-    ) {
+    let generation_comment = unanimous(
+        chains
+            .iter()
+            .filter(|c| c.hook.is_none() && reached.contains(&c.kernel_name))
+            .map(|c| c.comment.as_deref()),
+    )
+    .flatten()
+    .filter(|_| generation.is_some())
+    .map(str::to_string);
+    let entry_digest = unanimous(
+        bases
+            .iter()
+            .flat_map(|c| &c.rules)
+            .map(|r| r.digest.as_deref()),
+    );
+    let digest = match (generation, entry_digest) {
         (None, _) => comment,
-        (Some(_), [Some(digest)]) => Some(digest.to_string()),
+        (Some(_), Some(Some(digest))) => Some(digest.to_string()),
         // Written by an earlier netleash, whose generation's chains carry
         // the digest of the policy in force.
-        (Some(_), [None]) => generation_comment
+        (Some(_), Some(None)) => generation_comment
             .clone()
-            .filter(|comment| !comment.starts_with(generation::SHAPE_PREFIX)),
+            .filter(|comment| generation::comment_shape(comment).is_none()),
         // Entry rules that disagree: no digest is in force.
         _ => None,
     };
@@ -1555,7 +1559,7 @@ mod tests {
                                 .map(|e| {
                                     let mut expr = expressions::expected(e);
                                     expr.reference = match expr.reference {
-                                        Some(Reference::Set(set)) if set.starts_with("__set") => {
+                                        Some(Reference::Set(set)) if is_anonymous_set(&set) => {
                                             Some(Reference::Set(set))
                                         }
                                         Some(Reference::Set(set)) => {

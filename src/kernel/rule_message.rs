@@ -20,7 +20,7 @@
 use super::Error;
 use super::attributes as nfta;
 use super::batch::{AnonymousSet, Expr};
-use super::expressions::{reject_attributes, verdict_code};
+use super::expressions::{cmp_op, reject_attributes, verdict_code};
 use super::ffi::RuleMsg;
 
 /// `NLA_F_NESTED` (include/uapi/linux/netlink.h).
@@ -29,6 +29,15 @@ const NLA_F_NESTED: u16 = 1 << 15;
 /// The name an anonymous set is created with: the kernel replaces `%d`
 /// with a free number (`nf_tables_set_alloc_name`).
 pub const ANONYMOUS_SET_NAME: &str = "__set%d";
+
+/// `NFTA_SET_FLAGS` of the anonymous sets a rule's lookup creates.
+pub const ANONYMOUS_SET_FLAGS: u32 = (libc::NFT_SET_ANONYMOUS | libc::NFT_SET_CONSTANT) as u32;
+
+/// Whether `name` is an anonymous set's kernel name ([`ANONYMOUS_SET_NAME`]
+/// with its number).
+pub fn is_anonymous_set(name: &str) -> bool {
+    name.starts_with(ANONYMOUS_SET_NAME.trim_end_matches("%d"))
+}
 
 /// `NFTNL_UDATA_RULE_COMMENT` (libnftnl include/udata.h).
 const UDATA_RULE_COMMENT: u8 = 0;
@@ -225,13 +234,8 @@ impl RuleWriter {
                 out.put_u32(nfta::NFTA_PAYLOAD_LEN, *len);
             }
             Expr::CmpEq(value) | Expr::CmpNeq(value) => {
-                let op = if matches!(expr, Expr::CmpEq(_)) {
-                    libc::NFT_CMP_EQ
-                } else {
-                    libc::NFT_CMP_NEQ
-                };
                 out.put_u32(nfta::NFTA_CMP_SREG, libc::NFT_REG_1 as u32);
-                out.put_u32(nfta::NFTA_CMP_OP, op as u32);
+                out.put_u32(nfta::NFTA_CMP_OP, cmp_op(expr));
                 out.put_value(nfta::NFTA_CMP_DATA, value);
             }
             Expr::Bitwise { mask, xor } => {
