@@ -294,9 +294,6 @@ static CLOSE_AFTER_EXIT: std::sync::atomic::AtomicBool = std::sync::atomic::Atom
 /// after exit. A static is never dropped: the values stay open until exit.
 static KEPT_UNTIL_EXIT: std::sync::Mutex<Vec<Box<dyn Send>>> = std::sync::Mutex::new(Vec::new());
 
-/// `NETLINK_NETFILTER` (linux/netlink.h): the protocol of nf_tables sockets.
-const NETLINK_NETFILTER: libc::c_int = 12;
-
 /// For a short-lived command that changes nf_tables (`netleash apply`,
 /// `remove`, the standalone hook): make its nf_tables sockets close after it
 /// has exited, so that its caller does not wait for the kernel's clean-up.
@@ -471,7 +468,7 @@ fn is_netfilter_socket(fd: libc::c_int) -> bool {
         (result == 0).then_some(value)
     };
     option(libc::SO_DOMAIN) == Some(libc::AF_NETLINK)
-        && option(libc::SO_PROTOCOL) == Some(NETLINK_NETFILTER)
+        && option(libc::SO_PROTOCOL) == Some(libc::NETLINK_NETFILTER)
 }
 
 /// Run `f` on the calling thread inside `target`'s network namespace, then

@@ -34,8 +34,6 @@ pub fn run(args: Args) -> Result<u8, Error> {
     let mut out = std::io::stdout().lock();
     if args.dry_run {
         let plan = kernel::plan(&target, &ruleset)?;
-        // Nothing was committed: closing the socket waits for nothing of ours.
-        crate::netns::close_kept_now();
         write_plan(&mut out, &target, &ruleset, &plan).map_err(Error::Output)?;
         return Ok(EXIT_OK);
     }

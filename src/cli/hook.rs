@@ -316,7 +316,7 @@ fn enforce_directly(
         // waits for nothing of this hook's.
         drop(session);
     } else {
-        crate::netns::drop_in_background(session);
+        session.close_in_background();
     }
     tracing::info!(
         container = %state.id,

@@ -205,12 +205,15 @@ pub fn main() -> ExitCode {
         _ => ("warn", cli.log_json),
     };
     init_tracing(cli.log.as_deref().unwrap_or(default_log), json);
-    // One kernel operation, then exit: the caller need not wait for the
+    // One kernel change, then exit: the caller need not wait for the
     // kernel to free what it replaced (see `netns::close_sockets_after_exit`).
-    if matches!(
-        cli.command,
-        Command::Apply(_) | Command::Remove(_) | Command::Hook(_)
-    ) {
+    // A dry run changes nothing.
+    let changes_the_kernel = match &cli.command {
+        Command::Apply(args) => !args.dry_run,
+        Command::Remove(_) | Command::Hook(_) => true,
+        _ => false,
+    };
+    if changes_the_kernel {
         crate::netns::close_sockets_after_exit();
     }
     let result = match cli.command {

@@ -57,7 +57,7 @@
 //!
 //! A set changed in place saves the kernel an insertion per element (for a
 //! large allowlist, most of an apply): when the elements the set in force
-//! holds are known, and fewer elements change than stay ([`in_place_edit`]),
+//! holds are known, and fewer elements change than stay ([`kept_in_swap`]),
 //! generation M keeps N's set, and the swap transaction removes the elements
 //! the model dropped, then adds the new ones (removals first: an interval set
 //! refuses an addition that overlaps an element still active in the next
@@ -412,15 +412,8 @@ impl SetEdit {
 /// The model set must list its elements strictly sorted (the compiler sorts
 /// and merges them): a model that lists an element twice is never edited,
 /// since creating it fails, and so must changing a set into it.
-#[cfg(test)]
-pub fn in_place_edit(set: &Set, kernel: &KernelSet) -> Result<Option<SetEdit>, super::Error> {
-    Ok(set_change(set, kernel)?
-        .filter(kept_in_swap)
-        .map(|change| change.edit))
-}
-
-/// Whether a swap keeps a set that `change` turns into the model's (see
-/// [`in_place_edit`], which [`approach`] applies through this).
+/// Whether a swap keeps a set that `change` turns into the model's
+/// ([`approach`] applies this to every static set's [`set_change`]).
 fn kept_in_swap(change: &Change) -> bool {
     change.edit.is_empty() || change.changed < change.kept
 }
@@ -435,7 +428,8 @@ fn kept_in_swap(change: &Change) -> bool {
 const EDIT_SLACK: usize = 64;
 
 /// The change that turns `kernel` into model set `set` in place, whatever
-/// its size, if it can be made in place at all (see [`in_place_edit`]).
+/// its size, if it can be made in place at all (a swap makes it when
+/// [`kept_in_swap`]).
 fn set_change(set: &Set, kernel: &KernelSet) -> Result<Option<Change>, super::Error> {
     if !kernel.elements_read || persistent_set(set) {
         return Ok(None);
@@ -738,7 +732,7 @@ pub fn approach(model: &Ruleset, table: Option<&KernelTable>) -> Result<Approach
 
     // For a swap: kept as it is if it holds the model set exactly, kept and
     // changed in place if it holds a few elements more or fewer
-    // ([`in_place_edit`]). For an edit of the generation in force: changed
+    // ([`kept_in_swap`]). For an edit of the generation in force: changed
     // in place up to `EDIT_SLACK` changes more than stay.
     let (mut reuse, mut edit) = (BTreeMap::new(), BTreeMap::new());
     let (mut edit_reuse, mut edit_edit) = (BTreeMap::new(), BTreeMap::new());
@@ -818,13 +812,12 @@ pub fn approach(model: &Ruleset, table: Option<&KernelTable>) -> Result<Approach
 /// the elements of static sets that can be changed in place (`set_change`,
 /// with at most [`EDIT_SLACK`] changes more than stay).
 ///
-/// The shape digest is needed because the comparison with the kernel
-/// ([`readback::differences`](super::readback::differences)) compares each
-/// rule by its id and by the kinds and references of its expressions, not
-/// by their data (a port number, a mark): two models of the same shape have
-/// rules that are equal in every byte, and the table's rules are those the
-/// generation was staged with, as its last verification found them (or as
-/// read, in an apply without memory of the table).
+/// The shape digest decides it before anything is committed, and covers
+/// what the verification after the commit does not read back (a set's
+/// default timeout, its role): two models of the same shape have rules that
+/// are equal in every byte, and the table's rules are those the generation
+/// was staged with, as its last verification found them (or as read, in an
+/// apply without memory of the table).
 fn why_not_edit(
     model: &Ruleset,
     table: &KernelTable,
@@ -1130,8 +1123,13 @@ mod tests {
         encoded
     }
 
+    /// The edit a swap makes of `kernel` to turn it into `set`, if it keeps
+    /// the set.
     fn edit(set: &Set, kernel: &KernelSet) -> Option<SetEdit> {
-        in_place_edit(set, kernel).unwrap()
+        set_change(set, kernel)
+            .unwrap()
+            .filter(kept_in_swap)
+            .map(|change| change.edit)
     }
 
     #[test]

@@ -173,6 +173,20 @@ fn table_name() -> CString {
     CString::new(TABLE_NAME).expect("the table name has no NUL byte")
 }
 
+/// Forget the elements `snapshot` knew of the sets `swap` changes in place:
+/// what the kernel made of the change is read back, never taken from it.
+fn forget_edited(snapshot: &mut Snapshot, swap: &Swap) {
+    if let Some(before) = &mut snapshot.table {
+        for set in &mut before.sets {
+            if swap.edited_sets().any(|edited| edited == set.kernel_name) {
+                set.elements = Vec::new();
+                set.elements_read = false;
+                set.verified_as = None;
+            }
+        }
+    }
+}
+
 /// How `apply` puts a policy in force.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Method {
@@ -304,7 +318,7 @@ pub struct Session {
     /// it (the sets in force with their elements), and the ruleset generation
     /// id that goes with it, so the next apply plans without reading the
     /// table first, keeps the sets that it does not change, and changes in
-    /// place those it changes in a few elements (`generation::in_place_edit`,
+    /// place those it changes in a few elements (`generation::kept_in_swap`,
     /// from the model set each was verified to hold). Its transactions carry
     /// that id: if anything else committed since, the kernel refuses them and
     /// the apply reads the table and starts over. Without it (a new session,
@@ -633,15 +647,7 @@ impl Session {
         // element changes are not echoed, and what the kernel made of the
         // edit is read back, never taken from the edit.
         let mut snapshot = snapshot;
-        if let Some(before) = &mut snapshot.table {
-            for set in &mut before.sets {
-                if swap.edited_sets().any(|edited| edited == set.kernel_name) {
-                    set.elements = Vec::new();
-                    set.elements_read = false;
-                    set.verified_as = None;
-                }
-            }
-        }
+        forget_edited(&mut snapshot, &swap);
         // Verified from the echo of stage and swap when nothing else
         // committed in between (the swap carried the id the stage left).
         let composed = if swapped_at == staged_at {
@@ -661,8 +667,8 @@ impl Session {
             }
             None => {
                 self.verified_from = Some(VerifiedFrom::Read);
-                let written = (swap.to, ruleset.digest.as_str());
-                self.read_after_swap(expected, &snapshot, &swap, written, staged_at, swapped_at)?
+                let digest = &ruleset.digest;
+                self.read_after_swap(expected, &snapshot, &swap, digest, staged_at, swapped_at)?
             }
         };
         if !differences.is_empty() {
@@ -709,15 +715,7 @@ impl Session {
         // What the kernel made of the element changes is read back (they
         // are not echoed), never taken from the edit.
         let mut snapshot = snapshot;
-        if let Some(before) = &mut snapshot.table {
-            for set in &mut before.sets {
-                if edit.edited_sets().any(|edited| edited == set.kernel_name) {
-                    set.elements = Vec::new();
-                    set.elements_read = false;
-                    set.verified_as = None;
-                }
-            }
-        }
+        forget_edited(&mut snapshot, &edit);
         let composed =
             self.compose_and_compare(expected, snapshot.genid, snapshot.table.as_ref(), &[echo])?;
         let (genid, table, differences) = match composed {
@@ -728,8 +726,8 @@ impl Session {
             None => {
                 self.verified_from = Some(VerifiedFrom::Read);
                 let edited_at = snapshot.genid;
-                let written = (edit.to, ruleset.digest.as_str());
-                self.read_after_swap(expected, &snapshot, &edit, written, edited_at, edited_at)?
+                let digest = &ruleset.digest;
+                self.read_after_swap(expected, &snapshot, &edit, digest, edited_at, edited_at)?
             }
         };
         if !differences.is_empty() {
@@ -809,7 +807,7 @@ impl Session {
         expected: &Ruleset,
         snapshot: &Snapshot,
         swap: &Swap,
-        (generation, digest): (u32, &str),
+        digest: &str,
         staged_at: u32,
         swapped_at: u32,
     ) -> Result<(u32, KernelTable, Vec<Difference>), Error> {
@@ -834,7 +832,7 @@ impl Session {
                 .collect();
             plan.known_at = Some(next_genid(swapped_at));
         }
-        self.read_and_compare(expected, generation, digest, &plan)
+        self.read_and_compare(expected, swap.to, digest, &plan)
     }
 
     /// The swap transaction, retried while only other changes (e.g. DNS set
@@ -1716,7 +1714,7 @@ mod tests {
     /// The compiler gives ranges on a port an address set of their own (an
     /// rbtree), but the kernel module still applies, edits and verifies any
     /// model, and a pipapo set is edited by its own rule
-    /// (`generation::in_place_edit`).
+    /// (`generation::kept_in_swap`).
     fn with_concatenated_twin(mut model: Ruleset) -> Ruleset {
         use crate::ruleset::{Action, Element, Family, Match, Rule, Set, SetKey, SetRole};
         let elements = model
@@ -1841,7 +1839,7 @@ mod tests {
         session.apply(&a).unwrap();
         // The kernel generation of the concatenated set after each swap: a
         // concatenated interval set is changed in place only when it loses
-        // no element (see `generation::in_place_edit`).
+        // no element (see `generation::kept_in_swap`).
         for (model, to, ports) in [(&b, 2, 1), (&a, 3, 3), (&b, 4, 3)] {
             let report = session.apply(model).unwrap();
             assert_eq!(report.method, Method::Swap { from: to - 1, to });

@@ -229,7 +229,7 @@ impl AllowedNets {
 /// one, even of five elements, costs `pipapo_resize`; removing one element
 /// of 5,000 costs about 13 ms (`nft_pipapo_remove` tests the set's rules one
 /// by one), so an apply creates such a set again instead of changing it in
-/// place (`kernel::generation::in_place_edit`). An interval set of addresses
+/// place (`kernel::generation::kept_in_swap`). An interval set of addresses
 /// is an rbtree: cheap to create, and changed in place when a few of its
 /// elements change.
 ///

@@ -1,6 +1,8 @@
 //! End-to-end enforcement: policies applied with the `netleash` binary, as a
 //! user would, to a real sandbox namespace, judged by real connections.
 
+use std::path::Path;
+
 use netleash::testbed::{self, TCP_PORTS, Testbed, UDP_ECHO_PORT};
 
 use crate::support::{
@@ -238,20 +240,7 @@ fn reapply_is_atomic() {
         (addr("198.51.100.11"), false),
     ];
     let (probes, wrong) = support::probe_while(&bed, &expectations, 443, || {
-        for round in 0..REAPPLIES {
-            let policy = if round % 2 == 0 { &second } else { &first };
-            let output = apply(&bed, policy);
-            assert!(
-                output.status.success(),
-                "re-apply {round} failed: {}",
-                describe(&output)
-            );
-            assert!(
-                String::from_utf8_lossy(&output.stdout).contains("swapped generation"),
-                "re-apply {round} did not swap generations: {}",
-                describe(&output)
-            );
-        }
+        reapply_alternately(&bed, [&first, &second], REAPPLIES, "swapped generation");
     });
     assert_no_wrong_verdict("reapply_is_atomic", probes, &wrong, REAPPLIES);
 }
@@ -278,20 +267,12 @@ fn reapply_in_place_is_atomic() {
         (addr("2001:db8:100::11"), false),
     ];
     let (probes, wrong) = support::probe_while(&bed, &expectations, 443, || {
-        for round in 0..REAPPLIES {
-            let policy = if round % 2 == 0 { &second } else { &first };
-            let output = apply(&bed, policy);
-            assert!(
-                output.status.success(),
-                "re-apply {round} failed: {}",
-                describe(&output)
-            );
-            assert!(
-                String::from_utf8_lossy(&output.stdout).contains("edited generation 1 in place"),
-                "re-apply {round} was not an edit in place: {}",
-                describe(&output)
-            );
-        }
+        reapply_alternately(
+            &bed,
+            [&first, &second],
+            REAPPLIES,
+            "edited generation 1 in place",
+        );
     });
     assert_no_wrong_verdict("reapply_in_place_is_atomic", probes, &wrong, REAPPLIES);
     let table = netleash_table(bed.sandbox()).expect("the table is in place");
@@ -299,6 +280,26 @@ fn reapply_in_place_is_atomic() {
         table.contains("set allow_v4.g1 ") && table.contains("jump egress.g1 "),
         "generation 1 stayed in force: {table}"
     );
+}
+
+/// `reapplies` re-applies with `netleash apply`, alternating between the
+/// two policies (the second first: the first is in force), each of which
+/// must succeed and say `how` it was applied.
+fn reapply_alternately(bed: &Testbed, policies: [&Path; 2], reapplies: usize, how: &str) {
+    for round in 0..reapplies {
+        let policy = policies[(round + 1) % 2];
+        let output = apply(bed, policy);
+        assert!(
+            output.status.success(),
+            "re-apply {round} failed: {}",
+            describe(&output)
+        );
+        assert!(
+            String::from_utf8_lossy(&output.stdout).contains(how),
+            "re-apply {round} did not say {how:?}: {}",
+            describe(&output)
+        );
+    }
 }
 
 /// What `support::probe_while` found during `reapplies` re-applies of test
