@@ -730,12 +730,13 @@ pub fn approach(model: &Ruleset, table: Option<&KernelTable>) -> Result<Approach
         ));
     }
 
-    // For a swap: kept as it is if it holds the model set exactly, kept and
-    // changed in place if it holds a few elements more or fewer
-    // ([`kept_in_swap`]). For an edit of the generation in force: changed
-    // in place up to `EDIT_SLACK` changes more than stay.
+    // For an edit of the generation in force: changed in place up to
+    // `EDIT_SLACK` changes more than stay. For a swap: kept as it is if it
+    // holds the model set exactly, kept and changed in place if it holds a
+    // few elements more or fewer ([`kept_in_swap`]), which is always within
+    // the edit's slack: a swap keeps the edit's sets but `not_kept_in_swap`.
     let (mut reuse, mut edit) = (BTreeMap::new(), BTreeMap::new());
-    let (mut edit_reuse, mut edit_edit) = (BTreeMap::new(), BTreeMap::new());
+    let mut not_kept_in_swap = Vec::new();
     for set in model.sets.iter().filter(|s| !persistent_set(s)) {
         let Some(kernel) = table.sets.iter().find(|k| k.name == set.name) else {
             continue;
@@ -743,18 +744,15 @@ pub fn approach(model: &Ruleset, table: Option<&KernelTable>) -> Result<Approach
         let Some(change) = set_change(set, kernel)? else {
             continue;
         };
-        let for_swap = kept_in_swap(&change);
-        if change.changed <= change.kept + EDIT_SLACK {
-            edit_reuse.insert(set.name.clone(), kernel.kernel_name.clone());
-            if !change.edit.is_empty() {
-                edit_edit.insert(set.name.clone(), change.edit.clone());
-            }
+        if change.changed > change.kept + EDIT_SLACK {
+            continue;
         }
-        if for_swap {
-            reuse.insert(set.name.clone(), kernel.kernel_name.clone());
-            if !change.edit.is_empty() {
-                edit.insert(set.name.clone(), change.edit);
-            }
+        if !kept_in_swap(&change) {
+            not_kept_in_swap.push(set.name.clone());
+        }
+        reuse.insert(set.name.clone(), kernel.kernel_name.clone());
+        if !change.edit.is_empty() {
+            edit.insert(set.name.clone(), change.edit);
         }
     }
     let mut create = Vec::new();
@@ -778,9 +776,9 @@ pub fn approach(model: &Ruleset, table: Option<&KernelTable>) -> Result<Approach
     let Some(to) = highest_generation(table).checked_add(1) else {
         return replace("its generation numbers are exhausted".into());
     };
-    let swap = Swap {
+    let in_place = Swap {
         from,
-        to,
+        to: from,
         create,
         loosen,
         tighten,
@@ -790,14 +788,13 @@ pub fn approach(model: &Ruleset, table: Option<&KernelTable>) -> Result<Approach
         reuse,
         edit,
     };
-    let in_place = Swap {
-        to: from,
-        reuse: edit_reuse,
-        edit: edit_edit,
-        ..swap.clone()
-    };
     if let Some(reason) = why_not_edit(model, table, &in_place)? {
         tracing::debug!("generation {from} is swapped, not edited in place: {reason}");
+        let mut swap = Swap { to, ..in_place };
+        for name in &not_kept_in_swap {
+            swap.reuse.remove(name);
+            swap.edit.remove(name);
+        }
         return Ok(Approach::Swap(swap));
     }
     Ok(Approach::Edit(in_place))

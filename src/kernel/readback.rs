@@ -1666,6 +1666,49 @@ mod tests {
     }
 
     #[test]
+    fn a_set_whose_every_element_changes_is_edited_in_place_but_created_again_by_a_swap() {
+        use generation::Approach;
+        let model = ruleset();
+        let table = mirror(&model);
+        // Every element of blocklist_v4 replaced: more change than stay,
+        // within an edit's slack.
+        let mut replaced = model.clone();
+        let set = replaced
+            .sets
+            .iter_mut()
+            .find(|s| s.name == "blocklist_v4")
+            .expect("a blocklist_v4 set");
+        assert!(!set.elements.is_empty());
+        set.elements = vec![crate::ruleset::Element::Addr(
+            "192.0.2.0/24".parse().unwrap(),
+        )];
+        replaced.digest = "sha256:replaced".into();
+        let Approach::Edit(edit) = generation::approach(&replaced, Some(&table)).unwrap() else {
+            panic!("a change in elements alone is not an edit");
+        };
+        assert_eq!(edit.reuse["blocklist_v4"], "blocklist_v4.g3");
+        assert!(edit.edit.contains_key("blocklist_v4"));
+        // With a rule changed too: a swap, which creates that set again and
+        // keeps the others as they are.
+        let rule = replaced
+            .chains
+            .iter_mut()
+            .flat_map(|c| c.rules.iter_mut())
+            .find(|r| r.actions.contains(&crate::ruleset::Action::Counter))
+            .expect("a counting rule");
+        rule.actions
+            .retain(|a| *a != crate::ruleset::Action::Counter);
+        let Approach::Swap(swap) = generation::approach(&replaced, Some(&table)).unwrap() else {
+            panic!("a change of rules is not a swap");
+        };
+        assert_eq!((swap.from, swap.to), (3, 4));
+        assert!(!swap.reuse.contains_key("blocklist_v4"));
+        assert!(!swap.edit.contains_key("blocklist_v4"));
+        assert_eq!(swap.reuse["blocklist_v6"], "blocklist_v6.g3");
+        assert!(swap.edit.is_empty());
+    }
+
+    #[test]
     fn a_table_with_the_digest_on_its_chains_is_read_and_swapped() {
         // As an earlier netleash wrote it: the digest as the generation's
         // chains' comment, entry rules with their id alone.
