@@ -1606,6 +1606,20 @@ mod tests {
         more
     }
 
+    /// `model` with the counter of its first counting rule left out: a
+    /// change of rules.
+    fn without_a_counter(mut model: Ruleset) -> Ruleset {
+        let rule = model
+            .chains
+            .iter_mut()
+            .flat_map(|c| c.rules.iter_mut())
+            .find(|r| r.actions.contains(&crate::ruleset::Action::Counter))
+            .expect("a counting rule");
+        rule.actions
+            .retain(|a| *a != crate::ruleset::Action::Counter);
+        model
+    }
+
     #[test]
     fn only_a_change_in_elements_is_an_edit_in_place() {
         use generation::Approach;
@@ -1637,15 +1651,7 @@ mod tests {
         );
         assert_eq!(edit.reuse["blocklist_v4"], "blocklist_v4.g3");
         // Another rule: a swap to generation 4.
-        let mut other_rule = more.clone();
-        let rule = other_rule
-            .chains
-            .iter_mut()
-            .flat_map(|c| c.rules.iter_mut())
-            .find(|r| r.actions.contains(&crate::ruleset::Action::Counter))
-            .expect("a counting rule");
-        rule.actions
-            .retain(|a| *a != crate::ruleset::Action::Counter);
+        let other_rule = without_a_counter(more.clone());
         assert_ne!(generation::shape(&other_rule), generation::shape(&model));
         assert!(matches!(
             generation::approach(&other_rule, Some(&table)).unwrap(),
@@ -1690,14 +1696,7 @@ mod tests {
         assert!(edit.edit.contains_key("blocklist_v4"));
         // With a rule changed too: a swap, which creates that set again and
         // keeps the others as they are.
-        let rule = replaced
-            .chains
-            .iter_mut()
-            .flat_map(|c| c.rules.iter_mut())
-            .find(|r| r.actions.contains(&crate::ruleset::Action::Counter))
-            .expect("a counting rule");
-        rule.actions
-            .retain(|a| *a != crate::ruleset::Action::Counter);
+        let replaced = without_a_counter(replaced);
         let Approach::Swap(swap) = generation::approach(&replaced, Some(&table)).unwrap() else {
             panic!("a change of rules is not a swap");
         };
