@@ -38,7 +38,11 @@
 //! `-- --profile-one-shot N` the same with one-shot applies; add `--settle`
 //! to pause before each of them as the timed rounds do, and `--swap` to
 //! alternate the swap pair instead of the edit pair. `-- --profile-fresh
-//! N` times N fresh applies the same way.
+//! N` times N fresh applies the same way. With `--phases`, these three
+//! also report where the time goes: the median time of each phase of an
+//! apply, from the trace events of `kernel::phases` (a phase that occurs
+//! more than once in an apply, such as the kernel commit of each of a swap's
+//! transactions, is summed over the apply).
 //!
 //! The nft text is rendered from the model here, in the benchmark only
 //! (`ruleset::render::nft` is not part of this branch). Before timing, the
@@ -322,6 +326,119 @@ fn nft_habit(difference: &kernel::Difference) -> bool {
     }
 }
 
+/// The phase events (`kernel::phases`) of each apply, when `--phases` asks
+/// for them: per phase, its time summed over each apply, and how often it
+/// occurred in the last apply.
+struct Phases {
+    enabled: bool,
+    /// Phases in the order they first occurred, with one sum per apply.
+    sums: Vec<(String, Vec<f64>)>,
+    occurrences: Vec<usize>,
+}
+
+/// The events of the apply being collected: (phase, microseconds).
+static PHASE_EVENTS: std::sync::Mutex<Vec<(String, f64)>> = std::sync::Mutex::new(Vec::new());
+
+/// A tracing layer that keeps every phase event in [`PHASE_EVENTS`].
+struct PhaseLayer;
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for PhaseLayer {
+    fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+        #[derive(Default)]
+        struct Fields {
+            phase: String,
+            micros: f64,
+        }
+        impl tracing::field::Visit for Fields {
+            fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+                if field.name() == "phase" {
+                    self.phase = value.to_string();
+                }
+            }
+            fn record_f64(&mut self, field: &tracing::field::Field, value: f64) {
+                if field.name() == "micros" {
+                    self.micros = value;
+                }
+            }
+            fn record_debug(&mut self, _: &tracing::field::Field, _: &dyn std::fmt::Debug) {}
+        }
+        let mut fields = Fields::default();
+        event.record(&mut fields);
+        PHASE_EVENTS
+            .lock()
+            .unwrap()
+            .push((fields.phase, fields.micros));
+    }
+}
+
+impl Phases {
+    /// Listen for phase events if `args` hold `--phases`.
+    fn start(args: &[String]) -> Phases {
+        let enabled = args.iter().any(|a| a == "--phases");
+        if enabled {
+            use tracing_subscriber::layer::SubscriberExt as _;
+            let only_phases = tracing_subscriber::filter::Targets::new()
+                .with_target(kernel::phases::TARGET, tracing::Level::TRACE);
+            let subscriber = tracing_subscriber::registry().with(
+                tracing_subscriber::Layer::with_filter(PhaseLayer, only_phases),
+            );
+            tracing::subscriber::set_global_default(subscriber).expect("one subscriber");
+        }
+        Phases {
+            enabled,
+            sums: Vec::new(),
+            occurrences: Vec::new(),
+        }
+    }
+
+    /// Run one apply and keep its phases.
+    fn collect<T>(&mut self, apply: impl FnOnce() -> T) -> T {
+        PHASE_EVENTS.lock().unwrap().clear();
+        let result = apply();
+        if self.enabled {
+            let events = std::mem::take(&mut *PHASE_EVENTS.lock().unwrap());
+            let applies = self.sums.first().map_or(0, |(_, sums)| sums.len());
+            self.occurrences.iter_mut().for_each(|n| *n = 0);
+            for (phase, micros) in events {
+                let index = match self.sums.iter().position(|(name, _)| *name == phase) {
+                    Some(index) => index,
+                    None => {
+                        // A phase first seen now took no time in earlier applies.
+                        self.sums.push((phase, vec![0.0; applies]));
+                        self.occurrences.push(0);
+                        self.sums.len() - 1
+                    }
+                };
+                let sums = &mut self.sums[index].1;
+                if sums.len() == applies {
+                    sums.push(0.0);
+                }
+                sums[applies] += micros;
+                self.occurrences[index] += 1;
+            }
+            for (_, sums) in &mut self.sums {
+                sums.resize(applies + 1, 0.0);
+            }
+        }
+        result
+    }
+
+    fn print(&mut self) {
+        if !self.enabled {
+            return;
+        }
+        println!("phases (median per apply, ms; times per apply):");
+        let mut total = 0.0;
+        for ((phase, sums), occurrences) in self.sums.iter_mut().zip(&self.occurrences) {
+            sums.sort_by(f64::total_cmp);
+            let p50 = sums[sums.len() / 2] / 1000.0;
+            total += p50;
+            println!("  {phase:<30} {p50:>7.3}  x{occurrences}");
+        }
+        println!("  {:<30} {total:>7.3}", "(sum of the medians)");
+    }
+}
+
 fn median(samples: &mut [Duration]) -> Duration {
     samples.sort();
     samples[samples.len() / 2]
@@ -383,12 +500,14 @@ fn main() {
         let rounds: usize = rounds.parse().expect("--profile-fresh takes a number");
         let (policy, options) = policy(only.unwrap_or(10), 0);
         let model = ruleset::compile(&policy, &options);
+        let mut phases = Phases::start(&args);
         let (mut wall, mut cpu): (Vec<Duration>, Vec<Duration>) = (0..rounds)
             .map(|round| {
                 let fresh = Netns::fresh(round);
                 let target = fresh.target();
                 std::thread::sleep(SETTLE);
-                let (_, wall, cpu) = timed(|| kernel::apply(&target, &model).expect("apply"));
+                let (_, wall, cpu) =
+                    phases.collect(|| timed(|| kernel::apply(&target, &model).expect("apply")));
                 (wall, cpu)
             })
             .unzip();
@@ -397,6 +516,7 @@ fn main() {
             ms(median(&mut wall)),
             ms(median(&mut cpu))
         );
+        phases.print();
         return;
     }
     for (flag, one_shot) in [("--profile", false), ("--profile-one-shot", true)] {
@@ -415,17 +535,20 @@ fn main() {
         if one_shot {
             kernel::apply(&target, &models[1]).expect("apply");
         }
+        let mut phases = Phases::start(&args);
         let (mut wall, mut cpu): (Vec<Duration>, Vec<Duration>) = (0..rounds)
             .map(|round| {
                 let model = &models[round % 2];
                 if settle {
                     std::thread::sleep(SETTLE);
                 }
-                let (_, wall, cpu) = if one_shot {
-                    timed(|| kernel::apply(&target, model).expect("apply"))
-                } else {
-                    timed(|| session.apply(model).expect("apply"))
-                };
+                let (_, wall, cpu) = phases.collect(|| {
+                    if one_shot {
+                        timed(|| kernel::apply(&target, model).expect("apply"))
+                    } else {
+                        timed(|| session.apply(model).expect("apply"))
+                    }
+                });
                 (wall, cpu)
             })
             .unzip();
@@ -440,6 +563,7 @@ fn main() {
             ms(median(&mut wall)),
             ms(median(&mut cpu))
         );
+        phases.print();
         return;
     }
     // The one-shot applies get a namespace of their own: an apply through

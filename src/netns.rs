@@ -145,7 +145,7 @@ pub fn run_in<T: Send>(target: &Target, f: impl FnOnce() -> T + Send) -> Result<
         let worker = std::thread::Builder::new()
             .name("netleash-netns".into())
             .spawn_scoped(scope, move || -> Result<T, Error> {
-                enter(file, thread_path)?;
+                enter(&file, &thread_path)?;
                 Ok(f())
             })
             .map_err(|source| Error::Spawn {
@@ -489,11 +489,17 @@ pub fn visit<T>(target: &Target, f: impl FnOnce() -> T) -> Result<T, Error> {
         path: PathBuf::from(OWN_NAMESPACE),
         source,
     })?;
-    if same_namespace(&file, &home) {
-        return Ok(f());
-    }
     // setns either moves the thread or fails leaving it where it was.
-    enter(file, path)?;
+    // Entering the namespace the thread is in already changes nothing, so
+    // the two are compared (two fstat calls) only when setns refuses: it
+    // needs CAP_SYS_ADMIN, which a visit of one's own namespace must not.
+    if let Err(err) = enter(&file, &path) {
+        return if same_namespace(&file, &home) {
+            Ok(f())
+        } else {
+            Err(err)
+        };
+    }
     let _back = GoBack(home);
     Ok(f())
 }
@@ -522,7 +528,7 @@ impl Drop for GoBack {
 /// [`run_in`] then needs no thread of its own.
 pub fn enter_for_good(target: &Target) -> Result<(), Error> {
     let (path, file) = open(target)?;
-    enter(file, path)
+    enter(&file, &path)
 }
 
 /// Whether `file` is the calling thread's own network namespace: two
@@ -575,14 +581,15 @@ pub fn check_network_namespace(file: &File, path: &Path) -> Result<(), Error> {
 
 /// Move the calling thread into the namespace `file` (opened from `path`).
 /// Only for threads that exist for work in that namespace.
-fn enter(file: File, path: PathBuf) -> Result<(), Error> {
-    // SAFETY: `file` is an open file descriptor owned by this function for
-    // the duration of the call; setns only reads it. CLONE_NEWNET makes the
+fn enter(file: &File, path: &Path) -> Result<(), Error> {
+    // SAFETY: `file` is an open file descriptor, borrowed for the duration
+    // of the call; setns only reads it. CLONE_NEWNET makes the
     // kernel check that it refers to a network namespace. setns changes the
     // namespace of the calling thread only.
     let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
     if rc != 0 {
         let source = io::Error::last_os_error();
+        let path = path.to_path_buf();
         return Err(if source.raw_os_error() == Some(libc::EINVAL) {
             Error::NotNetworkNamespace { path }
         } else {
@@ -637,7 +644,7 @@ impl SocketFactory {
         std::thread::Builder::new()
             .name("netleash-sockets".into())
             .spawn(move || {
-                let result = enter(file, thread_path);
+                let result = enter(&file, &thread_path);
                 let failed = result.is_err();
                 let _ = ready.send(result);
                 if failed {

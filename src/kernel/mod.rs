@@ -38,6 +38,7 @@ pub mod last_apply;
 mod learned;
 mod netlink;
 pub mod nflog;
+pub mod phases;
 mod readback;
 mod rule_message;
 
@@ -374,6 +375,7 @@ impl Session {
     /// (another program changed it in between, or a bug), the previous
     /// generation is put back in force and the error lists every difference.
     pub fn apply(&mut self, ruleset: &Ruleset) -> Result<ApplyReport, Error> {
+        phases::begin();
         self.apply_verified(ruleset, ruleset, &[])
     }
 
@@ -402,8 +404,11 @@ impl Session {
                     TableKnown::Read,
                 ),
             };
+            phases::mark("read table");
             self.planned_from = Some(known);
-            let outcome = match generation::approach(ruleset, snapshot.table.as_ref())? {
+            let approach = generation::approach(ruleset, snapshot.table.as_ref())?;
+            phases::mark("plan");
+            let outcome = match approach {
                 Approach::Create => {
                     self.apply_whole(ruleset, expected, carried, snapshot.genid, Method::Create)
                 }
@@ -495,6 +500,7 @@ impl Session {
         let Some((mut table, echoed)) = readback::compose(before, &echoes) else {
             return Ok(None);
         };
+        phases::mark("compose from echo");
         // Elements that a reading would not read (the DNS-derived sets') are
         // not part of what is known, also when echoed.
         let skip = compared_elements(expected).skip;
@@ -535,6 +541,7 @@ impl Session {
         if read && readback::generation_id(&mut self.netlink)? != after {
             return Ok(None);
         }
+        phases::mark("compare");
         Ok(Some((after, table, differences)))
     }
 
@@ -591,6 +598,7 @@ impl Session {
             _ => batch::replace_table(ruleset)?,
         };
         learned::add_carried(&mut transaction, ruleset, 1, carried)?;
+        phases::mark("build");
         let echo = self.commit_echoed_at(transaction, genid)?;
         // Created onto no table (the transaction carried the id of the
         // reading that found none): the echo is the whole table.
@@ -605,7 +613,14 @@ impl Session {
             }
             None => {
                 self.verified_from = Some(VerifiedFrom::Read);
-                self.read_and_compare(expected, 1, &ruleset.digest, &compared_elements(expected))?
+                let read = self.read_and_compare(
+                    expected,
+                    1,
+                    &ruleset.digest,
+                    &compared_elements(expected),
+                )?;
+                phases::mark("verify by reading");
+                read
             }
         };
         if !differences.is_empty() {
@@ -636,7 +651,9 @@ impl Session {
         snapshot: Snapshot,
         swap: Swap,
     ) -> Result<ApplyReport, Error> {
-        let stage_echo = self.commit_echoed_at(batch::stage(ruleset, &swap)?, snapshot.genid)?;
+        let stage = batch::stage(ruleset, &swap)?;
+        phases::mark("build stage");
+        let stage_echo = self.commit_echoed_at(stage, snapshot.genid)?;
         // If the swap fails, the staged generation stays behind: nothing
         // jumps into it, so it changes no packet's fate, and the next apply's
         // cleanup deletes it. (Deleting it here could race with another
@@ -668,7 +685,10 @@ impl Session {
             None => {
                 self.verified_from = Some(VerifiedFrom::Read);
                 let digest = &ruleset.digest;
-                self.read_after_swap(expected, &snapshot, &swap, digest, staged_at, swapped_at)?
+                let read = self
+                    .read_after_swap(expected, &snapshot, &swap, digest, staged_at, swapped_at)?;
+                phases::mark("verify by reading");
+                read
             }
         };
         if !differences.is_empty() {
@@ -688,7 +708,9 @@ impl Session {
         );
         let mut table = table;
         readback::mark_verified(&mut table, expected);
+        phases::mark("report");
         self.known = self.clean_up(table, genid, swap.to);
+        phases::mark("clean up");
         Ok(report)
     }
 
@@ -711,6 +733,7 @@ impl Session {
         let mut transaction = batch::swap(ruleset, &edit)?;
         // Carried DNS elements go in with the edit, as with a swap.
         learned::add_carried(&mut transaction, ruleset, edit.to, carried)?;
+        phases::mark("build edit");
         let echo = self.commit_echoed_at(transaction, snapshot.genid)?;
         // What the kernel made of the element changes is read back (they
         // are not echoed), never taken from the edit.
@@ -727,7 +750,10 @@ impl Session {
                 self.verified_from = Some(VerifiedFrom::Read);
                 let edited_at = snapshot.genid;
                 let digest = &ruleset.digest;
-                self.read_after_swap(expected, &snapshot, &edit, digest, edited_at, edited_at)?
+                let read =
+                    self.read_after_swap(expected, &snapshot, &edit, digest, edited_at, edited_at)?;
+                phases::mark("verify by reading");
+                read
             }
         };
         if !differences.is_empty() {
@@ -852,6 +878,7 @@ impl Session {
             // swap: hash set elements are generation-masked like rules, so
             // packets see them together with the new generation.
             learned::add_carried(&mut transaction, ruleset, swap.to, carried)?;
+            phases::mark("build swap");
             match self.commit_echoed_at(transaction, genid) {
                 Err(Error::RulesetChanged) => {}
                 other => return other.map(|echo| (genid, echo)),
@@ -1196,11 +1223,14 @@ fn in_own_session<T>(
 /// apply (about 1.2 ms); after it, the caller does not wait, and the
 /// `netleash apply` process exits as late as if it had written first.
 pub fn apply(target: &netns::Target, ruleset: &Ruleset) -> Result<ApplyReport, Error> {
-    netns::visit_then_drop(target, || {
+    phases::begin();
+    let applied = netns::visit_then_drop(target, || {
+        phases::mark("enter namespace");
         let mut session = match Session::open_here() {
             Ok(session) => session,
             Err(err) => return (Err(err), None),
         };
+        phases::mark("open socket");
         let store = last_apply::Store::configured();
         let identity = last_apply::Identity::of_socket(session.netlink.socket_fd())
             .inspect_err(|err| tracing::debug!("the table is read, not recalled: {err}"))
@@ -1220,7 +1250,9 @@ pub fn apply(target: &netns::Target, ruleset: &Ruleset) -> Result<ApplyReport, E
                 Err(err) => tracing::debug!("the table is read, not recalled: {err}"),
             }
         }
-        let mut result = session.apply(ruleset);
+        phases::mark("recall last apply");
+        // Not `Session::apply`: that would start the phase clock again.
+        let mut result = session.apply_verified(ruleset, ruleset, &[]);
         // A remembered table that the kernel's generation id check let
         // through, yet a transaction planned from it was rejected or what
         // it committed failed verification: the file was false (see
@@ -1236,7 +1268,7 @@ pub fn apply(target: &netns::Target, ruleset: &Ruleset) -> Result<ApplyReport, E
                  applying again from a reading of the table"
             );
             session.known = None;
-            result = session.apply(ruleset);
+            result = session.apply_verified(ruleset, ruleset, &[]);
         }
         let keep = match &result {
             Ok(report) => {
@@ -1254,9 +1286,12 @@ pub fn apply(target: &netns::Target, ruleset: &Ruleset) -> Result<ApplyReport, E
         };
         if let Some(identity) = identity {
             last_apply::Pending::new(store, identity, keep).write_in_background();
+            phases::mark("hand the last apply file over");
         }
         (result, Some(session))
-    })?
+    });
+    phases::mark("leave namespace");
+    applied?
 }
 
 /// [`Session::plan`] in a session of its own (`apply --dry-run`).

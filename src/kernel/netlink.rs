@@ -412,10 +412,15 @@ fn receive_whole(fd: i32, buffer: &mut AlignedBuffer, flags: i32) -> io::Result<
     Ok(received as usize)
 }
 
-/// Kernel socket receive buffer asked for: room for the acknowledgements of a
-/// large batch (one per message, several hundred bytes of skb each) without
-/// ENOBUFS. Raised further for bigger batches.
-const MIN_SOCKET_RECEIVE_BUFFER: usize = 4 << 20;
+/// The kernel socket receive buffer a new socket is taken to have: less
+/// than Linux's default (`net.core.rmem_default`, 208 KiB unless changed).
+/// It holds the answers to a typical policy's transactions (creating the
+/// table of the apply benchmark's typical policy is budgeted 124 KiB below),
+/// so a socket asks for more (`SO_RCVBUFFORCE`) only when a transaction
+/// needs it, and a one-shot apply spares the system call. Were the default
+/// lowered below it, an echo that overflows the buffer is lost (ENOBUFS),
+/// and the apply reads the table instead.
+const ASSUMED_SOCKET_RECEIVE_BUFFER: usize = 192 << 10;
 /// Bytes of receive buffer accounted per acknowledgement (skb truesize of a small message).
 const RECEIVE_BUFFER_PER_ACK: usize = 2048;
 /// The most elements of a new set that an echoed transaction has the kernel
@@ -495,26 +500,22 @@ impl Netlink {
     /// Open a netfilter netlink socket in the current thread's network namespace.
     pub fn open() -> Result<Netlink, Error> {
         assert!(DUMP_BUFFER_LEN >= nftnl::nft_nlmsg_maxsize() as usize);
-        let socket = mnl::Socket::new(mnl::Bus::Netfilter).map_err(Error::Socket)?;
+        // Not bound: the kernel binds a netlink socket to a free port id at
+        // its first send (`netlink_autobind`), which spares a bind and the
+        // getsockname that would follow it; nothing here needs the port id.
+        let socket = mnl::Socket::open(mnl::Bus::Netfilter).map_err(Error::Socket)?;
         // Error acknowledgements without a copy of the failed message (which can
         // be a 64 KiB element list), and with the kernel's text when it has one.
         set_socket_option(&socket, libc::SOL_NETLINK, libc::NETLINK_CAP_ACK, 1)
             .map_err(Error::Socket)?;
         set_socket_option(&socket, libc::SOL_NETLINK, libc::NETLINK_EXT_ACK, 1)
             .map_err(Error::Socket)?;
-        set_buffer(
-            &socket,
-            libc::SO_RCVBUFFORCE,
-            libc::SO_RCVBUF,
-            MIN_SOCKET_RECEIVE_BUFFER,
-        )
-        .map_err(Error::Socket)?;
         Ok(Netlink {
             socket,
             acks: None,
             // Batches number their messages from 1; requests use numbers far above.
             seq: 1 << 30,
-            receive_buffer: MIN_SOCKET_RECEIVE_BUFFER,
+            receive_buffer: ASSUMED_SOCKET_RECEIVE_BUFFER,
             send_buffer: 0,
             element_dumps: 0,
         })
@@ -581,18 +582,6 @@ impl Netlink {
         }
         let total: usize = pages.iter().map(|p| p.len()).sum();
 
-        // The whole batch goes in ONE sendmsg: nfnetlink processes one skb as one
-        // batch, and a batch split over several sends would be aborted.
-        if total + 4096 > self.send_buffer {
-            set_buffer(
-                &self.socket,
-                libc::SO_SNDBUFFORCE,
-                libc::SO_SNDBUF,
-                total + 4096,
-            )
-            .map_err(Error::Socket)?;
-            self.send_buffer = total + 4096;
-        }
         // Answers: batch begin and end, plus one per failed message at most;
         // and an echo of every object but set elements.
         let acks_expected = objects.len() + 2;
@@ -617,11 +606,40 @@ impl Netlink {
         // acknowledgement, where `drain` stops) would pass for an answer to
         // this one: it is dropped first.
         self.discard_pending()?;
-        self.send_pages(&pages, total)?;
+        super::phases::mark("prepare the send");
+        // The whole batch goes in ONE sendmsg: nfnetlink processes one skb as one
+        // batch, and a batch split over several sends would be aborted. The
+        // kernel checks and commits it within the send (`nfnetlink_rcv_batch`
+        // runs in the sender's context).
+        match self.send_pages(&pages, total) {
+            // A batch longer than the send buffer is refused before the
+            // kernel looks at it (`netlink_sendmsg`: EMSGSIZE when `len >
+            // sk_sndbuf - 32`). The default buffer (`net.core.wmem_default`,
+            // 208 KiB unless changed) holds a typical batch, so the buffer is
+            // raised only when a send is refused for its size, and the send
+            // repeated.
+            Err(Error::Send(err))
+                if err.raw_os_error() == Some(libc::EMSGSIZE)
+                    && total + 4096 > self.send_buffer =>
+            {
+                set_buffer(
+                    &self.socket,
+                    libc::SO_SNDBUFFORCE,
+                    libc::SO_SNDBUF,
+                    total + 4096,
+                )
+                .map_err(Error::Socket)?;
+                self.send_buffer = total + 4096;
+                self.send_pages(&pages, total)?;
+            }
+            sent => sent?,
+        }
+        super::phases::mark("kernel commit");
 
         // The kernel acknowledges the batch end last, after every other answer.
         let last = (framed && mode == Commit::Commit).then_some(end_seq);
         let (acks, overrun, datagrams) = self.drain(last, echo)?;
+        super::phases::mark("read the answers");
         let describe = |seq: u32| -> String {
             if seq >= first_object_seq && ((seq - first_object_seq) as usize) < objects.len() {
                 objects[(seq - first_object_seq) as usize].to_string()
