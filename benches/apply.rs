@@ -355,9 +355,9 @@ impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for PhaseLayer {
                     self.phase = value.to_string();
                 }
             }
-            fn record_f64(&mut self, field: &tracing::field::Field, value: f64) {
+            fn record_u64(&mut self, field: &tracing::field::Field, value: u64) {
                 if field.name() == "micros" {
-                    self.micros = value;
+                    self.micros = value as f64;
                 }
             }
             fn record_debug(&mut self, _: &tracing::field::Field, _: &dyn std::fmt::Debug) {}

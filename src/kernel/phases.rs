@@ -1,5 +1,5 @@
 //! Where an apply spends its time: one trace event per phase, with the
-//! microseconds since the phase before it on the same thread.
+//! whole microseconds since the phase before it on the same thread.
 //!
 //! The events go to the target [`TARGET`] at trace level, so they cost one
 //! check of a cached callsite interest when that level is off (the default).
@@ -44,7 +44,79 @@ pub fn mark(phase: &'static str) {
     }
     let now = Instant::now();
     if let Some(before) = LAST.with(|last| last.replace(Some(now))) {
-        let micros = now.duration_since(before).as_secs_f64() * 1e6;
+        let micros = u64::try_from(now.duration_since(before).as_micros()).unwrap_or(u64::MAX);
         tracing::trace!(target: TARGET, phase, micros, "apply phase");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    /// The text of the phase events logged while `work` runs.
+    fn logged(work: impl FnOnce()) -> String {
+        let text = Arc::new(Mutex::new(Vec::<u8>::new()));
+        let sink = Arc::clone(&text);
+        let subscriber = tracing_subscriber::fmt()
+            .with_env_filter(format!("{TARGET}=trace"))
+            .with_ansi(false)
+            .without_time()
+            .with_writer(move || Writer(Arc::clone(&sink)))
+            .finish();
+        tracing::subscriber::with_default(subscriber, work);
+        String::from_utf8(text.lock().unwrap().clone()).unwrap()
+    }
+
+    struct Writer(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Writer {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn each_mark_reports_its_phase_after_a_begin() {
+        let text = logged(|| {
+            begin();
+            mark("first");
+            std::thread::sleep(std::time::Duration::from_millis(2));
+            mark("second");
+        });
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 2, "{text}");
+        assert!(lines[0].contains(r#"phase="first""#), "{text}");
+        assert!(lines[1].contains(r#"phase="second""#), "{text}");
+        // The second phase lasted the 2 ms pause at least.
+        let micros: u64 = lines[1]
+            .split("micros=")
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no micros in {:?}", lines[1]));
+        assert!(micros >= 2_000, "{micros}");
+    }
+
+    #[test]
+    fn nothing_is_reported_without_a_begin_or_a_listener() {
+        // A fresh thread: its clock was never started.
+        let text = std::thread::spawn(|| logged(|| mark("orphan")))
+            .join()
+            .unwrap();
+        assert_eq!(text, "");
+        // No listener: begin does not start the clock, so a mark under a
+        // listener afterwards reports nothing either.
+        let text = std::thread::spawn(|| {
+            begin();
+            logged(|| mark("unheard"))
+        })
+        .join()
+        .unwrap();
+        assert_eq!(text, "");
     }
 }
