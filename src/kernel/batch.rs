@@ -849,6 +849,61 @@ pub fn delete_table() -> Transaction {
     transaction
 }
 
+/// One expression of each kind the compiler plans (each reject kind once):
+/// the fixture of the tests that write expressions and compare them.
+#[cfg(test)]
+pub fn one_of_each_expression() -> Vec<Expr> {
+    vec![
+        Expr::Meta {
+            key: libc::NFT_META_L4PROTO as u32,
+            dreg: libc::NFT_REG32_00 as u32 + 4,
+        },
+        Expr::Payload {
+            base: libc::NFT_PAYLOAD_NETWORK_HEADER as u32,
+            offset: 16,
+            len: 4,
+            dreg: libc::NFT_REG_1 as u32,
+        },
+        Expr::CmpEq(vec![1, 187]),
+        Expr::CmpNeq(vec![0x6c, 0x6e, 0, 0]),
+        Expr::Bitwise {
+            mask: 6u32.to_ne_bytes().to_vec(),
+            xor: 0u32.to_ne_bytes().to_vec(),
+        },
+        Expr::CtState,
+        Expr::Lookup {
+            set: "allow_v4".into(),
+            sreg: libc::NFT_REG_1 as u32,
+        },
+        Expr::LookupAnonymous(AnonymousSet {
+            key_type: 13,
+            key_len: 2,
+            keys: vec![vec![0, 53], vec![3, 85]],
+        }),
+        Expr::Counter,
+        Expr::Log {
+            group: 4711,
+            prefix: "netleash deny ".into(),
+        },
+        Expr::Reject(RejectKind::TcpReset),
+        Expr::Reject(RejectKind::IcmpxAdminProhibited),
+        Expr::Accept,
+        Expr::Drop,
+        Expr::Jump("deny".into()),
+        Expr::Immediate {
+            dreg: libc::NFT_REG_1 as u32,
+            data: vec![4, 29],
+        },
+        Expr::Redirect {
+            sreg: libc::NFT_REG_1 as u32,
+        },
+        Expr::CtSet {
+            key: libc::NFT_CT_ZONE as u32,
+            sreg: libc::NFT_REG_1 as u32,
+        },
+    ]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -765,7 +765,6 @@ fn describe(expr: &ParsedExpr, name: impl Fn(&str) -> String) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernel::batch::AnonymousSet;
 
     /// A table in no generation: kernel names are model names.
     fn table() -> KernelTable {
@@ -788,53 +787,7 @@ mod tests {
 
     /// One of each kind of expression the compiler plans.
     fn models() -> Vec<Expr> {
-        vec![
-            Expr::Meta {
-                key: libc::NFT_META_L4PROTO as u32,
-                dreg: reg32(4),
-            },
-            Expr::Payload {
-                base: libc::NFT_PAYLOAD_NETWORK_HEADER as u32,
-                offset: 16,
-                len: 4,
-                dreg: REG_1,
-            },
-            Expr::CmpEq(vec![1, 187]),
-            Expr::CmpNeq(vec![0x6c, 0x6e, 0, 0]),
-            Expr::Bitwise {
-                mask: 6u32.to_ne_bytes().to_vec(),
-                xor: 0u32.to_ne_bytes().to_vec(),
-            },
-            Expr::CtState,
-            Expr::Lookup {
-                set: "allow_v4".into(),
-                sreg: REG_1,
-            },
-            Expr::LookupAnonymous(AnonymousSet {
-                key_type: 13,
-                key_len: 2,
-                keys: vec![vec![0, 53], vec![3, 85]],
-            }),
-            Expr::Counter,
-            Expr::Log {
-                group: 4711,
-                prefix: "netleash deny ".into(),
-            },
-            Expr::Reject(RejectKind::TcpReset),
-            Expr::Reject(RejectKind::IcmpxAdminProhibited),
-            Expr::Accept,
-            Expr::Drop,
-            Expr::Jump("deny".into()),
-            Expr::Immediate {
-                dreg: REG_1,
-                data: vec![4, 29],
-            },
-            Expr::Redirect { sreg: REG_1 },
-            Expr::CtSet {
-                key: libc::NFT_CT_ZONE as u32,
-                sreg: REG_1,
-            },
-        ]
+        crate::kernel::batch::one_of_each_expression()
     }
 
     #[test]

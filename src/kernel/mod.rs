@@ -376,7 +376,9 @@ impl Session {
     /// generation is put back in force and the error lists every difference.
     pub fn apply(&mut self, ruleset: &Ruleset) -> Result<ApplyReport, Error> {
         phases::begin();
-        self.apply_verified(ruleset, ruleset, &[])
+        let applied = self.apply_verified(ruleset, ruleset, &[]);
+        phases::end();
+        applied
     }
 
     /// [`Session::apply`], verified against `expected` instead of `ruleset`
@@ -564,6 +566,7 @@ impl Session {
             return Err(Error::RulesetChanged);
         }
         let differences = readback::differences(expected, &table)?;
+        phases::mark("verify by reading");
         Ok((snapshot.genid, table, differences))
     }
 
@@ -613,14 +616,7 @@ impl Session {
             }
             None => {
                 self.verified_from = Some(VerifiedFrom::Read);
-                let read = self.read_and_compare(
-                    expected,
-                    1,
-                    &ruleset.digest,
-                    &compared_elements(expected),
-                )?;
-                phases::mark("verify by reading");
-                read
+                self.read_and_compare(expected, 1, &ruleset.digest, &compared_elements(expected))?
             }
         };
         if !differences.is_empty() {
@@ -685,10 +681,7 @@ impl Session {
             None => {
                 self.verified_from = Some(VerifiedFrom::Read);
                 let digest = &ruleset.digest;
-                let read = self
-                    .read_after_swap(expected, &snapshot, &swap, digest, staged_at, swapped_at)?;
-                phases::mark("verify by reading");
-                read
+                self.read_after_swap(expected, &snapshot, &swap, digest, staged_at, swapped_at)?
             }
         };
         if !differences.is_empty() {
@@ -750,10 +743,7 @@ impl Session {
                 self.verified_from = Some(VerifiedFrom::Read);
                 let edited_at = snapshot.genid;
                 let digest = &ruleset.digest;
-                let read =
-                    self.read_after_swap(expected, &snapshot, &edit, digest, edited_at, edited_at)?;
-                phases::mark("verify by reading");
-                read
+                self.read_after_swap(expected, &snapshot, &edit, digest, edited_at, edited_at)?
             }
         };
         if !differences.is_empty() {
@@ -1291,6 +1281,7 @@ pub fn apply(target: &netns::Target, ruleset: &Ruleset) -> Result<ApplyReport, E
         (result, Some(session))
     });
     phases::mark("leave namespace");
+    phases::end();
     applied?
 }
 

@@ -9,8 +9,10 @@
 //!
 //! An apply runs on one thread from start to end (a one-shot apply visits
 //! the namespace on the calling thread, `netns::visit`), so the clock is
-//! per thread: [`begin`] starts it, and every [`mark`] reports the time since
-//! the previous mark (or the beginning) and restarts it.
+//! per thread: [`begin`] starts it, every [`mark`] reports the time since
+//! the previous mark (or the beginning) and restarts it, and [`end`] stops
+//! it, so that the transactions a thread commits outside an apply (DNS
+//! element updates) report nothing.
 
 use std::cell::Cell;
 use std::time::Instant;
@@ -33,6 +35,11 @@ pub fn begin() {
     if listened() {
         LAST.with(|last| last.set(Some(Instant::now())));
     }
+}
+
+/// Stop the phase clock of this thread (the end of an apply).
+pub fn end() {
+    LAST.with(|last| last.set(None));
 }
 
 /// End the phase `phase`: report the microseconds since the previous mark
@@ -81,12 +88,14 @@ mod tests {
     }
 
     #[test]
-    fn each_mark_reports_its_phase_after_a_begin() {
+    fn each_mark_reports_its_phase_between_begin_and_end() {
         let text = logged(|| {
             begin();
             mark("first");
             std::thread::sleep(std::time::Duration::from_millis(2));
             mark("second");
+            end();
+            mark("after the end");
         });
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines.len(), 2, "{text}");

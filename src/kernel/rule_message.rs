@@ -463,68 +463,27 @@ mod tests {
         }
     }
 
-    /// Every variant of [`Expr`], with the values the compiler gives them.
-    fn every_expression() -> Vec<Expr> {
-        vec![
-            Expr::Meta {
-                key: libc::NFT_META_NFPROTO as u32,
-                dreg: libc::NFT_REG_1 as u32,
-            },
-            Expr::Payload {
-                base: libc::NFT_PAYLOAD_NETWORK_HEADER as u32,
-                offset: 16,
-                len: 4,
-                dreg: libc::NFT_REG32_01 as u32,
-            },
-            Expr::CmpEq(vec![2]),
-            Expr::CmpNeq(vec![0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 7]),
-            Expr::Bitwise {
-                mask: vec![6, 0, 0, 0],
-                xor: vec![0, 0, 0, 0],
-            },
-            Expr::CtState,
-            Expr::Lookup {
-                set: "allowed_v4".into(),
-                sreg: libc::NFT_REG32_01 as u32,
-            },
-            Expr::LookupAnonymous(AnonymousSet {
-                key_type: 13,
-                key_len: 2,
-                keys: vec![vec![0, 80], vec![1, 187]],
-            }),
-            Expr::Counter,
-            Expr::Log {
-                group: 7,
-                prefix: "netleash denied: ".into(),
-            },
-            Expr::Reject(RejectKind::TcpReset),
-            Expr::Reject(RejectKind::IcmpxAdminProhibited),
-            Expr::Accept,
-            Expr::Drop,
-            Expr::Jump("egress".into()),
-            Expr::Immediate {
-                dreg: libc::NFT_REG_1 as u32,
-                data: vec![0x14, 0xe9],
-            },
-            Expr::Redirect {
-                sreg: libc::NFT_REG_1 as u32,
-            },
-            Expr::CtSet {
-                key: libc::NFT_CT_ZONE as u32,
-                sreg: libc::NFT_REG_1 as u32,
-            },
-        ]
-    }
-
     #[test]
     fn every_expression_is_written_as_libnftnl_writes_it() {
-        let every = every_expression();
+        let every = crate::kernel::batch::one_of_each_expression();
         let kinds: BTreeSet<String> = every.iter().map(kind).collect();
         // Every variant once, each reject kind once.
         assert_eq!(kinds.len(), every.len());
         for expr in &every {
             assert_same_bytes("egress", Some("allowed-hosts"), std::slice::from_ref(expr));
         }
+        // Data of a whole 16-byte register (an IPv6 address), into and
+        // from a 32-bit register other than the first.
+        let wide = [
+            Expr::Payload {
+                base: libc::NFT_PAYLOAD_NETWORK_HEADER as u32,
+                offset: 24,
+                len: 16,
+                dreg: libc::NFT_REG32_01 as u32,
+            },
+            Expr::CmpNeq(vec![0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 7]),
+        ];
+        assert_same_bytes("egress", None, &wide);
         assert_same_bytes("egress", None, &every);
         assert_same_bytes("output", Some(&"c".repeat(COMMENT_BUFFER - 3)), &every);
     }
