@@ -483,35 +483,78 @@ fn is_netfilter_socket(fd: libc::c_int) -> bool {
 /// sockets of whatever it runs next there.
 pub fn visit<T>(target: &Target, f: impl FnOnce() -> T) -> Result<T, Error> {
     let (path, file) = open(target)?;
-    // The thread's own namespace is opened once, both to compare it with the
-    // target and to come back to (one procfs path walk, not two).
-    let home = File::open(OWN_NAMESPACE).map_err(|source| Error::Open {
-        path: PathBuf::from(OWN_NAMESPACE),
-        source,
-    })?;
+    let home = Home::take()?;
     // setns either moves the thread or fails leaving it where it was.
     // Entering the namespace the thread is in already changes nothing, so
     // the two are compared (two fstat calls) only when setns refuses: it
     // needs CAP_SYS_ADMIN, which a visit of one's own namespace must not.
     if let Err(err) = enter(&file, &path) {
-        return if same_namespace(&file, &home) {
-            Ok(f())
-        } else {
-            Err(err)
-        };
+        let same = same_namespace(&file, &home.file);
+        home.give_back();
+        return if same { Ok(f()) } else { Err(err) };
     }
-    let _back = GoBack(home);
+    let _back = GoBack(Some(home));
     Ok(f())
 }
 
+thread_local! {
+    /// The calling thread's own network namespace, opened at its first
+    /// [`visit`] and kept for the next: between visits a thread is in its
+    /// own namespace (a visit always goes back, or the process aborts), so
+    /// the handle stays true until the thread leaves it for good
+    /// ([`enter_for_good`] drops it). Opening it is a procfs path walk,
+    /// about 35 µs of a one-shot apply's 1 ms, paid once per thread.
+    static HOME: std::cell::RefCell<Option<File>> = const { std::cell::RefCell::new(None) };
+    /// Whether the calling thread is inside a [`visit`]: a visit within a
+    /// visit must come back to the namespace it started in (the outer
+    /// visit's target), not to [`HOME`], so it opens that afresh.
+    static VISITING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// The namespace a [`visit`] comes back to, taken out of [`HOME`] for the
+/// visit's length.
+struct Home {
+    file: File,
+    /// Whether the handle goes back into [`HOME`] after the visit: false
+    /// for a visit within a visit.
+    kept: bool,
+}
+
+impl Home {
+    fn take() -> Result<Home, Error> {
+        let kept = !VISITING.replace(true);
+        let cached = if kept { HOME.take() } else { None };
+        let file = match cached {
+            Some(file) => file,
+            None => File::open(OWN_NAMESPACE).map_err(|source| {
+                VISITING.set(!kept);
+                Error::Open {
+                    path: PathBuf::from(OWN_NAMESPACE),
+                    source,
+                }
+            })?,
+        };
+        Ok(Home { file, kept })
+    }
+
+    /// End the visit: the handle is kept for the thread's next one.
+    fn give_back(self) {
+        if self.kept {
+            VISITING.set(false);
+            HOME.set(Some(self.file));
+        }
+    }
+}
+
 /// Moves the calling thread back into the namespace it holds when dropped.
-struct GoBack(File);
+struct GoBack(Option<Home>);
 
 impl Drop for GoBack {
     fn drop(&mut self) {
-        // SAFETY: the descriptor is owned by `self.0` for the whole call;
+        let Some(home) = self.0.take() else { return };
+        // SAFETY: the descriptor is owned by `home.file` for the whole call;
         // setns only reads it and changes the calling thread's namespace.
-        if unsafe { libc::setns(self.0.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        if unsafe { libc::setns(home.file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
             eprintln!(
                 "netleash: cannot move a thread back into its own network namespace ({}); aborting \
                  rather than working in a sandbox's",
@@ -519,6 +562,7 @@ impl Drop for GoBack {
             );
             std::process::abort();
         }
+        home.give_back();
     }
 }
 
@@ -528,7 +572,11 @@ impl Drop for GoBack {
 /// [`run_in`] then needs no thread of its own.
 pub fn enter_for_good(target: &Target) -> Result<(), Error> {
     let (path, file) = open(target)?;
-    enter(&file, &path)
+    enter(&file, &path)?;
+    // The thread's own namespace is now `target`'s: a handle kept from an
+    // earlier visit would take a later visit back to the old one.
+    drop(HOME.take());
+    Ok(())
 }
 
 /// Whether `file` is the calling thread's own network namespace: two
@@ -874,17 +922,41 @@ mod tests {
         let panicked = std::panic::catch_unwind(|| visit(&target, || panic!("in the namespace")));
         assert!(panicked.is_err());
         assert_eq!(own_namespace(), home, "a panicking visit did not go back");
+        // A visit within a visit comes back to the outer visit's namespace,
+        // not to the thread's own (which the thread keeps between visits).
+        let home_file = File::open(OWN_NAMESPACE).unwrap();
+        let home_target = Target::Path(format!("/proc/self/fd/{}", home_file.as_raw_fd()).into());
+        let nested = visit(&target, || {
+            let inner = visit(&home_target, own_namespace).unwrap();
+            (inner, own_namespace())
+        })
+        .unwrap();
+        assert_eq!(
+            nested,
+            (home, theirs),
+            "the inner visit went back elsewhere"
+        );
+        assert_eq!(own_namespace(), home, "the outer visit did not go back");
         // After entering for good: on the calling thread.
         let entered = std::thread::spawn(move || {
+            // A visit first, so that the thread has kept its first home.
+            visit(&target, || ()).unwrap();
             enter_for_good(&target).unwrap();
             let me = std::thread::current().id();
             let work = run_in(&target, || (std::thread::current().id(), own_namespace())).unwrap();
-            (me, work)
+            // A visit now comes back to the namespace entered for good.
+            let visited = visit(&home_target, own_namespace).unwrap();
+            (me, work, visited, own_namespace())
         })
         .join()
         .unwrap();
         assert_eq!(entered.0, entered.1.0, "run_in started a thread");
         assert_eq!(entered.1.1, theirs);
+        assert_eq!(entered.2, home);
+        assert_eq!(
+            entered.3, theirs,
+            "a visit went back to the namespace left for good"
+        );
         done_tx.send(()).unwrap();
         holder.join().unwrap();
     }

@@ -633,15 +633,29 @@ impl References for RuleNames<'_, '_> {
     }
 }
 
+/// What a create transaction knows of the table it creates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Creation {
+    /// Read as absent: the transaction carries the generation id of that
+    /// reading, so the kernel refuses it if anything committed since.
+    Absent,
+    /// Assumed absent, unread: the table message carries `NLM_F_EXCL`, so
+    /// the kernel refuses the whole transaction (`EEXIST`) if it exists.
+    Exclusive,
+}
+
 /// The transaction that creates the table with `ruleset` as generation 1
 /// (there is no table).
-pub fn create_table(ruleset: &Ruleset) -> Result<Transaction, Error> {
+pub fn create_table(ruleset: &Ruleset, table: Creation) -> Result<Transaction, Error> {
     let mut builder = Builder::new(ruleset, 1);
-    builder.transaction.add(
-        &TableMsg::new(&builder.table, None),
-        MsgType::Add,
-        Object::Table,
-    );
+    let message = TableMsg::new(&builder.table, None);
+    let message = match table {
+        Creation::Absent => message,
+        Creation::Exclusive => message.exclusive(),
+    };
+    builder
+        .transaction
+        .add(&message, MsgType::Add, Object::Table);
     builder.add_everything()?;
     Ok(builder.transaction)
 }

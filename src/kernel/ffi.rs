@@ -122,6 +122,10 @@ const INET: u16 = ProtoFamily::Inet as u16;
 /// (`NFTNL_UDATA_TABLE_COMMENT`, what nft shows as `comment "..."`).
 pub struct TableMsg {
     table: NonNull<sys::nftnl_table>,
+    /// Whether an `Add` carries `NLM_F_EXCL`: the kernel then refuses it
+    /// with `EEXIST` if the table exists (`nf_tables_newtable`), instead of
+    /// leaving the table as it is.
+    exclusive: bool,
 }
 
 impl TableMsg {
@@ -157,7 +161,18 @@ impl TableMsg {
                 std::process::abort();
             }
         }
-        TableMsg { table }
+        TableMsg {
+            table,
+            exclusive: false,
+        }
+    }
+
+    /// The same message, whose `Add` creates the table or fails with
+    /// `EEXIST`: for a transaction planned on the assumption that there is
+    /// no table, which the kernel then checks.
+    pub fn exclusive(mut self) -> TableMsg {
+        self.exclusive = true;
+        self
     }
 }
 
@@ -166,6 +181,10 @@ impl TableMsg {
 unsafe impl NlMsg for TableMsg {
     unsafe fn write(&self, buf: *mut c_void, seq: u32, msg_type: MsgType) {
         let (kind, flags) = match msg_type {
+            MsgType::Add if self.exclusive => (
+                libc::NFT_MSG_NEWTABLE,
+                libc::NLM_F_CREATE | libc::NLM_F_EXCL | libc::NLM_F_ACK,
+            ),
             MsgType::Add => (libc::NFT_MSG_NEWTABLE, libc::NLM_F_CREATE | libc::NLM_F_ACK),
             MsgType::Del => (libc::NFT_MSG_DELTABLE, libc::NLM_F_ACK),
         };

@@ -65,6 +65,23 @@
 //! planning from a file makes the one-shot apply try once more from a
 //! reading (`super::apply`), and a failed apply removes the file.
 //!
+//! # No file
+//!
+//! A namespace without a file has most likely never had a table (a new
+//! sandbox), so the one-shot apply creates the table without reading first
+//! (`TableKnown::AssumedAbsent`), which saves two round trips (the
+//! generation id and the table). The assumption is the kernel's to check:
+//! the table message carries `NLM_F_EXCL`, so if the table exists
+//! (another program's, a session's, which leaves no file, or one whose file
+//! is gone) `nf_tables_newtable` answers `EEXIST` and the whole
+//! transaction is dropped; the apply then reads the table and plans as
+//! usual. If it does not exist, nothing else of the create's can either
+//! (every object is in the table), so the kernel's echo is the whole table,
+//! and it is verified as after a create onto a table read as absent, at the
+//! generation id the echoed `NFT_MSG_NEWGEN` names (the kernel test
+//! `a_table_without_a_last_apply_file_is_read_not_created_again` shows that
+//! without `NLM_F_EXCL` another program's chain would stay, unseen).
+//!
 //! # The files
 //!
 //! One file per namespace, named by its cookie, in [`DEFAULT_DIR`] (tmpfs:
@@ -359,8 +376,9 @@ impl Store {
             // Not renamed over the old file: ext4 flushes a file renamed over
             // another (`auto_da_alloc`, Documentation/admin-guide/ext4.rst),
             // which made the write 0.2–0.5 ms instead of 40 µs where /run
-            // is not tmpfs. A reader in between finds no file and reads the
-            // table.
+            // is not tmpfs. A reader in between finds no file, and its
+            // exclusive create is refused (see "No file" above): it reads
+            // the table.
             match fs::remove_file(&path) {
                 Err(err) if err.kind() != io::ErrorKind::NotFound => return Err(err),
                 _ => {}

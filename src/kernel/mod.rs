@@ -51,6 +51,7 @@ pub use readback::{ChainStatus, CountedVerdict, Difference, RuleCounter, SetStat
 
 use crate::netns;
 use crate::ruleset::{Ruleset, TABLE_NAME};
+use batch::Creation;
 use generation::{Approach, Deletions, Swap};
 use netlink::{Echo, Netlink, Transaction};
 use readback::{Detail, ElementPlan, KernelTable, Snapshot};
@@ -258,6 +259,11 @@ pub enum TableKnown {
     /// Recalled from the file the previous verified apply in the network
     /// namespace left (see [`last_apply`]).
     LastApply,
+    /// Assumed absent, unread, because no verified apply in the namespace
+    /// left a file (see [`last_apply`]): a namespace that has never had a
+    /// table. The create that followed asked the kernel to refuse it if the
+    /// table existed (`NLM_F_EXCL`), and the kernel did not.
+    AssumedAbsent,
 }
 
 /// What `apply` did.
@@ -309,6 +315,14 @@ fn next_genid(genid: u32) -> u32 {
     }
 }
 
+/// The ruleset generation id before `genid`: [`next_genid`] backwards.
+fn previous_genid(genid: u32) -> u32 {
+    match genid.wrapping_sub(1) {
+        0 => u32::MAX,
+        previous => previous,
+    }
+}
+
 /// A netfilter netlink socket in one network namespace, for a caller that
 /// acts there repeatedly (e.g. the agent serving a sandbox): no thread and no
 /// socket per call. The socket holds a reference to the namespace, so drop
@@ -334,6 +348,10 @@ pub struct Session {
     recalled: bool,
     /// How the last apply's last attempt knew the table it planned from.
     planned_from: Option<TableKnown>,
+    /// Whether the next apply may assume that there is no table, without
+    /// reading (see [`TableKnown::AssumedAbsent`]): set by a one-shot
+    /// [`apply`] that found no last-apply file, used once.
+    assume_absent: bool,
 }
 
 /// Where a verification got the table it compared with the model.
@@ -363,6 +381,7 @@ impl Session {
             verified_from: None,
             recalled: false,
             planned_from: None,
+            assume_absent: false,
         })
     }
 
@@ -391,6 +410,19 @@ impl Session {
     ) -> Result<ApplyReport, Error> {
         let ruleset = &*generation::entry_form(ruleset);
         let expected = &*generation::entry_form(expected);
+        // A namespace that has never had a table: create it without reading
+        // first, and let the kernel check the assumption. Refused (the table
+        // exists), the apply reads the table and plans as usual.
+        if std::mem::take(&mut self.assume_absent) && self.known.is_none() {
+            self.planned_from = Some(TableKnown::AssumedAbsent);
+            if let Some(mut report) = self.create_assumed_absent(ruleset, expected, carried)? {
+                report.table_known = TableKnown::AssumedAbsent;
+                return Ok(report);
+            }
+            tracing::debug!(
+                "table inet {TABLE_NAME} exists though no last apply file says so; reading it"
+            );
+        }
         for restarts in 0..ATTEMPTS {
             let recalled = std::mem::take(&mut self.recalled);
             let (snapshot, known) = match self.known.take() {
@@ -597,7 +629,7 @@ impl Session {
         method: Method,
     ) -> Result<ApplyReport, Error> {
         let mut transaction = match method {
-            Method::Create => batch::create_table(ruleset)?,
+            Method::Create => batch::create_table(ruleset, Creation::Absent)?,
             _ => batch::replace_table(ruleset)?,
         };
         learned::add_carried(&mut transaction, ruleset, 1, carried)?;
@@ -605,9 +637,56 @@ impl Session {
         let echo = self.commit_echoed_at(transaction, genid)?;
         // Created onto no table (the transaction carried the id of the
         // reading that found none): the echo is the whole table.
-        let composed = match method {
-            Method::Create => self.compose_and_compare(expected, genid, None, &[echo])?,
-            _ => None,
+        let echoed_whole = (method == Method::Create).then_some(genid);
+        self.verify_whole(ruleset, expected, echo, echoed_whole, method)
+    }
+
+    /// Create the table without reading it first, in a transaction whose
+    /// table message carries `NLM_F_EXCL` and no generation id: the kernel
+    /// refuses the whole transaction if the table exists, and nothing else
+    /// can be in it if it does not. Then verify as after a create. `None`
+    /// if the kernel refused because the table exists (nothing changed).
+    fn create_assumed_absent(
+        &mut self,
+        ruleset: &Ruleset,
+        expected: &Ruleset,
+        carried: &[SetUpdate],
+    ) -> Result<Option<ApplyReport>, Error> {
+        let mut transaction = batch::create_table(ruleset, Creation::Exclusive)?;
+        learned::add_carried(&mut transaction, ruleset, 1, carried)?;
+        phases::mark("build");
+        let echo = match self.netlink.commit_echoed(transaction) {
+            Ok(echo) => Some(echo),
+            Err(Error::AcksLost) => None,
+            Err(err) if err.kernel_errno() == Some(libc::EEXIST) => return Ok(None),
+            Err(err) => return Err(err),
+        };
+        // The echo is the whole table, committed at the generation id its
+        // `NFT_MSG_NEWGEN` names: composed from nothing, as after a create
+        // onto a table read as absent at the id before.
+        let echoed_whole = echo
+            .as_ref()
+            .and_then(Echo::generation_after)
+            .map(previous_genid);
+        self.verify_whole(ruleset, expected, echo, echoed_whole, Method::Create)
+            .map(Some)
+    }
+
+    /// Verify a table created or replaced as a whole by one transaction:
+    /// from its echo composed from nothing when `echoed_whole` is the ruleset
+    /// generation id the transaction committed at (a create onto no table),
+    /// else by reading the table.
+    fn verify_whole(
+        &mut self,
+        ruleset: &Ruleset,
+        expected: &Ruleset,
+        echo: Option<Echo>,
+        echoed_whole: Option<u32>,
+        method: Method,
+    ) -> Result<ApplyReport, Error> {
+        let composed = match echoed_whole {
+            Some(genid) => self.compose_and_compare(expected, genid, None, &[echo])?,
+            None => None,
         };
         let (genid, table, differences) = match composed {
             Some(composed) => {
@@ -1025,7 +1104,10 @@ impl Session {
                 None => Vec::new(),
             };
             let (mut transaction, method) = match generation::approach(ruleset, table)? {
-                Approach::Create => (batch::create_table(ruleset)?, Method::Create),
+                Approach::Create => (
+                    batch::create_table(ruleset, Creation::Absent)?,
+                    Method::Create,
+                ),
                 Approach::Replace { reason } => {
                     (batch::replace_table(ruleset)?, Method::Replace { reason })
                 }
@@ -1235,6 +1317,9 @@ pub fn apply(target: &netns::Target, ruleset: &Ruleset) -> Result<ApplyReport, E
                 Ok(recalled) => {
                     existed = recalled.is_some();
                     session.recalled = existed;
+                    // No file: no verified apply has been here (or its
+                    // file is gone), so most likely there is no table.
+                    session.assume_absent = !existed;
                     session.known = recalled;
                 }
                 Err(err) => tracing::debug!("the table is read, not recalled: {err}"),
@@ -1268,6 +1353,10 @@ pub fn apply(target: &netns::Target, ruleset: &Ruleset) -> Result<ApplyReport, E
                         TableKnown::LastApply => "recalled from the last apply's file",
                         TableKnown::Session => "remembered by the session",
                         TableKnown::Read => "read from the kernel",
+                        TableKnown::AssumedAbsent => {
+                            "assumed absent (no last apply file; the kernel's exclusive create \
+                             confirmed it)"
+                        }
                     }
                 );
                 session.known.take().map(|known| (known, !existed))
@@ -1296,8 +1385,13 @@ pub fn remove(target: &netns::Target) -> Result<bool, Error> {
     in_own_session(target, |session| {
         // Before the table: a file left behind would only be refused by the
         // kernel (the removal moves the generation id on), but it is garbage.
+        // After this process's own pending writes: a file an apply of this
+        // process is still writing would land after the removal.
         match last_apply::Identity::of_socket(session.netlink.socket_fd()) {
-            Ok(identity) => last_apply::Store::configured().forget(&identity),
+            Ok(identity) => {
+                last_apply::wait_for_writes(std::time::Duration::from_millis(100));
+                last_apply::Store::configured().forget(&identity);
+            }
             Err(err) => tracing::debug!("cannot tell which last apply file to remove: {err}"),
         }
         session.remove()
@@ -2272,10 +2366,11 @@ mod tests {
         let ns = Netns::new("lastapply");
         let other = Netns::new("lastapplyother");
         let (a, b) = (large(0, false), with_other_rule(large(1, true)));
+        // No file yet: created without reading first.
         let report = apply(&ns.target(), &a).unwrap();
         assert_eq!(
             (report.method, report.table_known),
-            (Method::Create, TableKnown::Read)
+            (Method::Create, TableKnown::AssumedAbsent)
         );
         let (identity, file) = last_apply_file(&ns);
         let file = file.expect("the verified table is kept");
@@ -2313,7 +2408,7 @@ mod tests {
         let report = apply(&ns.target(), &a).unwrap();
         assert_eq!(
             (report.method, report.table_known),
-            (Method::Create, TableKnown::Read)
+            (Method::Create, TableKnown::AssumedAbsent)
         );
         observer.close_in_background();
     }

@@ -203,6 +203,18 @@ impl Echo {
         })
     }
 
+    /// The ruleset generation id the transaction's commit left, from the
+    /// `NFT_MSG_NEWGEN` message the kernel sends with the echo: the commit
+    /// moves the id on, then notifies (`nf_tables_commit`, then
+    /// `nf_tables_gen_notify` with the new `base_seq`), under the commit
+    /// mutex, so it is this commit's id, not a later one's. `None` if it
+    /// was not sent.
+    pub fn generation_after(&self) -> Option<u32> {
+        self.messages()
+            .filter(|message| Echo::kind(message) == Some(libc::NFT_MSG_NEWGEN as u16))
+            .find_map(super::attributes::parse_generation)
+    }
+
     /// The nf_tables message type of an echoed message (`NFT_MSG_NEWRULE`, ...).
     pub fn kind(message: &[u8]) -> Option<u16> {
         Header::read(message).map(|h| h.kind & 0xff)

@@ -851,9 +851,12 @@ fn a_change_in_elements_only_edits_the_generation_in_force_and_keeps_its_counter
     let ns = Netns::new("edit");
     route_into_nothing(&ns);
     let (a, plus) = (typical(), typical_plus());
+    // A namespace without a last apply file: the table is created without
+    // being read first.
+    let report = kernel::apply(&ns.target(), &a).unwrap();
     assert_eq!(
-        kernel::apply(&ns.target(), &a).unwrap().method,
-        kernel::Method::Create
+        (report.method, report.table_known),
+        (kernel::Method::Create, kernel::TableKnown::AssumedAbsent)
     );
     // One packet allowed (198.51.100.0/24 on any port), one denied.
     send_udp(&ns, "198.51.100.5");
@@ -1006,6 +1009,70 @@ fn as_an_earlier_netleash_wrote_it(text: &str, digest: &str) -> String {
     let entry = regex::Regex::new(r#"comment "([a-z-]+) sha256:[0-9a-f]{64}""#).unwrap();
     let text = shape.replace_all(text, format!("comment \"{digest}\"").as_str());
     entry.replace_all(&text, "comment \"$1\"").into_owned()
+}
+
+#[test]
+fn a_table_without_a_last_apply_file_is_read_not_created_again() {
+    let ns = Netns::new("nofile");
+    // A session leaves no last apply file: a one-shot apply then finds none,
+    // assumes there is no table, and the kernel refuses the exclusive create.
+    // The table is at generation 2, so that no object of the create's
+    // generation 1 but the table and its base chains exists: only the
+    // table's `NLM_F_EXCL` stops the create from adding to them.
+    let mut session = kernel::Session::open(&ns.target()).unwrap();
+    assert_eq!(
+        session.apply(&typical()).unwrap().table_known,
+        kernel::TableKnown::Read
+    );
+    assert_eq!(
+        session.apply(&other()).unwrap().method,
+        kernel::Method::Swap { from: 1, to: 2 }
+    );
+    session.close_in_background();
+    let report = kernel::apply(&ns.target(), &typical()).unwrap();
+    assert_eq!(
+        (report.method, report.table_known, report.restarts),
+        (
+            kernel::Method::Swap { from: 2, to: 3 },
+            kernel::TableKnown::Read,
+            0
+        )
+    );
+    let (generations, _, _) = generations_listed(&ns.nft_json().unwrap());
+    assert_eq!(generations, BTreeSet::from([3]), "{}", ns.nft_text());
+    let status = kernel::status(&ns.target()).unwrap().unwrap();
+    assert_eq!(status.digest.as_deref(), Some(typical().digest.as_str()));
+    // That apply left a file: the next plans from it.
+    let report = kernel::apply(&ns.target(), &typical_plus()).unwrap();
+    assert_eq!(report.table_known, kernel::TableKnown::LastApply);
+    // Another program's table of that name, with nothing of netleash's in
+    // it, and no file: only the table's `NLM_F_EXCL` makes the kernel refuse
+    // the create. Without it, the create would add to that table, and its
+    // echo, which shows only what the create added, would hide the rest.
+    assert!(kernel::remove(&ns.target()).unwrap());
+    for command in [
+        &["add", "table", "inet", "netleash"][..],
+        &["add", "chain", "inet", "netleash", "foreign"],
+        &["add", "rule", "inet", "netleash", "foreign", "accept"],
+    ] {
+        let out = ns.nft(command);
+        assert!(out.status.success(), "{command:?}: {out:?}");
+    }
+    let report = kernel::apply(&ns.target(), &typical()).unwrap();
+    assert_eq!(report.table_known, kernel::TableKnown::Read);
+    assert!(
+        !ns.nft_text().contains("foreign"),
+        "the other program's chain is left: {}",
+        ns.nft_text()
+    );
+    // After `remove` (which deletes the file too), the next apply creates
+    // the table again without reading.
+    assert!(kernel::remove(&ns.target()).unwrap());
+    let report = kernel::apply(&ns.target(), &typical()).unwrap();
+    assert_eq!(
+        (report.method, report.table_known),
+        (kernel::Method::Create, kernel::TableKnown::AssumedAbsent)
+    );
 }
 
 #[test]

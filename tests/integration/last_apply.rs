@@ -82,7 +82,7 @@ fn the_cli_leaves_its_verified_table_for_the_next_apply_in_the_namespace() {
 
     let created = apply(&first);
     assert!(
-        stderr(&created).contains("was read from the kernel"),
+        stderr(&created).contains("was assumed absent (no last apply file"),
         "{}",
         stderr(&created)
     );
