@@ -15,7 +15,7 @@ use nftnl::{MsgType, ProtoFamily};
 
 use super::elements::{self, datatype};
 use super::ffi::{self, BaseHook, ChainMsg, ElementOp, SetDefinition, SetMsg, TableMsg};
-use super::generation::{self, Deletions, EntryRule, Naming, Swap};
+use super::generation::{self, Deletions, EntryRule, Naming, SetEdit, Swap};
 use super::netlink::{Object, Transaction};
 use super::rule_message::{
     ANONYMOUS_SET_FLAGS, ANONYMOUS_SET_NAME, KernelNames, References, RuleWriter,
@@ -748,10 +748,21 @@ fn add_set_edits(
             for element in elements {
                 message.push(element);
             }
-            transaction.add_elements(&message, op, Object::Elements(name.clone()));
+            let echo = direction == Direction::Forward && edit_is_echoed(edit);
+            transaction.add_elements_echoed(&message, op, Object::Elements(name.clone()), echo);
         }
     }
     Ok(())
+}
+
+/// Whether the swap or edit transaction has the kernel echo the elements
+/// it removes from and adds to a set changed in place by `edit` (in an
+/// echoed transaction): when they are few, as for new sets
+/// (`netlink::ECHOED_NEW_ELEMENTS_MAX`). Both or neither: the verification
+/// composes the set from what it held, the removals and the additions, and
+/// dumps a set whose edit was not echoed.
+pub fn edit_is_echoed(edit: &SetEdit) -> bool {
+    edit.remove.len() + edit.add.len() <= super::netlink::ECHOED_NEW_ELEMENTS_MAX
 }
 
 /// Stage, swap and cleanup of `swap` as one transaction, for the kernel to

@@ -87,7 +87,13 @@
 //!   holds for the elements a rollback puts back.
 //!
 //! The edited set's elements are never taken from the edit: the verification
-//! reads them back and compares them with the model, as for a created set.
+//! compares with the model what the kernel says the set holds, as for a
+//! created set. For a change of a few elements (`batch::edit_is_echoed`) the
+//! kernel echoes each element it removed and added, and the set is composed
+//! from the elements it held (known at the generation id the transaction
+//! carried) and the echo (`readback::compose`: a removal of an element not
+//! held makes the apply read the table instead); a larger change is read
+//! back.
 //!
 //! A base chain's policy decides only packets that fall off the end of its
 //! rules. The compiler gives a base chain the policy drop exactly when its
@@ -350,16 +356,6 @@ pub struct Swap {
     /// transaction removes and adds those elements (see the module docs),
     /// and a rollback puts them back.
     pub edit: BTreeMap<String, SetEdit>,
-}
-
-impl Swap {
-    /// The kernel names of the sets the swap changes in place.
-    pub fn edited_sets(&self) -> impl Iterator<Item = &str> {
-        self.edit
-            .keys()
-            .filter_map(|set| self.reuse.get(set))
-            .map(String::as_str)
-    }
 }
 
 /// How a kept set changes in place, in the kernel's encoding: the elements

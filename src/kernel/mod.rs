@@ -175,15 +175,27 @@ fn table_name() -> CString {
     CString::new(TABLE_NAME).expect("the table name has no NUL byte")
 }
 
-/// Forget the elements `snapshot` knew of the sets `swap` changes in place:
-/// what the kernel made of the change is read back, never taken from it.
+/// What `snapshot` knew of the sets `swap` changes in place, as the
+/// verification may use it: no longer the model set each was verified to
+/// hold, and for a set whose changes the kernel does not echo
+/// ([`batch::edit_is_echoed`]), no elements either: what the kernel made of
+/// the change is then read back. An echoed change is composed with the
+/// elements the set held (`readback::compose`): what the kernel says it
+/// removed and added, never what the transaction asked for.
 fn forget_edited(snapshot: &mut Snapshot, swap: &Swap) {
     if let Some(before) = &mut snapshot.table {
         for set in &mut before.sets {
-            if swap.edited_sets().any(|edited| edited == set.kernel_name) {
+            let Some((_, edit)) = swap
+                .edit
+                .iter()
+                .find(|(name, _)| swap.reuse.get(*name) == Some(&set.kernel_name))
+            else {
+                continue;
+            };
+            set.verified_as = None;
+            if !batch::edit_is_echoed(edit) {
                 set.elements = Vec::new();
                 set.elements_read = false;
-                set.verified_as = None;
             }
         }
     }
@@ -735,9 +747,9 @@ impl Session {
         // apply that staged a generation of the same number meanwhile.)
         let staged_at = next_genid(snapshot.genid);
         let (swapped_at, swap_echo) = self.swap_in(ruleset, &swap, carried, staged_at)?;
-        // The elements of the sets changed in place are unknown until read:
-        // element changes are not echoed, and what the kernel made of the
-        // edit is read back, never taken from the edit.
+        // The elements of the sets changed in place are what they held,
+        // changed as the kernel echoed, or (a larger change) read back:
+        // never taken from the edit.
         let mut snapshot = snapshot;
         forget_edited(&mut snapshot, &swap);
         // Verified from the echo of stage and swap when nothing else
@@ -807,8 +819,8 @@ impl Session {
         learned::add_carried(&mut transaction, ruleset, edit.to, carried)?;
         phases::mark("build edit");
         let echo = self.commit_echoed_at(transaction, snapshot.genid)?;
-        // What the kernel made of the element changes is read back (they
-        // are not echoed), never taken from the edit.
+        // What the kernel made of the element changes is composed from its
+        // echo or (a larger change) read back, never taken from the edit.
         let mut snapshot = snapshot;
         forget_edited(&mut snapshot, &edit);
         let composed =
@@ -1645,6 +1657,97 @@ mod tests {
         assert_eq!(other.verified_from, Some(VerifiedFrom::Echo));
         assert_echo_matches_dump(&mut other);
         other.close_in_background();
+        session.close_in_background();
+    }
+
+    #[test]
+    fn sets_changed_in_a_few_elements_are_verified_from_the_echo_of_each_element() {
+        let ns = Netns::new("echoedit");
+        // `b` moves one address and one range (start and end element) of
+        // allow_v4: an edit in place of generation 1.
+        let a = compile(
+            Mode::Limited,
+            &["192.0.2.1/32", "10.2.0.0/30", "198.51.100.0/24"],
+        );
+        let b = compile(
+            Mode::Limited,
+            &["192.0.2.2/32", "10.2.0.8/30", "198.51.100.0/24"],
+        );
+        let mut session = Session::open(&ns.target()).unwrap();
+        session.apply(&a).unwrap();
+        for (model, removed) in [(&b, 2), (&a, 2)] {
+            let dumps = session.netlink.element_dumps;
+            let report = session.apply(model).unwrap();
+            assert_eq!(
+                report.method,
+                Method::Edit {
+                    generation: 1,
+                    added: 2,
+                    removed
+                }
+            );
+            assert_eq!(session.verified_from, Some(VerifiedFrom::Echo));
+            assert_eq!(
+                session.netlink.element_dumps, dumps,
+                "a set changed in a few elements was dumped"
+            );
+            assert_echo_matches_dump(&mut session);
+            assert_in_force(&mut session, model);
+        }
+        // The same in a swap (another rule too): the sets of `large` that
+        // change in one element are kept and changed in place.
+        let report = session.apply(&large(0, false)).unwrap();
+        assert_eq!(report.method, Method::Swap { from: 1, to: 2 });
+        let moved = with_other_rule(large(1, false));
+        let dumps = session.netlink.element_dumps;
+        let report = session.apply(&moved).unwrap();
+        assert_eq!(report.method, Method::Swap { from: 2, to: 3 });
+        assert_eq!(kernel_set(&mut session, "allow_v4"), "allow_v4.g2");
+        assert_eq!(session.verified_from, Some(VerifiedFrom::Echo));
+        assert_eq!(
+            session.netlink.element_dumps, dumps,
+            "a set changed in place in a swap was dumped"
+        );
+        assert_echo_matches_dump(&mut session);
+        assert_in_force(&mut session, &moved);
+        // A change of more elements than are echoed (70: 30 out, 40 in, of
+        // 150) is read back, and what the session then knows is what a dump
+        // reads.
+        let nets = |range: std::ops::Range<u32>| -> Vec<String> {
+            // Apart, so that none merge into a larger prefix.
+            range
+                .map(|i| format!("10.{}.{}.0/24", 100 + i / 100, (i % 100) * 2))
+                .collect()
+        };
+        let wide = nets(0..150);
+        let wide = compile(
+            Mode::Limited,
+            &wide.iter().map(String::as_str).collect::<Vec<_>>(),
+        );
+        let narrower = nets(30..190);
+        let narrower = compile(
+            Mode::Limited,
+            &narrower.iter().map(String::as_str).collect::<Vec<_>>(),
+        );
+        let mut fresh = Session::open(&ns.target()).unwrap();
+        fresh.apply(&wide).unwrap();
+        let dumps = fresh.netlink.element_dumps;
+        let report = fresh.apply(&narrower).unwrap();
+        assert_eq!(
+            report.method,
+            Method::Edit {
+                generation: 4,
+                added: 40,
+                removed: 30
+            }
+        );
+        assert!(
+            fresh.netlink.element_dumps > dumps,
+            "a change of 70 elements was taken from the echo"
+        );
+        assert_echo_matches_dump(&mut fresh);
+        assert_in_force(&mut fresh, &narrower);
+        fresh.close_in_background();
         session.close_in_background();
     }
 

@@ -125,18 +125,29 @@ impl Transaction {
         self.objects.push(object);
     }
 
-    /// Add all element messages of `set` (as many as its elements need).
-    /// They are never echoed: the kernel would build one notification per
-    /// element (at 10,000 elements, more work than dumping them), and the
-    /// elements of a set changed in place are read back, never taken from
-    /// the change (see [`Transaction::add_new_set_elements`] for a new set's).
+    /// Add all element messages of `set` (as many as its elements need),
+    /// not echoed: the kernel would build one notification per element (at
+    /// 10,000 elements, more work than dumping them). See
+    /// [`Transaction::add_elements_echoed`] for a few elements, and
+    /// [`Transaction::add_new_set_elements`] for a new set's.
     pub fn add_elements(&mut self, set: &SetMsg, op: ElementOp, object: Object) {
+        self.add_elements_echoed(set, op, object, false);
+    }
+
+    /// [`Transaction::add_elements`], and if `echo` (in an echoed
+    /// transaction) the kernel echoes each element it adds or deletes
+    /// (`nf_tables_setelem_notify`, one message each, encoded like a
+    /// dump's): for the few elements of a set changed in place, whose
+    /// verification then composes the set from the elements it held and the
+    /// echo instead of dumping it (see `readback::compose`).
+    pub fn add_elements_echoed(&mut self, set: &SetMsg, op: ElementOp, object: Object, echo: bool) {
+        let echo = echo && self.echo;
         let messages = set.element_messages(op);
         while messages.has_more() {
             if op == ElementOp::Destroy {
                 self.destroys.insert(self.objects.len());
             }
-            self.add_message(&messages, MsgType::Add, object.clone(), false);
+            self.add_message(&messages, MsgType::Add, object.clone(), echo);
         }
     }
 
@@ -182,8 +193,8 @@ pub struct Echo {
 impl Echo {
     /// The echoed messages, in the order the kernel sent them, each a whole
     /// netlink message aligned for libnftnl's parsers: those numbered as the
-    /// transaction's object messages, and the element notifications, which
-    /// the kernel numbers 0 (`nf_tables_setelem_notify` fills them with
+    /// transaction's object messages, and the element notifications (added
+    /// and deleted), which the kernel numbers 0 (`nf_tables_setelem_notify` fills them with
     /// sequence number 0). A seq-0 message can only be this transaction's
     /// echo: the socket joins no multicast group, and whatever was queued
     /// before the transaction was sent is dropped first
@@ -194,8 +205,11 @@ impl Echo {
                 .filter_map(Result::ok)
                 .filter(move |message| {
                     Header::read(message).is_some_and(|h| {
-                        let element =
-                            h.seq == 0 && i32::from(h.kind & 0xff) == libc::NFT_MSG_NEWSETELEM;
+                        let element = h.seq == 0
+                            && matches!(
+                                i32::from(h.kind & 0xff),
+                                libc::NFT_MSG_NEWSETELEM | libc::NFT_MSG_DELSETELEM
+                            );
                         (self.seqs.contains(&h.seq) || element)
                             && !matches!(i32::from(h.kind), libc::NLMSG_ERROR | libc::NLMSG_DONE)
                     })
@@ -441,7 +455,7 @@ const RECEIVE_BUFFER_PER_ACK: usize = 2048;
 /// dumping the set afterwards (a request, two reads, and a generation id
 /// check after all dumps); far above it, the notifications cost more than
 /// the dump.
-const ECHOED_NEW_ELEMENTS_MAX: usize = 64;
+pub const ECHOED_NEW_ELEMENTS_MAX: usize = 64;
 
 /// Bytes of receive buffer accounted per byte of an echoed batch: an echoed
 /// object is about as long as its message (the kernel adds its handle), and

@@ -748,6 +748,22 @@ pub fn compose(
                     },
                 }
             }
+            // Elements removed from a set changed in place (echoed only
+            // when the additions are too, `batch::edit_is_echoed`): each is
+            // one the set held, else the echo does not fit what is known.
+            libc::NFT_MSG_DELSETELEM => {
+                let (name, elements) = attributes::parse_elements(message)?;
+                let set = raw.sets.iter_mut().find(|s| s.kernel_name == name)?;
+                if set.elements_read {
+                    for element in &elements {
+                        let held = set
+                            .elements
+                            .iter()
+                            .position(|e| compared(e) == compared(element))?;
+                        set.elements.swap_remove(held);
+                    }
+                }
+            }
             _ => return None,
         }
     }
