@@ -614,7 +614,17 @@ impl Session {
         Ok((snapshot.genid, table, differences))
     }
 
-    fn report(table: &KernelTable, generation: u32, method: Method) -> ApplyReport {
+    /// What an apply that verified `table` against `expected`, without a
+    /// difference, reports. A compared set holds exactly its model set's
+    /// elements (as sets; ranges once each), so it is counted from the
+    /// model: counting its elements (sorted, to count each once, see
+    /// `elements::logical_count`) took 0.6 ms of an edit at 10,005.
+    fn report(
+        table: &KernelTable,
+        expected: &Ruleset,
+        generation: u32,
+        method: Method,
+    ) -> ApplyReport {
         ApplyReport {
             digest: table.digest.clone().unwrap_or_default(),
             generation,
@@ -625,7 +635,14 @@ impl Session {
             elements: table
                 .sets
                 .iter()
-                .map(|s| elements::logical_count(&s.elements))
+                .map(|s| match expected.set(&s.name) {
+                    Some(model)
+                        if s.elements_read && model.role != crate::ruleset::SetRole::DnsAllow =>
+                    {
+                        model.elements.len()
+                    }
+                    _ => elements::logical_count(&s.elements),
+                })
                 .sum(),
             rules: table.chains.iter().map(|c| c.rules.len()).sum(),
         }
@@ -718,7 +735,7 @@ impl Session {
                         .into(),
             });
         }
-        let report = Session::report(&table, 1, method);
+        let report = Session::report(&table, expected, 1, method);
         let mut table = table;
         readback::mark_verified(&mut table, expected);
         self.known = Some(Snapshot {
@@ -784,6 +801,7 @@ impl Session {
         }
         let report = Session::report(
             &table,
+            expected,
             swap.to,
             Method::Swap {
                 from: swap.from,
@@ -844,7 +862,7 @@ impl Session {
                 rollback,
             });
         }
-        let report = Session::report(&table, edit.to, Method::edit_of(&edit));
+        let report = Session::report(&table, expected, edit.to, Method::edit_of(&edit));
         let mut table = table;
         readback::mark_verified(&mut table, expected);
         // Nothing to clean up: the edit created nothing, and an edit is
