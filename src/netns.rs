@@ -240,6 +240,7 @@ impl BackgroundDropper {
             std::thread::Builder::new()
                 .name(self.name.into())
                 .spawn(move || {
+                    run_as_batch();
                     for value in values {
                         drop(value);
                         done.fetch_sub(1, Ordering::Release);
@@ -267,8 +268,24 @@ impl BackgroundDropper {
         // Busy or gone: a thread of its own, or (none can be started) right here.
         let _ = std::thread::Builder::new()
             .name(self.name.into())
-            .spawn(move || drop(value));
+            .spawn(move || {
+                run_as_batch();
+                drop(value)
+            });
     }
+}
+
+/// Make the calling thread `SCHED_BATCH`: the scheduler never lets a batch
+/// thread preempt the thread that woke it (Linux's fair class skips wake-up
+/// preemption for any policy but `SCHED_NORMAL`), so handing a value to a
+/// lane does not put its drop (a file written, a socket closed) in the
+/// middle of the apply that handed it over. It still gets its fair share of
+/// CPU time. On failure the thread stays as it was.
+fn run_as_batch() {
+    let parameters = libc::sched_param { sched_priority: 0 };
+    // SAFETY: pid 0 is the calling thread (sched_setscheduler(2) acts on a
+    // thread id); `parameters` is a valid sched_param that outlives the call.
+    let _ = unsafe { libc::sched_setscheduler(0, libc::SCHED_BATCH, &parameters) };
 }
 
 /// Drop `value` (a socket, or what holds one) on the process's socket lane
@@ -781,18 +798,22 @@ mod tests {
     /// Values handed to `drop_in_background` are dropped on other threads,
     /// the caller never waits for a drop, and a dropper busy with slow drops
     /// (a socket close can wait an RCU grace period) does not queue more than
-    /// `DROPS_QUEUED_AT_MOST`: the rest get threads of their own.
+    /// `DROPS_QUEUED_AT_MOST`: the rest get threads of their own. Every
+    /// thread that drops is `SCHED_BATCH`, so that it never preempts the
+    /// thread that handed the value over.
     #[test]
     fn background_drops_never_block_the_caller_and_spill_over_to_more_threads() {
         struct SlowDrop(
             mpsc::Receiver<()>,
-            mpsc::Sender<(std::thread::ThreadId, bool)>,
+            mpsc::Sender<(std::thread::ThreadId, bool, i32)>,
         );
         impl Drop for SlowDrop {
             fn drop(&mut self) {
                 let released = self.0.recv_timeout(Duration::from_secs(5)).is_ok();
+                // SAFETY: sched_getscheduler only reads the calling thread's policy.
+                let policy = unsafe { libc::sched_getscheduler(0) };
                 self.1
-                    .send((std::thread::current().id(), released))
+                    .send((std::thread::current().id(), released, policy))
                     .unwrap();
             }
         }
@@ -812,10 +833,15 @@ mod tests {
         let caller = std::thread::current().id();
         let mut threads = std::collections::BTreeSet::new();
         for _ in 0..count {
-            let (thread, released) = dropped_rx
+            let (thread, released, policy) = dropped_rx
                 .recv_timeout(Duration::from_secs(10))
                 .expect("every value is dropped");
             assert!(released, "a drop waited for the caller");
+            assert_eq!(
+                policy,
+                libc::SCHED_BATCH,
+                "a value was dropped by a thread that can preempt its caller"
+            );
             assert_ne!(thread, caller, "a value was dropped by the caller");
             threads.insert(format!("{thread:?}"));
         }
