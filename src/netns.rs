@@ -544,6 +544,7 @@ impl Home {
         let file = match cached {
             Some(file) => file,
             None => File::open(OWN_NAMESPACE).map_err(|source| {
+                // No visit after all: VISITING back to what it was.
                 VISITING.set(!kept);
                 Error::Open {
                     path: PathBuf::from(OWN_NAMESPACE),

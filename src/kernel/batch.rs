@@ -758,11 +758,11 @@ fn add_set_edits(
 /// Whether the swap or edit transaction has the kernel echo the elements
 /// it removes from and adds to a set changed in place by `edit` (in an
 /// echoed transaction): when they are few, as for new sets
-/// (`netlink::ECHOED_NEW_ELEMENTS_MAX`). Both or neither: the verification
+/// (`netlink::ECHOED_ELEMENTS_MAX`). Both or neither: the verification
 /// composes the set from what it held, the removals and the additions, and
 /// dumps a set whose edit was not echoed.
 pub fn edit_is_echoed(edit: &SetEdit) -> bool {
-    edit.remove.len() + edit.add.len() <= super::netlink::ECHOED_NEW_ELEMENTS_MAX
+    edit.remove.len() + edit.add.len() <= super::netlink::ECHOED_ELEMENTS_MAX
 }
 
 /// Stage, swap and cleanup of `swap` as one transaction, for the kernel to

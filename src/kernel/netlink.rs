@@ -153,13 +153,13 @@ impl Transaction {
 
     /// Add the elements of `set`, a named set this transaction creates, with
     /// `ElementOp::Create`. In an echoed transaction they are echoed when the
-    /// set has at most [`ECHOED_NEW_ELEMENTS_MAX`] elements: the kernel then
+    /// set has at most [`ECHOED_ELEMENTS_MAX`] elements: the kernel then
     /// notifies each element it commits (`nf_tables_setelem_notify`, one
     /// message each, encoded like a dump's), and the verification takes the
     /// new set's elements from the echo instead of dumping the set (see
     /// `readback::compose`). A larger set's elements are not echoed.
     pub fn add_new_set_elements(&mut self, set: &SetMsg, object: Object) {
-        let echo = self.echo && set.element_count() <= ECHOED_NEW_ELEMENTS_MAX;
+        let echo = self.echo && set.element_count() <= ECHOED_ELEMENTS_MAX;
         let messages = set.element_messages(ElementOp::Create);
         while messages.has_more() {
             self.add_message(&messages, MsgType::Add, object.clone(), echo);
@@ -194,10 +194,10 @@ impl Echo {
     /// The echoed messages, in the order the kernel sent them, each a whole
     /// netlink message aligned for libnftnl's parsers: those numbered as the
     /// transaction's object messages, and the element notifications (added
-    /// and deleted), which the kernel numbers 0 (`nf_tables_setelem_notify` fills them with
-    /// sequence number 0). A seq-0 message can only be this transaction's
-    /// echo: the socket joins no multicast group, and whatever was queued
-    /// before the transaction was sent is dropped first
+    /// and deleted), which the kernel numbers 0 (`nf_tables_setelem_notify`
+    /// fills them with sequence number 0). A seq-0 message can only be this
+    /// transaction's echo: the socket joins no multicast group, and whatever
+    /// was queued before the transaction was sent is dropped first
     /// (`Netlink::discard_pending`).
     pub fn messages(&self) -> impl Iterator<Item = &[u8]> {
         self.datagrams.iter().flat_map(move |(buffer, len)| {
@@ -449,13 +449,14 @@ fn receive_whole(fd: i32, buffer: &mut AlignedBuffer, flags: i32) -> io::Result<
 const ASSUMED_SOCKET_RECEIVE_BUFFER: usize = 192 << 10;
 /// Bytes of receive buffer accounted per acknowledgement (skb truesize of a small message).
 const RECEIVE_BUFFER_PER_ACK: usize = 2048;
-/// The most elements of a new set that an echoed transaction has the kernel
-/// echo ([`Transaction::add_new_set_elements`]). Below it, an element's
-/// notification (a few hundred bytes of skb, parsed here) costs less than
-/// dumping the set afterwards (a request, two reads, and a generation id
-/// check after all dumps); far above it, the notifications cost more than
-/// the dump.
-pub const ECHOED_NEW_ELEMENTS_MAX: usize = 64;
+/// The most elements of a new set, or element changes of a set changed in
+/// place, that an echoed transaction has the kernel echo
+/// ([`Transaction::add_new_set_elements`], `batch::edit_is_echoed`). Below
+/// it, an element's notification (a few hundred bytes of skb, parsed here)
+/// costs less than dumping the set afterwards (a request, two reads, and a
+/// generation id check after all dumps); far above it, the notifications
+/// cost more than the dump.
+pub const ECHOED_ELEMENTS_MAX: usize = 64;
 
 /// Bytes of receive buffer accounted per byte of an echoed batch: an echoed
 /// object is about as long as its message (the kernel adds its handle), and
